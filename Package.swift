@@ -1,0 +1,68 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "hydration",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "hydrationd", targets: ["hydrationd"]),
+        .executable(name: "clonectl", targets: ["clonectl"]),
+        .library(name: "HydrationService", targets: ["HydrationService"]),
+        .library(name: "ControlProtocol", targets: ["ControlProtocol"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        // libsystemd (sd_notify, sd_listen_fds, sd_watchdog_enabled), Debian package libsystemd-dev.
+        .systemLibrary(
+            name: "CSystemd",
+            pkgConfig: "libsystemd",
+            providers: [.apt(["libsystemd-dev"])]
+        ),
+        // Fixed-signature wrappers for the Linux calls Swift cannot reach directly (ioctl is variadic).
+        .target(name: "CLinux"),
+        // Wire types shared by the daemon and clonectl: Varlink framing, interface, requests, replies, errors.
+        .target(name: "ControlProtocol"),
+        // The engine (storage layer, metadata, copier, committer, discarder) and the daemon's service code.
+        .target(
+            name: "HydrationService",
+            dependencies: [
+                "ControlProtocol",
+                "CSystemd",
+                "CLinux",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "hydrationd",
+            dependencies: [
+                "HydrationService",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "clonectl",
+            dependencies: [
+                "ControlProtocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(
+            name: "HydrationServiceTests",
+            dependencies: ["HydrationService", "ControlProtocol"]
+        ),
+        .testTarget(
+            name: "ControlProtocolTests",
+            dependencies: ["ControlProtocol"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

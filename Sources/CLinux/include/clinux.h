@@ -1,0 +1,17 @@
+#ifndef HYDRATION_CLINUX_H
+#define HYDRATION_CLINUX_H
+#include <stdint.h>
+
+// Swift cannot call C variadic functions such as ioctl(2); these wrappers give the block-device
+// ioctls the storage layer needs a fixed signature. Each returns 0 or -1 with errno set.
+int hyd_blk_getsize64(int fd, uint64_t *size);
+int hyd_blk_sszget(int fd, int *size);
+int hyd_blk_discard(int fd, uint64_t offset, uint64_t length);
+int hyd_blk_zeroout(int fd, uint64_t offset, uint64_t length);
+// fallocate(PUNCH_HOLE|KEEP_SIZE).
+int hyd_punch_hole(int fd, uint64_t offset, uint64_t length);
+// sync_file_range(SYNC_FILE_RANGE_WRITE) then, optionally, posix_fadvise(DONTNEED).
+int hyd_start_writeback(int fd, uint64_t offset, uint64_t length);
+int hyd_drop_cache(int fd, uint64_t offset, uint64_t length);
+
+#endif

@@ -1,0 +1,184 @@
+/// The status of one hydration job, as the daemon reports it and `clonectl status --json` prints it.
+///
+/// This is a public, versioned schema (`JobStatus.schemaVersion`): scripts poll it. Field names are
+/// snake_case on the wire. Add fields only; never rename or remove one without bumping the version.
+public struct JobStatus: Codable, Sendable, Equatable {
+    public static let schemaVersion = 1
+
+    public enum State: String, Codable, Sendable, CaseIterable {
+        case idle, hydrating, paused, complete, failed
+    }
+
+    public struct Source: Codable, Sendable, Equatable {
+        public var path: String
+        public var sizeBytes: UInt64
+        public init(path: String, sizeBytes: UInt64) { self.path = path; self.sizeBytes = sizeBytes }
+        enum CodingKeys: String, CodingKey { case path; case sizeBytes = "size_bytes" }
+    }
+
+    public struct Dest: Codable, Sendable, Equatable {
+        public var path: String
+        public init(path: String) { self.path = path }
+    }
+
+    public struct Regions: Codable, Sendable, Equatable {
+        public var total: UInt64
+        public var hydrated: UInt64
+        public var hydrating: UInt64
+        public init(total: UInt64, hydrated: UInt64, hydrating: UInt64) {
+            self.total = total; self.hydrated = hydrated; self.hydrating = hydrating
+        }
+    }
+
+    public struct Bytes: Codable, Sendable, Equatable {
+        public var total: UInt64
+        public var hydrated: UInt64
+        public var committed: UInt64
+        public var skippedZero: UInt64
+        public var discarded: UInt64
+        public init(total: UInt64, hydrated: UInt64, committed: UInt64, skippedZero: UInt64, discarded: UInt64) {
+            self.total = total; self.hydrated = hydrated; self.committed = committed
+            self.skippedZero = skippedZero; self.discarded = discarded
+        }
+        enum CodingKeys: String, CodingKey {
+            case total, hydrated, committed, discarded
+            case skippedZero = "skipped_zero"
+        }
+    }
+
+    public struct Commits: Codable, Sendable, Equatable {
+        public var count: UInt64
+        public var lastUnixMs: Int64?
+        public var lastDurationMs: Double?
+        public init(count: UInt64, lastUnixMs: Int64?, lastDurationMs: Double?) {
+            self.count = count; self.lastUnixMs = lastUnixMs; self.lastDurationMs = lastDurationMs
+        }
+        enum CodingKeys: String, CodingKey {
+            case count
+            case lastUnixMs = "last_unix_ms"
+            case lastDurationMs = "last_duration_ms"
+        }
+    }
+
+    public struct Discard: Codable, Sendable, Equatable {
+        public var enabled: Bool
+        public var pendingBytes: UInt64
+        public var failed: UInt64
+        public init(enabled: Bool, pendingBytes: UInt64, failed: UInt64) {
+            self.enabled = enabled; self.pendingBytes = pendingBytes; self.failed = failed
+        }
+        enum CodingKeys: String, CodingKey {
+            case enabled, failed
+            case pendingBytes = "pending_bytes"
+        }
+    }
+
+    public struct Settings: Codable, Sendable, Equatable {
+        public var threshold: Int
+        public var batchSize: Int
+        public var rateLimitBytesPerSecond: UInt64?
+        public var commitIntervalMs: Int
+        public init(threshold: Int, batchSize: Int, rateLimitBytesPerSecond: UInt64?, commitIntervalMs: Int) {
+            self.threshold = threshold; self.batchSize = batchSize
+            self.rateLimitBytesPerSecond = rateLimitBytesPerSecond; self.commitIntervalMs = commitIntervalMs
+        }
+        enum CodingKeys: String, CodingKey {
+            case threshold
+            case batchSize = "batch_size"
+            case rateLimitBytesPerSecond = "rate_limit_bytes_per_second"
+            case commitIntervalMs = "commit_interval_ms"
+        }
+    }
+
+    public struct Metadata: Codable, Sendable, Equatable {
+        public enum Mode: String, Codable, Sendable { case rw, ro, fail }
+        public var path: String
+        public var mode: Mode
+        public init(path: String, mode: Mode) { self.path = path; self.mode = mode }
+    }
+
+    public struct ErrorInfo: Codable, Sendable, Equatable {
+        /// A stable, machine-readable name, e.g. `SourceReadFailed`, `NoSpace`, `CommitFailed`.
+        public var code: String
+        public var message: String
+        public init(code: String, message: String) { self.code = code; self.message = message }
+    }
+
+    public var version: Int
+    public var name: String
+    public var state: State
+    public var source: Source
+    public var dest: Dest
+    public var regionSize: UInt64
+    public var regions: Regions
+    public var bytes: Bytes
+    public var throughputBytesPerSecond: Double
+    public var etaSeconds: Double?
+    public var commits: Commits
+    public var discard: Discard
+    public var spaceBudgetBytes: UInt64?
+    public var settings: Settings
+    public var metadata: Metadata
+    public var error: ErrorInfo?
+
+    public init(
+        name: String, state: State, source: Source, dest: Dest, regionSize: UInt64, regions: Regions,
+        bytes: Bytes, throughputBytesPerSecond: Double, etaSeconds: Double?, commits: Commits,
+        discard: Discard, spaceBudgetBytes: UInt64?, settings: Settings, metadata: Metadata, error: ErrorInfo?
+    ) {
+        self.version = Self.schemaVersion
+        self.name = name; self.state = state; self.source = source; self.dest = dest
+        self.regionSize = regionSize; self.regions = regions; self.bytes = bytes
+        self.throughputBytesPerSecond = throughputBytesPerSecond; self.etaSeconds = etaSeconds
+        self.commits = commits; self.discard = discard; self.spaceBudgetBytes = spaceBudgetBytes
+        self.settings = settings; self.metadata = metadata; self.error = error
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case version, name, state, source, dest, regions, bytes, commits, discard, settings, metadata, error
+        case regionSize = "region_size"
+        case throughputBytesPerSecond = "throughput_bytes_per_second"
+        case etaSeconds = "eta_seconds"
+        case spaceBudgetBytes = "space_budget_bytes"
+    }
+
+    // Optionals are encoded as explicit nulls: a script can rely on every key being present.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(version, forKey: .version)
+        try c.encode(name, forKey: .name)
+        try c.encode(state, forKey: .state)
+        try c.encode(source, forKey: .source)
+        try c.encode(dest, forKey: .dest)
+        try c.encode(regionSize, forKey: .regionSize)
+        try c.encode(regions, forKey: .regions)
+        try c.encode(bytes, forKey: .bytes)
+        try c.encode(throughputBytesPerSecond, forKey: .throughputBytesPerSecond)
+        try c.encode(etaSeconds, forKey: .etaSeconds)
+        try c.encode(commits, forKey: .commits)
+        try c.encode(discard, forKey: .discard)
+        try c.encode(spaceBudgetBytes, forKey: .spaceBudgetBytes)
+        try c.encode(settings, forKey: .settings)
+        try c.encode(metadata, forKey: .metadata)
+        try c.encode(error, forKey: .error)
+    }
+}
+
+extension JobStatus.Commits {
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(count, forKey: .count)
+        try c.encode(lastUnixMs, forKey: .lastUnixMs)
+        try c.encode(lastDurationMs, forKey: .lastDurationMs)
+    }
+}
+
+extension JobStatus.Settings {
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(threshold, forKey: .threshold)
+        try c.encode(batchSize, forKey: .batchSize)
+        try c.encode(rateLimitBytesPerSecond, forKey: .rateLimitBytesPerSecond)
+        try c.encode(commitIntervalMs, forKey: .commitIntervalMs)
+    }
+}

@@ -1,0 +1,351 @@
+import Synchronization
+
+/// Why metadata could not be used. Every case names the file.
+public struct MetadataError: Error, Sendable, Equatable, CustomStringConvertible {
+    public enum Reason: Error, Sendable, Equatable {
+        case empty
+        case truncated
+        case badMagic
+        case badChecksum(stored: UInt32, computed: UInt32)
+        case unsupportedVersion(UInt32)
+        case invalidField(String)
+        /// Both superblock slots unusable: what failed in each.
+        case noValidSuperblock(slot0: String, slot1: String)
+        /// The bitmap pages do not add up to the superblock's hydrated count: a page was lost.
+        case bitmapMismatch(expected: UInt64, found: UInt64)
+        /// The metadata belongs to other devices, or to another geometry, than the job names.
+        case identityMismatch(String)
+        case alreadyExists
+        /// An earlier commit failed; the store refuses to pretend it did not (no fsync retry).
+        case failedEarlier(String)
+        case io(StorageError)
+    }
+
+    public var path: String
+    public var reason: Reason
+
+    public init(path: String, reason: Reason) { self.path = path; self.reason = reason }
+
+    public var description: String { "metadata \(path): \(reason.text)" }
+
+    /// True when the file's contents are unusable (as opposed to an I/O failure reading it).
+    public var isCorruption: Bool {
+        switch reason {
+        case .io, .alreadyExists, .identityMismatch, .failedEarlier: return false
+        default: return true
+        }
+    }
+}
+
+extension MetadataError.Reason {
+    var text: String {
+        switch self {
+        case .empty: return "block is empty (all zeros)"
+        case .truncated: return "file is truncated"
+        case .badMagic: return "bad magic (not hydration metadata)"
+        case .badChecksum(let s, let c): return "checksum mismatch (stored \(hex(s)), computed \(hex(c)))"
+        case .unsupportedVersion(let v): return "unsupported format version \(v)"
+        case .invalidField(let f): return "invalid field: \(f)"
+        case .noValidSuperblock(let a, let b): return "no valid superblock (slot 0: \(a); slot 1: \(b))"
+        case .bitmapMismatch(let e, let f):
+            return "bitmap pages hold \(f) hydrated regions but the superblock records \(e): a bitmap page was lost or corrupted"
+        case .identityMismatch(let s): return "belongs to another job: \(s)"
+        case .alreadyExists: return "already exists"
+        case .failedEarlier(let s): return "an earlier commit failed (\(s)); refusing further commits"
+        case .io(let e): return e.description
+        }
+    }
+}
+
+private func hex(_ v: UInt32) -> String { "0x" + String(v, radix: 16) }
+
+/// What a job is created with; recorded in the superblock.
+public struct MetadataCreateOptions: Sendable, Equatable {
+    public var regionSize: UInt64
+    public var source: DeviceRecord
+    public var dest: DeviceRecord
+    public var discardSource: Bool
+    public var destZeroed: Bool
+    public init(regionSize: UInt64, source: DeviceRecord, dest: DeviceRecord, discardSource: Bool, destZeroed: Bool) {
+        self.regionSize = regionSize; self.source = source; self.dest = dest
+        self.discardSource = discardSource; self.destZeroed = destZeroed
+    }
+}
+
+/// A report of what `open` found, for `clonectl check` and logs.
+public struct MetadataReport: Sendable, Equatable {
+    public var superblockSlot: Int
+    /// Why the other superblock slot was not used (nil when it was valid but older).
+    public var otherSlotProblem: String?
+    public var pagesRead: Int
+    /// Page slots holding a version newer than the superblock: a commit interrupted by a crash.
+    public var uncommittedPageSlots: Int
+    /// Page slots that failed their checksum (torn writes of interrupted commits are expected).
+    public var invalidPageSlots: Int
+}
+
+/// The persistent record of hydrated regions: A/B superblocks over A/B checksummed bitmap pages.
+///
+/// Commit protocol (see docs/metadata-format.md): write each changed page into the slot that does
+/// not hold its committed version -> fsync -> write the superblock (generation + 1, new hydrated
+/// count) into the slot that does not hold the current one -> fsync. A crash at any byte leaves
+/// the previous superblock and every page it refers to intact. Recovery takes the valid superblock
+/// with the highest generation and, per page, the valid slot with the highest generation not
+/// above it; it wipes page slots newer than that superblock, so that a later commit can never
+/// adopt them, and checks that the pages add up to the recorded hydrated count.
+///
+/// All methods block (they do I/O); call them from the I/O executor. The lock serialises them.
+public final class MetadataStore: Sendable {
+    public let path: String
+    private let device: any StorageDevice
+    private let state: Mutex<State>
+
+    struct State {
+        var header: MetadataHeader
+        var committed: RegionMap
+        /// Slot (0/1) of each page's committed version; -1 when the page was never written.
+        var pageSlot: [Int8]
+        var superblockSlot: Int
+        var failure: String?
+    }
+
+    private init(path: String, device: any StorageDevice, state: State) {
+        self.path = path
+        self.device = device
+        self.state = Mutex(state)
+    }
+
+    public var header: MetadataHeader { state.withLock { $0.header } }
+    public var committedMap: RegionMap { state.withLock { $0.committed } }
+    public var failure: String? { state.withLock { $0.failure } }
+    public var committedCount: Int { state.withLock { $0.committed.setCount } }
+
+    // MARK: create
+
+    /// Creates a new metadata file (refusing to overwrite one) with generation 1 and nothing
+    /// hydrated, durably: the file and its directory entry are synced before this returns.
+    public static func create(path: String, options: MetadataCreateOptions, storage: any StorageProvider, nowMs: Int64) throws(MetadataError) -> MetadataStore {
+        let regionCount = RegionGeometry.regionCount(size: options.source.size, regionSize: options.regionSize)
+        let header = MetadataHeader(
+            version: MetadataFormat.version, generation: 1, jobID: randomUUID(),
+            regionSize: options.regionSize, targetSize: options.source.size, regionCount: regionCount,
+            pageCount: UInt64(MetadataFormat.pageCount(regions: Int(regionCount))), hydratedCount: 0,
+            discardSource: options.discardSource, destZeroed: options.destZeroed, complete: false,
+            source: options.source, dest: options.dest, createdUnixMs: nowMs, committedUnixMs: nowMs)
+        let device: any StorageDevice
+        do {
+            device = try storage.open(path, mode: .metadata(create: true))
+        } catch {
+            if error.errno == EEXIST_ { throw MetadataError(path: path, reason: .alreadyExists) }
+            throw MetadataError(path: path, reason: .io(error))
+        }
+        do {
+            let sb = header.encode()
+            try device.write(bytes: sb, at: MetadataFormat.superblockOffset(slot: 0))
+            // Slot 1 is written as zeros so that stale bytes from a reused device cannot pass as a
+            // superblock of another job.
+            let zero = [UInt8](repeating: 0, count: MetadataFormat.blockSize)
+            try device.write(bytes: zero, at: MetadataFormat.superblockOffset(slot: 1))
+            try device.sync()
+            try storage.syncDirectory(containing: path)
+        } catch {
+            throw MetadataError(path: path, reason: .io(error))
+        }
+        let st = State(
+            header: header, committed: RegionMap(count: Int(regionCount)),
+            pageSlot: [Int8](repeating: -1, count: Int(header.pageCount)), superblockSlot: 0, failure: nil)
+        return MetadataStore(path: path, device: device, state: st)
+    }
+
+    // MARK: open
+
+    /// Opens existing metadata and recovers its last committed state. With `readOnly`, nothing
+    /// is written (offline check); otherwise uncommitted page versions are wiped and the file is
+    /// synced, so that everything this returns is durable before the engine acts on it (a killed
+    /// process can leave a written-but-unsynced superblock in the page cache).
+    public static func open(path: String, storage: any StorageProvider, readOnly: Bool = false) throws(MetadataError) -> (MetadataStore, MetadataReport) {
+        let device: any StorageDevice
+        do {
+            device = try storage.open(path, mode: readOnly ? .readOnly : .metadata(create: false))
+        } catch {
+            throw MetadataError(path: path, reason: .io(error))
+        }
+        func readBlock(_ offset: UInt64) throws(MetadataError) -> [UInt8] {
+            do {
+                return try device.read(count: MetadataFormat.blockSize, at: offset)
+            } catch { throw MetadataError(path: path, reason: .io(error)) }
+        }
+        // Superblocks.
+        var candidates: [(slot: Int, header: MetadataHeader)] = []
+        var problems = ["", ""]
+        let size = device.info.size
+        for slot in 0..<2 {
+            if size < MetadataFormat.superblockOffset(slot: slot) + UInt64(MetadataFormat.blockSize) {
+                problems[slot] = MetadataError.Reason.truncated.text
+                continue
+            }
+            switch MetadataHeader.decode(try readBlock(MetadataFormat.superblockOffset(slot: slot))) {
+            case .success(let h): candidates.append((slot, h))
+            case .failure(let r): problems[slot] = r.text
+            }
+        }
+        guard let best = candidates.max(by: { $0.header.generation < $1.header.generation }) else {
+            if problems[0] == MetadataError.Reason.truncated.text && size == 0 {
+                throw MetadataError(path: path, reason: .truncated)
+            }
+            throw MetadataError(path: path, reason: .noValidSuperblock(slot0: problems[0], slot1: problems[1]))
+        }
+        let other = 1 - best.slot
+        if let o = candidates.first(where: { $0.slot == other }), o.header.jobID != best.header.jobID {
+            // Two valid superblocks of different jobs: the file was reused without being wiped.
+            problems[other] = "belongs to job \(o.header.jobID)"
+        }
+        let header = best.header
+
+        // Pages.
+        let pageCount = Int(header.pageCount)
+        var map = RegionMap(count: Int(header.regionCount))
+        var pageSlot = [Int8](repeating: -1, count: pageCount)
+        var uncommitted: [(page: Int, slot: Int)] = []
+        var invalid = 0
+        let idBytes = uuidBytes(header.jobID)
+        for page in 0..<pageCount {
+            var bestGen: UInt64 = 0
+            var bestWords: [UInt64]? = nil
+            for slot in 0..<2 {
+                let off = MetadataFormat.pageOffset(page: page, slot: slot)
+                if off + UInt64(MetadataFormat.blockSize) > size { continue }
+                let block = try readBlock(off)
+                switch decodePage(block, page: page, jobID: idBytes) {
+                case .absent: break
+                case .invalid: invalid += 1
+                case .valid(let gen, let words):
+                    if gen > header.generation {
+                        uncommitted.append((page, slot))
+                    } else if gen > bestGen {
+                        bestGen = gen
+                        bestWords = words
+                        pageSlot[page] = Int8(slot)
+                    }
+                }
+            }
+            if let bestWords { map.load(words: bestWords, at: page * MetadataFormat.wordsPerPage) }
+        }
+        guard UInt64(map.setCount) == header.hydratedCount else {
+            throw MetadataError(path: path, reason: .bitmapMismatch(expected: header.hydratedCount, found: UInt64(map.setCount)))
+        }
+        if !readOnly {
+            do {
+                let zero = [UInt8](repeating: 0, count: MetadataFormat.blockSize)
+                for (page, slot) in uncommitted {
+                    try device.write(bytes: zero, at: MetadataFormat.pageOffset(page: page, slot: slot))
+                }
+                try device.sync()
+            } catch {
+                throw MetadataError(path: path, reason: .io(error))
+            }
+        }
+        let report = MetadataReport(
+            superblockSlot: best.slot, otherSlotProblem: problems[other].isEmpty ? nil : problems[other],
+            pagesRead: pageCount, uncommittedPageSlots: uncommitted.count, invalidPageSlots: invalid)
+        let st = State(header: header, committed: map, pageSlot: pageSlot, superblockSlot: best.slot, failure: nil)
+        return (MetadataStore(path: path, device: device, state: st), report)
+    }
+
+    enum PageDecode { case absent, invalid, valid(UInt64, [UInt64]) }
+
+    static func decodePage(_ block: [UInt8], page: Int, jobID: [UInt8]) -> PageDecode {
+        if block.allSatisfy({ $0 == 0 }) { return .absent }
+        let r = BlockReader(bytes: block)
+        guard r.slice(MetadataFormat.pgMagic, 8) == MetadataFormat.pageMagic else { return .invalid }
+        var zeroed = block
+        for i in 0..<4 { zeroed[MetadataFormat.pgCRC + i] = 0 }
+        guard r.get(UInt32.self, at: MetadataFormat.pgCRC) == CRC32C.checksum(zeroed) else { return .invalid }
+        guard r.get(UInt64.self, at: MetadataFormat.pgIndex) == UInt64(page),
+              r.slice(MetadataFormat.pgJobID, 16) == jobID
+        else { return .invalid }
+        let gen = r.get(UInt64.self, at: MetadataFormat.pgGeneration)
+        var words = [UInt64](repeating: 0, count: MetadataFormat.wordsPerPage)
+        block.withUnsafeBytes { raw in
+            for i in 0..<words.count {
+                words[i] = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: MetadataFormat.pgBitmap + i * 8, as: UInt64.self))
+            }
+        }
+        return .valid(gen, words)
+    }
+
+    static func encodePage(page: Int, generation: UInt64, jobID: [UInt8], words: ArraySlice<UInt64>) -> [UInt8] {
+        var w = BlockWriter(size: MetadataFormat.blockSize)
+        w.put(MetadataFormat.pageMagic, at: MetadataFormat.pgMagic)
+        w.put(generation, at: MetadataFormat.pgGeneration)
+        w.put(UInt64(page), at: MetadataFormat.pgIndex)
+        w.put(jobID, at: MetadataFormat.pgJobID)
+        w.bytes.withUnsafeMutableBytes { raw in
+            for (i, v) in words.enumerated() {
+                raw.storeBytes(of: v.littleEndian, toByteOffset: MetadataFormat.pgBitmap + i * 8, as: UInt64.self)
+            }
+        }
+        w.put(CRC32C.checksum(w.bytes), at: MetadataFormat.pgCRC)
+        return w.bytes
+    }
+
+    // MARK: commit
+
+    /// Durably records `ranges` (region indices) as hydrated, and `complete` when set. Writes
+    /// only the pages the ranges touch plus one superblock, with an fsync after each phase.
+    /// Returns the new generation. After any failure the store refuses every later commit: a
+    /// failed fsync must not be retried as if nothing happened.
+    @discardableResult
+    public func commit(_ ranges: [Range<Int>], complete: Bool = false, nowMs: Int64) throws(MetadataError) -> UInt64 {
+        try state.withLock { (st: inout State) throws(MetadataError) -> UInt64 in
+            if let f = st.failure { throw MetadataError(path: path, reason: .failedEarlier(f)) }
+            var next = st.committed
+            var dirtyPages = Set<Int>()
+            for r in ranges where !r.isEmpty {
+                next.set(r)
+                let first = r.lowerBound / MetadataFormat.regionsPerPage
+                let last = (r.upperBound - 1) / MetadataFormat.regionsPerPage
+                for p in first...last { dirtyPages.insert(p) }
+            }
+            let gen = st.header.generation + 1
+            var header = st.header
+            header.generation = gen
+            header.hydratedCount = UInt64(next.setCount)
+            header.complete = complete || header.complete
+            header.committedUnixMs = nowMs
+            if header.complete && !next.isComplete {
+                throw MetadataError(path: path, reason: .invalidField("complete with \(next.count - next.setCount) regions unhydrated"))
+            }
+            let idBytes = uuidBytes(header.jobID)
+            do throws(StorageError) {
+                let sortedPages = dirtyPages.sorted()
+                for p in sortedPages {
+                    let words = next.wordSlice(p * MetadataFormat.wordsPerPage..<(p + 1) * MetadataFormat.wordsPerPage)
+                    let block = Self.encodePage(page: p, generation: gen, jobID: idBytes, words: words)
+                    let slot = st.pageSlot[p] == 0 ? 1 : 0
+                    try device.write(bytes: block, at: MetadataFormat.pageOffset(page: p, slot: slot))
+                }
+                // Phase 1 durable before the superblock can point at it.
+                if !sortedPages.isEmpty { try device.sync() }
+                let sbSlot = 1 - st.superblockSlot
+                let sb = header.encode()
+                try device.write(bytes: sb, at: MetadataFormat.superblockOffset(slot: sbSlot))
+                try device.sync()
+                for p in sortedPages { st.pageSlot[p] = st.pageSlot[p] == 0 ? 1 : 0 }
+                st.superblockSlot = sbSlot
+            } catch {
+                st.failure = error.description
+                throw MetadataError(path: path, reason: .io(error))
+            }
+            st.header = header
+            st.committed = next
+            return gen
+        }
+    }
+}
+
+// Glibc's EEXIST without importing Glibc into this file's namespace twice.
+#if canImport(Glibc)
+import Glibc
+let EEXIST_ = EEXIST
+#endif

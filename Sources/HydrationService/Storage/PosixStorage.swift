@@ -1,0 +1,226 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLinux
+
+/// The real storage layer: POSIX and Linux calls on files and block devices.
+public struct PosixStorage: StorageProvider {
+    public init() {}
+
+    public func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
+        try PosixDevice.open(path, mode: mode)
+    }
+
+    public func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
+        var st = stat()
+        if stat(path, &st) != 0 {
+            if errno == ENOENT { return nil }
+            throw StorageError(.stat, path: path, errno: errno)
+        }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG:
+            return DeviceInfo(
+                path: path,
+                identity: DeviceIdentity(kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
+                size: UInt64(st.st_size), logicalBlockSize: 512)
+        case S_IFBLK:
+            // The size of a block device needs an open descriptor.
+            let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+            if fd < 0 { throw StorageError(.open, path: path, errno: errno) }
+            defer { Glibc.close(fd) }
+            var size: UInt64 = 0
+            var lbs: Int32 = 512
+            if hyd_blk_getsize64(fd, &size) != 0 { throw StorageError(.stat, path: path, errno: errno) }
+            _ = hyd_blk_sszget(fd, &lbs)
+            return DeviceInfo(
+                path: path,
+                identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
+                size: size, logicalBlockSize: Int(lbs))
+        default:
+            throw StorageError(.stat, path: path, errno: EINVAL)
+        }
+    }
+
+    public func syncDirectory(containing path: String) throws(StorageError) {
+        let dir = parentDirectory(of: path)
+        let fd = Glibc.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if fd < 0 { throw StorageError(.syncDirectory, path: dir, errno: errno) }
+        defer { Glibc.close(fd) }
+        if fsync(fd) != 0 { throw StorageError(.syncDirectory, path: dir, errno: errno) }
+    }
+}
+
+func parentDirectory(of path: String) -> String {
+    guard let slash = path.lastIndex(of: "/") else { return "." }
+    let dir = String(path[..<slash])
+    return dir.isEmpty ? "/" : dir
+}
+
+/// An open file or block device. The descriptor is immutable after open and every method is a
+/// thread-safe system call on it (pread/pwrite take explicit offsets), which is why this class
+/// can be `Sendable` with only `let` properties. It is closed (and a source's lock released) when
+/// the last reference goes: closing earlier while an I/O thread may still use the number would
+/// let it be reused under that thread.
+final class PosixDevice: StorageDevice {
+    let info: DeviceInfo
+    private let fd: Int32
+
+    private init(info: DeviceInfo, fd: Int32) {
+        self.info = info
+        self.fd = fd
+    }
+
+    deinit { Glibc.close(fd) }
+
+    static func open(_ path: String, mode: OpenMode) throws(StorageError) -> PosixDevice {
+        guard path.hasPrefix("/") else { throw StorageError(.open, path: path, errno: EINVAL) }
+        var flags = O_CLOEXEC
+        switch mode {
+        case .source(let discard): flags |= discard ? O_RDWR : O_RDONLY
+        case .destination: flags |= O_RDWR
+        case .metadata(let create): flags |= O_RDWR | (create ? O_CREAT | O_EXCL : 0)
+        case .readOnly: flags |= O_RDONLY
+        }
+        var st = stat()
+        let exists = stat(path, &st) == 0
+        if !exists && errno != ENOENT { throw StorageError(.stat, path: path, errno: errno) }
+        if case .destination(let size?) = mode, !exists {
+            flags |= O_CREAT | O_EXCL
+            _ = size
+        }
+        let isBlock = exists && (st.st_mode & S_IFMT) == S_IFBLK
+        if exists && !isBlock && (st.st_mode & S_IFMT) != S_IFREG {
+            throw StorageError(.open, path: path, errno: EINVAL)
+        }
+        if isBlock, case .source = mode {
+            // O_EXCL on a block device fails with EBUSY while it is mounted or opened exclusively
+            // elsewhere: nothing may change the source during hydration.
+            flags |= O_EXCL
+        }
+        let fd = Glibc.open(path, flags, 0o600)
+        if fd < 0 {
+            throw StorageError(flags & O_CREAT != 0 ? .create : .open, path: path, errno: errno)
+        }
+        var ok = false
+        defer { if !ok { Glibc.close(fd) } }
+        if fstat(fd, &st) != 0 { throw StorageError(.stat, path: path, errno: errno) }
+
+        let info: DeviceInfo
+        if (st.st_mode & S_IFMT) == S_IFBLK {
+            var size: UInt64 = 0
+            var lbs: Int32 = 512
+            if hyd_blk_getsize64(fd, &size) != 0 { throw StorageError(.stat, path: path, errno: errno) }
+            _ = hyd_blk_sszget(fd, &lbs)
+            info = DeviceInfo(
+                path: path,
+                identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
+                size: size, logicalBlockSize: Int(lbs))
+        } else {
+            if case .source = mode {
+                // Files have no O_EXCL semantics; an advisory lock keeps two jobs (or two daemons)
+                // off the same source.
+                if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+                    throw StorageError(.lock, path: path, errno: errno == EWOULDBLOCK ? EBUSY : errno)
+                }
+            }
+            var size = UInt64(st.st_size)
+            if case .destination(let want?) = mode, size == 0, want > 0 {
+                if ftruncate(fd, off_t(want)) != 0 { throw StorageError(.truncate, path: path, errno: errno) }
+                size = want
+            }
+            info = DeviceInfo(
+                path: path,
+                identity: DeviceIdentity(kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
+                size: size, logicalBlockSize: 512)
+        }
+        ok = true
+        return PosixDevice(info: info, fd: fd)
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        guard let base = buffer.baseAddress else { return }
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw StorageError(.read, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
+            }
+            if n == 0 {
+                // End of file: the rest reads as zeros (a short last region).
+                (base + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
+                return
+            }
+            done += n
+        }
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        guard let base = buffer.baseAddress else { return }
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw StorageError(.write, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
+            }
+            if n == 0 {
+                throw StorageError(.write, path: info.path, errno: ENOSPC, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
+            }
+            done += n
+        }
+    }
+
+    func sync() throws(StorageError) {
+        if fdatasync(fd) != 0 { throw StorageError(.sync, path: info.path, errno: errno) }
+    }
+
+    func release(offset: UInt64, length: UInt64) throws(StorageError) {
+        guard length > 0 else { return }
+        let rc = info.identity.kind == .blockDevice
+            ? hyd_blk_discard(fd, offset, length)
+            : hyd_punch_hole(fd, offset, length)
+        if rc != 0 { throw StorageError(.release, path: info.path, errno: errno, offset: offset, length: length) }
+    }
+
+    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
+        guard length > 0 else { return }
+        let rc = info.identity.kind == .blockDevice
+            ? hyd_blk_zeroout(fd, offset, length)
+            : hyd_punch_hole(fd, offset, length)
+        if rc != 0 { throw StorageError(.zeroOut, path: info.path, errno: errno, offset: offset, length: length) }
+    }
+
+    func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? {
+        guard offset < info.size else { return nil }
+        guard info.identity.kind == .regularFile else { return offset..<info.size }
+        let data = lseek(fd, off_t(offset), seekData)
+        if data < 0 {
+            if errno == ENXIO { return nil }
+            // A filesystem without SEEK_DATA: everything may be data.
+            if errno == EINVAL || errno == EOPNOTSUPP { return offset..<info.size }
+            throw StorageError(.seek, path: info.path, errno: errno, offset: offset)
+        }
+        let hole = lseek(fd, data, seekHole)
+        if hole < 0 { throw StorageError(.seek, path: info.path, errno: errno, offset: UInt64(data)) }
+        let end = min(UInt64(hole), info.size)
+        guard UInt64(data) < end else { return nil }
+        return UInt64(data)..<end
+    }
+
+    func dropCache(offset: UInt64, length: UInt64) {
+        _ = hyd_start_writeback(fd, offset, length)
+        _ = hyd_drop_cache(fd, offset, length)
+    }
+
+    func allocatedBytes() -> UInt64? {
+        guard info.identity.kind == .regularFile else { return nil }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return nil }
+        return UInt64(st.st_blocks) * 512
+    }
+}
+
+// <unistd.h> defines these only under _GNU_SOURCE, which Swift's Glibc module does not set.
+private let seekData: Int32 = 3
+private let seekHole: Int32 = 4

@@ -1,0 +1,167 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What kind of object a path names. Discard and zero-out work differently on each.
+public enum DeviceKind: String, Sendable, Codable {
+    case regularFile = "file"
+    case blockDevice = "block"
+}
+
+/// Enough to recognise the same file or device again, and to refuse two jobs (or source and
+/// destination) that would touch the same bytes.
+public struct DeviceIdentity: Sendable, Equatable, Hashable, Codable, CustomStringConvertible {
+    public var kind: DeviceKind
+    /// st_dev of a regular file (the filesystem), 0 for a block device.
+    public var device: UInt64
+    /// st_ino of a regular file, 0 for a block device.
+    public var inode: UInt64
+    /// st_rdev of a block device (major:minor), 0 for a regular file.
+    public var rdev: UInt64
+
+    public init(kind: DeviceKind, device: UInt64, inode: UInt64, rdev: UInt64) {
+        self.kind = kind; self.device = device; self.inode = inode; self.rdev = rdev
+    }
+
+    public var description: String {
+        switch kind {
+        case .regularFile: return "file dev=\(device) ino=\(inode)"
+        case .blockDevice: return "block device \(rdev >> 8 & 0xfff):\(rdev & 0xff | (rdev >> 12 & 0xfff00))"
+        }
+    }
+}
+
+public struct DeviceInfo: Sendable, Equatable {
+    public var path: String
+    public var identity: DeviceIdentity
+    public var size: UInt64
+    /// The smallest unit of I/O the device accepts (BLKSSZGET); 512 for regular files.
+    public var logicalBlockSize: Int
+    public init(path: String, identity: DeviceIdentity, size: UInt64, logicalBlockSize: Int) {
+        self.path = path; self.identity = identity; self.size = size; self.logicalBlockSize = logicalBlockSize
+    }
+}
+
+/// Every failure of the storage layer: which operation, on which path, where, and the errno.
+public struct StorageError: Error, Sendable, Equatable, CustomStringConvertible {
+    public enum Operation: String, Sendable {
+        case open, stat, read, write, sync, release, zeroOut, seek, lock, truncate, create, syncDirectory
+    }
+    public var operation: Operation
+    public var path: String
+    public var errno: Int32
+    public var offset: UInt64?
+    public var length: UInt64?
+
+    public init(_ operation: Operation, path: String, errno: Int32, offset: UInt64? = nil, length: UInt64? = nil) {
+        self.operation = operation; self.path = path; self.errno = errno; self.offset = offset; self.length = length
+    }
+
+    public var errnoName: String { errnoSymbol(errno) }
+
+    public var description: String {
+        var s = "\(operation.rawValue) \(path)"
+        if let offset { s += " at offset \(offset)" }
+        if let length { s += " length \(length)" }
+        return s + ": \(errnoName) (\(String(cString: strerror(errno))))"
+    }
+
+    public var isNoSpace: Bool { errno == ENOSPC || errno == EDQUOT }
+    public var isUnsupported: Bool { errno == EOPNOTSUPP || errno == ENOTTY || errno == ENOSYS || errno == EINVAL }
+}
+
+func errnoSymbol(_ e: Int32) -> String {
+    switch e {
+    case EIO: return "EIO"
+    case ENOSPC: return "ENOSPC"
+    case EDQUOT: return "EDQUOT"
+    case EOPNOTSUPP: return "EOPNOTSUPP"
+    case ENOTTY: return "ENOTTY"
+    case ENOSYS: return "ENOSYS"
+    case EINVAL: return "EINVAL"
+    case ENOENT: return "ENOENT"
+    case EACCES: return "EACCES"
+    case EPERM: return "EPERM"
+    case EBUSY: return "EBUSY"
+    case EAGAIN: return "EAGAIN"
+    case EEXIST: return "EEXIST"
+    case EISDIR: return "EISDIR"
+    case EROFS: return "EROFS"
+    case ENXIO: return "ENXIO"
+    case EBADF: return "EBADF"
+    case EFBIG: return "EFBIG"
+    default: return "errno \(e)"
+    }
+}
+
+/// One open file or block device. This is the only place the engine's data path touches the
+/// operating system, so that tests can put a simulated disk (with a volatile write cache and
+/// injectable faults) in its place.
+///
+/// Every method blocks; the engine calls them only from its I/O threads (`IOExecutor`), never
+/// from Swift's cooperative thread pool.
+public protocol StorageDevice: AnyObject, Sendable {
+    var info: DeviceInfo { get }
+
+    /// Reads exactly `buffer.count` bytes at `offset` (pread). Bytes past the end read as zeros.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError)
+    /// Writes all of `buffer` at `offset` (pwrite).
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError)
+    /// Makes every completed write durable (fdatasync).
+    func sync() throws(StorageError)
+    /// Gives the range's space back: PUNCH_HOLE|KEEP_SIZE on a file, BLKDISCARD on a block device.
+    /// What a later read returns is unspecified on a block device.
+    func release(offset: UInt64, length: UInt64) throws(StorageError)
+    /// Makes the range read back as zeros: PUNCH_HOLE on a file, BLKZEROOUT on a block device.
+    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError)
+    /// The next range at or after `offset` that may hold data (SEEK_DATA/SEEK_HOLE), or nil when
+    /// the rest is a hole. Devices that cannot tell return `offset..<size`.
+    func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>?
+    /// Hint that the range will not be read again soon (start writeback, drop it from the page
+    /// cache). Best effort, never fails.
+    func dropCache(offset: UInt64, length: UInt64)
+    /// Bytes actually allocated (st_blocks * 512) for a regular file; nil for a block device.
+    func allocatedBytes() -> UInt64?
+}
+
+/// How a device is opened.
+public enum OpenMode: Sendable, Equatable {
+    /// Read only, or read-write when the source's space will be released. Opened exclusively:
+    /// O_EXCL on a block device, an exclusive flock on a file, so nothing else changes it.
+    case source(discard: Bool)
+    /// Read-write. `createSize` creates a missing regular file of that size, and extends an
+    /// existing empty one.
+    case destination(createSize: UInt64?)
+    /// Read-write, created (exclusively) when `create` is true.
+    case metadata(create: Bool)
+    /// Read only (offline checks).
+    case readOnly
+}
+
+/// Opens devices and answers questions about paths. The POSIX implementation is
+/// `PosixStorage`; tests use `SimulatedStorage`.
+public protocol StorageProvider: Sendable {
+    func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice
+    /// The identity of whatever `path` names, or nil when nothing is there.
+    func identify(_ path: String) throws(StorageError) -> DeviceInfo?
+    /// fsync of the directory that holds `path`, so a newly created file survives a crash.
+    func syncDirectory(containing path: String) throws(StorageError)
+}
+
+extension StorageDevice {
+    /// Writes a byte array (metadata blocks).
+    public func write(bytes: [UInt8], at offset: UInt64) throws(StorageError) {
+        do {
+            try bytes.withUnsafeBytes { raw in try self.write(raw, at: offset) }
+        } catch let e as StorageError { throw e } catch { preconditionFailure("only StorageError is thrown: \(error)") }
+    }
+
+    /// Reads `count` bytes into a new array.
+    public func read(count: Int, at offset: UInt64) throws(StorageError) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: count)
+        do {
+            try b.withUnsafeMutableBytes { raw in try self.read(into: raw, at: offset) }
+        } catch let e as StorageError { throw e } catch { preconditionFailure("only StorageError is thrown: \(error)") }
+        return b
+    }
+}

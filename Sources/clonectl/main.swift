@@ -1,0 +1,1 @@
+print("clonectl: not yet wired")
