@@ -55,6 +55,11 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Micro-benchmarks of engine pieces (metadata commit cost); the end-to-end benchmark is Benchmarks/.
+        .executableTarget(
+            name: "hydration-bench",
+            dependencies: ["HydrationService"]
+        ),
         .testTarget(
             name: "HydrationServiceTests",
             dependencies: ["HydrationService", "ControlProtocol"]
