@@ -92,9 +92,15 @@ final class PosixDevice: StorageDevice {
         if exists && !isBlock && (st.st_mode & S_IFMT) != S_IFREG {
             throw StorageError(.open, path: path, errno: EINVAL)
         }
-        if isBlock, case .source = mode {
+        let exclusive: Bool
+        switch mode {
+        case .source, .destination: exclusive = true
+        default: exclusive = false
+        }
+        if isBlock && exclusive {
             // O_EXCL on a block device fails with EBUSY while it is mounted or opened exclusively
-            // elsewhere: nothing may change the source during hydration.
+            // elsewhere: nothing may change the source during hydration, and a mounted
+            // filesystem must never become a destination.
             flags |= O_EXCL
         }
         let fd = Glibc.open(path, flags, 0o600)
@@ -116,9 +122,9 @@ final class PosixDevice: StorageDevice {
                 identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
                 size: size, logicalBlockSize: Int(lbs))
         } else {
-            if case .source = mode {
+            if exclusive {
                 // Files have no O_EXCL semantics; an advisory lock keeps two jobs (or two daemons)
-                // off the same source.
+                // off the same source or destination.
                 if flock(fd, LOCK_EX | LOCK_NB) != 0 {
                     throw StorageError(.lock, path: path, errno: errno == EWOULDBLOCK ? EBUSY : errno)
                 }

@@ -1,0 +1,255 @@
+import Logging
+
+/// A set of regions whose hydration is durably recorded in the metadata.
+///
+/// Its initialiser is `fileprivate`: only the `Committer` in this file can make one, and it does
+/// so only after the metadata fsync returned (or, at open, from metadata it has just synced).
+/// The `Discarder` accepts nothing else, so "release only committed regions" is enforced by the
+/// type system rather than by convention.
+public struct CommittedRegions: Sendable, Equatable {
+    /// Metadata generation that made these regions durable.
+    public let generation: UInt64
+    /// Region index ranges, sorted and coalesced.
+    public let ranges: [Range<Int>]
+    /// Space-budget bytes these regions were charged with (bytes written to the destination).
+    let budgetBytes: UInt64
+
+    fileprivate init(generation: UInt64, ranges: [Range<Int>], budgetBytes: UInt64) {
+        self.generation = generation
+        self.ranges = ranges
+        self.budgetBytes = budgetBytes
+    }
+}
+
+#if DEBUG
+/// Deliberately wrong commit orders, for the crash-safety harness to prove it notices them.
+/// Compiled only into debug builds; the shipped (release) commit path has no such branch.
+enum CommitterFault: Sendable, Equatable {
+    /// Publish the region set to the discarder before the metadata is written or synced.
+    case publishBeforeDurable
+    /// Write and sync the metadata before the destination's fdatasync.
+    case metadataBeforeDestinationSync
+}
+#endif
+
+/// Makes hydration durable. Each commit, every step finished before the next:
+/// swap the dirty set -> fdatasync the destination -> write the metadata atomically and fsync it
+/// -> publish the just-committed region set to the discarder.
+///
+/// Any failure is final for this job: the metadata mode becomes `ro` (destination sync failed,
+/// metadata untouched) or `fail` (metadata write failed), nothing more is committed or published,
+/// so nothing more is discarded. A failed fsync is never retried as if nothing happened.
+actor Committer {
+    private let store: MetadataStore
+    private let dest: any StorageDevice
+    private let io: IOExecutor
+    private let progress: JobProgress
+    private let geometry: Geometry
+    private let logger: Logger
+    private let publish: AsyncStream<CommittedRegions>.Continuation?
+
+    private var pending: [Range<Int>] = []
+    private var pendingBudgetBytes: UInt64 = 0
+    private var requested: UInt64 = 0
+    private var completedTicket: UInt64 = 0
+    private var committing = false
+    private var waiters: [CheckedContinuation<Void, Never>] = []
+    private(set) var failure: HydrationError?
+    private var completeRequested = false
+    /// Sets handed to the discarder so far (the copier waits for the discarder to catch up).
+    private(set) var publishedCount = 0
+
+    #if DEBUG
+    var fault: CommitterFault?
+    func injectFault(_ f: CommitterFault?) { fault = f }
+    #endif
+
+    init(store: MetadataStore, dest: any StorageDevice, io: IOExecutor, progress: JobProgress,
+         geometry: Geometry, logger: Logger, publish: AsyncStream<CommittedRegions>.Continuation?) {
+        self.store = store; self.dest = dest; self.io = io; self.progress = progress
+        self.geometry = geometry; self.logger = logger; self.publish = publish
+    }
+
+    var generation: UInt64 { store.header.generation }
+    var hasPending: Bool { !pending.isEmpty }
+
+    /// The copier reports a finished batch: its destination writes have completed (not yet synced).
+    func noteHydrated(_ regions: Range<Int>, budgetBytes: UInt64) {
+        pending.append(regions)
+        pendingBudgetBytes += budgetBytes
+    }
+
+    /// After open: every region the durable metadata records as hydrated, for the discarder to
+    /// release again (idempotent), so a crash between a commit and its discard leaves nothing
+    /// behind. The store synced the file before reporting this state.
+    func publishRecovered() {
+        let ranges = store.committedMap.setRanges()
+        guard !ranges.isEmpty, let publish else { return }
+        let bytes = ranges.reduce(UInt64(0)) { $0 + geometry.byteLength(of: $1) }
+        progress.update { $0.discardPendingBytes += bytes }
+        publishedCount += 1
+        publish.yield(CommittedRegions(generation: store.header.generation, ranges: ranges, budgetBytes: 0))
+    }
+
+    /// Commits everything noted before this call; returns once it is durable (and published).
+    /// With `markComplete`, also records completion (the caller guarantees every region is noted).
+    @discardableResult
+    func commit(markComplete: Bool = false) async throws(HydrationError) -> UInt64 {
+        if markComplete { completeRequested = true }
+        requested += 1
+        let ticket = requested
+        while completedTicket < ticket {
+            if let failure { throw failure }
+            if committing {
+                await withCheckedContinuation { waiters.append($0) }
+                continue
+            }
+            committing = true
+            let upTo = requested
+            do {
+                try await performCommit()
+            } catch {
+                committing = false
+                resumeWaiters()
+                throw error
+            }
+            completedTicket = upTo
+            committing = false
+            resumeWaiters()
+        }
+        if let failure { throw failure }
+        return store.header.generation
+    }
+
+    /// A periodic commit: only when something changed.
+    func commitIfDirty() async throws(HydrationError) {
+        if !pending.isEmpty { try await commit() }
+    }
+
+    private func resumeWaiters() {
+        let w = waiters
+        waiters = []
+        for c in w { c.resume() }
+    }
+
+    private func performCommit() async throws(HydrationError) {
+        if let failure { throw failure }
+        let ranges = coalesce(pending)
+        let budgetBytes = pendingBudgetBytes
+        let markComplete = completeRequested && !store.header.complete
+        pending = []
+        pendingBudgetBytes = 0
+        guard !ranges.isEmpty || markComplete else { return }
+
+        let started = monotonicNanos()
+        #if DEBUG
+        switch fault {
+        case .publishBeforeDurable?:
+            publishCommitted(generation: store.header.generation + 1, ranges: ranges, budgetBytes: budgetBytes)
+            try await syncDestination()
+            let gen = try await writeMetadata(ranges, markComplete: markComplete)
+            finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: false)
+            return
+        case .metadataBeforeDestinationSync?:
+            let gen = try await writeMetadata(ranges, markComplete: markComplete)
+            try await syncDestination()
+            finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started)
+            return
+        case nil:
+            break
+        }
+        #endif
+        // 1. The destination first: metadata must never record data the destination could lose.
+        try await syncDestination()
+        // 2. The metadata, atomically, with its fsyncs (inside MetadataStore.commit).
+        let gen = try await writeMetadata(ranges, markComplete: markComplete)
+        // 3. Only now may the discarder hear of these regions.
+        finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started)
+    }
+
+    private func syncDestination() async throws(HydrationError) {
+        let dest = self.dest
+        do {
+            try await io.run { try dest.sync() }
+        } catch {
+            fail(mode: .ro, HydrationError(.commitFailed, "destination fdatasync failed, metadata left at its last commit: \(error)",
+                                           errno: (error as? StorageError)?.errno))
+        }
+        if let failure { throw failure }
+    }
+
+    private func writeMetadata(_ ranges: [Range<Int>], markComplete: Bool) async throws(HydrationError) -> UInt64 {
+        let store = self.store
+        let now = wallClockMillis()
+        do {
+            return try await io.run { try store.commit(ranges, complete: markComplete, nowMs: now) }
+        } catch {
+            let e = (error as? MetadataError).map { HydrationError(.commitFailed, $0.description, errno: { if case .io(let s) = $0.reason { return s.errno } else { return nil } }($0)) }
+                ?? HydrationError(.commitFailed, "\(error)")
+            fail(mode: .fail, e)
+            throw e
+        }
+    }
+
+    private func finishCommit(generation: UInt64, ranges: [Range<Int>], budgetBytes: UInt64, started: UInt64, publish: Bool = true) {
+        let elapsedMs = Double(monotonicNanos() - started) / 1e6
+        let committedCount = store.committedCount
+        let committedBytes = geometry.bytes(ofRegionCount: committedCount, includesLast: store.committedMap.count > 0 && store.committedMap[store.committedMap.count - 1])
+        progress.update { c in
+            c.commits += 1
+            c.lastCommitUnixMs = wallClockMillis()
+            c.lastCommitDurationMs = elapsedMs
+            c.committedRegions = committedCount
+            c.committedBytes = committedBytes
+        }
+        if publish { publishCommitted(generation: generation, ranges: ranges, budgetBytes: budgetBytes) }
+    }
+
+    private func publishCommitted(generation: UInt64, ranges: [Range<Int>], budgetBytes: UInt64) {
+        guard let publishStream = self.publish, !ranges.isEmpty else {
+            // No discarder: the budget is not in force, nothing to hand over.
+            return
+        }
+        let bytes = ranges.reduce(UInt64(0)) { $0 + geometry.byteLength(of: $1) }
+        progress.update { $0.discardPendingBytes += bytes }
+        publishedCount += 1
+        publishStream.yield(CommittedRegions(generation: generation, ranges: ranges, budgetBytes: budgetBytes))
+    }
+
+    private func fail(mode: JobStatus.Metadata.Mode, _ e: HydrationError) {
+        guard failure == nil else { return }
+        failure = e
+        progress.update { $0.metadataMode = mode }
+        logger.error("commit failed; metadata is now \(mode.rawValue), copying and discarding stop", metadata: ["error": "\(e)"])
+    }
+
+    /// No more sets will be published (the job is closing).
+    func finishStream() { publish?.finish() }
+}
+
+import ControlProtocol
+
+/// Region arithmetic for one job.
+struct Geometry: Sendable, Equatable {
+    let regionSize: UInt64
+    let regionCount: Int
+    let targetSize: UInt64
+
+    func byteRange(of regions: Range<Int>) -> Range<UInt64> {
+        let lo = UInt64(regions.lowerBound) * regionSize
+        let hi = min(UInt64(regions.upperBound) * regionSize, targetSize)
+        return lo..<max(lo, hi)
+    }
+
+    func byteLength(of regions: Range<Int>) -> UInt64 {
+        let r = byteRange(of: regions)
+        return r.upperBound - r.lowerBound
+    }
+
+    /// Bytes covered by `n` regions, counting the last (possibly short) one exactly when it is among them.
+    func bytes(ofRegionCount n: Int, includesLast: Bool) -> UInt64 {
+        guard n > 0 else { return 0 }
+        if includesLast { return UInt64(n - 1) * regionSize + byteLength(of: regionCount - 1..<regionCount) }
+        return UInt64(n) * regionSize
+    }
+}

@@ -1,0 +1,400 @@
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Copies unhydrated regions from the source to the destination.
+///
+/// It walks the region map in order, groups contiguous unhydrated regions into batches of
+/// `batchSize` (one read, one write), and keeps at most `threshold` regions in flight. On a file
+/// source it asks SEEK_DATA/SEEK_HOLE where data is: regions entirely in a hole are recorded as
+/// hydrated without reading. Regions that read back all zeros are not written. Either way the
+/// destination range is made to read back as zeros (punch / BLKZEROOUT) unless the job says the
+/// destination is already zeroed.
+///
+/// Every blocking call runs on the I/O executor. Finished batches go to the committer; nothing
+/// here ever talks to the discarder except to wait for it when the space budget is exhausted.
+actor Copier {
+    enum Outcome: Sendable, Equatable {
+        case complete
+        case stopped
+        case failed(HydrationError)
+        case noSpace(HydrationError)
+        /// The committer failed; its error is the job's.
+        case halted
+    }
+
+    private let source: any StorageDevice
+    private let dest: any StorageDevice
+    private let io: IOExecutor
+    private let committer: Committer
+    private let discarder: Discarder?
+    private let progress: JobProgress
+    private let geometry: Geometry
+    private let logger: Logger
+    private let zeroDestination: Bool
+    private let sparseAware: Bool
+    private let retryDelaysMs: [UInt64]
+
+    private var map: RegionMap
+    private var tunables: Tunables
+    private var stopRequested = false
+    private var running = false
+
+    // Where the next data is, from SEEK_DATA; nil when unknown.
+    private var dataExtent: Range<UInt64>?
+    private var noMoreData = false
+    private var rateStart: UInt64 = 0
+    private var rateBytes: UInt64 = 0
+
+    init(source: any StorageDevice, dest: any StorageDevice, io: IOExecutor, committer: Committer,
+         discarder: Discarder?, progress: JobProgress, geometry: Geometry, map: RegionMap,
+         tunables: Tunables, destZeroed: Bool, logger: Logger, retryDelaysMs: [UInt64] = [10, 100, 1000]) {
+        self.source = source; self.dest = dest; self.io = io; self.committer = committer
+        self.discarder = discarder; self.progress = progress; self.geometry = geometry; self.map = map
+        self.tunables = tunables; self.zeroDestination = !destZeroed; self.logger = logger
+        self.sparseAware = source.info.identity.kind == .regularFile
+        self.retryDelaysMs = retryDelaysMs
+    }
+
+    func update(_ t: Tunables) { tunables = t }
+    func requestStop() { stopRequested = true }
+    var hydratedMap: RegionMap { map }
+
+    enum Work: Sendable {
+        /// Regions wholly inside a hole of the source: nothing to read.
+        case hole(Range<Int>)
+        case copy(Range<Int>)
+        var regions: Range<Int> {
+            switch self { case .hole(let r), .copy(let r): return r }
+        }
+    }
+
+    struct BatchResult: Sendable {
+        var regions: Range<Int>
+        var written: UInt64
+        var zero: UInt64
+    }
+
+    /// Runs until every region is hydrated, a stop is requested, or a failure.
+    func run() async -> Outcome {
+        precondition(!running, "copier already running")
+        running = true
+        stopRequested = false
+        dataExtent = nil
+        noMoreData = false
+        rateStart = monotonicNanos()
+        rateBytes = 0
+        defer { running = false }
+        progress.resetSamples()
+
+        var cursor = 0
+        var inFlight = 0
+        var outcome: Outcome? = nil
+
+        return await withTaskGroup(of: (Range<Int>, Result<BatchResult, HydrationError>).self) { group in
+            func absorb(_ r: (Range<Int>, Result<BatchResult, HydrationError>)) async {
+                inFlight -= r.0.count
+                progress.update { $0.hydratingRegions = inFlight }
+                switch r.1 {
+                case .success(let b):
+                    await finished(b)
+                case .failure(let e):
+                    // The regions of a failed batch stay unhydrated.
+                    if outcome == nil {
+                        outcome = e.code == .noSpace ? .noSpace(e) : .failed(e)
+                    }
+                }
+            }
+
+            while outcome == nil {
+                if stopRequested { outcome = .stopped; break }
+                if await committer.failure != nil { outcome = .halted; break }
+
+                let work: Work?
+                do throws(HydrationError) {
+                    work = try await nextWork(from: &cursor)
+                } catch {
+                    outcome = .failed(error)
+                    break
+                }
+                guard let work else { break }
+                let regions = work.regions
+                let t = tunables
+
+                // Threshold: regions in flight.
+                while inFlight > 0 && inFlight + regions.count > t.threshold {
+                    if let r = await group.next() { await absorb(r) }
+                    if outcome != nil { break }
+                }
+                if outcome != nil { break }
+
+                // Space budget (discard_source only): bytes written but not yet released.
+                if let discarder, case .copy = work {
+                    let need = geometry.byteLength(of: regions)
+                    if progress.budgetOutstanding + need > t.spaceBudgetBytes / 2 && !earlyCommitInFlight {
+                        // Half full: commit early (without waiting) so the discarder can start releasing.
+                        earlyCommitInFlight = true
+                        let committer = self.committer
+                        Task {
+                            _ = try? await committer.commit()
+                            self.earlyCommitFinished()
+                        }
+                    }
+                    while progress.budgetOutstanding > 0 && progress.budgetOutstanding + need > t.spaceBudgetBytes {
+                        // Full: let the batches in flight finish, commit them, and wait for the
+                        // discarder to release them.
+                        while let r = await group.next() { await absorb(r) }
+                        if outcome != nil { break }
+                        do {
+                            try await committer.commit()
+                        } catch {
+                            outcome = .halted
+                            break
+                        }
+                        await discarder.drain(published: await committer.publishedCount)
+                    }
+                    if outcome != nil { break }
+                }
+
+                if case .copy = work, let limit = t.rateLimitBytesPerSecond {
+                    await throttle(bytes: geometry.byteLength(of: regions), limit: limit)
+                }
+
+                inFlight += regions.count
+                progress.update { $0.hydratingRegions = inFlight }
+                let job = BatchJob(source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
+                                   retryDelaysMs: retryDelaysMs, logger: logger)
+                let io = self.io
+                group.addTask {
+                    (regions, await job.execute(work, io: io))
+                }
+            }
+            // Finish what is in flight whatever happened: its writes may be committed.
+            while let r = await group.next() { await absorb(r) }
+            progress.update { $0.hydratingRegions = 0 }
+            if let outcome { return outcome }
+            if await committer.failure != nil { return .halted }
+            return map.isComplete ? .complete : .stopped
+        }
+    }
+
+    private var earlyCommitInFlight = false
+    private func earlyCommitFinished() { earlyCommitInFlight = false }
+
+    private func finished(_ b: BatchResult) async {
+        let before = map.count(in: b.regions)
+        map.set(b.regions)
+        let newly = b.regions.count - before
+        let bytes = geometry.byteLength(of: b.regions)
+        progress.update { c in
+            c.hydratedRegions += newly
+            c.hydratedBytes += bytes
+            c.writtenBytes += b.written
+            c.skippedZeroBytes += b.zero
+            if discarder != nil { c.budgetCharged += b.written }
+        }
+        progress.recordSample()
+        // Awaited, so that a commit requested after run() returns includes every finished batch.
+        await committer.noteHydrated(b.regions, budgetBytes: discarder != nil ? b.written : 0)
+    }
+
+    /// The next batch to issue, at or after `cursor`.
+    private func nextWork(from cursor: inout Int) async throws(HydrationError) -> Work? {
+        guard let r = map.first(false, from: cursor) else { return nil }
+        let regionSize = geometry.regionSize
+        let regionStart = UInt64(r) * regionSize
+        var dataCap = geometry.regionCount
+        if sparseAware {
+            if !noMoreData, dataExtent == nil || regionStart >= dataExtent!.upperBound {
+                let source = self.source
+                do {
+                    let extent = try await io.run { try source.nextData(from: regionStart) }
+                    if let extent { dataExtent = extent } else { noMoreData = true; dataExtent = nil }
+                } catch {
+                    throw HydrationError(.sourceReadFailed, "finding data in the source: \(error)",
+                                         errno: (error as? StorageError)?.errno, region: r)
+                }
+            }
+            let dataStart = noMoreData ? geometry.targetSize : dataExtent!.lowerBound
+            // Regions that end at or before the next data are holes.
+            let holeEnd = dataStart >= geometry.targetSize ? geometry.regionCount : Int(dataStart / regionSize)
+            if r < holeEnd {
+                // At most 1 GiB of holes per item, so a pause is noticed and progress moves.
+                let cap = r + max(1, Int((1 << 30) / regionSize))
+                let e = min(holeEnd, map.first(true, from: r) ?? geometry.regionCount, cap)
+                cursor = e
+                return .hole(r..<e)
+            }
+            if let extent = dataExtent {
+                dataCap = min(geometry.regionCount, Int((extent.upperBound + regionSize - 1) / regionSize))
+            }
+        }
+        let e = min(r + tunables.batchSize, map.first(true, from: r) ?? geometry.regionCount, max(dataCap, r + 1))
+        cursor = e
+        return .copy(r..<e)
+    }
+
+    private func throttle(bytes: UInt64, limit: UInt64) async {
+        rateBytes += bytes
+        let due = rateStart + UInt64(Double(rateBytes) / Double(limit) * 1e9)
+        let now = monotonicNanos()
+        if due > now {
+            try? await Task.sleep(nanoseconds: due - now)
+        } else if now - due > 1_000_000_000 {
+            // Idle for a while (paused, or slow disk): do not let a backlog of credit build up.
+            rateStart = now
+            rateBytes = 0
+        }
+    }
+}
+
+/// One batch's I/O, run on an I/O thread: read, zero check, write or zero-out, with retries.
+struct BatchJob: Sendable {
+    let source: any StorageDevice
+    let dest: any StorageDevice
+    let geometry: Geometry
+    let zeroDestination: Bool
+    let retryDelaysMs: [UInt64]
+    let logger: Logger
+
+    func execute(_ work: Copier.Work, io: IOExecutor) async -> Result<Copier.BatchResult, HydrationError> {
+        var attempt = 0
+        while true {
+            do {
+                let r = try await io.run { try self.perform(work) }
+                return .success(r)
+            } catch let e as BatchFailure {
+                // Out of space is not retried: the job pauses until space is freed.
+                if e.error.code == .noSpace || attempt >= retryDelaysMs.count {
+                    if attempt > 0 { logger.error("giving up after \(attempt) retries", metadata: ["error": "\(e.error)"]) }
+                    return .failure(e.error)
+                }
+                logger.warning("I/O failed, retrying", metadata: ["error": "\(e.error)", "attempt": "\(attempt + 1)"])
+                try? await Task.sleep(nanoseconds: retryDelaysMs[attempt] * 1_000_000)
+                attempt += 1
+            } catch {
+                return .failure(HydrationError(.ioError, "\(error)", region: work.regions.lowerBound))
+            }
+        }
+    }
+
+    struct BatchFailure: Error { var error: HydrationError }
+
+    func perform(_ work: Copier.Work) throws(BatchFailure) -> Copier.BatchResult {
+        let bytes = geometry.byteRange(of: work.regions)
+        let length = Int(bytes.upperBound - bytes.lowerBound)
+        switch work {
+        case .hole(let regions):
+            if zeroDestination {
+                try zero(bytes.lowerBound, UInt64(length), region: regions.lowerBound)
+            }
+            return Copier.BatchResult(regions: regions, written: 0, zero: UInt64(length))
+        case .copy(let regions):
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
+            defer { buffer.deallocate() }
+            do {
+                try source.read(into: buffer, at: bytes.lowerBound)
+            } catch {
+                throw BatchFailure(error: HydrationError(.sourceReadFailed, "\(error)", errno: error.errno,
+                                                        region: regionOf(error.offset, default: regions.lowerBound)))
+            }
+            source.dropCache(offset: bytes.lowerBound, length: UInt64(length))
+            // Split the batch into runs of data regions (written) and zero regions (not written).
+            var written: UInt64 = 0
+            var zeroBytes: UInt64 = 0
+            var i = regions.lowerBound
+            while i < regions.upperBound {
+                let isZero = regionIsZero(i, in: buffer, base: bytes.lowerBound)
+                var j = i + 1
+                while j < regions.upperBound && regionIsZero(j, in: buffer, base: bytes.lowerBound) == isZero { j += 1 }
+                let run = geometry.byteRange(of: i..<j)
+                let lo = Int(run.lowerBound - bytes.lowerBound)
+                let hi = Int(run.upperBound - bytes.lowerBound)
+                if isZero {
+                    if zeroDestination { try zero(run.lowerBound, run.upperBound - run.lowerBound, region: i) }
+                    zeroBytes += run.upperBound - run.lowerBound
+                } else {
+                    do {
+                        try dest.write(UnsafeRawBufferPointer(rebasing: buffer[lo..<hi]), at: run.lowerBound)
+                    } catch {
+                        let code: HydrationError.Code = error.isNoSpace ? .noSpace : .destWriteFailed
+                        throw BatchFailure(error: HydrationError(code, "\(error)", errno: error.errno,
+                                                                region: regionOf(error.offset, default: i)))
+                    }
+                    written += run.upperBound - run.lowerBound
+                }
+                i = j
+            }
+            return Copier.BatchResult(regions: regions, written: written, zero: zeroBytes)
+        }
+    }
+
+    private func zero(_ offset: UInt64, _ length: UInt64, region: Int) throws(BatchFailure) {
+        do {
+            try dest.zeroOut(offset: offset, length: length)
+        } catch {
+            if error.isUnsupported {
+                // No punch/zero-out support: write zeros instead, in 1 MiB pieces.
+                try writeZeros(offset, length, region: region)
+                return
+            }
+            let code: HydrationError.Code = error.isNoSpace ? .noSpace : .destWriteFailed
+            throw BatchFailure(error: HydrationError(code, "\(error)", errno: error.errno, region: region))
+        }
+    }
+
+    private func writeZeros(_ offset: UInt64, _ length: UInt64, region: Int) throws(BatchFailure) {
+        let chunk = Int(min(length, 1 << 20))
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var at = offset
+        while at < offset + length {
+            let n = Int(min(UInt64(chunk), offset + length - at))
+            do {
+                try dest.write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: at)
+            } catch {
+                let code: HydrationError.Code = error.isNoSpace ? .noSpace : .destWriteFailed
+                throw BatchFailure(error: HydrationError(code, "\(error)", errno: error.errno, region: region))
+            }
+            at += UInt64(n)
+        }
+    }
+
+    private func regionOf(_ offset: UInt64?, default d: Int) -> Int {
+        offset.map { Int($0 / geometry.regionSize) } ?? d
+    }
+
+    private func regionIsZero(_ region: Int, in buffer: UnsafeMutableRawBufferPointer, base: UInt64) -> Bool {
+        let r = geometry.byteRange(of: region..<region + 1)
+        let lo = Int(r.lowerBound - base)
+        let hi = Int(r.upperBound - base)
+        return isAllZero(UnsafeRawBufferPointer(rebasing: buffer[lo..<hi]))
+    }
+}
+
+/// True when every byte is zero; 8 bytes at a time.
+func isAllZero(_ b: UnsafeRawBufferPointer) -> Bool {
+    guard let base = b.baseAddress else { return true }
+    let n = b.count
+    var i = 0
+    // Fast path over aligned words.
+    while i < n && (Int(bitPattern: base + i) & 7) != 0 {
+        if b[i] != 0 { return false }
+        i += 1
+    }
+    var acc: UInt64 = 0
+    while i + 64 <= n {
+        let p = (base + i).assumingMemoryBound(to: UInt64.self)
+        acc = p[0] | p[1] | p[2] | p[3] | p[4] | p[5] | p[6] | p[7]
+        if acc != 0 { return false }
+        i += 64
+    }
+    while i < n {
+        if b[i] != 0 { return false }
+        i += 1
+    }
+    return true
+}

@@ -1,0 +1,79 @@
+import Logging
+
+/// Releases the source's space for regions the committer has made durable: PUNCH_HOLE on a file,
+/// BLKDISCARD on a block device. It consumes only `CommittedRegions`, which nothing but the
+/// committer can construct, so it cannot release a region whose hydration might still be lost.
+///
+/// Best effort: a failed or unsupported discard is counted and reported, never fatal, and never
+/// blocks hydration (the space budget's bytes are handed back either way, so a source that cannot
+/// discard does not stall the copy; the status says how many discards failed).
+actor Discarder {
+    private let source: any StorageDevice
+    private let io: IOExecutor
+    private let progress: JobProgress
+    private let geometry: Geometry
+    private let logger: Logger
+    private var processedGeneration: UInt64 = 0
+    private var received = 0
+    private var processed = 0
+    private var waiters: [(Int, CheckedContinuation<Void, Never>)] = []
+    private var loggedFailure = false
+
+    /// Largest single discard request: keeps each call short so progress stays visible.
+    static let maxChunk: UInt64 = 1 << 30
+
+    init(source: any StorageDevice, io: IOExecutor, progress: JobProgress, geometry: Geometry, logger: Logger) {
+        self.source = source; self.io = io; self.progress = progress; self.geometry = geometry; self.logger = logger
+    }
+
+    /// Runs until the stream finishes.
+    func run(_ stream: AsyncStream<CommittedRegions>) async {
+        for await set in stream {
+            received += 1
+            await release(set)
+            processed += 1
+            processedGeneration = max(processedGeneration, set.generation)
+            let ready = waiters.filter { $0.0 <= processed }
+            waiters.removeAll { $0.0 <= processed }
+            for (_, c) in ready { c.resume() }
+        }
+        for (_, c) in waiters { c.resume() }
+        waiters = []
+    }
+
+    /// Returns once every set published before this call has been processed.
+    func drain(published: Int) async {
+        if processed >= published { return }
+        await withCheckedContinuation { waiters.append((published, $0)) }
+    }
+
+    var processedCount: Int { processed }
+
+    private func release(_ set: CommittedRegions) async {
+        for regions in set.ranges {
+            let bytes = geometry.byteRange(of: regions)
+            var offset = bytes.lowerBound
+            while offset < bytes.upperBound {
+                let length = min(Self.maxChunk, bytes.upperBound - offset)
+                let source = self.source
+                let at = offset
+                do {
+                    try await io.run { try source.release(offset: at, length: length) }
+                    progress.update { $0.discardedBytes += length; $0.discardPendingBytes -= min($0.discardPendingBytes, length) }
+                } catch {
+                    progress.update { c in
+                        c.discardFailures += 1
+                        c.lastDiscardError = "\(error)"
+                        c.discardPendingBytes -= min(c.discardPendingBytes, length)
+                    }
+                    if !loggedFailure {
+                        loggedFailure = true
+                        logger.warning("source discard failed; hydration goes on, failures are counted", metadata: ["error": "\(error)"])
+                    }
+                }
+                offset += length
+            }
+        }
+        progress.update { $0.budgetReleased += set.budgetBytes }
+    }
+}

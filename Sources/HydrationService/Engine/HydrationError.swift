@@ -1,0 +1,42 @@
+/// A failure of the engine, with a stable code the control protocol turns into a named error.
+public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertible {
+    public enum Code: String, Sendable, Codable {
+        case invalidParameter = "InvalidParameter"
+        case sizeMismatch = "SizeMismatch"
+        case deviceInUse = "DeviceInUse"
+        case sameDevice = "SameDevice"
+        case notFound = "NotFound"
+        case metadataExists = "MetadataExists"
+        case metadataCorrupt = "MetadataCorrupt"
+        case metadataMismatch = "MetadataMismatch"
+        case sourceReadFailed = "SourceReadFailed"
+        case destWriteFailed = "DestWriteFailed"
+        case noSpace = "NoSpace"
+        case commitFailed = "CommitFailed"
+        case ioError = "IOError"
+        case invalidState = "InvalidState"
+    }
+
+    public var code: Code
+    public var message: String
+    /// The errno behind it, when there is one.
+    public var errno: Int32?
+    /// The first region the failure concerns, when there is one.
+    public var region: Int?
+
+    public init(_ code: Code, _ message: String, errno: Int32? = nil, region: Int? = nil) {
+        self.code = code; self.message = message; self.errno = errno; self.region = region
+    }
+
+    public var description: String { "\(code.rawValue): \(message)" }
+
+    static func from(_ e: MetadataError) -> HydrationError {
+        switch e.reason {
+        case .io(let s): return HydrationError(.ioError, e.description, errno: s.errno)
+        case .identityMismatch: return HydrationError(.metadataMismatch, e.description)
+        case .alreadyExists: return HydrationError(.metadataExists, e.description)
+        case .failedEarlier: return HydrationError(.commitFailed, e.description)
+        default: return HydrationError(.metadataCorrupt, e.description)
+        }
+    }
+}

@@ -1,0 +1,412 @@
+import ControlProtocol
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One hydration job: a source, a destination, their metadata, and the three actors that move
+/// data between them (Copier -> Committer -> Discarder).
+///
+/// State machine: idle -> hydrating <-> paused; hydrating -> complete | failed; failed -> hydrating
+/// (a retry) only while the metadata is still writable.
+public actor HydrationJob {
+    public nonisolated let name: String
+    /// Paths and options as recorded (for an opened job, the metadata's options win).
+    public nonisolated let configuration: JobConfiguration
+    public nonisolated let sourceIdentity: DeviceIdentity
+    public nonisolated let destIdentity: DeviceIdentity
+
+    private let source: any StorageDevice
+    private let dest: any StorageDevice
+    private let store: MetadataStore
+    private let io: IOExecutor
+    private let logger: Logger
+    private let progress: JobProgress
+    private let geometry: Geometry
+    let committer: Committer
+    private let discarder: Discarder?
+    private let copier: Copier
+
+    private var state: JobStatus.State
+    private var error: HydrationError?
+    private var tunables: Tunables
+    private var runTask: Task<Void, Never>?
+    private var tickerTask: Task<Void, Never>?
+    private var discardTask: Task<Void, Never>?
+    private var stateWaiters: [CheckedContinuation<Void, Never>] = []
+    private var closed = false
+
+    private init(configuration: JobConfiguration, source: any StorageDevice, dest: any StorageDevice,
+                 store: MetadataStore, io: IOExecutor, logger: Logger) {
+        self.name = configuration.name
+        self.configuration = configuration
+        self.source = source
+        self.dest = dest
+        self.store = store
+        self.io = io
+        var logger = logger
+        logger[metadataKey: "job"] = "\(configuration.name)"
+        self.logger = logger
+        self.sourceIdentity = source.info.identity
+        self.destIdentity = dest.info.identity
+        let header = store.header
+        let geometry = Geometry(regionSize: header.regionSize, regionCount: Int(header.regionCount), targetSize: header.targetSize)
+        self.geometry = geometry
+        let map = store.committedMap
+        let committedBytes = geometry.bytes(ofRegionCount: map.setCount, includesLast: map.count > 0 && map[map.count - 1])
+        let progress = JobProgress(hydratedRegions: map.setCount, hydratedBytes: committedBytes, committedRegions: map.setCount)
+        self.progress = progress
+        self.tunables = configuration.tunables
+
+        var continuation: AsyncStream<CommittedRegions>.Continuation? = nil
+        var stream: AsyncStream<CommittedRegions>? = nil
+        if header.discardSource {
+            let (s, c) = AsyncStream<CommittedRegions>.makeStream()
+            stream = s
+            continuation = c
+        }
+        let committer = Committer(store: store, dest: dest, io: io, progress: progress, geometry: geometry,
+                                  logger: logger, publish: continuation)
+        self.committer = committer
+        let discarder = header.discardSource
+            ? Discarder(source: source, io: io, progress: progress, geometry: geometry, logger: logger) : nil
+        self.discarder = discarder
+        self.copier = Copier(source: source, dest: dest, io: io, committer: committer, discarder: discarder,
+                             progress: progress, geometry: geometry, map: map, tunables: configuration.tunables,
+                             destZeroed: header.destZeroed, logger: logger)
+        self.state = header.complete ? .complete : .idle
+        if let discarder, let stream {
+            self.discardTask = Task { await discarder.run(stream) }
+        }
+    }
+
+    // MARK: create / open
+
+    /// Creates a new job: validates the devices, creates (or extends) a file destination, and
+    /// writes the first metadata generation. Nothing is copied until `start()`.
+    public static func create(_ config: JobConfiguration, storage: any StorageProvider = PosixStorage(),
+                              io: IOExecutor, logger: Logger = Logger(label: "hydration")) async throws(HydrationError) -> HydrationJob {
+        let opened: (any StorageDevice, any StorageDevice, MetadataStore)
+        do {
+            opened = try await io.run { try prepareNew(config, storage: storage) }
+        } catch {
+            throw error as? HydrationError ?? HydrationError(.ioError, "\(error)")
+        }
+        let job = HydrationJob(configuration: config, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
+        logger.info("job created", metadata: ["job": "\(config.name)", "source": "\(config.sourcePath)", "dest": "\(config.destPath)",
+                                              "regions": "\(opened.2.header.regionCount)"])
+        return job
+    }
+
+    /// Opens an existing job from its metadata and resumes from its committed state. The source
+    /// and destination must be the very devices the metadata was created for. With
+    /// discard_source, every committed region is released again (idempotent).
+    public static func open(_ config: JobConfiguration, storage: any StorageProvider = PosixStorage(),
+                            io: IOExecutor, logger: Logger = Logger(label: "hydration")) async throws(HydrationError) -> HydrationJob {
+        let opened: (any StorageDevice, any StorageDevice, MetadataStore, MetadataReport)
+        do {
+            opened = try await io.run { try prepareExisting(config, storage: storage) }
+        } catch {
+            throw error as? HydrationError ?? HydrationError(.ioError, "\(error)")
+        }
+        var cfg = config
+        let h = opened.2.header
+        cfg.regionSize = h.regionSize
+        cfg.discardSource = h.discardSource
+        cfg.destZeroed = h.destZeroed
+        let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
+        await job.committer.publishRecovered()
+        logger.info("job opened", metadata: ["job": "\(config.name)", "generation": "\(h.generation)",
+                                             "hydrated": "\(h.hydratedCount)/\(h.regionCount)",
+                                             "uncommitted_page_slots_wiped": "\(opened.3.uncommittedPageSlots)"])
+        return job
+    }
+
+    static func validateCommon(_ config: JobConfiguration) throws(HydrationError) {
+        for (label, p) in [("source", config.sourcePath), ("dest", config.destPath), ("metadata", config.metadataPath)] {
+            guard p.hasPrefix("/") else { throw HydrationError(.invalidParameter, "\(label) path must be absolute: '\(p)'") }
+        }
+        guard Set([config.sourcePath, config.destPath, config.metadataPath]).count == 3 else {
+            throw HydrationError(.sameDevice, "source, destination and metadata must be three different paths")
+        }
+        try config.tunables.validate(regionSize: config.regionSize)
+    }
+
+    static func checkDistinct(source: DeviceInfo, dest: DeviceInfo?, metadata: DeviceInfo?) throws(HydrationError) {
+        if let dest, dest.identity == source.identity {
+            throw HydrationError(.sameDevice, "source \(source.path) and destination \(dest.path) are the same \(source.identity)")
+        }
+        if let metadata {
+            if metadata.identity == source.identity {
+                throw HydrationError(.sameDevice, "metadata \(metadata.path) is the source \(source.path)")
+            }
+            if let dest, metadata.identity == dest.identity {
+                throw HydrationError(.sameDevice, "metadata \(metadata.path) is the destination \(dest.path)")
+            }
+        }
+    }
+
+    static func openDevice(_ storage: any StorageProvider, _ path: String, _ mode: OpenMode, what: String) throws(HydrationError) -> any StorageDevice {
+        do {
+            return try storage.open(path, mode: mode)
+        } catch {
+            switch error.errno {
+            case EBUSY, EWOULDBLOCK:
+                throw HydrationError(.deviceInUse, "\(what) \(path) is in use (mounted, opened exclusively, or locked by another job)", errno: error.errno)
+            case ENOENT:
+                throw HydrationError(.notFound, "\(what) \(path) does not exist", errno: error.errno)
+            case EACCES, EPERM, EROFS:
+                throw HydrationError(.invalidParameter, "\(what) \(path): permission denied (\(error.errnoName))", errno: error.errno)
+            default:
+                throw HydrationError(.ioError, "\(what): \(error)", errno: error.errno)
+            }
+        }
+    }
+
+    static func identify(_ storage: any StorageProvider, _ path: String, what: String) throws(HydrationError) -> DeviceInfo? {
+        do {
+            return try storage.identify(path)
+        } catch {
+            if error.errno == EINVAL {
+                throw HydrationError(.invalidParameter, "\(what) \(path) is neither a regular file nor a block device")
+            }
+            throw HydrationError(.ioError, "\(what): \(error)", errno: error.errno)
+        }
+    }
+
+    static func prepareNew(_ config: JobConfiguration, storage: any StorageProvider) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore) {
+        try validateCommon(config)
+        guard RegionGeometry.isValidRegionSize(config.regionSize) else {
+            throw HydrationError(.invalidParameter, "region size must be a power of two from 4 KiB to 1 GiB (got \(config.regionSize))")
+        }
+        guard let srcInfo = try identify(storage, config.sourcePath, what: "source") else {
+            throw HydrationError(.notFound, "source \(config.sourcePath) does not exist")
+        }
+        guard srcInfo.size > 0 else { throw HydrationError(.invalidParameter, "source \(config.sourcePath) is empty") }
+        guard RegionGeometry.regionCount(size: srcInfo.size, regionSize: config.regionSize) <= RegionGeometry.maxRegions else {
+            throw HydrationError(.invalidParameter, "region size \(config.regionSize) gives more than 2^31 regions for \(srcInfo.size) bytes; choose a larger one")
+        }
+        let destBefore = try identify(storage, config.destPath, what: "destination")
+        if let m = try identify(storage, config.metadataPath, what: "metadata") {
+            try checkDistinct(source: srcInfo, dest: destBefore, metadata: m)
+            throw HydrationError(.metadataExists, "metadata \(config.metadataPath) already exists; open the existing job or remove it")
+        }
+        try checkDistinct(source: srcInfo, dest: destBefore, metadata: nil)
+        if let d = destBefore, !(d.identity.kind == .regularFile && d.size == 0), d.size < srcInfo.size {
+            throw HydrationError(.sizeMismatch, "destination \(d.path) has \(d.size) bytes, smaller than the source's \(srcInfo.size)")
+        }
+        let source = try openDevice(storage, config.sourcePath, .source(discard: config.discardSource), what: "source")
+        let dest = try openDevice(storage, config.destPath, .destination(createSize: srcInfo.size), what: "destination")
+        try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
+        for d in [source, dest] where config.regionSize % UInt64(max(1, d.info.logicalBlockSize)) != 0 {
+            throw HydrationError(.invalidParameter, "region size \(config.regionSize) is not a multiple of \(d.info.path)'s logical block size \(d.info.logicalBlockSize)")
+        }
+        guard dest.info.size >= source.info.size else {
+            throw HydrationError(.sizeMismatch, "destination \(dest.info.path) has \(dest.info.size) bytes, smaller than the source's \(source.info.size)")
+        }
+        let options = MetadataCreateOptions(regionSize: config.regionSize, source: DeviceRecord(source.info), dest: DeviceRecord(dest.info),
+                                            discardSource: config.discardSource, destZeroed: config.destZeroed)
+        do {
+            let store = try MetadataStore.create(path: config.metadataPath, options: options, storage: storage, nowMs: wallClockMillis())
+            return (source, dest, store)
+        } catch {
+            throw HydrationError.from(error)
+        }
+    }
+
+    static func prepareExisting(_ config: JobConfiguration, storage: any StorageProvider) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore, MetadataReport) {
+        try validateCommon(config)
+        let opened: (MetadataStore, MetadataReport)
+        do {
+            opened = try MetadataStore.open(path: config.metadataPath, storage: storage)
+        } catch {
+            if case .io(let s) = error.reason, s.errno == ENOENT {
+                throw HydrationError(.notFound, "metadata \(config.metadataPath) does not exist")
+            }
+            throw HydrationError.from(error)
+        }
+        let h = opened.0.header
+        let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source")
+        let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination")
+        if source.info.identity != h.source.identity || source.info.size != h.source.size {
+            throw HydrationError(.metadataMismatch, "source \(config.sourcePath) (\(source.info.identity), \(source.info.size) bytes) is not the device metadata \(config.metadataPath) was created for (\(h.source.path): \(h.source.identity), \(h.source.size) bytes)")
+        }
+        if dest.info.identity != h.dest.identity || dest.info.size < h.targetSize {
+            throw HydrationError(.metadataMismatch, "destination \(config.destPath) (\(dest.info.identity), \(dest.info.size) bytes) is not the device metadata \(config.metadataPath) was created for (\(h.dest.path): \(h.dest.identity))")
+        }
+        try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
+        return (source, dest, opened.0, opened.1)
+    }
+
+    // MARK: control
+
+    public var currentState: JobStatus.State { state }
+    public var lastError: HydrationError? { error }
+
+    /// Starts or resumes hydration. A complete job stays complete.
+    public func start() throws(HydrationError) {
+        guard !closed else { throw HydrationError(.invalidState, "job \(name) is closed") }
+        switch state {
+        case .hydrating, .complete:
+            return
+        case .failed:
+            if progress.snapshot.metadataMode != .rw {
+                throw HydrationError(.invalidState, "job \(name) failed with metadata \(progress.snapshot.metadataMode.rawValue); it cannot be resumed: \(error?.message ?? "")")
+            }
+        case .idle, .paused:
+            break
+        }
+        error = nil
+        setState(.hydrating)
+        logger.info("hydration started")
+        runTask = Task { await self.runHydration() }
+    }
+
+    /// Stops issuing copies, finishes those in flight, commits, and waits for the discards of
+    /// what was committed. A job that is not hydrating becomes (or stays) paused.
+    public func pause() async {
+        switch state {
+        case .hydrating:
+            await copier.requestStop()
+            await runTask?.value
+        case .idle:
+            setState(.paused)
+        default:
+            break
+        }
+    }
+
+    /// Commits now; returns once everything hydrated so far is durable (and handed to the
+    /// discarder). Returns the metadata generation.
+    @discardableResult
+    public func commit() async throws(HydrationError) -> UInt64 {
+        try await committer.commit()
+    }
+
+    public func update(_ t: Tunables) async throws(HydrationError) {
+        try t.validate(regionSize: geometry.regionSize)
+        tunables = t
+        await copier.update(t)
+        logger.info("tunables changed", metadata: ["batch_size": "\(t.batchSize)", "threshold": "\(t.threshold)",
+                                                   "commit_interval_ms": "\(t.commitIntervalMs)"])
+    }
+
+    public var currentTunables: Tunables { tunables }
+
+    /// Waits until the job is no longer hydrating; returns its state.
+    public func waitUntilSettled() async -> JobStatus.State {
+        while state == .hydrating {
+            await withCheckedContinuation { stateWaiters.append($0) }
+        }
+        return state
+    }
+
+    /// Pauses (with a final commit), stops the discarder after it has drained, and closes the
+    /// job. The devices are released when the last reference goes.
+    public func close() async {
+        guard !closed else { return }
+        await pause()
+        closed = true
+        await committer.finishStream()
+        await discardTask?.value
+    }
+
+    /// Bytes allocated by the source and destination files (nil for block devices).
+    public nonisolated func allocatedBytes() -> (source: UInt64?, dest: UInt64?) {
+        (source.allocatedBytes(), dest.allocatedBytes())
+    }
+
+    // MARK: the run
+
+    private func setState(_ s: JobStatus.State) {
+        if s != state { logger.info("state \(state.rawValue) -> \(s.rawValue)") }
+        state = s
+        let w = stateWaiters
+        stateWaiters = []
+        for c in w { c.resume() }
+    }
+
+    private func runHydration() async {
+        let committer = self.committer
+        let ticker = Task { [weak self] in
+            while !Task.isCancelled {
+                guard let interval = await self?.tunables.commitIntervalMs else { return }
+                try? await Task.sleep(nanoseconds: UInt64(interval) * 1_000_000)
+                if Task.isCancelled { return }
+                // A failure here is recorded by the committer and stops the copier.
+                try? await committer.commitIfDirty()
+            }
+        }
+        tickerTask = ticker
+        let outcome = await copier.run()
+        ticker.cancel()
+        tickerTask = nil
+
+        // Whatever happened, commit what was hydrated; then wait for its discards.
+        var commitError: HydrationError? = nil
+        do {
+            try await committer.commit(markComplete: outcome == .complete)
+        } catch {
+            commitError = error
+        }
+        if let discarder {
+            await discarder.drain(published: await committer.publishedCount)
+        }
+
+        if let commitError {
+            self.error = commitError
+            setState(.failed)
+            return
+        }
+        switch outcome {
+        case .complete:
+            logger.info("hydration complete")
+            setState(.complete)
+        case .stopped:
+            setState(.paused)
+        case .noSpace(let e):
+            logger.error("destination out of space; job paused until space is freed", metadata: ["error": "\(e)"])
+            self.error = e
+            setState(.paused)
+        case .failed(let e):
+            logger.error("hydration failed", metadata: ["error": "\(e)"])
+            self.error = e
+            setState(.failed)
+        case .halted:
+            self.error = await committer.failure ?? HydrationError(.commitFailed, "commit failed")
+            setState(.failed)
+        }
+    }
+
+    // MARK: status
+
+    public func status() -> JobStatus {
+        let c = progress.snapshot
+        let throughput = state == .hydrating ? progress.throughput() : 0
+        let total = geometry.targetSize
+        let remaining = total > c.hydratedBytes ? total - c.hydratedBytes : 0
+        let eta: Double? = state == .complete ? 0 : (throughput > 0 ? Double(remaining) / throughput : nil)
+        let discardOn = discarder != nil
+        return JobStatus(
+            name: name, state: state,
+            source: .init(path: configuration.sourcePath, sizeBytes: geometry.targetSize),
+            dest: .init(path: configuration.destPath),
+            regionSize: geometry.regionSize,
+            regions: .init(total: UInt64(geometry.regionCount), hydrated: UInt64(c.hydratedRegions), hydrating: UInt64(c.hydratingRegions)),
+            bytes: .init(total: total, hydrated: c.hydratedBytes, committed: c.committedBytes,
+                         skippedZero: c.skippedZeroBytes, discarded: c.discardedBytes),
+            throughputBytesPerSecond: throughput, etaSeconds: eta,
+            commits: .init(count: c.commits, lastUnixMs: c.lastCommitUnixMs, lastDurationMs: c.lastCommitDurationMs),
+            discard: .init(enabled: discardOn, pendingBytes: c.discardPendingBytes, failed: c.discardFailures),
+            spaceBudgetBytes: discardOn ? tunables.spaceBudgetBytes : nil,
+            settings: .init(threshold: tunables.threshold, batchSize: tunables.batchSize,
+                            rateLimitBytesPerSecond: tunables.rateLimitBytesPerSecond, commitIntervalMs: tunables.commitIntervalMs),
+            metadata: .init(path: store.path, mode: c.metadataMode),
+            error: error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message) })
+    }
+
+    /// Internal counters, for tests that check the space budget.
+    var budgetOutstanding: UInt64 { progress.budgetOutstanding }
+    var hydratedMapForTesting: RegionMap { get async { await copier.hydratedMap } }
+}

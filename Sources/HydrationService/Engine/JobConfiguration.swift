@@ -1,0 +1,68 @@
+/// Tunables that may change while a job runs (dm-clone's hydration_threshold and
+/// hydration_batch_size, plus ours).
+public struct Tunables: Sendable, Equatable, Codable {
+    /// Regions per I/O: contiguous unhydrated regions copied by one read and one write.
+    public var batchSize: Int
+    /// Regions in flight at once, across all batches.
+    public var threshold: Int
+    /// Bytes per second, nil for unlimited.
+    public var rateLimitBytesPerSecond: UInt64?
+    /// With discard_source: bytes hydrated but not yet released from the source never exceed this.
+    public var spaceBudgetBytes: UInt64
+    public var commitIntervalMs: Int
+
+    public static let defaultSpaceBudget: UInt64 = 128 << 20
+    public static let defaultCommitIntervalMs = 1000
+
+    /// Defaults for throughput: 1 MiB per I/O and 8 MiB in flight, whatever the region size
+    /// (dm-clone's 1/1 keeps a disk mostly idle).
+    public static func defaults(regionSize: UInt64) -> Tunables {
+        let batch = max(1, Int((1 << 20) / regionSize))
+        return Tunables(batchSize: batch, threshold: batch * 8, rateLimitBytesPerSecond: nil,
+                        spaceBudgetBytes: defaultSpaceBudget, commitIntervalMs: defaultCommitIntervalMs)
+    }
+
+    public init(batchSize: Int, threshold: Int, rateLimitBytesPerSecond: UInt64?, spaceBudgetBytes: UInt64, commitIntervalMs: Int) {
+        self.batchSize = batchSize; self.threshold = threshold; self.rateLimitBytesPerSecond = rateLimitBytesPerSecond
+        self.spaceBudgetBytes = spaceBudgetBytes; self.commitIntervalMs = commitIntervalMs
+    }
+
+    /// Checks every field; the message names the field and what is accepted.
+    public func validate(regionSize: UInt64) throws(HydrationError) {
+        guard batchSize >= 1, UInt64(batchSize) * regionSize <= 64 << 20 else {
+            throw HydrationError(.invalidParameter, "batch_size must be at least 1 and at most 64 MiB of regions (got \(batchSize))")
+        }
+        guard threshold >= 1, threshold <= 1 << 20 else {
+            throw HydrationError(.invalidParameter, "threshold must be between 1 and 1048576 regions (got \(threshold))")
+        }
+        if let r = rateLimitBytesPerSecond, r < 4096 {
+            throw HydrationError(.invalidParameter, "rate_limit_bytes_per_second must be at least 4096 (got \(r))")
+        }
+        guard commitIntervalMs >= 10, commitIntervalMs <= 3_600_000 else {
+            throw HydrationError(.invalidParameter, "commit_interval_ms must be between 10 and 3600000 (got \(commitIntervalMs))")
+        }
+        guard spaceBudgetBytes >= regionSize else {
+            throw HydrationError(.invalidParameter, "space_budget_bytes must be at least one region (\(regionSize) bytes)")
+        }
+    }
+}
+
+/// Everything needed to create a job.
+public struct JobConfiguration: Sendable, Equatable, Codable {
+    public var name: String
+    public var sourcePath: String
+    public var destPath: String
+    public var metadataPath: String
+    public var regionSize: UInt64
+    public var discardSource: Bool
+    public var destZeroed: Bool
+    public var tunables: Tunables
+
+    public init(name: String, sourcePath: String, destPath: String, metadataPath: String,
+                regionSize: UInt64 = RegionGeometry.defaultRegionSize, discardSource: Bool = false,
+                destZeroed: Bool = false, tunables: Tunables? = nil) {
+        self.name = name; self.sourcePath = sourcePath; self.destPath = destPath; self.metadataPath = metadataPath
+        self.regionSize = regionSize; self.discardSource = discardSource; self.destZeroed = destZeroed
+        self.tunables = tunables ?? .defaults(regionSize: regionSize)
+    }
+}

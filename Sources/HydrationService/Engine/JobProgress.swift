@@ -1,0 +1,83 @@
+import Synchronization
+import ControlProtocol
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Counters shared by the three actors and read by status calls without waiting for any of them:
+/// a status request must answer at once while the copier is busy.
+final class JobProgress: Sendable {
+    struct Counters {
+        var hydratedRegions = 0
+        var hydratingRegions = 0
+        var hydratedBytes: UInt64 = 0
+        var writtenBytes: UInt64 = 0
+        var skippedZeroBytes: UInt64 = 0
+        var committedRegions = 0
+        var committedBytes: UInt64 = 0
+        var commits: UInt64 = 0
+        var lastCommitUnixMs: Int64?
+        var lastCommitDurationMs: Double?
+        var discardedBytes: UInt64 = 0
+        var discardPendingBytes: UInt64 = 0
+        var discardFailures: UInt64 = 0
+        var lastDiscardError: String?
+        /// Space budget: bytes written to the destination whose source range is not yet released.
+        var budgetCharged: UInt64 = 0
+        var budgetReleased: UInt64 = 0
+        var metadataMode: JobStatus.Metadata.Mode = .rw
+        /// (monotonic ns, hydrated bytes) samples for the throughput window.
+        var samples: [(UInt64, UInt64)] = []
+    }
+
+    let counters: Mutex<Counters>
+
+    init(hydratedRegions: Int, hydratedBytes: UInt64, committedRegions: Int) {
+        var c = Counters()
+        c.hydratedRegions = hydratedRegions
+        c.hydratedBytes = hydratedBytes
+        c.committedRegions = committedRegions
+        c.committedBytes = hydratedBytes
+        counters = Mutex(c)
+    }
+
+    func update<T>(_ body: (inout Counters) -> T) -> T { counters.withLock { body(&$0) } }
+    var snapshot: Counters { counters.withLock { $0 } }
+
+    var budgetOutstanding: UInt64 {
+        counters.withLock { $0.budgetCharged &- $0.budgetReleased }
+    }
+
+    /// Bytes per second over the last few seconds of hydration.
+    func throughput(now: UInt64 = monotonicNanos()) -> Double {
+        counters.withLock { c in
+            guard let first = c.samples.first, let last = c.samples.last, last.0 > first.0 else { return 0 }
+            // A stalled copy shows 0, not the rate it had before it stalled.
+            if now > last.0 + 3_000_000_000 { return 0 }
+            return Double(last.1 - first.1) / (Double(last.0 - first.0) / 1e9)
+        }
+    }
+
+    func recordSample(now: UInt64 = monotonicNanos()) {
+        counters.withLock { c in
+            if let last = c.samples.last, now - last.0 < 100_000_000 { return }
+            c.samples.append((now, c.hydratedBytes))
+            while let f = c.samples.first, now - f.0 > 5_000_000_000, c.samples.count > 2 { c.samples.removeFirst() }
+        }
+    }
+
+    func resetSamples() { counters.withLock { $0.samples = [] } }
+}
+
+func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+func wallClockMillis() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+}
