@@ -71,6 +71,13 @@ actor Copier {
         }
     }
 
+    struct Completion: Sendable {
+        var regions: Range<Int>
+        /// Space-budget bytes reserved while in flight.
+        var reserved: UInt64
+        var result: Result<BatchResult, HydrationError>
+    }
+
     struct BatchResult: Sendable {
         var regions: Range<Int>
         var written: UInt64
@@ -93,11 +100,11 @@ actor Copier {
         var inFlight = 0
         var outcome: Outcome? = nil
 
-        return await withTaskGroup(of: (Range<Int>, Result<BatchResult, HydrationError>).self) { group in
-            func absorb(_ r: (Range<Int>, Result<BatchResult, HydrationError>)) async {
-                inFlight -= r.0.count
-                progress.update { $0.hydratingRegions = inFlight }
-                switch r.1 {
+        return await withTaskGroup(of: Completion.self) { group in
+            func absorb(_ r: Completion) async {
+                inFlight -= r.regions.count
+                progress.update { $0.hydratingRegions = inFlight; $0.budgetInFlight -= r.reserved }
+                switch r.result {
                 case .success(let b):
                     await finished(b)
                 case .failure(let e):
@@ -163,12 +170,14 @@ actor Copier {
                 }
 
                 inFlight += regions.count
-                progress.update { $0.hydratingRegions = inFlight }
+                let reserve: UInt64 = (discarder != nil && { if case .copy = work { return true }; return false }())
+                    ? geometry.byteLength(of: regions) : 0
+                progress.update { $0.hydratingRegions = inFlight; $0.budgetInFlight += reserve }
                 let job = BatchJob(source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
                                    retryDelaysMs: retryDelaysMs, logger: logger)
                 let io = self.io
                 group.addTask {
-                    (regions, await job.execute(work, io: io))
+                    Completion(regions: regions, reserved: reserve, result: await job.execute(work, io: io))
                 }
             }
             // Finish what is in flight whatever happened: its writes may be committed.

@@ -50,8 +50,14 @@ actor Discarder {
     var processedCount: Int { processed }
 
     private func release(_ set: CommittedRegions) async {
+        let isFile = source.info.identity.kind == .regularFile
         for regions in set.ranges {
-            let bytes = geometry.byteRange(of: regions)
+            var bytes = geometry.byteRange(of: regions)
+            if isFile && bytes.upperBound == geometry.targetSize {
+                // Punch through the end of the last region: a punch that stops at a file size not
+                // on a block boundary leaves the last partial block allocated.
+                bytes = bytes.lowerBound..<UInt64(regions.upperBound) * geometry.regionSize
+            }
             var offset = bytes.lowerBound
             while offset < bytes.upperBound {
                 let length = min(Self.maxChunk, bytes.upperBound - offset)
@@ -59,12 +65,13 @@ actor Discarder {
                 let at = offset
                 do {
                     try await io.run { try source.release(offset: at, length: length) }
-                    progress.update { $0.discardedBytes += length; $0.discardPendingBytes -= min($0.discardPendingBytes, length) }
+                    let counted = min(length, geometry.targetSize > at ? geometry.targetSize - at : 0)
+                    progress.update { $0.discardedBytes += counted; $0.discardPendingBytes -= min($0.discardPendingBytes, counted) }
                 } catch {
                     progress.update { c in
                         c.discardFailures += 1
                         c.lastDiscardError = "\(error)"
-                        c.discardPendingBytes -= min(c.discardPendingBytes, length)
+                        c.discardPendingBytes -= min(c.discardPendingBytes, min(length, geometry.targetSize > at ? geometry.targetSize - at : 0))
                     }
                     if !loggedFailure {
                         loggedFailure = true

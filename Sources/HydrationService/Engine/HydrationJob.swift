@@ -227,6 +227,10 @@ public actor HydrationJob {
             throw HydrationError.from(error)
         }
         let h = opened.0.header
+        // Compare before opening, so a wrong device gets the precise error, not "in use".
+        if let s = try identify(storage, config.sourcePath, what: "source"), s.identity != h.source.identity || s.size != h.source.size {
+            throw HydrationError(.metadataMismatch, "source \(config.sourcePath) (\(s.identity), \(s.size) bytes) is not the device metadata \(config.metadataPath) was created for (\(h.source.path): \(h.source.identity), \(h.source.size) bytes)")
+        }
         let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source")
         let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination")
         if source.info.identity != h.source.identity || source.info.size != h.source.size {
@@ -310,6 +314,9 @@ public actor HydrationJob {
         closed = true
         await committer.finishStream()
         await discardTask?.value
+        // Nothing is in flight any more: release the source and destination locks now.
+        source.close()
+        dest.close()
     }
 
     /// Bytes allocated by the source and destination files (nil for block devices).

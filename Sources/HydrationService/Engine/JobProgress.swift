@@ -25,6 +25,8 @@ final class JobProgress: Sendable {
         var lastDiscardError: String?
         /// Space budget: bytes written to the destination whose source range is not yet released.
         var budgetCharged: UInt64 = 0
+        /// Reserved for batches in flight (their whole length, until they report what they wrote).
+        var budgetInFlight: UInt64 = 0
         var budgetReleased: UInt64 = 0
         var metadataMode: JobStatus.Metadata.Mode = .rw
         /// (monotonic ns, hydrated bytes) samples for the throughput window.
@@ -46,7 +48,7 @@ final class JobProgress: Sendable {
     var snapshot: Counters { counters.withLock { $0 } }
 
     var budgetOutstanding: UInt64 {
-        counters.withLock { $0.budgetCharged &- $0.budgetReleased }
+        counters.withLock { $0.budgetCharged + $0.budgetInFlight &- $0.budgetReleased }
     }
 
     /// Bytes per second over the last few seconds of hydration.

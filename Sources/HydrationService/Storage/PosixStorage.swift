@@ -58,9 +58,7 @@ func parentDirectory(of path: String) -> String {
 
 /// An open file or block device. The descriptor is immutable after open and every method is a
 /// thread-safe system call on it (pread/pwrite take explicit offsets), which is why this class
-/// can be `Sendable` with only `let` properties. It is closed (and a source's lock released) when
-/// the last reference goes: closing earlier while an I/O thread may still use the number would
-/// let it be reused under that thread.
+/// can be `Sendable` with only `let` properties.
 final class PosixDevice: StorageDevice {
     let info: DeviceInfo
     private let fd: Int32
@@ -217,6 +215,17 @@ final class PosixDevice: StorageDevice {
     func dropCache(offset: UInt64, length: UInt64) {
         _ = hyd_start_writeback(fd, offset, length)
         _ = hyd_drop_cache(fd, offset, length)
+    }
+
+    func close() {
+        // Replace the descriptor with one on "/" (read-only directory) instead of closing the
+        // number: a stray call after close then fails (EISDIR/EBADF) rather than reaching
+        // whatever file might reuse the number. The real close happens in deinit.
+        let root = Glibc.open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if root >= 0 {
+            _ = dup2(root, fd)
+            Glibc.close(root)
+        }
     }
 
     func allocatedBytes() -> UInt64? {

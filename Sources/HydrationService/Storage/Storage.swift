@@ -122,6 +122,9 @@ public protocol StorageDevice: AnyObject, Sendable {
     func dropCache(offset: UInt64, length: UInt64)
     /// Bytes actually allocated (st_blocks * 512) for a regular file; nil for a block device.
     func allocatedBytes() -> UInt64?
+    /// Releases the device now (its lock, or O_EXCL on a block device) rather than when the last
+    /// reference goes. Every later call fails. Call only once no I/O is in flight.
+    func close()
 }
 
 /// How a device is opened.

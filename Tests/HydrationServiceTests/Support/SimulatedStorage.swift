@@ -213,6 +213,8 @@ final class SimulatedDevice: StorageDevice {
 
     func dropCache(offset: UInt64, length: UInt64) {}
 
+    func close() { if locked { storage.unlock(path) } }
+
     func allocatedBytes() -> UInt64? {
         UInt64(storage.allocatedBlocks(path) * SimulatedStorage.block)
     }
