@@ -36,6 +36,8 @@ final class SimulatedStorage: StorageProvider {
         var fault: (@Sendable (Op) -> Int32?)? = nil
         /// Sees every operation, with the files as they are just before it applies.
         var observer: (@Sendable (Op, [String: FileState]) -> Void)? = nil
+        /// Called before a sync takes the lock (to slow syncs down without blocking other I/O).
+        var syncDelay: (@Sendable (String) -> Void)? = nil
     }
 
     let state = Mutex(State())
@@ -60,6 +62,7 @@ final class SimulatedStorage: StorageProvider {
     func allocatedBlocks(_ path: String) -> Int { state.withLock { $0.files[path]?.allocated.filter { $0 }.count ?? 0 } }
     var log: [Op] { state.withLock { $0.log } }
     func setFault(_ f: (@Sendable (Op) -> Int32?)?) { state.withLock { $0.fault = f } }
+    func setSyncDelay(_ f: (@Sendable (String) -> Void)?) { state.withLock { $0.syncDelay = f } }
     func setObserver(_ f: (@Sendable (Op, [String: FileState]) -> Void)?) { state.withLock { $0.observer = f } }
 
     func info(_ path: String, _ f: FileState) -> DeviceInfo {
@@ -174,6 +177,7 @@ final class SimulatedDevice: StorageDevice {
     }
 
     func sync() throws(StorageError) {
+        if let delay = storage.state.withLock({ $0.syncDelay }) { delay(path) }
         try storage.state.withLock { (s: inout SimulatedStorage.State) throws(StorageError) in
             try storage.record(path, .sync, 0, 0, &s)
         }
