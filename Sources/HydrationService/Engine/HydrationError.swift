@@ -15,6 +15,10 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
         case commitFailed = "CommitFailed"
         case ioError = "IOError"
         case invalidState = "InvalidState"
+        case noSuchJob = "NoSuchJob"
+        case jobExists = "JobExists"
+        case jobRunning = "JobRunning"
+        case permissionDenied = "PermissionDenied"
     }
 
     public var code: Code
