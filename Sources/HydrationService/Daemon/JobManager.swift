@@ -295,11 +295,11 @@ public actor JobManager {
     }
 
     /// Validates a metadata file offline (read only).
-    public nonisolated func checkMetadata(_ path: String) async throws(HydrationError) -> (MetadataHeader, MetadataReport) {
+    public nonisolated func checkMetadata(_ path: String) async throws(HydrationError) -> (MetadataHeader, MetadataRecoveryReport) {
         guard path.hasPrefix("/") else { throw HydrationError(.invalidParameter, "metadata path must be absolute: '\(path)'") }
         let storage = self.storage
         do {
-            let r = try await io.run { () throws -> (MetadataHeader, MetadataReport) in
+            let r = try await io.run { () throws -> (MetadataHeader, MetadataRecoveryReport) in
                 let (store, report) = try MetadataStore.open(path: path, storage: storage, readOnly: true)
                 return (store.header, report)
             }

@@ -104,7 +104,7 @@ public actor HydrationJob {
     /// discard_source, every committed region is released again (idempotent).
     public static func open(_ config: JobConfiguration, storage: any StorageProvider = PosixStorage(),
                             io: IOExecutor, logger: Logger = Logger(label: "hydration")) async throws(HydrationError) -> HydrationJob {
-        let opened: (any StorageDevice, any StorageDevice, MetadataStore, MetadataReport)
+        let opened: (any StorageDevice, any StorageDevice, MetadataStore, MetadataRecoveryReport)
         do {
             opened = try await io.run { try prepareExisting(config, storage: storage) }
         } catch {
@@ -215,9 +215,9 @@ public actor HydrationJob {
         }
     }
 
-    static func prepareExisting(_ config: JobConfiguration, storage: any StorageProvider) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore, MetadataReport) {
+    static func prepareExisting(_ config: JobConfiguration, storage: any StorageProvider) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore, MetadataRecoveryReport) {
         try validateCommon(config)
-        let opened: (MetadataStore, MetadataReport)
+        let opened: (MetadataStore, MetadataRecoveryReport)
         do {
             opened = try MetadataStore.open(path: config.metadataPath, storage: storage)
         } catch {

@@ -73,7 +73,7 @@ public struct MetadataCreateOptions: Sendable, Equatable {
 }
 
 /// A report of what `open` found, for `clonectl check` and logs.
-public struct MetadataReport: Sendable, Equatable {
+public struct MetadataRecoveryReport: Sendable, Equatable {
     public var superblockSlot: Int
     /// Why the other superblock slot was not used (nil when it was valid but older).
     public var otherSlotProblem: String?
@@ -163,7 +163,7 @@ public final class MetadataStore: Sendable {
     /// is written (offline check); otherwise uncommitted page versions are wiped and the file is
     /// synced, so that everything this returns is durable before the engine acts on it (a killed
     /// process can leave a written-but-unsynced superblock in the page cache).
-    public static func open(path: String, storage: any StorageProvider, readOnly: Bool = false) throws(MetadataError) -> (MetadataStore, MetadataReport) {
+    public static func open(path: String, storage: any StorageProvider, readOnly: Bool = false) throws(MetadataError) -> (MetadataStore, MetadataRecoveryReport) {
         let device: any StorageDevice
         do {
             device = try storage.open(path, mode: readOnly ? .readOnly : .metadata(create: false))
@@ -245,7 +245,7 @@ public final class MetadataStore: Sendable {
                 throw MetadataError(path: path, reason: .io(error))
             }
         }
-        let report = MetadataReport(
+        let report = MetadataRecoveryReport(
             superblockSlot: best.slot, otherSlotProblem: problems[other].isEmpty ? nil : problems[other],
             pagesRead: pageCount, uncommittedPageSlots: uncommitted.count, invalidPageSlots: invalid)
         let st = State(header: header, committed: map, pageSlot: pageSlot, superblockSlot: best.slot, failure: nil)
