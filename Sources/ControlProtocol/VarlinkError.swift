@@ -1,0 +1,223 @@
+/// A named Varlink error: what a server replies instead of a method's output, and what
+/// `VarlinkClient` throws when it receives one.
+///
+/// `name` is the fully qualified error name (`org.hydrationd.Control.NoSuchJob`); `parameters` are the
+/// error's fields as declared in the interface. Build known errors with the static constructors so the
+/// parameter names always match the interface definition.
+public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var name: String
+    public var parameters: [String: JSONValue]
+
+    public init(name: String, parameters: [String: JSONValue] = [:]) {
+        self.name = name
+        self.parameters = parameters
+    }
+
+    public enum Name {
+        public static let noSuchJob = "org.hydrationd.Control.NoSuchJob"
+        public static let jobExists = "org.hydrationd.Control.JobExists"
+        public static let jobRunning = "org.hydrationd.Control.JobRunning"
+        public static let invalidParameter = "org.hydrationd.Control.InvalidParameter"
+        public static let deviceInUse = "org.hydrationd.Control.DeviceInUse"
+        public static let sizeMismatch = "org.hydrationd.Control.SizeMismatch"
+        public static let metadataCorrupt = "org.hydrationd.Control.MetadataCorrupt"
+        public static let permissionDenied = "org.hydrationd.Control.PermissionDenied"
+        public static let jobFailed = "org.hydrationd.Control.JobFailed"
+        public static let ioError = "org.hydrationd.Control.IOError"
+        public static let invalidMessage = "org.hydrationd.Control.InvalidMessage"
+        public static let messageTooLarge = "org.hydrationd.Control.MessageTooLarge"
+        public static let tooManyConnections = "org.hydrationd.Control.TooManyConnections"
+        public static let internalError = "org.hydrationd.Control.InternalError"
+
+        public static let serviceInterfaceNotFound = "org.varlink.service.InterfaceNotFound"
+        public static let serviceMethodNotFound = "org.varlink.service.MethodNotFound"
+        public static let serviceMethodNotImplemented = "org.varlink.service.MethodNotImplemented"
+        public static let serviceInvalidParameter = "org.varlink.service.InvalidParameter"
+        public static let servicePermissionDenied = "org.varlink.service.PermissionDenied"
+        public static let serviceExpectedMore = "org.varlink.service.ExpectedMore"
+    }
+
+    /// The known errors, for `switch`; `.other` for any name this version does not know.
+    public enum Kind: Sendable, Equatable {
+        case noSuchJob, jobExists, jobRunning, invalidParameter, deviceInUse, sizeMismatch, metadataCorrupt
+        case permissionDenied, jobFailed, ioError, invalidMessage, messageTooLarge, tooManyConnections
+        case internalError
+        case interfaceNotFound, methodNotFound, methodNotImplemented, serviceInvalidParameter
+        case servicePermissionDenied, expectedMore
+        case other
+    }
+
+    public var kind: Kind {
+        switch name {
+        case Name.noSuchJob: return .noSuchJob
+        case Name.jobExists: return .jobExists
+        case Name.jobRunning: return .jobRunning
+        case Name.invalidParameter: return .invalidParameter
+        case Name.deviceInUse: return .deviceInUse
+        case Name.sizeMismatch: return .sizeMismatch
+        case Name.metadataCorrupt: return .metadataCorrupt
+        case Name.permissionDenied: return .permissionDenied
+        case Name.jobFailed: return .jobFailed
+        case Name.ioError: return .ioError
+        case Name.invalidMessage: return .invalidMessage
+        case Name.messageTooLarge: return .messageTooLarge
+        case Name.tooManyConnections: return .tooManyConnections
+        case Name.internalError: return .internalError
+        case Name.serviceInterfaceNotFound: return .interfaceNotFound
+        case Name.serviceMethodNotFound: return .methodNotFound
+        case Name.serviceMethodNotImplemented: return .methodNotImplemented
+        case Name.serviceInvalidParameter: return .serviceInvalidParameter
+        case Name.servicePermissionDenied: return .servicePermissionDenied
+        case Name.serviceExpectedMore: return .expectedMore
+        default: return .other
+        }
+    }
+
+    /// True for errors that reject a request as wrong (bad name, bad parameter, conflicting device,
+    /// permission), as opposed to protocol or server failures. clonectl maps these to exit code 65.
+    public var isRequestRejection: Bool {
+        switch kind {
+        case .noSuchJob, .jobExists, .jobRunning, .invalidParameter, .deviceInUse, .sizeMismatch,
+            .metadataCorrupt, .permissionDenied, .serviceInvalidParameter, .servicePermissionDenied:
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// A string parameter of the error, if present.
+    public func string(_ key: String) -> String? { parameters[key]?.stringValue }
+
+    // MARK: org.hydrationd.Control errors
+
+    public static func noSuchJob(_ name: String) -> VarlinkError {
+        VarlinkError(name: Name.noSuchJob, parameters: ["name": .string(name)])
+    }
+
+    public static func jobExists(_ name: String) -> VarlinkError {
+        VarlinkError(name: Name.jobExists, parameters: ["name": .string(name)])
+    }
+
+    /// The job is active and the request needs it stopped first (e.g. `Remove` without `force`).
+    public static func jobRunning(_ name: String, state: JobStatus.State) -> VarlinkError {
+        VarlinkError(name: Name.jobRunning, parameters: ["name": .string(name), "state": .string(state.rawValue)])
+    }
+
+    public static func invalidParameter(_ parameter: String, reason: String) -> VarlinkError {
+        VarlinkError(name: Name.invalidParameter, parameters: ["parameter": .string(parameter), "reason": .string(reason)])
+    }
+
+    public static func deviceInUse(path: String, job: String) -> VarlinkError {
+        VarlinkError(name: Name.deviceInUse, parameters: ["path": .string(path), "job": .string(job)])
+    }
+
+    public static func sizeMismatch(sourceBytes: UInt64, destBytes: UInt64) -> VarlinkError {
+        VarlinkError(
+            name: Name.sizeMismatch,
+            parameters: ["source_bytes": .int(Int64(clamping: sourceBytes)), "dest_bytes": .int(Int64(clamping: destBytes))]
+        )
+    }
+
+    public static func metadataCorrupt(path: String, reason: String) -> VarlinkError {
+        VarlinkError(name: Name.metadataCorrupt, parameters: ["path": .string(path), "reason": .string(reason)])
+    }
+
+    public static func permissionDenied(method: String, reason: String) -> VarlinkError {
+        VarlinkError(name: Name.permissionDenied, parameters: ["method": .string(method), "reason": .string(reason)])
+    }
+
+    public static func jobFailed(_ name: String, code: String, message: String) -> VarlinkError {
+        VarlinkError(
+            name: Name.jobFailed,
+            parameters: ["name": .string(name), "code": .string(code), "message": .string(message)]
+        )
+    }
+
+    public static func ioError(path: String?, errno: Int32?, message: String) -> VarlinkError {
+        VarlinkError(
+            name: Name.ioError,
+            parameters: [
+                "path": path.map(JSONValue.string) ?? .null,
+                "errno": errno.map { JSONValue.int(Int64($0)) } ?? .null,
+                "message": .string(message),
+            ]
+        )
+    }
+
+    public static func invalidMessage(_ reason: String) -> VarlinkError {
+        VarlinkError(name: Name.invalidMessage, parameters: ["reason": .string(reason)])
+    }
+
+    public static func messageTooLarge(limit: Int) -> VarlinkError {
+        VarlinkError(name: Name.messageTooLarge, parameters: ["limit": .int(Int64(limit))])
+    }
+
+    public static func tooManyConnections(limit: Int) -> VarlinkError {
+        VarlinkError(name: Name.tooManyConnections, parameters: ["limit": .int(Int64(limit))])
+    }
+
+    public static func internalError(_ message: String) -> VarlinkError {
+        VarlinkError(name: Name.internalError, parameters: ["message": .string(message)])
+    }
+
+    // MARK: org.varlink.service errors
+
+    public static func interfaceNotFound(_ interface: String) -> VarlinkError {
+        VarlinkError(name: Name.serviceInterfaceNotFound, parameters: ["interface": .string(interface)])
+    }
+
+    public static func methodNotFound(_ method: String) -> VarlinkError {
+        VarlinkError(name: Name.serviceMethodNotFound, parameters: ["method": .string(method)])
+    }
+
+    public static func methodNotImplemented(_ method: String) -> VarlinkError {
+        VarlinkError(name: Name.serviceMethodNotImplemented, parameters: ["method": .string(method)])
+    }
+
+    /// The standard error for a parameter that is missing, of the wrong type, or unknown.
+    public static func serviceInvalidParameter(_ parameter: String) -> VarlinkError {
+        VarlinkError(name: Name.serviceInvalidParameter, parameters: ["parameter": .string(parameter)])
+    }
+
+    public static var expectedMore: VarlinkError { VarlinkError(name: Name.serviceExpectedMore) }
+
+    // MARK: description
+
+    public var description: String {
+        let p = parameters
+        switch kind {
+        case .noSuchJob: return "no job named '\(p["name"]?.stringValue ?? "?")'"
+        case .jobExists: return "a job named '\(p["name"]?.stringValue ?? "?")' already exists"
+        case .jobRunning:
+            return "job '\(p["name"]?.stringValue ?? "?")' is \(p["state"]?.stringValue ?? "active"); pause it first or use force"
+        case .invalidParameter, .serviceInvalidParameter:
+            let reason = p["reason"]?.stringValue.map { ": \($0)" } ?? ""
+            return "invalid parameter '\(p["parameter"]?.stringValue ?? "?")'\(reason)"
+        case .deviceInUse:
+            return "\(p["path"]?.stringValue ?? "device") is already used by job '\(p["job"]?.stringValue ?? "?")'"
+        case .sizeMismatch:
+            return "destination (\(p["dest_bytes"]?.int64Value ?? 0) bytes) is smaller than source (\(p["source_bytes"]?.int64Value ?? 0) bytes)"
+        case .metadataCorrupt:
+            return "metadata \(p["path"]?.stringValue ?? "") is corrupt: \(p["reason"]?.stringValue ?? "")"
+        case .permissionDenied:
+            return "permission denied for \(p["method"]?.stringValue ?? "method"): \(p["reason"]?.stringValue ?? "")"
+        case .jobFailed:
+            return "job '\(p["name"]?.stringValue ?? "?")' failed: \(p["code"]?.stringValue ?? ""): \(p["message"]?.stringValue ?? "")"
+        case .ioError:
+            return "I/O error\(p["path"]?.stringValue.map { " on \($0)" } ?? ""): \(p["message"]?.stringValue ?? "")"
+        case .invalidMessage: return "invalid Varlink message: \(p["reason"]?.stringValue ?? "")"
+        case .messageTooLarge: return "message larger than \(p["limit"]?.int64Value ?? 0) bytes"
+        case .tooManyConnections: return "too many connections to the daemon (limit \(p["limit"]?.int64Value ?? 0))"
+        case .internalError: return "internal daemon error: \(p["message"]?.stringValue ?? "")"
+        case .interfaceNotFound: return "interface not found: \(p["interface"]?.stringValue ?? "?")"
+        case .methodNotFound: return "method not found: \(p["method"]?.stringValue ?? "?")"
+        case .methodNotImplemented: return "method not implemented: \(p["method"]?.stringValue ?? "?")"
+        case .servicePermissionDenied: return "permission denied"
+        case .expectedMore: return "method must be called with more=true"
+        case .other:
+            return p.isEmpty ? name : "\(name) \(String(decoding: (try? VarlinkJSON.makeEncoder().encode(p)) ?? Data(), as: UTF8.self))"
+        }
+    }
+}
+
+import struct Foundation.Data

@@ -1,0 +1,47 @@
+import ControlProtocol
+
+/// Who may call what on the control socket.
+///
+/// - Read-only methods (`org.varlink.service.*`, `GetStatus`, `List`, `CheckMetadata`) are open to any
+///   peer that can connect (the socket's 0660 mode already limits who can).
+/// - Mutating methods (`Start`, `Pause`, `Resume`, `Set`, `Commit`, `Remove`, and any method this
+///   version does not know) need a peer that is root, runs as the daemon's own user, or has the
+///   socket group as its primary or a supplementary group.
+public struct ControlAccessPolicy: Sendable, Equatable {
+    /// The `--socket-group` gid, if any.
+    public var socketGroup: UInt32?
+    /// The daemon's effective uid (an unprivileged daemon serves its own user).
+    public var ownerUID: UInt32
+
+    public init(socketGroup: UInt32?, ownerUID: UInt32) {
+        self.socketGroup = socketGroup
+        self.ownerUID = ownerUID
+    }
+
+    /// True for methods anyone connected may call.
+    public static func isReadOnly(method: String) -> Bool {
+        if method == "org.varlink.service.GetInfo" || method == "org.varlink.service.GetInterfaceDescription" {
+            return true
+        }
+        let prefix = ControlMethod.interfaceName + "."
+        guard method.hasPrefix(prefix), let m = ControlMethod(rawValue: String(method.dropFirst(prefix.count))) else {
+            return false
+        }
+        return m.isReadOnly
+    }
+
+    /// True when `peer` is privileged: root, the daemon's user, or in the socket group.
+    public func isPrivileged(_ peer: PeerCredentials) -> Bool {
+        if peer.uid == UInt32.max { return false }  // credentials unknown
+        if peer.uid == 0 || peer.uid == ownerUID { return true }
+        if let g = socketGroup, peer.gid == g || peer.groups.contains(g) { return true }
+        return false
+    }
+
+    /// nil when `peer` may call `method`, otherwise the `PermissionDenied` error to reply.
+    public func authorize(method: String, peer: PeerCredentials) -> VarlinkError? {
+        if Self.isReadOnly(method: method) || isPrivileged(peer) { return nil }
+        let who = socketGroup.map { "root, uid \(ownerUID) or members of group \($0)" } ?? "root or uid \(ownerUID)"
+        return .permissionDenied(method: method, reason: "uid \(peer.uid) may only call read-only methods; \(who) may call \(method)")
+    }
+}

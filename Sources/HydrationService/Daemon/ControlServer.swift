@@ -1,0 +1,533 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ControlProtocol
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Synchronization
+
+/// Settings of the control socket server.
+public struct ControlServerConfiguration: Sendable {
+    /// Where connections come from.
+    public enum Listener: Sendable, Equatable {
+        /// Bind a Unix socket at this path: the parent directory is created, a stale socket file
+        /// (nobody listening) is replaced, the socket gets `socketMode` and `socketGroup`.
+        case path(String)
+        /// Adopt an already bound and listening Unix stream socket (systemd socket activation).
+        /// Its mode and owner are the activator's business; the path is only for logs.
+        case descriptor(Int32, path: String?)
+    }
+
+    public var listener: Listener
+    /// gid that owns the socket and whose members may call mutating methods (`--socket-group`).
+    public var socketGroup: UInt32?
+    public var socketMode: UInt32 = 0o660
+    /// Connections served at once. Beyond it a new connection gets `TooManyConnections` in reply to
+    /// its first call (or is closed after `overLimitGrace` without one).
+    public var maxConnections = 64
+    /// A connection with no request in flight and nothing received for this long is closed.
+    public var idleTimeout: Duration = .seconds(60)
+    public var overLimitGrace: Duration = .seconds(2)
+    public var maxMessageSize = VarlinkFraming.maxMessageSize
+    /// Returned by `org.varlink.service.GetInfo` (the `interfaces` field is filled in by the server).
+    public var vendor = "hydrationd"
+    public var product = "hydrationd"
+    public var version = "0.1.0"
+    public var url = "https://github.com/hydrationd/hydrationd"
+    /// The daemon's effective uid, privileged like root (defaults to geteuid()).
+    public var ownerUID: UInt32 = geteuid()
+
+    public init(listener: Listener, socketGroup: UInt32? = nil) {
+        self.listener = listener
+        self.socketGroup = socketGroup
+    }
+
+    public var accessPolicy: ControlAccessPolicy {
+        ControlAccessPolicy(socketGroup: socketGroup, ownerUID: ownerUID)
+    }
+}
+
+public enum ControlServerError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// Another process is accepting connections on the path.
+    case socketInUse(path: String)
+    /// The path exists and is not a socket; it is never removed.
+    case notASocket(path: String)
+    case setupFailed(path: String, operation: String, errno: Int32)
+    case alreadyStarted
+
+    public var description: String {
+        switch self {
+        case .socketInUse(let p): return "\(p) is in use: another hydrationd is listening there"
+        case .notASocket(let p): return "\(p) exists and is not a socket; refusing to replace it"
+        case .setupFailed(let p, let op, let e): return "\(op) \(p): \(String(cString: strerror(e)))"
+        case .alreadyStarted: return "the control server was already started"
+        }
+    }
+}
+
+/// The daemon's Varlink server on a Unix stream socket (swift-nio).
+///
+/// Run it as a swift-service-lifecycle `Service`: `run()` binds (or adopts) the socket, calls
+/// `onListening` once connections are accepted (send READY=1 there), serves until graceful
+/// shutdown, task cancellation or `shutdown()`, then closes every connection and removes the socket
+/// file it created.
+///
+/// Per connection: NUL framing (64 KiB limit), peer credentials (SO_PEERCRED), authorization
+/// (`ControlAccessPolicy`), `org.varlink.service` handled here, `org.hydrationd.Control` dispatched to
+/// the `ControlHandler`. A bad message gets a named error reply; only an oversized one closes the
+/// connection. Nothing a connection does can stop the server.
+public final class ControlServer: Service, Sendable {
+    public struct ListeningInfo: Sendable {
+        /// The socket path (nil for an adopted socket whose path is unknown).
+        public var path: String?
+    }
+
+    public let configuration: ControlServerConfiguration
+    private let handler: any ControlHandler
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let onListening: @Sendable (ListeningInfo) async -> Void
+    private let state = Mutex(State())
+    private let admitted = Atomic<Int>(0)
+
+    private struct State: ~Copyable {
+        var started = false
+        var shuttingDown = false
+        var listener: (any Channel)?
+        var connections: [ObjectIdentifier: any Channel] = [:]
+    }
+
+    private struct Connection: Sendable {
+        var channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
+        var admitted: Bool
+        var activity: ConnectionActivity
+    }
+
+    public init(
+        configuration: ControlServerConfiguration,
+        handler: any ControlHandler,
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "hydrationd.control"),
+        onListening: @escaping @Sendable (ListeningInfo) async -> Void = { _ in }
+    ) {
+        self.configuration = configuration
+        self.handler = handler
+        self.group = eventLoopGroup
+        self.logger = logger
+        self.onListening = onListening
+    }
+
+    /// Number of connections currently admitted (below the limit).
+    public var activeConnections: Int { admitted.load(ordering: .relaxed) }
+
+    /// Stops accepting, closes every connection; `run()` then returns. Safe to call at any time.
+    public func shutdown() {
+        let channels: [any Channel] = state.withLock { st in
+            st.shuttingDown = true
+            return (st.listener.map { [$0] } ?? []) + Array(st.connections.values)
+        }
+        for c in channels { c.close(promise: nil) }
+    }
+
+    public func run() async throws {
+        let alreadyStarted = state.withLock { st in
+            defer { st.started = true }
+            return st.started
+        }
+        if alreadyStarted { throw ControlServerError.alreadyStarted }
+
+        // SIGPIPE must not kill the daemon when a client leaves mid-reply.
+        signal(SIGPIPE, SIG_IGN)
+
+        let (serverChannel, boundPath, boundInode) = try await bind()
+        let stop = state.withLock { st in
+            st.listener = serverChannel.channel
+            return st.shuttingDown
+        }
+        if stop { serverChannel.channel.close(promise: nil) }
+        defer { if let boundPath { Self.removeSocketFile(boundPath, inode: boundInode) } }
+
+        logger.info("control socket listening", metadata: ["path": "\(boundPath ?? listenerPathForLogs ?? "fd")"])
+        await onListening(ListeningInfo(path: boundPath ?? listenerPathForLogs))
+
+        try await withTaskCancellationHandler {
+            try await withGracefulShutdownHandler {
+                try await serverChannel.executeThenClose { inbound in
+                    try await withThrowingDiscardingTaskGroup { group in
+                        for try await connection in inbound {
+                            group.addTask { await self.serve(connection) }
+                        }
+                    }
+                }
+            } onGracefulShutdown: {
+                self.shutdown()
+            }
+        } onCancel: {
+            self.shutdown()
+        }
+        logger.info("control socket closed")
+    }
+
+    private var listenerPathForLogs: String? {
+        if case .descriptor(_, let path) = configuration.listener { return path }
+        return nil
+    }
+
+    // MARK: socket setup
+
+    private func bind() async throws -> (NIOAsyncChannel<Connection, Never>, String?, ino_t) {
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 128)
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<Connection> = { channel in
+            channel.eventLoop.makeCompletedFuture { try self.initializeConnection(channel) }
+        }
+        switch configuration.listener {
+        case .descriptor(let fd, _):
+            let ch = try await bootstrap.bind(fd, childChannelInitializer: initializer)
+            return (ch, nil, 0)
+        case .path(let path):
+            try Self.prepareSocketPath(path)
+            let ch = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
+            do {
+                guard chmod(path, mode_t(configuration.socketMode)) == 0 else {
+                    throw ControlServerError.setupFailed(path: path, operation: "chmod", errno: errno)
+                }
+                if let gid = configuration.socketGroup, chown(path, uid_t.max, gid_t(gid)) != 0 {
+                    throw ControlServerError.setupFailed(path: path, operation: "chown", errno: errno)
+                }
+            } catch {
+                try? await ch.channel.close()
+                Self.removeSocketFile(path, inode: nil)
+                throw error
+            }
+            var st = stat()
+            let inode: ino_t = lstat(path, &st) == 0 ? st.st_ino : 0
+            return (ch, path, inode)
+        }
+    }
+
+    /// Creates the parent directory; removes a stale socket file; refuses a live socket or a non-socket.
+    static func prepareSocketPath(_ path: String) throws {
+        let parent = (path as NSString).deletingLastPathComponent
+        if !parent.isEmpty {
+            do {
+                try FileManager.default.createDirectory(
+                    atPath: parent, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+            } catch {
+                throw ControlServerError.setupFailed(path: parent, operation: "mkdir", errno: EACCES)
+            }
+        }
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }  // nothing there
+        guard (st.st_mode & S_IFMT) == S_IFSOCK else { throw ControlServerError.notASocket(path: path) }
+        if let client = try? VarlinkClient(socketPath: path) {
+            client.close()
+            throw ControlServerError.socketInUse(path: path)
+        }
+        guard unlink(path) == 0 || errno == ENOENT else {
+            throw ControlServerError.setupFailed(path: path, operation: "unlink", errno: errno)
+        }
+    }
+
+    /// Removes the socket file if it is still the one this server bound (same inode).
+    static func removeSocketFile(_ path: String, inode: ino_t?) {
+        var st = stat()
+        guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFSOCK else { return }
+        if let inode, inode != 0, st.st_ino != inode { return }
+        unlink(path)
+    }
+
+    // MARK: connections
+
+    /// Runs on the child channel's event loop for each accepted connection.
+    private func initializeConnection(_ channel: any Channel) throws -> Connection {
+        let limit = configuration.maxConnections
+        var isAdmitted = false
+        while true {
+            let current = admitted.load(ordering: .relaxed)
+            if current >= limit { break }
+            if admitted.compareExchange(expected: current, desired: current + 1, ordering: .relaxed).exchanged {
+                isAdmitted = true
+                break
+            }
+        }
+        let id = ObjectIdentifier(channel)
+        let countedAdmission = isAdmitted
+        let closeNow = state.withLock { st in
+            st.connections[id] = channel
+            return st.shuttingDown
+        }
+        channel.closeFuture.whenComplete { _ in
+            if countedAdmission { self.admitted.subtract(1, ordering: .relaxed) }
+            _ = self.state.withLock { $0.connections.removeValue(forKey: id) }
+        }
+        if closeNow { channel.close(promise: nil) }
+
+        let activity = ConnectionActivity()
+        let timeout = isAdmitted ? configuration.idleTimeout : min(configuration.overLimitGrace, configuration.idleTimeout)
+        let ops = channel.pipeline.syncOperations
+        try ops.addHandler(IdleStateHandler(readTimeout: TimeAmount(timeout)))
+        try ops.addHandler(IdleCloseHandler(activity: activity))
+        try ops.addHandler(ByteToMessageHandler(VarlinkFrameNIODecoder(maxMessageSize: configuration.maxMessageSize)))
+        let async = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+        return Connection(channel: async, admitted: isAdmitted, activity: activity)
+    }
+
+    private func serve(_ connection: Connection) async {
+        let channel = connection.channel.channel
+        let peer = await Self.peerCredentials(of: channel)
+        var log = logger
+        log[metadataKey: "peer"] = "\(peer)"
+        do {
+            try await connection.channel.executeThenClose { inbound, outbound in
+                if !connection.admitted {
+                    log.warning("connection refused: too many connections", metadata: ["limit": "\(configuration.maxConnections)"])
+                    var it = inbound.makeAsyncIterator()
+                    if (try? await it.next()) != nil {
+                        try? await outbound.write(Self.frame(VarlinkReply(error: .tooManyConnections(limit: configuration.maxConnections))))
+                    }
+                    return
+                }
+                do {
+                    for try await frame in inbound {
+                        try await self.handleFrame(frame, peer: peer, connection: connection, outbound: outbound, logger: log)
+                    }
+                } catch let error as VarlinkFramingError {
+                    log.notice("closing connection: \(error)")
+                    try? await outbound.write(Self.frame(VarlinkReply(error: .messageTooLarge(limit: configuration.maxMessageSize))))
+                }
+            }
+        } catch {
+            log.debug("connection ended: \(error)")
+        }
+    }
+
+    static func peerCredentials(of channel: any Channel) async -> PeerCredentials {
+        guard let provider = channel as? any SocketOptionProvider else { return .unknown }
+        do {
+            let cred: PeerUCred = try await provider.unsafeGetSocketOption(
+                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED)
+            ).get()
+            var groups: [UInt32] = []
+            // SO_PEERGROUPS (Linux 4.13+); the buffer is zero-filled, so zero entries are padding.
+            if let raw: InlineArray<64, UInt32> = try? await provider.unsafeGetSocketOption(
+                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(59)
+            ).get() {
+                for i in raw.indices where raw[i] != 0 { groups.append(raw[i]) }
+            }
+            return PeerCredentials(pid: cred.pid, uid: cred.uid, gid: cred.gid, groups: groups)
+        } catch {
+            return .unknown
+        }
+    }
+
+    static func frame(_ reply: VarlinkReply) throws -> ByteBuffer {
+        ByteBuffer(bytes: try VarlinkFraming.encode(reply))
+    }
+
+    // MARK: dispatch
+
+    private typealias Outbound = NIOAsyncChannelOutboundWriter<ByteBuffer>
+
+    private func handleFrame(
+        _ frame: ByteBuffer, peer: PeerCredentials, connection: Connection, outbound: Outbound, logger: Logger
+    ) async throws {
+        let call: VarlinkCall
+        do {
+            call = try VarlinkFraming.decodeCall(frame.readableBytesView)
+        } catch {
+            try await outbound.write(Self.frame(VarlinkReply(error: .invalidMessage(Self.describe(error)))))
+            return
+        }
+        connection.activity.begin()
+        defer { connection.activity.end() }
+
+        func reply(_ r: VarlinkReply) async throws {
+            if call.isOneway { return }
+            let buffer: ByteBuffer
+            do {
+                buffer = try Self.frame(r)
+            } catch {
+                logger.error("cannot encode reply to \(call.method): \(error)")
+                buffer = try Self.frame(VarlinkReply(error: .internalError("cannot encode reply: \(error)")))
+            }
+            try await outbound.write(buffer)
+        }
+
+        do {
+            if call.upgrade == true { throw VarlinkError.serviceInvalidParameter("upgrade") }
+            if let denied = configuration.accessPolicy.authorize(method: call.method, peer: peer),
+                isKnownMethod(call.method)
+            {
+                logger.notice("permission denied", metadata: ["method": "\(call.method)"])
+                throw denied
+            }
+            if call.method == ControlMethod.getStatus.qualifiedName && call.wantsMore && !call.isOneway {
+                try await streamStatus(call, peer: peer, channel: connection.channel.channel, outbound: outbound)
+                return
+            }
+            try await reply(dispatch(call, peer: peer))
+        } catch let error as VarlinkError {
+            try await reply(VarlinkReply(error: error))
+        } catch is CancellationError {
+            throw CancellationError()
+        } catch {
+            if !connection.channel.channel.isActive { throw error }
+            logger.error("\(call.method) failed: \(error)")
+            try await reply(VarlinkReply(error: .internalError(Self.describe(error))))
+        }
+    }
+
+    private func isKnownMethod(_ method: String) -> Bool {
+        method == "org.varlink.service.GetInfo" || method == "org.varlink.service.GetInterfaceDescription"
+            || ControlMethod.allCases.contains { $0.qualifiedName == method }
+    }
+
+    private func dispatch(_ call: VarlinkCall, peer: PeerCredentials) async throws -> VarlinkReply {
+        let iface = call.interfaceName
+        switch iface {
+        case ControlInterface.serviceInterfaceName:
+            switch call.memberName {
+            case "GetInfo":
+                _ = try Self.decodeParameters(call, as: EmptyParameters.self)
+                return try VarlinkReply(encoding: VarlinkServiceInfo(
+                    vendor: configuration.vendor, product: configuration.product, version: configuration.version,
+                    url: configuration.url,
+                    interfaces: [ControlInterface.serviceInterfaceName, ControlInterface.name]))
+            case "GetInterfaceDescription":
+                let p = try Self.decodeParameters(call, as: GetInterfaceDescriptionParameters.self)
+                guard let text = ControlInterface.descriptions[p.interface] else {
+                    throw VarlinkError.interfaceNotFound(p.interface)
+                }
+                return try VarlinkReply(encoding: GetInterfaceDescriptionReply(description: text))
+            default:
+                throw VarlinkError.methodNotFound(call.method)
+            }
+        case ControlInterface.name:
+            guard let method = ControlMethod(rawValue: call.memberName) else {
+                throw VarlinkError.methodNotFound(call.method)
+            }
+            let h = handler
+            switch method {
+            case .start:
+                return try VarlinkReply(encoding: await h.start(Self.decodeParameters(call, as: StartParameters.self), peer: peer))
+            case .pause:
+                return try VarlinkReply(encoding: await h.pause(Self.decodeParameters(call, as: PauseParameters.self), peer: peer))
+            case .resume:
+                return try VarlinkReply(encoding: await h.resume(Self.decodeParameters(call, as: ResumeParameters.self), peer: peer))
+            case .getStatus:
+                return try VarlinkReply(encoding: await h.getStatus(Self.decodeParameters(call, as: GetStatusParameters.self), peer: peer))
+            case .list:
+                return try VarlinkReply(encoding: await h.list(Self.decodeParameters(call, as: ListParameters.self), peer: peer))
+            case .set:
+                return try VarlinkReply(encoding: await h.set(Self.decodeParameters(call, as: SetParameters.self), peer: peer))
+            case .commit:
+                return try VarlinkReply(encoding: await h.commit(Self.decodeParameters(call, as: CommitParameters.self), peer: peer))
+            case .remove:
+                return try VarlinkReply(encoding: await h.remove(Self.decodeParameters(call, as: RemoveParameters.self), peer: peer))
+            case .checkMetadata:
+                return try VarlinkReply(
+                    encoding: await h.checkMetadata(Self.decodeParameters(call, as: CheckMetadataParameters.self), peer: peer))
+            }
+        default:
+            throw VarlinkError.interfaceNotFound(iface)
+        }
+    }
+
+    /// `GetStatus` with `more`: one reply per update, `continues` on all but the last. Ends when the
+    /// handler's stream sends a final update or finishes, or when the client goes away.
+    private func streamStatus(
+        _ call: VarlinkCall, peer: PeerCredentials, channel: any Channel, outbound: Outbound
+    ) async throws {
+        let p = try Self.decodeParameters(call, as: GetStatusParameters.self)
+        let updates = try await handler.watchStatus(p, peer: peer)
+        let (closed, closedContinuation) = AsyncStream<Void>.makeStream()
+        channel.closeFuture.whenComplete { _ in closedContinuation.finish() }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                var last: [JobStatus] = []
+                for try await update in updates {
+                    try await outbound.write(Self.frame(try VarlinkReply(
+                        encoding: GetStatusReply(jobs: update.jobs), continues: !update.isFinal)))
+                    if update.isFinal { return }
+                    last = update.jobs
+                }
+                try Task.checkCancellation()
+                // The stream ended without a final update: close the call with the last state.
+                try await outbound.write(Self.frame(try VarlinkReply(encoding: GetStatusReply(jobs: last))))
+            }
+            group.addTask {
+                for await _ in closed {}
+                try Task.checkCancellation()
+                throw CancellationError()  // the client left
+            }
+            defer { closedContinuation.finish() }
+            try await group.next()
+            group.cancelAll()
+        }
+    }
+
+    /// Decodes `call.parameters` as `P`, rejecting unknown, missing or ill-typed parameters with
+    /// `org.varlink.service.InvalidParameter` naming the parameter.
+    static func decodeParameters<P: VarlinkParameters>(_ call: VarlinkCall, as type: P.Type) throws(VarlinkError) -> P {
+        let object: [String: JSONValue]
+        switch call.parameters {
+        case nil, .null?: object = [:]
+        case .object(let o)?: object = o
+        default: throw .serviceInvalidParameter("parameters")
+        }
+        if let unknown = object.keys.sorted().first(where: { !P.parameterNames.contains($0) }) {
+            throw .serviceInvalidParameter(unknown)
+        }
+        do {
+            return try JSONValue.object(object).decode(P.self)
+        } catch let DecodingError.keyNotFound(key, ctx) {
+            throw .serviceInvalidParameter(path(ctx.codingPath + [key]))
+        } catch let DecodingError.typeMismatch(_, ctx) {
+            throw .serviceInvalidParameter(path(ctx.codingPath))
+        } catch let DecodingError.valueNotFound(_, ctx) {
+            throw .serviceInvalidParameter(path(ctx.codingPath))
+        } catch let DecodingError.dataCorrupted(ctx) {
+            throw .serviceInvalidParameter(path(ctx.codingPath))
+        } catch {
+            throw .serviceInvalidParameter("parameters")
+        }
+    }
+
+    private static func path(_ keys: [any CodingKey]) -> String {
+        keys.isEmpty ? "parameters" : keys.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
+    }
+
+    private static func describe(_ error: any Error) -> String {
+        switch error {
+        case DecodingError.dataCorrupted(let ctx):
+            let underlying = (ctx.underlyingError as? NSError)?.debugDescription ?? ""
+            return "malformed JSON: \(ctx.debugDescription) \(underlying)".trimmingCharacters(in: .whitespaces)
+        case DecodingError.keyNotFound(let key, _):
+            return "missing field '\(key.stringValue)'"
+        case DecodingError.typeMismatch(_, let ctx):
+            return "wrong type for '\(path(ctx.codingPath))'"
+        case DecodingError.valueNotFound(_, let ctx):
+            return "null for '\(path(ctx.codingPath))'"
+        default:
+            return "\(error)"
+        }
+    }
+}
+
+/// `struct ucred` of <sys/socket.h> (only visible to C with _GNU_SOURCE): what SO_PEERCRED returns.
+struct PeerUCred: Sendable, BitwiseCopyable {
+    var pid: Int32
+    var uid: UInt32
+    var gid: UInt32
+}
+
+extension TimeAmount {
+    init(_ duration: Duration) {
+        let c = duration.components
+        self = .nanoseconds(c.seconds * 1_000_000_000 + c.attoseconds / 1_000_000_000)
+    }
+}
