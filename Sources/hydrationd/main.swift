@@ -1,2 +1,58 @@
-// The daemon's entry point lives in HydrationService (DaemonCommand); this file stays thin.
-print("hydrationd: not yet wired")
+import ArgumentParser
+import ControlProtocol
+import HydrationService
+import Logging
+
+/// hydrationd: a thin entry point over HydrationService.
+@main
+struct Hydrationd: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "hydrationd",
+        abstract: "Background disk hydration service with commit-gated source discard.",
+        discussion: """
+            Serves the org.hydrationd.Control Varlink interface on a Unix socket; drive it with clonectl.
+            Under systemd it reports readiness (READY=1) once every job is restored and the socket listens,
+            keeps STATUS= current, pings the watchdog and accepts a socket-activated listener.
+            """)
+
+    @Option(help: "State directory (job definitions and default metadata). Default: $STATE_DIRECTORY, /var/lib/hydrationd as root, $XDG_STATE_HOME/hydrationd otherwise.")
+    var stateDir: String = DefaultPaths.stateDirectory()
+
+    @Option(help: "Control socket path. Default: $RUNTIME_DIRECTORY/control.sock, /run/hydrationd/control.sock as root, $XDG_RUNTIME_DIR/hydrationd/control.sock otherwise.")
+    var socket: String = DefaultPaths.socketPath()
+
+    @Option(help: "Group (name or gid) owning the socket; its members may change jobs.")
+    var socketGroup: String?
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    @Option(help: "Threads doing blocking I/O, shared by all jobs.")
+    var ioThreads: Int = 8
+
+    func validate() throws {
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
+        }
+        guard stateDir.hasPrefix("/") else { throw ValidationError("--state-dir must be an absolute path") }
+        guard socket.hasPrefix("/") else { throw ValidationError("--socket must be an absolute path") }
+        guard (1...256).contains(ioThreads) else { throw ValidationError("--io-threads must be between 1 and 256") }
+    }
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "hydrationd")
+        do {
+            try await HydrationDaemon.run(DaemonOptions(stateDirectory: stateDir, socketPath: socket,
+                                                        socketGroup: socketGroup, ioThreads: ioThreads), logger: logger)
+        } catch {
+            logger.critical("hydrationd: \(error)")
+            throw ExitCode(1)
+        }
+    }
+}

@@ -1,0 +1,166 @@
+import ControlProtocol
+import Foundation
+
+/// Implements the control protocol on the daemon's `JobManager`, translating engine errors into
+/// the interface's named Varlink errors at this one edge.
+public struct DaemonControlHandler: ControlHandler {
+    public let manager: JobManager
+    /// How often a watching client (GetStatus with more) gets an update.
+    public var watchInterval: Duration
+
+    public init(manager: JobManager, watchInterval: Duration = .milliseconds(500)) {
+        self.manager = manager
+        self.watchInterval = watchInterval
+    }
+
+    /// One mapping from engine errors to protocol errors.
+    static func varlinkError(_ e: HydrationError, job: String? = nil, path: String? = nil) -> VarlinkError {
+        switch e.code {
+        case .noSuchJob: return .noSuchJob(job ?? "")
+        case .jobExists: return .jobExists(job ?? "")
+        case .jobRunning: return .jobRunning(job ?? "", state: .hydrating)
+        case .invalidParameter, .notFound, .sameDevice, .invalidState:
+            return .invalidParameter(parameterName(for: e), reason: e.message)
+        case .deviceInUse: return .deviceInUse(path: path ?? e.message, job: job ?? "")
+        case .sizeMismatch:
+            var v = VarlinkError.sizeMismatch(sourceBytes: 0, destBytes: 0)
+            v.parameters["message"] = .string(e.message)
+            return v
+        case .metadataCorrupt, .metadataMismatch, .metadataExists:
+            return .metadataCorrupt(path: path ?? "", reason: e.message)
+        case .permissionDenied: return .permissionDenied(method: "", reason: e.message)
+        case .sourceReadFailed, .destWriteFailed, .noSpace, .commitFailed:
+            return .jobFailed(job ?? "", code: e.code.rawValue, message: e.message)
+        case .ioError: return .ioError(path: path, errno: e.errno, message: e.message)
+        }
+    }
+
+    /// Which request parameter an engine validation error concerns, from the message's first word.
+    static func parameterName(for e: HydrationError) -> String {
+        let m = e.message
+        for (prefix, name) in [("source", "source"), ("destination", "dest"), ("dest", "dest"), ("metadata", "metadata"),
+                               ("region size", "region_size"), ("region_size", "region_size"), ("job name", "name"),
+                               ("batch_size", "batch_size"), ("threshold", "threshold"),
+                               ("rate_limit", "rate_limit_bytes_per_second"), ("commit_interval", "commit_interval_ms"),
+                               ("space_budget", "space_budget_bytes")]
+            where m.hasPrefix(prefix) { return name }
+        if e.code == .invalidState || e.code == .notFound { return "name" }
+        return "parameters"
+    }
+
+    private func mapped<T>(job: String?, _ body: () async throws(HydrationError) -> T) async throws -> T {
+        do {
+            return try await body()
+        } catch {
+            throw Self.varlinkError(error, job: job)
+        }
+    }
+
+    public func start(_ p: StartParameters, peer: PeerCredentials) async throws -> StartReply {
+        if p.isResumeOnly {
+            return try await mapped(job: p.name) { () async throws(HydrationError) in
+                StartReply(job: try await manager.resume(p.name), created: false)
+            }
+        }
+        guard let source = p.source else { throw VarlinkError.invalidParameter("source", reason: "required to create a job") }
+        guard let dest = p.dest else { throw VarlinkError.invalidParameter("dest", reason: "required to create a job") }
+        let req = CreateJobRequest(
+            name: p.name, source: source, dest: dest, metadata: p.metadata, regionSize: p.regionSize,
+            discardSource: p.discardSource ?? false, destZeroed: p.destZeroed ?? false, noHydration: p.noHydration ?? false,
+            tunables: TunablesUpdate(threshold: p.threshold, batchSize: p.batchSize,
+                                     rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
+                                     spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs))
+        return try await mapped(job: p.name) { () async throws(HydrationError) in
+            StartReply(job: try await manager.create(req), created: true)
+        }
+    }
+
+    public func pause(_ p: PauseParameters, peer: PeerCredentials) async throws -> JobReply {
+        try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.pause(p.name)) }
+    }
+
+    public func resume(_ p: ResumeParameters, peer: PeerCredentials) async throws -> JobReply {
+        try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.resume(p.name)) }
+    }
+
+    func statuses(_ name: String?) async throws -> [JobStatus] {
+        if let name {
+            return try await mapped(job: name) { () async throws(HydrationError) in [try await manager.status(name)] }
+        }
+        return await manager.statusAll()
+    }
+
+    public func getStatus(_ p: GetStatusParameters, peer: PeerCredentials) async throws -> GetStatusReply {
+        GetStatusReply(jobs: try await statuses(p.name))
+    }
+
+    public func watchStatus(_ p: GetStatusParameters, peer: PeerCredentials) async throws -> AsyncThrowingStream<StatusUpdate, any Error> {
+        let first = try await statuses(p.name)
+        let name = p.name
+        let interval = watchInterval
+        let handler = self
+        return AsyncThrowingStream { continuation in
+            let task = Task {
+                var jobs = first
+                while !Task.isCancelled {
+                    // Named job: ends when it completes or fails. All jobs: runs until the client leaves.
+                    let update = name != nil ? StatusUpdate(jobs: jobs) : StatusUpdate(jobs: jobs, isFinal: false)
+                    continuation.yield(update)
+                    if update.isFinal { break }
+                    try? await Task.sleep(for: interval)
+                    do { jobs = try await handler.statuses(name) } catch {
+                        continuation.finish(throwing: error)
+                        return
+                    }
+                }
+                continuation.finish()
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+
+    public func list(_ p: ListParameters, peer: PeerCredentials) async throws -> ListReply {
+        ListReply(jobs: await manager.statusAll().map(JobSummary.init))
+    }
+
+    public func set(_ p: SetParameters, peer: PeerCredentials) async throws -> JobReply {
+        let update = TunablesUpdate(threshold: p.threshold, batchSize: p.batchSize,
+                                    rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
+                                    spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs)
+        guard !update.isEmpty else { throw VarlinkError.invalidParameter("parameters", reason: "nothing to set") }
+        return try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.set(p.name, update)) }
+    }
+
+    public func commit(_ p: CommitParameters, peer: PeerCredentials) async throws -> JobReply {
+        try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.commit(p.name)) }
+    }
+
+    public func remove(_ p: RemoveParameters, peer: PeerCredentials) async throws -> RemoveReply {
+        try await mapped(job: p.name) { () async throws(HydrationError) in
+            try await manager.remove(p.name, force: p.force ?? false)
+            return RemoveReply()
+        }
+    }
+
+    public func checkMetadata(_ p: CheckMetadataParameters, peer: PeerCredentials) async throws -> CheckMetadataReply {
+        CheckMetadataReply(report: await Self.report(path: p.path, manager: manager))
+    }
+
+    /// A metadata file as the wire reports it: valid with its fields, or invalid with the reasons.
+    public static func report(path: String, manager: JobManager) async -> ControlProtocol.MetadataReport {
+        do {
+            let (h, r) = try await manager.checkMetadata(path)
+            var problems: [String] = []
+            if let other = r.otherSlotProblem { problems.append("superblock slot \(1 - r.superblockSlot): \(other)") }
+            if r.uncommittedPageSlots > 0 { problems.append("\(r.uncommittedPageSlots) page slot(s) from an interrupted commit (ignored)") }
+            return ControlProtocol.MetadataReport(
+                path: path, valid: true, version: Int(h.version), generation: h.generation, jobId: h.jobID,
+                regionSize: h.regionSize, targetSizeBytes: h.targetSize, regionsTotal: h.regionCount,
+                regionsHydrated: h.hydratedCount, discardSource: h.discardSource, destZeroed: h.destZeroed,
+                complete: h.complete, sourcePath: h.source.path, destPath: h.dest.path,
+                createdUnixMs: h.createdUnixMs, committedUnixMs: h.committedUnixMs, problems: problems)
+        } catch {
+            return ControlProtocol.MetadataReport(path: path, valid: false, problems: [error.message])
+        }
+    }
+}
