@@ -267,7 +267,7 @@ import Testing
             try await offPool {
                 let c = try VarlinkClient(socketPath: path)
                 _ = try c.getInfo()
-                Thread.sleep(forTimeInterval: 1.0)
+                Thread.sleep(forTimeInterval: 1.5)
                 let e = #expect(throws: VarlinkClientError.self) { try c.getInfo() }
                 #expect(e == .connectionClosed || e == .closed)
 
