@@ -217,7 +217,9 @@ public final class ControlServer: Service, Sendable {
                 try FileManager.default.createDirectory(
                     atPath: parent, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
             } catch {
-                throw ControlServerError.setupFailed(path: parent, operation: "mkdir", errno: EACCES)
+                let underlying = (error as NSError).userInfo[NSUnderlyingErrorKey] as? NSError
+                let code = underlying?.domain == NSPOSIXErrorDomain ? Int32(underlying!.code) : EIO
+                throw ControlServerError.setupFailed(path: parent, operation: "mkdir", errno: code)
             }
         }
         var st = stat()
