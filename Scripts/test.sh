@@ -14,6 +14,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 python3 -c 'import varlink' 2>/dev/null || python3 -m pip install -q varlink
+python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
 
 swift build --build-tests
 swift test --skip-build 2>&1 | tee /tmp/hydration-test.log
+# Integration tests (systemd user manager, ...) against .build/debug binaries (HYDRATION_BIN_DIR overrides).
+python3 -m pytest Tests/integration -rs 2>&1 | tee /tmp/hydration-integration.log
