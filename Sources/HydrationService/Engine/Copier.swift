@@ -248,9 +248,17 @@ actor Copier {
     private func throttle(bytes: UInt64, limit: UInt64) async {
         rateBytes += bytes
         let due = rateStart + UInt64(Double(rateBytes) / Double(limit) * 1e9)
-        let now = monotonicNanos()
+        var now = monotonicNanos()
         if due > now {
-            try? await Task.sleep(nanoseconds: due - now)
+            // In slices, so that a pause or a new rate is noticed at once even at a low rate.
+            while due > now && !stopRequested && tunables.rateLimitBytesPerSecond == limit {
+                try? await Task.sleep(nanoseconds: min(due - now, 50_000_000))
+                now = monotonicNanos()
+            }
+            if tunables.rateLimitBytesPerSecond != limit {
+                rateStart = now
+                rateBytes = 0
+            }
         } else if now - due > 1_000_000_000 {
             // Idle for a while (paused, or slow disk): do not let a backlog of credit build up.
             rateStart = now
