@@ -166,7 +166,7 @@ final class FakeHandler: ControlHandler {
 }
 
 /// A private directory under /tmp (short: socket paths are limited to 107 bytes).
-final class TempDir: Sendable {
+final class SocketTempDir: Sendable {
     let path: String
     init() throws {
         var template = Array("/tmp/hyd-ctl-XXXXXX".utf8CString)
@@ -182,7 +182,7 @@ func withServer(
     configure: (inout ControlServerConfiguration) -> Void = { _ in },
     _ body: (_ socketPath: String, _ server: ControlServer, _ handler: FakeHandler) async throws -> Void
 ) async throws {
-    let dir = try TempDir()
+    let dir = try SocketTempDir()
     defer { dir.remove() }
     let path = dir.path + "/run/control.sock"
     var config = ControlServerConfiguration(listener: .path(path))

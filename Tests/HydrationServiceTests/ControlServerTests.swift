@@ -389,7 +389,7 @@ import Testing
             try await offPool { _ = try VarlinkClient(socketPath: path).getInfo() }
         }
 
-        let dir = try TempDir()
+        let dir = try SocketTempDir()
         defer { dir.remove() }
         // A stale socket (nobody listening) is replaced.
         let stale = dir.path + "/stale.sock"
@@ -406,7 +406,7 @@ import Testing
     }
 
     @Test func adoptsAnAlreadyListeningDescriptor() async throws {
-        let dir = try TempDir()
+        let dir = try SocketTempDir()
         defer { dir.remove() }
         let path = dir.path + "/activated.sock"
         let fd = try Self.listeningSocket(path)
@@ -425,7 +425,7 @@ import Testing
     }
 
     @Test func gracefulShutdownThroughServiceGroupClosesIdleConnections() async throws {
-        let dir = try TempDir()
+        let dir = try SocketTempDir()
         defer { dir.remove() }
         let path = dir.path + "/g.sock"
         let (listening, cont) = AsyncStream<Void>.makeStream()
