@@ -69,6 +69,7 @@ final class TimingDeviceBox: StorageDevice {
     let box: StatsBox
     init(_ inner: any StorageDevice, box: StatsBox) { self.inner = inner; self.box = box }
     var info: DeviceInfo { inner.info }
+    func close() { inner.close() }
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         let t0 = nowNs()
         defer { let d = nowNs() - t0; box.m.withLock { $0.reads += 1; $0.readNs += d } }
