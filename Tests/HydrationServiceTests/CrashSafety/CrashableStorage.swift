@@ -526,8 +526,13 @@ final class CrashableDevice: StorageDevice {
     func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? {
         try checkOpen(.seek)
         return try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) -> Range<UInt64>? in
-            _ = try storage.record(path, .nextData, offset, 0, [], &s)
+            let seq = try storage.record(path, .nextData, offset, 0, [], &s)
             let f = s.files[path]!
+            // The copier asks where data is from the start of a region it is about to hydrate:
+            // if that region was released, it would take the punched range for a hole.
+            if let sector = f.releasedSector(in: Int(offset)..<Int(offset) + 1) {
+                s.violations.append("op #\(seq): SEEK_DATA of \(path) from \(offset), inside released sector \(sector) (4 KiB region #\(sector * CrashFile.sector / 4096)): a released range would be taken for a hole")
+            }
             guard offset < UInt64(f.data.count) else { return nil }
             guard f.kind == .regularFile else { return offset..<UInt64(f.data.count) }
             let b0 = Int(offset) / CrashFile.block
