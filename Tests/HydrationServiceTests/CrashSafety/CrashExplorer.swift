@@ -184,7 +184,7 @@ enum CrashHarness {
             if let second { s += ", then crash index \(second.point) of the recovery with policy \(second.policy)" }
             s += ": " + failures.joined(separator: "; ")
             if let traceFile {
-                s += "\n  replay: HYDRATION_CRASH_REPLAY=\(traceFile):\(point):\(policy.description) swift test --filter CrashReplay"
+                s += "\n  replay: HYDRATION_CRASH_REPLAY=\(traceFile):\(point):\(policy.description) swift test --filter crashReplay"
             }
             return s
         }
@@ -289,7 +289,10 @@ enum CrashHarness {
 
 /// Counters printed at the end of the suite's tests (shared across tests of this file).
 let crashCounters = Mutex<[String: Int]>([:])
-func countCrash(_ key: String, _ n: Int) { crashCounters.withLock { $0[key, default: 0] += n } }
+func countCrash(_ key: String, _ n: Int) {
+    let total = crashCounters.withLock { c -> Int in c[key, default: 0] += n; return c[key]! }
+    print("[crash-safety] \(key): +\(n), \(total) so far in this run")
+}
 
 /// memcmp: element-wise comparison of large arrays is slow in debug builds.
 func bytesEqual(_ a: [UInt8], _ b: [UInt8], count: Int) -> Bool {

@@ -5,7 +5,7 @@ import Testing
 /// Simulated power loss at every step of a hydration with discard_source: record a run, crash it
 /// at every mutation boundary under several survival policies (plus seeded second crashes during
 /// recovery, and live crashes at random points), recover, finish, check.
-@Suite(.serialized) struct CrashExplorerTests {
+@Suite(.serialized) struct CrashSafetyExplorerTests {
     let io = IOExecutor(threads: 2)
 
     /// Distinct crash states the normal run must recover from.
@@ -142,7 +142,7 @@ import Testing
 }
 
 /// The simulated disk itself: the model the explorer relies on must behave as documented.
-@Suite struct CrashableStorageModelTests {
+@Suite struct CrashSafetyStorageModelTests {
     func fresh() throws -> (CrashableStorage, any StorageDevice) {
         let s = CrashableStorage()
         s.addFile("/f", data: [UInt8](repeating: 7, count: 8192))

@@ -85,7 +85,7 @@ import Glibc
         // The metadata is intact: once the disk heals, the job resumes and finishes.
         s.storage.setFault(nil)
         try await finishAndCheck(s, "after source EIO")
-        countCrash("faults", s.storage.faultsInjected)
+        countCrash("faults injected", s.storage.faultsInjected)
         print("source read EIO: \(attempts) failed reads, job failed with \(e.code.rawValue) errno \(e.errno ?? 0) region \(e.region ?? -1), then resumed to completion")
     }
 
@@ -104,7 +104,7 @@ import Glibc
                 "status error should name region \(bad): \(st.error?.message ?? "nil")")
         s.storage.setFault(nil)
         await s.job.close()
-        countCrash("faults", s.storage.faultsInjected)
+        countCrash("faults injected", s.storage.faultsInjected)
     }
 
     @Test func transientSourceEIOIsRetriedAndHydrationCompletes() async throws {
@@ -118,7 +118,7 @@ import Glibc
         }
         try await finishAndCheck(s, "transient EIO")
         #expect(failures.value == 3, "two failures, then the retry succeeded")
-        countCrash("faults", s.storage.faultsInjected)
+        countCrash("faults injected", s.storage.faultsInjected)
     }
 
     // MARK: destination write
@@ -139,7 +139,7 @@ import Glibc
         #expect(!(s.storage.file(Self.src)!.released[bad * Self.rs / 512]))
         s.storage.setFault(nil)
         try await finishAndCheck(s, "after dest EIO")
-        countCrash("faults", s.storage.faultsInjected)
+        countCrash("faults injected", s.storage.faultsInjected)
     }
 
     // MARK: ENOSPC
@@ -161,7 +161,7 @@ import Glibc
         s.storage.setFault(nil)  // space freed
         try await finishAndCheck(s, "after ENOSPC")
         #expect(await s.job.lastError == nil)
-        countCrash("faults", s.storage.faultsInjected)
+        countCrash("faults injected", s.storage.faultsInjected)
         print("dest ENOSPC: paused with NoSpace after \(st.regions.hydrated)/\(st.regions.total) regions, resumed to completion")
     }
 
@@ -205,7 +205,7 @@ import Glibc
             let r = await CrashHarness.recover(s.storage.snapshotNow.materialize(policy), s.sc, io: io)
             #expect(r.failures.isEmpty, "\(label), restart with \(policy): \(r.failures)")
         }
-        countCrash("faults", s.storage.faultsInjected)
+        countCrash("faults injected", s.storage.faultsInjected)
         print("\(label) EIO: job failed, metadata \(st.metadata.mode.rawValue), no discard after it; restart recovered under 3 crash policies")
     }
 
@@ -227,7 +227,7 @@ import Glibc
         let dest = s.storage.file(Self.dst)!.data
         #expect(bytesEqual(dest, s.sc.image, count: s.sc.image.count))
         #expect(s.storage.file(Self.src)!.allocatedBlocks == before, "nothing was released")
-        countCrash("faults", s.storage.faultsInjected)
+        countCrash("faults injected", s.storage.faultsInjected)
         print("discard EOPNOTSUPP: \(releases) failed discards counted, hydration complete")
     }
 }

@@ -60,7 +60,7 @@ struct MetaFixture {
     }
 }
 
-@Suite struct MetadataCorruptionTests {
+@Suite struct CrashSafetyMetadataCorruptionTests {
     /// One bit flipped (bit i % 8), then the whole byte inverted, at every byte of both
     /// superblocks: the damaged copy is never used; the other valid copy opens, exactly.
     @Test func bitFlipsAtEveryByteOfBothSuperblocks() throws {
@@ -89,7 +89,7 @@ struct MetaFixture {
                 }
             }
         }
-        countCrash("faults", cases)
+        countCrash("faults injected", cases)
         print("superblock bit flips: \(cases) cases; opened the other valid copy \(opened.values.reduce(0, +)) times (generations \(opened)), refused \(refused)")
         #expect(cases == 2 * 4096 * 2)
     }
@@ -125,7 +125,7 @@ struct MetaFixture {
                 if len == fx.file.data.count { Issue.record("the intact file was refused: \(e)") }
             }
         }
-        countCrash("faults", cases)
+        countCrash("faults injected", cases)
         print("metadata truncation: \(cases) lengths; opened a committed generation \(opened), refused \(refused) (\(reasons))")
         #expect(opened > 0 && refused > 0)
     }

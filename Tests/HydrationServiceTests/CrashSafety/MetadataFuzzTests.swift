@@ -126,7 +126,7 @@ enum MetadataFuzz {
     }
 }
 
-@Suite struct MetadataFuzzTests {
+@Suite struct CrashSafetyMetadataFuzzTests {
     /// Random, bit-flipped and structure-aware (re-checksummed) metadata files: every one gives
     /// a clean MetadataError or a self-consistent state; none crashes the process.
     @Test func fuzzMetadataParser() async throws {
@@ -141,7 +141,7 @@ enum MetadataFuzz {
             if let s = FileManager.default.contents(atPath: MetadataFuzz.summaryFile) {
                 print(String(decoding: s, as: UTF8.self))
                 let total = MetadataFuzz.cases.random + MetadataFuzz.cases.flips + MetadataFuzz.cases.pages + MetadataFuzz.cases.fields
-                countCrash("faults", total)
+                countCrash("faults injected", total)
                 break
             }
             let last = FileManager.default.contents(atPath: MetadataFuzz.progressFile).map { String(decoding: $0, as: UTF8.self) } ?? "?"
