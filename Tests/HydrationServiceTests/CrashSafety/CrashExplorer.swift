@@ -277,7 +277,8 @@ enum CrashHarness {
 
     /// Writes the recorded run where a replay can read it.
     static func dumpTrace(_ run: RecordedRun) -> String? {
-        let path = "/tmp/hydration-crash-seed\(run.seed)-\(getpid()).json"
+        let n = dumpCounter.withLock { c -> Int in c += 1; return c }
+        let path = "/tmp/hydration-crash-seed\(run.seed)-\(getpid())-\(n).json"
         guard let data = try? JSONEncoder().encode(run) else { return nil }
         return FileManager.default.createFile(atPath: path, contents: data) ? path : nil
     }
@@ -286,6 +287,8 @@ enum CrashHarness {
         try JSONDecoder().decode(RecordedRun.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
     }
 }
+
+let dumpCounter = Mutex<Int>(0)
 
 /// Counters printed at the end of the suite's tests (shared across tests of this file).
 let crashCounters = Mutex<[String: Int]>([:])

@@ -122,7 +122,7 @@ import Testing
     #endif
 
     /// Replays one crash state from a dumped trace:
-    /// HYDRATION_CRASH_REPLAY=/tmp/hydration-crash-seedS-PID.json:INDEX:POLICY
+    /// HYDRATION_CRASH_REPLAY=/tmp/hydration-crash-seedS-PID-N.json:INDEX:POLICY
     @Test(.enabled(if: ProcessInfo.processInfo.environment["HYDRATION_CRASH_REPLAY"] != nil))
     func crashReplay() async throws {
         let spec = ProcessInfo.processInfo.environment["HYDRATION_CRASH_REPLAY"]!.split(separator: ":").map(String.init)
