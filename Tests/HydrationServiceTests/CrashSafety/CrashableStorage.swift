@@ -1,0 +1,556 @@
+import Synchronization
+@testable import HydrationService
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// A simulated disk with a volatile write cache, for the crash-safety harness.
+//
+// Model (see docs/reliability.md, "The crash model"):
+// - Each file has a *durable image* and the list of mutating operations (writes, punches,
+//   discards) issued since that file's last completed sync: its *pending* operations. Reads see
+//   the current view (durable + pending, as a page cache would show them).
+// - A completed `sync` of a file makes its pending operations durable. A *failed* sync drops them
+//   from the pending list without making them durable (the kernel marks the pages clean after a
+//   writeback error), so a later sync that succeeds does not rescue them ("fsyncgate").
+// - A power loss keeps any subset of the pending operations (of all files) chosen by a
+//   `CrashPolicy`; kept writes may be torn at 512-byte granularity, kept punches at 4 KiB.
+//   Kept operations are applied in program order: for operations on different sectors that is the
+//   same as any reordering; for the same sector it yields every version the sector could hold.
+// - The source never receives writes from the engine, only releases (punches); a released sector
+//   is remembered (a ghost bit carried through crashes), and any later read that touches one is
+//   recorded as a violation: the engine read data it had already given away.
+// - File creation and sizes: files exist durably from creation (directory entries are not
+//   modelled); a dropped write past the end of file leaves the file shorter.
+
+/// One file as the simulated disk holds it.
+struct CrashFile: Sendable, Equatable, Codable {
+    var data: [UInt8]
+    var kind: DeviceKind
+    var inode: UInt64
+    /// Per 4 KiB block: allocated (for SEEK_DATA/SEEK_HOLE and space accounting).
+    var allocated: [Bool]
+    /// Per 512-byte sector: a release (discard/punch) of this sector has reached this image.
+    var released: [Bool]
+
+    static let block = 4096
+    static let sector = 512
+
+    init(data: [UInt8], kind: DeviceKind = .regularFile, inode: UInt64, holesWhereZero: Bool = true) {
+        self.data = data
+        self.kind = kind
+        self.inode = inode
+        let blocks = (data.count + Self.block - 1) / Self.block
+        allocated = (0..<blocks).map { b in
+            let lo = b * Self.block, hi = min(data.count, lo + Self.block)
+            return !holesWhereZero || data[lo..<hi].contains { $0 != 0 }
+        }
+        released = [Bool](repeating: false, count: (data.count + Self.sector - 1) / Self.sector)
+    }
+
+    var allocatedBlocks: Int { allocated.reduce(0) { $0 + ($1 ? 1 : 0) } }
+
+    mutating func grow(to size: Int) {
+        guard size > data.count else { return }
+        data.append(contentsOf: [UInt8](repeating: 0, count: size - data.count))
+        let blocks = (size + Self.block - 1) / Self.block
+        if allocated.count < blocks { allocated.append(contentsOf: [Bool](repeating: false, count: blocks - allocated.count)) }
+        let sectors = (size + Self.sector - 1) / Self.sector
+        if released.count < sectors { released.append(contentsOf: [Bool](repeating: false, count: sectors - released.count)) }
+    }
+
+    /// `keep[i]` says whether chunk i (aligned to `granularity`) of the operation reaches the image.
+    mutating func apply(_ op: CrashOp, keep: [Bool]? = nil) {
+        switch op.kind {
+        case .write:
+            for (i, c) in chunks(offset: op.offset, length: op.length, granularity: UInt64(Self.sector)).enumerated()
+            where keep?[i] ?? true {
+                let lo = Int(c.lowerBound), hi = Int(c.upperBound)
+                grow(to: hi)
+                let plo = lo - Int(op.offset), phi = hi - Int(op.offset)
+                data.withUnsafeMutableBytes { dst in
+                    op.payload.withUnsafeBytes { src in
+                        (dst.baseAddress! + lo).copyMemory(from: src.baseAddress! + plo, byteCount: phi - plo)
+                    }
+                }
+                for b in lo / Self.block...(hi - 1) / Self.block { allocated[b] = true }
+            }
+        case .release, .zeroOut:
+            for (i, c) in chunks(offset: op.offset, length: op.length, granularity: UInt64(Self.block)).enumerated()
+            where keep?[i] ?? true {
+                let lo = Int(c.lowerBound), hi = min(Int(c.upperBound), data.count)
+                guard lo < hi else { continue }
+                data.withUnsafeMutableBytes { raw in _ = memset(raw.baseAddress! + lo, 0, hi - lo) }
+                if lo % Self.block == 0 && (c.upperBound - c.lowerBound == UInt64(Self.block) || Int(c.upperBound) >= data.count) {
+                    allocated[lo / Self.block] = false
+                }
+                if op.kind == .release {
+                    for s in lo / Self.sector...(hi - 1) / Self.sector { released[s] = true }
+                }
+            }
+        default:
+            break
+        }
+    }
+
+    /// Sectors in `range` that were released, if any.
+    func releasedSector(in range: Range<Int>) -> Int? {
+        let hi = min(range.upperBound, data.count)
+        guard range.lowerBound < hi else { return nil }
+        for s in range.lowerBound / Self.sector...(hi - 1) / Self.sector where released[s] { return s }
+        return nil
+    }
+}
+
+/// `offset..<offset+length` split at multiples of `granularity`.
+func chunks(offset: UInt64, length: UInt64, granularity: UInt64) -> [Range<UInt64>] {
+    var out: [Range<UInt64>] = []
+    var at = offset
+    let end = offset + length
+    while at < end {
+        let next = min(end, (at / granularity + 1) * granularity)
+        out.append(at..<next)
+        at = next
+    }
+    return out
+}
+
+enum CrashOpKind: String, Sendable, Codable {
+    case read, write, sync, release, zeroOut, nextData, syncDirectory
+    var isMutation: Bool { self == .write || self == .release || self == .zeroOut || self == .sync }
+}
+
+/// One storage call as the simulated disk saw it. Mutations carry their payload so that a trace
+/// can be replayed to any point.
+struct CrashOp: Sendable, Codable, CustomStringConvertible {
+    var seq: Int
+    var path: String
+    var kind: CrashOpKind
+    var offset: UInt64
+    var length: UInt64
+    var payload: [UInt8] = []
+    /// Non-zero when the call failed (injected fault or dead process); it had no effect.
+    var errno: Int32 = 0
+
+    var description: String {
+        "#\(seq) \(kind.rawValue) \(path) [\(offset), +\(length))" + (errno != 0 ? " -> \(errnoSymbol(errno))" : "")
+    }
+}
+
+/// What a power loss has to work with: each file's durable image and every pending mutation.
+struct CrashSnapshot: Sendable, Codable {
+    var durable: [String: CrashFile]
+    /// Pending writes/punches of every file, in issue order.
+    var pending: [CrashOp]
+}
+
+/// Which pending operations survive a power loss.
+enum CrashPolicy: Sendable, Codable, Hashable, CustomStringConvertible {
+    /// Only what was synced survives (RocksDB's fault-injection env).
+    case dropAll
+    /// Everything issued survives (a process kill without power loss: the page cache is written back).
+    case keepAll
+    /// The worst case of the seed thread: every source discard and metadata write survives,
+    /// every unsynced destination write is lost.
+    case adversarial(dest: String)
+    /// A seeded subset: each operation kept with a seeded probability, some kept writes torn.
+    case random(seed: UInt64)
+    /// In-order write-back: a seeded prefix of the pending operations survives, the next one torn.
+    case prefix(seed: UInt64)
+
+    var description: String {
+        switch self {
+        case .dropAll: return "dropAll"
+        case .keepAll: return "keepAll"
+        case .adversarial: return "adversarial"
+        case .random(let s): return "random(\(s))"
+        case .prefix(let s): return "prefix(\(s))"
+        }
+    }
+}
+
+extension CrashSnapshot {
+    /// The files after a power loss under `policy`.
+    func materialize(_ policy: CrashPolicy) -> [String: CrashFile] {
+        var files = durable
+        func tearMask(_ op: CrashOp, _ rng: inout SeededRandom) -> [Bool] {
+            let g = UInt64(op.kind == .write ? CrashFile.sector : CrashFile.block)
+            let n = chunks(offset: op.offset, length: op.length, granularity: g).count
+            switch rng.next() % 3 {
+            case 0:  // a prefix reached the media
+                let k = Int(rng.next() % UInt64(n + 1))
+                return (0..<n).map { $0 < k }
+            case 1:  // a suffix
+                let k = Int(rng.next() % UInt64(n + 1))
+                return (0..<n).map { $0 >= k }
+            default: // any sectors
+                return (0..<n).map { _ in rng.next() & 1 == 0 }
+            }
+        }
+        switch policy {
+        case .dropAll:
+            break
+        case .keepAll:
+            for op in pending { files[op.path]?.apply(op) }
+        case .adversarial(let dest):
+            for op in pending where op.path != dest { files[op.path]?.apply(op) }
+        case .random(let seed):
+            var rng = SeededRandom(seed: seed)
+            let p = [0.2, 0.5, 0.8, 0.95][Int(rng.next() % 4)]
+            for op in pending {
+                guard Double(rng.next() % 1_000_000) / 1_000_000 < p else { continue }
+                if rng.next() % 5 == 0 {
+                    files[op.path]?.apply(op, keep: tearMask(op, &rng))
+                } else {
+                    files[op.path]?.apply(op)
+                }
+            }
+        case .prefix(let seed):
+            var rng = SeededRandom(seed: seed)
+            let k = pending.isEmpty ? 0 : Int(rng.next() % UInt64(pending.count + 1))
+            for op in pending[0..<k] { files[op.path]?.apply(op) }
+            if k < pending.count { files[pending[k].path]?.apply(pending[k], keep: tearMask(pending[k], &rng)) }
+        }
+        return files
+    }
+
+    /// A short fingerprint of the pending set, for messages.
+    var summary: String {
+        var byPath: [String: Int] = [:]
+        for op in pending { byPath[op.path, default: 0] += 1 }
+        return byPath.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value) pending" }.joined(separator: ", ")
+    }
+}
+
+/// Rebuilds the crash snapshot at every point of a recorded trace (dm-log-writes style replay):
+/// start from the snapshot taken when recording began, then apply mutations one at a time.
+struct TraceReplayer {
+    private(set) var durable: [String: CrashFile]
+    private(set) var pending: [String: [CrashOp]]
+    let mutations: [CrashOp]
+    private(set) var position = 0
+
+    init(base: CrashSnapshot, trace: [CrashOp]) {
+        durable = base.durable
+        pending = [:]
+        for op in base.pending { pending[op.path, default: []].append(op) }
+        mutations = trace.filter { $0.kind.isMutation && $0.errno == 0 || $0.kind == .sync }
+    }
+
+    var count: Int { mutations.count }
+
+    /// Applies mutation `position` (the crash point moves past it).
+    mutating func advance() {
+        let op = mutations[position]
+        position += 1
+        if op.kind == .sync {
+            let ops = pending[op.path] ?? []
+            pending[op.path] = []
+            // A failed sync drops the pending pages without making them durable.
+            if op.errno == 0 { for o in ops { durable[op.path]?.apply(o) } }
+        } else {
+            pending[op.path, default: []].append(op)
+        }
+    }
+
+    /// The snapshot if the power failed just before mutation `position`.
+    var snapshot: CrashSnapshot {
+        CrashSnapshot(durable: durable, pending: pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
+    }
+}
+
+/// The simulated disk. Thread-safe; every call is linearised by one lock, which gives the total
+/// order of the trace.
+final class CrashableStorage: StorageProvider {
+    struct State {
+        var files: [String: CrashFile] = [:]
+        var durable: [String: CrashFile] = [:]
+        var pending: [String: [CrashOp]] = [:]
+        var trace: [CrashOp] = []
+        var traceStart = 0
+        var baseline: CrashSnapshot? = nil
+        var mutations = 0
+        var violations: [String] = []
+        var locked: Set<String> = []
+        var nextInode: UInt64 = 100
+        var closed: Set<ObjectIdentifier> = []
+        /// Live crash: the process dies when this many mutations have been issued.
+        var crashAtMutation: Int? = nil
+        var crashSnapshot: CrashSnapshot? = nil
+        var fault: (@Sendable (CrashOp) -> Int32?)? = nil
+        var faultsInjected = 0
+    }
+
+    let state = Mutex(State())
+
+    init() {}
+
+    /// A fresh disk holding crashed images: everything durable, nothing pending (the machine rebooted).
+    init(files: [String: CrashFile]) {
+        state.withLock { s in
+            s.files = files
+            s.durable = files
+            s.nextInode = (files.values.map(\.inode).max() ?? 100) + 1
+        }
+    }
+
+    func addFile(_ path: String, data: [UInt8], kind: DeviceKind = .regularFile, holes: [Range<Int>]? = nil) {
+        state.withLock { s in
+            s.nextInode += 1
+            var f = CrashFile(data: data, kind: kind, inode: s.nextInode, holesWhereZero: holes == nil)
+            if let holes {
+                for h in holes where !h.isEmpty {
+                    for b in h.lowerBound / CrashFile.block...(h.upperBound - 1) / CrashFile.block
+                    where b * CrashFile.block >= h.lowerBound && min((b + 1) * CrashFile.block, data.count) <= h.upperBound {
+                        f.allocated[b] = false
+                    }
+                }
+            }
+            s.files[path] = f
+            s.durable[path] = f
+        }
+    }
+
+    // MARK: inspection
+
+    func file(_ path: String) -> CrashFile? { state.withLock { $0.files[path] } }
+    var trace: [CrashOp] { state.withLock { Array($0.trace[$0.traceStart...]) } }
+    var fullTrace: [CrashOp] { state.withLock { $0.trace } }
+    var violations: [String] { state.withLock { $0.violations } }
+    var faultsInjected: Int { state.withLock { $0.faultsInjected } }
+    var mutationCount: Int { state.withLock { $0.mutations } }
+    func setFault(_ f: (@Sendable (CrashOp) -> Int32?)?) { state.withLock { $0.fault = f } }
+
+    /// The current durable images and pending operations.
+    var snapshotNow: CrashSnapshot {
+        state.withLock { s in CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq }) }
+    }
+
+    /// Starts the trace here: `baseline` is the snapshot replays begin from.
+    func beginTrace() {
+        state.withLock { s in
+            s.traceStart = s.trace.count
+            s.baseline = CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
+        }
+    }
+
+    var baseline: CrashSnapshot? { state.withLock { $0.baseline } }
+
+    /// Live crash: the process dies just before its `n`-th mutation (counted from now). Every later
+    /// call fails; `crashedSnapshot` holds the state at that moment.
+    func armCrash(afterMutations n: Int) { state.withLock { $0.crashAtMutation = $0.mutations + n } }
+    var crashedSnapshot: CrashSnapshot? { state.withLock { $0.crashSnapshot } }
+
+    /// Kills the process now.
+    func crashNow() {
+        state.withLock { s in
+            if s.crashSnapshot == nil {
+                s.crashSnapshot = CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
+            }
+        }
+    }
+
+    // MARK: StorageProvider
+
+    func info(_ path: String, _ f: CrashFile) -> DeviceInfo {
+        DeviceInfo(path: path,
+                   identity: f.kind == .regularFile
+                       ? DeviceIdentity(kind: .regularFile, device: 1, inode: f.inode, rdev: 0)
+                       : DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: f.inode),
+                   size: UInt64(f.data.count), logicalBlockSize: 512)
+    }
+
+    func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
+        try state.withLock { (s: inout State) throws(StorageError) -> any StorageDevice in
+            if s.crashSnapshot != nil { throw StorageError(.open, path: path, errno: EIO) }
+            if s.files[path] == nil {
+                switch mode {
+                case .destination(let size?):
+                    s.nextInode += 1
+                    var f = CrashFile(data: [UInt8](repeating: 0, count: Int(size)), inode: s.nextInode)
+                    f.allocated = f.allocated.map { _ in false }
+                    s.files[path] = f
+                    s.durable[path] = f
+                case .metadata(create: true):
+                    s.nextInode += 1
+                    let f = CrashFile(data: [], inode: s.nextInode)
+                    s.files[path] = f
+                    s.durable[path] = f
+                default:
+                    throw StorageError(.open, path: path, errno: ENOENT)
+                }
+            } else if case .metadata(create: true) = mode {
+                throw StorageError(.create, path: path, errno: EEXIST)
+            }
+            var exclusive = false
+            switch mode {
+            case .source, .destination:
+                if s.locked.contains(path) { throw StorageError(.lock, path: path, errno: EBUSY) }
+                s.locked.insert(path)
+                exclusive = true
+            default: break
+            }
+            return CrashableDevice(storage: self, path: path, info: info(path, s.files[path]!), exclusive: exclusive)
+        }
+    }
+
+    func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
+        state.withLock { s in s.files[path].map { info(path, $0) } }
+    }
+
+    func syncDirectory(containing path: String) throws(StorageError) {
+        try state.withLock { (s: inout State) throws(StorageError) in
+            _ = try record(path, .syncDirectory, 0, 0, [], &s)
+        }
+    }
+
+    func unlock(_ path: String) { state.withLock { _ = $0.locked.remove(path) } }
+
+    /// Records a call and decides its fate: the process may be dead, or a fault injected. Returns
+    /// the recorded op's index in the trace.
+    func record(_ path: String, _ kind: CrashOpKind, _ offset: UInt64, _ length: UInt64, _ payload: [UInt8],
+                _ s: inout State) throws(StorageError) -> Int {
+        let operation: StorageError.Operation
+        switch kind {
+        case .read: operation = .read
+        case .write: operation = .write
+        case .sync: operation = .sync
+        case .release: operation = .release
+        case .zeroOut: operation = .zeroOut
+        case .nextData: operation = .seek
+        case .syncDirectory: operation = .syncDirectory
+        }
+        var op = CrashOp(seq: s.trace.count, path: path, kind: kind, offset: offset, length: length,
+                         payload: kind == .write ? payload : [])
+        if s.crashSnapshot == nil, kind.isMutation, let at = s.crashAtMutation, s.mutations >= at {
+            s.crashSnapshot = CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
+        }
+        if s.crashSnapshot != nil {
+            // The process is dead: nothing reaches the disk any more.
+            throw StorageError(operation, path: path, errno: EIO, offset: offset, length: length)
+        }
+        if let fault = s.fault, let e = fault(op) {
+            op.errno = e
+            op.payload = []
+            s.trace.append(op)
+            s.faultsInjected += 1
+            if kind == .sync {
+                // The kernel drops the dirty pages after a writeback error: they never become
+                // durable, and a later sync will not bring them back.
+                s.pending[path] = []
+            }
+            throw StorageError(operation, path: path, errno: e, offset: offset, length: length)
+        }
+        if kind.isMutation { s.mutations += 1 }
+        s.trace.append(op)
+        return op.seq
+    }
+}
+
+/// An open simulated file.
+final class CrashableDevice: StorageDevice {
+    let storage: CrashableStorage
+    let path: String
+    let info: DeviceInfo
+    let exclusive: Bool
+    private let isClosed = Atomic<Bool>(false)
+
+    init(storage: CrashableStorage, path: String, info: DeviceInfo, exclusive: Bool) {
+        self.storage = storage; self.path = path; self.info = info; self.exclusive = exclusive
+    }
+
+    deinit { if exclusive && !isClosed.load(ordering: .relaxed) { storage.unlock(path) } }
+
+    private func checkOpen(_ op: StorageError.Operation) throws(StorageError) {
+        if isClosed.load(ordering: .relaxed) { throw StorageError(op, path: path, errno: EBADF) }
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        try checkOpen(.read)
+        try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
+            let seq = try storage.record(path, .read, offset, UInt64(buffer.count), [], &s)
+            let f = s.files[path]!
+            if let sector = f.releasedSector(in: Int(offset)..<Int(offset) + buffer.count) {
+                s.violations.append("op #\(seq): read of \(path) [\(offset), +\(buffer.count)) touches released sector \(sector) (byte \(sector * CrashFile.sector), region of 4 KiB #\(sector * CrashFile.sector / 4096))")
+            }
+            let n = max(0, min(buffer.count, f.data.count - Int(offset)))
+            if n > 0 {
+                f.data.withUnsafeBytes { src in
+                    buffer.baseAddress!.copyMemory(from: src.baseAddress! + Int(offset), byteCount: n)
+                }
+            }
+            if n < buffer.count {
+                (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - n)
+            }
+        }
+    }
+
+    private func mutate(_ kind: CrashOpKind, _ offset: UInt64, _ length: UInt64, _ payload: [UInt8]) throws(StorageError) {
+        try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
+            if kind == .write && info.identity.kind == .blockDevice && Int(offset + length) > s.files[path]!.data.count {
+                throw StorageError(.write, path: path, errno: ENOSPC, offset: offset)
+            }
+            let seq = try storage.record(path, kind, offset, length, payload, &s)
+            let op = s.trace[seq]
+            s.files[path]!.apply(op)
+            s.pending[path, default: []].append(op)
+        }
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        try checkOpen(.write)
+        try mutate(.write, offset, UInt64(buffer.count), [UInt8](buffer))
+    }
+
+    func sync() throws(StorageError) {
+        try checkOpen(.sync)
+        try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
+            _ = try storage.record(path, .sync, 0, 0, [], &s)
+            let ops = s.pending[path] ?? []
+            s.pending[path] = []
+            for o in ops { s.durable[path]!.apply(o) }
+        }
+    }
+
+    func release(offset: UInt64, length: UInt64) throws(StorageError) {
+        try checkOpen(.release)
+        try mutate(.release, offset, length, [])
+    }
+
+    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
+        try checkOpen(.zeroOut)
+        try mutate(.zeroOut, offset, length, [])
+    }
+
+    func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? {
+        try checkOpen(.seek)
+        return try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) -> Range<UInt64>? in
+            let seq = try storage.record(path, .nextData, offset, 0, [], &s)
+            let f = s.files[path]!
+            // The copier asks where data is from the start of a region it is about to hydrate:
+            // if that region was released, it would take the punched range for a hole.
+            if let sector = f.releasedSector(in: Int(offset)..<Int(offset) + 1) {
+                s.violations.append("op #\(seq): SEEK_DATA of \(path) from \(offset), inside released sector \(sector) (4 KiB region #\(sector * CrashFile.sector / 4096)): a released range would be taken for a hole")
+            }
+            guard offset < UInt64(f.data.count) else { return nil }
+            guard f.kind == .regularFile else { return offset..<UInt64(f.data.count) }
+            let b0 = Int(offset) / CrashFile.block
+            guard let first = (b0..<f.allocated.count).first(where: { f.allocated[$0] }) else { return nil }
+            let end = (first..<f.allocated.count).first(where: { !f.allocated[$0] }) ?? f.allocated.count
+            let lo = max(offset, UInt64(first * CrashFile.block))
+            let hi = min(UInt64(end * CrashFile.block), UInt64(f.data.count))
+            return lo < hi ? lo..<hi : nil
+        }
+    }
+
+    func dropCache(offset: UInt64, length: UInt64) {}
+
+    func allocatedBytes() -> UInt64? {
+        storage.file(path).map { UInt64($0.allocatedBlocks * CrashFile.block) }
+    }
+
+    func close() {
+        if !isClosed.exchange(true, ordering: .relaxed), exclusive { storage.unlock(path) }
+    }
+}
