@@ -81,7 +81,12 @@ import Testing
             var new = old
             for r in newRanges { new.set(r) }
             let got = reopened.committedMap
-            #expect(got == old || got == new, "fail at op \(failAt)")
+            // Never less than the old state, never more than the new one (pages of an interrupted
+            // commit are adopted: their regions were synced on the destination first).
+            var union = got
+            for r in old.setRanges() { union.set(r) }
+            #expect(union == got, "fail at op \(failAt): committed regions lost")
+            for r in got.setRanges() { for i in r { #expect(new[i], "fail at op \(failAt): region \(i) appeared") ; if !new[i] { break } } }
             // The store stays usable after recovery.
             try reopened.commit([500..<501], nowMs: 5)
         }
@@ -113,37 +118,69 @@ import Testing
         let sim2 = SimulatedStorage()
         sim2.addFile("/meta", data: torn)
         let (reopened, _) = try MetadataStore.open(path: "/meta", storage: sim2)
-        let block = blockOffset..<(blockOffset + MetadataFormat.blockSize)
-        if torn[block] == fresh[block] && target == "superblock" {
-            // That half did not change: the "torn" superblock is the whole new one.
-            #expect(reopened.committedMap == new)
+        let got = reopened.committedMap
+        // Never less than the old state, never more than the new one.
+        for r in old.setRanges() { #expect(got.count(in: r) == r.count) }
+        for r in got.setRanges() { #expect(new.count(in: r) == r.count) }
+        if target == "superblock" {
+            // Every page of generation 3 is intact and synced: all adopted, whatever the superblock.
+            #expect(got == new)
         } else {
-            #expect(reopened.committedMap == old)
-            #expect(reopened.header.generation == 2)
+            // The torn page (regions 10..<20) fails its checksum and is not adopted (unless the
+            // torn half did not change, and so the page is whole); the intact page of the same
+            // commit (region 35,000) is.
+            let pageBlock = blockOffset..<(blockOffset + MetadataFormat.blockSize)
+            #expect(got[10] == (torn[pageBlock] == fresh[pageBlock]))
+            #expect(got[35_000])
         }
     }
 
-    @Test func uncommittedPageVersionsAreWipedAndNeverAdopted() throws {
+    @Test func interruptedCommitPagesAreAdoptedSafely() throws {
         let sim = SimulatedStorage()
         let size: UInt64 = 1000 * Self.regionSize
         let store = try MetadataStore.create(path: "/meta", options: options(size: size), storage: sim, nowMs: 1)
         try store.commit([0..<10], nowMs: 2)
-        let beforeCrash = sim.contents("/meta")!
-        // Commit 3 reaches the page write and its sync, then "crashes" before the superblock.
+        // Commit 3 writes its page and syncs, then "crashes" before the superblock.
         let start = sim.log.count
         sim.setFault { op in op.seq == start + 2 ? 5 : nil }
         #expect(throws: MetadataError.self) { try store.commit([10..<500], nowMs: 3) }
         sim.setFault(nil)
-        #expect(sim.contents("/meta")! != beforeCrash)
+        // A read-only look sees the committed state and reports the newer page.
+        let (ro, roReport) = try MetadataStore.open(path: "/meta", storage: sim, readOnly: true)
+        #expect(roReport.uncommittedPageSlots == 1)
+        #expect(roReport.adoptedRegions == 490)
+        #expect(ro.header.generation == 2)
         let (r1, report) = try MetadataStore.open(path: "/meta", storage: sim)
-        #expect(report.uncommittedPageSlots == 1)
-        #expect(r1.committedMap.setCount == 10)
-        // The next commit gets generation 3 again, and touches no page: without the wipe, the
-        // stale generation-3 page (490 more regions) would now look committed and its count
-        // would disagree with the superblock.
-        try r1.commit([], complete: false, nowMs: 4)
+        #expect(report.adoptedRegions == 490)
+        #expect(r1.committedMap.setRanges() == [0..<500])
+        #expect(r1.header.generation == 4, "recovery superblock above generation 3")
+        // The next commit touches the same page; a crash before its superblock must still find
+        // the adopted version (this is what a reused generation or an overwritten slot would break).
+        let s2 = sim.log.count
+        sim.setFault { op in op.seq == s2 + 2 ? 5 : nil }
+        #expect(throws: MetadataError.self) { try r1.commit([500..<600], nowMs: 4) }
+        sim.setFault(nil)
         let (r2, _) = try MetadataStore.open(path: "/meta", storage: sim)
-        #expect(r2.committedMap.setCount == 10)
+        #expect(r2.committedMap.setRanges() == [0..<600])
+        try r2.commit([600..<1000], complete: true, nowMs: 5)
+        let (r3, _) = try MetadataStore.open(path: "/meta", storage: sim)
+        #expect(r3.header.complete && r3.committedMap.isComplete)
+    }
+
+    /// The newest superblock rots after its commit (and its discards): falling back to the older
+    /// one keeps the newer pages' regions, so they are not re-copied from a released source.
+    @Test func rottedNewestSuperblockKeepsNewerPages() throws {
+        let sim = SimulatedStorage()
+        let store = try MetadataStore.create(path: "/meta", options: options(size: 1000 * Self.regionSize), storage: sim, nowMs: 1)
+        try store.commit([0..<10], nowMs: 2)     // sb gen 2 -> slot 1
+        try store.commit([10..<300], nowMs: 3)   // sb gen 3 -> slot 0
+        var bytes = sim.contents("/meta")!
+        bytes[40] ^= 0x10                        // slot 0 (gen 3) rots
+        let rotten = SimulatedStorage()
+        rotten.addFile("/meta", data: bytes)
+        let (r, report) = try MetadataStore.open(path: "/meta", storage: rotten)
+        #expect(report.otherSlotProblem?.contains("checksum") == true)
+        #expect(r.committedMap.setRanges() == [0..<300])
     }
 
     @Test func corruptionIsRefusedWithTheFileNamed() throws {

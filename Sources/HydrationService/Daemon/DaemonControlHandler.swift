@@ -152,7 +152,9 @@ public struct DaemonControlHandler: ControlHandler {
             let (h, r) = try await manager.checkMetadata(path)
             var problems: [String] = []
             if let other = r.otherSlotProblem { problems.append("superblock slot \(1 - r.superblockSlot): \(other)") }
-            if r.uncommittedPageSlots > 0 { problems.append("\(r.uncommittedPageSlots) page slot(s) from an interrupted commit (ignored)") }
+            if r.uncommittedPageSlots > 0 {
+                problems.append("\(r.uncommittedPageSlots) page slot(s) from an interrupted commit, adding \(r.adoptedRegions) region(s); adopted when the job is opened")
+            }
             return ControlProtocol.MetadataReport(
                 path: path, valid: true, version: Int(h.version), generation: h.generation, jobId: h.jobID,
                 regionSize: h.regionSize, targetSizeBytes: h.targetSize, regionsTotal: h.regionCount,

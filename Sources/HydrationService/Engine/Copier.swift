@@ -338,8 +338,8 @@ struct BatchJob: Sendable {
             do {
                 try source.read(into: buffer, at: bytes.lowerBound)
             } catch {
-                throw BatchFailure(error: HydrationError(.sourceReadFailed, "\(error)", errno: error.errno,
-                                                        region: regionOf(error.offset, default: regions.lowerBound)))
+                let region = regionOf(error.offset, default: regions.lowerBound)
+                throw BatchFailure(error: HydrationError(.sourceReadFailed, "region \(region): \(error)", errno: error.errno, region: region))
             }
             source.dropCache(offset: bytes.lowerBound, length: UInt64(length))
             // Split the batch into runs of data regions (written) and zero regions (not written).
@@ -361,8 +361,8 @@ struct BatchJob: Sendable {
                         try dest.write(UnsafeRawBufferPointer(rebasing: buffer[lo..<hi]), at: run.lowerBound)
                     } catch {
                         let code: HydrationError.Code = error.isNoSpace ? .noSpace : .destWriteFailed
-                        throw BatchFailure(error: HydrationError(code, "\(error)", errno: error.errno,
-                                                                region: regionOf(error.offset, default: i)))
+                        let region = regionOf(error.offset, default: i)
+                        throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
                     }
                     written += run.upperBound - run.lowerBound
                 }
@@ -382,7 +382,7 @@ struct BatchJob: Sendable {
                 return
             }
             let code: HydrationError.Code = error.isNoSpace ? .noSpace : .destWriteFailed
-            throw BatchFailure(error: HydrationError(code, "\(error)", errno: error.errno, region: region))
+            throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
         }
     }
 
@@ -398,7 +398,7 @@ struct BatchJob: Sendable {
                 try dest.write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: at)
             } catch {
                 let code: HydrationError.Code = error.isNoSpace ? .noSpace : .destWriteFailed
-                throw BatchFailure(error: HydrationError(code, "\(error)", errno: error.errno, region: region))
+                throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
             }
             at += UInt64(n)
         }

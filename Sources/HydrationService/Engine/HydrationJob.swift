@@ -119,7 +119,7 @@ public actor HydrationJob {
         await job.committer.publishRecovered()
         logger.info("job opened", metadata: ["job": "\(config.name)", "generation": "\(h.generation)",
                                              "hydrated": "\(h.hydratedCount)/\(h.regionCount)",
-                                             "uncommitted_page_slots_wiped": "\(opened.3.uncommittedPageSlots)"])
+                                             "adopted_regions": "\(opened.3.adoptedRegions)"])
         return job
     }
 

@@ -17,6 +17,8 @@ public enum MetadataFormat {
     public static let wordsPerPage = (blockSize - pageHeaderSize) / 8
     public static let regionsPerPage = wordsPerPage * 64
     public static let maxPathBytes = 1024
+    /// Generations count commits; a value above this is damage (and must not overflow).
+    public static let maxGeneration: UInt64 = 1 << 62
 
     public static func superblockOffset(slot: Int) -> UInt64 { UInt64(slot * blockSize) }
     public static func pageOffset(page: Int, slot: Int) -> UInt64 {
@@ -179,8 +181,10 @@ extension MetadataHeader {
             committedUnixMs: r.get(Int64.self, at: MetadataFormat.sbCommitted))
         // Internal consistency: a checksum protects against bit rot, not against a writer bug.
         guard RegionGeometry.isValidRegionSize(h.regionSize) else { return .failure(.invalidField("region size \(h.regionSize)")) }
-        guard h.targetSize > 0, h.regionCount == (h.targetSize + h.regionSize - 1) / h.regionSize,
-              h.regionCount <= RegionGeometry.maxRegions
+        // Checked without overflow: a crafted size must be refused, not crash the daemon.
+        guard h.targetSize > 0, h.regionCount <= RegionGeometry.maxRegions,
+              h.targetSize <= RegionGeometry.maxRegions * h.regionSize,
+              h.regionCount == h.targetSize / h.regionSize + (h.targetSize % h.regionSize == 0 ? 0 : 1)
         else { return .failure(.invalidField("target size / region count")) }
         guard h.pageCount == UInt64(MetadataFormat.pageCount(regions: Int(h.regionCount))) else {
             return .failure(.invalidField("page count"))
@@ -188,7 +192,7 @@ extension MetadataHeader {
         guard h.hydratedCount <= h.regionCount, !h.complete || h.hydratedCount == h.regionCount else {
             return .failure(.invalidField("hydrated count"))
         }
-        guard h.generation > 0 else { return .failure(.invalidField("generation")) }
+        guard h.generation > 0, h.generation <= MetadataFormat.maxGeneration else { return .failure(.invalidField("generation")) }
         return .success(h)
     }
 }

@@ -78,8 +78,11 @@ public struct MetadataRecoveryReport: Sendable, Equatable {
     /// Why the other superblock slot was not used (nil when it was valid but older).
     public var otherSlotProblem: String?
     public var pagesRead: Int
-    /// Page slots holding a version newer than the superblock: a commit interrupted by a crash.
+    /// Page slots holding a version newer than the superblock: a commit interrupted by a crash
+    /// (or a superblock that failed its checksum). Their regions are adopted (see `open`).
     public var uncommittedPageSlots: Int
+    /// Regions recorded only by those newer page versions.
+    public var adoptedRegions: Int
     /// Page slots that failed their checksum (torn writes of interrupted commits are expected).
     public var invalidPageSlots: Int
 }
@@ -91,8 +94,9 @@ public struct MetadataRecoveryReport: Sendable, Equatable {
 /// count) into the slot that does not hold the current one -> fsync. A crash at any byte leaves
 /// the previous superblock and every page it refers to intact. Recovery takes the valid superblock
 /// with the highest generation and, per page, the valid slot with the highest generation not
-/// above it; it wipes page slots newer than that superblock, so that a later commit can never
-/// adopt them, and checks that the pages add up to the recorded hydrated count.
+/// above it, and checks that the pages add up to the recorded hydrated count; it then adopts
+/// valid page versions newer than that superblock (always safe: see `open`) with a recovery
+/// superblock above every generation seen.
 ///
 /// All methods block (they do I/O); call them from the I/O executor. The lock serialises them.
 public final class MetadataStore: Sendable {
@@ -142,6 +146,19 @@ public final class MetadataStore: Sendable {
             throw MetadataError(path: path, reason: .io(error))
         }
         do {
+            if device.info.identity.kind == .regularFile {
+                // Allocate the whole file now (zeros read as absent pages), so that a later commit
+                // never needs new space: ENOSPC at create is a clear error, ENOSPC in the middle
+                // of a commit would fail the job.
+                let total = MetadataFormat.fileSize(regions: Int(regionCount))
+                let chunk = [UInt8](repeating: 0, count: 1 << 20)
+                var at: UInt64 = 0
+                while at < total {
+                    let n = Int(min(UInt64(chunk.count), total - at))
+                    try device.write(bytes: n == chunk.count ? chunk : Array(chunk[0..<n]), at: at)
+                    at += UInt64(n)
+                }
+            }
             let sb = header.encode()
             try device.write(bytes: sb, at: MetadataFormat.superblockOffset(slot: 0))
             // Slot 1 is written as zeros so that stale bytes from a reused device cannot pass as a
@@ -161,10 +178,11 @@ public final class MetadataStore: Sendable {
 
     // MARK: open
 
-    /// Opens existing metadata and recovers its last committed state. With `readOnly`, nothing
-    /// is written (offline check); otherwise uncommitted page versions are wiped and the file is
-    /// synced, so that everything this returns is durable before the engine acts on it (a killed
-    /// process can leave a written-but-unsynced superblock in the page cache).
+    /// Opens existing metadata and recovers its last committed state (plus adopted page versions
+    /// of an interrupted commit). With `readOnly`, nothing is written (offline check); otherwise
+    /// a recovery superblock is written when pages were adopted, and the file is synced, so that
+    /// everything this returns is durable before the engine acts on it (a killed process can
+    /// leave a written-but-unsynced superblock in the page cache).
     public static func open(path: String, storage: any StorageProvider, readOnly: Bool = false) throws(MetadataError) -> (MetadataStore, MetadataRecoveryReport) {
         let device: any StorageDevice
         do {
@@ -204,16 +222,20 @@ public final class MetadataStore: Sendable {
         }
         let header = best.header
 
-        // Pages.
+        // Pages. First the committed view (per page, the newest valid slot not above the
+        // superblock's generation), checked against the superblock's count: a page lost in both
+        // slots must be refused, never read as "not hydrated".
         let pageCount = Int(header.pageCount)
         var map = RegionMap(count: Int(header.regionCount))
         var pageSlot = [Int8](repeating: -1, count: pageCount)
-        var uncommitted: [(page: Int, slot: Int)] = []
+        var newer: [(page: Int, slot: Int, words: [UInt64])] = []
         var invalid = 0
+        var maxGeneration = header.generation
         let idBytes = uuidBytes(header.jobID)
         for page in 0..<pageCount {
             var bestGen: UInt64 = 0
             var bestWords: [UInt64]? = nil
+            var newest: (gen: UInt64, slot: Int, words: [UInt64])? = nil
             for slot in 0..<2 {
                 let off = MetadataFormat.pageOffset(page: page, slot: slot)
                 if off + UInt64(MetadataFormat.blockSize) > size { continue }
@@ -222,8 +244,9 @@ public final class MetadataStore: Sendable {
                 case .absent: break
                 case .invalid: invalid += 1
                 case .valid(let gen, let words):
+                    maxGeneration = max(maxGeneration, gen)
                     if gen > header.generation {
-                        uncommitted.append((page, slot))
+                        if newest == nil || gen > newest!.gen { newest = (gen, slot, words) }
                     } else if gen > bestGen {
                         bestGen = gen
                         bestWords = words
@@ -232,16 +255,45 @@ public final class MetadataStore: Sendable {
                 }
             }
             if let bestWords { map.load(words: bestWords, at: page * MetadataFormat.wordsPerPage) }
+            if let newest { newer.append((page, newest.slot, newest.words)) }
         }
         guard UInt64(map.setCount) == header.hydratedCount else {
             throw MetadataError(path: path, reason: .bitmapMismatch(expected: header.hydratedCount, found: UInt64(map.setCount)))
         }
+        // Then the page versions of a later commit whose superblock never became valid (a crash
+        // between its two fsyncs, or a superblock that rotted). They are adopted, not wiped:
+        // pages are written only after the destination's fdatasync, so every bit they hold is
+        // durable on the destination — and with discard_source its source range may already be
+        // released (if the superblock was durable and later rotted), so forgetting them could
+        // re-copy garbage. Bits only ever go 0 -> 1, so a newer version is a superset.
+        var adopted = 0
+        for (page, slot, words) in newer {
+            let base = page * MetadataFormat.wordsPerPage
+            let before = map.count(in: min(map.count, page * MetadataFormat.regionsPerPage)..<min(map.count, (page + 1) * MetadataFormat.regionsPerPage))
+            var merged = Array(map.wordSlice(base..<base + MetadataFormat.wordsPerPage))
+            for i in merged.indices where i < words.count { merged[i] |= words[i] }
+            map.load(words: merged, at: base)
+            let after = map.count(in: min(map.count, page * MetadataFormat.regionsPerPage)..<min(map.count, (page + 1) * MetadataFormat.regionsPerPage))
+            adopted += after - before
+            pageSlot[page] = Int8(slot)
+        }
+        var current = header
+        // The returned header always agrees with the returned map (also read-only).
+        current.hydratedCount = UInt64(map.setCount)
+        var sbSlot = best.slot
         if !readOnly {
             do {
-                let zero = [UInt8](repeating: 0, count: MetadataFormat.blockSize)
-                for (page, slot) in uncommitted {
-                    try device.write(bytes: zero, at: MetadataFormat.pageOffset(page: page, slot: slot))
+                if !newer.isEmpty || maxGeneration > header.generation {
+                    // A recovery commit: a superblock above every generation seen, recording the
+                    // adopted pages (each page's newest valid version now has a generation below
+                    // it). Until it is durable the file still reads as before, so a crash here is
+                    // harmless; afterwards the next commit can never overwrite an adopted page's
+                    // only copy, and no generation is ever reused.
+                    current.generation = maxGeneration + 1
+                    sbSlot = 1 - best.slot
+                    try device.write(bytes: current.encode(), at: MetadataFormat.superblockOffset(slot: sbSlot))
                 }
+                // Everything returned below is durable before the engine acts on it.
                 try device.sync()
             } catch {
                 throw MetadataError(path: path, reason: .io(error))
@@ -249,8 +301,8 @@ public final class MetadataStore: Sendable {
         }
         let report = MetadataRecoveryReport(
             superblockSlot: best.slot, otherSlotProblem: problems[other].isEmpty ? nil : problems[other],
-            pagesRead: pageCount, uncommittedPageSlots: uncommitted.count, invalidPageSlots: invalid)
-        let st = State(header: header, committed: map, pageSlot: pageSlot, superblockSlot: best.slot, failure: nil)
+            pagesRead: pageCount, uncommittedPageSlots: newer.count, adoptedRegions: adopted, invalidPageSlots: invalid)
+        let st = State(header: current, committed: map, pageSlot: pageSlot, superblockSlot: sbSlot, failure: nil)
         return (MetadataStore(path: path, device: device, state: st), report)
     }
 
@@ -267,6 +319,9 @@ public final class MetadataStore: Sendable {
               r.slice(MetadataFormat.pgJobID, 16) == jobID
         else { return .invalid }
         let gen = r.get(UInt64.self, at: MetadataFormat.pgGeneration)
+        // One generation per commit: anything this large is damage, and must not overflow the
+        // recovery generation.
+        guard gen > 0, gen <= MetadataFormat.maxGeneration else { return .invalid }
         var words = [UInt64](repeating: 0, count: MetadataFormat.wordsPerPage)
         block.withUnsafeBytes { raw in
             for i in 0..<words.count {
