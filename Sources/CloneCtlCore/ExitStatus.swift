@@ -73,7 +73,12 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
         case .noSuchJob: hint = "; see 'clonectl list'"
         case .jobExists: hint = "; resume it with 'clonectl start \(v.string("name") ?? "NAME")' or pick another name"
         case .jobRunning: hint = ""  // the description already says what to do
-        case .deviceInUse: hint = "; remove that job first or choose another path"
+        case .deviceInUse:
+            // hydrationd may put its whole message in `path` (not a path): print it as it is.
+            if let p = v.string("path"), p.contains(" ") {
+                return p + "; remove or pause the job using it, or choose another path"
+            }
+            hint = "; remove that job first or choose another path"
         case .sizeMismatch:
             if let m = v.string("message") { return "destination too small: \(m)" }
             hint = ""

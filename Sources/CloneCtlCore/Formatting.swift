@@ -92,6 +92,7 @@ public enum StatusFormatter {
     /// `42.3% (1.5 GiB of 3.5 GiB)`.
     public static func progressText(_ s: JobStatus) -> String {
         let p = progress(s)
+        if s.regions.total == 0 && s.state == .failed { return "progress unknown" }
         return "\(Human.percent(s.regions.hydrated, of: s.regions.total)) (\(Human.bytes(p.done)) of \(Human.bytes(p.total)))"
     }
 

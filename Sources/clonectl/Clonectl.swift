@@ -32,6 +32,16 @@ struct Clonectl: AsyncParsableCommand {
         ]
     )
 
+    /// `clonectl --socket PATH <command>`; a command's own `--socket` wins.
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Control socket of hydrationd (also accepted after the command).",
+            discussion: "Default: $HYDRATION_SOCKET, else $RUNTIME_DIRECTORY/control.sock, /run/hydrationd/control.sock as root, $XDG_RUNTIME_DIR/hydrationd/control.sock otherwise.",
+            valueName: "path"),
+        completion: .file())
+    var socket: String?
+
     /// Runs the command; a `CloneFailure` becomes one line on stderr and its exit code, every other
     /// error (usage, help, ExitCode) goes through ArgumentParser.
     static func main() async {
@@ -77,7 +87,16 @@ struct DaemonOptions: ParsableArguments {
         completion: .file())
     var socket: String?
 
-    var socketPath: String { socket ?? DefaultPaths.socketPath() }
+}
+
+/// A command talking to the daemon: `--socket` after the command, else before it, else the default.
+protocol DaemonCommand {
+    var daemon: DaemonOptions { get }
+    var root: Clonectl { get }
+}
+
+extension DaemonCommand {
+    var socketPath: String { daemon.socket ?? root.socket ?? DefaultPaths.socketPath() }
 
     /// Connects, or fails with exit 69 and how to start the daemon.
     func connect() throws(CloneFailure) -> VarlinkClient {

@@ -3,7 +3,7 @@ import CloneCtlCore
 import ControlProtocol
 import Foundation
 
-struct Start: AsyncParsableCommand {
+struct Start: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create a hydration job and start it, or resume an existing one.",
         discussion: """
@@ -13,6 +13,7 @@ struct Start: AsyncParsableCommand {
             """)
 
     @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
     @Argument(help: ArgumentHelp("Job name (letters, digits and - _ . : @; up to 64 characters).", valueName: "name"))
     var name: String
 
@@ -72,7 +73,7 @@ struct Start: AsyncParsableCommand {
         } else {
             params = StartParameters(name: name)
         }
-        let reply = try daemon.call { try $0.start(params) }
+        let reply = try call { try $0.start(params) }
         if json {
             Output.line(try CloneJSON.string(reply.job))
         } else {
@@ -82,35 +83,38 @@ struct Start: AsyncParsableCommand {
     }
 }
 
-struct Pause: AsyncParsableCommand {
+struct Pause: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Pause a job (regions in flight finish, then a final commit).")
     @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
 
     func run() async throws {
-        let s = try daemon.call { try $0.pause(job.name) }
+        let s = try call { try $0.pause(job.name) }
         Output.line("paused job \(s.name): \(s.state.rawValue), \(StatusFormatter.progressText(s))")
     }
 }
 
-struct Resume: AsyncParsableCommand {
+struct Resume: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(abstract: "Resume a paused job.")
     @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
 
     func run() async throws {
-        let s = try daemon.call { try $0.resume(job.name) }
+        let s = try call { try $0.resume(job.name) }
         Output.line("resumed job \(s.name): \(s.state.rawValue), \(StatusFormatter.progressText(s))")
     }
 }
 
-struct SetTunables: AsyncParsableCommand {
+struct SetTunables: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         commandName: "set",
         abstract: "Change the tunables of a job while it runs or is paused.",
         discussion: "Tunables not given keep their value. --rate-limit 0 and --space-budget 0 remove the limit.")
     @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
     @OptionGroup(title: "Tunables") var tunables: TunableOptions
 
@@ -126,47 +130,50 @@ struct SetTunables: AsyncParsableCommand {
             name: job.name, threshold: tunables.threshold, batchSize: tunables.batchSize,
             rateLimitBytesPerSecond: tunables.rateLimit, spaceBudgetBytes: tunables.spaceBudget,
             commitIntervalMs: tunables.commitInterval)
-        let s = try daemon.call { try $0.set(p) }
+        let s = try call { try $0.set(p) }
         Output.line("\(s.name): \(StatusFormatter.settingsText(s.settings))")
     }
 }
 
-struct Commit: AsyncParsableCommand {
+struct Commit: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Commit a job's progress now; returns once the commit is durable.")
     @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
 
     func run() async throws {
-        let s = try daemon.call { try $0.commit(job.name) }
+        let s = try call { try $0.commit(job.name) }
         Output.line(
             "committed job \(s.name): \(Human.bytes(s.bytes.committed)) of \(Human.bytes(s.bytes.total)) durable, \(s.commits.count) commit\(s.commits.count == 1 ? "" : "s")")
     }
 }
 
-struct Remove: AsyncParsableCommand {
+struct Remove: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Forget a job; its destination (and a metadata file outside the state directory) stay on disk.",
         discussion: "A hydrating job is refused unless --force, which pauses it with a final commit first.")
     @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
     @Flag(help: "Pause a hydrating job (with a final commit) and remove it.")
     var force = false
 
     func run() async throws {
-        try daemon.call { try $0.remove(job.name, force: force) }
+        try call { try $0.remove(job.name, force: force) }
         Output.line("removed job \(job.name)")
     }
 }
 
-struct List: AsyncParsableCommand {
+struct List: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(abstract: "List every job briefly.")
     @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
     @Flag(help: "Print a JSON array of JobSummary objects.")
     var json = false
 
     func run() async throws {
-        let jobs = try daemon.call { try $0.list() }
+        let jobs = try call { try $0.list() }
         Output.line(json ? try CloneJSON.string(jobs) : StatusFormatter.table(jobs))
     }
 }

@@ -28,7 +28,7 @@ enum Terminal {
     }
 }
 
-struct Status: AsyncParsableCommand {
+struct Status: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show the status of one job, or of every job.",
         discussion: """
@@ -40,6 +40,7 @@ struct Status: AsyncParsableCommand {
             """)
 
     @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
     @Argument(help: ArgumentHelp("Job name (all jobs when omitted).", valueName: "name"))
     var name: String?
 
@@ -51,7 +52,7 @@ struct Status: AsyncParsableCommand {
 
     func run() async throws {
         if watch { return try runWatch() }
-        let jobs = try daemon.call { try $0.getStatus(name: name) }
+        let jobs = try call { try $0.getStatus(name: name) }
         if json {
             if name != nil, let s = jobs.first {
                 Output.line(try CloneJSON.string(s))
@@ -72,7 +73,7 @@ struct Status: AsyncParsableCommand {
         if tty { Terminal.installInterruptHandler() }
         var drawnLines = 0
         var last: [JobStatus] = []
-        let client = try daemon.connect()
+        let client = try connect()
         do {
             try client.watchStatus(name: name) { jobs in
                 last = jobs
@@ -102,7 +103,7 @@ struct Status: AsyncParsableCommand {
             }
         } catch {
             if tty && drawnLines > 0 { print("") }
-            throw CloneFailure.from(error, socketPath: daemon.socketPath)
+            throw CloneFailure.from(error, socketPath: socketPath)
         }
         if tty && drawnLines > 0 { print("") }
         fflush(nil)
@@ -113,12 +114,13 @@ struct Status: AsyncParsableCommand {
     }
 }
 
-struct Wait: AsyncParsableCommand {
+struct Wait: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Wait until a job is complete (exit 0) or failed (exit 1).",
         discussion: "With --timeout, gives up after DURATION (exit 124). A paused job is waited for until it is resumed and ends.")
 
     @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
 
     @Option(help: ArgumentHelp("Give up after this long, e.g. 30s, 5m, 1h.", valueName: "duration"), transform: parseDurationMs)
@@ -134,7 +136,7 @@ struct Wait: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let client = try daemon.connect()
+        let client = try connect()
         let updates = client.statusUpdates(name: job.name)
         let name = job.name
         let timeoutMs = timeout
@@ -166,7 +168,7 @@ struct Wait: AsyncParsableCommand {
                 return first
             }
         } catch {
-            throw CloneFailure.from(error, socketPath: daemon.socketPath)
+            throw CloneFailure.from(error, socketPath: socketPath)
         }
         client.close()
         switch outcome {
