@@ -72,7 +72,9 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
         switch v.kind {
         case .noSuchJob: hint = "; see 'clonectl list'"
         case .jobExists: hint = "; resume it with 'clonectl start \(v.string("name") ?? "NAME")' or pick another name"
-        case .jobRunning: hint = ""  // the description already says what to do
+        case .jobRunning:
+            let n = v.string("name") ?? "NAME"
+            return "job '\(n)' is \(v.string("state") ?? "active"); pause it first ('clonectl pause \(n)') or use 'clonectl remove \(n) --force'"
         case .deviceInUse:
             // hydrationd may put its whole message in `path` (not a path): print it as it is.
             if let p = v.string("path"), p.contains(" ") {

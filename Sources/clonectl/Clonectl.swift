@@ -144,10 +144,10 @@ func parseDurationMs(_ s: String) throws -> Int {
 
 /// The tunables shared by `start` and `set`.
 struct TunableOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("Regions copied concurrently before the copier waits (a positive count).", valueName: "n"))
+    @Option(help: ArgumentHelp("Regions in flight at once, across all batches (a positive count; default: 8 MiB worth).", valueName: "n"))
     var threshold: Int?
 
-    @Option(help: ArgumentHelp("Regions per copy batch (a positive count).", valueName: "n"))
+    @Option(help: ArgumentHelp("Contiguous regions copied by one read and one write (a positive count; default: 1 MiB worth).", valueName: "n"))
     var batchSize: Int?
 
     @Option(
@@ -156,7 +156,7 @@ struct TunableOptions: ParsableArguments {
     var commitInterval: Int?
 
     @Option(
-        help: ArgumentHelp("With --discard-source: how far copying may run ahead of discarding, e.g. 1G (0 = no budget).", valueName: "size"),
+        help: ArgumentHelp("With --discard-source: bytes hydrated but not yet released from the source never exceed this, e.g. 1G (0 = no budget).", valueName: "size"),
         transform: parseSize)
     var spaceBudget: UInt64?
 
