@@ -71,7 +71,9 @@ public enum ControlInterface {
         # Why a job failed.
         type JobError (
           code: string,
-          message: string
+          message: string,
+          errno: ?int,
+          region: ?int
         )
 
         # The status of one job. version is the schema version (currently 1); fields are only

@@ -101,7 +101,21 @@ public struct JobStatus: Codable, Sendable, Equatable {
         /// A stable, machine-readable name, e.g. `SourceReadFailed`, `NoSpace`, `CommitFailed`.
         public var code: String
         public var message: String
-        public init(code: String, message: String) { self.code = code; self.message = message }
+        /// The errno behind it (e.g. 5 for EIO), when there is one.
+        public var errno: Int32?
+        /// The first region concerned, when there is one.
+        public var region: Int?
+        public init(code: String, message: String, errno: Int32? = nil, region: Int? = nil) {
+            self.code = code; self.message = message; self.errno = errno; self.region = region
+        }
+        enum CodingKeys: String, CodingKey { case code, message, errno, region }
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(code, forKey: .code)
+            try c.encode(message, forKey: .message)
+            try c.encode(errno, forKey: .errno)
+            try c.encode(region, forKey: .region)
+        }
     }
 
     public var version: Int

@@ -323,3 +323,15 @@ func pythonHasVarlink() -> Bool {
         #expect(throws: VarlinkClientError.pathTooLong(path: path)) { try VarlinkClient(socketPath: path) }
     }
 }
+
+@Suite struct DocumentationTests {
+    /// docs/control-protocol.md carries the interface text the daemon serves.
+    @Test func docsCarryTheInterfaceText() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let doc = try String(contentsOf: root.appendingPathComponent("docs/control-protocol.md"), encoding: .utf8)
+        #expect(doc.contains("```varlink\n" + ControlInterface.description + "\n```"))
+        for field in ["throughput_bytes_per_second", "eta_seconds", "skipped_zero", "pending_bytes", "last_duration_ms"] {
+            #expect(doc.contains(field))
+        }
+    }
+}

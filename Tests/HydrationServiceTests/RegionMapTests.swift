@@ -48,3 +48,16 @@ import Testing
         }
     }
 }
+
+@Suite struct CRCPathTests {
+    @Test func hardwareAndSoftwareAgree() {
+        var rng = SeededRandom(seed: 99)
+        for n in [0, 1, 7, 8, 9, 63, 4096, 4097] {
+            var b = [UInt8](repeating: 0, count: n)
+            rng.fill(&b, 0..<n)
+            let hw = b.withUnsafeBytes { CRC32C.checksum($0) }
+            let sw = b.withUnsafeBytes { CRC32C.software($0) }
+            #expect(hw == sw, "length \(n)")
+        }
+    }
+}

@@ -14,4 +14,8 @@ int hyd_punch_hole(int fd, uint64_t offset, uint64_t length);
 int hyd_start_writeback(int fd, uint64_t offset, uint64_t length);
 int hyd_drop_cache(int fd, uint64_t offset, uint64_t length);
 
+
+// CRC-32C (Castagnoli) update with the SSE4.2 crc32 instruction; sets *ok to 0 when the CPU
+// lacks it (the caller then uses its table-driven version). `crc` is the running, inverted value.
+uint32_t hyd_crc32c_hw(uint32_t crc, const void *data, uint64_t length, int *ok);
 #endif

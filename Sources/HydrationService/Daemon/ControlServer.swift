@@ -217,7 +217,9 @@ public final class ControlServer: Service, Sendable {
                 try FileManager.default.createDirectory(
                     atPath: parent, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
             } catch {
-                throw ControlServerError.setupFailed(path: parent, operation: "mkdir", errno: EACCES)
+                let underlying = (error as NSError).userInfo[NSUnderlyingErrorKey] as? NSError
+                let code = underlying?.domain == NSPOSIXErrorDomain ? Int32(underlying!.code) : EIO
+                throw ControlServerError.setupFailed(path: parent, operation: "mkdir", errno: code)
             }
         }
         var st = stat()
@@ -490,11 +492,34 @@ public final class ControlServer: Service, Sendable {
             throw .serviceInvalidParameter(path(ctx.codingPath))
         } catch let DecodingError.valueNotFound(_, ctx) {
             throw .serviceInvalidParameter(path(ctx.codingPath))
-        } catch let DecodingError.dataCorrupted(ctx) {
+        } catch let DecodingError.dataCorrupted(ctx) where !ctx.codingPath.isEmpty {
             throw .serviceInvalidParameter(path(ctx.codingPath))
         } catch {
-            throw .serviceInvalidParameter("parameters")
+            throw .serviceInvalidParameter(culprit(in: object, as: P.self) ?? "parameters")
         }
+    }
+
+    /// For failures the decoder reports without a coding path (a number out of range for its field,
+    /// e.g. negative for an unsigned one): the numeric parameter whose replacement by 0 removes the
+    /// pathless failure.
+    private static func culprit<P: VarlinkParameters>(in object: [String: JSONValue], as type: P.Type) -> String? {
+        for (key, value) in object.sorted(by: { $0.key < $1.key }) {
+            switch value {
+            case .int, .uint, .double: break
+            default: continue
+            }
+            var probe = object
+            probe[key] = .int(0)
+            do {
+                _ = try JSONValue.object(probe).decode(P.self)
+                return key
+            } catch let DecodingError.dataCorrupted(ctx) where ctx.codingPath.isEmpty {
+                continue
+            } catch {
+                return key  // a different (located) failure remains: this key was the pathless one
+            }
+        }
+        return nil
     }
 
     private static func path(_ keys: [any CodingKey]) -> String {

@@ -194,7 +194,7 @@ actor Committer {
     private func finishCommit(generation: UInt64, ranges: [Range<Int>], budgetBytes: UInt64, started: UInt64, publish: Bool = true) {
         let elapsedMs = Double(monotonicNanos() - started) / 1e6
         let committedCount = store.committedCount
-        let committedBytes = geometry.bytes(ofRegionCount: committedCount, includesLast: store.committedMap.count > 0 && store.committedMap[store.committedMap.count - 1])
+        let committedBytes = geometry.bytes(ofRegionCount: committedCount, includesLast: store.isLastRegionCommitted)
         progress.update { c in
             c.commits += 1
             c.lastCommitUnixMs = wallClockMillis()

@@ -97,25 +97,16 @@ actor Copier {
         progress.resetSamples()
 
         var cursor = 0
-        var inFlight = 0
+        inFlight = 0
+        batchFailure = nil
         var outcome: Outcome? = nil
 
-        return await withTaskGroup(of: Completion.self) { group in
-            func absorb(_ r: Completion) async {
-                inFlight -= r.regions.count
-                progress.update { $0.hydratingRegions = inFlight; $0.budgetInFlight -= r.reserved }
-                switch r.result {
-                case .success(let b):
-                    await finished(b)
-                case .failure(let e):
-                    // The regions of a failed batch stay unhydrated.
-                    if outcome == nil {
-                        outcome = e.code == .noSpace ? .noSpace(e) : .failed(e)
-                    }
-                }
-            }
-
+        // Each batch reports back to this actor as soon as it finishes (batchFinished), not when
+        // the loop next looks: progress, commits and the budget must not wait for the threshold
+        // to fill up, which at a low rate limit could take minutes.
+        await withTaskGroup(of: Void.self) { group in
             while outcome == nil {
+                if let f = batchFailure { outcome = f; break }
                 if stopRequested { outcome = .stopped; break }
                 if await committer.failure != nil { outcome = .halted; break }
 
@@ -131,11 +122,10 @@ actor Copier {
                 let t = tunables
 
                 // Threshold: regions in flight.
-                while inFlight > 0 && inFlight + regions.count > t.threshold {
-                    if let r = await group.next() { await absorb(r) }
-                    if outcome != nil { break }
+                while inFlight > 0 && inFlight + regions.count > tunables.threshold && batchFailure == nil {
+                    await waitForBatchEvent()
                 }
-                if outcome != nil { break }
+                if let f = batchFailure { outcome = f; break }
 
                 // Space budget (discard_source only): bytes written but not yet released.
                 if let discarder, case .copy = work {
@@ -152,8 +142,8 @@ actor Copier {
                     while progress.budgetOutstanding > 0 && progress.budgetOutstanding + need > t.spaceBudgetBytes {
                         // Full: let the batches in flight finish, commit them, and wait for the
                         // discarder to release them.
-                        while let r = await group.next() { await absorb(r) }
-                        if outcome != nil { break }
+                        while inFlight > 0 { await waitForBatchEvent() }
+                        if batchFailure != nil { break }
                         do {
                             try await committer.commit()
                         } catch {
@@ -163,36 +153,66 @@ actor Copier {
                         await discarder.drain(published: await committer.publishedCount)
                     }
                     if outcome != nil { break }
+                    if let f = batchFailure { outcome = f; break }
                 }
 
                 if case .copy = work, let limit = t.rateLimitBytesPerSecond {
                     await throttle(bytes: geometry.byteLength(of: regions), limit: limit)
+                    if stopRequested { outcome = .stopped; break }
                 }
 
                 inFlight += regions.count
                 let reserve: UInt64 = (discarder != nil && { if case .copy = work { return true }; return false }())
                     ? geometry.byteLength(of: regions) : 0
-                progress.update { $0.hydratingRegions = inFlight; $0.budgetInFlight += reserve }
+                progress.update { [inFlight] in $0.hydratingRegions = inFlight; $0.budgetInFlight += reserve }
                 let job = BatchJob(source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
                                    retryDelaysMs: retryDelaysMs, logger: logger)
                 let io = self.io
                 group.addTask {
-                    Completion(regions: regions, reserved: reserve, result: await job.execute(work, io: io))
+                    let result = await job.execute(work, io: io)
+                    await self.batchFinished(Completion(regions: regions, reserved: reserve, result: result))
                 }
             }
             // Finish what is in flight whatever happened: its writes may be committed.
-            while let r = await group.next() { await absorb(r) }
-            progress.update { $0.hydratingRegions = 0 }
-            if let outcome { return outcome }
-            if await committer.failure != nil { return .halted }
-            return map.isComplete ? .complete : .stopped
+            await group.waitForAll()
         }
+        progress.update { $0.hydratingRegions = 0 }
+        if let outcome { return outcome }
+        if let f = batchFailure { return f }
+        if await committer.failure != nil { return .halted }
+        return map.isComplete ? .complete : .stopped
+    }
+
+    private var inFlight = 0
+    private var batchFailure: Outcome?
+    private var batchWaiters: [CheckedContinuation<Void, Never>] = []
+
+    /// Suspends until some batch finishes.
+    private func waitForBatchEvent() async {
+        await withCheckedContinuation { batchWaiters.append($0) }
+    }
+
+    private func batchFinished(_ c: Completion) async {
+        switch c.result {
+        case .success(let b):
+            // Recorded (and handed to the committer) before the batch stops counting as in flight.
+            await finished(b, reserved: c.reserved)
+        case .failure(let e):
+            // The regions of a failed batch stay unhydrated.
+            if batchFailure == nil { batchFailure = e.code == .noSpace ? .noSpace(e) : .failed(e) }
+            progress.update { $0.budgetInFlight -= c.reserved }
+        }
+        inFlight -= c.regions.count
+        progress.update { [inFlight] in $0.hydratingRegions = inFlight }
+        let w = batchWaiters
+        batchWaiters = []
+        for k in w { k.resume() }
     }
 
     private var earlyCommitInFlight = false
     private func earlyCommitFinished() { earlyCommitInFlight = false }
 
-    private func finished(_ b: BatchResult) async {
+    private func finished(_ b: BatchResult, reserved: UInt64) async {
         let before = map.count(in: b.regions)
         map.set(b.regions)
         let newly = b.regions.count - before
@@ -202,7 +222,9 @@ actor Copier {
             c.hydratedBytes += bytes
             c.writtenBytes += b.written
             c.skippedZeroBytes += b.zero
+            // One update: the reservation becomes the real charge without being counted twice.
             if discarder != nil { c.budgetCharged += b.written }
+            c.budgetInFlight -= reserved
         }
         progress.recordSample()
         // Awaited, so that a commit requested after run() returns includes every finished batch.
@@ -246,11 +268,21 @@ actor Copier {
     }
 
     private func throttle(bytes: UInt64, limit: UInt64) async {
-        rateBytes += bytes
+        // A batch may start once the bytes issued before it have had their time: the first
+        // batch goes at once.
         let due = rateStart + UInt64(Double(rateBytes) / Double(limit) * 1e9)
-        let now = monotonicNanos()
+        rateBytes += bytes
+        var now = monotonicNanos()
         if due > now {
-            try? await Task.sleep(nanoseconds: due - now)
+            // In slices, so that a pause or a new rate is noticed at once even at a low rate.
+            while due > now && !stopRequested && tunables.rateLimitBytesPerSecond == limit {
+                try? await Task.sleep(nanoseconds: min(due - now, 50_000_000))
+                now = monotonicNanos()
+            }
+            if tunables.rateLimitBytesPerSecond != limit {
+                rateStart = now
+                rateBytes = 0
+            }
         } else if now - due > 1_000_000_000 {
             // Idle for a while (paused, or slow disk): do not let a backlog of credit build up.
             rateStart = now

@@ -410,7 +410,7 @@ public actor HydrationJob {
             settings: .init(threshold: tunables.threshold, batchSize: tunables.batchSize,
                             rateLimitBytesPerSecond: tunables.rateLimitBytesPerSecond, commitIntervalMs: tunables.commitIntervalMs),
             metadata: .init(path: store.path, mode: c.metadataMode),
-            error: error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message) })
+            error: error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region) })
     }
 
     /// Internal counters, for tests that check the space budget.

@@ -1,3 +1,5 @@
+import CLinux
+
 /// CRC-32C (Castagnoli), the checksum of every metadata block: the one ext4, btrfs and iSCSI use,
 /// reflected polynomial 0x82F63B78. Slicing-by-8 in software; metadata blocks are small.
 public enum CRC32C {
@@ -15,6 +17,16 @@ public enum CRC32C {
     }()
 
     public static func checksum(_ bytes: UnsafeRawBufferPointer, seed: UInt32 = 0) -> UInt32 {
+        var ok: Int32 = 0
+        if let base = bytes.baseAddress {
+            let hw = hyd_crc32c_hw(~seed, base, UInt64(bytes.count), &ok)
+            if ok != 0 { return ~hw }
+        }
+        return software(bytes, seed: seed)
+    }
+
+    /// The table-driven version (also the reference the hardware path is tested against).
+    static func software(_ bytes: UnsafeRawBufferPointer, seed: UInt32 = 0) -> UInt32 {
         var crc = ~seed
         let t = tables
         var i = 0

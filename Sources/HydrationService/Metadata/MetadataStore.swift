@@ -119,6 +119,8 @@ public final class MetadataStore: Sendable {
     public var committedMap: RegionMap { state.withLock { $0.committed } }
     public var failure: String? { state.withLock { $0.failure } }
     public var committedCount: Int { state.withLock { $0.committed.setCount } }
+    /// Whether the last (possibly short) region is committed, without copying the map.
+    public var isLastRegionCommitted: Bool { state.withLock { $0.committed.count > 0 && $0.committed[$0.committed.count - 1] } }
 
     // MARK: create
 
@@ -299,48 +301,80 @@ public final class MetadataStore: Sendable {
     public func commit(_ ranges: [Range<Int>], complete: Bool = false, nowMs: Int64) throws(MetadataError) -> UInt64 {
         try state.withLock { (st: inout State) throws(MetadataError) -> UInt64 in
             if let f = st.failure { throw MetadataError(path: path, reason: .failedEarlier(f)) }
-            var next = st.committed
-            var dirtyPages = Set<Int>()
+            // Only the pages the ranges touch are built: a commit costs O(changed pages), not a
+            // copy of the whole bitmap (32 MiB for 1 TiB in 4 KiB regions).
+            let rpp = MetadataFormat.regionsPerPage
+            var pages: [Int] = []
             for r in ranges where !r.isEmpty {
-                next.set(r)
-                let first = r.lowerBound / MetadataFormat.regionsPerPage
-                let last = (r.upperBound - 1) / MetadataFormat.regionsPerPage
-                for p in first...last { dirtyPages.insert(p) }
+                precondition(r.lowerBound >= 0 && r.upperBound <= st.committed.count, "range \(r) outside the target")
+                for p in (r.lowerBound / rpp)...((r.upperBound - 1) / rpp) { pages.append(p) }
             }
+            pages.sort()
+            var dirtyPages: [Int] = []
+            for p in pages where dirtyPages.last != p { dirtyPages.append(p) }
+            var newPages: [(page: Int, words: [UInt64])] = []
+            newPages.reserveCapacity(dirtyPages.count)
+            var added = 0
+            for p in dirtyPages {
+                let wordBase = p * MetadataFormat.wordsPerPage
+                var words = Array(st.committed.wordSlice(wordBase..<wordBase + MetadataFormat.wordsPerPage))
+                if words.count < MetadataFormat.wordsPerPage {
+                    words += [UInt64](repeating: 0, count: MetadataFormat.wordsPerPage - words.count)
+                }
+                let before = words.reduce(0) { $0 + $1.nonzeroBitCount }
+                let pageRegions = (p * rpp)..<((p + 1) * rpp)
+                for r in ranges {
+                    let lo = max(r.lowerBound, pageRegions.lowerBound), hi = min(r.upperBound, pageRegions.upperBound)
+                    if lo < hi { setBits(&words, (lo - pageRegions.lowerBound)..<(hi - pageRegions.lowerBound)) }
+                }
+                added += words.reduce(0) { $0 + $1.nonzeroBitCount } - before
+                newPages.append((p, words))
+            }
+            let newCount = st.committed.setCount + added
             let gen = st.header.generation + 1
             var header = st.header
             header.generation = gen
-            header.hydratedCount = UInt64(next.setCount)
+            header.hydratedCount = UInt64(newCount)
             header.complete = complete || header.complete
             header.committedUnixMs = nowMs
-            if header.complete && !next.isComplete {
-                throw MetadataError(path: path, reason: .invalidField("complete with \(next.count - next.setCount) regions unhydrated"))
+            if header.complete && newCount != st.committed.count {
+                throw MetadataError(path: path, reason: .invalidField("complete with \(st.committed.count - newCount) regions unhydrated"))
             }
             let idBytes = uuidBytes(header.jobID)
             do throws(StorageError) {
-                let sortedPages = dirtyPages.sorted()
-                for p in sortedPages {
-                    let words = next.wordSlice(p * MetadataFormat.wordsPerPage..<(p + 1) * MetadataFormat.wordsPerPage)
-                    let block = Self.encodePage(page: p, generation: gen, jobID: idBytes, words: words)
+                for (p, words) in newPages {
+                    let block = Self.encodePage(page: p, generation: gen, jobID: idBytes, words: words[...])
                     let slot = st.pageSlot[p] == 0 ? 1 : 0
                     try device.write(bytes: block, at: MetadataFormat.pageOffset(page: p, slot: slot))
                 }
                 // Phase 1 durable before the superblock can point at it.
-                if !sortedPages.isEmpty { try device.sync() }
+                if !newPages.isEmpty { try device.sync() }
                 let sbSlot = 1 - st.superblockSlot
-                let sb = header.encode()
-                try device.write(bytes: sb, at: MetadataFormat.superblockOffset(slot: sbSlot))
+                try device.write(bytes: header.encode(), at: MetadataFormat.superblockOffset(slot: sbSlot))
                 try device.sync()
-                for p in sortedPages { st.pageSlot[p] = st.pageSlot[p] == 0 ? 1 : 0 }
+                for p in dirtyPages { st.pageSlot[p] = st.pageSlot[p] == 0 ? 1 : 0 }
                 st.superblockSlot = sbSlot
             } catch {
                 st.failure = error.description
                 throw MetadataError(path: path, reason: .io(error))
             }
+            // Durable: now, and only now, the in-memory committed map changes (in place).
+            for r in ranges where !r.isEmpty { st.committed.set(r) }
             st.header = header
-            st.committed = next
             return gen
         }
+    }
+}
+
+/// Sets bits `range` of a word array.
+private func setBits(_ words: inout [UInt64], _ range: Range<Int>) {
+    var i = range.lowerBound
+    while i < range.upperBound {
+        let first = i & 63
+        let last = min(64, first + (range.upperBound - i))
+        let mask: UInt64 = last - first == 64 ? ~0 : ((UInt64(1) << UInt64(last - first)) - 1) << UInt64(first)
+        words[i >> 6] |= mask
+        i += last - first
     }
 }
 
