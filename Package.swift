@@ -48,10 +48,18 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // clonectl's parsing (sizes, rates, durations) and output formatting, testable without a daemon.
+        .target(
+            name: "CloneCtlCore",
+            dependencies: ["ControlProtocol"]
+        ),
         .executableTarget(
             name: "clonectl",
             dependencies: [
+                "CloneCtlCore",
                 "ControlProtocol",
+                // Offline `check` and `dump` read metadata files with the engine's own reader.
+                "HydrationService",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -67,6 +75,10 @@ let package = Package(
         .testTarget(
             name: "ControlProtocolTests",
             dependencies: ["ControlProtocol"]
+        ),
+        .testTarget(
+            name: "ClonectlTests",
+            dependencies: ["CloneCtlCore", "ControlProtocol"]
         ),
     ],
     swiftLanguageModes: [.v6]

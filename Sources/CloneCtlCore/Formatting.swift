@@ -1,0 +1,220 @@
+import ControlProtocol
+import Foundation
+
+/// Human-readable numbers: binary sizes (`1.5 GiB`), rates (`120.3 MiB/s`), and durations (`2m05s`).
+public enum Human {
+    static let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+
+    /// `0 B`, `512 B`, `64 KiB`, `1.5 GiB`: whole numbers without decimals, otherwise one decimal.
+    public static func bytes(_ value: UInt64) -> String {
+        if value < 1024 { return "\(value) B" }
+        var unit = 0
+        var v = Double(value)
+        while v >= 1024, unit < units.count - 1 {
+            v /= 1024
+            unit += 1
+        }
+        return number(v) + " " + units[unit]
+    }
+
+    public static func bytes(_ value: Double) -> String {
+        bytes(UInt64(max(0, value.rounded())))
+    }
+
+    /// `0 B/s`, `120.3 MiB/s`.
+    public static func rate(_ bytesPerSecond: Double) -> String {
+        guard bytesPerSecond.isFinite, bytesPerSecond > 0 else { return "0 B/s" }
+        return bytes(bytesPerSecond) + "/s"
+    }
+
+    /// One decimal, dropped when it is zero; values that would print as `1024.0` stay below.
+    static func number(_ v: Double) -> String {
+        let tenths = (v * 10).rounded()
+        if tenths.truncatingRemainder(dividingBy: 10) == 0 { return String(Int(tenths / 10)) }
+        return String(format: "%.1f", tenths / 10)
+    }
+
+    /// `45s`, `2m05s`, `1h02m`, `3d04h`; `<1s` under a second; nil or non-finite gives `unknown`.
+    public static func duration(seconds: Double?) -> String {
+        guard let s = seconds, s.isFinite, s >= 0 else { return "unknown" }
+        if s < 1 { return s == 0 ? "0s" : "<1s" }
+        let total = Int(s.rounded())
+        let d = total / 86400, h = (total % 86400) / 3600, m = (total % 3600) / 60, sec = total % 60
+        if d > 0 { return "\(d)d" + pad2(h) + "h" }
+        if h > 0 { return "\(h)h" + pad2(m) + "m" }
+        if m > 0 { return "\(m)m" + pad2(sec) + "s" }
+        return "\(sec)s"
+    }
+
+    /// Milliseconds as the duration syntax clonectl accepts: `500ms`, `1s`, `2m`, `1m30s`.
+    public static func milliseconds(_ ms: Int) -> String {
+        if ms == 0 { return "0" }
+        if ms % 1000 != 0 { return "\(ms)ms" }
+        let s = ms / 1000
+        if s % 3600 == 0 { return "\(s / 3600)h" }
+        if s % 60 == 0 { return "\(s / 60)m" }
+        if s > 60 { return "\(s / 60)m\(s % 60)s" }
+        return "\(s)s"
+    }
+
+    static func pad2(_ v: Int) -> String { v < 10 ? "0\(v)" : "\(v)" }
+
+    /// `42.3%`, using hydrated regions over total (a job with no regions is 100%).
+    public static func percent(_ done: UInt64, of total: UInt64) -> String {
+        String(format: "%.1f%%", fraction(done, of: total) * 100)
+    }
+
+    public static func fraction(_ done: UInt64, of total: UInt64) -> Double {
+        total == 0 ? 1 : min(1, Double(done) / Double(total))
+    }
+}
+
+/// JSON as clonectl prints it: pretty, sorted keys, unescaped slashes (the wire encoding, indented).
+public enum CloneJSON {
+    public static func encoder(pretty: Bool = true) -> JSONEncoder {
+        let e = JSONEncoder()
+        e.outputFormatting = pretty ? [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes] : [.sortedKeys, .withoutEscapingSlashes]
+        return e
+    }
+
+    public static func string<T: Encodable>(_ value: T, pretty: Bool = true) throws -> String {
+        String(decoding: try encoder(pretty: pretty).encode(value), as: UTF8.self)
+    }
+}
+
+/// The human renderings of the control protocol's replies.
+public enum StatusFormatter {
+    /// The progress of a job in bytes: hydrated bytes over total bytes.
+    static func progress(_ s: JobStatus) -> (done: UInt64, total: UInt64) {
+        (s.bytes.hydrated, s.bytes.total)
+    }
+
+    /// `42.3% (1.5 GiB of 3.5 GiB)`.
+    public static func progressText(_ s: JobStatus) -> String {
+        let p = progress(s)
+        if s.regions.total == 0 && s.state == .failed { return "progress unknown" }
+        return "\(Human.percent(s.regions.hydrated, of: s.regions.total)) (\(Human.bytes(p.done)) of \(Human.bytes(p.total)))"
+    }
+
+    /// The multi-line report of `clonectl status NAME`.
+    public static func detailed(_ s: JobStatus, now: Date = Date()) -> String {
+        var lines: [String] = []
+        lines.append("\(s.name): \(s.state.rawValue), \(progressText(s))")
+        func row(_ label: String, _ value: String) {
+            lines.append("  " + label.padding(toLength: 12, withPad: " ", startingAt: 0) + value)
+        }
+        row("source", "\(s.source.path) (\(Human.bytes(s.source.sizeBytes)))")
+        row("dest", s.dest.path)
+        let inFlight = s.regions.hydrating > 0 ? ", \(s.regions.hydrating) in flight" : ""
+        row("regions", "\(s.regions.hydrated) of \(s.regions.total) hydrated\(inFlight), \(Human.bytes(s.regionSize)) each")
+        var committed = "\(Human.bytes(s.bytes.committed))"
+        if s.commits.count > 0 {
+            committed += " (\(s.commits.count) commit\(s.commits.count == 1 ? "" : "s")"
+            if let last = s.commits.lastUnixMs {
+                let ago = now.timeIntervalSince1970 - Double(last) / 1000
+                committed += ", last \(Human.duration(seconds: max(0, ago))) ago"
+            }
+            if let d = s.commits.lastDurationMs { committed += String(format: ", took %.1f ms", d) }
+            committed += ")"
+        }
+        row("committed", committed)
+        if s.bytes.skippedZero > 0 { row("zero", "\(Human.bytes(s.bytes.skippedZero)) skipped (already zero)") }
+        switch s.state {
+        case .hydrating:
+            row("throughput", "\(Human.rate(s.throughputBytesPerSecond)), ETA \(Human.duration(seconds: s.etaSeconds))")
+        case .complete, .failed, .paused, .idle:
+            if s.throughputBytesPerSecond > 0 { row("throughput", Human.rate(s.throughputBytesPerSecond)) }
+        }
+        if s.discard.enabled {
+            var d = "on: \(Human.bytes(s.bytes.discarded)) discarded, \(Human.bytes(s.discard.pendingBytes)) pending"
+            if s.discard.failed > 0 { d += ", \(s.discard.failed) region(s) failed" }
+            row("discard", d)
+            row("budget", s.spaceBudgetBytes.map { $0 == 0 ? "none" : Human.bytes($0) } ?? "none")
+        } else {
+            row("discard", "off")
+        }
+        row("settings", settingsText(s.settings))
+        row("metadata", "\(s.metadata.path) (\(s.metadata.mode.rawValue))")
+        if let e = s.error { row("error", "\(e.code): \(e.message)") }
+        return lines.joined(separator: "\n")
+    }
+
+    public static func settingsText(_ t: JobStatus.Settings) -> String {
+        let rate = t.rateLimitBytesPerSecond.map { $0 == 0 ? "none" : Human.rate(Double($0)) } ?? "none"
+        return "threshold \(t.threshold), batch size \(t.batchSize), rate limit \(rate), commit interval \(Human.milliseconds(t.commitIntervalMs))"
+    }
+
+    /// One line per update for `status --watch` when not on a terminal.
+    public static func line(_ s: JobStatus) -> String {
+        var parts = [s.name, s.state.rawValue, progressText(s)]
+        if s.state == .hydrating {
+            parts.append(Human.rate(s.throughputBytesPerSecond))
+            parts.append("ETA \(Human.duration(seconds: s.etaSeconds))")
+        }
+        if s.discard.enabled { parts.append("discarded \(Human.bytes(s.bytes.discarded))") }
+        if let e = s.error { parts.append("error \(e.code): \(e.message)") }
+        return parts.joined(separator: "  ")
+    }
+
+    /// The terminal progress bar: `name [#####.....]  42.3%  120.3 MiB/s  ETA 17s  discarded 1 GiB  hydrating`,
+    /// fitted into `width` columns (the bar shrinks first; at least 10 cells).
+    public static func progressBar(_ s: JobStatus, width: Int) -> String {
+        let frac = Human.fraction(s.regions.hydrated, of: s.regions.total)
+        var tail = [Human.percent(s.regions.hydrated, of: s.regions.total)]
+        if s.state == .hydrating {
+            tail.append(Human.rate(s.throughputBytesPerSecond))
+            tail.append("ETA \(Human.duration(seconds: s.etaSeconds))")
+        }
+        if s.discard.enabled { tail.append("discarded \(Human.bytes(s.bytes.discarded))") }
+        tail.append(s.state.rawValue)
+        if let e = s.error { tail.append(e.code) }
+        let tailText = tail.joined(separator: "  ")
+        let fixed = s.name.count + 4 + 2 + tailText.count  // "name [" + "]  " + tail
+        let cells = max(10, min(50, width - fixed - 1))
+        let filled = Int((frac * Double(cells)).rounded(.down))
+        let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: cells - filled)
+        let line = "\(s.name) [\(bar)]  \(tailText)"
+        return line.count > width && width > 0 ? String(line.prefix(width)) : line
+    }
+
+    /// The table of `clonectl list`.
+    public static func table(_ jobs: [JobSummary]) -> String {
+        guard !jobs.isEmpty else { return "no jobs" }
+        let header = ["NAME", "STATE", "PROGRESS", "DISCARD", "SOURCE", "DEST"]
+        var rows = [header]
+        for j in jobs {
+            rows.append([
+                j.name, j.state.rawValue,
+                "\(Human.percent(j.regionsHydrated, of: j.regionsTotal)) (\(j.regionsHydrated)/\(j.regionsTotal))",
+                j.discardEnabled ? "on" : "off", j.sourcePath, j.destPath,
+            ])
+        }
+        return alignColumns(rows)
+    }
+
+    /// The short table of `clonectl status` without a name.
+    public static func statusTable(_ jobs: [JobStatus]) -> String {
+        guard !jobs.isEmpty else { return "no jobs" }
+        var rows = [["NAME", "STATE", "PROGRESS", "SIZE", "RATE", "ETA", "DISCARDED"]]
+        for s in jobs {
+            rows.append([
+                s.name, s.state.rawValue, Human.percent(s.regions.hydrated, of: s.regions.total),
+                Human.bytes(s.bytes.total),
+                s.state == .hydrating ? Human.rate(s.throughputBytesPerSecond) : "-",
+                s.state == .hydrating ? Human.duration(seconds: s.etaSeconds) : "-",
+                s.discard.enabled ? Human.bytes(s.bytes.discarded) : "-",
+            ])
+        }
+        return alignColumns(rows)
+    }
+
+    static func alignColumns(_ rows: [[String]]) -> String {
+        let n = rows.map(\.count).max() ?? 0
+        var widths = [Int](repeating: 0, count: n)
+        for r in rows { for (i, c) in r.enumerated() { widths[i] = max(widths[i], c.count) } }
+        return rows.map { r in
+            r.enumerated().map { i, c in i == r.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
+                .joined(separator: "  ")
+        }.joined(separator: "\n")
+    }
+}

@@ -1,0 +1,179 @@
+import ArgumentParser
+import CloneCtlCore
+import ControlProtocol
+import Foundation
+
+struct Start: AsyncParsableCommand, DaemonCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a hydration job and start it, or resume an existing one.",
+        discussion: """
+            With --source and --dest, creates job NAME and starts copying (created paused with --no-hydration). \
+            With NAME alone, resumes the existing job of that name. Relative paths are resolved against the \
+            current directory.
+            """)
+
+    @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
+    @Argument(help: ArgumentHelp("Job name (letters, digits and - _ . : @; up to 64 characters).", valueName: "name"))
+    var name: String
+
+    @Option(help: ArgumentHelp("Source image or block device.", valueName: "path"), completion: .file())
+    var source: String?
+
+    @Option(help: ArgumentHelp("Destination image or block device (at least as large as the source).", valueName: "path"), completion: .file())
+    var dest: String?
+
+    @Option(help: ArgumentHelp("Metadata file (default: <state-dir>/jobs/NAME.meta).", valueName: "path"), completion: .file())
+    var metadata: String?
+
+    @Option(
+        help: ArgumentHelp("Region size: a power of two from 4K to 1G (default 64K).", valueName: "size"),
+        transform: parseSize)
+    var regionSize: UInt64?
+
+    @Flag(help: "Release (discard) source regions once their copy is committed.")
+    var discardSource = false
+
+    @Flag(help: "The destination is known to read as zeros: zero source regions are not written.")
+    var destZeroed = false
+
+    @Flag(help: "Create the job paused; start copying later with 'clonectl resume'.")
+    var noHydration = false
+
+    @OptionGroup(title: "Tunables") var tunables: TunableOptions
+
+    @Flag(help: "Print the new job's status as JSON (the JobStatus object).")
+    var json = false
+
+    var createsJob: Bool {
+        source != nil || dest != nil || metadata != nil || regionSize != nil || discardSource || destZeroed
+            || noHydration || !tunables.isEmpty
+    }
+
+    func validate() throws {
+        if createsJob && (source == nil || dest == nil) {
+            throw ValidationError(
+                "creating a job needs both --source and --dest ('clonectl start NAME' alone resumes an existing job)")
+        }
+        if let r = regionSize, r < 4096 || r > 1 << 30 || r & (r - 1) != 0 {
+            throw ValidationError("--region-size must be a power of two from 4K to 1G (got \(r) bytes)")
+        }
+    }
+
+    func run() async throws {
+        let params: StartParameters
+        if createsJob {
+            params = StartParameters(
+                name: name, source: source.map(absolutePath), dest: dest.map(absolutePath),
+                metadata: metadata.map(absolutePath), regionSize: regionSize,
+                discardSource: discardSource ? true : nil, destZeroed: destZeroed ? true : nil,
+                noHydration: noHydration ? true : nil, threshold: tunables.threshold, batchSize: tunables.batchSize,
+                commitIntervalMs: tunables.commitInterval, spaceBudgetBytes: tunables.spaceBudget,
+                rateLimitBytesPerSecond: tunables.rateLimit)
+        } else {
+            params = StartParameters(name: name)
+        }
+        let reply = try call { try $0.start(params) }
+        if json {
+            Output.line(try CloneJSON.string(reply.job))
+        } else {
+            let verb = reply.created ? "created" : "resumed"
+            Output.line("\(verb) job \(reply.job.name): \(reply.job.state.rawValue), \(StatusFormatter.progressText(reply.job))")
+        }
+    }
+}
+
+struct Pause: AsyncParsableCommand, DaemonCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Pause a job (regions in flight finish, then a final commit).")
+    @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
+    @OptionGroup var job: JobName
+
+    func run() async throws {
+        let s = try call { try $0.pause(job.name) }
+        Output.line("paused job \(s.name): \(s.state.rawValue), \(StatusFormatter.progressText(s))")
+    }
+}
+
+struct Resume: AsyncParsableCommand, DaemonCommand {
+    static let configuration = CommandConfiguration(abstract: "Resume a paused job.")
+    @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
+    @OptionGroup var job: JobName
+
+    func run() async throws {
+        let s = try call { try $0.resume(job.name) }
+        Output.line("resumed job \(s.name): \(s.state.rawValue), \(StatusFormatter.progressText(s))")
+    }
+}
+
+struct SetTunables: AsyncParsableCommand, DaemonCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "set",
+        abstract: "Change the tunables of a job while it runs or is paused.",
+        discussion: "Tunables not given keep their value. --rate-limit 0 and --space-budget 0 remove the limit.")
+    @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
+    @OptionGroup var job: JobName
+    @OptionGroup(title: "Tunables") var tunables: TunableOptions
+
+    func validate() throws {
+        if tunables.isEmpty {
+            throw ValidationError(
+                "nothing to set: give at least one of --threshold, --batch-size, --commit-interval, --space-budget, --rate-limit")
+        }
+    }
+
+    func run() async throws {
+        let p = SetParameters(
+            name: job.name, threshold: tunables.threshold, batchSize: tunables.batchSize,
+            rateLimitBytesPerSecond: tunables.rateLimit, spaceBudgetBytes: tunables.spaceBudget,
+            commitIntervalMs: tunables.commitInterval)
+        let s = try call { try $0.set(p) }
+        Output.line("\(s.name): \(StatusFormatter.settingsText(s.settings))")
+    }
+}
+
+struct Commit: AsyncParsableCommand, DaemonCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Commit a job's progress now; returns once the commit is durable.")
+    @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
+    @OptionGroup var job: JobName
+
+    func run() async throws {
+        let s = try call { try $0.commit(job.name) }
+        Output.line(
+            "committed job \(s.name): \(Human.bytes(s.bytes.committed)) of \(Human.bytes(s.bytes.total)) durable, \(s.commits.count) commit\(s.commits.count == 1 ? "" : "s")")
+    }
+}
+
+struct Remove: AsyncParsableCommand, DaemonCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Forget a job; its destination (and a metadata file outside the state directory) stay on disk.",
+        discussion: "A hydrating job is refused unless --force, which pauses it with a final commit first.")
+    @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
+    @OptionGroup var job: JobName
+    @Flag(help: "Pause a hydrating job (with a final commit) and remove it.")
+    var force = false
+
+    func run() async throws {
+        try call { try $0.remove(job.name, force: force) }
+        Output.line("removed job \(job.name)")
+    }
+}
+
+struct List: AsyncParsableCommand, DaemonCommand {
+    static let configuration = CommandConfiguration(abstract: "List every job briefly.")
+    @OptionGroup var daemon: DaemonOptions
+    @ParentCommand var root: Clonectl
+    @Flag(help: "Print a JSON array of JobSummary objects.")
+    var json = false
+
+    func run() async throws {
+        let jobs = try call { try $0.list() }
+        Output.line(json ? try CloneJSON.string(jobs) : StatusFormatter.table(jobs))
+    }
+}

@@ -1,1 +1,0 @@
-print("clonectl: not yet wired")
