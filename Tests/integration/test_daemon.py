@@ -108,7 +108,7 @@ def test_kill9_restarts_resume_from_committed_state(tmp_path):
 
 
 def test_bad_input_gets_named_errors_and_daemon_keeps_serving(tmp_path, daemon):
-    make_image(tmp_path / "s.img", 1 << 20, seed=3)
+    make_image(tmp_path / "s.img", 8 << 20, seed=3)
     with open(tmp_path / "small.img", "wb") as f:
         f.truncate(4096)
     src = str(tmp_path / "s.img")
