@@ -37,6 +37,14 @@ import Testing
         #expect(status.commits.count >= 1)
         // Holes and zero runs (half of the image) were not written.
         #expect(status.bytes.skippedZero >= UInt64(size / 2 - (1 << 20)))
+        // A complete job lets go of its devices at once (before close): the destination can be
+        // locked, mounted or used by someone else.
+        for path in [dir.file("dst.img"), dir.file("src.img")] {
+            let fd = open(path, O_RDWR)
+            #expect(fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0, "\(path) still locked after completion")
+            close(fd)
+        }
+        #expect(await job.status().state == .complete)
         await job.close()
 
         #expect(readFile(dir.file("dst.img")) == image.bytes)

@@ -21,7 +21,12 @@ public struct DaemonControlHandler: ControlHandler {
         case .jobRunning: return .jobRunning(job ?? "", state: .hydrating)
         case .invalidParameter, .notFound, .sameDevice, .invalidState:
             return .invalidParameter(parameterName(for: e), reason: e.message)
-        case .deviceInUse: return .deviceInUse(path: path ?? e.message, job: job ?? "")
+        case .deviceInUse:
+            // `job` names the holder when it is one of ours; empty when something else (a mount,
+            // another process) holds the device. The message says which.
+            var v = VarlinkError.deviceInUse(path: e.path ?? path ?? "", job: e.holder ?? "")
+            v.parameters["message"] = .string(e.message)
+            return v
         case .sizeMismatch:
             var v = VarlinkError.sizeMismatch(sourceBytes: 0, destBytes: 0)
             v.parameters["message"] = .string(e.message)

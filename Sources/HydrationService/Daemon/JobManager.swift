@@ -174,13 +174,28 @@ public actor JobManager {
         // Another job's metadata must not be touched by this one.
         for entry in jobs.values {
             let other = entry.definition
-            if [def.source, def.dest, def.metadata].contains(other.metadata) || [other.source, other.dest].contains(def.metadata) {
-                throw HydrationError(.deviceInUse, "a path of job \(req.name) is used by job \(other.name)")
+            // Devices are guarded by their locks (released once a job completes); metadata files
+            // are not locked, so they are checked here.
+            for path in [def.source, def.dest, def.metadata] where path == other.metadata || (path == def.metadata && [other.source, other.dest].contains(path)) {
+                var e = HydrationError(.deviceInUse, "\(path) is used by job \(other.name)")
+                e.path = path
+                e.holder = other.name
+                throw e
             }
         }
         creating.insert(req.name)
         defer { creating.remove(req.name) }
-        let job = try await HydrationJob.create(def.configuration, storage: storage, io: io, logger: logger)
+        let job: HydrationJob
+        do {
+            job = try await HydrationJob.create(def.configuration, storage: storage, io: io, logger: logger)
+        } catch {
+            var e = error
+            if e.code == .deviceInUse, let path = e.path {
+                e.holder = jobs.values.first { [$0.definition.source, $0.definition.dest].contains(path) }?.definition.name
+                if let holder = e.holder { e.message += " (job \(holder))" }
+            }
+            throw e
+        }
         do {
             try persist(def)
         } catch {

@@ -27,6 +27,10 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     public var errno: Int32?
     /// The first region the failure concerns, when there is one.
     public var region: Int?
+    /// The file or device concerned, when there is one.
+    public var path: String?
+    /// For DeviceInUse: the job that holds the device, when it is one of this daemon's.
+    public var holder: String?
 
     public init(_ code: Code, _ message: String, errno: Int32? = nil, region: Int? = nil) {
         self.code = code; self.message = message; self.errno = errno; self.region = region

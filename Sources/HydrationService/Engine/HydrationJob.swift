@@ -117,6 +117,7 @@ public actor HydrationJob {
         cfg.destZeroed = h.destZeroed
         let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
         await job.committer.publishRecovered()
+        if h.complete { await job.settleComplete() }
         logger.info("job opened", metadata: ["job": "\(config.name)", "generation": "\(h.generation)",
                                              "hydrated": "\(h.hydratedCount)/\(h.regionCount)",
                                              "adopted_regions": "\(opened.3.adoptedRegions)"])
@@ -153,7 +154,9 @@ public actor HydrationJob {
         } catch {
             switch error.errno {
             case EBUSY, EWOULDBLOCK:
-                throw HydrationError(.deviceInUse, "\(what) \(path) is in use (mounted, opened exclusively, or locked by another job)", errno: error.errno)
+                var e = HydrationError(.deviceInUse, "\(what) \(path) is in use (mounted, opened exclusively, or locked by another job)", errno: error.errno)
+                e.path = path
+                throw e
             case ENOENT:
                 throw HydrationError(.notFound, "\(what) \(path) does not exist", errno: error.errno)
             case EACCES, EPERM, EROFS:
@@ -198,6 +201,14 @@ public actor HydrationJob {
         }
         let source = try openDevice(storage, config.sourcePath, .source(discard: config.discardSource), what: "source")
         let dest = try openDevice(storage, config.destPath, .destination(createSize: srcInfo.size), what: "destination")
+        // A destination file this call created is removed again if the job is not created.
+        var created = false
+        defer {
+            if destBefore == nil && !created {
+                dest.close()
+                storage.removeCreatedFile(config.destPath)
+            }
+        }
         try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
         for d in [source, dest] where config.regionSize % UInt64(max(1, d.info.logicalBlockSize)) != 0 {
             throw HydrationError(.invalidParameter, "region size \(config.regionSize) is not a multiple of \(d.info.path)'s logical block size \(d.info.logicalBlockSize)")
@@ -209,6 +220,7 @@ public actor HydrationJob {
                                             discardSource: config.discardSource, destZeroed: config.destZeroed)
         do {
             let store = try MetadataStore.create(path: config.metadataPath, options: options, storage: storage, nowMs: wallClockMillis())
+            created = true
             return (source, dest, store)
         } catch {
             throw HydrationError.from(error)
@@ -314,15 +326,25 @@ public actor HydrationJob {
         closed = true
         await committer.finishStream()
         await discardTask?.value
-        // Nothing is in flight any more: release the source and destination locks now.
+        releaseDevices()
+    }
+
+    /// Nothing is in flight any more: release the source and destination (their locks, and
+    /// O_EXCL on block devices) now, so a complete destination can be mounted or used at once.
+    private func releaseDevices() {
+        guard !devicesReleased else { return }
+        devicesReleased = true
         source.close()
         dest.close()
     }
+    private var devicesReleased = false
 
-    /// Bytes allocated by the source and destination files (nil for block devices).
-    public nonisolated func allocatedBytes() -> (source: UInt64?, dest: UInt64?) {
-        (source.allocatedBytes(), dest.allocatedBytes())
+    /// A complete job keeps nothing open: after the last discards it lets go of its devices.
+    private func settleComplete() async {
+        if let discarder { await discarder.drain(published: await committer.publishedCount) }
+        releaseDevices()
     }
+
 
     // MARK: the run
 
@@ -369,6 +391,7 @@ public actor HydrationJob {
         switch outcome {
         case .complete:
             logger.info("hydration complete")
+            releaseDevices()
             setState(.complete)
         case .stopped:
             setState(.paused)

@@ -41,6 +41,10 @@ public struct PosixStorage: StorageProvider {
         }
     }
 
+    public func removeCreatedFile(_ path: String) {
+        _ = unlink(path)
+    }
+
     public func syncDirectory(containing path: String) throws(StorageError) {
         let dir = parentDirectory(of: path)
         let fd = Glibc.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)

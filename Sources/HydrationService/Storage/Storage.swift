@@ -149,6 +149,13 @@ public protocol StorageProvider: Sendable {
     func identify(_ path: String) throws(StorageError) -> DeviceInfo?
     /// fsync of the directory that holds `path`, so a newly created file survives a crash.
     func syncDirectory(containing path: String) throws(StorageError)
+    /// Removes a file this process created (a destination of a job that could not be created).
+    func removeCreatedFile(_ path: String)
+}
+
+extension StorageProvider {
+    /// Simulated disks forget nothing they did not create; the default does nothing.
+    public func removeCreatedFile(_ path: String) {}
 }
 
 extension StorageDevice {
