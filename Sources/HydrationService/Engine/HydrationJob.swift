@@ -210,6 +210,13 @@ public actor HydrationJob {
             }
         }
         try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
+        if destBefore == nil {
+            // The new file's directory entry must be durable before any commit can record data in
+            // it (and, with discard_source, release the source behind it).
+            do { try storage.syncDirectory(containing: config.destPath) } catch {
+                throw HydrationError(.ioError, "destination: \(error)", errno: error.errno)
+            }
+        }
         for d in [source, dest] where config.regionSize % UInt64(max(1, d.info.logicalBlockSize)) != 0 {
             throw HydrationError(.invalidParameter, "region size \(config.regionSize) is not a multiple of \(d.info.path)'s logical block size \(d.info.logicalBlockSize)")
         }
