@@ -10,9 +10,11 @@ int hyd_blk_discard(int fd, uint64_t offset, uint64_t length);
 int hyd_blk_zeroout(int fd, uint64_t offset, uint64_t length);
 // fallocate(PUNCH_HOLE|KEEP_SIZE).
 int hyd_punch_hole(int fd, uint64_t offset, uint64_t length);
-// sync_file_range(SYNC_FILE_RANGE_WRITE) then, optionally, posix_fadvise(DONTNEED).
+// sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback; posix_fadvise(DONTNEED): drop clean pages.
 int hyd_start_writeback(int fd, uint64_t offset, uint64_t length);
 int hyd_drop_cache(int fd, uint64_t offset, uint64_t length);
+// sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER): the range's writeback, waited for.
+int hyd_wait_writeback(int fd, uint64_t offset, uint64_t length);
 
 
 // CRC-32C (Castagnoli) update with the SSE4.2 crc32 instruction; sets *ok to 0 when the CPU

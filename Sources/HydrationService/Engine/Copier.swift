@@ -37,6 +37,7 @@ actor Copier {
     private let sparseAware: Bool
     private let retryDelaysMs: [UInt64]
 
+    private let buffers = IOBufferPool()
     private var map: RegionMap
     private var tunables: Tunables
     private var stopRequested = false
@@ -166,7 +167,8 @@ actor Copier {
                     ? geometry.byteLength(of: regions) : 0
                 progress.update { [inFlight] in $0.hydratingRegions = inFlight; $0.budgetInFlight += reserve }
                 let job = BatchJob(source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
-                                   retryDelaysMs: retryDelaysMs, logger: logger)
+                                   retryDelaysMs: retryDelaysMs, logger: logger, buffers: buffers,
+                                   cacheWindow: max(32 << 20, 2 * UInt64(t.threshold) * geometry.regionSize))
                 let io = self.io
                 group.addTask {
                     let result = await job.execute(work, io: io)
@@ -176,6 +178,9 @@ actor Copier {
             // Finish what is in flight whatever happened: its writes may be committed.
             await group.waitForAll()
         }
+        // What the lagging drops left behind at the end of the source.
+        let sourceDevice = self.source
+        _ = try? await io.run { sourceDevice.dropCache(offset: 0, length: 0) }
         progress.update { $0.hydratingRegions = 0 }
         if let outcome { return outcome }
         if let f = batchFailure { return f }
@@ -299,6 +304,10 @@ struct BatchJob: Sendable {
     let zeroDestination: Bool
     let retryDelaysMs: [UInt64]
     let logger: Logger
+    let buffers: IOBufferPool
+    /// Destination bytes allowed to sit in the page cache behind the copy front: after writing
+    /// a batch, the range this far behind it is waited for and evicted (as nbdcopy does).
+    let cacheWindow: UInt64
 
     func execute(_ work: Copier.Work, io: IOExecutor) async -> Result<Copier.BatchResult, HydrationError> {
         var attempt = 0
@@ -333,15 +342,20 @@ struct BatchJob: Sendable {
             }
             return Copier.BatchResult(regions: regions, written: 0, zero: UInt64(length))
         case .copy(let regions):
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
-            defer { buffer.deallocate() }
+            let whole = buffers.take(length)
+            defer { buffers.give(whole) }
+            let buffer = UnsafeMutableRawBufferPointer(rebasing: whole[0..<length])
             do {
                 try source.read(into: buffer, at: bytes.lowerBound)
             } catch {
                 let region = regionOf(error.offset, default: regions.lowerBound)
                 throw BatchFailure(error: HydrationError(.sourceReadFailed, "region \(region): \(error)", errno: error.errno, region: region))
             }
-            source.dropCache(offset: bytes.lowerBound, length: UInt64(length))
+            // Drop source pages well behind the read front: dropping the range just read misses
+            // the large folios readahead builds across batch boundaries.
+            if bytes.lowerBound >= cacheWindow {
+                source.dropCache(offset: bytes.lowerBound - cacheWindow, length: UInt64(length))
+            }
             // Split the batch into runs of data regions (written) and zero regions (not written).
             var written: UInt64 = 0
             var zeroBytes: UInt64 = 0
@@ -365,8 +379,12 @@ struct BatchJob: Sendable {
                         throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
                     }
                     written += run.upperBound - run.lowerBound
+                    dest.startWriteback(offset: run.lowerBound, length: run.upperBound - run.lowerBound)
                 }
                 i = j
+            }
+            if written > 0 && bytes.lowerBound >= cacheWindow {
+                dest.evict(offset: bytes.lowerBound - cacheWindow, length: UInt64(length))
             }
             return Copier.BatchResult(regions: regions, written: written, zero: zeroBytes)
         }

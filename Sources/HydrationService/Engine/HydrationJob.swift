@@ -398,6 +398,9 @@ public actor HydrationJob {
         switch outcome {
         case .complete:
             logger.info("hydration complete")
+            // Clean after the final fdatasync: leave nothing of the destination in the page cache.
+            let dest = self.dest
+            _ = try? await io.run { dest.dropCache(offset: 0, length: 0) }
             releaseDevices()
             setState(.complete)
         case .stopped:

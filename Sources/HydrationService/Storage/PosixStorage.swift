@@ -217,7 +217,15 @@ final class PosixDevice: StorageDevice {
     }
 
     func dropCache(offset: UInt64, length: UInt64) {
+        _ = hyd_drop_cache(fd, offset, length)
+    }
+
+    func startWriteback(offset: UInt64, length: UInt64) {
         _ = hyd_start_writeback(fd, offset, length)
+    }
+
+    func evict(offset: UInt64, length: UInt64) {
+        _ = hyd_wait_writeback(fd, offset, length)
         _ = hyd_drop_cache(fd, offset, length)
     }
 

@@ -117,9 +117,15 @@ public protocol StorageDevice: AnyObject, Sendable {
     /// The next range at or after `offset` that may hold data (SEEK_DATA/SEEK_HOLE), or nil when
     /// the rest is a hole. Devices that cannot tell return `offset..<size`.
     func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>?
-    /// Hint that the range will not be read again soon (start writeback, drop it from the page
-    /// cache). Best effort, never fails.
+    /// Hint that the range will not be read again soon: drop its clean pages from the page cache.
+    /// Best effort, never fails.
     func dropCache(offset: UInt64, length: UInt64)
+    /// Starts writeback of the range's dirty pages without waiting (sync_file_range WRITE).
+    /// Not a durability barrier: commits still fdatasync. Best effort.
+    func startWriteback(offset: UInt64, length: UInt64)
+    /// Waits for the range's writeback, then drops its pages from the page cache: bounds how much
+    /// of the destination sits in memory. Not a durability barrier. Best effort.
+    func evict(offset: UInt64, length: UInt64)
     /// Bytes actually allocated (st_blocks * 512) for a regular file; nil for a block device.
     func allocatedBytes() -> UInt64?
     /// Releases the device now (its lock, or O_EXCL on a block device) rather than when the last
@@ -159,6 +165,10 @@ extension StorageProvider {
 }
 
 extension StorageDevice {
+    /// Page-cache hints mean nothing to a simulated disk.
+    public func startWriteback(offset: UInt64, length: UInt64) {}
+    public func evict(offset: UInt64, length: UInt64) {}
+
     /// Writes a byte array (metadata blocks).
     public func write(bytes: [UInt8], at offset: UInt64) throws(StorageError) {
         do {
