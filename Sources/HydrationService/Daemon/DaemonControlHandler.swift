@@ -112,11 +112,17 @@ public struct DaemonControlHandler: ControlHandler {
                     let update = name != nil ? StatusUpdate(jobs: jobs) : StatusUpdate(jobs: jobs, isFinal: false)
                     continuation.yield(update)
                     if update.isFinal { break }
-                    try? await Task.sleep(for: interval)
-                    do { jobs = try await handler.statuses(name) } catch {
-                        continuation.finish(throwing: error)
-                        return
-                    }
+                    // An update per interval, and at once when a job changes state (a script
+                    // waiting for completion must not wait for the next tick).
+                    let states = jobs.map(\.state)
+                    let due = ContinuousClock.now + interval
+                    repeat {
+                        try? await Task.sleep(for: .milliseconds(20))
+                        do { jobs = try await handler.statuses(name) } catch {
+                            continuation.finish(throwing: error)
+                            return
+                        }
+                    } while ContinuousClock.now < due && jobs.map(\.state) == states && !Task.isCancelled
                 }
                 continuation.finish()
             }

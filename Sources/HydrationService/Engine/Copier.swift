@@ -44,7 +44,8 @@ actor Copier {
     private var running = false
 
     // Where the next data is, from SEEK_DATA; nil when unknown.
-    private var dataExtent: Range<UInt64>?
+    /// Data extents of the source ahead of the cursor, from SEEK_DATA/SEEK_HOLE.
+    private var extents: [Range<UInt64>] = []
     private var noMoreData = false
     private var rateStart: UInt64 = 0
     private var rateBytes: UInt64 = 0
@@ -90,7 +91,7 @@ actor Copier {
         precondition(!running, "copier already running")
         running = true
         stopRequested = false
-        dataExtent = nil
+        extents = []
         noMoreData = false
         rateStart = monotonicNanos()
         rateBytes = 0
@@ -98,6 +99,9 @@ actor Copier {
         progress.resetSamples()
 
         var cursor = 0
+        copyFront = 0
+        evictedUpTo = 0
+        pendingEviction = nil
         inFlight = 0
         batchFailure = nil
         var outcome: Outcome? = nil
@@ -162,13 +166,27 @@ actor Copier {
                     if stopRequested { outcome = .stopped; break }
                 }
 
+                // Page cache: everything more than a window behind the copy front is dropped from
+                // the source and, once written back, from the destination (as nbdcopy does). A
+                // range per call, well behind the front: dropping each batch's own range right
+                // after reading it misses the large folios readahead builds across batches.
+                if let range = pendingEviction {
+                    pendingEviction = nil
+                    let (src, dst, io) = (source, dest, self.io)
+                    group.addTask {
+                        _ = try? await io.run {
+                            src.dropCache(offset: range.lowerBound, length: range.upperBound - range.lowerBound)
+                            dst.evict(offset: range.lowerBound, length: range.upperBound - range.lowerBound)
+                        }
+                    }
+                }
+
                 inFlight += regions.count
                 let reserve: UInt64 = (discarder != nil && { if case .copy = work { return true }; return false }())
                     ? geometry.byteLength(of: regions) : 0
                 progress.update { [inFlight] in $0.hydratingRegions = inFlight; $0.budgetInFlight += reserve }
                 let job = BatchJob(source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
-                                   retryDelaysMs: retryDelaysMs, logger: logger, buffers: buffers,
-                                   cacheWindow: max(32 << 20, 2 * UInt64(t.threshold) * geometry.regionSize))
+                                   retryDelaysMs: retryDelaysMs, logger: logger, buffers: buffers)
                 let io = self.io
                 group.addTask {
                     let result = await job.execute(work, io: io)
@@ -217,7 +235,19 @@ actor Copier {
     private var earlyCommitInFlight = false
     private func earlyCommitFinished() { earlyCommitInFlight = false }
 
+    /// How much of the source and destination may stay in the page cache behind the copy front.
+    static let cacheWindow: UInt64 = 32 << 20
+    private var copyFront: UInt64 = 0
+    private var evictedUpTo: UInt64 = 0
+    private var pendingEviction: Range<UInt64>?
+
     private func finished(_ b: BatchResult, reserved: UInt64) async {
+        copyFront = max(copyFront, geometry.byteRange(of: b.regions).upperBound)
+        if copyFront >= evictedUpTo + 2 * Self.cacheWindow {
+            let upTo = copyFront - Self.cacheWindow
+            pendingEviction = (pendingEviction?.lowerBound ?? evictedUpTo)..<upTo
+            evictedUpTo = upTo
+        }
         let before = map.count(in: b.regions)
         map.set(b.regions)
         let newly = b.regions.count - before
@@ -243,17 +273,45 @@ actor Copier {
         let regionStart = UInt64(r) * regionSize
         var dataCap = geometry.regionCount
         if sparseAware {
-            if !noMoreData, dataExtent == nil || regionStart >= dataExtent!.upperBound {
+            // Extents at or after this region, fetched in bulk (one I/O-thread hop per 64 MiB or
+            // 512 extents, not one per extent).
+            while let first = extents.first, first.upperBound <= regionStart { extents.removeFirst() }
+            if extents.isEmpty && !noMoreData {
+                // Queries start only at unhydrated positions: a hydrated region's source range
+                // may already be released, and must not even be looked at.
+                var runs: [Range<UInt64>] = []
+                let windowEnd = min(geometry.regionCount, r + max(1, Int((64 << 20) / regionSize)))
+                var i = r
+                while i < windowEnd, runs.count < 512, let a = map.first(false, from: i), a < windowEnd {
+                    let b = min(map.first(true, from: a) ?? geometry.regionCount, windowEnd)
+                    runs.append(geometry.byteRange(of: a..<b))
+                    i = b
+                }
                 let source = self.source
+                let queryRuns = runs
                 do {
-                    let extent = try await io.run { try source.nextData(from: regionStart) }
-                    if let extent { dataExtent = extent } else { noMoreData = true; dataExtent = nil }
+                    let (found, exhausted) = try await io.run { () throws -> ([Range<UInt64>], Bool) in
+                        var out: [Range<UInt64>] = []
+                        var at: UInt64 = 0
+                        var k = 0
+                        while k < queryRuns.count && out.count < 512 {
+                            if at < queryRuns[k].lowerBound { at = queryRuns[k].lowerBound }
+                            if at >= queryRuns[k].upperBound { k += 1; continue }
+                            guard let e = try source.nextData(from: at) else { return (out, true) }
+                            out.append(e)
+                            at = e.upperBound
+                        }
+                        return (out, false)
+                    }
+                    extents = found
+                    noMoreData = exhausted
                 } catch {
                     throw HydrationError(.sourceReadFailed, "finding data in the source: \(error)",
                                          errno: (error as? StorageError)?.errno, region: r)
                 }
+                while let first = extents.first, first.upperBound <= regionStart { extents.removeFirst() }
             }
-            let dataStart = noMoreData ? geometry.targetSize : dataExtent!.lowerBound
+            let dataStart = extents.first.map { max($0.lowerBound, regionStart) } ?? geometry.targetSize
             // Regions that end at or before the next data are holes.
             let holeEnd = dataStart >= geometry.targetSize ? geometry.regionCount : Int(dataStart / regionSize)
             if r < holeEnd {
@@ -263,8 +321,15 @@ actor Copier {
                 cursor = e
                 return .hole(r..<e)
             }
-            if let extent = dataExtent {
-                dataCap = min(geometry.regionCount, Int((extent.upperBound + regionSize - 1) / regionSize))
+            // A batch may span several extents and the small holes between them (they read as
+            // zeros and are not written): it ends with the last extent that starts within it.
+            let batchEnd = regionStart + UInt64(tunables.batchSize) * regionSize
+            if let last = extents.last(where: { $0.lowerBound < batchEnd }) {
+                dataCap = min(geometry.regionCount, Int((last.upperBound + regionSize - 1) / regionSize))
+                if last == extents.last && !noMoreData && last.upperBound < batchEnd {
+                    // The fetched extents may stop short of the batch: do not cap on that alone.
+                    dataCap = geometry.regionCount
+                }
             }
         }
         let e = min(r + tunables.batchSize, map.first(true, from: r) ?? geometry.regionCount, max(dataCap, r + 1))
@@ -305,9 +370,6 @@ struct BatchJob: Sendable {
     let retryDelaysMs: [UInt64]
     let logger: Logger
     let buffers: IOBufferPool
-    /// Destination bytes allowed to sit in the page cache behind the copy front: after writing
-    /// a batch, the range this far behind it is waited for and evicted (as nbdcopy does).
-    let cacheWindow: UInt64
 
     func execute(_ work: Copier.Work, io: IOExecutor) async -> Result<Copier.BatchResult, HydrationError> {
         var attempt = 0
@@ -351,11 +413,7 @@ struct BatchJob: Sendable {
                 let region = regionOf(error.offset, default: regions.lowerBound)
                 throw BatchFailure(error: HydrationError(.sourceReadFailed, "region \(region): \(error)", errno: error.errno, region: region))
             }
-            // Drop source pages well behind the read front: dropping the range just read misses
-            // the large folios readahead builds across batch boundaries.
-            if bytes.lowerBound >= cacheWindow {
-                source.dropCache(offset: bytes.lowerBound - cacheWindow, length: UInt64(length))
-            }
+
             // Split the batch into runs of data regions (written) and zero regions (not written).
             var written: UInt64 = 0
             var zeroBytes: UInt64 = 0
@@ -382,9 +440,6 @@ struct BatchJob: Sendable {
                     dest.startWriteback(offset: run.lowerBound, length: run.upperBound - run.lowerBound)
                 }
                 i = j
-            }
-            if written > 0 && bytes.lowerBound >= cacheWindow {
-                dest.evict(offset: bytes.lowerBound - cacheWindow, length: UInt64(length))
             }
             return Copier.BatchResult(regions: regions, written: written, zero: zeroBytes)
         }
