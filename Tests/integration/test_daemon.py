@@ -70,9 +70,10 @@ def test_two_jobs_pause_resume_and_graceful_restart(tmp_path, daemon):
     assert e.value.name.endswith(".NoSuchJob")
 
 
-def test_kill9_restarts_resume_from_committed_state(tmp_path):
-    """SIGKILL at random moments (HYDRATION_KILL9_ROUNDS, default 20), restart, finish, verify."""
-    rounds = int(os.environ.get("HYDRATION_KILL9_ROUNDS", "20"))
+def test_kill9_restarts_resume_from_committed_state(tmp_path, request):
+    """SIGKILL at random moments (20; 500 with --soak; HYDRATION_KILL9_ROUNDS overrides), restart, finish, verify."""
+    default_rounds = "500" if request.config.getoption("--soak") else "20"
+    rounds = int(os.environ.get("HYDRATION_KILL9_ROUNDS", default_rounds))
     rng = random.Random(int(os.environ.get("HYDRATION_KILL9_SEED", "20261125")))
     size = 96 << 20
     src_sum = make_image(tmp_path / "src.img", size, seed=9, chunk=256 << 10)
