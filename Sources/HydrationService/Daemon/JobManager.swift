@@ -197,7 +197,7 @@ public actor JobManager {
             throw e
         }
         do {
-            try persist(def)
+            try await persist(def)
         } catch {
             await job.close()
             try? FileManager.default.removeItem(atPath: def.metadata)
@@ -222,23 +222,23 @@ public actor JobManager {
         }
     }
 
-    private func setDesired(_ name: String, _ desired: JobDefinition.Desired) throws(HydrationError) {
+    private func setDesired(_ name: String, _ desired: JobDefinition.Desired) async throws(HydrationError) {
         guard case .live(let j, var d)? = jobs[name], d.desired != desired else { return }
         d.desired = desired
-        try persist(d)
+        try await persist(d)
         jobs[name] = .live(j, d)
     }
 
     public func resume(_ name: String) async throws(HydrationError) -> JobStatus {
         let (job, _) = try live(name)
         try await job.start()
-        try setDesired(name, .hydrating)
+        try await setDesired(name, .hydrating)
         return await job.status()
     }
 
     public func pause(_ name: String) async throws(HydrationError) -> JobStatus {
         let (job, _) = try live(name)
-        try setDesired(name, .paused)
+        try await setDesired(name, .paused)
         await job.pause()
         return await job.status()
     }
@@ -255,7 +255,7 @@ public actor JobManager {
         try await job.update(t)
         var d = def
         d.tunables = t
-        try persist(d)
+        try await persist(d)
         jobs[name] = .live(job, d)
         return await job.status()
     }
@@ -329,31 +329,41 @@ public actor JobManager {
 
     // MARK: persistence
 
-    private func persist(_ def: JobDefinition) throws(HydrationError) {
+    /// Saves a definition durably, on an I/O thread (it fsyncs): write a temporary file, fsync,
+    /// rename, fsync the directory, so a crash leaves the old or the new file.
+    private func persist(_ def: JobDefinition) async throws(HydrationError) {
         let path = definitionPath(def.name)
-        let tmp = path + ".tmp"
+        let data: Data
         do {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            let data = try enc.encode(def)
-            // Write, fsync, rename, fsync the directory: a crash leaves the old or the new file.
-            let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { throw StorageError(.create, path: tmp, errno: errno) }
-            defer { close(fd) }
-            try data.withUnsafeBytes { raw in
-                var off = 0
-                while off < raw.count {
-                    let n = write(fd, raw.baseAddress! + off, raw.count - off)
-                    if n < 0 { if errno == EINTR { continue }; throw StorageError(.write, path: tmp, errno: errno) }
-                    off += n
-                }
-            }
-            guard fsync(fd) == 0 else { throw StorageError(.sync, path: tmp, errno: errno) }
-            guard rename(tmp, path) == 0 else { throw StorageError(.create, path: path, errno: errno) }
-            try PosixStorage().syncDirectory(containing: path)
+            data = try enc.encode(def)
+        } catch {
+            throw HydrationError(.ioError, "encoding job definition \(path): \(error)")
+        }
+        do {
+            try await io.run { try Self.writeDurably(data, to: path) }
         } catch {
             throw HydrationError(.ioError, "saving job definition \(path): \(error)")
         }
+    }
+
+    static func writeDurably(_ data: Data, to path: String) throws {
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw StorageError(.create, path: tmp, errno: errno) }
+        defer { close(fd) }
+        try data.withUnsafeBytes { raw in
+            var off = 0
+            while off < raw.count {
+                let n = write(fd, raw.baseAddress! + off, raw.count - off)
+                if n < 0 { if errno == EINTR { continue }; throw StorageError(.write, path: tmp, errno: errno) }
+                off += n
+            }
+        }
+        guard fsync(fd) == 0 else { throw StorageError(.sync, path: tmp, errno: errno) }
+        guard rename(tmp, path) == 0 else { throw StorageError(.create, path: path, errno: errno) }
+        try PosixStorage().syncDirectory(containing: path)
     }
 
     static func brokenStatus(_ d: JobDefinition, _ e: HydrationError) -> JobStatus {
