@@ -659,6 +659,8 @@ def run_hydrationd(args, tool: str, img: Image) -> Result:
         sampler.start()
         t0 = time.monotonic()
         start = ["start", name, "--source", src, "--dest", dst, "--commit-interval", "1s"]
+        # Extra clonectl start options, for tuning experiments (e.g. "--threshold 512").
+        start += os.environ.get("HYDRATION_BENCH_START_ARGS", "").split()
         if discard:
             start.insert(6, "--discard-source")
         out = d.ctl(*start)
