@@ -68,6 +68,16 @@ import Testing
         await #expect(throws: HydrationError.self) { _ = try await m2.status("a") }
         await m2.shutdown()
 
+        // A complete job whose source has since been deleted is still reported complete.
+        try FileManager.default.removeItem(atPath: dir.file("b.img"))
+        let mGone = JobManager(stateDirectory: state, io: io, logger: testLogger)
+        try await mGone.restore()
+        let done = try await mGone.status("b")
+        #expect(done.state == .complete && done.error == nil)
+        #expect(done.regions.hydrated == done.regions.total && done.regions.total > 0)
+        #expect(try await mGone.resume("b").state == .complete)
+        await mGone.shutdown()
+
         // A job whose metadata was destroyed is restored as failed with the reason, and the
         // daemon keeps serving the others.
         try Data(repeating: 0xAB, count: 9000).write(to: URL(fileURLWithPath: state + "/jobs/b.meta"))

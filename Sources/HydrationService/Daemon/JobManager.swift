@@ -78,11 +78,18 @@ public struct TunablesUpdate: Sendable, Equatable {
 public actor JobManager {
     enum Entry {
         case live(HydrationJob, JobDefinition)
-        /// Could not be opened at start (metadata corrupt, device gone...): reported as failed.
-        case broken(JobDefinition, HydrationError)
+        /// Could not be opened at start (metadata corrupt, device gone...): reported as failed —
+        /// or, when its metadata (read-only) says it completed, as complete: a finished job's
+        /// source may well have been deleted since.
+        case broken(JobDefinition, HydrationError, MetadataHeader?)
 
         var definition: JobDefinition {
-            switch self { case .live(_, let d), .broken(let d, _): return d }
+            switch self { case .live(_, let d), .broken(let d, _, _): return d }
+        }
+
+        var isCompleteOffline: Bool {
+            if case .broken(_, _, let h?) = self { return h.complete }
+            return false
         }
     }
 
@@ -139,8 +146,14 @@ public actor JobManager {
                 logger.info("job restored", metadata: ["job": "\(def.name)", "state": "\(state.rawValue)"])
             } catch {
                 let e = error
-                logger.error("job could not be restored", metadata: ["job": "\(def.name)", "error": "\(e)"])
-                jobs[def.name] = .broken(def, e)
+                let storage = self.storage
+                let header = try? await io.run { try MetadataStore.open(path: def.metadata, storage: storage, readOnly: true).0.header }
+                if header?.complete == true {
+                    logger.info("complete job restored from its metadata alone", metadata: ["job": "\(def.name)", "note": "\(e.message)"])
+                } else {
+                    logger.error("job could not be restored", metadata: ["job": "\(def.name)", "error": "\(e)"])
+                }
+                jobs[def.name] = .broken(def, e, header)
             }
         }
     }
@@ -215,7 +228,7 @@ public actor JobManager {
     private func live(_ name: String) throws(HydrationError) -> (HydrationJob, JobDefinition) {
         switch jobs[name] {
         case .live(let j, let d)?: return (j, d)
-        case .broken(_, let e)?:
+        case .broken(_, let e, _)?:
             throw HydrationError(.invalidState, "job \(name) could not be opened: \(e.message)")
         case nil:
             throw HydrationError(.noSuchJob, "no job named \(name)")
@@ -230,6 +243,7 @@ public actor JobManager {
     }
 
     public func resume(_ name: String) async throws(HydrationError) -> JobStatus {
+        if jobs[name]?.isCompleteOffline == true { return try await status(name) }
         let (job, _) = try live(name)
         try await job.start()
         try await setDesired(name, .hydrating)
@@ -237,6 +251,7 @@ public actor JobManager {
     }
 
     public func pause(_ name: String) async throws(HydrationError) -> JobStatus {
+        if jobs[name]?.isCompleteOffline == true { return try await status(name) }
         let (job, _) = try live(name)
         try await setDesired(name, .paused)
         await job.pause()
@@ -244,6 +259,7 @@ public actor JobManager {
     }
 
     public func commit(_ name: String) async throws(HydrationError) -> JobStatus {
+        if jobs[name]?.isCompleteOffline == true { return try await status(name) }
         let (job, _) = try live(name)
         try await job.commit()
         return await job.status()
@@ -282,7 +298,7 @@ public actor JobManager {
     public func status(_ name: String) async throws(HydrationError) -> JobStatus {
         switch jobs[name] {
         case .live(let j, _)?: return await j.status()
-        case .broken(let d, let e)?: return Self.brokenStatus(d, e)
+        case .broken(let d, let e, let h)?: return Self.offlineStatus(d, e, h)
         case nil: throw HydrationError(.noSuchJob, "no job named \(name)")
         }
     }
@@ -366,18 +382,25 @@ public actor JobManager {
         try PosixStorage().syncDirectory(containing: path)
     }
 
-    static func brokenStatus(_ d: JobDefinition, _ e: HydrationError) -> JobStatus {
-        let regions = RegionGeometry.isValidRegionSize(d.regionSize) ? 0 : 0
+    /// The status of a job that is not open: from its definition and, when readable, its metadata.
+    static func offlineStatus(_ d: JobDefinition, _ e: HydrationError, _ h: MetadataHeader?) -> JobStatus {
+        let complete = h?.complete == true
+        let total = h?.targetSize ?? 0
+        let regionsTotal = h?.regionCount ?? 0
+        let hydrated = h?.hydratedCount ?? 0
+        let hydratedBytes = complete ? total : min(total, hydrated * d.regionSize)
         return JobStatus(
-            name: d.name, state: .failed, source: .init(path: d.source, sizeBytes: 0), dest: .init(path: d.dest),
-            regionSize: d.regionSize, regions: .init(total: UInt64(regions), hydrated: 0, hydrating: 0),
-            bytes: .init(total: 0, hydrated: 0, committed: 0, skippedZero: 0, discarded: 0),
-            throughputBytesPerSecond: 0, etaSeconds: nil, commits: .init(count: 0, lastUnixMs: nil, lastDurationMs: nil),
+            name: d.name, state: complete ? .complete : .failed,
+            source: .init(path: d.source, sizeBytes: total), dest: .init(path: d.dest),
+            regionSize: d.regionSize, regions: .init(total: regionsTotal, hydrated: hydrated, hydrating: 0),
+            bytes: .init(total: total, hydrated: hydratedBytes, committed: hydratedBytes, skippedZero: 0, discarded: 0),
+            throughputBytesPerSecond: 0, etaSeconds: complete ? 0 : nil,
+            commits: .init(count: 0, lastUnixMs: h?.committedUnixMs, lastDurationMs: nil),
             discard: .init(enabled: d.discardSource, pendingBytes: 0, failed: 0),
             spaceBudgetBytes: d.discardSource ? d.tunables.spaceBudgetBytes : nil,
             settings: .init(threshold: d.tunables.threshold, batchSize: d.tunables.batchSize,
                             rateLimitBytesPerSecond: d.tunables.rateLimitBytesPerSecond, commitIntervalMs: d.tunables.commitIntervalMs),
-            metadata: .init(path: d.metadata, mode: .fail),
-            error: .init(code: e.code.rawValue, message: e.message))
+            metadata: .init(path: d.metadata, mode: complete ? .ro : .fail),
+            error: complete ? nil : .init(code: e.code.rawValue, message: e.message, errno: e.errno, region: e.region))
     }
 }

@@ -236,7 +236,7 @@ actor Copier {
     private func earlyCommitFinished() { earlyCommitInFlight = false }
 
     /// How much of the source and destination may stay in the page cache behind the copy front.
-    static let cacheWindow: UInt64 = 32 << 20
+    static let cacheWindow: UInt64 = 16 << 20
     private var copyFront: UInt64 = 0
     private var evictedUpTo: UInt64 = 0
     private var pendingEviction: Range<UInt64>?
@@ -244,7 +244,9 @@ actor Copier {
     private func finished(_ b: BatchResult, reserved: UInt64) async {
         copyFront = max(copyFront, geometry.byteRange(of: b.regions).upperBound)
         if copyFront >= evictedUpTo + 2 * Self.cacheWindow {
-            let upTo = copyFront - Self.cacheWindow
+            // On a 4 MiB boundary: large folios are aligned to their size, and one straddling
+            // the end of a range would be dropped by neither this call nor the next.
+            let upTo = (copyFront - Self.cacheWindow) & ~UInt64((4 << 20) - 1)
             pendingEviction = (pendingEviction?.lowerBound ?? evictedUpTo)..<upTo
             evictedUpTo = upTo
         }
