@@ -8,4 +8,4 @@ Scripts/install-deps.sh --test
 swift build --build-tests
 swift test --skip-build 2>&1 | tee /tmp/hydration-test.log
 # Integration tests (systemd user manager, ...) against .build/debug binaries (HYDRATION_BIN_DIR overrides).
-python3 -m pytest Tests/integration -rs 2>&1 | tee /tmp/hydration-integration.log
+python3 -m pytest Tests/integration -rs -s 2>&1 | tee /tmp/hydration-integration.log
