@@ -72,6 +72,36 @@ import Testing
         #expect(readFile(dir.file("dst.img")) == image.bytes)
     }
 
+    /// An existing destination full of garbage: hole and zero regions must be zeroed (punched).
+    /// A destination the job creates is known to be zero: nothing is punched in it.
+    @Test func garbageDestinationIsZeroedFreshOneIsNotPunched() async throws {
+        let dir = TempDir("garbage")
+        let image = TestImage.make(size: 8 << 20, seed: 21, chunk: 256 << 10)
+        try image.write(to: dir.file("src.img"))
+        var garbage = [UInt8](repeating: 0, count: image.bytes.count)
+        var rng = SeededRandom(seed: 22)
+        rng.fill(&garbage, 0..<garbage.count)
+        try Data(garbage).write(to: URL(fileURLWithPath: dir.file("dst.img")))
+        let job = try await HydrationJob.create(config(dir, discard: false), io: io, logger: testLogger)
+        #expect(job.configuration.destZeroed == false)
+        try await job.start()
+        #expect(await job.waitUntilSettled() == .complete)
+        await job.close()
+        #expect(readFile(dir.file("dst.img")) == image.bytes)
+
+        let sim = SimulatedStorage()
+        sim.addFile("/src", data: image.bytes)
+        let cfg = JobConfiguration(name: "fresh", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+                                   regionSize: 64 << 10, discardSource: false)
+        let fresh = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
+        #expect(fresh.configuration.destZeroed)
+        try await fresh.start()
+        #expect(await fresh.waitUntilSettled() == .complete)
+        await fresh.close()
+        #expect(sim.contents("/dst")! == image.bytes)
+        #expect(!sim.log.contains { $0.path == "/dst" && $0.kind == .zeroOut })
+    }
+
     /// Pause, reopen in a "new process" (a new job object from the metadata), finish.
     @Test func pauseCloseReopenResume() async throws {
         let dir = TempDir("resume")

@@ -93,7 +93,9 @@ public actor HydrationJob {
         } catch {
             throw error as? HydrationError ?? HydrationError(.ioError, "\(error)")
         }
-        let job = HydrationJob(configuration: config, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
+        var cfg = config
+        cfg.destZeroed = opened.2.header.destZeroed
+        let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
         logger.info("job created", metadata: ["job": "\(config.name)", "source": "\(config.sourcePath)", "dest": "\(config.destPath)",
                                               "regions": "\(opened.2.header.regionCount)"])
         return job
@@ -223,8 +225,13 @@ public actor HydrationJob {
         guard dest.info.size >= source.info.size else {
             throw HydrationError(.sizeMismatch, "destination \(dest.info.path) has \(dest.info.size) bytes, smaller than the source's \(source.info.size)")
         }
+        // A destination file this job created (or extended from empty) reads as zeros wherever
+        // it has not written, for the whole life of the job (the source does not change, so a
+        // region that is a hole or all zeros now never had data written for it): zeroing its
+        // hole and zero regions again would only take the inode lock away from the writers.
+        let freshDest = destBefore == nil || (destBefore!.identity.kind == .regularFile && destBefore!.size == 0)
         let options = MetadataCreateOptions(regionSize: config.regionSize, source: DeviceRecord(source.info), dest: DeviceRecord(dest.info),
-                                            discardSource: config.discardSource, destZeroed: config.destZeroed)
+                                            discardSource: config.discardSource, destZeroed: config.destZeroed || freshDest)
         do {
             let store = try MetadataStore.create(path: config.metadataPath, options: options, storage: storage, nowMs: wallClockMillis())
             created = true
