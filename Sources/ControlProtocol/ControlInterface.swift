@@ -194,10 +194,10 @@ public enum ControlInterface {
         error InvalidParameter (parameter: string, reason: string)
 
         # The device or file is already the source, destination or metadata of another job.
-        error DeviceInUse (path: string, job: string)
+        error DeviceInUse (path: string, job: string, message: ?string)
 
         # The destination is smaller than the source.
-        error SizeMismatch (source_bytes: int, dest_bytes: int)
+        error SizeMismatch (source_bytes: int, dest_bytes: int, message: ?string)
 
         # The metadata file is damaged or belongs to a different job.
         error MetadataCorrupt (path: string, reason: string)

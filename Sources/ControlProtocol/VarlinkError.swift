@@ -107,14 +107,15 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         VarlinkError(name: Name.invalidParameter, parameters: ["parameter": .string(parameter), "reason": .string(reason)])
     }
 
-    public static func deviceInUse(path: String, job: String) -> VarlinkError {
-        VarlinkError(name: Name.deviceInUse, parameters: ["path": .string(path), "job": .string(job)])
+    public static func deviceInUse(path: String, job: String, message: String = "") -> VarlinkError {
+        VarlinkError(name: Name.deviceInUse, parameters: ["path": .string(path), "job": .string(job), "message": .string(message)])
     }
 
-    public static func sizeMismatch(sourceBytes: UInt64, destBytes: UInt64) -> VarlinkError {
+    public static func sizeMismatch(sourceBytes: UInt64, destBytes: UInt64, message: String = "") -> VarlinkError {
         VarlinkError(
             name: Name.sizeMismatch,
-            parameters: ["source_bytes": .int(Int64(clamping: sourceBytes)), "dest_bytes": .int(Int64(clamping: destBytes))]
+            parameters: ["source_bytes": .int(Int64(clamping: sourceBytes)), "dest_bytes": .int(Int64(clamping: destBytes)),
+                         "message": .string(message)]
         )
     }
 

@@ -129,6 +129,8 @@ def test_bad_input_gets_named_errors_and_daemon_keeps_serving(tmp_path, daemon):
         with pytest.raises(VarlinkError) as e:
             daemon.call("Start", params)
         assert e.value.name.endswith("." + err), (params, e.value.name, e.value.parameters)
+        if err == "SizeMismatch":
+            assert e.value.parameters["source_bytes"] == 8 << 20 and e.value.parameters["dest_bytes"] == 4096
 
     # A device used by another job.
     daemon.call("Start", {"name": "first", "source": src, "dest": str(tmp_path / "o1"), "no_hydration": True,

@@ -24,13 +24,9 @@ public struct DaemonControlHandler: ControlHandler {
         case .deviceInUse:
             // `job` names the holder when it is one of ours; empty when something else (a mount,
             // another process) holds the device. The message says which.
-            var v = VarlinkError.deviceInUse(path: e.path ?? path ?? "", job: e.holder ?? "")
-            v.parameters["message"] = .string(e.message)
-            return v
+            return .deviceInUse(path: e.path ?? path ?? "", job: e.holder ?? "", message: e.message)
         case .sizeMismatch:
-            var v = VarlinkError.sizeMismatch(sourceBytes: 0, destBytes: 0)
-            v.parameters["message"] = .string(e.message)
-            return v
+            return .sizeMismatch(sourceBytes: e.sourceBytes ?? 0, destBytes: e.destBytes ?? 0, message: e.message)
         case .metadataCorrupt, .metadataMismatch, .metadataExists:
             return .metadataCorrupt(path: path ?? "", reason: e.message)
         case .permissionDenied: return .permissionDenied(method: "", reason: e.message)

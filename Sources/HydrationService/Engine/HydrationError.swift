@@ -31,6 +31,9 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     public var path: String?
     /// For DeviceInUse: the job that holds the device, when it is one of this daemon's.
     public var holder: String?
+    /// For SizeMismatch: the two sizes.
+    public var sourceBytes: UInt64?
+    public var destBytes: UInt64?
 
     public init(_ code: Code, _ message: String, errno: Int32? = nil, region: Int? = nil) {
         self.code = code; self.message = message; self.errno = errno; self.region = region

@@ -199,7 +199,9 @@ public actor HydrationJob {
         }
         try checkDistinct(source: srcInfo, dest: destBefore, metadata: nil)
         if let d = destBefore, !(d.identity.kind == .regularFile && d.size == 0), d.size < srcInfo.size {
-            throw HydrationError(.sizeMismatch, "destination \(d.path) has \(d.size) bytes, smaller than the source's \(srcInfo.size)")
+            var e = HydrationError(.sizeMismatch, "destination \(d.path) has \(d.size) bytes, smaller than the source's \(srcInfo.size)")
+            e.sourceBytes = srcInfo.size; e.destBytes = d.size
+            throw e
         }
         let source = try openDevice(storage, config.sourcePath, .source(discard: config.discardSource), what: "source")
         let dest = try openDevice(storage, config.destPath, .destination(createSize: srcInfo.size), what: "destination")
@@ -223,7 +225,9 @@ public actor HydrationJob {
             throw HydrationError(.invalidParameter, "region size \(config.regionSize) is not a multiple of \(d.info.path)'s logical block size \(d.info.logicalBlockSize)")
         }
         guard dest.info.size >= source.info.size else {
-            throw HydrationError(.sizeMismatch, "destination \(dest.info.path) has \(dest.info.size) bytes, smaller than the source's \(source.info.size)")
+            var e = HydrationError(.sizeMismatch, "destination \(dest.info.path) has \(dest.info.size) bytes, smaller than the source's \(source.info.size)")
+            e.sourceBytes = source.info.size; e.destBytes = dest.info.size
+            throw e
         }
         // A destination file this job created (or extended from empty) reads as zeros wherever
         // it has not written, for the whole life of the job (the source does not change, so a
