@@ -102,6 +102,29 @@ import Testing
         #expect(!sim.log.contains { $0.path == "/dst" && $0.kind == .zeroOut })
     }
 
+    /// A pause that reaches the copier before its run has even started is not lost: the job
+    /// pauses at once instead of copying to the end.
+    @Test func pauseRightAfterStartIsNotLost() async throws {
+        let dir = TempDir("quickpause")
+        let image = TestImage.make(size: 64 << 20, seed: 31)
+        try image.write(to: dir.file("src.img"))
+        var t = Tunables.defaults(regionSize: 64 << 10)
+        t.rateLimitBytesPerSecond = 8 << 20   // 8 s to the end
+        for _ in 0..<5 {
+            try? FileManager.default.removeItem(atPath: dir.file("dst.img"))
+            try? FileManager.default.removeItem(atPath: dir.file("meta"))
+            let job = try await HydrationJob.create(config(dir, discard: false, tunables: t), io: io, logger: testLogger)
+            let started = Date()
+            try await job.start()
+            await job.pause()
+            #expect(await job.currentState == .paused)
+            #expect(Date().timeIntervalSince(started) < 3)
+            await job.close()
+            // And a closed job refuses to start.
+            await #expect(throws: HydrationError.self) { try await job.start() }
+        }
+    }
+
     /// Pause, reopen in a "new process" (a new job object from the metadata), finish.
     @Test func pauseCloseReopenResume() async throws {
         let dir = TempDir("resume")

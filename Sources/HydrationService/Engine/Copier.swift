@@ -40,7 +40,11 @@ actor Copier {
     private let buffers = IOBufferPool()
     private var map: RegionMap
     private var tunables: Tunables
-    private var stopRequested = false
+    /// Runs are numbered by the job; a stop names the run it stops, so a stop that arrives
+    /// before its run has started is not lost (a plain flag reset by run() would be).
+    private var stoppedUpTo = 0
+    private var currentRun = 0
+    private var stopRequested: Bool { stoppedUpTo >= currentRun }
     private var running = false
 
     // Where the next data is, from SEEK_DATA; nil when unknown.
@@ -61,7 +65,7 @@ actor Copier {
     }
 
     func update(_ t: Tunables) { tunables = t }
-    func requestStop() { stopRequested = true }
+    func requestStop(run: Int) { stoppedUpTo = max(stoppedUpTo, run) }
     var hydratedMap: RegionMap { map }
 
     enum Work: Sendable {
@@ -87,10 +91,10 @@ actor Copier {
     }
 
     /// Runs until every region is hydrated, a stop is requested, or a failure.
-    func run() async -> Outcome {
+    func run(id: Int) async -> Outcome {
         precondition(!running, "copier already running")
         running = true
-        stopRequested = false
+        currentRun = id
         extents = []
         noMoreData = false
         rateStart = monotonicNanos()

@@ -18,6 +18,7 @@ actor Discarder {
     private var processed = 0
     private var waiters: [(Int, CheckedContinuation<Void, Never>)] = []
     private var loggedFailure = false
+    private var finished = false
 
     /// Largest single discard request: keeps each call short so progress stays visible.
     static let maxChunk: UInt64 = 1 << 30
@@ -37,13 +38,15 @@ actor Discarder {
             waiters.removeAll { $0.0 <= processed }
             for (_, c) in ready { c.resume() }
         }
+        finished = true
         for (_, c) in waiters { c.resume() }
         waiters = []
     }
 
-    /// Returns once every set published before this call has been processed.
+    /// Returns once every set published before this call has been processed (or at once when
+    /// the stream has ended: nothing more will be processed).
     func drain(published: Int) async {
-        if processed >= published { return }
+        if processed >= published || finished { return }
         await withCheckedContinuation { waiters.append((published, $0)) }
     }
 

@@ -36,6 +36,8 @@ public actor HydrationJob {
     private var discardTask: Task<Void, Never>?
     private var stateWaiters: [CheckedContinuation<Void, Never>] = []
     private var closed = false
+    private var closing = false
+    private var runID = 0
 
     private init(configuration: JobConfiguration, source: any StorageDevice, dest: any StorageDevice,
                  store: MetadataStore, io: IOExecutor, logger: Logger) {
@@ -280,7 +282,7 @@ public actor HydrationJob {
 
     /// Starts or resumes hydration. A complete job stays complete.
     public func start() throws(HydrationError) {
-        guard !closed else { throw HydrationError(.invalidState, "job \(name) is closed") }
+        guard !closed && !closing else { throw HydrationError(.invalidState, "job \(name) is closed") }
         switch state {
         case .hydrating, .complete:
             return
@@ -294,7 +296,9 @@ public actor HydrationJob {
         error = nil
         setState(.hydrating)
         logger.info("hydration started")
-        runTask = Task { await self.runHydration() }
+        runID += 1
+        let id = runID
+        runTask = Task { await self.runHydration(id: id) }
     }
 
     /// Stops issuing copies, finishes those in flight, commits, and waits for the discards of
@@ -302,7 +306,7 @@ public actor HydrationJob {
     public func pause() async {
         switch state {
         case .hydrating:
-            await copier.requestStop()
+            await copier.requestStop(run: runID)
             await runTask?.value
         case .idle:
             setState(.paused)
@@ -339,7 +343,9 @@ public actor HydrationJob {
     /// Pauses (with a final commit), stops the discarder after it has drained, and closes the
     /// job. The devices are released when the last reference goes.
     public func close() async {
-        guard !closed else { return }
+        guard !closed && !closing else { return }
+        // Before the first await: no start() may slip in while the job is closing.
+        closing = true
         await pause()
         closed = true
         await committer.finishStream()
@@ -374,7 +380,7 @@ public actor HydrationJob {
         for c in w { c.resume() }
     }
 
-    private func runHydration() async {
+    private func runHydration(id: Int) async {
         let committer = self.committer
         let ticker = Task { [weak self] in
             while !Task.isCancelled {
@@ -386,7 +392,7 @@ public actor HydrationJob {
             }
         }
         tickerTask = ticker
-        let outcome = await copier.run()
+        let outcome = await copier.run(id: id)
         ticker.cancel()
         tickerTask = nil
 

@@ -283,6 +283,18 @@ public final class MetadataStore: Sendable {
         var sbSlot = best.slot
         if !readOnly {
             do {
+                // What this open relies on may exist only in the page cache: a process killed
+                // between a write and its fsync, or one whose fsync failed (the pages then stay
+                // cached and clean but never reach the disk, and a later fsync does not rewrite
+                // them). Rewrite those blocks with the same bytes, so that the fsync below really
+                // writes them: the superblock in use and every adopted page, before anything
+                // (the recovery superblock, the discarder) depends on them.
+                let reDirty = [MetadataFormat.superblockOffset(slot: best.slot)]
+                    + newer.map { MetadataFormat.pageOffset(page: $0.page, slot: $0.slot) }
+                for offset in reDirty {
+                    try device.write(bytes: try device.read(count: MetadataFormat.blockSize, at: offset), at: offset)
+                }
+                try device.sync()
                 if !newer.isEmpty || maxGeneration > header.generation {
                     // A recovery commit: a superblock above every generation seen, recording the
                     // adopted pages (each page's newest valid version now has a generation below

@@ -230,13 +230,16 @@ final class PosixDevice: StorageDevice {
     }
 
     func close() {
-        // Replace the descriptor with one on "/" (read-only directory) instead of closing the
-        // number: a stray call after close then fails (EISDIR/EBADF) rather than reaching
-        // whatever file might reuse the number. The real close happens in deinit.
-        let root = Glibc.open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if root >= 0 {
-            _ = dup2(root, fd)
-            Glibc.close(root)
+        // Replace the descriptor with the read end of an empty pipe instead of closing the
+        // number: a stray call after close then fails (pread/pwrite/fallocate ESPIPE, fdatasync
+        // EINVAL, ioctl ENOTTY) rather than reaching whatever file might reuse the number — and,
+        // unlike a directory, a pipe cannot make an fdatasync "succeed". The real close is in deinit.
+        var ends: [Int32] = [-1, -1]
+        if pipe(&ends) == 0 {
+            _ = dup2(ends[0], fd)
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            Glibc.close(ends[0])
+            Glibc.close(ends[1])
         }
     }
 
