@@ -135,7 +135,12 @@ public enum StatusFormatter {
         }
         row("settings", settingsText(s.settings))
         row("metadata", "\(s.metadata.path) (\(s.metadata.mode.rawValue))")
-        if let e = s.error { row("error", "\(e.code): \(e.message)") }
+        if let e = s.error {
+            var where_: [String] = []
+            if let n = e.errno { where_.append("errno \(n)") }
+            if let r = e.region { where_.append("region \(r)") }
+            row("error", "\(e.code): \(e.message)" + (where_.isEmpty ? "" : " (\(where_.joined(separator: ", ")))"))
+        }
         return lines.joined(separator: "\n")
     }
 

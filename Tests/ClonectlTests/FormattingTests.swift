@@ -81,6 +81,8 @@ let etaCases: [(Double?, String)] = [
         let text = StatusFormatter.detailed(s)
         #expect(text.contains("error       SourceReadFailed: read /dev/vg/src: EIO"))
         #expect(!text.contains("ETA"))
+        let withWhere = sampleStatus(state: .failed, error: .init(code: "SourceReadFailed", message: "region 8: read failed", errno: 5, region: 8))
+        #expect(StatusFormatter.detailed(withWhere).contains("SourceReadFailed: region 8: read failed (errno 5, region 8)"))
     }
 
     @Test func line() {
