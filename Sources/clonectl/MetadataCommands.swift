@@ -29,18 +29,7 @@ enum OfflineMetadata {
     static func report(path: String, _ outcome: Outcome) -> MetadataReport {
         switch outcome {
         case .valid(let store, let r):
-            let h = store.header
-            var problems: [String] = []
-            if let other = r.otherSlotProblem { problems.append("superblock slot \(1 - r.superblockSlot): \(other)") }
-            if r.uncommittedPageSlots > 0 {
-                problems.append("\(r.uncommittedPageSlots) page slot(s) from an interrupted commit (ignored)")
-            }
-            return MetadataReport(
-                path: path, valid: true, version: Int(h.version), generation: h.generation, jobId: h.jobID,
-                regionSize: h.regionSize, targetSizeBytes: h.targetSize, regionsTotal: h.regionCount,
-                regionsHydrated: h.hydratedCount, discardSource: h.discardSource, destZeroed: h.destZeroed,
-                complete: h.complete, sourcePath: h.source.path, destPath: h.dest.path,
-                createdUnixMs: h.createdUnixMs, committedUnixMs: h.committedUnixMs, problems: problems)
+            return MetadataReport(path: path, header: store.header, recovery: r)
         case .invalid(let why), .unreadable(let why):
             return MetadataReport(path: path, valid: false, problems: [why])
         }

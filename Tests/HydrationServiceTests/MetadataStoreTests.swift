@@ -1,3 +1,4 @@
+import ControlProtocol
 import Testing
 @testable import HydrationService
 
@@ -150,6 +151,10 @@ import Testing
         #expect(roReport.uncommittedPageSlots == 1)
         #expect(roReport.adoptedRegions == 490)
         #expect(ro.header.generation == 2)
+        // What `clonectl check` and CheckMetadata report of it (one shared construction).
+        let checked = ControlProtocol.MetadataReport(path: "/meta", header: ro.header, recovery: roReport)
+        #expect(checked.valid && checked.regionsHydrated == 500)
+        #expect(checked.problems == ["1 page slot(s) from an interrupted commit, adding 490 region(s); adopted when the job is opened"])
         let (r1, report) = try MetadataStore.open(path: "/meta", storage: sim)
         #expect(report.adoptedRegions == 490)
         #expect(r1.committedMap.setRanges() == [0..<500])

@@ -157,17 +157,7 @@ public struct DaemonControlHandler: ControlHandler {
     public static func report(path: String, manager: JobManager) async -> ControlProtocol.MetadataReport {
         do {
             let (h, r) = try await manager.checkMetadata(path)
-            var problems: [String] = []
-            if let other = r.otherSlotProblem { problems.append("superblock slot \(1 - r.superblockSlot): \(other)") }
-            if r.uncommittedPageSlots > 0 {
-                problems.append("\(r.uncommittedPageSlots) page slot(s) from an interrupted commit, adding \(r.adoptedRegions) region(s); adopted when the job is opened")
-            }
-            return ControlProtocol.MetadataReport(
-                path: path, valid: true, version: Int(h.version), generation: h.generation, jobId: h.jobID,
-                regionSize: h.regionSize, targetSizeBytes: h.targetSize, regionsTotal: h.regionCount,
-                regionsHydrated: h.hydratedCount, discardSource: h.discardSource, destZeroed: h.destZeroed,
-                complete: h.complete, sourcePath: h.source.path, destPath: h.dest.path,
-                createdUnixMs: h.createdUnixMs, committedUnixMs: h.committedUnixMs, problems: problems)
+            return ControlProtocol.MetadataReport(path: path, header: h, recovery: r)
         } catch {
             return ControlProtocol.MetadataReport(path: path, valid: false, problems: [error.message])
         }
