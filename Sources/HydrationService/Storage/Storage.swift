@@ -37,8 +37,14 @@ public struct DeviceInfo: Sendable, Equatable {
     public var size: UInt64
     /// The smallest unit of I/O the device accepts (BLKSSZGET); 512 for regular files.
     public var logicalBlockSize: Int
-    public init(path: String, identity: DeviceIdentity, size: UInt64, logicalBlockSize: Int) {
+    /// An identity that survives reboots and renumbering (device numbers, /dev/loopN, /dev/sdX
+    /// change; a loop device's backing file, a dm uuid, a disk's WWN, a file's filesystem and
+    /// birth time do not), and differs for any other object. Empty when none can be found: such a
+    /// device cannot be confirmed after a restart. `identity` above is only valid while it is open.
+    public var stableID: String
+    public init(path: String, identity: DeviceIdentity, size: UInt64, logicalBlockSize: Int, stableID: String = "") {
         self.path = path; self.identity = identity; self.size = size; self.logicalBlockSize = logicalBlockSize
+        self.stableID = stableID
     }
 }
 
