@@ -174,9 +174,13 @@ public enum ControlInterface {
         # Commit the job's progress now; replies once the commit is durable.
         method Commit(name: string) -> (job: JobStatus)
 
-        # Forget a job (its destination and metadata stay on disk). A hydrating job is refused
-        # with JobRunning unless force, which pauses it with a final commit first.
-        method Remove(name: string, force: ?bool) -> ()
+        # Forget a job (its destination stays on disk). A hydrating job is refused with
+        # JobRunning unless force, which pauses it with a final commit first. An incomplete
+        # discard_source job whose source is partly released is refused with DataAtRisk unless
+        # force; even then its metadata is kept (kept_metadata says where), and a new job on its
+        # destination is refused until it is resumed (Start with that metadata) or the file is
+        # deleted by hand.
+        method Remove(name: string, force: ?bool) -> (kept_metadata: ?string)
 
         # Validate a metadata file, read-only.
         method CheckMetadata(path: string) -> (report: MetadataReport)
@@ -223,6 +227,10 @@ public enum ControlInterface {
 
         # An unexpected failure inside the daemon.
         error InternalError (message: string)
+
+        # The request would destroy the only record of data still needed; the message says
+        # what, and how to go on.
+        error DataAtRisk (name: string, message: string)
         """
 
     /// The standard `org.varlink.service` interface every Varlink service provides.

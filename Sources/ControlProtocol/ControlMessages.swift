@@ -249,7 +249,14 @@ public struct RemoveParameters: VarlinkParameters, Equatable {
     public static let parameterNames = names(CodingKeys.self)
 }
 
-public typealias RemoveReply = EmptyReply
+public struct RemoveReply: VarlinkParameters, Equatable {
+    /// Where the metadata of a removed incomplete discard_source job was kept (it is the only
+    /// record of which source regions were released); nil when nothing was kept.
+    public var keptMetadata: String?
+    public init(keptMetadata: String? = nil) { self.keptMetadata = keptMetadata }
+    enum CodingKeys: String, CodingKey, CaseIterable { case keptMetadata = "kept_metadata" }
+    public static let parameterNames = names(CodingKeys.self)
+}
 
 // MARK: CheckMetadata
 

@@ -249,9 +249,11 @@ public final class VarlinkClient: Sendable {
         try call(ControlMethod.commit.qualifiedName, parameters: JobNameParameters(name: name), replyType: JobReply.self).job
     }
 
-    public func remove(_ name: String, force: Bool = false) throws {
-        let _: EmptyReply = try call(
-            ControlMethod.remove.qualifiedName, parameters: RemoveParameters(name: name, force: force ? true : nil))
+    /// Returns where the job's metadata was kept, when it was (see `RemoveReply`).
+    @discardableResult
+    public func remove(_ name: String, force: Bool = false) throws -> String? {
+        try call(ControlMethod.remove.qualifiedName, parameters: RemoveParameters(name: name, force: force ? true : nil),
+                 replyType: RemoveReply.self).keptMetadata
     }
 
     public func checkMetadata(path: String) throws -> MetadataReport {

@@ -28,6 +28,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         public static let messageTooLarge = "org.hydrationd.Control.MessageTooLarge"
         public static let tooManyConnections = "org.hydrationd.Control.TooManyConnections"
         public static let internalError = "org.hydrationd.Control.InternalError"
+        public static let dataAtRisk = "org.hydrationd.Control.DataAtRisk"
 
         public static let serviceInterfaceNotFound = "org.varlink.service.InterfaceNotFound"
         public static let serviceMethodNotFound = "org.varlink.service.MethodNotFound"
@@ -41,7 +42,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     public enum Kind: Sendable, Equatable {
         case noSuchJob, jobExists, jobRunning, invalidParameter, deviceInUse, sizeMismatch, metadataCorrupt
         case permissionDenied, jobFailed, ioError, invalidMessage, messageTooLarge, tooManyConnections
-        case internalError
+        case internalError, dataAtRisk
         case interfaceNotFound, methodNotFound, methodNotImplemented, serviceInvalidParameter
         case servicePermissionDenied, expectedMore
         case other
@@ -63,6 +64,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case Name.messageTooLarge: return .messageTooLarge
         case Name.tooManyConnections: return .tooManyConnections
         case Name.internalError: return .internalError
+        case Name.dataAtRisk: return .dataAtRisk
         case Name.serviceInterfaceNotFound: return .interfaceNotFound
         case Name.serviceMethodNotFound: return .methodNotFound
         case Name.serviceMethodNotImplemented: return .methodNotImplemented
@@ -78,7 +80,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     public var isRequestRejection: Bool {
         switch kind {
         case .noSuchJob, .jobExists, .jobRunning, .invalidParameter, .deviceInUse, .sizeMismatch,
-            .metadataCorrupt, .permissionDenied, .serviceInvalidParameter, .servicePermissionDenied:
+            .metadataCorrupt, .permissionDenied, .serviceInvalidParameter, .servicePermissionDenied, .dataAtRisk:
             return true
         default:
             return false
@@ -143,6 +145,12 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
                 "message": .string(message),
             ]
         )
+    }
+
+    /// The request would destroy the only record of data the user still needs (e.g. removing a
+    /// discard_source job whose source is partly released); `message` says what and how to go on.
+    public static func dataAtRisk(_ name: String, message: String) -> VarlinkError {
+        VarlinkError(name: Name.dataAtRisk, parameters: ["name": .string(name), "message": .string(message)])
     }
 
     public static func invalidMessage(_ reason: String) -> VarlinkError {
@@ -210,6 +218,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case .messageTooLarge: return "message larger than \(p["limit"]?.int64Value ?? 0) bytes"
         case .tooManyConnections: return "too many connections to the daemon (limit \(p["limit"]?.int64Value ?? 0))"
         case .internalError: return "internal daemon error: \(p["message"]?.stringValue ?? "")"
+        case .dataAtRisk: return "job '\(p["name"]?.stringValue ?? "?")': \(p["message"]?.stringValue ?? "")"
         case .interfaceNotFound: return "interface not found: \(p["interface"]?.stringValue ?? "?")"
         case .methodNotFound: return "method not found: \(p["method"]?.stringValue ?? "?")"
         case .methodNotImplemented: return "method not implemented: \(p["method"]?.stringValue ?? "?")"

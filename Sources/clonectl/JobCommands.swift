@@ -152,7 +152,7 @@ struct Commit: AsyncParsableCommand, DaemonCommand {
 struct Remove: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Forget a job; its destination (and a metadata file outside the state directory) stay on disk.",
-        discussion: "A hydrating job is refused unless --force, which pauses it with a final commit first.")
+        discussion: "A hydrating job is refused unless --force, which pauses it with a final commit first. An incomplete --discard-source job whose source is partly released is refused unless --force; even then its metadata is kept (the only record of which regions the destination alone holds) and its path printed.")
     @OptionGroup var daemon: DaemonOptions
     @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
@@ -160,8 +160,12 @@ struct Remove: AsyncParsableCommand, DaemonCommand {
     var force = false
 
     func run() async throws {
-        try call { try $0.remove(job.name, force: force) }
+        let kept = try call { try $0.remove(job.name, force: force) }
         Output.line("removed job \(job.name)")
+        if let kept {
+            Output.line("its metadata was kept at \(kept): the source is partly released, and the destination holds the only copy of those regions")
+            Output.line("resume the copy with: clonectl start \(job.name) --metadata \(kept) --source SOURCE --dest DEST")
+        }
     }
 }
 

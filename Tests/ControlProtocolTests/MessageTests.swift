@@ -169,6 +169,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         (.messageTooLarge(limit: 1), "org.hydrationd.Control.MessageTooLarge", ["limit"]),
         (.tooManyConnections(limit: 1), "org.hydrationd.Control.TooManyConnections", ["limit"]),
         (.internalError("x"), "org.hydrationd.Control.InternalError", ["message"]),
+        (.dataAtRisk("a", message: "m"), "org.hydrationd.Control.DataAtRisk", ["name", "message"]),
         (.interfaceNotFound("i"), "org.varlink.service.InterfaceNotFound", ["interface"]),
         (.methodNotFound("m"), "org.varlink.service.MethodNotFound", ["method"]),
         (.methodNotImplemented("m"), "org.varlink.service.MethodNotImplemented", ["method"]),
@@ -195,7 +196,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(declared == [
             "NoSuchJob", "JobExists", "JobRunning", "InvalidParameter", "DeviceInUse", "SizeMismatch",
             "MetadataCorrupt", "PermissionDenied", "JobFailed", "IOError", "InvalidMessage", "MessageTooLarge",
-            "TooManyConnections", "InternalError",
+            "TooManyConnections", "InternalError", "DataAtRisk",
         ])
     }
 
@@ -260,7 +261,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
             .pause: Set(try json(JobReply(job: st)).keys),
             .getStatus: Set(try json(GetStatusReply(jobs: [])).keys),
             .list: Set(try json(ListReply(jobs: [])).keys),
-            .remove: Set(try json(RemoveReply()).keys),
+            .remove: Set(try json(RemoveReply(keptMetadata: "/m")).keys),
             .checkMetadata: Set(try json(CheckMetadataReply(report: MetadataReport(path: "/", valid: true))).keys),
         ]
         for (m, names) in outputs { #expect(Set(decl.methodOutputs[m.rawValue] ?? ["?"]) == names, "\(m)") }

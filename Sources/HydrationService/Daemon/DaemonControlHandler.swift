@@ -27,12 +27,13 @@ public struct DaemonControlHandler: ControlHandler {
             return .deviceInUse(path: e.path ?? path ?? "", job: e.holder ?? "", message: e.message)
         case .sizeMismatch:
             return .sizeMismatch(sourceBytes: e.sourceBytes ?? 0, destBytes: e.destBytes ?? 0, message: e.message)
-        case .metadataCorrupt, .metadataMismatch, .metadataExists:
+        case .metadataCorrupt, .metadataMismatch, .metadataExists, .deviceUnconfirmed:
             return .metadataCorrupt(path: path ?? "", reason: e.message)
         case .permissionDenied: return .permissionDenied(method: "", reason: e.message)
         case .sourceReadFailed, .destWriteFailed, .noSpace, .commitFailed:
             return .jobFailed(job ?? "", code: e.code.rawValue, message: e.message)
         case .ioError: return .ioError(path: path, errno: e.errno, message: e.message)
+        case .dataAtRisk: return .dataAtRisk(job ?? "", message: e.message)
         }
     }
 
@@ -144,8 +145,7 @@ public struct DaemonControlHandler: ControlHandler {
 
     public func remove(_ p: RemoveParameters, peer: PeerCredentials) async throws -> RemoveReply {
         try await mapped(job: p.name) { () async throws(HydrationError) in
-            try await manager.remove(p.name, force: p.force ?? false)
-            return RemoveReply()
+            RemoveReply(keptMetadata: try await manager.remove(p.name, force: p.force ?? false))
         }
     }
 

@@ -82,15 +82,28 @@ public actor JobManager {
         /// or, when its metadata (read-only) says it completed, as complete: a finished job's
         /// source may well have been deleted since.
         case broken(JobDefinition, HydrationError, MetadataHeader?)
+        /// Complete, every release recorded as done: restored from its metadata alone. Its devices
+        /// are never opened again (they may belong to other jobs or other owners by now).
+        case finished(JobDefinition, MetadataHeader)
 
         var definition: JobDefinition {
-            switch self { case .live(_, let d), .broken(let d, _, _): return d }
+            switch self { case .live(_, let d), .broken(let d, _, _), .finished(let d, _): return d }
         }
 
         var isCompleteOffline: Bool {
-            if case .broken(_, _, let h?) = self { return h.complete }
-            return false
+            switch self {
+            case .broken(_, _, let h?): return h.complete
+            case .finished: return true
+            default: return false
+            }
         }
+    }
+
+    /// A removed job's record, kept because its destination holds the only copy of regions
+    /// already released from its source: `<state-dir>/kept/<name>-<job uuid>.json`.
+    public struct KeptRecord: Codable, Sendable, Equatable {
+        public var definition: JobDefinition
+        public var removedUnixMs: Int64
     }
 
     public nonisolated let stateDirectory: String
@@ -101,6 +114,10 @@ public actor JobManager {
     /// Names being created right now (creation awaits I/O; actor reentrancy must not let two
     /// Starts of one name both proceed).
     private var creating: Set<String> = []
+    /// One control operation at a time per job name (FIFO): each reads state, awaits, and writes
+    /// the definition back, so interleaving them would lose updates (a pause undone by a
+    /// concurrent set, a removed job resurrected by a concurrent persist).
+    private var operationQueues: [String: [CheckedContinuation<Void, Never>]] = [:]
 
     public static let maxNameLength = 64
 
@@ -112,6 +129,7 @@ public actor JobManager {
     }
 
     var jobsDirectory: String { stateDirectory + "/jobs" }
+    var keptDirectory: String { stateDirectory + "/kept" }
     func definitionPath(_ name: String) -> String { jobsDirectory + "/\(name).json" }
 
     // MARK: restore
@@ -134,28 +152,67 @@ public actor JobManager {
                 logger.error("ignoring unreadable job definition", metadata: ["path": "\(path)", "error": "\(error)"])
                 continue
             }
-            do {
-                let job = try await HydrationJob.open(def.configuration, storage: storage, io: io, logger: logger)
-                jobs[def.name] = .live(job, def)
-                if def.desired == .hydrating, await job.currentState != .complete {
-                    try await job.start()
-                } else if def.desired == .paused {
-                    await job.pause()
-                }
-                let state = await job.currentState
-                logger.info("job restored", metadata: ["job": "\(def.name)", "state": "\(state.rawValue)"])
-            } catch {
-                let e = error
-                let storage = self.storage
-                let header = try? await io.run { try MetadataStore.open(path: def.metadata, storage: storage, readOnly: true).0.header }
-                if header?.complete == true {
-                    logger.info("complete job restored from its metadata alone", metadata: ["job": "\(def.name)", "note": "\(e.message)"])
-                } else {
-                    logger.error("job could not be restored", metadata: ["job": "\(def.name)", "error": "\(e)"])
-                }
-                jobs[def.name] = .broken(def, e, header)
-            }
+            jobs[def.name] = await openEntry(def)
         }
+    }
+
+    /// Opens a recorded job: a complete one whose releases are all recorded as done from its
+    /// metadata alone (its devices are not touched); any other through `HydrationJob.open`, which
+    /// confirms the devices. One that cannot be opened is kept as broken, with the reason: it
+    /// writes and releases nothing.
+    private func openEntry(_ def: JobDefinition) async -> Entry {
+        let storage = self.storage
+        let header = try? await io.run { try MetadataStore.open(path: def.metadata, storage: storage, readOnly: true).0.header }
+        if let header, header.complete, header.releasesSettled {
+            logger.info("complete job restored from its metadata alone", metadata: ["job": "\(def.name)"])
+            return .finished(def, header)
+        }
+        do {
+            let job = try await HydrationJob.open(def.configuration, storage: storage, io: io, logger: logger)
+            if def.desired == .hydrating, await job.currentState != .complete {
+                try await job.start()
+            } else if def.desired == .paused {
+                await job.pause()
+            }
+            let state = await job.currentState
+            logger.info("job restored", metadata: ["job": "\(def.name)", "state": "\(state.rawValue)"])
+            return .live(job, def)
+        } catch {
+            if header?.complete == true {
+                logger.info("complete job restored from its metadata alone", metadata: ["job": "\(def.name)", "note": "\(error.message)"])
+            } else {
+                logger.error("job could not be restored; it writes and releases nothing until resumed", metadata: ["job": "\(def.name)", "error": "\(error)"])
+            }
+            return .broken(def, error, header)
+        }
+    }
+
+    // MARK: one operation at a time per job
+
+    private func acquire(_ name: String) async {
+        if operationQueues[name] == nil {
+            operationQueues[name] = []
+            return
+        }
+        await withCheckedContinuation { operationQueues[name]!.append($0) }
+    }
+
+    private func release(_ name: String) {
+        guard var queue = operationQueues[name] else { return }
+        if queue.isEmpty {
+            operationQueues[name] = nil
+        } else {
+            // Ownership passes straight to the next waiter: nobody can slip in between.
+            let next = queue.removeFirst()
+            operationQueues[name] = queue
+            next.resume()
+        }
+    }
+
+    private func serialized<T>(_ name: String, _ body: () async throws(HydrationError) -> T) async throws(HydrationError) -> T {
+        await acquire(name)
+        defer { release(name) }
+        return try await body()
     }
 
     // MARK: control
@@ -169,9 +226,17 @@ public actor JobManager {
         }
     }
 
-    /// Creates a job and starts it (paused with `noHydration`).
+    /// Creates a job and starts it (paused with `noHydration`). A request naming the metadata of
+    /// a kept record (a removed, partly released job) resumes that job instead; any other request
+    /// whose destination is such a record's destination is refused.
     public func create(_ req: CreateJobRequest) async throws(HydrationError) -> JobStatus {
         try Self.validateName(req.name)
+        return try await serialized(req.name) { () async throws(HydrationError) -> JobStatus in
+            try await createLocked(req)
+        }
+    }
+
+    private func createLocked(_ req: CreateJobRequest) async throws(HydrationError) -> JobStatus {
         guard jobs[req.name] == nil, !creating.contains(req.name) else {
             throw HydrationError(.jobExists, "job \(req.name) already exists")
         }
@@ -180,7 +245,7 @@ public actor JobManager {
             throw HydrationError(.invalidParameter, "region_size must be a power of two from 4 KiB to 1 GiB (got \(regionSize))")
         }
         let tunables = req.tunables.applied(to: .defaults(regionSize: regionSize))
-        let def = JobDefinition(name: req.name, source: req.source, dest: req.dest,
+        var def = JobDefinition(name: req.name, source: req.source, dest: req.dest,
                                 metadata: req.metadata ?? jobsDirectory + "/\(req.name).meta",
                                 regionSize: regionSize, discardSource: req.discardSource, destZeroed: req.destZeroed,
                                 tunables: tunables, desired: req.noHydration ? .paused : .hydrating)
@@ -196,11 +261,21 @@ public actor JobManager {
                 throw e
             }
         }
+        let kept = try await keptRecord(concerning: def)
         creating.insert(req.name)
         defer { creating.remove(req.name) }
         let job: HydrationJob
         do {
-            job = try await HydrationJob.create(def.configuration, storage: storage, io: io, logger: logger)
+            if let kept {
+                // Resuming a kept record: its metadata says what the job is; the request's paths
+                // are confirmed against it by `open`.
+                def.regionSize = kept.record.definition.regionSize
+                def.discardSource = kept.record.definition.discardSource
+                def.destZeroed = kept.record.definition.destZeroed
+                job = try await HydrationJob.open(def.configuration, storage: storage, io: io, logger: logger)
+            } else {
+                job = try await HydrationJob.create(def.configuration, storage: storage, io: io, logger: logger)
+            }
         } catch {
             var e = error
             if e.code == .deviceInUse, let path = e.path {
@@ -213,8 +288,12 @@ public actor JobManager {
             try await persist(def)
         } catch {
             await job.close()
-            try? FileManager.default.removeItem(atPath: def.metadata)
+            if kept == nil { try? FileManager.default.removeItem(atPath: def.metadata) }
             throw error
+        }
+        if let kept {
+            try? FileManager.default.removeItem(atPath: kept.file)
+            logger.info("kept job record resumed", metadata: ["job": "\(def.name)", "metadata": "\(def.metadata)"])
         }
         jobs[req.name] = .live(job, def)
         if req.noHydration {
@@ -225,11 +304,54 @@ public actor JobManager {
         return await job.status()
     }
 
+    /// The kept record a new job concerns: the one whose metadata it names (to resume it), or an
+    /// error when it would write over the destination of one (that destination holds the only
+    /// copy of regions already released from the record's source).
+    private func keptRecord(concerning def: JobDefinition) async throws(HydrationError) -> (record: KeptRecord, file: String)? {
+        let records = keptRecords()
+        if let match = records.first(where: { $0.record.definition.metadata == def.metadata }) {
+            return match
+        }
+        let storage = self.storage
+        let destID = try? await io.run { try storage.identify(def.dest) }
+        for (record, _) in records {
+            let k = record.definition
+            var same = k.dest == def.dest
+            if !same, let destID, let keptID = try? await io.run({ try storage.identify(k.dest) }) {
+                same = keptID.identity == destID.identity
+                    || (!keptID.stableID.isEmpty && keptID.stableID == destID.stableID)
+            }
+            if same {
+                var e = HydrationError(.dataAtRisk, "destination \(def.dest) holds the only copy of regions already released from \(k.source) by removed job \(k.name); its metadata is kept at \(k.metadata). Resume that job: clonectl start \(def.name) --source \(k.source) --dest \(k.dest) --metadata \(k.metadata) (or delete \(k.metadata) by hand once that data is no longer needed)")
+                e.path = def.dest
+                throw e
+            }
+        }
+        return nil
+    }
+
+    /// Every kept record (unreadable ones are logged and skipped).
+    func keptRecords() -> [(record: KeptRecord, file: String)] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: keptDirectory)) ?? []
+        var out: [(KeptRecord, String)] = []
+        for file in names.sorted() where file.hasSuffix(".json") && !file.hasPrefix(".") {
+            let path = keptDirectory + "/" + file
+            do {
+                out.append((try JSONDecoder().decode(KeptRecord.self, from: Data(contentsOf: URL(fileURLWithPath: path))), path))
+            } catch {
+                logger.error("unreadable kept job record", metadata: ["path": "\(path)", "error": "\(error)"])
+            }
+        }
+        return out
+    }
+
     private func live(_ name: String) throws(HydrationError) -> (HydrationJob, JobDefinition) {
         switch jobs[name] {
         case .live(let j, let d)?: return (j, d)
         case .broken(_, let e, _)?:
             throw HydrationError(.invalidState, "job \(name) could not be opened: \(e.message)")
+        case .finished?:
+            throw HydrationError(.invalidState, "job \(name) is complete")
         case nil:
             throw HydrationError(.noSuchJob, "no job named \(name)")
         }
@@ -242,63 +364,145 @@ public actor JobManager {
         jobs[name] = .live(j, d)
     }
 
+    /// Resumes a job. One that could not be opened (a device missing or not confirmed, metadata
+    /// unreadable) is opened again first: the operator may have put the right device back.
     public func resume(_ name: String) async throws(HydrationError) -> JobStatus {
-        if jobs[name]?.isCompleteOffline == true { return try await status(name) }
-        let (job, _) = try live(name)
-        try await job.start()
-        try await setDesired(name, .hydrating)
-        return await job.status()
+        try await serialized(name) { () async throws(HydrationError) -> JobStatus in
+            if jobs[name]?.isCompleteOffline == true { return try await status(name) }
+            if case .broken(var def, _, _)? = jobs[name] {
+                def.desired = .hydrating
+                let entry = await openEntry(def)
+                if case .broken(_, let e, _) = entry { throw e }
+                try await persist(def)
+                jobs[name] = entry
+            }
+            let (job, _) = try live(name)
+            try await job.start()
+            try await setDesired(name, .hydrating)
+            return await job.status()
+        }
     }
 
     public func pause(_ name: String) async throws(HydrationError) -> JobStatus {
-        if jobs[name]?.isCompleteOffline == true { return try await status(name) }
-        let (job, _) = try live(name)
-        try await setDesired(name, .paused)
-        await job.pause()
-        return await job.status()
+        try await serialized(name) { () async throws(HydrationError) -> JobStatus in
+            if jobs[name]?.isCompleteOffline == true { return try await status(name) }
+            let (job, _) = try live(name)
+            try await setDesired(name, .paused)
+            await job.pause()
+            return await job.status()
+        }
     }
 
     public func commit(_ name: String) async throws(HydrationError) -> JobStatus {
-        if jobs[name]?.isCompleteOffline == true { return try await status(name) }
-        let (job, _) = try live(name)
-        try await job.commit()
-        return await job.status()
+        try await serialized(name) { () async throws(HydrationError) -> JobStatus in
+            if jobs[name]?.isCompleteOffline == true { return try await status(name) }
+            let (job, _) = try live(name)
+            try await job.commit()
+            return await job.status()
+        }
     }
 
     public func set(_ name: String, _ update: TunablesUpdate) async throws(HydrationError) -> JobStatus {
-        let (job, def) = try live(name)
-        let t = update.applied(to: await job.currentTunables)
-        try await job.update(t)
-        var d = def
-        d.tunables = t
-        try await persist(d)
-        jobs[name] = .live(job, d)
-        return await job.status()
+        try await serialized(name) { () async throws(HydrationError) -> JobStatus in
+            let (job, def) = try live(name)
+            let t = update.applied(to: await job.currentTunables)
+            try await job.update(t)
+            var d = def
+            d.tunables = t
+            try await persist(d)
+            jobs[name] = .live(job, d)
+            return await job.status()
+        }
     }
 
-    /// Removes a job (its definition and, when it lives in the state directory, its metadata).
+    /// Removes a job: its definition and, when it lives in the state directory, its metadata.
     /// Refuses a hydrating job unless `force`, which pauses it (with a final commit) first.
-    public func remove(_ name: String, force: Bool) async throws(HydrationError) {
+    /// An incomplete discard_source job with committed regions (so possibly released from the
+    /// source: the destination holds their only copy) is refused with DataAtRisk unless `force`;
+    /// even then its metadata is kept, with a record in `kept/`, and its path is returned.
+    @discardableResult
+    public func remove(_ name: String, force: Bool) async throws(HydrationError) -> String? {
+        try await serialized(name) { () async throws(HydrationError) -> String? in
+            try await removeLocked(name, force: force)
+        }
+    }
+
+    private func removeLocked(_ name: String, force: Bool) async throws(HydrationError) -> String? {
         guard let entry = jobs[name] else { throw HydrationError(.noSuchJob, "no job named \(name)") }
-        if case .live(let job, _) = entry {
-            if await job.currentState == .hydrating && !force {
-                throw HydrationError(.jobRunning, "job \(name) is hydrating; pause it first or remove with force")
+        var def = entry.definition
+        // What the metadata says (durably) before anything changes.
+        var atRisk = false
+        var jobID: String? = nil
+        switch entry {
+        case .live(let job, _):
+            if await job.currentState == .hydrating {
+                if !force { throw HydrationError(.jobRunning, "job \(name) is hydrating; pause it first or remove with force") }
+                // Its final commit may be what puts it at risk: decide after it.
+                await job.close()
             }
-            await job.close()
+            let s = await job.status()
+            atRisk = def.discardSource && s.state != .complete && s.bytes.committed > 0
+            jobID = await job.jobID
+        case .broken(_, _, let h):
+            // Unreadable metadata: it may still be the only record; keep it.
+            atRisk = def.discardSource && (h.map { !$0.complete && $0.hydratedCount > 0 } ?? true)
+            jobID = h?.jobID
+        case .finished(_, let h):
+            jobID = h.jobID
+        }
+        if atRisk && !force {
+            throw HydrationError(.dataAtRisk, "job \(name) has released part of its source \(def.source); the destination \(def.dest) holds the only copy of those regions and the metadata \(def.metadata) the only record of which they are. Finish it (clonectl resume \(name)), or remove it with --force: the metadata is then kept")
+        }
+        if case .live(let job, _) = entry { await job.close() }
+        var kept: String? = nil
+        if atRisk {
+            let stem = "\(name)-\(jobID ?? String(wallClockMillis()))"
+            do {
+                try FileManager.default.createDirectory(atPath: keptDirectory, withIntermediateDirectories: true,
+                                                        attributes: [.posixPermissions: 0o700])
+            } catch {
+                throw HydrationError(.ioError, "creating \(keptDirectory): \(error)")
+            }
+            if def.metadata.hasPrefix(jobsDirectory + "/") {
+                // Out of the way of a new job of the same name (which would use the same path).
+                let moved = keptDirectory + "/\(stem).meta"
+                do {
+                    try await io.run { [def] in
+                        guard rename(def.metadata, moved) == 0 else { throw StorageError(.create, path: moved, errno: errno) }
+                        try PosixStorage().syncDirectory(containing: moved)
+                        try PosixStorage().syncDirectory(containing: def.metadata)
+                    }
+                } catch {
+                    throw HydrationError(.ioError, "keeping metadata \(def.metadata): \(error)")
+                }
+                def.metadata = moved
+            }
+            let record = KeptRecord(definition: def, removedUnixMs: wallClockMillis())
+            do {
+                let enc = JSONEncoder()
+                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                let data = try enc.encode(record)
+                let path = keptDirectory + "/\(stem).json"
+                try await io.run { try Self.writeDurably(data, to: path) }
+            } catch {
+                throw HydrationError(.ioError, "saving kept job record: \(error)")
+            }
+            kept = def.metadata
         }
         jobs[name] = nil
-        let def = entry.definition
         try? FileManager.default.removeItem(atPath: definitionPath(name))
-        if def.metadata.hasPrefix(jobsDirectory + "/") {
+        if kept == nil, def.metadata.hasPrefix(jobsDirectory + "/") {
             try? FileManager.default.removeItem(atPath: def.metadata)
         }
-        logger.info("job removed", metadata: ["job": "\(name)"])
+        logger.info("job removed", metadata: ["job": "\(name)", "kept_metadata": "\(kept ?? "")"])
+        return kept
     }
 
     public func status(_ name: String) async throws(HydrationError) -> JobStatus {
         switch jobs[name] {
         case .live(let j, _)?: return await j.status()
         case .broken(let d, let e, let h)?: return Self.offlineStatus(d, e, h)
+        case .finished(let d, let h)?: return Self.offlineStatus(d, nil, h)
         case nil: throw HydrationError(.noSuchJob, "no job named \(name)")
         }
     }
@@ -383,7 +587,7 @@ public actor JobManager {
     }
 
     /// The status of a job that is not open: from its definition and, when readable, its metadata.
-    static func offlineStatus(_ d: JobDefinition, _ e: HydrationError, _ h: MetadataHeader?) -> JobStatus {
+    static func offlineStatus(_ d: JobDefinition, _ e: HydrationError?, _ h: MetadataHeader?) -> JobStatus {
         let complete = h?.complete == true
         let total = h?.targetSize ?? 0
         let regionsTotal = h?.regionCount ?? 0
@@ -401,6 +605,6 @@ public actor JobManager {
             settings: .init(threshold: d.tunables.threshold, batchSize: d.tunables.batchSize,
                             rateLimitBytesPerSecond: d.tunables.rateLimitBytesPerSecond, commitIntervalMs: d.tunables.commitIntervalMs),
             metadata: .init(path: d.metadata, mode: complete ? .ro : .fail),
-            error: complete ? nil : .init(code: e.code.rawValue, message: e.message, errno: e.errno, region: e.region))
+            error: complete || e == nil ? nil : .init(code: e!.code.rawValue, message: e!.message, errno: e!.errno, region: e!.region))
     }
 }

@@ -58,6 +58,10 @@ actor Committer {
     private var completeRequested = false
     /// Sets handed to the discarder so far (the copier waits for the discarder to catch up).
     private(set) var publishedCount = 0
+    /// Published sets (by sequence number, 1-based) whose release the discarder has not finished:
+    /// the pending-release list each commit records, so that a restart releases only these.
+    private var unconfirmed: [(seq: Int, ranges: [Range<Int>])] = []
+    private var confirmRequested = false
 
     #if DEBUG
     var fault: CommitterFault?
@@ -83,8 +87,12 @@ actor Committer {
     /// release again (idempotent), so a crash between a commit and its discard leaves nothing
     /// behind. The store synced the file before reporting this state.
     func publishRecovered() {
-        let ranges = store.committedMap.setRanges()
+        // Only what may still be pending (the store intersected it with the committed map): a
+        // complete job whose releases were confirmed never touches its source again, and a
+        // source device reused since is not released twice.
+        let ranges = store.header.pendingRelease
         guard !ranges.isEmpty, let publish else { return }
+        unconfirmed.append((publishedCount + 1, ranges))
         let bytes = ranges.reduce(UInt64(0)) { $0 + geometry.byteLength(of: $1) }
         progress.update { $0.discardPendingBytes += bytes }
         publishedCount += 1
@@ -126,6 +134,23 @@ actor Committer {
         if !pending.isEmpty { try await commit() }
     }
 
+    /// Records in the metadata that every release finished so far is done (a metadata-only commit
+    /// when the recorded pending list is longer than what is still outstanding). Called once the
+    /// discarder has drained: after it, a restart of a paused or complete job releases nothing.
+    func confirmReleases() async throws(HydrationError) {
+        guard publish != nil else { return }
+        pruneConfirmed()
+        let outstanding = coalesce(unconfirmed.flatMap(\.ranges))
+        guard store.header.pendingRelease != PendingRelease.bounded(outstanding) else { return }
+        confirmRequested = true
+        try await commit()
+    }
+
+    private func pruneConfirmed() {
+        let done = progress.snapshot.releasedSets
+        unconfirmed.removeAll { $0.seq <= done }
+    }
+
     private func resumeWaiters() {
         let w = waiters
         waiters = []
@@ -137,9 +162,11 @@ actor Committer {
         let ranges = coalesce(pending)
         let budgetBytes = pendingBudgetBytes
         let markComplete = completeRequested && !store.header.complete
+        let confirm = confirmRequested
         pending = []
         pendingBudgetBytes = 0
-        guard !ranges.isEmpty || markComplete else { return }
+        confirmRequested = false
+        guard !ranges.isEmpty || markComplete || confirm else { return }
 
         let started = monotonicNanos()
         #if DEBUG
@@ -181,8 +208,12 @@ actor Committer {
     private func writeMetadata(_ ranges: [Range<Int>], markComplete: Bool) async throws(HydrationError) -> UInt64 {
         let store = self.store
         let now = wallClockMillis()
+        // Read before the write: a set the discarder finishes meanwhile stays listed (a superset
+        // is safe; the next commit drops it).
+        if publish != nil { pruneConfirmed() }
+        let pendingRelease: [Range<Int>]? = publish != nil ? unconfirmed.flatMap(\.ranges) + ranges : nil
         do {
-            return try await io.run { try store.commit(ranges, complete: markComplete, nowMs: now) }
+            return try await io.run { try store.commit(ranges, complete: markComplete, pendingRelease: pendingRelease, nowMs: now) }
         } catch {
             let e = (error as? MetadataError).map { HydrationError(.commitFailed, $0.description, errno: { if case .io(let s) = $0.reason { return s.errno } else { return nil } }($0)) }
                 ?? HydrationError(.commitFailed, "\(error)")
@@ -213,6 +244,7 @@ actor Committer {
         let bytes = ranges.reduce(UInt64(0)) { $0 + geometry.byteLength(of: $1) }
         progress.update { $0.discardPendingBytes += bytes }
         publishedCount += 1
+        unconfirmed.append((publishedCount, ranges))
         publishStream.yield(CommittedRegions(generation: generation, ranges: ranges, budgetBytes: budgetBytes))
     }
 

@@ -33,6 +33,7 @@ actor Discarder {
             received += 1
             await release(set)
             processed += 1
+            await confirmDurable(upTo: processed)
             processedGeneration = max(processedGeneration, set.generation)
             let ready = waiters.filter { $0.0 <= processed }
             waiters.removeAll { $0.0 <= processed }
@@ -51,6 +52,23 @@ actor Discarder {
     }
 
     var processedCount: Int { processed }
+
+    /// A punch or discard is a change to the source like any other: until the source is synced,
+    /// power loss may undo it. Only synced releases are reported as done (so the committer drops
+    /// them from the metadata's pending-release list); after a failed sync none ever is again (its
+    /// errors were consumed), and a restart releases those regions again.
+    private var sourceSyncFailed = false
+    private func confirmDurable(upTo count: Int) async {
+        guard !sourceSyncFailed else { return }
+        let source = self.source
+        do {
+            try await io.run { try source.sync() }
+            progress.update { $0.releasedSets = max($0.releasedSets, count) }
+        } catch {
+            sourceSyncFailed = true
+            logger.warning("source sync after discards failed; those releases stay pending and are repeated after a restart", metadata: ["error": "\(error)"])
+        }
+    }
 
     private func release(_ set: CommittedRegions) async {
         let isFile = source.info.identity.kind == .regularFile

@@ -9,6 +9,11 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
         case metadataExists = "MetadataExists"
         case metadataCorrupt = "MetadataCorrupt"
         case metadataMismatch = "MetadataMismatch"
+        /// A device at the recorded path cannot be confirmed to be the one the job was created
+        /// for (renumbered, reused, or without a stable identity): the job stays stopped.
+        case deviceUnconfirmed = "DeviceUnconfirmed"
+        /// The request would destroy the only record of data (see the message).
+        case dataAtRisk = "DataAtRisk"
         case sourceReadFailed = "SourceReadFailed"
         case destWriteFailed = "DestWriteFailed"
         case noSpace = "NoSpace"

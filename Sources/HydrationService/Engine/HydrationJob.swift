@@ -121,7 +121,9 @@ public actor HydrationJob {
         cfg.destZeroed = h.destZeroed
         let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
         await job.committer.publishRecovered()
-        if h.complete { await job.settleComplete() }
+        // Releasing what a crash left pending can take long: in the background (the daemon's
+        // READY=1 does not wait for it), and a complete job lets go of its devices afterwards.
+        if h.complete { await job.settleCompleteInBackground() }
         logger.info("job opened", metadata: ["job": "\(config.name)", "generation": "\(h.generation)",
                                              "hydrated": "\(h.hydratedCount)/\(h.regionCount)",
                                              "adopted_regions": "\(opened.3.adoptedRegions)"])
@@ -260,24 +262,62 @@ public actor HydrationJob {
         }
         let h = opened.0.header
         // Compare before opening, so a wrong device gets the precise error, not "in use".
-        if let s = try identify(storage, config.sourcePath, what: "source"), s.identity != h.source.identity || s.size != h.source.size {
-            throw HydrationError(.metadataMismatch, "source \(config.sourcePath) (\(s.identity), \(s.size) bytes) is not the device metadata \(config.metadataPath) was created for (\(h.source.path): \(h.source.identity), \(h.source.size) bytes)")
+        if let s = try identify(storage, config.sourcePath, what: "source") {
+            try confirm(s, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true)
+        }
+        if let d = try identify(storage, config.destPath, what: "destination") {
+            try confirm(d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false)
         }
         let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source")
         let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination")
-        if source.info.identity != h.source.identity || source.info.size != h.source.size {
-            throw HydrationError(.metadataMismatch, "source \(config.sourcePath) (\(source.info.identity), \(source.info.size) bytes) is not the device metadata \(config.metadataPath) was created for (\(h.source.path): \(h.source.identity), \(h.source.size) bytes)")
-        }
-        if dest.info.identity != h.dest.identity || dest.info.size < h.targetSize {
-            throw HydrationError(.metadataMismatch, "destination \(config.destPath) (\(dest.info.identity), \(dest.info.size) bytes) is not the device metadata \(config.metadataPath) was created for (\(h.dest.path): \(h.dest.identity))")
+        // Again on the open descriptors: the path may have been switched in between.
+        try confirm(source.info, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true)
+        try confirm(dest.info, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false)
+        if dest.info.size < h.targetSize {
+            throw HydrationError(.metadataMismatch, "destination \(config.destPath) has \(dest.info.size) bytes, fewer than the \(h.targetSize) that metadata \(config.metadataPath) was created for")
         }
         try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
         return (source, dest, opened.0, opened.1)
     }
 
+    /// Is `found` (what the path names now) the device the metadata was created for? Device
+    /// numbers and /dev names are reused and renumbered (another disk of the same size can appear
+    /// as /dev/sdb after a reboot, a loop number is reused at once): the stable identity decides.
+    /// Without one (version 1 metadata, or a device that has none), a regular file is recognised
+    /// by filesystem and inode as before, and a block device cannot be confirmed: the job stays
+    /// stopped rather than write to or release a device that may be another one.
+    static func confirm(_ found: DeviceInfo, is recorded: DeviceRecord, what: String, metadataPath: String,
+                        exactSize: Bool) throws(HydrationError) {
+        let kindChanged = found.identity.kind != recorded.identity.kind
+        let sizeChanged = exactSize ? found.size != recorded.size : found.size < recorded.size
+        if kindChanged || sizeChanged {
+            throw HydrationError(.metadataMismatch, "\(what) \(found.path) (\(found.identity), \(found.size) bytes) is not the device metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity), \(recorded.size) bytes)")
+        }
+        if !recorded.stableID.isEmpty {
+            guard found.stableID == recorded.stableID else {
+                var e = HydrationError(.deviceUnconfirmed, "\(what) \(found.path) is not the device the job was created for: it was \(recorded.stableID), it is now \(found.stableID.isEmpty ? "a device without a stable identity" : found.stableID). Nothing is written or released; put the right device at \(found.path) and resume, or remove the job")
+                e.path = found.path
+                throw e
+            }
+            return
+        }
+        switch recorded.identity.kind {
+        case .regularFile where found.identity == recorded.identity:
+            return
+        case .regularFile:
+            throw HydrationError(.metadataMismatch, "\(what) \(found.path) (\(found.identity)) is not the file metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity))")
+        case .blockDevice:
+            var e = HydrationError(.deviceUnconfirmed, "\(what) \(found.path) cannot be confirmed to be the device the job was created for (its metadata records no stable identity, and device numbers are reused). Nothing is written or released; check the device and re-create the job")
+            e.path = found.path
+            throw e
+        }
+    }
+
     // MARK: control
 
     public var currentState: JobStatus.State { state }
+    /// The metadata's job UUID.
+    public var jobID: String { store.header.jobID }
     public var lastError: HydrationError? { error }
 
     /// Starts or resumes hydration. A complete job stays complete.
@@ -346,6 +386,7 @@ public actor HydrationJob {
         guard !closed && !closing else { return }
         // Before the first await: no start() may slip in while the job is closing.
         closing = true
+        await settleTask?.value
         await pause()
         closed = true
         await committer.finishStream()
@@ -363,10 +404,27 @@ public actor HydrationJob {
     }
     private var devicesReleased = false
 
-    /// A complete job keeps nothing open: after the last discards it lets go of its devices.
+    /// A complete job keeps nothing open: after the last discards (recorded as done in the
+    /// metadata, so a restart never touches the source again) it lets go of its devices.
     private func settleComplete() async {
-        if let discarder { await discarder.drain(published: await committer.publishedCount) }
+        await drainAndConfirmReleases()
         releaseDevices()
+    }
+
+    private func settleCompleteInBackground() {
+        settleTask = Task { await self.settleComplete() }
+    }
+    private var settleTask: Task<Void, Never>?
+
+    /// Waits for the discarder to finish every published set, then records that in the metadata.
+    /// A failure to record it is harmless (a restart releases those regions again, after
+    /// confirming the device) and, if the metadata is failing, already reported by the committer.
+    private func drainAndConfirmReleases() async {
+        guard let discarder else { return }
+        await discarder.drain(published: await committer.publishedCount)
+        do { try await committer.confirmReleases() } catch {
+            logger.warning("could not record finished releases; a restart will release them again", metadata: ["error": "\(error)"])
+        }
     }
 
 
@@ -403,7 +461,9 @@ public actor HydrationJob {
         } catch {
             commitError = error
         }
-        if let discarder {
+        if commitError == nil {
+            await drainAndConfirmReleases()
+        } else if let discarder {
             await discarder.drain(published: await committer.publishedCount)
         }
 

@@ -29,6 +29,9 @@ final class JobProgress: Sendable {
         var budgetInFlight: UInt64 = 0
         var budgetReleased: UInt64 = 0
         var metadataMode: JobStatus.Metadata.Mode = .rw
+        /// Region sets the discarder has finished (released, or failed to release) so far: the
+        /// committer drops them from the pending-release list of its next commit.
+        var releasedSets = 0
         /// (monotonic ns, hydrated bytes) samples for the throughput window.
         var samples: [(UInt64, UInt64)] = []
     }

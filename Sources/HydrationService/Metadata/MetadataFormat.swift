@@ -11,7 +11,10 @@ public enum MetadataFormat {
     public static let blockSize = 4096
     public static let superblockMagic: [UInt8] = Array("HYDRMETA".utf8)
     public static let pageMagic: [UInt8] = Array("HYDRPAGE".utf8)
-    public static let version: UInt32 = 1
+    /// Version written. Version 1 files (no stable identities, no pending-release list) are read
+    /// and upgraded by their next commit.
+    public static let version: UInt32 = 2
+    public static let oldestReadableVersion: UInt32 = 1
     public static let pageHeaderSize = 64
     /// 4032 bytes of bitmap per page: 504 words, 32,256 regions.
     public static let wordsPerPage = (blockSize - pageHeaderSize) / 8
@@ -34,6 +37,14 @@ public enum MetadataFormat {
     static let sbSource = 88, sbDest = 128 // 40 bytes each: kind u32, pad u32, dev, ino, rdev, size
     static let sbCreated = 168, sbCommitted = 176, sbSourcePathLen = 184, sbDestPathLen = 186
     static let sbSourcePath = 192, sbDestPath = 192 + 1024
+    // Version 2.
+    static let sbSourceStableID = 2240, sbDestStableID = 2240 + 256  // 256 bytes each, UTF-8, zero padded
+    static let sbPendingCount = 2752                                  // u32, then u32 reserved
+    static let sbPendingRanges = 2760                                 // count x (u32 first region, u32 region count)
+    public static let maxStableIDBytes = 256
+    /// Ranges the pending-release list holds at most; a longer list is widened (see
+    /// `PendingRelease.bounded`), never cut.
+    public static let maxPendingRanges = (blockSize - sbPendingRanges) / 8
 
     // Page field offsets.
     static let pgMagic = 0, pgCRC = 8, pgGeneration = 16, pgIndex = 24, pgJobID = 32, pgBitmap = 64
@@ -48,10 +59,16 @@ public struct DeviceRecord: Sendable, Equatable, Codable {
     public var path: String
     public var identity: DeviceIdentity
     public var size: UInt64
-    public init(path: String, identity: DeviceIdentity, size: UInt64) {
-        self.path = path; self.identity = identity; self.size = size
+    /// `DeviceInfo.stableID` at creation: what confirms the device after a restart. Empty in
+    /// version 1 files and for devices that have none.
+    public var stableID: String
+    public init(path: String, identity: DeviceIdentity, size: UInt64, stableID: String = "") {
+        self.path = path; self.identity = identity; self.size = size; self.stableID = stableID
     }
-    public init(_ info: DeviceInfo) { self.init(path: info.path, identity: info.identity, size: info.size) }
+    public init(_ info: DeviceInfo) {
+        self.init(path: info.path, identity: info.identity, size: info.size,
+                  stableID: String(decoding: Array(info.stableID.utf8.prefix(MetadataFormat.maxStableIDBytes)), as: UTF8.self))
+    }
 }
 
 /// The decoded superblock.
@@ -71,6 +88,38 @@ public struct MetadataHeader: Sendable, Equatable, Codable {
     public var dest: DeviceRecord
     public var createdUnixMs: Int64
     public var committedUnixMs: Int64
+    /// With discard_source: committed regions whose release may not have happened yet (sorted,
+    /// disjoint; a superset is allowed, since only committed regions are ever released from it).
+    /// A restart releases only these. Empty once every release is confirmed.
+    public var pendingRelease: [Range<Int>] = []
+    /// A version 1 file does not know which releases are pending: all committed regions may be.
+    public var pendingReleaseUnknown: Bool = false
+
+    /// Nothing of the source may still need releasing: a complete job in this state never
+    /// touches its source again.
+    public var releasesSettled: Bool { !discardSource || (pendingRelease.isEmpty && !pendingReleaseUnknown) }
+}
+
+/// The bounded pending-release list of the superblock.
+enum PendingRelease {
+    /// Sorted, coalesced, and at most `MetadataFormat.maxPendingRanges` long: when longer, the
+    /// closest neighbours are merged (the gap joins the list). Widening is safe because a
+    /// restart releases only `pending ∩ committed`, and every committed region is one whose
+    /// release was already allowed.
+    static func bounded(_ ranges: [Range<Int>], limit: Int = MetadataFormat.maxPendingRanges) -> [Range<Int>] {
+        var r = coalesce(ranges)
+        while r.count > limit {
+            var best = 0
+            var bestGap = Int.max
+            for i in 0..<(r.count - 1) {
+                let gap = r[i + 1].lowerBound - r[i].upperBound
+                if gap < bestGap { bestGap = gap; best = i }
+            }
+            r[best] = r[best].lowerBound..<r[best + 1].upperBound
+            r.remove(at: best + 1)
+        }
+        return r
+    }
 }
 
 /// Little-endian encoding into a fixed block.
@@ -128,6 +177,16 @@ extension MetadataHeader {
         w.put(UInt16(dp.count), at: MetadataFormat.sbDestPathLen)
         w.put(sp, at: MetadataFormat.sbSourcePath)
         w.put(dp, at: MetadataFormat.sbDestPath)
+        w.put(Array(source.stableID.utf8.prefix(MetadataFormat.maxStableIDBytes)), at: MetadataFormat.sbSourceStableID)
+        w.put(Array(dest.stableID.utf8.prefix(MetadataFormat.maxStableIDBytes)), at: MetadataFormat.sbDestStableID)
+        // Version 2 has no "unknown" flag: an unknown list is written as every committed range's
+        // cover, which the store computes; here the list is taken as given.
+        let pending = PendingRelease.bounded(pendingRelease)
+        w.put(UInt32(pending.count), at: MetadataFormat.sbPendingCount)
+        for (i, r) in pending.enumerated() {
+            w.put(UInt32(r.lowerBound), at: MetadataFormat.sbPendingRanges + 8 * i)
+            w.put(UInt32(r.count), at: MetadataFormat.sbPendingRanges + 8 * i + 4)
+        }
         let crc = CRC32C.checksum(w.bytes)
         w.put(crc, at: MetadataFormat.sbCRC)
         return w.bytes
@@ -146,25 +205,31 @@ extension MetadataHeader {
         let actual = CRC32C.checksum(zeroed)
         guard stored == actual else { return .failure(.badChecksum(stored: stored, computed: actual)) }
         let version = r.get(UInt32.self, at: MetadataFormat.sbVersion)
-        guard version == MetadataFormat.version else { return .failure(.unsupportedVersion(version)) }
+        guard version >= MetadataFormat.oldestReadableVersion, version <= MetadataFormat.version else {
+            return .failure(.unsupportedVersion(version))
+        }
         let flags = r.get(UInt32.self, at: MetadataFormat.sbFlags)
-        func record(_ o: Int, pathAt po: Int, lenAt lo: Int) -> DeviceRecord? {
+        func record(_ o: Int, pathAt po: Int, lenAt lo: Int, stableAt so: Int) -> DeviceRecord? {
             let kindRaw = r.get(UInt32.self, at: o)
             guard kindRaw == 1 || kindRaw == 2 else { return nil }
             let len = Int(r.get(UInt16.self, at: lo))
             guard len <= MetadataFormat.maxPathBytes else { return nil }
+            let stable = version >= 2 ? r.slice(so, MetadataFormat.maxStableIDBytes).prefix { $0 != 0 } : []
             return DeviceRecord(
                 path: String(decoding: r.slice(po, len), as: UTF8.self),
                 identity: DeviceIdentity(
                     kind: kindRaw == 2 ? .blockDevice : .regularFile,
                     device: r.get(UInt64.self, at: o + 8), inode: r.get(UInt64.self, at: o + 16),
                     rdev: r.get(UInt64.self, at: o + 24)),
-                size: r.get(UInt64.self, at: o + 32))
+                size: r.get(UInt64.self, at: o + 32),
+                stableID: String(decoding: stable, as: UTF8.self))
         }
-        guard let src = record(MetadataFormat.sbSource, pathAt: MetadataFormat.sbSourcePath, lenAt: MetadataFormat.sbSourcePathLen),
-              let dst = record(MetadataFormat.sbDest, pathAt: MetadataFormat.sbDestPath, lenAt: MetadataFormat.sbDestPathLen)
+        guard let src = record(MetadataFormat.sbSource, pathAt: MetadataFormat.sbSourcePath, lenAt: MetadataFormat.sbSourcePathLen,
+                               stableAt: MetadataFormat.sbSourceStableID),
+              let dst = record(MetadataFormat.sbDest, pathAt: MetadataFormat.sbDestPath, lenAt: MetadataFormat.sbDestPathLen,
+                               stableAt: MetadataFormat.sbDestStableID)
         else { return .failure(.invalidField("device record")) }
-        let h = MetadataHeader(
+        var h = MetadataHeader(
             version: version,
             generation: r.get(UInt64.self, at: MetadataFormat.sbGeneration),
             jobID: uuidString(r.slice(MetadataFormat.sbJobID, 16)),
@@ -179,6 +244,25 @@ extension MetadataHeader {
             source: src, dest: dst,
             createdUnixMs: r.get(Int64.self, at: MetadataFormat.sbCreated),
             committedUnixMs: r.get(Int64.self, at: MetadataFormat.sbCommitted))
+        if version >= 2 {
+            let n = Int(r.get(UInt32.self, at: MetadataFormat.sbPendingCount))
+            guard n <= MetadataFormat.maxPendingRanges else { return .failure(.invalidField("pending release count \(n)")) }
+            var pending: [Range<Int>] = []
+            var last = 0
+            for i in 0..<n {
+                let first = UInt64(r.get(UInt32.self, at: MetadataFormat.sbPendingRanges + 8 * i))
+                let count = UInt64(r.get(UInt32.self, at: MetadataFormat.sbPendingRanges + 8 * i + 4))
+                // Sorted, disjoint, non-empty and inside the target: anything else is a writer bug.
+                guard count > 0, first >= UInt64(last), first + count <= h.regionCount else {
+                    return .failure(.invalidField("pending release range \(i)"))
+                }
+                pending.append(Int(first)..<Int(first + count))
+                last = Int(first + count)
+            }
+            h.pendingRelease = pending
+        } else {
+            h.pendingReleaseUnknown = h.discardSource
+        }
         // Internal consistency: a checksum protects against bit rot, not against a writer bug.
         guard RegionGeometry.isValidRegionSize(h.regionSize) else { return .failure(.invalidField("region size \(h.regionSize)")) }
         // Checked without overflow: a crafted size must be refused, not crash the daemon.

@@ -280,6 +280,20 @@ public final class MetadataStore: Sendable {
         var current = header
         // The returned header always agrees with the returned map (also read-only).
         current.hydratedCount = UInt64(map.setCount)
+        // What a restart must release again: the recorded pending list, plus every page that an
+        // interrupted (or rotted) commit wrote (its regions may have been released if that
+        // superblock had been durable), or everything committed for a version 1 file. Always
+        // intersected with the committed map: nothing uncommitted is ever released.
+        if header.discardSource {
+            var pending = header.pendingReleaseUnknown ? [0..<map.count] : header.pendingRelease
+            for (page, _, _) in newer {
+                pending.append(min(map.count, page * MetadataFormat.regionsPerPage)..<min(map.count, (page + 1) * MetadataFormat.regionsPerPage))
+            }
+            current.pendingRelease = PendingRelease.bounded(coalesce(pending).flatMap { map.setRanges(in: $0) })
+            current.pendingReleaseUnknown = false
+        } else {
+            current.pendingRelease = []
+        }
         var sbSlot = best.slot
         if !readOnly {
             do {
@@ -364,8 +378,12 @@ public final class MetadataStore: Sendable {
     /// only the pages the ranges touch plus one superblock, with an fsync after each phase.
     /// Returns the new generation. After any failure the store refuses every later commit: a
     /// failed fsync must not be retried as if nothing happened.
+    ///
+    /// `pendingRelease` (with discard_source) is the set of committed regions whose release has not
+    /// been confirmed yet, this commit's ranges included; nil keeps the recorded list plus `ranges`.
     @discardableResult
-    public func commit(_ ranges: [Range<Int>], complete: Bool = false, nowMs: Int64) throws(MetadataError) -> UInt64 {
+    public func commit(_ ranges: [Range<Int>], complete: Bool = false, pendingRelease: [Range<Int>]? = nil,
+                       nowMs: Int64) throws(MetadataError) -> UInt64 {
         try state.withLock { (st: inout State) throws(MetadataError) -> UInt64 in
             if let f = st.failure { throw MetadataError(path: path, reason: .failedEarlier(f)) }
             // Only the pages the ranges touch are built: a commit costs O(changed pages), not a
@@ -404,6 +422,12 @@ public final class MetadataStore: Sendable {
             header.hydratedCount = UInt64(newCount)
             header.complete = complete || header.complete
             header.committedUnixMs = nowMs
+            header.version = MetadataFormat.version
+            if header.discardSource {
+                let pending = pendingRelease ?? (header.pendingRelease + ranges)
+                header.pendingRelease = PendingRelease.bounded(pending.filter { !$0.isEmpty })
+                header.pendingReleaseUnknown = false
+            }
             if header.complete && newCount != st.committed.count {
                 throw MetadataError(path: path, reason: .invalidField("complete with \(st.committed.count - newCount) regions unhydrated"))
             }
