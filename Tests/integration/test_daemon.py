@@ -162,22 +162,37 @@ def test_bad_input_gets_named_errors_and_daemon_keeps_serving(tmp_path, daemon):
     assert daemon.call("List", {})["jobs"] == []
 
 
+def _python_for_other_users():
+    """An interpreter another user can run: the test's own may live in a private venv."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return sys.executable
+
+
 def test_permission_denied_for_other_users(tmp_path):
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or not setpriv:
         pytest.skip("needs root and setpriv to act as another user")
     import tempfile
+    # Everything 'nobody' touches lives in a world-readable directory of its own: the repository
+    # (and pytest's tmp_path) may sit under a 0700 home directory that nobody cannot traverse.
     pub = tempfile.mkdtemp(prefix="hyd-perm-", dir="/tmp")
-    os.chmod(pub, 0o755)  # pytest's tmp_path is not traversable by other users
+    os.chmod(pub, 0o755)
+    helper = os.path.join(pub, "helper")
+    os.mkdir(helper, 0o755)
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hydtest.py"), helper)
+    os.chmod(os.path.join(helper, "hydtest.py"), 0o644)
     d = Daemon(pub).start()
     try:
         os.chmod(d.sock, 0o666)  # let 'nobody' connect: authorization is by peer credentials, not file mode
         script = ("import sys; sys.path.insert(0, %r); from hydtest import call, VarlinkError\n"
                   "try:\n    call(%r, 'Start', {'name': 'z', 'source': '/x', 'dest': '/y'}); print('ALLOWED')\n"
                   "except VarlinkError as e:\n    print(e.name)\n"
-                  "print(len(call(%r, 'List', {})['jobs']))\n") % (os.path.dirname(__file__), d.sock, d.sock)
-        out = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script],
-                             capture_output=True, text=True, timeout=30)
+                  "print(len(call(%r, 'List', {})['jobs']))\n") % (helper, d.sock, d.sock)
+        out = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                              _python_for_other_users(), "-I", "-c", script],
+                             capture_output=True, text=True, timeout=30, cwd=helper)
         lines = out.stdout.split()
         assert lines and lines[0].endswith(".PermissionDenied"), out
         assert lines[1] == "0", "read-only calls are allowed"
