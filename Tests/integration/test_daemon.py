@@ -162,6 +162,42 @@ def test_bad_input_gets_named_errors_and_daemon_keeps_serving(tmp_path, daemon):
     assert daemon.call("List", {})["jobs"] == []
 
 
+def test_options_that_cannot_take_effect_are_refused(tmp_path, daemon):
+    """A parameter the job would ignore is an InvalidParameter naming it, not silently dropped (issue 14)."""
+    make_image(tmp_path / "s.img", 4 << 20, seed=5)
+    src = str(tmp_path / "s.img")
+    base = {"name": "plain", "source": src, "dest": str(tmp_path / "o"), "no_hydration": True}
+    for extra in ({"space_budget_bytes": 8 << 20}, {"space_budget_bytes": 8 << 20, "discard_source": False}):
+        with pytest.raises(VarlinkError) as e:
+            daemon.call("Start", {**base, **extra})
+        assert e.value.name == "org.hydrationd.Control.InvalidParameter", e.value
+        assert e.value.parameters["parameter"] == "space_budget_bytes"
+        assert "discard_source" in e.value.parameters["reason"]
+    assert daemon.call("List", {})["jobs"] == [], "nothing was created"
+    # Tunables with only a name: a creation without source, not a resume that drops them.
+    with pytest.raises(VarlinkError) as e:
+        daemon.call("Start", {"name": "plain", "threshold": 4})
+    assert e.value.name.endswith(".InvalidParameter") and e.value.parameters["parameter"] == "source"
+    assert "Set" in e.value.parameters["reason"]
+
+    assert daemon.call("Start", base)["job"]["space_budget_bytes"] is None
+    with pytest.raises(VarlinkError) as e:
+        daemon.call("Set", {"name": "plain", "space_budget_bytes": 8 << 20})
+    assert e.value.name == "org.hydrationd.Control.InvalidParameter", e.value
+    assert e.value.parameters["parameter"] == "space_budget_bytes"
+    assert daemon.call("GetStatus", {"name": "plain"})["jobs"][0]["space_budget_bytes"] is None
+    with pytest.raises(VarlinkError) as e:
+        daemon.call("Set", {"name": "ghost", "space_budget_bytes": 8 << 20})
+    assert e.value.name.endswith(".NoSuchJob")
+
+    # With discard_source the same parameters take effect.
+    make_image(tmp_path / "s2.img", 4 << 20, seed=6)
+    disc = {"name": "disc", "source": str(tmp_path / "s2.img"), "dest": str(tmp_path / "o2"), "no_hydration": True,
+            "discard_source": True, "space_budget_bytes": 8 << 20}
+    assert daemon.call("Start", disc)["job"]["space_budget_bytes"] == 8 << 20
+    assert daemon.call("Set", {"name": "disc", "space_budget_bytes": 16 << 20})["job"]["space_budget_bytes"] == 16 << 20
+
+
 def _python_for_other_users():
     """An interpreter another user can run: the test's own may live in a private venv."""
     for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
