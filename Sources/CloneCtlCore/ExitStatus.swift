@@ -84,6 +84,8 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
         case .sizeMismatch:
             if let m = v.string("message") { return "destination too small: \(m)" }
             hint = ""
+        case .invalidParameter where v.string("parameter") == "space_budget_bytes":
+            hint = "; --space-budget needs a job started with --discard-source"
         case .metadataCorrupt: hint = "; inspect it with 'clonectl check'"
         case .permissionDenied, .servicePermissionDenied:
             hint = "; run as root or as a member of the daemon's --socket-group"

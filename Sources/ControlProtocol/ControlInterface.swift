@@ -131,6 +131,8 @@ public enum ControlInterface {
 
         # Create a job from source to dest and start it (paused when no_hydration), or, with only
         # name, resume the existing job of that name. Paths are absolute. created tells which.
+        # A parameter that would not take effect is refused with InvalidParameter naming it:
+        # space_budget_bytes without discard_source: true, or tunables without source and dest.
         method Start(
           name: string,
           source: ?string,
@@ -161,7 +163,8 @@ public enum ControlInterface {
         method List() -> (jobs: []JobSummary)
 
         # Change tunables of a job; omitted ones keep their value. 0 means no limit for
-        # rate_limit_bytes_per_second and space_budget_bytes.
+        # rate_limit_bytes_per_second and space_budget_bytes. space_budget_bytes for a job
+        # without discard_source is refused with InvalidParameter.
         method Set(
           name: string,
           threshold: ?int,

@@ -103,6 +103,16 @@ public struct StartParameters: VarlinkParameters, Equatable {
     }
 
     public static let parameterNames = names(CodingKeys.self)
+
+    /// A parameter that is given but cannot take effect with the others, and why. The daemon
+    /// refuses such a `Start` with `InvalidParameter` instead of ignoring the parameter.
+    public var inapplicableParameter: (name: String, reason: String)? {
+        if spaceBudgetBytes != nil && discardSource != true {
+            return ("space_budget_bytes",
+                    "applies only with discard_source: true (a job that does not discard its source releases nothing, so there is nothing to budget)")
+        }
+        return nil
+    }
 }
 
 public struct StartReply: Codable, Sendable, Equatable {

@@ -165,8 +165,12 @@ struct TunableOptions: ParsableArguments {
         transform: parseRate)
     var rateLimit: UInt64?
 
-    var isEmpty: Bool {
-        threshold == nil && batchSize == nil && commitInterval == nil && spaceBudget == nil && rateLimit == nil
+    var isEmpty: Bool { givenOptions.isEmpty }
+
+    /// The tunables given, spelled as on the command line.
+    var givenOptions: [String] {
+        [("--threshold", threshold != nil), ("--batch-size", batchSize != nil), ("--commit-interval", commitInterval != nil),
+         ("--space-budget", spaceBudget != nil), ("--rate-limit", rateLimit != nil)].filter(\.1).map(\.0)
     }
 
     func validate() throws {

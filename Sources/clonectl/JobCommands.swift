@@ -8,8 +8,9 @@ struct Start: AsyncParsableCommand, DaemonCommand {
         abstract: "Create a hydration job and start it, or resume an existing one.",
         discussion: """
             With --source and --dest, creates job NAME and starts copying (created paused with --no-hydration). \
-            With NAME alone, resumes the existing job of that name. Relative paths are resolved against the \
-            current directory.
+            With NAME alone, resumes the existing job of that name; any other option then is a usage error \
+            (change an existing job's tunables with 'clonectl set'). --space-budget needs --discard-source. \
+            Relative paths are resolved against the current directory.
             """)
 
     @OptionGroup var daemon: DaemonOptions
@@ -45,15 +46,24 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     @Flag(help: "Print the new job's status as JSON (the JobStatus object).")
     var json = false
 
-    var createsJob: Bool {
-        source != nil || dest != nil || metadata != nil || regionSize != nil || discardSource || destZeroed
-            || noHydration || !tunables.isEmpty
+    /// The options given besides --source, --dest and --json: each one means "create a job".
+    var creationOptions: [String] {
+        var o: [String] = []
+        if metadata != nil { o.append("--metadata") }
+        if regionSize != nil { o.append("--region-size") }
+        if discardSource { o.append("--discard-source") }
+        if destZeroed { o.append("--dest-zeroed") }
+        if noHydration { o.append("--no-hydration") }
+        return o + tunables.givenOptions
     }
 
+    var createsJob: Bool { source != nil || dest != nil || !creationOptions.isEmpty }
+
     func validate() throws {
-        if createsJob && (source == nil || dest == nil) {
-            throw ValidationError(
-                "creating a job needs both --source and --dest ('clonectl start NAME' alone resumes an existing job)")
+        if let problem = OptionRules.startProblem(
+            name: name, hasSource: source != nil, hasDest: dest != nil, creationOptions: creationOptions,
+            discardSource: discardSource, spaceBudget: tunables.spaceBudget != nil) {
+            throw ValidationError(problem)
         }
         if let r = regionSize, r < 4096 || r > 1 << 30 || r & (r - 1) != 0 {
             throw ValidationError("--region-size must be a power of two from 4K to 1G (got \(r) bytes)")
@@ -112,7 +122,10 @@ struct SetTunables: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         commandName: "set",
         abstract: "Change the tunables of a job while it runs or is paused.",
-        discussion: "Tunables not given keep their value. --rate-limit 0 and --space-budget 0 remove the limit.")
+        discussion: """
+            Tunables not given keep their value. --rate-limit 0 and --space-budget 0 remove the limit. \
+            --space-budget applies only to a job started with --discard-source (the daemon refuses it otherwise, exit 65).
+            """)
     @OptionGroup var daemon: DaemonOptions
     @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName

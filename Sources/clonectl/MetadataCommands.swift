@@ -62,8 +62,13 @@ struct Check: AsyncParsableCommand {
         abstract: "Validate a metadata file offline (no daemon; read-only).",
         discussion: "Exit 0 when the metadata is valid, 1 when it is damaged, 66 when it cannot be read.")
 
+    @ParentCommand var root: Clonectl
     @Argument(help: ArgumentHelp("Metadata file or device.", valueName: "metadata"), completion: .file())
     var metadata: String
+
+    func validate() throws {
+        if let problem = OptionRules.offlineProblem(command: "check", socket: root.socket) { throw ValidationError(problem) }
+    }
 
     @Flag(help: "Print the report as JSON (the MetadataReport of CheckMetadata).")
     var json = false
@@ -92,8 +97,13 @@ struct Dump: AsyncParsableCommand {
         abstract: "Print a metadata file's superblock and hydrated regions offline (no daemon; read-only).",
         discussion: "Exit 0 on success, 1 when the metadata is damaged (run 'clonectl check'), 66 when it cannot be read.")
 
+    @ParentCommand var root: Clonectl
     @Argument(help: ArgumentHelp("Metadata file or device.", valueName: "metadata"), completion: .file())
     var metadata: String
+
+    func validate() throws {
+        if let problem = OptionRules.offlineProblem(command: "dump", socket: root.socket) { throw ValidationError(problem) }
+    }
 
     @Flag(help: "Print JSON (dump_version 1; see docs/clonectl.md).")
     var json = false

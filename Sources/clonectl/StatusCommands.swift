@@ -129,6 +129,10 @@ struct Wait: AsyncParsableCommand, DaemonCommand {
     @Flag(name: .shortAndLong, help: "Print nothing on success.")
     var quiet = false
 
+    func validate() throws {
+        if let problem = OptionRules.waitProblem(timeoutMs: timeout) { throw ValidationError(problem) }
+    }
+
     enum Outcome: Sendable {
         case ended(JobStatus)
         case streamEnded(JobStatus?)

@@ -89,6 +89,19 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(resume.isResumeOnly)
     }
 
+    @Test func spaceBudgetWithoutDiscardSourceIsInapplicable() {
+        let withoutDiscard = StartParameters(name: "vm1", source: "/s", dest: "/d", spaceBudgetBytes: 8 << 20)
+        #expect(withoutDiscard.inapplicableParameter?.name == "space_budget_bytes")
+        #expect(withoutDiscard.inapplicableParameter?.reason.contains("discard_source") == true)
+        var explicitFalse = withoutDiscard
+        explicitFalse.discardSource = false
+        #expect(explicitFalse.inapplicableParameter?.name == "space_budget_bytes")
+        var withDiscard = withoutDiscard
+        withDiscard.discardSource = true
+        #expect(withDiscard.inapplicableParameter == nil)
+        #expect(StartParameters(name: "vm1", source: "/s", dest: "/d").inapplicableParameter == nil)
+    }
+
     @Test func setRemoveStatusCheckParameters() throws {
         let s = SetParameters(name: "a", threshold: 1, batchSize: 2, rateLimitBytesPerSecond: 3, spaceBudgetBytes: 4, commitIntervalMs: 5)
         #expect(Set(try json(s).keys) == SetParameters.parameterNames)

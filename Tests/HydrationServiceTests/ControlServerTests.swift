@@ -342,7 +342,10 @@ import Testing
             @Sendable func run(_ privArgs: [String], job: String) throws -> [VarlinkReply] {
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
-                p.arguments = privArgs + ["/usr/bin/python3", "-c", script, path, job]
+                // Nothing from the repository: it may sit under a 0700 home that uid 65534 cannot
+                // traverse. An inline script, the system python in isolated mode, cwd /.
+                p.arguments = privArgs + ["/usr/bin/python3", "-I", "-c", script, path, job]
+                p.currentDirectoryURL = URL(fileURLWithPath: "/")
                 let out = Pipe(), err = Pipe()
                 p.standardOutput = out
                 p.standardError = err

@@ -448,6 +448,14 @@ def test_check_and_dump_offline(daemon, tmp_path):
     (["set", "x"], "nothing to set"),
     (["set", "x", "--batch-size", "0"], "--batch-size must be a positive"),
     (["wait", "x", "--timeout", "soon"], "invalid duration 'soon'"),
+    # Options that only apply with another one are refused, not dropped (issue 14).
+    (["start", "x", "--source", "/a", "--dest", "/b", "--space-budget", "8M"],
+     "--space-budget applies only with --discard-source"),
+    (["start", "x", "--threshold", "8"], "--threshold applies only when creating a job"),
+    (["start", "x", "--dest", "/b"], "needs both --source and --dest (missing --source)"),
+    (["wait", "x", "--timeout", "0"], "--timeout must be longer than 0"),
+    (["--socket", "/tmp/x.sock", "check", "/tmp/x.meta"], "--socket does not apply to 'check'"),
+    (["--socket", "/tmp/x.sock", "dump", "/tmp/x.meta"], "--socket does not apply to 'dump'"),
     (["frobnicate"], "Unexpected argument"),
     (["pause"], "Missing expected argument"),
 ])
@@ -457,6 +465,41 @@ def test_exit_64_usage(daemon, args, needle):
     assert needle in r.stderr, r.stderr
     assert "accepted" in r.stderr or "expected" in r.stderr or "needs" in r.stderr or "must" in r.stderr \
         or "nothing" in r.stderr or "Usage" in r.stderr
+
+
+def test_options_that_only_apply_with_others(daemon, tmp_path):
+    """--space-budget takes effect with --discard-source and is refused without it, at start (64,
+    before anything is sent) and at set (65, the daemon knows the job does not discard)."""
+    src = write_image(tmp_path / "src.img", 4 * MiB)
+    dst = blank(tmp_path / "dst.img", 4 * MiB)
+    r = daemon.run("start", "plain", "--source", src, "--dest", dst, "--space-budget", "8M", "--no-hydration")
+    assert r.returncode == 64, (r.returncode, r.stderr)
+    assert "--space-budget applies only with --discard-source" in r.stderr, r.stderr
+    assert json.loads(daemon.ok("list", "--json").stdout) == [], "nothing was created"
+
+    daemon.ok("start", "plain", "--source", src, "--dest", dst, "--no-hydration")
+    assert daemon.status("plain")["space_budget_bytes"] is None
+    r = daemon.run("set", "plain", "--space-budget", "8M")
+    assert r.returncode == 65, (r.returncode, r.stderr)
+    line = one_line_error(r)
+    assert "space_budget_bytes" in line and "--discard-source" in line, line
+    assert daemon.status("plain")["space_budget_bytes"] is None
+    daemon.ok("set", "plain", "--rate-limit", "1M")  # the job is still there and settable
+
+    # Tunables given to 'start NAME' (which resumes) are refused, and the job is not resumed.
+    r = daemon.run("start", "plain", "--rate-limit", "2M")
+    assert r.returncode == 64 and "--rate-limit applies only when creating a job" in r.stderr, r.stderr
+    assert "clonectl set plain --rate-limit" in r.stderr, r.stderr
+    assert daemon.status("plain")["state"] == "paused"
+
+    # With --discard-source the budget takes effect, and set changes it.
+    src2 = write_image(tmp_path / "src2.img", 4 * MiB)
+    dst2 = blank(tmp_path / "dst2.img", 4 * MiB)
+    daemon.ok("start", "disc", "--source", src2, "--dest", dst2, "--discard-source", "--space-budget", "8M",
+              "--no-hydration")
+    assert daemon.status("disc")["space_budget_bytes"] == 8 * MiB
+    daemon.ok("set", "disc", "--space-budget", "16M")
+    assert daemon.status("disc")["space_budget_bytes"] == 16 * MiB
 
 
 def test_exit_69_daemon_unreachable(tmp_path):

@@ -162,22 +162,73 @@ def test_bad_input_gets_named_errors_and_daemon_keeps_serving(tmp_path, daemon):
     assert daemon.call("List", {})["jobs"] == []
 
 
+def test_options_that_cannot_take_effect_are_refused(tmp_path, daemon):
+    """A parameter the job would ignore is an InvalidParameter naming it, not silently dropped (issue 14)."""
+    make_image(tmp_path / "s.img", 4 << 20, seed=5)
+    src = str(tmp_path / "s.img")
+    base = {"name": "plain", "source": src, "dest": str(tmp_path / "o"), "no_hydration": True}
+    for extra in ({"space_budget_bytes": 8 << 20}, {"space_budget_bytes": 8 << 20, "discard_source": False}):
+        with pytest.raises(VarlinkError) as e:
+            daemon.call("Start", {**base, **extra})
+        assert e.value.name == "org.hydrationd.Control.InvalidParameter", e.value
+        assert e.value.parameters["parameter"] == "space_budget_bytes"
+        assert "discard_source" in e.value.parameters["reason"]
+    assert daemon.call("List", {})["jobs"] == [], "nothing was created"
+    # Tunables with only a name: a creation without source, not a resume that drops them.
+    with pytest.raises(VarlinkError) as e:
+        daemon.call("Start", {"name": "plain", "threshold": 4})
+    assert e.value.name.endswith(".InvalidParameter") and e.value.parameters["parameter"] == "source"
+    assert "Set" in e.value.parameters["reason"]
+
+    assert daemon.call("Start", base)["job"]["space_budget_bytes"] is None
+    with pytest.raises(VarlinkError) as e:
+        daemon.call("Set", {"name": "plain", "space_budget_bytes": 8 << 20})
+    assert e.value.name == "org.hydrationd.Control.InvalidParameter", e.value
+    assert e.value.parameters["parameter"] == "space_budget_bytes"
+    assert daemon.call("GetStatus", {"name": "plain"})["jobs"][0]["space_budget_bytes"] is None
+    with pytest.raises(VarlinkError) as e:
+        daemon.call("Set", {"name": "ghost", "space_budget_bytes": 8 << 20})
+    assert e.value.name.endswith(".NoSuchJob")
+
+    # With discard_source the same parameters take effect.
+    make_image(tmp_path / "s2.img", 4 << 20, seed=6)
+    disc = {"name": "disc", "source": str(tmp_path / "s2.img"), "dest": str(tmp_path / "o2"), "no_hydration": True,
+            "discard_source": True, "space_budget_bytes": 8 << 20}
+    assert daemon.call("Start", disc)["job"]["space_budget_bytes"] == 8 << 20
+    assert daemon.call("Set", {"name": "disc", "space_budget_bytes": 16 << 20})["job"]["space_budget_bytes"] == 16 << 20
+
+
+def _python_for_other_users():
+    """An interpreter another user can run: the test's own may live in a private venv."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return sys.executable
+
+
 def test_permission_denied_for_other_users(tmp_path):
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or not setpriv:
         pytest.skip("needs root and setpriv to act as another user")
     import tempfile
+    # Everything 'nobody' touches lives in a world-readable directory of its own: the repository
+    # (and pytest's tmp_path) may sit under a 0700 home directory that nobody cannot traverse.
     pub = tempfile.mkdtemp(prefix="hyd-perm-", dir="/tmp")
-    os.chmod(pub, 0o755)  # pytest's tmp_path is not traversable by other users
+    os.chmod(pub, 0o755)
+    helper = os.path.join(pub, "helper")
+    os.mkdir(helper, 0o755)
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hydtest.py"), helper)
+    os.chmod(os.path.join(helper, "hydtest.py"), 0o644)
     d = Daemon(pub).start()
     try:
         os.chmod(d.sock, 0o666)  # let 'nobody' connect: authorization is by peer credentials, not file mode
         script = ("import sys; sys.path.insert(0, %r); from hydtest import call, VarlinkError\n"
                   "try:\n    call(%r, 'Start', {'name': 'z', 'source': '/x', 'dest': '/y'}); print('ALLOWED')\n"
                   "except VarlinkError as e:\n    print(e.name)\n"
-                  "print(len(call(%r, 'List', {})['jobs']))\n") % (os.path.dirname(__file__), d.sock, d.sock)
-        out = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script],
-                             capture_output=True, text=True, timeout=30)
+                  "print(len(call(%r, 'List', {})['jobs']))\n") % (helper, d.sock, d.sock)
+        out = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                              _python_for_other_users(), "-I", "-c", script],
+                             capture_output=True, text=True, timeout=30, cwd=helper)
         lines = out.stdout.split()
         assert lines and lines[0].endswith(".PermissionDenied"), out
         assert lines[1] == "0", "read-only calls are allowed"

@@ -64,8 +64,11 @@ public struct DaemonControlHandler: ControlHandler {
                 StartReply(job: try await manager.resume(p.name), created: false)
             }
         }
-        guard let source = p.source else { throw VarlinkError.invalidParameter("source", reason: "required to create a job") }
-        guard let dest = p.dest else { throw VarlinkError.invalidParameter("dest", reason: "required to create a job") }
+        // A Start with more than `name` creates a job: tunables for an existing job go through Set.
+        let creating = "required to create a job (a Start with only name resumes an existing job; Set changes its tunables)"
+        guard let source = p.source else { throw VarlinkError.invalidParameter("source", reason: creating) }
+        guard let dest = p.dest else { throw VarlinkError.invalidParameter("dest", reason: creating) }
+        if let (name, reason) = p.inapplicableParameter { throw VarlinkError.invalidParameter(name, reason: reason) }
         let req = CreateJobRequest(
             name: p.name, source: source, dest: dest, metadata: p.metadata, regionSize: p.regionSize,
             discardSource: p.discardSource ?? false, destZeroed: p.destZeroed ?? false, noHydration: p.noHydration ?? false,
@@ -136,6 +139,15 @@ public struct DaemonControlHandler: ControlHandler {
                                     rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
                                     spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs)
         guard !update.isEmpty else { throw VarlinkError.invalidParameter("parameters", reason: "nothing to set") }
+        if p.spaceBudgetBytes != nil {
+            // Whether a job discards its source is fixed at creation, so asking first is not racy.
+            let job = try await statuses(p.name).first
+            if job?.discard.enabled == false {
+                throw VarlinkError.invalidParameter(
+                    "space_budget_bytes",
+                    reason: "applies only to a job created with discard_source; job \(p.name) does not discard its source, so there is nothing to budget")
+            }
+        }
         return try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.set(p.name, update)) }
     }
 
