@@ -575,3 +575,42 @@ def test_exit_1_failed_job_and_124_timeout(daemon, tmp_path):
     assert "progress unknown" in daemon.ok("status", "doomed").stdout
     # A failed job is removable.
     daemon.ok("remove", "doomed")
+
+
+def test_remove_of_a_partly_released_job_keeps_its_record(daemon, tmp_path):
+    """Issue 11 part 4: the destination of a partly released discard_source job holds the only
+    copy of those regions; removing the job must not delete the only record of which they are."""
+    src = write_image(tmp_path / "src.img", 24 * MiB)
+    want = Path(src).read_bytes()
+    dst = str(tmp_path / "dst.img")
+    daemon.ok("start", "vm", "--source", src, "--dest", dst, "--discard-source",
+              "--rate-limit", "4M", "--commit-interval", "100ms")
+    deadline = time.time() + 20
+    while daemon.status("vm")["bytes"]["discarded"] < 2 * MiB:
+        assert time.time() < deadline, daemon.status("vm")
+        time.sleep(0.05)
+    daemon.ok("pause", "vm")
+
+    r = daemon.run("remove", "vm")
+    assert r.returncode == 65, r
+    line = one_line_error(r)
+    assert "only copy" in line and "--force" in line, line
+    assert daemon.status("vm")["state"] == "paused"
+
+    r = daemon.ok("remove", "vm", "--force")
+    m = re.search(r"its metadata was kept at (\S+):", r.stdout)
+    assert m, r.stdout
+    kept = m.group(1)
+    assert Path(kept).exists() and "/kept/" in kept
+
+    # A new job on that destination is refused, pointing at the kept record.
+    r = daemon.run("start", "vm", "--source", src, "--dest", dst, "--discard-source")
+    assert r.returncode == 65, r
+    assert kept in one_line_error(r)
+
+    # Naming the kept metadata resumes the job; it completes with the destination whole.
+    daemon.ok("start", "vm", "--source", src, "--dest", dst, "--metadata", kept)
+    r = daemon.run("wait", "vm", "--timeout", "60s")
+    assert r.returncode == 0, r
+    assert Path(dst).read_bytes() == want
+    assert os.stat(src).st_blocks == 0
