@@ -141,7 +141,7 @@ actor Committer {
         guard publish != nil else { return }
         pruneConfirmed()
         let outstanding = coalesce(unconfirmed.flatMap(\.ranges))
-        guard store.header.pendingRelease != PendingRelease.bounded(outstanding) else { return }
+        guard store.header.pendingRelease != outstanding else { return }
         confirmRequested = true
         try await commit()
     }

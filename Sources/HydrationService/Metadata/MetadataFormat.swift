@@ -89,8 +89,10 @@ public struct MetadataHeader: Sendable, Equatable, Codable {
     public var createdUnixMs: Int64
     public var committedUnixMs: Int64
     /// With discard_source: committed regions whose release may not have happened yet (sorted,
-    /// disjoint; a superset is allowed, since only committed regions are ever released from it).
-    /// A restart releases only these. Empty once every release is confirmed.
+    /// disjoint). In memory it is exact; the superblock holds at most `maxPendingRanges` of them,
+    /// widened over the smallest gaps when there are more (see `PendingRelease.bounded`), and
+    /// `MetadataStore.open` intersects what it reads with the committed map. A restart releases
+    /// only these. Empty once every release is confirmed.
     public var pendingRelease: [Range<Int>] = []
     /// A version 1 file does not know which releases are pending: all committed regions may be.
     public var pendingReleaseUnknown: Bool = false

@@ -289,7 +289,8 @@ public final class MetadataStore: Sendable {
             for (page, _, _) in newer {
                 pending.append(min(map.count, page * MetadataFormat.regionsPerPage)..<min(map.count, (page + 1) * MetadataFormat.regionsPerPage))
             }
-            current.pendingRelease = PendingRelease.bounded(coalesce(pending).flatMap { map.setRanges(in: $0) })
+            // Exact here (what the discarder will release); only the superblock's copy is bounded.
+            current.pendingRelease = coalesce(pending).flatMap { map.setRanges(in: $0) }
             current.pendingReleaseUnknown = false
         } else {
             current.pendingRelease = []
@@ -425,7 +426,7 @@ public final class MetadataStore: Sendable {
             header.version = MetadataFormat.version
             if header.discardSource {
                 let pending = pendingRelease ?? (header.pendingRelease + ranges)
-                header.pendingRelease = PendingRelease.bounded(pending.filter { !$0.isEmpty })
+                header.pendingRelease = coalesce(pending.filter { !$0.isEmpty })
                 header.pendingReleaseUnknown = false
             }
             if header.complete && newCount != st.committed.count {
