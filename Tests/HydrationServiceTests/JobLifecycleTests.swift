@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 @testable import HydrationService
 
@@ -197,3 +198,51 @@ import Testing
     }
 }
 
+
+/// A commit that runs out of space (copy-on-write filesystems allocate at writeback, so their
+/// fdatasync can fail with ENOSPC): the job pauses with NoSpace instead of failing, commits and
+/// releases nothing more in that run, and resuming opens it again from its durable state, as a
+/// restart would. Before the fix such a job failed for good.
+@Suite(.serialized) struct CommitOutOfSpaceTests {
+    @Test func destinationSyncOutOfSpacePausesAndResumesFromTheLastCommit() async throws {
+        let dir = TempDir("nospace")
+        let sim = SimulatedStorage()
+        let img = TestImage.make(size: 8 << 20, seed: 41)
+        sim.addFile("/src", data: img.bytes)
+        let syncs = Mutex(0)
+        let armed = Mutex(true)
+        sim.setFault { op in
+            guard op.path == "/dst", op.kind == .sync, armed.withLock({ $0 }) else { return nil }
+            return syncs.withLock { $0 += 1; return $0 } == 3 ? ENOSPC : nil
+        }
+        let io = IOExecutor(threads: 2)
+        let m = JobManager(stateDirectory: dir.file("state"), storage: sim, io: io, logger: testLogger)
+        try await m.restore()
+        var t = TunablesUpdate()
+        t.commitIntervalMs = 20
+        t.rateLimitBytesPerSecond = .some(16 << 20)
+        _ = try await m.create(CreateJobRequest(name: "a", source: "/src", dest: "/dst", metadata: "/meta", discardSource: true, tunables: t))
+        #expect(await eventually(20) { (try? await m.status("a").state) == .paused })
+        let paused = try await m.status("a")
+        #expect(paused.error?.code == "NoSpace", "\(String(describing: paused.error))")
+        #expect(paused.metadata.mode == .ro)
+        let logAtPause = sim.log.count
+        let failedSync = try #require(sim.log.lastIndex { $0.path == "/dst" && $0.kind == .sync })
+        #expect(sim.log.filter { $0.path == "/dst" && $0.kind == .sync }.count == 3)
+        // Nothing committed after the failed sync (the discarder may still finish sets committed
+        // before it: legitimate), and no second sync of the destination in that run.
+        #expect(!sim.log[(failedSync + 1)..<logAtPause].contains { $0.path == "/meta" && $0.kind == .write })
+        #expect(!sim.log[(failedSync + 1)..<logAtPause].contains { $0.path == "/dst" && $0.kind == .sync })
+
+        armed.withLock { $0 = false }
+        _ = try await m.resume("a")
+        #expect(await eventually(30) { (try? await m.status("a").state) == .complete })
+        // The regions noted but not committed before the failure were copied again.
+        let rewritten = sim.log[logAtPause...].contains { $0.path == "/dst" && $0.kind == .write }
+        #expect(rewritten)
+        #expect(sim.contents("/dst") == img.bytes)
+        #expect(sim.allocatedBlocks("/src") == 0)
+        await m.shutdown()
+        await io.shutdown()
+    }
+}

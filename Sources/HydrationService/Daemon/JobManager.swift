@@ -369,10 +369,15 @@ public actor JobManager {
     public func resume(_ name: String) async throws(HydrationError) -> JobStatus {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
+            if case .live(let job, _)? = jobs[name], await job.needsReopen {
+                // Out of space in a commit: open it again from its durable state, as a restart would.
+                await job.close()
+                jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening after running out of space"), nil)
+            }
             if case .broken(var def, _, _)? = jobs[name] {
                 def.desired = .hydrating
                 let entry = await openEntry(def)
-                if case .broken(_, let e, _) = entry { throw e }
+                if case .broken(_, let e, _) = entry { jobs[name] = entry; throw e }
                 try await persist(def)
                 jobs[name] = entry
             }

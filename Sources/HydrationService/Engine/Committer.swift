@@ -199,8 +199,18 @@ actor Committer {
         do {
             try await io.run { try dest.sync() }
         } catch {
-            fail(mode: .ro, HydrationError(.commitFailed, "destination fdatasync failed, metadata left at its last commit: \(error)",
-                                           errno: (error as? StorageError)?.errno))
+            let s = error as? StorageError
+            if s?.isNoSpace == true {
+                // A copy-on-write filesystem (btrfs) allocates at writeback: its fdatasync can fail
+                // with ENOSPC. Still final for this run (the failed pages may be gone from the
+                // cache, and a second fdatasync would not say so), but not for the job: it pauses
+                // with NoSpace, and resuming reopens it from its last commit, re-copying
+                // everything not committed.
+                fail(mode: .ro, HydrationError(.noSpace, "destination fdatasync: out of space; metadata left at its last commit, the job resumes from it once space is freed: \(error)", errno: s?.errno))
+            } else {
+                fail(mode: .ro, HydrationError(.commitFailed, "destination fdatasync failed, metadata left at its last commit: \(error)",
+                                               errno: s?.errno))
+            }
         }
         if let failure { throw failure }
     }
@@ -215,7 +225,12 @@ actor Committer {
         do {
             return try await io.run { try store.commit(ranges, complete: markComplete, pendingRelease: pendingRelease, nowMs: now) }
         } catch {
-            let e = (error as? MetadataError).map { HydrationError(.commitFailed, $0.description, errno: { if case .io(let s) = $0.reason { return s.errno } else { return nil } }($0)) }
+            let storageError: StorageError? = {
+                if let m = error as? MetadataError, case .io(let s) = m.reason { return s }
+                return nil
+            }()
+            let code: HydrationError.Code = storageError?.isNoSpace == true ? .noSpace : .commitFailed
+            let e = (error as? MetadataError).map { HydrationError(code, $0.description, errno: storageError?.errno) }
                 ?? HydrationError(.commitFailed, "\(error)")
             fail(mode: .fail, e)
             throw e

@@ -316,6 +316,10 @@ public actor HydrationJob {
     // MARK: control
 
     public var currentState: JobStatus.State { state }
+    /// A commit ran out of space: this instance commits nothing more (its failed sync may have
+    /// dropped pages without a later sync saying so). Resuming means opening the job again from its
+    /// durable state, as a restart would (`JobManager.resume` does).
+    public private(set) var needsReopen = false
     /// The metadata's job UUID.
     public var jobID: String { store.header.jobID }
     public var lastError: HydrationError? { error }
@@ -326,6 +330,8 @@ public actor HydrationJob {
         switch state {
         case .hydrating, .complete:
             return
+        case .paused where needsReopen:
+            throw HydrationError(.invalidState, "job \(name) ran out of space in a commit; it must be opened again from its last commit to resume")
         case .failed:
             if progress.snapshot.metadataMode != .rw {
                 throw HydrationError(.invalidState, "job \(name) failed with metadata \(progress.snapshot.metadataMode.rawValue); it cannot be resumed: \(error?.message ?? "")")
@@ -469,7 +475,13 @@ public actor HydrationJob {
 
         if let commitError {
             self.error = commitError
-            setState(.failed)
+            if commitError.code == .noSpace {
+                logger.error("commit out of space; job paused, it resumes from its last commit once space is freed", metadata: ["error": "\(commitError)"])
+                needsReopen = true
+                setState(.paused)
+            } else {
+                setState(.failed)
+            }
             return
         }
         switch outcome {
@@ -491,8 +503,14 @@ public actor HydrationJob {
             self.error = e
             setState(.failed)
         case .halted:
-            self.error = await committer.failure ?? HydrationError(.commitFailed, "commit failed")
-            setState(.failed)
+            let failure = await committer.failure ?? HydrationError(.commitFailed, "commit failed")
+            self.error = failure
+            if failure.code == .noSpace {
+                needsReopen = true
+                setState(.paused)
+            } else {
+                setState(.failed)
+            }
         }
     }
 
