@@ -33,7 +33,12 @@ actor Discarder {
             received += 1
             await release(set)
             processed += 1
-            await confirmDurable(upTo: processed)
+            // Syncing the source after every set would put a journal commit per commit on the
+            // release path; once a second is enough (the pending list only stays longer), and
+            // `drainDurably` syncs at the end of a run.
+            if monotonicNanos() &- lastSourceSync >= Self.sourceSyncIntervalNanos {
+                await confirmDurable(upTo: processed)
+            }
             processedGeneration = max(processedGeneration, set.generation)
             let ready = waiters.filter { $0.0 <= processed }
             waiters.removeAll { $0.0 <= processed }
@@ -58,8 +63,19 @@ actor Discarder {
     /// them from the metadata's pending-release list); after a failed sync none ever is again (its
     /// errors were consumed), and a restart releases those regions again.
     private var sourceSyncFailed = false
+    private var lastSourceSync: UInt64 = 0
+    static let sourceSyncIntervalNanos: UInt64 = 1_000_000_000
+
+    /// `drain`, then a source sync covering everything released so far: afterwards every
+    /// published set that was released is reported as done (for the committer's final record).
+    func drainDurably(published: Int) async {
+        await drain(published: published)
+        if progress.snapshot.releasedSets < processed { await confirmDurable(upTo: processed) }
+    }
+
     private func confirmDurable(upTo count: Int) async {
         guard !sourceSyncFailed else { return }
+        lastSourceSync = monotonicNanos()
         let source = self.source
         do {
             try await io.run { try source.sync() }

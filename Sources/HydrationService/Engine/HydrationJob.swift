@@ -427,7 +427,7 @@ public actor HydrationJob {
     /// confirming the device) and, if the metadata is failing, already reported by the committer.
     private func drainAndConfirmReleases() async {
         guard let discarder else { return }
-        await discarder.drain(published: await committer.publishedCount)
+        await discarder.drainDurably(published: await committer.publishedCount)
         do { try await committer.confirmReleases() } catch {
             logger.warning("could not record finished releases; a restart will release them again", metadata: ["error": "\(error)"])
         }
