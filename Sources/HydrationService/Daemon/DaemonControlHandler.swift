@@ -28,7 +28,7 @@ public struct DaemonControlHandler: ControlHandler {
         case .sizeMismatch:
             return .sizeMismatch(sourceBytes: e.sourceBytes ?? 0, destBytes: e.destBytes ?? 0, message: e.message)
         case .metadataCorrupt, .metadataMismatch, .metadataExists, .deviceUnconfirmed:
-            return .metadataCorrupt(path: path ?? "", reason: e.message)
+            return .metadataCorrupt(path: e.path ?? path ?? "", reason: e.message)
         case .permissionDenied: return .permissionDenied(method: "", reason: e.message)
         case .sourceReadFailed, .destWriteFailed, .noSpace, .commitFailed:
             return .jobFailed(job ?? "", code: e.code.rawValue, message: e.message)

@@ -1,0 +1,147 @@
+"""The real hydrationd against the kernel's edges (issue 11): devices reused or renumbered across a
+restart, a complete job's source reused by another job. Root and loop devices needed; every loop
+device is detached and every daemon killed by PID, whatever happens."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hydtest import HYDRATIOND, Daemon, VarlinkError, allocated, make_image, sha256_of  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(HYDRATIOND), reason=f"{HYDRATIOND} not built"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices)"),
+]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def loops():
+    """Attach files to loop devices; everything attached is detached at the end."""
+    attached = []
+
+    def attach(path, device=None):
+        args = ["losetup", "--show"] + ([device] if device else ["-f"]) + [str(path)]
+        dev = subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+        attached.append(dev)
+        return dev
+
+    def detach(dev):
+        subprocess.run(["losetup", "-d", dev], check=True)
+        attached.remove(dev)
+
+    attach.detach = detach
+    yield attach
+    for dev in attached:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def random_file(path, size, seed):
+    import random
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.write(rnd.randbytes(size))
+    return sha256_of(path)
+
+
+def test_a_renumbered_destination_is_not_written(tmp_path, loops):
+    """kill -9 mid-copy; the destination's /dev/loopN then names another file of the same size (what
+    a reboot or a detach/attach does): the restarted job must not write to it, and resumes once the
+    right file is back. Before the stable identity, rdev + size matched and the job wrote into the
+    other file."""
+    size = 48 * MiB
+    src_sum = make_image(tmp_path / "src.img", size, seed=3)
+    (tmp_path / "d1.img").write_bytes(b"")
+    os.truncate(tmp_path / "d1.img", size)
+    other_sum = random_file(tmp_path / "d2.img", size, seed=4)
+    dev = loops(tmp_path / "d1.img")
+    d = Daemon(tmp_path, "ren").start()
+    try:
+        d.call("Start", {"name": "j", "source": str(tmp_path / "src.img"), "dest": dev,
+                         "commit_interval_ms": 50, "rate_limit_bytes_per_second": 8 * MiB})
+        deadline = time.time() + 20
+        while d.status("j")["bytes"]["committed"] < 4 * MiB:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        d.kill(signal.SIGKILL)
+        loops.detach(dev)
+        assert loops(tmp_path / "d2.img", dev) == dev
+        d.start()
+        st = d.status("j")
+        assert st["state"] == "failed", st
+        assert st["error"]["code"] == "DeviceUnconfirmed", st["error"]
+        with pytest.raises(VarlinkError) as e:
+            d.call("Resume", {"name": "j"})
+        assert "not the device" in str(e.value.parameters), e.value.parameters
+        d.stop()
+        assert sha256_of(tmp_path / "d2.img") == other_sum, "the restarted job wrote to another device"
+
+        # The right file back at the same path: resume opens it and finishes.
+        loops.detach(dev)
+        loops(tmp_path / "d1.img", dev)
+        d.start()
+        d.call("Resume", {"name": "j"})
+        d.call("Set", {"name": "j", "rate_limit_bytes_per_second": 0})
+        d.wait_state("j", ["complete"], timeout=60)
+        assert sha256_of(dev, size) == src_sum
+    finally:
+        d.kill()
+
+
+def test_a_renumbered_source_is_not_released(tmp_path, loops):
+    """The source is a loop device with discard_source; after kill -9 its /dev/loopN names another
+    file of the same size. Before the fix the restart re-released every committed region of the
+    job on that other file (data loss on a device the job never owned)."""
+    size = 32 * MiB
+    make_image(tmp_path / "s1.img", size, seed=5)
+    other_sum = random_file(tmp_path / "s2.img", size, seed=6)
+    src = loops(tmp_path / "s1.img")
+    d = Daemon(tmp_path, "rens").start()
+    try:
+        d.call("Start", {"name": "j", "source": src, "dest": str(tmp_path / "dst.img"), "discard_source": True,
+                         "commit_interval_ms": 50, "rate_limit_bytes_per_second": 8 * MiB})
+        deadline = time.time() + 20
+        while d.status("j")["bytes"]["discarded"] < 4 * MiB:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        d.kill(signal.SIGKILL)
+        loops.detach(src)
+        assert loops(tmp_path / "s2.img", src) == src
+        before = allocated(tmp_path / "s2.img")
+        d.start()
+        st = d.status("j")
+        assert st["state"] == "failed" and st["error"]["code"] == "DeviceUnconfirmed", st
+        time.sleep(0.5)
+        d.stop()
+        assert allocated(tmp_path / "s2.img") == before
+        assert sha256_of(tmp_path / "s2.img") == other_sum, "a restart released regions of another device"
+    finally:
+        d.kill()
+
+
+def test_a_complete_jobs_source_reused_as_a_destination_survives_restarts(tmp_path):
+    """Job a copies S to D with discard_source and completes; job b copies X onto S; graceful and
+    kill -9 restarts must leave S alone. Before the fix, a's restore punched all of S."""
+    size = 16 * MiB
+    s_sum = make_image(tmp_path / "S", size, seed=7)
+    x_sum = make_image(tmp_path / "X", size, seed=8)
+    d = Daemon(tmp_path, "reuse").start()
+    try:
+        d.call("Start", {"name": "a", "source": str(tmp_path / "S"), "dest": str(tmp_path / "D"), "discard_source": True})
+        d.wait_state("a", ["complete"], timeout=60)
+        assert sha256_of(tmp_path / "D") == s_sum and allocated(tmp_path / "S") == 0
+        d.call("Start", {"name": "b", "source": str(tmp_path / "X"), "dest": str(tmp_path / "S")})
+        d.wait_state("b", ["complete"], timeout=60)
+        for stop in (d.stop, lambda: d.kill(signal.SIGKILL)):
+            stop()
+            d.start()
+            assert d.status("a")["state"] == "complete"
+            time.sleep(0.3)
+            assert sha256_of(tmp_path / "S") == x_sum, "a restart released a complete job's source again"
+    finally:
+        d.kill()
