@@ -153,7 +153,7 @@ public enum ControlInterface {
         method Pause(name: string) -> (job: JobStatus)
 
         # Continue a paused job.
-        method Resume(name: string) -> (job: JobStatus)
+        method Resume(name: string, accept_devices: ?bool) -> (job: JobStatus)
 
         # Status of one job, or of every job when name is null. Called with more, it replies
         # with an update per interval until the job ends or the client disconnects.

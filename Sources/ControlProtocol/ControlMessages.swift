@@ -133,7 +133,16 @@ public struct JobNameParameters: VarlinkParameters, Equatable {
 }
 
 public typealias PauseParameters = JobNameParameters
-public typealias ResumeParameters = JobNameParameters
+public struct ResumeParameters: VarlinkParameters, Equatable {
+    public var name: String
+    /// For a job whose devices could not be confirmed (`DeviceUnconfirmed`): the operator states
+    /// that the devices now at the job's paths are its own (same kind and size are still
+    /// required); their identities are recorded anew in the metadata.
+    public var acceptDevices: Bool?
+    public init(name: String, acceptDevices: Bool? = nil) { self.name = name; self.acceptDevices = acceptDevices }
+    enum CodingKeys: String, CodingKey, CaseIterable { case name, acceptDevices = "accept_devices" }
+    public static let parameterNames = names(CodingKeys.self)
+}
 public typealias CommitParameters = JobNameParameters
 
 /// Reply carrying one job's status: `Pause`, `Resume`, `Set`, `Commit`.

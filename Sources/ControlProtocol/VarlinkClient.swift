@@ -223,8 +223,9 @@ public final class VarlinkClient: Sendable {
         try call(ControlMethod.pause.qualifiedName, parameters: JobNameParameters(name: name), replyType: JobReply.self).job
     }
 
-    public func resume(_ name: String) throws -> JobStatus {
-        try call(ControlMethod.resume.qualifiedName, parameters: JobNameParameters(name: name), replyType: JobReply.self).job
+    public func resume(_ name: String, acceptDevices: Bool = false) throws -> JobStatus {
+        try call(ControlMethod.resume.qualifiedName, parameters: ResumeParameters(name: name, acceptDevices: acceptDevices ? true : nil),
+                 replyType: JobReply.self).job
     }
 
     public func getStatus(name: String? = nil) throws -> [JobStatus] {

@@ -107,13 +107,17 @@ struct Pause: AsyncParsableCommand, DaemonCommand {
 }
 
 struct Resume: AsyncParsableCommand, DaemonCommand {
-    static let configuration = CommandConfiguration(abstract: "Resume a paused job.")
+    static let configuration = CommandConfiguration(
+        abstract: "Resume a paused job.",
+        discussion: "A job that could not be opened (device missing or not confirmed) is opened again first. --accept-devices states that the devices now at its paths are its own (for a device without a stable identity, e.g. a disk without a serial after a reboot); their size and kind must still match.")
     @OptionGroup var daemon: DaemonOptions
     @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
+    @Flag(help: "Take the devices now at the job's paths as its own, recording their identity anew.")
+    var acceptDevices = false
 
     func run() async throws {
-        let s = try call { try $0.resume(job.name) }
+        let s = try call { try $0.resume(job.name, acceptDevices: acceptDevices) }
         Output.line("resumed job \(s.name): \(s.state.rawValue), \(StatusFormatter.progressText(s))")
     }
 }

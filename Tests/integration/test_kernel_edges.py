@@ -145,3 +145,40 @@ def test_a_complete_jobs_source_reused_as_a_destination_survives_restarts(tmp_pa
             assert sha256_of(tmp_path / "S") == x_sum, "a restart released a complete job's source again"
     finally:
         d.kill()
+
+
+def test_the_operator_accepts_a_moved_destination(tmp_path, loops):
+    """The operator moved the partly hydrated destination to another disk (a copy of the file on
+    another loop device at the same path): the restart refuses it, `Resume accept_devices` takes
+    it, records its identity, and the job finishes on it; the old file is not touched again."""
+    size = 32 * MiB
+    src_sum = make_image(tmp_path / "src.img", size, seed=9)
+    (tmp_path / "d1.img").write_bytes(b"")
+    os.truncate(tmp_path / "d1.img", size)
+    dev = loops(tmp_path / "d1.img")
+    d = Daemon(tmp_path, "acc").start()
+    try:
+        d.call("Start", {"name": "j", "source": str(tmp_path / "src.img"), "dest": dev,
+                         "commit_interval_ms": 50, "rate_limit_bytes_per_second": 8 * MiB})
+        deadline = time.time() + 20
+        while d.status("j")["bytes"]["committed"] < 4 * MiB:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        d.stop()
+        loops.detach(dev)
+        subprocess.run(["cp", "--sparse=always", str(tmp_path / "d1.img"), str(tmp_path / "d2.img")], check=True)
+        d1_sum = sha256_of(tmp_path / "d1.img")
+        loops(tmp_path / "d2.img", dev)
+        d.start()
+        assert d.status("j")["error"]["code"] == "DeviceUnconfirmed"
+        d.call("Resume", {"name": "j", "accept_devices": True})
+        d.call("Set", {"name": "j", "rate_limit_bytes_per_second": 0})
+        d.wait_state("j", ["complete"], timeout=60)
+        assert sha256_of(dev, size) == src_sum
+        # Recorded anew: a graceful restart confirms it without help.
+        d.stop()
+        d.start()
+        assert d.status("j")["state"] == "complete"
+        assert sha256_of(tmp_path / "d1.img") == d1_sum
+    finally:
+        d.kill()

@@ -85,7 +85,7 @@ public struct DaemonControlHandler: ControlHandler {
     }
 
     public func resume(_ p: ResumeParameters, peer: PeerCredentials) async throws -> JobReply {
-        try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.resume(p.name)) }
+        try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.resume(p.name, acceptDevices: p.acceptDevices ?? false)) }
     }
 
     func statuses(_ name: String?) async throws -> [JobStatus] {

@@ -160,7 +160,7 @@ public actor JobManager {
     /// metadata alone (its devices are not touched); any other through `HydrationJob.open`, which
     /// confirms the devices. One that cannot be opened is kept as broken, with the reason: it
     /// writes and releases nothing.
-    private func openEntry(_ def: JobDefinition) async -> Entry {
+    private func openEntry(_ def: JobDefinition, acceptDevices: Bool = false) async -> Entry {
         let storage = self.storage
         let header = try? await io.run { try MetadataStore.open(path: def.metadata, storage: storage, readOnly: true).0.header }
         if let header, header.complete, header.releasesSettled {
@@ -168,7 +168,8 @@ public actor JobManager {
             return .finished(def, header)
         }
         do {
-            let job = try await HydrationJob.open(def.configuration, storage: storage, io: io, logger: logger)
+            let job = try await HydrationJob.open(def.configuration, storage: storage, io: io, logger: logger,
+                                                  acceptDevices: acceptDevices)
             if def.desired == .hydrating, await job.currentState != .complete {
                 try await job.start()
             } else if def.desired == .paused {
@@ -366,7 +367,7 @@ public actor JobManager {
 
     /// Resumes a job. One that could not be opened (a device missing or not confirmed, metadata
     /// unreadable) is opened again first: the operator may have put the right device back.
-    public func resume(_ name: String) async throws(HydrationError) -> JobStatus {
+    public func resume(_ name: String, acceptDevices: Bool = false) async throws(HydrationError) -> JobStatus {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
             if case .live(let job, _)? = jobs[name], await job.needsReopen {
@@ -376,7 +377,7 @@ public actor JobManager {
             }
             if case .broken(var def, _, _)? = jobs[name] {
                 def.desired = .hydrating
-                let entry = await openEntry(def)
+                let entry = await openEntry(def, acceptDevices: acceptDevices)
                 if case .broken(_, let e, _) = entry { jobs[name] = entry; throw e }
                 try await persist(def)
                 jobs[name] = entry

@@ -106,11 +106,15 @@ public actor HydrationJob {
     /// Opens an existing job from its metadata and resumes from its committed state. The source
     /// and destination must be the very devices the metadata was created for. With
     /// discard_source, every committed region is released again (idempotent).
+    ///
+    /// `acceptDevices`: the operator states that the devices now at the paths are the job's own
+    /// (kind and size must still match); their identities are recorded in the metadata anew.
     public static func open(_ config: JobConfiguration, storage: any StorageProvider = PosixStorage(),
-                            io: IOExecutor, logger: Logger = Logger(label: "hydration")) async throws(HydrationError) -> HydrationJob {
+                            io: IOExecutor, logger: Logger = Logger(label: "hydration"),
+                            acceptDevices: Bool = false) async throws(HydrationError) -> HydrationJob {
         let opened: (any StorageDevice, any StorageDevice, MetadataStore, MetadataRecoveryReport)
         do {
-            opened = try await io.run { try prepareExisting(config, storage: storage) }
+            opened = try await io.run { try prepareExisting(config, storage: storage, acceptDevices: acceptDevices) }
         } catch {
             throw error as? HydrationError ?? HydrationError(.ioError, "\(error)")
         }
@@ -249,7 +253,8 @@ public actor HydrationJob {
         }
     }
 
-    static func prepareExisting(_ config: JobConfiguration, storage: any StorageProvider) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore, MetadataRecoveryReport) {
+    static func prepareExisting(_ config: JobConfiguration, storage: any StorageProvider,
+                                acceptDevices: Bool = false) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore, MetadataRecoveryReport) {
         try validateCommon(config)
         let opened: (MetadataStore, MetadataRecoveryReport)
         do {
@@ -263,20 +268,27 @@ public actor HydrationJob {
         let h = opened.0.header
         // Compare before opening, so a wrong device gets the precise error, not "in use".
         if let s = try identify(storage, config.sourcePath, what: "source") {
-            try confirm(s, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true)
+            try confirm(s, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
         }
         if let d = try identify(storage, config.destPath, what: "destination") {
-            try confirm(d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false)
+            try confirm(d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
         }
         let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source")
         let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination")
         // Again on the open descriptors: the path may have been switched in between.
-        try confirm(source.info, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true)
-        try confirm(dest.info, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false)
+        try confirm(source.info, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
+        try confirm(dest.info, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
         if dest.info.size < h.targetSize {
             throw HydrationError(.metadataMismatch, "destination \(config.destPath) has \(dest.info.size) bytes, fewer than the \(h.targetSize) that metadata \(config.metadataPath) was created for")
         }
         try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
+        if acceptDevices && (DeviceRecord(source.info) != h.source || DeviceRecord(dest.info) != h.dest) {
+            do {
+                try opened.0.recordDevices(source: DeviceRecord(source.info), dest: DeviceRecord(dest.info), nowMs: wallClockMillis())
+            } catch {
+                throw HydrationError.from(error)
+            }
+        }
         return (source, dest, opened.0, opened.1)
     }
 
@@ -287,12 +299,14 @@ public actor HydrationJob {
     /// by filesystem and inode as before, and a block device cannot be confirmed: the job stays
     /// stopped rather than write to or release a device that may be another one.
     static func confirm(_ found: DeviceInfo, is recorded: DeviceRecord, what: String, metadataPath: String,
-                        exactSize: Bool) throws(HydrationError) {
+                        exactSize: Bool, accept: Bool = false) throws(HydrationError) {
         let kindChanged = found.identity.kind != recorded.identity.kind
         let sizeChanged = exactSize ? found.size != recorded.size : found.size < recorded.size
         if kindChanged || sizeChanged {
             throw HydrationError(.metadataMismatch, "\(what) \(found.path) (\(found.identity), \(found.size) bytes) is not the device metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity), \(recorded.size) bytes)")
         }
+        // The operator has vouched for the device: kind and size were the checks left.
+        if accept { return }
         if !recorded.stableID.isEmpty {
             guard found.stableID == recorded.stableID else {
                 var e = HydrationError(.deviceUnconfirmed, "\(what) \(found.path) is not the device the job was created for: it was \(recorded.stableID), it is now \(found.stableID.isEmpty ? "a device without a stable identity" : found.stableID). Nothing is written or released; put the right device at \(found.path) and resume, or remove the job")

@@ -375,6 +375,30 @@ public final class MetadataStore: Sendable {
 
     // MARK: commit
 
+    /// Records other device identities (the operator accepted the devices now at the job's
+    /// paths): a superblock-only commit, atomic like any other.
+    public func recordDevices(source: DeviceRecord, dest: DeviceRecord, nowMs: Int64) throws(MetadataError) {
+        try state.withLock { (st: inout State) throws(MetadataError) in
+            if let f = st.failure { throw MetadataError(path: path, reason: .failedEarlier(f)) }
+            var header = st.header
+            header.generation += 1
+            header.version = MetadataFormat.version
+            header.source = source
+            header.dest = dest
+            header.committedUnixMs = nowMs
+            let sbSlot = 1 - st.superblockSlot
+            do throws(StorageError) {
+                try device.write(bytes: header.encode(), at: MetadataFormat.superblockOffset(slot: sbSlot))
+                try device.sync()
+            } catch {
+                st.failure = error.description
+                throw MetadataError(path: path, reason: .io(error))
+            }
+            st.superblockSlot = sbSlot
+            st.header = header
+        }
+    }
+
     /// Durably records `ranges` (region indices) as hydrated, and `complete` when set. Writes
     /// only the pages the ranges touch plus one superblock, with an fsync after each phase.
     /// Returns the new generation. After any failure the store refuses every later commit: a
