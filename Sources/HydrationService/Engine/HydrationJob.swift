@@ -104,8 +104,9 @@ public actor HydrationJob {
     }
 
     /// Opens an existing job from its metadata and resumes from its committed state. The source
-    /// and destination must be the very devices the metadata was created for. With
-    /// discard_source, every committed region is released again (idempotent).
+    /// and destination must be the very devices the metadata was created for (`confirm`). With
+    /// discard_source, the regions the metadata lists as pending release are released again
+    /// (idempotent), in the background.
     ///
     /// `acceptDevices`: the operator states that the devices now at the paths are the job's own
     /// (kind and size must still match); their identities are recorded in the metadata anew.
