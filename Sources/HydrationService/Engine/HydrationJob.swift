@@ -200,6 +200,7 @@ public actor HydrationJob {
             throw HydrationError(.metadataExists, "metadata \(config.metadataPath) already exists; open the existing job or remove it")
         }
         try checkDistinct(source: srcInfo, dest: destBefore, metadata: nil)
+        try checkPlacement(source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
         if let d = destBefore, !(d.identity.kind == .regularFile && d.size == 0), d.size < srcInfo.size {
             var e = HydrationError(.sizeMismatch, "destination \(d.path) has \(d.size) bytes, smaller than the source's \(srcInfo.size)")
             e.sourceBytes = srcInfo.size; e.destBytes = d.size
@@ -263,6 +264,7 @@ public actor HydrationJob {
         if let s = try identify(storage, config.sourcePath, what: "source"), s.identity != h.source.identity || s.size != h.source.size {
             throw HydrationError(.metadataMismatch, "source \(config.sourcePath) (\(s.identity), \(s.size) bytes) is not the device metadata \(config.metadataPath) was created for (\(h.source.path): \(h.source.identity), \(h.source.size) bytes)")
         }
+        try checkPlacement(source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
         let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source")
         let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination")
         if source.info.identity != h.source.identity || source.info.size != h.source.size {
