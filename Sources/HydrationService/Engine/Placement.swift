@@ -31,7 +31,7 @@ extension HydrationJob {
             }
             guard let usage else { continue }
             let all = usage.holders.isEmpty ? usage.holder : usage.holders.joined(separator: ", ")
-            var e = HydrationError(.deviceInUse, "\(label) \(path) is in use by \(all) (job \(label == "source" ? "\(path) → \(other)" : "\(other) → \(path)")); hydration needs it to itself until a live clone exists: move the workload off it first (stop the VM or process, detach the loop device, unmount the filesystem, remove what is stacked on it), then hydrate")
+            var e = HydrationError(.deviceInUse, "\(label) \(path) is in use by: \(all) (job \(label == "source" ? "\(path) → \(other)" : "\(other) → \(path)")); hydration needs it to itself until a live clone exists: move the workload off it first (stop the VM or process, detach the loop device, unmount the filesystem, remove what is stacked on it), then hydrate")
             e.path = path
             e.holder = usage.holder
             throw e

@@ -101,21 +101,31 @@ public struct StorageStack: Sendable, Equatable {
     public func overlap(with other: StorageStack, as label: String, otherLabel: String) -> String? {
         if let i = other.layers.firstIndex(where: { $0.aliases(top) }) {
             if i == 0 {
-                return "\(otherLabel) \(other.path) and \(label) \(path) are the same \(top.loop != nil && other.top.loop != nil && top.object != other.top.object ? "bytes (two loop devices over one file)" : "object")"
+                return "\(otherLabel) \(other.path) and \(label) \(path) are the same \(top.object != other.top.object ? "bytes (\(Self.aliasNote(other.top, top)))" : "object")"
             }
-            return "\(otherLabel) \(other.path) lives on \(label) \(path) (\(other.chain(to: i)))"
+            return "\(otherLabel) \(other.path) lives on \(label) \(path) (\(other.chain(to: i))\(Self.aliasSuffix(other.layers[i], top)))"
         }
         if let i = layers.firstIndex(where: { $0.aliases(other.top) }) {
-            return "\(label) \(path) lives on \(otherLabel) \(other.path) (\(chain(to: i)))"
+            return "\(label) \(path) lives on \(otherLabel) \(other.path) (\(chain(to: i))\(Self.aliasSuffix(layers[i], other.top)))"
         }
         return nil
+    }
+
+    /// ", which shows the same bytes of F as /dev/loopN" when a layer matched through another
+    /// loop device over the same file.
+    static func aliasSuffix(_ found: StorageLayer, _ top: StorageLayer) -> String {
+        found.object == top.object ? "" : ", \(aliasNote(found, top))"
+    }
+
+    static func aliasNote(_ a: StorageLayer, _ b: StorageLayer) -> String {
+        "\(a.name) and \(b.name) are loop devices over the same bytes of one file"
     }
 }
 
 /// Who else has a file or device open.
 public struct DeviceUsage: Sendable, Equatable {
     public var path: String
-    /// "/dev/loop3", "pid 1234 (qemu-system-x86)", "/dev/dm-0", "mounted at /mnt": empty when the
+    /// "/dev/loop3", "pid 1234 (qemu-system-x86)", "/dev/dm-0", "mount at /mnt": empty when the
     /// kernel says someone has it open (a write lease was refused) but nobody could be named.
     public var holders: [String]
 
@@ -161,6 +171,13 @@ public struct DeviceTopology: Sendable {
         } else {
             b.addFile(.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)), name: path, parent: nil, relation: "")
         }
+        return StorageStack(path: path, layers: b.layers)
+    }
+
+    /// The stack of a block device given by number (tests with a fake sysfs tree use it).
+    func stack(ofBlockDevice rdev: UInt64, path: String) -> StorageStack {
+        var b = Builder(topo: self)
+        b.addBlock(rdev, parent: nil, relation: "", name: path)
         return StorageStack(path: path, layers: b.layers)
     }
 
@@ -322,7 +339,7 @@ public struct DeviceTopology: Sendable {
             }
             if let r, let m = mounts["\(majorOf(r)):\(minorOf(r))"] {
                 let via = d == dir ? "" : "\(baseName(d)) "
-                out += m.map { "\(via)mounted at \($0)" }
+                out += m.map { "\(via)mount at \($0)" }
             }
         }
         return out
