@@ -6,6 +6,7 @@
 #include <linux/fs.h>
 #include <linux/falloc.h>
 #include <linux/loop.h>
+#include <linux/btrfs.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/sysmacros.h>
@@ -86,6 +87,14 @@ int hyd_loop_status(int fd, uint64_t *backing_dev, uint64_t *backing_ino, uint64
     *backing_ino = li.lo_inode;
     *offset = li.lo_offset;
     *sizelimit = li.lo_sizelimit;
+    return 0;
+}
+
+int hyd_btrfs_fsid(int fd, uint8_t *fsid) {
+    struct btrfs_ioctl_fs_info_args a;
+    memset(&a, 0, sizeof a);
+    if (ioctl(fd, BTRFS_IOC_FS_INFO, &a) != 0) return -1;
+    memcpy(fsid, a.fsid, 16);
     return 0;
 }
 

@@ -168,6 +168,32 @@ import Testing
         #expect(e?.message.contains(meta) == true && e?.message.contains(srcLoop) == true, "\(String(describing: e))")
     }
 
+    /// Metadata on a btrfs spread over two loop devices; the destination is the backing file of
+    /// the second device (not the one the mount names). btrfs files have an anonymous st_dev:
+    /// the filesystem's devices come from the mount and /sys/fs/btrfs. Old code: accepted.
+    @Test func metadataOnMultiDeviceBtrfsOverTheDestinationRefused() async throws {
+        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+        if (try? DeviceScratch.sh(["which", "mkfs.btrfs"])) == nil { print("SKIP PlacementTests.\(#function): mkfs.btrfs is missing"); return }
+        let s = DeviceScratch("meta-btrfs")
+        defer { s.teardown() }
+        let src = try s.makeFile("src.img", size: 4 << 20)
+        let fa = try s.makeFile("fsa.img", size: 128 << 20)
+        let fb = try s.makeFile("fsb.img", size: 128 << 20)
+        let la = try s.attachLoop(fa)
+        let lb = try s.attachLoop(fb)
+        let mnt = try s.mkfsAndMount(la, "mnt", mkfs: ["mkfs.btrfs", "-q", "-f", "-d", "single", "-m", "single"], more: [lb])
+        let meta = mnt + "/job.meta"
+        var e = await expectRefused(Self.config(s, src, fb, metadata: meta), .sameDevice)
+        #expect(e?.message.contains(meta) == true && e?.message.contains(fb) == true, "\(String(describing: e))")
+        e = await expectRefused(Self.config(s, src, fa, metadata: meta), .sameDevice)
+        #expect(e?.message.contains(meta) == true && e?.message.contains(fa) == true, "\(String(describing: e))")
+        // A file on that btrfs as the source, its device's loop as the destination.
+        let inner = mnt + "/vm.raw"
+        try Data(count: 1 << 20).write(to: URL(fileURLWithPath: inner))
+        e = await expectRefused(Self.config(s, inner, lb), .sameDevice)
+        #expect(e?.message.contains(inner) == true && e?.message.contains(lb) == true, "\(String(describing: e))")
+    }
+
     // MARK: partitions (need a kernel that reads partition tables)
 
     /// A partition and its disk overlap (old code: refused only by O_EXCL as DeviceInUse, not

@@ -26,6 +26,8 @@ int hyd_get_fsuuid(int fd, uint8_t *uuid, int *len);
 int hyd_statfs_fsid(int fd, uint64_t *fsid);
 // LOOP_GET_STATUS64: the backing file's st_dev (encoded as userspace dev_t) and inode, offset, sizelimit.
 int hyd_loop_status(int fd, uint64_t *backing_dev, uint64_t *backing_ino, uint64_t *offset, uint64_t *sizelimit);
+// BTRFS_IOC_FS_INFO: the btrfs filesystem id (the name of its /sys/fs/btrfs directory).
+int hyd_btrfs_fsid(int fd, uint8_t *fsid);
 // Takes a write lease (F_SETLEASE F_WRLCK) and drops it at once: 0 when nobody else has the file
 // open, -1 with errno EAGAIN when someone does (other errors: cannot tell).
 int hyd_probe_write_lease(int fd);

@@ -163,7 +163,7 @@ public struct DeviceTopology: Sendable {
                 if dir == "/" { return StorageStack(path: path, layers: b.layers) }
                 dir = parentDirectory(of: dir)
             }
-            b.addFilesystem(of: UInt64(st.st_dev), parent: 0)
+            b.addFilesystem(of: UInt64(st.st_dev), path: dir, parent: 0)
             return StorageStack(path: path, layers: b.layers)
         }
         if (st.st_mode & S_IFMT) == S_IFBLK {
@@ -190,14 +190,19 @@ public struct DeviceTopology: Sendable {
         mutating func addFile(_ o: StorageObject, name: String, parent: Int?, relation: String) {
             guard index(of: o) == nil else { return }
             layers.append(StorageLayer(object: o, name: name, parent: parent, relation: relation))
-            if case .file(let dev, _) = o { addFilesystem(of: dev, parent: layers.count - 1) }
+            if case .file(let dev, _) = o { addFilesystem(of: dev, path: name, parent: layers.count - 1) }
         }
 
-        mutating func addFilesystem(of dev: UInt64, parent: Int) {
-            // Filesystems without a block device of their own (tmpfs, overlay, nfs, and btrfs,
-            // whose anonymous st_dev is not its disks') end the stack here.
-            guard majorOf(dev) != 0, topo.blockDir(dev) != nil else { return }
-            addBlock(dev, parent: parent, relation: "filesystem on", name: nil)
+        mutating func addFilesystem(of dev: UInt64, path: String, parent: Int) {
+            if majorOf(dev) != 0, topo.blockDir(dev) != nil {
+                addBlock(dev, parent: parent, relation: "filesystem on", name: nil)
+                return
+            }
+            // An anonymous st_dev (btrfs, whose st_dev is not its disks'; tmpfs, overlay, nfs
+            // have no disk and end the stack here).
+            for d in topo.filesystemDevices(anonymous: dev, path: path) {
+                addBlock(d, parent: parent, relation: "filesystem on", name: nil)
+            }
         }
 
         mutating func addBlock(_ rdev: UInt64, parent: Int?, relation: String, name: String?) {
@@ -345,16 +350,68 @@ public struct DeviceTopology: Sendable {
         return out
     }
 
-    /// "maj:min" → mount points, from /proc/self/mountinfo.
-    func mountPoints() -> [String: [String]] {
-        guard let text = read(proc + "/self/mountinfo", limit: 1 << 22) else { return [:] }
-        var out: [String: [String]] = [:]
+    struct Mount {
+        var device: String      // "maj:min" (st_dev of the files on it)
+        var mountPoint: String
+        var fsType: String
+        var source: String
+    }
+
+    /// /proc/self/mountinfo.
+    func mounts() -> [Mount] {
+        guard let text = read(proc + "/self/mountinfo", limit: 1 << 22) else { return [] }
+        var out: [Mount] = []
         for line in text.split(separator: "\n") {
             let f = line.split(separator: " ", omittingEmptySubsequences: true)
             guard f.count > 4 else { continue }
-            out[String(f[2]), default: []].append(unescapeMount(String(f[4])))
+            var fsType = "", source = ""
+            if let dash = f.firstIndex(of: "-"), dash + 2 < f.count {
+                fsType = String(f[dash + 1])
+                source = unescapeMount(String(f[dash + 2]))
+            }
+            out.append(Mount(device: String(f[2]), mountPoint: unescapeMount(String(f[4])), fsType: fsType, source: source))
         }
         return out
+    }
+
+    /// "maj:min" → mount points.
+    func mountPoints() -> [String: [String]] {
+        var out: [String: [String]] = [:]
+        for m in mounts() { out[m.device, default: []].append(m.mountPoint) }
+        return out
+    }
+
+    /// The block devices under a filesystem with an anonymous st_dev (`path` is on it): for
+    /// btrfs every device of the filesystem (BTRFS_IOC_FS_INFO → /sys/fs/btrfs/<fsid>/devices);
+    /// otherwise the source of the mount `path` is under, when that is a block device.
+    func filesystemDevices(anonymous dev: UInt64, path: String) -> [UInt64] {
+        var pst = stat()
+        // Only files and directories are opened: opening a device node or a FIFO can have effects.
+        let openable = stat(path, &pst) == 0 && ((pst.st_mode & S_IFMT) == S_IFREG || (pst.st_mode & S_IFMT) == S_IFDIR)
+        let fd = openable ? open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK) : -1
+        if fd >= 0 {
+            defer { close(fd) }
+            var fsid = [UInt8](repeating: 0, count: 16)
+            if hyd_btrfs_fsid(fd, &fsid) == 0 {
+                let h = hex(fsid)
+                let uuid = [h.prefix(8), h.dropFirst(8).prefix(4), h.dropFirst(12).prefix(4), h.dropFirst(16).prefix(4), h.dropFirst(20)]
+                    .map(String.init).joined(separator: "-")
+                let devs = "\(sysfs)/fs/btrfs/\(uuid)/devices"
+                let out = list(devs).sorted(by: natural).compactMap { d in realPath(devs + "/" + d).flatMap { devNumber(ofDir: $0) } }
+                if !out.isEmpty { return out }
+            }
+        }
+        // The mount whose mount point is the longest prefix of the path (the last one mounted
+        // there when several are).
+        guard let real = realPath(path) else { return [] }
+        var best: Mount? = nil
+        for m in mounts() where real == m.mountPoint || real.hasPrefix(m.mountPoint == "/" ? "/" : m.mountPoint + "/") {
+            if best == nil || m.mountPoint.count >= best!.mountPoint.count { best = m }
+        }
+        guard let m = best, m.source.hasPrefix("/") else { return [] }
+        var st = stat()
+        guard stat(m.source, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK else { return [] }
+        return [UInt64(st.st_rdev)]
     }
 
     // MARK: stable identity

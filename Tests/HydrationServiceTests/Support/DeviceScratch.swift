@@ -71,8 +71,12 @@ final class DeviceScratch {
     }
 
     /// mkfs.ext4 on `device` and mounts it on a new directory; returns the mount point.
-    func mkfsAndMount(_ device: String, _ name: String) throws -> String {
-        try Self.sh(["mkfs.ext4", "-q", "-F", device])
+    /// `mkfs` (a command taking the devices last) over `device` and `more`, mounted from `device`.
+    func mkfsAndMount(_ device: String, _ name: String, mkfs: [String] = ["mkfs.ext4", "-q", "-F"], more: [String] = []) throws -> String {
+        try Self.sh(mkfs + [device] + more)
+        if mkfs.first == "mkfs.btrfs" {
+            undo.append { for d in [device] + more { _ = try? DeviceScratch.sh(["btrfs", "device", "scan", "--forget", d]) } }
+        }
         let mnt = file(name)
         try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
         try Self.sh(["mount", device, mnt])
