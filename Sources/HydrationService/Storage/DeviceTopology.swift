@@ -299,12 +299,21 @@ public struct DeviceTopology: Sendable {
         return refused || !holders.isEmpty ? DeviceUsage(path: path, holders: holders) : nil
     }
 
-    /// Bound loop devices whose backing file is `file`.
+    /// Bound loop devices whose backing file is `file`. Candidates come from sysfs (a stat of
+    /// `loop/backing_file`), so that the loop devices of unrelated users are not opened; a
+    /// candidate, or a loop whose backing file's name is gone, is confirmed with the ioctl.
     func loopsBacked(by file: StorageObject) -> [String] {
         var out: [String] = []
         for name in list(sysfs + "/block").sorted(by: natural) where exists(sysfs + "/block/\(name)/loop") {
-            guard let dir = realPath(sysfs + "/block/" + name), let lb = loopBacking(dir: dir) else { continue }
-            if lb.file == file { out.append("/dev/\(name)") }
+            guard let dir = realPath(sysfs + "/block/" + name) else { continue }
+            var path = read(dir + "/loop/backing_file") ?? ""
+            if path.hasSuffix(" (deleted)") { path.removeLast(" (deleted)".count) }
+            var st = stat()
+            let named = !path.isEmpty && stat(path, &st) == 0
+            if named && StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) != file { continue }
+            if !named && !useDeviceNodes { continue }
+            guard let lb = loopBacking(dir: dir), lb.file == file else { continue }
+            out.append("/dev/\(name)")
         }
         return out
     }
