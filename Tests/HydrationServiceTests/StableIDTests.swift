@@ -85,4 +85,23 @@ import Testing
         let c = try Self.id(l5)
         #expect(c.hasSuffix(":offset=1048576:sizelimit=0") && c != a, "\(c)")
     }
+
+    /// Partitions: the disk's id + number + start; the same after re-attaching the image on
+    /// another loop number; two partitions differ.
+    @Test func partitions() throws {
+        if let r = DeviceScratch.partitionSkip { print("SKIP StableIDTests.partitions: \(r)"); return }
+        let s = DeviceScratch("sid-part")
+        defer { s.teardown() }
+        let img = try s.makePartitionedImage("disk.img")
+        let d1 = try s.attachPartitioned(img)
+        let disk = try Self.id(d1)
+        let p1 = try Self.id(d1 + "p1"), p2 = try Self.id(d1 + "p2")
+        #expect(disk.hasPrefix("loop:file:"), "\(disk)")
+        #expect(p1 == "part:\(disk):1:2048", "\(p1)")
+        #expect(p2.hasPrefix("part:\(disk):2:") && p2 != p1, "\(p2)")
+        let d2 = try s.attachPartitioned(img)
+        #expect(d2 != d1)
+        #expect(try Self.id(d2 + "p1") == p1, "renumbered: same id")
+        #expect(try Self.openedID(d2 + "p2") == p2)
+    }
 }

@@ -128,16 +128,18 @@ final class DeviceScratch {
         return nil
     }()
 
-    /// Whether the kernel reads partition tables on loop devices (losetup -P).
+    /// Whether partitions of a loop device can be made (losetup -P, or partx --add on kernels
+    /// without partition table parsers, like this one).
     static let partitionSkip: String? = {
         if let r = loopSkip { return r }
         if (try? sh(["which", "sfdisk"])) == nil { return "sfdisk is missing (apt-get install fdisk)" }
+        if (try? sh(["which", "partx"])) == nil { return "partx is missing" }
         let s = DeviceScratch("partprobe")
         defer { s.teardown() }
         guard let img = try? s.makePartitionedImage("probe.img"),
               let loop = try? s.attachPartitioned(img) else { return "cannot attach a partitioned loop device" }
         if !FileManager.default.fileExists(atPath: loop + "p1") {
-            return "this kernel finds no partitions on a loop device (no partition table support)"
+            return "no partitions appear on a partitioned loop device (losetup -P, partx --add)"
         }
         return nil
     }()
@@ -163,7 +165,13 @@ final class DeviceScratch {
     func attachPartitioned(_ path: String) throws -> String {
         let loop = try Self.sh(["losetup", "--partscan", "--find", "--show", path])
         undo.append { _ = try? DeviceScratch.sh(["losetup", "-d", loop]) }
-        for _ in 0..<100 where !FileManager.default.fileExists(atPath: loop + "p1") { usleep(10_000) }
+        for _ in 0..<50 where !FileManager.default.fileExists(atPath: loop + "p1") { usleep(10_000) }
+        if !FileManager.default.fileExists(atPath: loop + "p1") {
+            // A kernel without partition table parsers: partx reads the table in userspace and
+            // adds the partitions with BLKPG.
+            try Self.sh(["partx", "--add", loop])
+            for _ in 0..<100 where !FileManager.default.fileExists(atPath: loop + "p1") { usleep(10_000) }
+        }
         return loop
     }
 }
