@@ -56,7 +56,11 @@ import Testing
         let b = try s.attachLoop(img, offset: 8 << 20, sizeLimit: 16 << 20)
         let e = await expectRefused(Self.config(s, a, b), .sameDevice)
         #expect(e?.message.contains(a) == true && e?.message.contains(b) == true, "\(String(describing: e))")
+        // b still shows bytes of a: a is in use through it.
         let c = try s.attachLoop(img, offset: 16 << 20, sizeLimit: 16 << 20)
+        let u = await expectRefused(Self.config(s, a, c), .deviceInUse)
+        #expect(u?.holder?.hasPrefix(b) == true, "\(String(describing: u))")
+        try s.detach(b)
         await expectAccepted(Self.config(s, a, c))
     }
 
@@ -79,6 +83,22 @@ import Testing
         #expect(e?.message.contains("detach the loop device") == true && e?.message.contains(s.file("dst.img")) == true)
         #expect(!FileManager.default.fileExists(atPath: s.file("dst.img")), "the destination file is not created")
         #expect(try String(contentsOfFile: mnt + "/data", encoding: .utf8) == "precious")
+    }
+
+    /// A source loop device whose backing file also backs another loop device with a mounted
+    /// filesystem (the report, one level down): discarding the source would punch the
+    /// file under that filesystem. Old code: accepted.
+    @Test func sourceLoopWhoseFileBacksAMountedLoopRefused() async throws {
+        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+        let s = DeviceScratch("inuse-alias")
+        defer { s.teardown() }
+        let img = try s.makeFile("fs.img", size: 32 << 20)
+        let src = try s.attachLoop(img)
+        let other = try s.attachLoop(img)
+        _ = try s.mkfsAndMount(other, "mnt")
+        let e = await expectRefused(Self.config(s, src, s.file("dst.img"), discard: true), .deviceInUse)
+        #expect(e?.path == src)
+        #expect(e?.holder?.hasPrefix(other) == true && e?.message.contains(img) == true, "\(String(describing: e))")
     }
 
     /// A source or destination file another process has open. Old code: accepted (flock is

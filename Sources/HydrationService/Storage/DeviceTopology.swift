@@ -279,7 +279,19 @@ public struct DeviceTopology: Sendable {
             throw StorageError(.stat, path: path, errno: errno)
         }
         if (st.st_mode & S_IFMT) == S_IFBLK {
-            let holders = blockHolders(UInt64(st.st_rdev))
+            var holders = blockHolders(UInt64(st.st_rdev))
+            // A loop device in its stack shares its bytes with whatever else has the backing
+            // file open: other loop devices over the same bytes, and processes.
+            let stack = stack(ofBlockDevice: UInt64(st.st_rdev), path: path)
+            let mine = Set(stack.layers.map(\.object))
+            for (i, l) in stack.layers.enumerated() {
+                guard let lb = l.loop, i + 1 < stack.layers.count,
+                      let fileLayer = stack.layers.first(where: { $0.object == lb.file }) else { continue }
+                for other in loopDevices(backing: lb.file) where !mine.contains(.block(rdev: other.rdev)) && other.backing.overlaps(lb) {
+                    holders.append("\(other.name) (a loop device over the same bytes of \(fileLayer.name))")
+                }
+                holders += processesHolding(lb.file).map { "\($0) (has \(fileLayer.name) open)" }
+            }
             return holders.isEmpty ? nil : DeviceUsage(path: path, holders: holders)
         }
         guard (st.st_mode & S_IFMT) == S_IFREG else { return nil }
@@ -299,13 +311,18 @@ public struct DeviceTopology: Sendable {
         return refused || !holders.isEmpty ? DeviceUsage(path: path, holders: holders) : nil
     }
 
-    /// Bound loop devices whose backing file is `file`. Candidates come from sysfs (a stat of
+    /// Bound loop devices whose backing file is `file`.
+    func loopsBacked(by file: StorageObject) -> [String] {
+        loopDevices(backing: file).map(\.name)
+    }
+
+    /// The same, with device numbers and ranges. Candidates come from sysfs (a stat of
     /// `loop/backing_file`), so that the loop devices of unrelated users are not opened; a
     /// candidate, or a loop whose backing file's name is gone, is confirmed with the ioctl.
-    func loopsBacked(by file: StorageObject) -> [String] {
-        var out: [String] = []
+    func loopDevices(backing file: StorageObject) -> [(name: String, rdev: UInt64, backing: LoopBacking)] {
+        var out: [(name: String, rdev: UInt64, backing: LoopBacking)] = []
         for name in list(sysfs + "/block").sorted(by: natural) where exists(sysfs + "/block/\(name)/loop") {
-            guard let dir = realPath(sysfs + "/block/" + name) else { continue }
+            guard let dir = realPath(sysfs + "/block/" + name), let rdev = devNumber(ofDir: dir) else { continue }
             var path = read(dir + "/loop/backing_file") ?? ""
             if path.hasSuffix(" (deleted)") { path.removeLast(" (deleted)".count) }
             var st = stat()
@@ -313,7 +330,7 @@ public struct DeviceTopology: Sendable {
             if named && StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) != file { continue }
             if !named && !useDeviceNodes { continue }
             guard let lb = loopBacking(dir: dir), lb.file == file else { continue }
-            out.append("/dev/\(name)")
+            out.append((name: "/dev/\(name)", rdev: rdev, backing: LoopBacking(file: lb.file, offset: lb.offset, sizeLimit: lb.sizeLimit)))
         }
         return out
     }
