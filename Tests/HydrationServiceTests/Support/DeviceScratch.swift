@@ -61,13 +61,26 @@ final class DeviceScratch {
         } else {
             loop = try Self.sh(args + ["--find", "--show", path])
         }
-        undo.append { _ = try? DeviceScratch.sh(["losetup", "-d", loop]) }
+        let backing = path
+        undo.append { DeviceScratch.detachIfOurs(loop, backing) }
         return loop
     }
 
     /// Detaches now (the undo entry then finds nothing to do).
     func detach(_ loop: String) throws {
         try Self.sh(["losetup", "-d", loop])
+    }
+
+    /// Detaches `loop` only while it is still bound to `backing`: once detached, its number may
+    /// belong to another test or another user.
+    static func detachIfOurs(_ loop: String, _ backing: String) {
+        let name = loop.split(separator: "/").last.map(String.init) ?? loop
+        guard var bound = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else { return }
+        bound = bound.trimmingCharacters(in: .whitespacesAndNewlines)
+        if bound.hasSuffix(" (deleted)") { bound.removeLast(" (deleted)".count) }
+        let mine = URL(fileURLWithPath: backing).resolvingSymlinksInPath().path
+        guard bound == backing || bound == mine else { return }
+        _ = try? sh(["losetup", "-d", loop])
     }
 
     /// mkfs.ext4 on `device` and mounts it on a new directory; returns the mount point.
@@ -164,12 +177,22 @@ final class DeviceScratch {
 
     func attachPartitioned(_ path: String) throws -> String {
         let loop = try Self.sh(["losetup", "--partscan", "--find", "--show", path])
-        undo.append { _ = try? DeviceScratch.sh(["losetup", "-d", loop]) }
+        undo.append { DeviceScratch.detachIfOurs(loop, path) }
         for _ in 0..<50 where !FileManager.default.fileExists(atPath: loop + "p1") { usleep(10_000) }
         if !FileManager.default.fileExists(atPath: loop + "p1") {
             // A kernel without partition table parsers: partx reads the table in userspace and
             // adds the partitions with BLKPG.
-            try Self.sh(["partx", "--add", loop])
+            // partx has been seen to fail to read the table of a loop device attached a moment
+            // before (under load): retry after dropping its buffers.
+            var attempt = 0
+            while true {
+                do { try Self.sh(["partx", "--add", loop]); break } catch {
+                    attempt += 1
+                    if attempt == 10 { throw error }
+                    _ = try? Self.sh(["blockdev", "--flushbufs", loop])
+                    usleep(100_000)
+                }
+            }
             for _ in 0..<100 where !FileManager.default.fileExists(atPath: loop + "p1") { usleep(10_000) }
         }
         return loop
