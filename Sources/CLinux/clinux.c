@@ -11,6 +11,7 @@
 #include <sys/statfs.h>
 #include <sys/sysmacros.h>
 #include <string.h>
+#include <signal.h>
 
 int hyd_blk_getsize64(int fd, uint64_t *size) { return ioctl(fd, BLKGETSIZE64, size); }
 int hyd_blk_sszget(int fd, int *size) { return ioctl(fd, BLKSSZGET, size); }
@@ -99,6 +100,10 @@ int hyd_btrfs_fsid(int fd, uint8_t *fsid) {
 }
 
 int hyd_probe_write_lease(int fd) {
+    // Should another process open the file during the instant the lease is held, the kernel
+    // signals the lease holder: SIGIO by default, whose default action terminates the process.
+    // SIGURG is ignored by default.
+    if (fcntl(fd, F_SETSIG, SIGURG) != 0) return -1;
     if (fcntl(fd, F_SETLEASE, F_WRLCK) != 0) return -1;
     (void)fcntl(fd, F_SETLEASE, F_UNLCK);
     return 0;

@@ -449,25 +449,43 @@ public struct DeviceTopology: Sendable {
     public func stableID(ofFileDescriptor fd: Int32) -> String {
         var ino: UInt64 = 0, sec: Int64 = 0, nsec: UInt32 = 0, hasBtime: Int32 = 0
         guard hyd_statx_btime(fd, nil, &ino, &sec, &nsec, &hasBtime) == 0, hasBtime != 0 else { return "" }
-        var fs = ""
-        var uuid = [UInt8](repeating: 0, count: 16)
-        var len: Int32 = 0
-        if hyd_get_fsuuid(fd, &uuid, &len) == 0, len > 0, uuid[0..<Int(len)].contains(where: { $0 != 0 }) {
-            fs = "uuid=" + hex(uuid[0..<Int(len)])
-        } else {
-            var fsid: UInt64 = 0
-            if hyd_statfs_fsid(fd, &fsid) == 0, fsid != 0 { fs = "fsid=" + String(fsid, radix: 16) }
-        }
+        let fs = filesystemID(fd)
         guard !fs.isEmpty else { return "" }
         return "file:\(fs):ino=\(ino):btime=\(sec).\(nsecString(nsec))"
     }
 
-    /// The same for a file named by path (opened read-only for a moment).
+    /// The same for a file named by path. The file itself is not opened (an open would break,
+    /// or with O_NONBLOCK fail on, someone's lease): the filesystem id comes from its directory,
+    /// unless the file is a mount of its own.
     public func stableID(ofFileAt path: String) -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+        var ino: UInt64 = 0, sec: Int64 = 0, nsec: UInt32 = 0, hasBtime: Int32 = 0
+        var st = stat()
+        guard stat(path, &st) == 0, hyd_statx_btime(-1, path, &ino, &sec, &nsec, &hasBtime) == 0, hasBtime != 0 else { return "" }
+        var fd = open(parentDirectory(of: path), O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        var dst = stat()
+        if fd >= 0 && (fstat(fd, &dst) != 0 || dst.st_dev != st.st_dev) {
+            close(fd)
+            fd = -1
+        }
+        if fd < 0 { fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK) }
         guard fd >= 0 else { return "" }
         defer { close(fd) }
-        return stableID(ofFileDescriptor: fd)
+        let fs = filesystemID(fd)
+        guard !fs.isEmpty, ino == UInt64(st.st_ino) else { return "" }
+        return "file:\(fs):ino=\(ino):btime=\(sec).\(nsecString(nsec))"
+    }
+
+    /// `uuid=<hex>` (FS_IOC_GETFSUUID) or `fsid=<hex>` (statfs f_fsid) of the filesystem `fd` is
+    /// on; "" when it has neither.
+    private func filesystemID(_ fd: Int32) -> String {
+        var uuid = [UInt8](repeating: 0, count: 16)
+        var len: Int32 = 0
+        if hyd_get_fsuuid(fd, &uuid, &len) == 0, len > 0, uuid[0..<Int(len)].contains(where: { $0 != 0 }) {
+            return "uuid=" + hex(uuid[0..<Int(len)])
+        }
+        var fsid: UInt64 = 0
+        if hyd_statfs_fsid(fd, &fsid) == 0, fsid != 0 { return "fsid=" + String(fsid, radix: 16) }
+        return ""
     }
 
     /// An identity of a block device that survives reboots and renumbering:
