@@ -161,4 +161,29 @@ import Testing
         #expect(try t.usage(of: dir.file("f")) == nil)
         #expect(try t.usage(of: dir.file("missing")) == nil)
     }
+
+    /// The lease probe while another process keeps opening the file: an open during the instant
+    /// the lease is held makes the kernel signal the holder (SIGIO by default, which terminates).
+    /// Without F_SETSIG in the probe this test process died (of SIGIO, "I/O possible"), checked
+    /// by removing it from hyd_probe_write_lease.
+    @Test func leaseProbeSurvivesConcurrentOpeners() throws {
+        let dir = TempDir("leaserace")
+        let f = dir.file("f")
+        try Data(count: 4096).write(to: URL(fileURLWithPath: f))
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        // The loop ends with its parent: a test process killed by the signal leaves nothing behind.
+        p.arguments = ["-c", "while kill -0 $PPID 2>/dev/null; do : < \"$0\"; done", f]
+        try p.run()
+        defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+        let t = DeviceTopology()
+        var probes = 0, busy = 0
+        let end = Date().addingTimeInterval(2)
+        while Date() < end {
+            for _ in 0..<100 where t.writeLeaseRefused(f) { busy += 1 }
+            probes += 100
+        }
+        print("leaseProbeSurvivesConcurrentOpeners: \(probes) probes, \(busy) saw the opener")
+        #expect(probes > 0 && busy > 0, "the opener was seen at least once")
+    }
 }

@@ -296,19 +296,22 @@ public struct DeviceTopology: Sendable {
         }
         guard (st.st_mode & S_IFMT) == S_IFREG else { return nil }
         let me = StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
-        var refused = false
-        // O_NONBLOCK: an open that would break someone else's lease fails (EWOULDBLOCK) instead of
-        // waiting for it; that someone has the file open.
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
-        if fd >= 0 {
-            if hyd_probe_write_lease(fd) != 0 && errno == EAGAIN { refused = true }
-            close(fd)
-        } else if errno == EWOULDBLOCK {
-            refused = true
-        }
+        let refused = writeLeaseRefused(path)
         var holders = loopsBacked(by: me)
         holders += processesHolding(me)
         return refused || !holders.isEmpty ? DeviceUsage(path: path, holders: holders) : nil
+    }
+
+    /// Whether the kernel refuses a write lease on the file: someone else has it open. False
+    /// when the lease was granted (and dropped at once) or cannot be asked for (EACCES without
+    /// CAP_LEASE on another user's file, a filesystem without leases).
+    func writeLeaseRefused(_ path: String) -> Bool {
+        // O_NONBLOCK: an open that would break someone else's lease fails (EWOULDBLOCK) instead of
+        // waiting for it; that someone has the file open.
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+        guard fd >= 0 else { return errno == EWOULDBLOCK }
+        defer { close(fd) }
+        return hyd_probe_write_lease(fd) != 0 && errno == EAGAIN
     }
 
     /// Bound loop devices whose backing file is `file`.
