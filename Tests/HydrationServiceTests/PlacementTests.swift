@@ -5,7 +5,9 @@ import Testing
 /// Issue 11, part 3: aliases and devices in use, on real loop devices, filesystems, processes
 /// (and, where the kernel has them, partitions and dm devices). Every refusal test here was run
 /// against the code before `checkPlacement` and failed there: the job was created (or refused
-/// with another code), as its comment says.
+/// with another code), as its comment says. How: Sources/ checked out from 5dd8ba3 (the parent
+/// of this work), DeviceTopologyTests.swift set aside (new API), `swift test --filter
+/// 'PlacementTests|StableIDTests'`.
 @Suite(.serialized) struct PlacementTests {
     static func skip(_ reason: String?, _ test: String) -> Bool {
         if let reason { print("SKIP PlacementTests.\(test): \(reason)"); return true }
