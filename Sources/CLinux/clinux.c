@@ -5,6 +5,13 @@
 #include <sys/ioctl.h>
 #include <linux/fs.h>
 #include <linux/falloc.h>
+#include <linux/loop.h>
+#include <linux/btrfs.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/sysmacros.h>
+#include <string.h>
+#include <signal.h>
 
 int hyd_blk_getsize64(int fd, uint64_t *size) { return ioctl(fd, BLKGETSIZE64, size); }
 int hyd_blk_sszget(int fd, int *size) { return ioctl(fd, BLKSSZGET, size); }
@@ -29,6 +36,76 @@ int hyd_wait_writeback(int fd, uint64_t offset, uint64_t length) {
 int hyd_drop_cache(int fd, uint64_t offset, uint64_t length) {
     int rc = posix_fadvise(fd, (off_t)offset, (off_t)length, POSIX_FADV_DONTNEED);
     if (rc != 0) { errno = rc; return -1; }
+    return 0;
+}
+
+int hyd_statx_btime(int fd, const char *path, uint64_t *ino, int64_t *sec, uint32_t *nsec, int *has_btime) {
+    struct statx stx;
+    memset(&stx, 0, sizeof stx);
+    int rc = path ? statx(AT_FDCWD, path, 0, STATX_INO | STATX_BTIME, &stx)
+                  : statx(fd, "", AT_EMPTY_PATH, STATX_INO | STATX_BTIME, &stx);
+    if (rc != 0) return -1;
+    *ino = stx.stx_ino;
+    *has_btime = (stx.stx_mask & STATX_BTIME) ? 1 : 0;
+    *sec = stx.stx_btime.tv_sec;
+    *nsec = stx.stx_btime.tv_nsec;
+    return 0;
+}
+
+struct hyd_fsuuid2 { uint8_t len; uint8_t uuid[16]; };
+#define HYD_FS_IOC_GETFSUUID _IOR(0x15, 0, struct hyd_fsuuid2)
+
+int hyd_get_fsuuid(int fd, uint8_t *uuid, int *len) {
+    struct hyd_fsuuid2 u;
+    memset(&u, 0, sizeof u);
+    if (ioctl(fd, HYD_FS_IOC_GETFSUUID, &u) != 0) return -1;
+    int n = u.len > 16 ? 16 : u.len;
+    memcpy(uuid, u.uuid, (size_t)n);
+    *len = n;
+    return 0;
+}
+
+int hyd_statfs_fsid(int fd, uint64_t *fsid) {
+    struct statfs sf;
+    if (fstatfs(fd, &sf) != 0) return -1;
+    uint32_t a, b;
+    memcpy(&a, &sf.f_fsid.__val[0], 4);
+    memcpy(&b, &sf.f_fsid.__val[1], 4);
+    *fsid = ((uint64_t)b << 32) | a;
+    return 0;
+}
+
+int hyd_loop_status(int fd, uint64_t *backing_dev, uint64_t *backing_ino, uint64_t *offset, uint64_t *sizelimit) {
+    struct loop_info64 li;
+    memset(&li, 0, sizeof li);
+    if (ioctl(fd, LOOP_GET_STATUS64, &li) != 0) return -1;
+    // The kernel encodes lo_device with huge_encode_dev (new_encode_dev): decode it and re-encode
+    // as glibc's dev_t so it compares with st_dev.
+    uint64_t d = li.lo_device;
+    unsigned int maj = (unsigned int)((d & 0xfff00) >> 8);
+    unsigned int min = (unsigned int)((d & 0xff) | ((d >> 12) & 0xfff00));
+    *backing_dev = makedev(maj, min);
+    *backing_ino = li.lo_inode;
+    *offset = li.lo_offset;
+    *sizelimit = li.lo_sizelimit;
+    return 0;
+}
+
+int hyd_btrfs_fsid(int fd, uint8_t *fsid) {
+    struct btrfs_ioctl_fs_info_args a;
+    memset(&a, 0, sizeof a);
+    if (ioctl(fd, BTRFS_IOC_FS_INFO, &a) != 0) return -1;
+    memcpy(fsid, a.fsid, 16);
+    return 0;
+}
+
+int hyd_probe_write_lease(int fd) {
+    // Should another process open the file during the instant the lease is held, the kernel
+    // signals the lease holder: SIGIO by default, whose default action terminates the process.
+    // SIGURG is ignored by default.
+    if (fcntl(fd, F_SETSIG, SIGURG) != 0) return -1;
+    if (fcntl(fd, F_SETLEASE, F_WRLCK) != 0) return -1;
+    (void)fcntl(fd, F_SETLEASE, F_UNLCK);
     return 0;
 }
 

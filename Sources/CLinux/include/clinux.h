@@ -16,6 +16,21 @@ int hyd_drop_cache(int fd, uint64_t offset, uint64_t length);
 // sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER): the range's writeback, waited for.
 int hyd_wait_writeback(int fd, uint64_t offset, uint64_t length);
 
+// Device identity and topology (DeviceTopology.swift).
+// statx(STATX_BTIME|STATX_INO) on an open file (path NULL) or a path: the birth time, when the
+// filesystem records one. Returns 0 and sets *has_btime (0 when the filesystem gives none).
+int hyd_statx_btime(int fd, const char *path, uint64_t *ino, int64_t *sec, uint32_t *nsec, int *has_btime);
+// FS_IOC_GETFSUUID (Linux 6.5+): the filesystem's UUID; *len is 0..16. -1/errno when unsupported.
+int hyd_get_fsuuid(int fd, uint8_t *uuid, int *len);
+// statfs f_fsid as one 64-bit value (f_fsid.__val[0] in the low half).
+int hyd_statfs_fsid(int fd, uint64_t *fsid);
+// LOOP_GET_STATUS64: the backing file's st_dev (encoded as userspace dev_t) and inode, offset, sizelimit.
+int hyd_loop_status(int fd, uint64_t *backing_dev, uint64_t *backing_ino, uint64_t *offset, uint64_t *sizelimit);
+// BTRFS_IOC_FS_INFO: the btrfs filesystem id (the name of its /sys/fs/btrfs directory).
+int hyd_btrfs_fsid(int fd, uint8_t *fsid);
+// Takes a write lease (F_SETLEASE F_WRLCK) and drops it at once: 0 when nobody else has the file
+// open, -1 with errno EAGAIN when someone does (other errors: cannot tell).
+int hyd_probe_write_lease(int fd);
 
 // CRC-32C (Castagnoli) update with the SSE4.2 crc32 instruction; sets *ok to 0 when the CPU
 // lacks it (the caller then uses its table-driven version). `crc` is the running, inverted value.

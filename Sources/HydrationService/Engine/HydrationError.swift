@@ -34,7 +34,9 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     public var region: Int?
     /// The file or device concerned, when there is one.
     public var path: String?
-    /// For DeviceInUse: the job that holds the device, when it is one of this daemon's.
+    /// For DeviceInUse: what holds the device. The engine names a loop device ("/dev/loop3"), a
+    /// process ("pid 1234 (qemu-system-x86)"), a stacked device or a mount; the daemon's
+    /// JobManager replaces it with the job's name when one of its own jobs holds it.
     public var holder: String?
     /// For SizeMismatch: the two sizes.
     public var sourceBytes: UInt64?

@@ -207,6 +207,7 @@ public actor HydrationJob {
             throw HydrationError(.metadataExists, "metadata \(config.metadataPath) already exists; open the existing job or remove it")
         }
         try checkDistinct(source: srcInfo, dest: destBefore, metadata: nil)
+        try checkPlacement(source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
         if let d = destBefore, !(d.identity.kind == .regularFile && d.size == 0), d.size < srcInfo.size {
             var e = HydrationError(.sizeMismatch, "destination \(d.path) has \(d.size) bytes, smaller than the source's \(srcInfo.size)")
             e.sourceBytes = srcInfo.size; e.destBytes = d.size
@@ -274,6 +275,7 @@ public actor HydrationJob {
         if let d = try identify(storage, config.destPath, what: "destination") {
             try confirm(d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
         }
+        try checkPlacement(source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
         let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source")
         let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination")
         // Again on the open descriptors: the path may have been switched in between.

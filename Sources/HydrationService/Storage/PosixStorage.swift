@@ -5,10 +5,21 @@ import CLinux
 
 /// The real storage layer: POSIX and Linux calls on files and block devices.
 public struct PosixStorage: StorageProvider {
-    public init() {}
+    /// Where device topology and identities are read from (sysfs, /proc).
+    public var topology: DeviceTopology
+
+    public init(topology: DeviceTopology = DeviceTopology()) { self.topology = topology }
+
+    public func stack(of path: String) throws(StorageError) -> StorageStack? {
+        try topology.stack(of: path)
+    }
+
+    public func usage(of path: String) throws(StorageError) -> DeviceUsage? {
+        try topology.usage(of: path)
+    }
 
     public func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
-        try PosixDevice.open(path, mode: mode)
+        try PosixDevice.open(path, mode: mode, topology: topology)
     }
 
     public func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
@@ -22,7 +33,7 @@ public struct PosixStorage: StorageProvider {
             return DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
-                size: UInt64(st.st_size), logicalBlockSize: 512)
+                size: UInt64(st.st_size), logicalBlockSize: 512, stableID: topology.stableID(ofFileAt: path))
         case S_IFBLK:
             // The size of a block device needs an open descriptor.
             let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
@@ -35,7 +46,7 @@ public struct PosixStorage: StorageProvider {
             return DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
-                size: size, logicalBlockSize: Int(lbs))
+                size: size, logicalBlockSize: Int(lbs), stableID: topology.stableID(ofBlock: UInt64(st.st_rdev)))
         default:
             throw StorageError(.stat, path: path, errno: EINVAL)
         }
@@ -74,7 +85,7 @@ final class PosixDevice: StorageDevice {
 
     deinit { Glibc.close(fd) }
 
-    static func open(_ path: String, mode: OpenMode) throws(StorageError) -> PosixDevice {
+    static func open(_ path: String, mode: OpenMode, topology: DeviceTopology = DeviceTopology()) throws(StorageError) -> PosixDevice {
         guard path.hasPrefix("/") else { throw StorageError(.open, path: path, errno: EINVAL) }
         var flags = O_CLOEXEC
         switch mode {
@@ -122,7 +133,7 @@ final class PosixDevice: StorageDevice {
             info = DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
-                size: size, logicalBlockSize: Int(lbs))
+                size: size, logicalBlockSize: Int(lbs), stableID: topology.stableID(ofBlock: UInt64(st.st_rdev)))
         } else {
             if exclusive {
                 // Files have no O_EXCL semantics; an advisory lock keeps two jobs (or two daemons)
@@ -139,7 +150,7 @@ final class PosixDevice: StorageDevice {
             info = DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
-                size: size, logicalBlockSize: 512)
+                size: size, logicalBlockSize: 512, stableID: topology.stableID(ofFileDescriptor: fd))
         }
         ok = true
         return PosixDevice(info: info, fd: fd)

@@ -163,11 +163,22 @@ public protocol StorageProvider: Sendable {
     func syncDirectory(containing path: String) throws(StorageError)
     /// Removes a file this process created (a destination of a job that could not be created).
     func removeCreatedFile(_ path: String)
+    /// Everything `path`'s bytes live on (loop backing files, a partition's disk, dm/md slaves, a
+    /// file's filesystem device, recursively; see `DeviceTopology`), or nil when this provider
+    /// cannot tell.
+    func stack(of path: String) throws(StorageError) -> StorageStack?
+    /// Who else has `path` open (a loop device, a process, a device stacked on it, a mount), or
+    /// nil when nobody does or this provider cannot tell.
+    func usage(of path: String) throws(StorageError) -> DeviceUsage?
 }
 
 extension StorageProvider {
     /// Simulated disks forget nothing they did not create; the default does nothing.
     public func removeCreatedFile(_ path: String) {}
+    /// Simulated disks have no topology: nothing overlaps.
+    public func stack(of path: String) throws(StorageError) -> StorageStack? { nil }
+    /// Simulated disks have no other users.
+    public func usage(of path: String) throws(StorageError) -> DeviceUsage? { nil }
 }
 
 extension StorageDevice {
