@@ -163,8 +163,10 @@ actor Committer {
         try await syncDestination()
         // 2. The metadata, atomically, with its fsyncs (inside MetadataStore.commit).
         let gen = try await writeMetadata(ranges, markComplete: markComplete)
-        // 3. Only now may the discarder hear of these regions.
-        finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started)
+        // 3. Only now may the discarder hear of these regions — unless a writeback error was
+        // reported meanwhile (writebackFailed): then nothing more is published.
+        finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: failure == nil)
+        if let failure { throw failure }
     }
 
     private func syncDestination() async throws(HydrationError) {
@@ -214,6 +216,13 @@ actor Committer {
         progress.update { $0.discardPendingBytes += bytes }
         publishedCount += 1
         publishStream.yield(CommittedRegions(generation: generation, ranges: ranges, budgetBytes: budgetBytes))
+    }
+
+    /// The copier saw a writeback error on the destination (starting writeback or evicting):
+    /// treated exactly like a failed destination fdatasync. Data written since the last commit
+    /// may be lost, so nothing more is committed or published; the metadata becomes `ro`.
+    func writebackFailed(_ e: HydrationError) {
+        fail(mode: .ro, e)
     }
 
     private func fail(mode: JobStatus.Metadata.Mode, _ e: HydrationError) {

@@ -220,13 +220,29 @@ final class PosixDevice: StorageDevice {
         _ = hyd_drop_cache(fd, offset, length)
     }
 
-    func startWriteback(offset: UInt64, length: UInt64) {
-        _ = hyd_start_writeback(fd, offset, length)
+    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
+        if hyd_start_writeback(fd, offset, length) != 0 {
+            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+        }
     }
 
-    func evict(offset: UInt64, length: UInt64) {
-        _ = hyd_wait_writeback(fd, offset, length)
-        _ = hyd_drop_cache(fd, offset, length)
+    // Why eviction cannot hide a writeback error (docs/reliability.md, "Writeback errors"):
+    // since Linux 4.13 a writeback error is recorded in the mapping's errseq and reported once
+    // per open file description, to the first call that *waits* and checks it:
+    // fsync/fdatasync (file_write_and_wait_range), sync_file_range with WAIT_BEFORE or
+    // WAIT_AFTER (file_fdatawait_range -> file_check_and_advance_wb_err), and syncfs. Neither
+    // sync_file_range(SYNC_FILE_RANGE_WRITE) alone (__filemap_fdatawrite_range, no wait, no
+    // errseq check) nor posix_fadvise(DONTNEED) (starts writeback, invalidates clean unlocked
+    // pages only) looks at the errseq, so the commit's fdatasync is still the first to see the
+    // error. Verified on this kernel by Scripts/errseq-experiment.sh. The old evict waited
+    // (WAIT_BEFORE|WRITE|WAIT_AFTER), swallowed the error, and the next fdatasync returned 0.
+    func evict(offset: UInt64, length: UInt64) throws(StorageError) {
+        if hyd_start_writeback(fd, offset, length) != 0 {
+            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+        }
+        if hyd_drop_cache(fd, offset, length) != 0 {
+            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+        }
     }
 
     func close() {
