@@ -146,13 +146,13 @@ actor Committer {
         switch fault {
         case .publishBeforeDurable?:
             publishCommitted(generation: store.header.generation + 1, ranges: ranges, budgetBytes: budgetBytes)
-            try await syncDestination()
+            try await syncDestination(ranges)
             let gen = try await writeMetadata(ranges, markComplete: markComplete)
             finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: false)
             return
         case .metadataBeforeDestinationSync?:
             let gen = try await writeMetadata(ranges, markComplete: markComplete)
-            try await syncDestination()
+            try await syncDestination(ranges)
             finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started)
             return
         case nil:
@@ -160,7 +160,7 @@ actor Committer {
         }
         #endif
         // 1. The destination first: metadata must never record data the destination could lose.
-        try await syncDestination()
+        try await syncDestination(ranges)
         // 2. The metadata, atomically, with its fsyncs (inside MetadataStore.commit).
         let gen = try await writeMetadata(ranges, markComplete: markComplete)
         // 3. Only now may the discarder hear of these regions — unless a writeback error was
@@ -169,13 +169,20 @@ actor Committer {
         if let failure { throw failure }
     }
 
-    private func syncDestination() async throws(HydrationError) {
+    private func syncDestination(_ ranges: [Range<Int>]) async throws(HydrationError) {
         let dest = self.dest
         do {
             try await io.run { try dest.sync() }
         } catch {
-            fail(mode: .ro, HydrationError(.commitFailed, "destination fdatasync failed, metadata left at its last commit: \(error)",
-                                           errno: (error as? StorageError)?.errno))
+            // Name what may be lost: the regions this commit was to record (a writeback error
+            // does not say which pages failed).
+            var e = HydrationError(.commitFailed, "destination fdatasync failed, metadata left at its last commit: \(error)",
+                                   errno: (error as? StorageError)?.errno, region: ranges.first?.lowerBound)
+            if let lo = ranges.first, let hi = ranges.last {
+                let bytes = geometry.byteRange(of: lo.lowerBound..<hi.upperBound)
+                e.message += "; regions \(lo.lowerBound)..<\(hi.upperBound) (bytes \(bytes.lowerBound)..<\(bytes.upperBound)) not committed"
+            }
+            fail(mode: .ro, e)
         }
         if let failure { throw failure }
     }
