@@ -86,12 +86,30 @@ let crashLogger: Logger = {
     return l
 }()
 
+/// An asynchronous writeback failure of the destination during the recorded run.
+struct WritebackFailurePlan: Sendable {
+    /// Fires at the first mutation, from this many after the trace begins, at which the
+    /// destination has pending writes.
+    var afterMutations: Int
+    /// The old engine's eviction: waits for writeback and swallows the error.
+    var legacyWaitingEvict = false
+}
+
 enum CrashHarness {
     /// Creates the job on a fresh simulated disk and runs it to completion, recording every call.
-    static func record(_ sc: CrashScenario, io: IOExecutor, fault: InjectedCommitFault? = nil) async throws -> (RecordedRun, [String]) {
+    /// With `writebackFailure`, the destination's writeback fails once during the run: the run
+    /// must then end `failed` (CommitFailed, EIO, metadata ro) rather than complete, and its
+    /// crash states are explored like any other.
+    static func record(_ sc: CrashScenario, io: IOExecutor, fault: InjectedCommitFault? = nil,
+                       writebackFailure: WritebackFailurePlan? = nil) async throws -> (RecordedRun, [String]) {
         let storage = CrashableStorage()
         storage.addFile(CrashScenario.sourcePath, data: sc.image, holes: sc.holes)
         let job = try await HydrationJob.create(sc.config(), storage: storage, io: io, logger: crashLogger)
+        if let writebackFailure {
+            // Evictions every 16 KiB of progress, so that they interleave with commits.
+            await job.copier.setCacheWindowForTesting(16 << 10)
+            storage.setLegacyWaitingEvict(writebackFailure.legacyWaitingEvict)
+        }
         if let fault {
             #if DEBUG
             await job.committer.injectFault(fault == .publishBeforeDurable ? .publishBeforeDurable : .metadataBeforeDestinationSync)
@@ -100,12 +118,26 @@ enum CrashHarness {
             #endif
         }
         storage.beginTrace()
+        if let writebackFailure {
+            storage.failWriteback(afterMutations: writebackFailure.afterMutations, path: CrashScenario.destPath)
+        }
         try await job.start()
         let final = await job.waitUntilSettled()
         let st = await job.status()
         await job.close()
-        var failures = check(storage, sc)
-        if final != .complete { failures.append("recording run ended \(final.rawValue): \(st.error?.message ?? "")") }
+        var failures: [String]
+        if writebackFailure != nil && storage.writebackFailures > 0 {
+            // Lost destination data: the job must fail, and must not have released or read
+            // anything it should not have (the crash states below check the rest).
+            failures = storage.violations.prefix(3).map { "(b) \($0)" }
+            if final != .failed || st.error?.errno != EIO || st.metadata.mode != .ro {
+                failures.append("after a destination writeback error the recording run ended \(final.rawValue) (error \(st.error?.message ?? "none"), metadata \(st.metadata.mode.rawValue)), not failed with EIO and metadata ro")
+                failures += check(storage, sc)
+            }
+        } else {
+            failures = check(storage, sc)
+            if final != .complete { failures.append("recording run ended \(final.rawValue): \(st.error?.message ?? "")") }
+        }
         return (RecordedRun(seed: sc.seed, base: storage.baseline!, trace: storage.trace), failures)
     }
 

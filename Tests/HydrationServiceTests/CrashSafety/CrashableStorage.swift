@@ -591,14 +591,15 @@ final class CrashableDevice: StorageDevice {
     func sync() throws(StorageError) {
         try checkOpen(.sync)
         try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
-            if s.crashSnapshot == nil, storage.consumeWritebackError(path, openID: openID, &s) {
+            // (record may itself fire an armed writeback failure: the sync then waits for it.)
+            let seq = try storage.record(path, .sync, 0, 0, [], &s)
+            if storage.consumeWritebackError(path, openID: openID, &s) {
                 // fdatasync reports the writeback error; what was pending is dropped (lost),
                 // exactly as after an injected sync failure.
-                s.trace.append(CrashOp(seq: s.trace.count, path: path, kind: .sync, offset: 0, length: 0, errno: EIO))
+                s.trace[seq].errno = EIO
                 s.pending[path] = []
                 throw StorageError(.sync, path: path, errno: EIO)
             }
-            _ = try storage.record(path, .sync, 0, 0, [], &s)
             let ops = s.pending[path] ?? []
             s.pending[path] = []
             for o in ops { s.durable[path]!.apply(o) }
