@@ -134,6 +134,8 @@ enum CrashOpKind: String, Sendable, Codable {
     case writebackError
     /// An eviction that waited for writeback (only with `legacyWaitingEvict`).
     case waitWriteback
+    /// The engine's non-waiting calls (recorded so that faults can be injected into them).
+    case startWriteback, evict
     var isMutation: Bool { self == .write || self == .release || self == .zeroOut || self == .sync || self == .extend }
 }
 
@@ -471,7 +473,7 @@ final class CrashableStorage: StorageProvider {
         case .nextData: operation = .seek
         case .syncDirectory: operation = .syncDirectory
         case .extend: operation = .truncate
-        case .writebackError, .waitWriteback: operation = .writeback
+        case .writebackError, .waitWriteback, .startWriteback, .evict: operation = .writeback
         }
         var op = CrashOp(seq: s.trace.count, path: path, kind: kind, offset: offset, length: length,
                          payload: kind == .write ? payload : [])
@@ -642,10 +644,18 @@ final class CrashableDevice: StorageDevice {
     /// Never waits (sync_file_range WRITE + FADV_DONTNEED), so it never consumes the errseq —
     /// unless the storage models the old engine (`legacyWaitingEvict`): then it waits, is told
     /// about the writeback error, and ignores it.
+    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
+        try checkOpen(.writeback)
+        try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
+            _ = try storage.record(path, .startWriteback, offset, length, [], &s)
+        }
+    }
+
     func evict(offset: UInt64, length: UInt64) throws(StorageError) {
         try checkOpen(.writeback)
-        storage.state.withLock { (s: inout CrashableStorage.State) in
-            guard s.legacyWaitingEvict, s.crashSnapshot == nil else { return }
+        try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
+            _ = try storage.record(path, .evict, offset, length, [], &s)
+            guard s.legacyWaitingEvict else { return }
             if storage.consumeWritebackError(path, openID: openID, &s) {
                 s.trace.append(CrashOp(seq: s.trace.count, path: path, kind: .waitWriteback, offset: offset, length: length, errno: EIO))
             }
