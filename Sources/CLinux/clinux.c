@@ -22,6 +22,10 @@ int hyd_punch_hole(int fd, uint64_t offset, uint64_t length) {
 int hyd_start_writeback(int fd, uint64_t offset, uint64_t length) {
     return sync_file_range(fd, (off_t)offset, (off_t)length, SYNC_FILE_RANGE_WRITE);
 }
+int hyd_wait_writeback(int fd, uint64_t offset, uint64_t length) {
+    return sync_file_range(fd, (off_t)offset, (off_t)length,
+                           SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+}
 int hyd_drop_cache(int fd, uint64_t offset, uint64_t length) {
     int rc = posix_fadvise(fd, (off_t)offset, (off_t)length, POSIX_FADV_DONTNEED);
     if (rc != 0) { errno = rc; return -1; }

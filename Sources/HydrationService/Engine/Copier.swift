@@ -106,7 +106,6 @@ actor Copier {
         copyFront = 0
         evictedUpTo = 0
         pendingEviction = nil
-        lastEviction = nil
         inFlight = 0
         batchFailure = nil
         var outcome: Outcome? = nil
@@ -175,14 +174,11 @@ actor Copier {
                 // the source and, once written back, from the destination (as nbdcopy does). A
                 // range per call, well behind the front: dropping each batch's own range right
                 // after reading it misses the large folios readahead builds across batches.
-                // The destination's eviction never waits for writeback (a wait would consume a
-                // writeback error before the commit's fdatasync, see PosixDevice.evict): pages
-                // still under writeback are left, and the next pass covers the previous range
-                // again to drop them.
+                // The destination's eviction waits for writeback on a descriptor of its own and
+                // reports a writeback error (see PosixDevice.evict): the job then fails at once.
                 if let range = pendingEviction {
                     pendingEviction = nil
-                    let destRange = (lastEviction?.lowerBound ?? range.lowerBound)..<range.upperBound
-                    lastEviction = range
+                    let destRange = range
                     let (src, dst, io) = (source, dest, self.io)
                     group.addTask {
                         do {
@@ -264,8 +260,6 @@ actor Copier {
     private var copyFront: UInt64 = 0
     private var evictedUpTo: UInt64 = 0
     private var pendingEviction: Range<UInt64>?
-    /// The previous eviction pass's range: covered again by the next pass (see run()).
-    private var lastEviction: Range<UInt64>?
 
     /// The kernel reported a writeback error on the destination (starting writeback or evicting):
     /// data written since the last commit may be lost, exactly as after a failed fdatasync. The

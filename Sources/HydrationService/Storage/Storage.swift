@@ -132,12 +132,13 @@ public protocol StorageDevice: AnyObject, Sendable {
     /// failure to start writeback, e.g. EIO or ENOSPC); the caller treats it as a failed
     /// destination sync. Never waits, so it never consumes the file's writeback error.
     func startWriteback(offset: UInt64, length: UInt64) throws(StorageError)
-    /// Bounds how much of the destination sits in the page cache: starts writeback of the range
-    /// (WRITE, no wait) and drops the pages that are clean (FADV_DONTNEED); pages still under
-    /// writeback stay and are dropped by a later call. It never waits for writeback, because on
-    /// Linux >= 4.13 the first call that waits (sync_file_range WAIT_*, fsync, fdatasync) reports
-    /// a writeback error once per open file and the commit's fdatasync would then succeed.
-    /// Not a durability barrier. Throws what the kernel reports; the caller treats it as a failed
+    /// Bounds how much of the destination sits in the page cache: starts writeback of the range,
+    /// waits for it, and drops the range's pages (FADV_DONTNEED). It must not consume a
+    /// writeback error that the commit's fdatasync has to see: on Linux >= 4.13 the first call
+    /// that waits (sync_file_range WAIT_*, fsync, fdatasync) reports a writeback error once per
+    /// open file description, so the wait runs on a second descriptor of the same file, never on
+    /// the one that is fdatasynced. Not a durability barrier. Throws what the kernel reports,
+    /// including a writeback error seen by the wait; the caller treats it as a failed
     /// destination sync.
     func evict(offset: UInt64, length: UInt64) throws(StorageError)
     /// Bytes actually allocated (st_blocks * 512) for a regular file; nil for a block device.

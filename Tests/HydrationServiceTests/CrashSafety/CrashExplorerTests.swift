@@ -243,13 +243,23 @@ import Testing
         let other = try s.open("/f", mode: .metadata(create: false))
         try d.write(bytes: [UInt8](repeating: 1, count: 512), at: 0)
         s.failWriteback(afterMutations: 0, path: "/f")
-        try d.evict(offset: 0, length: 8192)  // never waits: the error stays for fdatasync
+        try d.evict(offset: 0, length: 8192)
         #expect(s.writebackFailures == 0, "fires at the next mutation (the sync)")
         #expect(throws: StorageError.self) { try d.sync() }
         #expect(s.writebackFailures == 1)
         try d.sync()  // reported once per open device
+        // evict waits on a description of its own: it is told too, and consuming it there
+        // does not hide it from sync.
+        try d.write(bytes: [UInt8](repeating: 4, count: 512), at: 1024)
+        s.failWriteback(afterMutations: 0, path: "/f")
+        try d.write(bytes: [UInt8](repeating: 5, count: 512), at: 2048)  // fires before this write
+        #expect(throws: StorageError.self) { try d.evict(offset: 0, length: 8192) }
+        try d.evict(offset: 0, length: 8192)
+        #expect(throws: StorageError.self) { try d.sync() }
+        try d.sync()
         #expect(throws: StorageError.self) { try other.sync() }  // ... and to every open device
         try other.sync()
+        #expect(s.file("/f")!.data[1024] == 7 && s.file("/f")!.data[2048] == 5)
         #expect(s.file("/f")!.data[0] == 7, "the lost write is gone from the cache too")
         #expect(s.snapshotNow.materialize(.keepAll)["/f"]!.data[0] == 7)
     }

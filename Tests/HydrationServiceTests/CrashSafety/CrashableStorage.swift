@@ -28,9 +28,11 @@ import Glibc
 // - Asynchronous writeback failure (`failWriteback`): at a chosen point the file's pending
 //   writes are lost (never durable; reads see the durable image again) and the error is recorded
 //   in the file's errseq. As on Linux >= 4.13 it is reported once per open device (file
-//   description) to the first call that waits: `sync`, or an eviction that waits
-//   (`legacyWaitingEvict`, the old engine's sync_file_range WAIT, which swallowed it). The
-//   engine's `evict` and `startWriteback` never wait, so they never consume it.
+//   description) to the first call on it that waits: `sync`, or `evict`, which (like
+//   PosixDevice) waits on a second description of its own, so it reports the error (throws)
+//   without consuming it for `sync`. `legacyWaitingEvict` models the old engine instead: the
+//   wait ran on the synced description itself and its result was ignored, so the error was
+//   swallowed. `startWriteback` never waits.
 
 /// One file as the simulated disk holds it.
 struct CrashFile: Sendable, Equatable, Codable {
@@ -442,6 +444,8 @@ final class CrashableStorage: StorageProvider {
             // Like errseq_sample: an error nobody has seen yet is reported to a new opener too.
             let e = s.errseq[path] ?? (0, true)
             s.errseqSample[s.nextOpenID] = e.seen ? e.count : e.count - 1
+            // The second description PosixDevice opens for evict's wait (key: -openID).
+            s.errseqSample[-s.nextOpenID] = s.errseqSample[s.nextOpenID]
             return CrashableDevice(storage: self, path: path, info: info(path, s.files[path]!), exclusive: exclusive,
                                    openID: s.nextOpenID)
         }
@@ -641,9 +645,7 @@ final class CrashableDevice: StorageDevice {
 
     func dropCache(offset: UInt64, length: UInt64) {}
 
-    /// Never waits (sync_file_range WRITE + FADV_DONTNEED), so it never consumes the errseq —
-    /// unless the storage models the old engine (`legacyWaitingEvict`): then it waits, is told
-    /// about the writeback error, and ignores it.
+    /// Never waits (sync_file_range WRITE), so it never consumes the errseq.
     func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
         try checkOpen(.writeback)
         try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
@@ -651,13 +653,21 @@ final class CrashableDevice: StorageDevice {
         }
     }
 
+    /// Waits for writeback on the device's second description (as PosixDevice does): a
+    /// writeback error is reported (thrown) and consumed for that description only, so the next
+    /// `sync` reports it too. With `legacyWaitingEvict` (the old engine) the wait consumes it on
+    /// this description and the result is ignored.
     func evict(offset: UInt64, length: UInt64) throws(StorageError) {
         try checkOpen(.writeback)
         try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
-            _ = try storage.record(path, .evict, offset, length, [], &s)
-            guard s.legacyWaitingEvict else { return }
-            if storage.consumeWritebackError(path, openID: openID, &s) {
-                s.trace.append(CrashOp(seq: s.trace.count, path: path, kind: .waitWriteback, offset: offset, length: length, errno: EIO))
+            let seq = try storage.record(path, .evict, offset, length, [], &s)
+            if s.legacyWaitingEvict {
+                if storage.consumeWritebackError(path, openID: openID, &s) {
+                    s.trace.append(CrashOp(seq: s.trace.count, path: path, kind: .waitWriteback, offset: offset, length: length, errno: EIO))
+                }
+            } else if storage.consumeWritebackError(path, openID: -openID, &s) {
+                s.trace[seq].errno = EIO
+                throw StorageError(.writeback, path: path, errno: EIO, offset: offset, length: length)
             }
         }
     }
