@@ -11,10 +11,46 @@ struct CrashScenario: Sendable {
     static let metadataPath = "/meta/job.meta"
     static let regionSize: UInt64 = 4096
 
+    /// What the destination and source are like. Every variant but `fresh` starts from a
+    /// destination full of garbage, so the copier's zeroing paths (holes and zero regions must
+    /// read back as zeros) are crash-explored too.
+    enum Variant: String, Sendable, CaseIterable {
+        /// A destination file the job creates (reads as zeros: nothing is zeroed).
+        case fresh
+        /// An existing file of garbage: zeroed by punching holes.
+        case garbageFile
+        /// A block device of garbage: zeroed with BLKZEROOUT.
+        case garbageBlockDevice
+        /// A file of garbage on a filesystem that can punch nothing: zeros are written.
+        case garbageFileNoZeroOut
+        /// A garbage file, and a source on a filesystem without SEEK_DATA (holes read as data).
+        case garbageFileSourceWithoutSeekData
+    }
+
     let seed: UInt64
     let image: [UInt8]
     let holes: [Range<Int>]
     let tunables: Tunables
+    var variant: Variant = .fresh
+
+    /// Adds the source (and, for a garbage variant, the pre-existing destination) to a new disk.
+    func populate(_ storage: CrashableStorage) {
+        storage.addFile(Self.sourcePath, data: image, holes: holes)
+        guard variant != .fresh else { return }
+        var rng = SeededRandom(seed: seed &* 31 &+ 5)
+        var garbage = [UInt8](repeating: 0, count: image.count)
+        rng.fill(&garbage, 0..<garbage.count)
+        storage.addFile(Self.destPath, data: garbage, kind: variant == .garbageBlockDevice ? .blockDevice : .regularFile, holes: [])
+        configure(storage)
+    }
+
+    /// The variant's device limitations, on a disk built from crashed images too.
+    func configure(_ storage: CrashableStorage) {
+        storage.state.withLock { s in
+            s.zeroOutUnsupported = variant == .garbageFileNoZeroOut ? [Self.destPath] : []
+            s.noSeekData = variant == .garbageFileSourceWithoutSeekData ? [Self.sourcePath] : []
+        }
+    }
 
     static func make(seed: UInt64, regions: Int = 256) -> CrashScenario {
         var rng = SeededRandom(seed: seed &* 0x9E37_79B9 &+ 1)
@@ -103,7 +139,7 @@ enum CrashHarness {
     static func record(_ sc: CrashScenario, io: IOExecutor, fault: InjectedCommitFault? = nil,
                        writebackFailure: WritebackFailurePlan? = nil) async throws -> (RecordedRun, [String]) {
         let storage = CrashableStorage()
-        storage.addFile(CrashScenario.sourcePath, data: sc.image, holes: sc.holes)
+        sc.populate(storage)
         let job = try await HydrationJob.create(sc.config(), storage: storage, io: io, logger: crashLogger)
         if let writebackFailure {
             // Evictions every 16 KiB of progress, so that they interleave with commits.
@@ -173,6 +209,7 @@ enum CrashHarness {
     /// completion, close it, check.
     static func recover(_ files: [String: CrashFile], _ sc: CrashScenario, io: IOExecutor) async -> Recovery {
         let storage = CrashableStorage(files: files)
+        sc.configure(storage)
         storage.beginTrace()
         let job: HydrationJob
         do {

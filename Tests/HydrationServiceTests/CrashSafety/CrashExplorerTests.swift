@@ -42,6 +42,40 @@ import Testing
         #expect(total.states >= Self.targetStates)
     }
 
+    /// Pre-existing garbage destinations (file: punch; block device: BLKZEROOUT; no zero-out:
+    /// zeros written) and a source without SEEK_DATA: the zeroing paths the fresh-destination
+    /// scenarios never take, crashed at every boundary. Holes and zero regions must read back
+    /// as zeros after recovery.
+    @Test func garbageDestinationsAndSourceWithoutSeekData() async throws {
+        let started = Date()
+        var total = CrashHarness.Stats()
+        for (i, variant) in CrashScenario.Variant.allCases.filter({ $0 != .fresh }).enumerated() {
+            var sc = CrashScenario.make(seed: 301 + UInt64(i))
+            sc.variant = variant
+            let (run, failures) = try await CrashHarness.record(sc, io: io)
+            #expect(failures.isEmpty, "\(variant) recording run: \(failures)")
+            let zeroing = run.trace.filter { $0.path == CrashScenario.destPath && ($0.kind == .zeroOut || $0.kind == .write) }.count
+            #expect(zeroing > 0)
+            if variant == .garbageFileNoZeroOut {
+                #expect(!run.trace.contains { $0.path == CrashScenario.destPath && $0.kind == .zeroOut && $0.errno == 0 })
+            } else {
+                #expect(run.trace.contains { $0.path == CrashScenario.destPath && $0.kind == .zeroOut }, "\(variant): nothing zeroed")
+            }
+            if variant == .garbageFileSourceWithoutSeekData {
+                #expect(run.trace.filter { $0.path == CrashScenario.sourcePath && $0.kind == .read }.count > 0)
+            }
+            // Every third boundary: zeroing makes these traces long, and seconds matter.
+            let stats = await CrashHarness.explore(sc, run: run, io: io, pointFilter: { $0 % 3 == 0 })
+            total.states += stats.states
+            total.secondCrashes += stats.secondCrashes
+            total.findings += stats.findings.map { var f = $0; f.failures.insert("\(variant)", at: 0); return f }
+            if !total.findings.isEmpty { break }
+        }
+        print("garbage destinations / source without SEEK_DATA: \(total.states) crash states recovered (+\(total.secondCrashes) second crashes) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        countCrash("crash points", total.states + total.secondCrashes)
+        for f in total.findings { Issue.record("crash-safety violation: \(f)") }
+    }
+
     /// Live crashes: the engine really dies at a seeded mutation (every later call fails, its
     /// tasks are abandoned), and recovery starts from the frozen cache under several policies.
     /// The frozen state must equal the one the trace replayer derives for the same point.

@@ -314,6 +314,10 @@ final class CrashableStorage: StorageProvider {
         var nextOpenID = 0
         /// The old engine's eviction: waits for writeback (consuming the error) and ignores it.
         var legacyWaitingEvict = false
+        /// Paths whose zeroOut fails with EOPNOTSUPP (no punch / zero-out support).
+        var zeroOutUnsupported: Set<String> = []
+        /// Paths on a filesystem without SEEK_DATA: every range may be data.
+        var noSeekData: Set<String> = []
     }
 
     let state = Mutex(State())
@@ -619,6 +623,9 @@ final class CrashableDevice: StorageDevice {
 
     func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
         try checkOpen(.zeroOut)
+        if storage.state.withLock({ $0.zeroOutUnsupported.contains(path) }) {
+            throw StorageError(.zeroOut, path: path, errno: EOPNOTSUPP, offset: offset, length: length)
+        }
         try mutate(.zeroOut, offset, length, [])
     }
 
@@ -633,7 +640,7 @@ final class CrashableDevice: StorageDevice {
                 s.violations.append("op #\(seq): SEEK_DATA of \(path) from \(offset), inside released sector \(sector) (4 KiB region #\(sector * CrashFile.sector / 4096)): a released range would be taken for a hole")
             }
             guard offset < UInt64(f.data.count) else { return nil }
-            guard f.kind == .regularFile else { return offset..<UInt64(f.data.count) }
+            guard f.kind == .regularFile, !s.noSeekData.contains(path) else { return offset..<UInt64(f.data.count) }
             let b0 = Int(offset) / CrashFile.block
             guard let first = (b0..<f.allocated.count).first(where: { f.allocated[$0] }) else { return nil }
             let end = (first..<f.allocated.count).first(where: { !f.allocated[$0] }) ?? f.allocated.count
