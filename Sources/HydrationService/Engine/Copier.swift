@@ -178,16 +178,15 @@ actor Copier {
                 // reports a writeback error (see PosixDevice.evict): the job then fails at once.
                 if let range = pendingEviction {
                     pendingEviction = nil
-                    let destRange = range
                     let (src, dst, io) = (source, dest, self.io)
                     group.addTask {
                         do {
                             try await io.run {
                                 src.dropCache(offset: range.lowerBound, length: range.upperBound - range.lowerBound)
-                                try dst.evict(offset: destRange.lowerBound, length: destRange.upperBound - destRange.lowerBound)
+                                try dst.evict(offset: range.lowerBound, length: range.upperBound - range.lowerBound)
                             }
                         } catch {
-                            await self.writebackFailed(error, range: destRange)
+                            await self.writebackFailed(error, range: range)
                         }
                     }
                 }
@@ -268,7 +267,7 @@ actor Copier {
         let s = error as? StorageError
         let region = Int((s?.offset ?? range.lowerBound) / geometry.regionSize)
         let e = HydrationError(.commitFailed,
-                               "destination writeback failed, metadata left at its last commit: \(error)",
+                               "destination writeback failed, metadata left at its last commit: \(error) (reported by the eviction of that range; the lost pages may be anywhere written since the last commit)",
                                errno: s?.errno, region: region)
         await committer.writebackFailed(e)
         if batchFailure == nil { batchFailure = .halted }
