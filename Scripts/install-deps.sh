@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building and testing need, when missing: libsystemd-dev (the CSystemd target),
-# util-linux/e2fsprogs (loop devices, mkfs for the full-disk test), and python's varlink and
-# pytest for the integration tests. Safe to run again.
+# util-linux/e2fsprogs (loop devices, mkfs for the full-disk test), nbdkit and libnbd-bin (nbdfuse
+# and nbdcopy: the real writeback-error test serves an nbdkit error-filter export as a FUSE file
+# under a loop device), and python's varlink and pytest for the integration tests. Safe to run again.
 set -euo pipefail
 need_apt=()
-for pkg in libsystemd-dev pkg-config util-linux e2fsprogs; do
+for pkg in libsystemd-dev pkg-config util-linux e2fsprogs nbdkit libnbd-bin; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -95,6 +95,8 @@ final class TimingDeviceBox: StorageDevice {
     func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) { try inner.zeroOut(offset: offset, length: length) }
     func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? { try inner.nextData(from: offset) }
     func dropCache(offset: UInt64, length: UInt64) { inner.dropCache(offset: offset, length: length) }
+    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) { try inner.startWriteback(offset: offset, length: length) }
+    func evict(offset: UInt64, length: UInt64) throws(StorageError) { try inner.evict(offset: offset, length: length) }
     func allocatedBytes() -> UInt64? { inner.allocatedBytes() }
 }
 

@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import Testing
+import ControlProtocol
 @testable import HydrationService
 
 /// The two orderings the whole design rests on, asserted on every operation of a real engine run
@@ -17,6 +18,8 @@ import Testing
             var durable = RegionMap(count: 0)
             var metadataSyncs = 0
             var releases = 0
+            /// Regions whose destination data a writeback failure lost (until rewritten).
+            var lost: Set<Int> = []
             var violations: [String] = []
         }
         let state: Mutex<State>
@@ -32,7 +35,10 @@ import Testing
             state.withLock { s in
                 switch (op.path, op.kind) {
                 case ("/dst", .write), ("/dst", .zeroOut):
-                    for r in first...last { s.lastDestWrite[r] = op.seq }
+                    for r in first...last { s.lastDestWrite[r] = op.seq; s.lost.remove(r) }
+                case ("/dst", .writebackLost):
+                    // Everything written since the last successful sync never reaches the disk.
+                    for (r, w) in s.lastDestWrite where w > s.lastDestSync { s.lost.insert(r) }
                 case ("/dst", .sync):
                     s.lastDestSync = op.seq
                 case ("/meta", .sync):
@@ -46,7 +52,9 @@ import Testing
                     let map = store.committedMap
                     for range in map.setRanges() {
                         for r in range where !s.durable[r] {
-                            if let w = s.lastDestWrite[r], w > s.lastDestSync {
+                            if s.lost.contains(r) {
+                                s.violations.append("op \(op.seq): metadata records region \(r), whose destination data a writeback failure lost")
+                            } else if let w = s.lastDestWrite[r], w > s.lastDestSync {
                                 s.violations.append("op \(op.seq): metadata records region \(r), written at op \(w), before the destination sync")
                             }
                         }
@@ -66,13 +74,16 @@ import Testing
         }
     }
 
-    func run(fault: CommitterFault?) async throws -> Checker.State {
+    func run(fault: CommitterFault?, writebackFailureAtWrite: Int? = nil, legacyWaitingEvict: Bool = false,
+             final expected: JobStatus.State? = .complete) async throws -> Checker.State {
         let sim = SimulatedStorage()
         let regions = 512
         let image = TestImage.make(size: regions * Int(Self.regionSize), seed: 11, chunk: 16 * 4096)
         sim.addFile("/src", data: image.bytes)
         let checker = Checker(regions: regions)
         sim.setObserver { op, files in checker.observe(op, files) }
+        if let n = writebackFailureAtWrite { sim.setWritebackFailure(path: "/dst", atWrite: n) }
+        sim.setLegacyWaitingEvict(legacyWaitingEvict)
         // Slow destination syncs a little, so that a wrongly early publication reaches the
         // discarder well before the metadata is written.
         sim.setSyncDelay { path in if path == "/dst" { usleep(3000) } }
@@ -86,13 +97,20 @@ import Testing
         let io = IOExecutor(threads: 4)
         let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
         if let fault { await job.committer.injectFault(fault) }
+        if writebackFailureAtWrite != nil { await job.copier.setCacheWindowForTesting(16 << 10) }
         try await job.start()
         let final = await job.waitUntilSettled()
         let st = await job.status()
-        #expect(final == .complete, "\(st.state) \(st.error?.message ?? "") \(st.regions)")
         await job.close()
         await io.shutdown()
-        #expect(sim.contents("/dst")! == image.bytes)
+        if expected == .complete {
+            #expect(final == .complete, "\(st.state) \(st.error?.message ?? "") \(st.regions)")
+            #expect(sim.contents("/dst")! == image.bytes, "destination differs")
+        } else if let expected {
+            #expect(final == expected, "\(st.state) \(st.error?.message ?? "")")
+            #expect(st.error?.code == "CommitFailed" && st.error?.errno == EIO && st.metadata.mode == .ro,
+                    "\(st.error?.message ?? "none"), metadata \(st.metadata.mode.rawValue)")
+        }
         return checker.state.withLock { $0 }
     }
 
@@ -108,6 +126,25 @@ import Testing
     @Test func checkerCatchesPublishBeforeDurable() async throws {
         let s = try await run(fault: .publishBeforeDurable)
         #expect(s.violations.contains { $0.contains("released before") }, "\(s.violations.prefix(3))")
+    }
+
+    /// A destination writeback failure (data since the last sync lost, the error reported once
+    /// per open device to the first waiting call): the job fails, and no commit records a lost
+    /// region nor releases its source.
+    @Test(arguments: [3, 15, 30]) func writebackFailureKeepsBothOrderings(atWrite: Int) async throws {
+        let s = try await run(fault: nil, writebackFailureAtWrite: atWrite, final: .failed)
+        #expect(s.violations.isEmpty, "\(s.violations.prefix(5))")
+    }
+
+    /// The checker catches the old eviction, which waited on the synced descriptor and ignored
+    /// the error: the next fdatasync succeeded and lost regions were committed and released.
+    @Test func checkerCatchesSwallowedWritebackError() async throws {
+        var caught: [String] = []
+        for atWrite in [3, 15, 30] where caught.isEmpty {
+            let s = try await run(fault: nil, writebackFailureAtWrite: atWrite, legacyWaitingEvict: true, final: nil)
+            caught = s.violations.filter { $0.contains("writeback failure lost") }
+        }
+        #expect(!caught.isEmpty, "the swallowed writeback error went unnoticed")
     }
 
     /// ... and so is one that writes the metadata before the destination's fdatasync.

@@ -13,7 +13,9 @@ int hyd_punch_hole(int fd, uint64_t offset, uint64_t length);
 // sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback; posix_fadvise(DONTNEED): drop clean pages.
 int hyd_start_writeback(int fd, uint64_t offset, uint64_t length);
 int hyd_drop_cache(int fd, uint64_t offset, uint64_t length);
-// sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER): the range's writeback, waited for.
+// sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER): the range's writeback, waited for. It consumes
+// the writeback error of the open file description it is called on: never call it on the
+// descriptor the commit fdatasyncs (see PosixDevice.evict).
 int hyd_wait_writeback(int fd, uint64_t offset, uint64_t length);
 
 // Device identity and topology (DeviceTopology.swift).

@@ -173,13 +173,13 @@ actor Committer {
         switch fault {
         case .publishBeforeDurable?:
             publishCommitted(generation: store.header.generation + 1, ranges: ranges, budgetBytes: budgetBytes)
-            try await syncDestination()
+            try await syncDestination(ranges)
             let gen = try await writeMetadata(ranges, markComplete: markComplete)
             finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: false)
             return
         case .metadataBeforeDestinationSync?:
             let gen = try await writeMetadata(ranges, markComplete: markComplete)
-            try await syncDestination()
+            try await syncDestination(ranges)
             finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started)
             return
         case nil:
@@ -187,29 +187,39 @@ actor Committer {
         }
         #endif
         // 1. The destination first: metadata must never record data the destination could lose.
-        try await syncDestination()
+        try await syncDestination(ranges)
         // 2. The metadata, atomically, with its fsyncs (inside MetadataStore.commit).
         let gen = try await writeMetadata(ranges, markComplete: markComplete)
-        // 3. Only now may the discarder hear of these regions.
-        finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started)
+        // 3. Only now may the discarder hear of these regions — unless a writeback error was
+        // reported meanwhile (writebackFailed): then nothing more is published.
+        finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: failure == nil)
+        if let failure { throw failure }
     }
 
-    private func syncDestination() async throws(HydrationError) {
+    private func syncDestination(_ ranges: [Range<Int>]) async throws(HydrationError) {
         let dest = self.dest
         do {
             try await io.run { try dest.sync() }
         } catch {
             let s = error as? StorageError
+            // Name what may be lost: the regions this commit was to record (a writeback error
+            // does not say which pages failed).
+            var note = ""
+            if let lo = ranges.first, let hi = ranges.last {
+                let bytes = geometry.byteRange(of: lo.lowerBound..<hi.upperBound)
+                note = "; regions \(lo.lowerBound)..<\(hi.upperBound) (bytes \(bytes.lowerBound)..<\(bytes.upperBound)) not committed"
+            }
             if s?.isNoSpace == true {
                 // A copy-on-write filesystem (btrfs) allocates at writeback: its fdatasync can fail
                 // with ENOSPC. Still final for this run (the failed pages may be gone from the
                 // cache, and a second fdatasync would not say so), but not for the job: it pauses
                 // with NoSpace, and resuming reopens it from its last commit, re-copying
                 // everything not committed.
-                fail(mode: .ro, HydrationError(.noSpace, "destination fdatasync: out of space; metadata left at its last commit, the job resumes from it once space is freed: \(error)", errno: s?.errno))
+                fail(mode: .ro, HydrationError(.noSpace, "destination fdatasync: out of space; metadata left at its last commit, the job resumes from it once space is freed: \(error)\(note)",
+                                               errno: s?.errno, region: ranges.first?.lowerBound))
             } else {
-                fail(mode: .ro, HydrationError(.commitFailed, "destination fdatasync failed, metadata left at its last commit: \(error)",
-                                               errno: s?.errno))
+                fail(mode: .ro, HydrationError(.commitFailed, "destination fdatasync failed, metadata left at its last commit: \(error)\(note)",
+                                               errno: s?.errno, region: ranges.first?.lowerBound))
             }
         }
         if let failure { throw failure }
@@ -261,6 +271,13 @@ actor Committer {
         publishedCount += 1
         unconfirmed.append((publishedCount, ranges))
         publishStream.yield(CommittedRegions(generation: generation, ranges: ranges, budgetBytes: budgetBytes))
+    }
+
+    /// The copier saw a writeback error on the destination (starting writeback or evicting):
+    /// treated exactly like a failed destination fdatasync. Data written since the last commit
+    /// may be lost, so nothing more is committed or published; the metadata becomes `ro`.
+    func writebackFailed(_ e: HydrationError) {
+        fail(mode: .ro, e)
     }
 
     private func fail(mode: JobStatus.Metadata.Mode, _ e: HydrationError) {

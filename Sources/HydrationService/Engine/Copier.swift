@@ -174,13 +174,19 @@ actor Copier {
                 // the source and, once written back, from the destination (as nbdcopy does). A
                 // range per call, well behind the front: dropping each batch's own range right
                 // after reading it misses the large folios readahead builds across batches.
+                // The destination's eviction waits for writeback on a descriptor of its own and
+                // reports a writeback error (see PosixDevice.evict): the job then fails at once.
                 if let range = pendingEviction {
                     pendingEviction = nil
                     let (src, dst, io) = (source, dest, self.io)
                     group.addTask {
-                        _ = try? await io.run {
-                            src.dropCache(offset: range.lowerBound, length: range.upperBound - range.lowerBound)
-                            dst.evict(offset: range.lowerBound, length: range.upperBound - range.lowerBound)
+                        do {
+                            try await io.run {
+                                src.dropCache(offset: range.lowerBound, length: range.upperBound - range.lowerBound)
+                                try dst.evict(offset: range.lowerBound, length: range.upperBound - range.lowerBound)
+                            }
+                        } catch {
+                            await self.writebackFailed(error, range: range)
                         }
                     }
                 }
@@ -226,7 +232,13 @@ actor Copier {
             await finished(b, reserved: c.reserved)
         case .failure(let e):
             // The regions of a failed batch stay unhydrated.
-            if batchFailure == nil { batchFailure = e.code == .noSpace ? .noSpace(e) : .failed(e) }
+            if e.code == .commitFailed {
+                // A writeback error (BatchJob.startWriteback): final for the metadata.
+                await committer.writebackFailed(e)
+                if batchFailure == nil { batchFailure = .halted }
+            } else if batchFailure == nil {
+                batchFailure = e.code == .noSpace ? .noSpace(e) : .failed(e)
+            }
             progress.update { $0.budgetInFlight -= c.reserved }
         }
         inFlight -= c.regions.count
@@ -241,16 +253,32 @@ actor Copier {
 
     /// How much of the source and destination may stay in the page cache behind the copy front.
     static let cacheWindow: UInt64 = 16 << 20
+    /// `cacheWindow`, smaller in tests so that the crash explorer's 1 MiB images see evictions.
+    private var cacheWindow: UInt64 = Copier.cacheWindow
+    func setCacheWindowForTesting(_ bytes: UInt64) { cacheWindow = bytes }
     private var copyFront: UInt64 = 0
     private var evictedUpTo: UInt64 = 0
     private var pendingEviction: Range<UInt64>?
 
+    /// The kernel reported a writeback error on the destination (starting writeback or evicting):
+    /// data written since the last commit may be lost, exactly as after a failed fdatasync. The
+    /// committer fails (metadata `ro`, nothing more committed or published), and so does the job.
+    private func writebackFailed(_ error: any Error, range: Range<UInt64>) async {
+        let s = error as? StorageError
+        let region = Int((s?.offset ?? range.lowerBound) / geometry.regionSize)
+        let e = HydrationError(.commitFailed,
+                               "destination writeback failed, metadata left at its last commit: \(error) (reported by the eviction of that range; the lost pages may be anywhere written since the last commit)",
+                               errno: s?.errno, region: region)
+        await committer.writebackFailed(e)
+        if batchFailure == nil { batchFailure = .halted }
+    }
+
     private func finished(_ b: BatchResult, reserved: UInt64) async {
         copyFront = max(copyFront, geometry.byteRange(of: b.regions).upperBound)
-        if copyFront >= evictedUpTo + 2 * Self.cacheWindow {
+        if copyFront >= evictedUpTo + 2 * cacheWindow {
             // On a 4 MiB boundary: large folios are aligned to their size, and one straddling
             // the end of a range would be dropped by neither this call nor the next.
-            let upTo = (copyFront - Self.cacheWindow) & ~UInt64((4 << 20) - 1)
+            let upTo = (copyFront - cacheWindow) & ~(min(UInt64(4 << 20), cacheWindow) - 1)
             pendingEviction = (pendingEviction?.lowerBound ?? evictedUpTo)..<upTo
             evictedUpTo = upTo
         }
@@ -384,8 +412,9 @@ struct BatchJob: Sendable {
                 let r = try await io.run { try self.perform(work) }
                 return .success(r)
             } catch let e as BatchFailure {
-                // Out of space is not retried: the job pauses until space is freed.
-                if e.error.code == .noSpace || attempt >= retryDelaysMs.count {
+                // Out of space is not retried: the job pauses until space is freed. Nor is a
+                // writeback error: it is final, like a failed fdatasync.
+                if e.error.code == .noSpace || e.error.code == .commitFailed || attempt >= retryDelaysMs.count {
                     if attempt > 0 { logger.error("giving up after \(attempt) retries", metadata: ["error": "\(e.error)"]) }
                     return .failure(e.error)
                 }
@@ -443,7 +472,15 @@ struct BatchJob: Sendable {
                         throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
                     }
                     written += run.upperBound - run.lowerBound
-                    dest.startWriteback(offset: run.lowerBound, length: run.upperBound - run.lowerBound)
+                    do {
+                        try dest.startWriteback(offset: run.lowerBound, length: run.upperBound - run.lowerBound)
+                    } catch {
+                        // Not retried: data already written may be lost (BatchJob.execute).
+                        let region = regionOf(error.offset, default: i)
+                        throw BatchFailure(error: HydrationError(
+                            .commitFailed, "destination writeback failed at region \(region), metadata left at its last commit: \(error)",
+                            errno: error.errno, region: region))
+                    }
                 }
                 i = j
             }

@@ -26,7 +26,7 @@ public actor HydrationJob {
     private let geometry: Geometry
     let committer: Committer
     private let discarder: Discarder?
-    private let copier: Copier
+    let copier: Copier
 
     private var state: JobStatus.State
     private var error: HydrationError?
@@ -244,6 +244,12 @@ public actor HydrationJob {
         // region that is a hole or all zeros now never had data written for it): zeroing its
         // hole and zero regions again would only take the inode lock away from the writers.
         let freshDest = destBefore == nil || (destBefore!.identity.kind == .regularFile && destBefore!.size == 0)
+        if freshDest {
+            // The size ftruncate gave a created or extended file must be durable before metadata
+            // recording that size exists (fdatasync flushes a size change, fdatasync(2)):
+            // otherwise a crash before the first commit leaves a job that never reopens.
+            do { try dest.sync() } catch { throw HydrationError(.ioError, "destination: \(error)", errno: error.errno) }
+        }
         let options = MetadataCreateOptions(regionSize: config.regionSize, source: DeviceRecord(source.info), dest: DeviceRecord(dest.info),
                                             discardSource: config.discardSource, destZeroed: config.destZeroed || freshDest)
         do {

@@ -77,13 +77,22 @@ func parentDirectory(of path: String) -> String {
 final class PosixDevice: StorageDevice {
     let info: DeviceInfo
     private let fd: Int32
+    /// A destination's second, read-only open file description, on which `evict` waits for
+    /// writeback: a writeback error is reported once per open file description, so a wait here
+    /// consumes it for this descriptor only and the commit's fdatasync on `fd` still sees it.
+    /// -1 for other devices.
+    private let waitFD: Int32
 
-    private init(info: DeviceInfo, fd: Int32) {
+    private init(info: DeviceInfo, fd: Int32, waitFD: Int32) {
         self.info = info
         self.fd = fd
+        self.waitFD = waitFD
     }
 
-    deinit { Glibc.close(fd) }
+    deinit {
+        Glibc.close(fd)
+        if waitFD >= 0 { Glibc.close(waitFD) }
+    }
 
     static func open(_ path: String, mode: OpenMode, topology: DeviceTopology = DeviceTopology()) throws(StorageError) -> PosixDevice {
         guard path.hasPrefix("/") else { throw StorageError(.open, path: path, errno: EINVAL) }
@@ -152,8 +161,14 @@ final class PosixDevice: StorageDevice {
                 identity: DeviceIdentity(kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
                 size: size, logicalBlockSize: 512, stableID: topology.stableID(ofFileDescriptor: fd))
         }
+        var waitFD: Int32 = -1
+        if case .destination = mode {
+            // Not exclusive: a second exclusive open of a block device would be refused (EBUSY).
+            waitFD = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+            if waitFD < 0 { throw StorageError(.open, path: path, errno: errno) }
+        }
         ok = true
-        return PosixDevice(info: info, fd: fd)
+        return PosixDevice(info: info, fd: fd, waitFD: waitFD)
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
@@ -231,13 +246,36 @@ final class PosixDevice: StorageDevice {
         _ = hyd_drop_cache(fd, offset, length)
     }
 
-    func startWriteback(offset: UInt64, length: UInt64) {
-        _ = hyd_start_writeback(fd, offset, length)
+    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
+        if hyd_start_writeback(fd, offset, length) != 0 {
+            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+        }
     }
 
-    func evict(offset: UInt64, length: UInt64) {
-        _ = hyd_wait_writeback(fd, offset, length)
-        _ = hyd_drop_cache(fd, offset, length)
+    // Why eviction cannot hide a writeback error (docs/reliability.md, "Writeback errors"):
+    // since Linux 4.13 a writeback error is recorded in the mapping's errseq and reported once
+    // per open file description, to the first call on it that *waits* and checks it:
+    // fsync/fdatasync (file_write_and_wait_range), sync_file_range with WAIT_BEFORE or
+    // WAIT_AFTER (file_fdatawait_range -> file_check_and_advance_wb_err), and syncfs. Neither
+    // sync_file_range(SYNC_FILE_RANGE_WRITE) alone (__filemap_fdatawrite_range: no wait, no
+    // errseq check) nor posix_fadvise(DONTNEED) (starts writeback, then drops only clean,
+    // unlocked pages not under writeback) looks at the errseq. So on `fd`, the descriptor the
+    // commit fdatasyncs, this path makes no waiting call: fdatasync is the first to see the error.
+    // The wait that keeps the page cache bounded runs on `waitFD`, a separate open file
+    // description: it consumes the error only for that descriptor, and it is reported (thrown)
+    // here too, so the job fails without waiting for its next commit.
+    // Verified on this kernel by Scripts/errseq-experiment.sh. The old evict waited on `fd`
+    // itself and ignored the result: the error was consumed and the next fdatasync returned 0.
+    func evict(offset: UInt64, length: UInt64) throws(StorageError) {
+        if hyd_start_writeback(fd, offset, length) != 0 {
+            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+        }
+        if waitFD >= 0 && hyd_wait_writeback(waitFD, offset, length) != 0 {
+            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+        }
+        if hyd_drop_cache(fd, offset, length) != 0 {
+            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+        }
     }
 
     func close() {
@@ -248,6 +286,7 @@ final class PosixDevice: StorageDevice {
         var ends: [Int32] = [-1, -1]
         if pipe(&ends) == 0 {
             _ = dup2(ends[0], fd)
+            if waitFD >= 0 { _ = dup2(ends[0], waitFD); _ = fcntl(waitFD, F_SETFD, FD_CLOEXEC) }
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             Glibc.close(ends[0])
             Glibc.close(ends[1])

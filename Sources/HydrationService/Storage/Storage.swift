@@ -51,7 +51,7 @@ public struct DeviceInfo: Sendable, Equatable {
 /// Every failure of the storage layer: which operation, on which path, where, and the errno.
 public struct StorageError: Error, Sendable, Equatable, CustomStringConvertible {
     public enum Operation: String, Sendable {
-        case open, stat, read, write, sync, release, zeroOut, seek, lock, truncate, create, syncDirectory
+        case open, stat, read, write, sync, release, zeroOut, seek, lock, truncate, create, syncDirectory, writeback
     }
     public var operation: Operation
     public var path: String
@@ -123,15 +123,24 @@ public protocol StorageDevice: AnyObject, Sendable {
     /// The next range at or after `offset` that may hold data (SEEK_DATA/SEEK_HOLE), or nil when
     /// the rest is a hole. Devices that cannot tell return `offset..<size`.
     func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>?
-    /// Hint that the range will not be read again soon: drop its clean pages from the page cache.
-    /// Best effort, never fails.
+    /// Hint that the range will not be read again soon: drop its clean pages from the page cache
+    /// (POSIX_FADV_DONTNEED). Best effort, never fails, never waits: it cannot consume a
+    /// writeback error (see `evict`).
     func dropCache(offset: UInt64, length: UInt64)
     /// Starts writeback of the range's dirty pages without waiting (sync_file_range WRITE).
-    /// Not a durability barrier: commits still fdatasync. Best effort.
-    func startWriteback(offset: UInt64, length: UInt64)
-    /// Waits for the range's writeback, then drops its pages from the page cache: bounds how much
-    /// of the destination sits in memory. Not a durability barrier. Best effort.
-    func evict(offset: UInt64, length: UInt64)
+    /// Not a durability barrier: commits still fdatasync. Throws what the kernel reports (a
+    /// failure to start writeback, e.g. EIO or ENOSPC); the caller treats it as a failed
+    /// destination sync. Never waits, so it never consumes the file's writeback error.
+    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError)
+    /// Bounds how much of the destination sits in the page cache: starts writeback of the range,
+    /// waits for it, and drops the range's pages (FADV_DONTNEED). It must not consume a
+    /// writeback error that the commit's fdatasync has to see: on Linux >= 4.13 the first call
+    /// that waits (sync_file_range WAIT_*, fsync, fdatasync) reports a writeback error once per
+    /// open file description, so the wait runs on a second descriptor of the same file, never on
+    /// the one that is fdatasynced. Not a durability barrier. Throws what the kernel reports,
+    /// including a writeback error seen by the wait; the caller treats it as a failed
+    /// destination sync.
+    func evict(offset: UInt64, length: UInt64) throws(StorageError)
     /// Bytes actually allocated (st_blocks * 512) for a regular file; nil for a block device.
     func allocatedBytes() -> UInt64?
     /// Releases the device now (its lock, or O_EXCL on a block device) rather than when the last
@@ -183,8 +192,8 @@ extension StorageProvider {
 
 extension StorageDevice {
     /// Page-cache hints mean nothing to a simulated disk.
-    public func startWriteback(offset: UInt64, length: UInt64) {}
-    public func evict(offset: UInt64, length: UInt64) {}
+    public func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {}
+    public func evict(offset: UInt64, length: UInt64) throws(StorageError) {}
 
     /// Writes a byte array (metadata blocks).
     public func write(bytes: [UInt8], at offset: UInt64) throws(StorageError) {

@@ -11,10 +11,46 @@ struct CrashScenario: Sendable {
     static let metadataPath = "/meta/job.meta"
     static let regionSize: UInt64 = 4096
 
+    /// What the destination and source are like. Every variant but `fresh` starts from a
+    /// destination full of garbage, so the copier's zeroing paths (holes and zero regions must
+    /// read back as zeros) are crash-explored too.
+    enum Variant: String, Sendable, CaseIterable {
+        /// A destination file the job creates (reads as zeros: nothing is zeroed).
+        case fresh
+        /// An existing file of garbage: zeroed by punching holes.
+        case garbageFile
+        /// A block device of garbage: zeroed with BLKZEROOUT.
+        case garbageBlockDevice
+        /// A file of garbage on a filesystem that can punch nothing: zeros are written.
+        case garbageFileNoZeroOut
+        /// A garbage file, and a source on a filesystem without SEEK_DATA (holes read as data).
+        case garbageFileSourceWithoutSeekData
+    }
+
     let seed: UInt64
     let image: [UInt8]
     let holes: [Range<Int>]
     let tunables: Tunables
+    var variant: Variant = .fresh
+
+    /// Adds the source (and, for a garbage variant, the pre-existing destination) to a new disk.
+    func populate(_ storage: CrashableStorage) {
+        storage.addFile(Self.sourcePath, data: image, holes: holes)
+        guard variant != .fresh else { return }
+        var rng = SeededRandom(seed: seed &* 31 &+ 5)
+        var garbage = [UInt8](repeating: 0, count: image.count)
+        rng.fill(&garbage, 0..<garbage.count)
+        storage.addFile(Self.destPath, data: garbage, kind: variant == .garbageBlockDevice ? .blockDevice : .regularFile, holes: [])
+        configure(storage)
+    }
+
+    /// The variant's device limitations, on a disk built from crashed images too.
+    func configure(_ storage: CrashableStorage) {
+        storage.state.withLock { s in
+            s.zeroOutUnsupported = variant == .garbageFileNoZeroOut ? [Self.destPath] : []
+            s.noSeekData = variant == .garbageFileSourceWithoutSeekData ? [Self.sourcePath] : []
+        }
+    }
 
     static func make(seed: UInt64, regions: Int = 256) -> CrashScenario {
         var rng = SeededRandom(seed: seed &* 0x9E37_79B9 &+ 1)
@@ -86,12 +122,30 @@ let crashLogger: Logger = {
     return l
 }()
 
+/// An asynchronous writeback failure of the destination during the recorded run.
+struct WritebackFailurePlan: Sendable {
+    /// Fires at the first mutation, from this many after the trace begins, at which the
+    /// destination has pending writes.
+    var afterMutations: Int
+    /// The old engine's eviction: waits for writeback and swallows the error.
+    var legacyWaitingEvict = false
+}
+
 enum CrashHarness {
     /// Creates the job on a fresh simulated disk and runs it to completion, recording every call.
-    static func record(_ sc: CrashScenario, io: IOExecutor, fault: InjectedCommitFault? = nil) async throws -> (RecordedRun, [String]) {
+    /// With `writebackFailure`, the destination's writeback fails once during the run: the run
+    /// must then end `failed` (CommitFailed, EIO, metadata ro) rather than complete, and its
+    /// crash states are explored like any other.
+    static func record(_ sc: CrashScenario, io: IOExecutor, fault: InjectedCommitFault? = nil,
+                       writebackFailure: WritebackFailurePlan? = nil) async throws -> (RecordedRun, [String]) {
         let storage = CrashableStorage()
-        storage.addFile(CrashScenario.sourcePath, data: sc.image, holes: sc.holes)
+        sc.populate(storage)
         let job = try await HydrationJob.create(sc.config(), storage: storage, io: io, logger: crashLogger)
+        if let writebackFailure {
+            // Evictions every 16 KiB of progress, so that they interleave with commits.
+            await job.copier.setCacheWindowForTesting(16 << 10)
+            storage.setLegacyWaitingEvict(writebackFailure.legacyWaitingEvict)
+        }
         if let fault {
             #if DEBUG
             await job.committer.injectFault(fault == .publishBeforeDurable ? .publishBeforeDurable : .metadataBeforeDestinationSync)
@@ -100,12 +154,26 @@ enum CrashHarness {
             #endif
         }
         storage.beginTrace()
+        if let writebackFailure {
+            storage.failWriteback(afterMutations: writebackFailure.afterMutations, path: CrashScenario.destPath)
+        }
         try await job.start()
         let final = await job.waitUntilSettled()
         let st = await job.status()
         await job.close()
-        var failures = check(storage, sc)
-        if final != .complete { failures.append("recording run ended \(final.rawValue): \(st.error?.message ?? "")") }
+        var failures: [String]
+        if writebackFailure != nil && storage.writebackFailures > 0 {
+            // Lost destination data: the job must fail, and must not have released or read
+            // anything it should not have (the crash states below check the rest).
+            failures = storage.violations.prefix(3).map { "(b) \($0)" }
+            if final != .failed || st.error?.errno != EIO || st.metadata.mode != .ro {
+                failures.append("after a destination writeback error the recording run ended \(final.rawValue) (error \(st.error?.message ?? "none"), metadata \(st.metadata.mode.rawValue)), not failed with EIO and metadata ro")
+                failures += check(storage, sc)
+            }
+        } else {
+            failures = check(storage, sc)
+            if final != .complete { failures.append("recording run ended \(final.rawValue): \(st.error?.message ?? "")") }
+        }
         return (RecordedRun(seed: sc.seed, base: storage.baseline!, trace: storage.trace), failures)
     }
 
@@ -141,6 +209,7 @@ enum CrashHarness {
     /// completion, close it, check.
     static func recover(_ files: [String: CrashFile], _ sc: CrashScenario, io: IOExecutor) async -> Recovery {
         let storage = CrashableStorage(files: files)
+        sc.configure(storage)
         storage.beginTrace()
         let job: HydrationJob
         do {

@@ -42,6 +42,40 @@ import Testing
         #expect(total.states >= Self.targetStates)
     }
 
+    /// Pre-existing garbage destinations (file: punch; block device: BLKZEROOUT; no zero-out:
+    /// zeros written) and a source without SEEK_DATA: the zeroing paths the fresh-destination
+    /// scenarios never take, crashed at every boundary. Holes and zero regions must read back
+    /// as zeros after recovery.
+    @Test func garbageDestinationsAndSourceWithoutSeekData() async throws {
+        let started = Date()
+        var total = CrashHarness.Stats()
+        for (i, variant) in CrashScenario.Variant.allCases.filter({ $0 != .fresh }).enumerated() {
+            var sc = CrashScenario.make(seed: 301 + UInt64(i))
+            sc.variant = variant
+            let (run, failures) = try await CrashHarness.record(sc, io: io)
+            #expect(failures.isEmpty, "\(variant) recording run: \(failures)")
+            let zeroing = run.trace.filter { $0.path == CrashScenario.destPath && ($0.kind == .zeroOut || $0.kind == .write) }.count
+            #expect(zeroing > 0)
+            if variant == .garbageFileNoZeroOut {
+                #expect(!run.trace.contains { $0.path == CrashScenario.destPath && $0.kind == .zeroOut && $0.errno == 0 })
+            } else {
+                #expect(run.trace.contains { $0.path == CrashScenario.destPath && $0.kind == .zeroOut }, "\(variant): nothing zeroed")
+            }
+            if variant == .garbageFileSourceWithoutSeekData {
+                #expect(run.trace.filter { $0.path == CrashScenario.sourcePath && $0.kind == .read }.count > 0)
+            }
+            // Every third boundary: zeroing makes these traces long, and seconds matter.
+            let stats = await CrashHarness.explore(sc, run: run, io: io, pointFilter: { $0 % 3 == 0 })
+            total.states += stats.states
+            total.secondCrashes += stats.secondCrashes
+            total.findings += stats.findings.map { var f = $0; f.failures.insert("\(variant)", at: 0); return f }
+            if !total.findings.isEmpty { break }
+        }
+        print("garbage destinations / source without SEEK_DATA: \(total.states) crash states recovered (+\(total.secondCrashes) second crashes) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        countCrash("crash points", total.states + total.secondCrashes)
+        for f in total.findings { Issue.record("crash-safety violation: \(f)") }
+    }
+
     /// Live crashes: the engine really dies at a seeded mutation (every later call fails, its
     /// tasks are abandoned), and recovery starts from the frozen cache under several policies.
     /// The frozen state must equal the one the trace replayer derives for the same point.
@@ -85,6 +119,56 @@ import Testing
         print("live crashes: \(crashes) engine runs killed at a random mutation, \(states) crash states recovered")
         countCrash("crash points", states)
         #expect(crashes >= 15)
+    }
+
+    /// Asynchronous writeback failures of the destination at random points (issue 11): dirty
+    /// data is lost and the error is reported once, to the first call that waits. The run must
+    /// end failed (EIO, metadata ro) and every crash state of it must recover.
+    @Test func writebackFailuresAtRandomPoints() async throws {
+        let started = Date()
+        var total = CrashHarness.Stats()
+        var fired = 0
+        for seed in UInt64(201)...UInt64(204) {
+            let sc = CrashScenario.make(seed: seed)
+            var rng = SeededRandom(seed: seed &* 7)
+            let plan = WritebackFailurePlan(afterMutations: Int(rng.next() % 150) + 1)
+            let (run, failures) = try await CrashHarness.record(sc, io: io, writebackFailure: plan)
+            #expect(failures.isEmpty, "seed \(seed), writeback failure after \(plan.afterMutations) mutations: \(failures)")
+            if run.trace.contains(where: { $0.kind == .writebackError }) { fired += 1 }
+            let stats = await CrashHarness.explore(sc, run: run, io: io)
+            total.states += stats.states
+            total.secondCrashes += stats.secondCrashes
+            total.findings += stats.findings
+            if !total.findings.isEmpty { break }
+        }
+        print("writeback failures: \(fired) runs lost destination writeback, \(total.states) crash states recovered (+\(total.secondCrashes) second crashes) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        countCrash("crash points", total.states + total.secondCrashes)
+        countCrash("faults injected", fired)
+        for f in total.findings { Issue.record("crash-safety violation after a writeback failure: \(f)") }
+        #expect(fired >= 3)
+    }
+
+    /// The harness must notice the old eviction, which waited for writeback (consuming the
+    /// error) and ignored the result, so that the next fdatasync succeeded.
+    @Test func detectsSwallowedWritebackError() async throws {
+        var explored = 0
+        var found: String?
+        for seed in UInt64(201)...UInt64(210) {
+            let sc = CrashScenario.make(seed: seed)
+            var rng = SeededRandom(seed: seed &* 7)
+            let plan = WritebackFailurePlan(afterMutations: Int(rng.next() % 150) + 1, legacyWaitingEvict: true)
+            let (run, failures) = try await CrashHarness.record(sc, io: io, writebackFailure: plan)
+            if !failures.isEmpty { found = "seed \(seed), recording run: \(failures)" }
+            let stats = await CrashHarness.explore(sc, run: run, io: io, stopAfterFindings: 1)
+            explored += stats.states
+            if let f = stats.findings.first {
+                found = "after \(explored) crash states: \(f)" + (found.map { "; \($0)" } ?? "")
+                break
+            }
+        }
+        countCrash("crash points", explored)
+        #expect(found != nil, "the explorer did not notice an eviction that swallows writeback errors")
+        if let found { print("swallowed writeback error detected: \(found)") }
     }
 
     #if DEBUG
@@ -186,6 +270,56 @@ import Testing
         try d.sync()  // "succeeds", as a second fsync does after a writeback error
         #expect(s.snapshotNow.materialize(.keepAll)["/f"]!.data[0] == 7, "the failed sync's pages never became durable")
         #expect(s.file("/f")!.data[0] == 3, "while the cache still shows them")
+    }
+
+    @Test func writebackErrorIsReportedOnceToEachOpenDeviceThatWaits() throws {
+        let (s, d) = try fresh()
+        let other = try s.open("/f", mode: .metadata(create: false))
+        try d.write(bytes: [UInt8](repeating: 1, count: 512), at: 0)
+        s.failWriteback(afterMutations: 0, path: "/f")
+        try d.evict(offset: 0, length: 8192)
+        #expect(s.writebackFailures == 0, "fires at the next mutation (the sync)")
+        #expect(throws: StorageError.self) { try d.sync() }
+        #expect(s.writebackFailures == 1)
+        try d.sync()  // reported once per open device
+        // evict waits on a description of its own: it is told too, and consuming it there
+        // does not hide it from sync.
+        try d.write(bytes: [UInt8](repeating: 4, count: 512), at: 1024)
+        s.failWriteback(afterMutations: 0, path: "/f")
+        try d.write(bytes: [UInt8](repeating: 5, count: 512), at: 2048)  // fires before this write
+        #expect(throws: StorageError.self) { try d.evict(offset: 0, length: 8192) }
+        try d.evict(offset: 0, length: 8192)
+        #expect(throws: StorageError.self) { try d.sync() }
+        try d.sync()
+        #expect(throws: StorageError.self) { try other.sync() }  // ... and to every open device
+        try other.sync()
+        #expect(s.file("/f")!.data[1024] == 7 && s.file("/f")!.data[2048] == 5)
+        #expect(s.file("/f")!.data[0] == 7, "the lost write is gone from the cache too")
+        #expect(s.snapshotNow.materialize(.keepAll)["/f"]!.data[0] == 7)
+    }
+
+    @Test func legacyWaitingEvictSwallowsTheError() throws {
+        let (s, d) = try fresh()
+        s.setLegacyWaitingEvict(true)
+        try d.write(bytes: [UInt8](repeating: 1, count: 512), at: 0)
+        s.failWriteback(afterMutations: 0, path: "/f")
+        try d.write(bytes: [UInt8](repeating: 2, count: 512), at: 512)  // fires before this write
+        #expect(s.writebackFailures == 1)
+        try d.evict(offset: 0, length: 8192)  // waits, is told, ignores it
+        try d.sync()  // then "succeeds": the bug
+        #expect(s.snapshotNow.materialize(.dropAll)["/f"]!.data[0] == 7, "the first write was lost")
+        #expect(s.snapshotNow.materialize(.dropAll)["/f"]!.data[512] == 2)
+    }
+
+    @Test func extensionOfAnEmptyDestinationIsPendingUntilItsSync() throws {
+        let s = CrashableStorage()
+        s.addFile("/d", data: [])
+        let d = try s.open("/d", mode: .destination(createSize: 8192))
+        #expect(d.info.size == 8192)
+        #expect(s.snapshotNow.materialize(.dropAll)["/d"]!.data.count == 0)
+        #expect(s.snapshotNow.materialize(.keepAll)["/d"]!.data.count == 8192)
+        try d.sync()
+        #expect(s.snapshotNow.materialize(.dropAll)["/d"]!.data.count == 8192)
     }
 
     @Test func keptReleaseMarksSourceAndLaterReadsAreFlagged() throws {

@@ -22,7 +22,17 @@ import Glibc
 //   is remembered (a ghost bit carried through crashes), and any later read that touches one is
 //   recorded as a violation: the engine read data it had already given away.
 // - File creation and sizes: files exist durably from creation (directory entries are not
-//   modelled); a dropped write past the end of file leaves the file shorter.
+//   modelled); a dropped write past the end of file leaves the file shorter. The size a
+//   destination gets at open (ftruncate of a new or empty file) is a pending `extend` until the
+//   file's next sync: a crash before it leaves the file empty.
+// - Asynchronous writeback failure (`failWriteback`): at a chosen point the file's pending
+//   writes are lost (never durable; reads see the durable image again) and the error is recorded
+//   in the file's errseq. As on Linux >= 4.13 it is reported once per open device (file
+//   description) to the first call on it that waits: `sync`, or `evict`, which (like
+//   PosixDevice) waits on a second description of its own, so it reports the error (throws)
+//   without consuming it for `sync`. `legacyWaitingEvict` models the old engine instead: the
+//   wait ran on the synced description itself and its result was ignored, so the error was
+//   swallowed. `startWriteback` never waits.
 
 /// One file as the simulated disk holds it.
 struct CrashFile: Sendable, Equatable, Codable {
@@ -76,6 +86,8 @@ struct CrashFile: Sendable, Equatable, Codable {
                 }
                 for b in lo / Self.block...(hi - 1) / Self.block { allocated[b] = true }
             }
+        case .extend:
+            if keep?.contains(true) ?? true { grow(to: Int(op.length)) }
         case .release, .zeroOut:
             for (i, c) in chunks(offset: op.offset, length: op.length, granularity: UInt64(Self.block)).enumerated()
             where keep?[i] ?? true {
@@ -118,7 +130,15 @@ func chunks(offset: UInt64, length: UInt64, granularity: UInt64) -> [Range<UInt6
 
 enum CrashOpKind: String, Sendable, Codable {
     case read, write, sync, release, zeroOut, nextData, syncDirectory
-    var isMutation: Bool { self == .write || self == .release || self == .zeroOut || self == .sync }
+    /// The file grows to `length` bytes (ftruncate of a new or empty destination at open).
+    case extend
+    /// Asynchronous writeback failure: the file's pending operations are lost (see the header).
+    case writebackError
+    /// An eviction that waited for writeback (only with `legacyWaitingEvict`).
+    case waitWriteback
+    /// The engine's non-waiting calls (recorded so that faults can be injected into them).
+    case startWriteback, evict
+    var isMutation: Bool { self == .write || self == .release || self == .zeroOut || self == .sync || self == .extend }
 }
 
 /// One storage call as the simulated disk saw it. Mutations carry their payload so that a trace
@@ -235,7 +255,7 @@ struct TraceReplayer {
         durable = base.durable
         pending = [:]
         for op in base.pending { pending[op.path, default: []].append(op) }
-        mutations = trace.filter { $0.kind.isMutation && $0.errno == 0 || $0.kind == .sync }
+        mutations = trace.filter { $0.kind.isMutation && $0.errno == 0 || $0.kind == .sync || $0.kind == .writebackError }
     }
 
     var count: Int { mutations.count }
@@ -244,7 +264,10 @@ struct TraceReplayer {
     mutating func advance() {
         let op = mutations[position]
         position += 1
-        if op.kind == .sync {
+        if op.kind == .writebackError {
+            // Lost: neither durable nor pending any more.
+            pending[op.path] = []
+        } else if op.kind == .sync {
             let ops = pending[op.path] ?? []
             pending[op.path] = []
             // A failed sync drops the pending pages without making them durable.
@@ -280,6 +303,21 @@ final class CrashableStorage: StorageProvider {
         var crashSnapshot: CrashSnapshot? = nil
         var fault: (@Sendable (CrashOp) -> Int32?)? = nil
         var faultsInjected = 0
+        /// Writeback failure armed at this mutation count, on this path (fires at the first
+        /// mutation from then on at which the file has pending writes).
+        var writebackFailure: (atMutation: Int, path: String)? = nil
+        var writebackFailures = 0
+        /// Per path: the errseq counter (writeback errors so far) and whether the latest was seen.
+        var errseq: [String: (count: Int, seen: Bool)] = [:]
+        /// Per open device: the errseq count it has already been told about.
+        var errseqSample: [Int: Int] = [:]
+        var nextOpenID = 0
+        /// The old engine's eviction: waits for writeback (consuming the error) and ignores it.
+        var legacyWaitingEvict = false
+        /// Paths whose zeroOut fails with EOPNOTSUPP (no punch / zero-out support).
+        var zeroOutUnsupported: Set<String> = []
+        /// Paths on a filesystem without SEEK_DATA: every range may be data.
+        var noSeekData: Set<String> = []
     }
 
     let state = Mutex(State())
@@ -321,6 +359,14 @@ final class CrashableStorage: StorageProvider {
     var faultsInjected: Int { state.withLock { $0.faultsInjected } }
     var mutationCount: Int { state.withLock { $0.mutations } }
     func setFault(_ f: (@Sendable (CrashOp) -> Int32?)?) { state.withLock { $0.fault = f } }
+    /// An asynchronous writeback failure of `path` at its first pending write once `n` more
+    /// mutations have been issued.
+    func failWriteback(afterMutations n: Int, path: String) {
+        state.withLock { $0.writebackFailure = ($0.mutations + n, path) }
+    }
+    var writebackFailures: Int { state.withLock { $0.writebackFailures } }
+    /// Makes `evict` behave as the old engine's did: wait for writeback and swallow its error.
+    func setLegacyWaitingEvict(_ on: Bool) { state.withLock { $0.legacyWaitingEvict = on } }
 
     /// The current durable images and pending operations.
     var snapshotNow: CrashSnapshot {
@@ -367,9 +413,10 @@ final class CrashableStorage: StorageProvider {
             if s.files[path] == nil {
                 switch mode {
                 case .destination(let size?):
+                    // Created empty (durably: directory entries are not modelled); the size
+                    // comes from the extension below.
                     s.nextInode += 1
-                    var f = CrashFile(data: [UInt8](repeating: 0, count: Int(size)), inode: s.nextInode)
-                    f.allocated = f.allocated.map { _ in false }
+                    let f = CrashFile(data: [], inode: s.nextInode)
                     s.files[path] = f
                     s.durable[path] = f
                 case .metadata(create: true):
@@ -383,6 +430,12 @@ final class CrashableStorage: StorageProvider {
             } else if case .metadata(create: true) = mode {
                 throw StorageError(.create, path: path, errno: EEXIST)
             }
+            if case .destination(let size?) = mode, s.files[path]!.data.isEmpty, size > 0 {
+                // ftruncate: the new size is in the page cache (pending) until the file's sync.
+                let seq = try record(path, .extend, 0, size, [], &s)
+                s.files[path]!.apply(s.trace[seq])
+                s.pending[path, default: []].append(s.trace[seq])
+            }
             var exclusive = false
             switch mode {
             case .source, .destination:
@@ -391,7 +444,14 @@ final class CrashableStorage: StorageProvider {
                 exclusive = true
             default: break
             }
-            return CrashableDevice(storage: self, path: path, info: info(path, s.files[path]!), exclusive: exclusive)
+            s.nextOpenID += 1
+            // Like errseq_sample: an error nobody has seen yet is reported to a new opener too.
+            let e = s.errseq[path] ?? (0, true)
+            s.errseqSample[s.nextOpenID] = e.seen ? e.count : e.count - 1
+            // The second description PosixDevice opens for evict's wait (key: -openID).
+            s.errseqSample[-s.nextOpenID] = s.errseqSample[s.nextOpenID]
+            return CrashableDevice(storage: self, path: path, info: info(path, s.files[path]!), exclusive: exclusive,
+                                   openID: s.nextOpenID)
         }
     }
 
@@ -420,6 +480,8 @@ final class CrashableStorage: StorageProvider {
         case .zeroOut: operation = .zeroOut
         case .nextData: operation = .seek
         case .syncDirectory: operation = .syncDirectory
+        case .extend: operation = .truncate
+        case .writebackError, .waitWriteback, .startWriteback, .evict: operation = .writeback
         }
         var op = CrashOp(seq: s.trace.count, path: path, kind: kind, offset: offset, length: length,
                          payload: kind == .write ? payload : [])
@@ -429,6 +491,12 @@ final class CrashableStorage: StorageProvider {
         if s.crashSnapshot != nil {
             // The process is dead: nothing reaches the disk any more.
             throw StorageError(operation, path: path, errno: EIO, offset: offset, length: length)
+        }
+        if kind.isMutation, let wf = s.writebackFailure, s.mutations >= wf.atMutation,
+           s.pending[wf.path]?.contains(where: { $0.kind == .write }) ?? false {
+            s.writebackFailure = nil
+            failWritebackNow(wf.path, &s)
+            op.seq = s.trace.count
         }
         if let fault = s.fault, let e = fault(op) {
             op.errno = e
@@ -446,6 +514,31 @@ final class CrashableStorage: StorageProvider {
         s.trace.append(op)
         return op.seq
     }
+
+    /// The asynchronous writeback of `path` failed: its pending operations are lost (the view
+    /// shows the durable image again) and the error goes into the file's errseq.
+    func failWritebackNow(_ path: String, _ s: inout State) {
+        s.trace.append(CrashOp(seq: s.trace.count, path: path, kind: .writebackError, offset: 0, length: 0, errno: EIO))
+        s.pending[path] = []
+        if let d = s.durable[path] {
+            // Released sectors stay released (a ghost bit), whatever the data.
+            var f = d
+            if let cur = s.files[path] { f.released = cur.released }
+            s.files[path] = f
+        }
+        let e = s.errseq[path] ?? (0, true)
+        s.errseq[path] = (e.count + 1, false)
+        s.writebackFailures += 1
+    }
+
+    /// A call that waits for writeback on device `openID`: the writeback error it has not been
+    /// told about yet, if any, consumed (reported once per open device).
+    func consumeWritebackError(_ path: String, openID: Int, _ s: inout State) -> Bool {
+        guard let e = s.errseq[path], e.count > (s.errseqSample[openID] ?? 0) else { return false }
+        s.errseqSample[openID] = e.count
+        s.errseq[path] = (e.count, true)
+        return true
+    }
 }
 
 /// An open simulated file.
@@ -454,10 +547,12 @@ final class CrashableDevice: StorageDevice {
     let path: String
     let info: DeviceInfo
     let exclusive: Bool
+    /// This open file description (errseq is reported once per open device).
+    let openID: Int
     private let isClosed = Atomic<Bool>(false)
 
-    init(storage: CrashableStorage, path: String, info: DeviceInfo, exclusive: Bool) {
-        self.storage = storage; self.path = path; self.info = info; self.exclusive = exclusive
+    init(storage: CrashableStorage, path: String, info: DeviceInfo, exclusive: Bool, openID: Int) {
+        self.storage = storage; self.path = path; self.info = info; self.exclusive = exclusive; self.openID = openID
     }
 
     deinit { if exclusive && !isClosed.load(ordering: .relaxed) { storage.unlock(path) } }
@@ -506,7 +601,15 @@ final class CrashableDevice: StorageDevice {
     func sync() throws(StorageError) {
         try checkOpen(.sync)
         try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
-            _ = try storage.record(path, .sync, 0, 0, [], &s)
+            // (record may itself fire an armed writeback failure: the sync then waits for it.)
+            let seq = try storage.record(path, .sync, 0, 0, [], &s)
+            if storage.consumeWritebackError(path, openID: openID, &s) {
+                // fdatasync reports the writeback error; what was pending is dropped (lost),
+                // exactly as after an injected sync failure.
+                s.trace[seq].errno = EIO
+                s.pending[path] = []
+                throw StorageError(.sync, path: path, errno: EIO)
+            }
             let ops = s.pending[path] ?? []
             s.pending[path] = []
             for o in ops { s.durable[path]!.apply(o) }
@@ -520,6 +623,9 @@ final class CrashableDevice: StorageDevice {
 
     func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
         try checkOpen(.zeroOut)
+        if storage.state.withLock({ $0.zeroOutUnsupported.contains(path) }) {
+            throw StorageError(.zeroOut, path: path, errno: EOPNOTSUPP, offset: offset, length: length)
+        }
         try mutate(.zeroOut, offset, length, [])
     }
 
@@ -534,7 +640,7 @@ final class CrashableDevice: StorageDevice {
                 s.violations.append("op #\(seq): SEEK_DATA of \(path) from \(offset), inside released sector \(sector) (4 KiB region #\(sector * CrashFile.sector / 4096)): a released range would be taken for a hole")
             }
             guard offset < UInt64(f.data.count) else { return nil }
-            guard f.kind == .regularFile else { return offset..<UInt64(f.data.count) }
+            guard f.kind == .regularFile, !s.noSeekData.contains(path) else { return offset..<UInt64(f.data.count) }
             let b0 = Int(offset) / CrashFile.block
             guard let first = (b0..<f.allocated.count).first(where: { f.allocated[$0] }) else { return nil }
             let end = (first..<f.allocated.count).first(where: { !f.allocated[$0] }) ?? f.allocated.count
@@ -545,6 +651,33 @@ final class CrashableDevice: StorageDevice {
     }
 
     func dropCache(offset: UInt64, length: UInt64) {}
+
+    /// Never waits (sync_file_range WRITE), so it never consumes the errseq.
+    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
+        try checkOpen(.writeback)
+        try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
+            _ = try storage.record(path, .startWriteback, offset, length, [], &s)
+        }
+    }
+
+    /// Waits for writeback on the device's second description (as PosixDevice does): a
+    /// writeback error is reported (thrown) and consumed for that description only, so the next
+    /// `sync` reports it too. With `legacyWaitingEvict` (the old engine) the wait consumes it on
+    /// this description and the result is ignored.
+    func evict(offset: UInt64, length: UInt64) throws(StorageError) {
+        try checkOpen(.writeback)
+        try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
+            let seq = try storage.record(path, .evict, offset, length, [], &s)
+            if s.legacyWaitingEvict {
+                if storage.consumeWritebackError(path, openID: openID, &s) {
+                    s.trace.append(CrashOp(seq: s.trace.count, path: path, kind: .waitWriteback, offset: offset, length: length, errno: EIO))
+                }
+            } else if storage.consumeWritebackError(path, openID: -openID, &s) {
+                s.trace[seq].errno = EIO
+                throw StorageError(.writeback, path: path, errno: EIO, offset: offset, length: length)
+            }
+        }
+    }
 
     func allocatedBytes() -> UInt64? {
         storage.file(path).map { UInt64($0.allocatedBlocks * CrashFile.block) }

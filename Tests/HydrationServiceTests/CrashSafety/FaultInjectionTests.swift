@@ -211,6 +211,46 @@ import Glibc
         print("\(label) EIO: job failed, metadata \(st.metadata.mode.rawValue), no discard after it; restart recovered under 3 crash policies")
     }
 
+    // MARK: writeback errors (issue 11)
+
+    /// The kernel reports an error when writeback is started (sync_file_range WRITE) or when
+    /// the destination is evicted: treated like a failed fdatasync — metadata ro, job failed with
+    /// errno and region, no commit and no discard after it, not resumable; a restart recovers.
+    @Test(arguments: [CrashOpKind.startWriteback, .evict])
+    func writebackErrorStopsCommitsAndDiscards(kind: CrashOpKind) async throws {
+        let s = try await setup()
+        await s.job.copier.setCacheWindowForTesting(16 << 10)
+        let calls = Counter()
+        s.storage.setFault { op in
+            guard op.path == Self.dst, op.kind == kind else { return nil }
+            return calls.increment() == 3 ? EIO : nil
+        }
+        try await s.job.start()
+        #expect(await s.job.waitUntilSettled() == .failed)
+        let st = await s.job.status()
+        #expect(st.metadata.mode == .ro, "\(kind): mode \(st.metadata.mode.rawValue)")
+        #expect(st.error?.code == "CommitFailed")
+        #expect(st.error?.errno == EIO)
+        #expect(st.error?.region != nil)
+        #expect(st.error?.message.contains("writeback") == true, "\(st.error?.message ?? "")")
+        let trace = s.storage.trace
+        let failedAt = try #require(trace.firstIndex { $0.kind == kind && $0.errno != 0 })
+        let after = trace[(failedAt + 1)...]
+        // No commit starts after it (a commit whose destination fdatasync had already returned
+        // may finish writing its metadata — its data is durable — but publishes nothing).
+        #expect(!after.contains { $0.path == Self.dst && $0.kind == .sync }, "\(kind): a commit started after the writeback error")
+        #expect(after.filter { $0.path == Self.meta && $0.kind == .write && $0.offset < 8192 }.count <= 1,
+                "\(kind): superblocks written after the writeback error")
+        releasedOnlyCommitted(s.storage, "\(kind) EIO")
+        await #expect(throws: HydrationError.self) { try await s.job.start() }
+        for policy in [CrashPolicy.dropAll, .keepAll, .adversarial(dest: Self.dst)] {
+            let r = await CrashHarness.recover(s.storage.snapshotNow.materialize(policy), s.sc, io: io)
+            #expect(r.failures.isEmpty, "\(kind), restart with \(policy): \(r.failures)")
+        }
+        countCrash("faults injected", s.storage.faultsInjected)
+        print("\(kind) EIO: job failed (\(st.error?.message ?? "")), metadata \(st.metadata.mode.rawValue); restart recovered under 3 crash policies")
+    }
+
     // MARK: discard unsupported
 
     @Test func unsupportedDiscardIsCountedWhileHydrationCompletes() async throws {

@@ -41,4 +41,25 @@ import Glibc
         #expect(after.committedMap.setRanges() == [0..<500])
         countCrash("faults injected", 1)
     }
+
+    /// A destination file the job creates, or an existing empty one it extends (ftruncate), gets
+    /// its size in the page cache only. A power loss right after `create`, before any commit,
+    /// must still leave a job that reopens (it left an empty file: MetadataMismatch for good).
+    @Test(arguments: [false, true]) func crashRightAfterCreateReopens(existingEmptyDestination: Bool) async throws {
+        let io = IOExecutor(threads: 1)
+        let sc = CrashScenario.make(seed: 7)
+        let storage = CrashableStorage()
+        storage.addFile(CrashScenario.sourcePath, data: sc.image, holes: sc.holes)
+        if existingEmptyDestination { storage.addFile(CrashScenario.destPath, data: []) }
+        let job = try await HydrationJob.create(sc.config(), storage: storage, io: io, logger: crashLogger)
+        _ = job  // the process dies here: nothing more is issued
+        let snap = storage.snapshotNow
+        #expect(!snap.pending.contains { $0.path == CrashScenario.destPath && $0.kind == .extend },
+                "the destination's new size is still only in the page cache")
+        for policy in [CrashPolicy.dropAll, .random(seed: 1), .keepAll] {
+            let r = await CrashHarness.recover(snap.materialize(policy), sc, io: io)
+            #expect(r.failures.isEmpty, "\(policy): \(r.failures)")
+        }
+        countCrash("crash points", 3)
+    }
 }

@@ -8,8 +8,15 @@ import Glibc
 /// An in-memory disk for tests: files and "block devices" held as byte arrays, every operation
 /// recorded in one global log (so tests can assert on the order of writes, syncs and discards
 /// across devices), and faults injectable per operation.
+///
+/// Asynchronous writeback failure (`setWritebackFailure`): before the n-th write to a file, the
+/// file's data written since its last successful sync is lost (it reads back as it was then) and
+/// the error goes into the file's errseq, reported once per open device to the first call that
+/// waits: `sync` (logged as `syncFailed`), or `evict`, which waits on a second description of its
+/// own as PosixDevice does (it throws; `sync` still reports it). `legacyWaitingEvict` models the
+/// old engine: the wait ran on the synced description and its result was ignored.
 final class SimulatedStorage: StorageProvider {
-    enum OpKind: String, Sendable { case read, write, sync, release, zeroOut, nextData }
+    enum OpKind: String, Sendable { case read, write, sync, release, zeroOut, nextData, writebackLost, syncFailed }
 
     struct Op: Sendable, CustomStringConvertible {
         var seq: Int
@@ -27,6 +34,11 @@ final class SimulatedStorage: StorageProvider {
         /// Byte ranges that are holes (never written or punched), for SEEK_DATA.
         var allocated: [Bool]  // per 4 KiB block
         var locked = false
+        /// The data as of the last successful sync (what a writeback failure reverts to).
+        var synced: [UInt8] = []
+        /// errseq: writeback errors so far, and whether the latest was reported to anyone.
+        var wbErrors = 0
+        var wbSeen = true
     }
 
     struct State {
@@ -38,6 +50,12 @@ final class SimulatedStorage: StorageProvider {
         var observer: (@Sendable (Op, [String: FileState]) -> Void)? = nil
         /// Called before a sync takes the lock (to slow syncs down without blocking other I/O).
         var syncDelay: (@Sendable (String) -> Void)? = nil
+        /// Writeback failure of `path` before its `atWrite`-th write (1-based).
+        var writebackFailure: (path: String, atWrite: Int, writes: Int)? = nil
+        var legacyWaitingEvict = false
+        /// Per open description: the errseq count it has been told about.
+        var errseqSample: [Int: Int] = [:]
+        var nextOpenID = 0
     }
 
     let state = Mutex(State())
@@ -54,9 +72,12 @@ final class SimulatedStorage: StorageProvider {
                 }
             }
             s.nextInode += 1
-            s.files[path] = FileState(data: data, kind: kind, inode: s.nextInode, allocated: alloc)
+            s.files[path] = FileState(data: data, kind: kind, inode: s.nextInode, allocated: alloc, synced: data)
         }
     }
+
+    func setWritebackFailure(path: String, atWrite n: Int) { state.withLock { $0.writebackFailure = (path, n, 0) } }
+    func setLegacyWaitingEvict(_ on: Bool) { state.withLock { $0.legacyWaitingEvict = on } }
 
     func contents(_ path: String) -> [UInt8]? { state.withLock { $0.files[path]?.data } }
     func allocatedBlocks(_ path: String) -> Int { state.withLock { $0.files[path]?.allocated.filter { $0 }.count ?? 0 } }
@@ -80,7 +101,8 @@ final class SimulatedStorage: StorageProvider {
                 case .destination(let size?):
                     s.nextInode += 1
                     s.files[path] = FileState(data: [UInt8](repeating: 0, count: Int(size)), kind: .regularFile,
-                                              inode: s.nextInode, allocated: [Bool](repeating: false, count: (Int(size) + Self.block - 1) / Self.block))
+                                              inode: s.nextInode, allocated: [Bool](repeating: false, count: (Int(size) + Self.block - 1) / Self.block),
+                                              synced: [UInt8](repeating: 0, count: Int(size)))
                 case .metadata(create: true):
                     s.nextInode += 1
                     s.files[path] = FileState(data: [], kind: .regularFile, inode: s.nextInode, allocated: [])
@@ -100,8 +122,13 @@ final class SimulatedStorage: StorageProvider {
                 s.files[path]!.locked = true
             default: break
             }
+            s.nextOpenID += 1
+            let f = s.files[path]!
+            s.errseqSample[s.nextOpenID] = f.wbSeen ? f.wbErrors : f.wbErrors - 1
+            s.errseqSample[-s.nextOpenID] = s.errseqSample[s.nextOpenID]  // evict's own description
             return SimulatedDevice(storage: self, path: path, info: info(path, s.files[path]!),
-                                   locked: { if case .source = mode { return true }; if case .destination = mode { return true }; return false }())
+                                   locked: { if case .source = mode { return true }; if case .destination = mode { return true }; return false }(),
+                                   openID: s.nextOpenID)
         }
     }
 
@@ -113,6 +140,18 @@ final class SimulatedStorage: StorageProvider {
 
     /// Records an operation and applies an injected fault, if any.
     func record(_ path: String, _ kind: OpKind, _ offset: UInt64, _ length: UInt64, _ s: inout State) throws(StorageError) {
+        if kind == .write, var wf = s.writebackFailure, wf.path == path {
+            wf.writes += 1
+            s.writebackFailure = wf.writes >= wf.atWrite ? nil : wf
+            if wf.writes >= wf.atWrite {
+                // The writeback of everything written since the last sync fails: lost.
+                s.log.append(Op(seq: s.log.count, path: path, kind: .writebackLost, offset: 0, length: 0))
+                s.observer?(s.log.last!, s.files)
+                s.files[path]!.data = s.files[path]!.synced
+                s.files[path]!.wbErrors += 1
+                s.files[path]!.wbSeen = false
+            }
+        }
         let op = Op(seq: s.log.count, path: path, kind: kind, offset: offset, length: length)
         s.log.append(op)
         s.observer?(op, s.files)
@@ -125,12 +164,21 @@ final class SimulatedStorage: StorageProvider {
             case .release: operation = .release
             case .zeroOut: operation = .zeroOut
             case .nextData: operation = .seek
+            case .writebackLost, .syncFailed: operation = .writeback
             }
             throw StorageError(operation, path: path, errno: e, offset: offset, length: length)
         }
     }
 
     func unlock(_ path: String) { state.withLock { $0.files[path]?.locked = false } }
+
+    /// A waiting call on description `id`: the writeback error it was not told about, consumed.
+    func consumeWritebackError(_ path: String, id: Int, _ s: inout State) -> Bool {
+        guard let f = s.files[path], f.wbErrors > (s.errseqSample[id] ?? 0) else { return false }
+        s.errseqSample[id] = f.wbErrors
+        s.files[path]!.wbSeen = true
+        return true
+    }
 }
 
 /// An open simulated file; every call goes through the storage's lock, so it is safe to share.
@@ -139,9 +187,10 @@ final class SimulatedDevice: StorageDevice {
     let path: String
     let info: DeviceInfo
     let locked: Bool
+    let openID: Int
 
-    init(storage: SimulatedStorage, path: String, info: DeviceInfo, locked: Bool) {
-        self.storage = storage; self.path = path; self.info = info; self.locked = locked
+    init(storage: SimulatedStorage, path: String, info: DeviceInfo, locked: Bool, openID: Int) {
+        self.storage = storage; self.path = path; self.info = info; self.locked = locked; self.openID = openID
     }
 
     deinit { if locked { storage.unlock(path) } }
@@ -179,7 +228,23 @@ final class SimulatedDevice: StorageDevice {
     func sync() throws(StorageError) {
         if let delay = storage.state.withLock({ $0.syncDelay }) { delay(path) }
         try storage.state.withLock { (s: inout SimulatedStorage.State) throws(StorageError) in
+            if storage.consumeWritebackError(path, id: openID, &s) {
+                s.log.append(SimulatedStorage.Op(seq: s.log.count, path: path, kind: .syncFailed, offset: 0, length: 0))
+                s.observer?(s.log.last!, s.files)
+                throw StorageError(.sync, path: path, errno: EIO)
+            }
             try storage.record(path, .sync, 0, 0, &s)
+            s.files[path]!.synced = s.files[path]!.data
+        }
+    }
+
+    func evict(offset: UInt64, length: UInt64) throws(StorageError) {
+        try storage.state.withLock { (s: inout SimulatedStorage.State) throws(StorageError) in
+            if s.legacyWaitingEvict {
+                _ = storage.consumeWritebackError(path, id: openID, &s)  // waited, told, ignored
+            } else if storage.consumeWritebackError(path, id: -openID, &s) {
+                throw StorageError(.writeback, path: path, errno: EIO, offset: offset, length: length)
+            }
         }
     }
 
