@@ -251,7 +251,8 @@ import Testing
             _ = try await HydrationJob.open(c, io: io, logger: testLogger)
             Issue.record("opened against the wrong source")
         } catch {
-            #expect(error.code == .metadataMismatch)
+            // Same kind and size, another file: its stable identity differs.
+            #expect(error.code == .deviceUnconfirmed)
             #expect(error.message.contains("other.img"))
         }
     }

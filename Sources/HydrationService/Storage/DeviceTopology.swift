@@ -510,11 +510,11 @@ public struct DeviceTopology: Sendable {
         if exists(dir + "/dm") {
             if let u = read(dir + "/dm/uuid"), !u.isEmpty { return "dm:uuid=\(u)" }
             if let n = read(dir + "/dm/name"), !n.isEmpty { return "dm:name=\(n)" }
-            return ""
+            return bootScopedID(dir: dir)
         }
         if exists(dir + "/md") {
             if let u = read(dir + "/md/uuid"), !u.isEmpty { return "md:\(u)" }
-            return ""
+            return bootScopedID(dir: dir)
         }
         if exists(dir + "/loop") {
             guard let lb = loopBacking(dir: dir) else { return "" }
@@ -534,7 +534,17 @@ public struct DeviceTopology: Sendable {
         for s in [dir + "/serial", dir + "/device/serial"] {
             if let v = read(s), !v.isEmpty { return "serial:\(v)" }
         }
-        return ""
+        return bootScopedID(dir: dir)
+    }
+
+    /// For a device with nothing stable to go by (a virtio disk without a serial): the boot and
+    /// the kernel's disk sequence number, which is never reused within a boot (a loop device
+    /// attached again, a disk replaced, each get a new one). It confirms the device across daemon
+    /// restarts; after a reboot it differs, and the operator decides (`resume --accept-devices`).
+    func bootScopedID(dir: String) -> String {
+        guard let boot = read(proc + "/sys/kernel/random/boot_id"), !boot.isEmpty,
+              let seq = read(dir + "/diskseq"), !seq.isEmpty else { return "" }
+        return "boot:\(boot):diskseq:\(seq)"
     }
 
     // MARK: sysfs helpers

@@ -91,7 +91,8 @@ final class SimulatedStorage: StorageProvider {
                    identity: f.kind == .regularFile
                        ? DeviceIdentity(kind: .regularFile, device: 1, inode: f.inode, rdev: 0)
                        : DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: f.inode),
-                   size: UInt64(f.data.count), logicalBlockSize: 512)
+                   // Simulated devices keep their inode through a crash and a reopen: a stable identity.
+                   size: UInt64(f.data.count), logicalBlockSize: 512, stableID: "sim:\(f.inode)")
     }
 
     func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
