@@ -11,12 +11,15 @@ public struct MetadataDump: Codable, Sendable, Equatable {
         public var sizeBytes: UInt64
         /// st_dev/st_ino of a file, st_rdev of a block device ("major:minor").
         public var identity: String
-        public init(path: String, kind: String, sizeBytes: UInt64, identity: String) {
-            self.path = path; self.kind = kind; self.sizeBytes = sizeBytes; self.identity = identity
+        /// What confirms the device after a restart (format version 2); "" when it has none.
+        public var stableId: String
+        public init(path: String, kind: String, sizeBytes: UInt64, identity: String, stableId: String = "") {
+            self.path = path; self.kind = kind; self.sizeBytes = sizeBytes; self.identity = identity; self.stableId = stableId
         }
         enum CodingKeys: String, CodingKey {
             case path, kind, identity
             case sizeBytes = "size_bytes"
+            case stableId = "stable_id"
         }
     }
 
@@ -72,6 +75,9 @@ public struct MetadataDump: Codable, Sendable, Equatable {
     public var committedUnixMs: Int64
     public var recovery: Recovery
     public var hydratedRanges: [Range]
+    /// With discard_source: committed regions whose release is not yet recorded as done (a
+    /// restart releases these again).
+    public var pendingReleaseRanges: [Range] = []
 
     public init(
         path: String, formatVersion: Int, generation: UInt64, jobId: String, regionSize: UInt64,
@@ -103,6 +109,7 @@ public struct MetadataDump: Codable, Sendable, Equatable {
         case createdUnixMs = "created_unix_ms"
         case committedUnixMs = "committed_unix_ms"
         case hydratedRanges = "hydrated_ranges"
+        case pendingReleaseRanges = "pending_release_ranges"
     }
 }
 
@@ -136,6 +143,14 @@ public enum MetadataFormatter {
         if d.recovery.uncommittedPageSlots > 0 { rec += "; \(d.recovery.uncommittedPageSlots) uncommitted page slot(s)" }
         if d.recovery.invalidPageSlots > 0 { rec += "; \(d.recovery.invalidPageSlots) invalid page slot(s)" }
         row("recovery", rec)
+        if !d.source.stableId.isEmpty || !d.dest.stableId.isEmpty {
+            row("source id", d.source.stableId.ifEmpty("none (cannot be confirmed after a restart)"))
+            row("dest id", d.dest.stableId.ifEmpty("none (cannot be confirmed after a restart)"))
+        }
+        if d.discardSource {
+            row("pending release", d.pendingReleaseRanges.isEmpty ? "none"
+                : d.pendingReleaseRanges.map { "\($0.start)..<\($0.start + $0.count)" }.joined(separator: ", "))
+        }
         lines.append("hydrated regions (\(d.hydratedRanges.count) range\(d.hydratedRanges.count == 1 ? "" : "s")):")
         for r in d.hydratedRanges {
             lines.append(r.count == 1 ? "  \(r.start)" : "  \(r.start)-\(r.start + r.count - 1)")

@@ -36,7 +36,8 @@ enum OfflineMetadata {
     }
 
     static func device(_ d: DeviceRecord) -> MetadataDump.Device {
-        MetadataDump.Device(path: d.path, kind: d.identity.kind.rawValue, sizeBytes: d.size, identity: d.identity.description)
+        MetadataDump.Device(path: d.path, kind: d.identity.kind.rawValue, sizeBytes: d.size, identity: d.identity.description,
+                            stableId: d.stableID)
     }
 
     static func dump(path: String, store: MetadataStore, report r: MetadataRecoveryReport) -> MetadataDump {
@@ -44,7 +45,7 @@ enum OfflineMetadata {
         let ranges = store.committedMap.setRanges().map {
             MetadataDump.Range(start: UInt64($0.lowerBound), count: UInt64($0.count))
         }
-        return MetadataDump(
+        var dump = MetadataDump(
             path: path, formatVersion: Int(h.version), generation: h.generation, jobId: h.jobID,
             regionSize: h.regionSize, targetSizeBytes: h.targetSize, regionsTotal: h.regionCount,
             regionsHydrated: h.hydratedCount, pageCount: h.pageCount, discardSource: h.discardSource,
@@ -54,6 +55,8 @@ enum OfflineMetadata {
                 superblockSlot: r.superblockSlot, otherSlotProblem: r.otherSlotProblem,
                 uncommittedPageSlots: r.uncommittedPageSlots, invalidPageSlots: r.invalidPageSlots),
             hydratedRanges: ranges)
+        dump.pendingReleaseRanges = h.pendingRelease.map { MetadataDump.Range(start: UInt64($0.lowerBound), count: UInt64($0.count)) }
+        return dump
     }
 }
 

@@ -401,7 +401,7 @@ def test_check_and_dump_offline(daemon, tmp_path):
     env = dict(os.environ, HYDRATION_SOCKET=str(tmp_path / "no-daemon.sock"))
     r = daemon.run("check", meta, env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f"{meta}: OK, format version 1, generation ")
+    assert r.stdout.startswith(f"{meta}: OK, format version 2, generation ")
     assert "16 of 16 regions hydrated (100.0%), complete" in r.stdout
     report = json.loads(daemon.run("check", meta, "--json", env=env).stdout)
     assert report["valid"] is True and report["regions_total"] == 16 and report["problems"] == []
@@ -413,7 +413,8 @@ def test_check_and_dump_offline(daemon, tmp_path):
     assert re.search(r"^flags\s+complete$", r.stdout, re.M), r.stdout
     assert r.stdout.rstrip().endswith("hydrated regions (1 range):\n  0-15")
     d = json.loads(daemon.run("dump", meta, "--json", env=env).stdout)
-    assert d["dump_version"] == 1 and d["format_version"] == 1
+    assert d["dump_version"] == 1 and d["format_version"] == 2
+    assert "stable_id" in d["source"] and "pending_release_ranges" in d
     assert d["hydrated_ranges"] == [{"start": 0, "count": 16}]
     assert d["source"]["path"] == src and d["source"]["kind"] == "file" and d["source"]["size_bytes"] == 4 * MiB
     assert d["complete"] is True and d["regions_hydrated"] == 16
