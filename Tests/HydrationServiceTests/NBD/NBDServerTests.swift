@@ -15,7 +15,7 @@ import Testing
     private func addDisk(_ f: NBDFixture, slowReadOffsets: Set<UInt64> = [], description: String? = "raw test disk") throws -> [UInt8] {
         let path = f.dir.path + "/disk.img"
         let bytes = (0..<(4 * Self.mib)).map { UInt8($0 % 251) }
-        FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
         let inner = try f.fileExport(name: "disk", path: path, size: bytes.count, description: description)
         try f.registry.add(TestExport(name: "disk", inner: inner, slowReadOffsets: slowReadOffsets))
         return bytes
@@ -269,7 +269,7 @@ import Testing
         let registry = NBDExportRegistry()
         let io = IOExecutor(threads: 2)
         let path = dir.path + "/disk.img"
-        FileManager.default.createFile(atPath: path, contents: Data(repeating: 7, count: Self.mib))
+        _ = FileManager.default.createFile(atPath: path, contents: Data(repeating: 7, count: Self.mib))
         let inner = FileNBDExport(name: "disk", device: try PosixStorage().open(path, mode: .destination(createSize: nil)), io: io)
         try registry.add(TestExport(name: "disk", inner: inner, slowReadOffsets: [0]))
         let (listening, cont) = AsyncStream<Void>.makeStream()

@@ -44,8 +44,8 @@ func runTool(_ tool: String, _ arguments: [String], stdin: String? = nil, enviro
         p.environment = env
         // Output goes to files, so a chatty child never blocks on a full pipe.
         let base = "/tmp/hyd-nbd-tool-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        FileManager.default.createFile(atPath: base + ".out", contents: nil)
-        FileManager.default.createFile(atPath: base + ".err", contents: nil)
+        _ = FileManager.default.createFile(atPath: base + ".out", contents: nil)
+        _ = FileManager.default.createFile(atPath: base + ".err", contents: nil)
         defer {
             unlink(base + ".out")
             unlink(base + ".err")
