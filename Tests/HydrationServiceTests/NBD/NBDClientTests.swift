@@ -225,6 +225,8 @@ import Testing
                 attempt("flag-on-wrong-command", lambda: h.pread(512, 0, nbd.CMD_FLAG_REQ_ONE))
                 attempt("block-status-without-context", lambda: h.block_status(4096, 0, lambda *a: 0))
                 attempt("good-read", lambda: h.pread(4096, size - 4096))
+                attempt("max-write", lambda: h.pwrite(b"\\x17" * (32 << 20), 32 << 20))
+                attempt("max-read", lambda: h.pread(32 << 20, 32 << 20) == b"\\x17" * (32 << 20) or 1 / 0)
                 print("in-flight", h.aio_in_flight())
                 """
             let r = try await runTool("nbdsh", ["-u", f.uri("limited"), "-c", script])
@@ -244,6 +246,8 @@ import Testing
             #expect(results["flag-on-wrong-command"] == "EINVAL")
             #expect(results["block-status-without-context"] == "EINVAL")
             #expect(results["good-read"] == "OK")
+            #expect(results["max-write"] == "OK", "32 MiB writes")
+            #expect(results["max-read"] == "OK", "32 MiB reads")
             #expect(results["in-flight"] == "0")
         }
     }
