@@ -298,6 +298,75 @@ import Testing
     }
 }
 
+extension NBDServerTests {
+    @Test func disconnectEndsOnlyTheConnectionsOfThatExport() async throws {
+        try await withNBDServer { f in
+            _ = try addDisk(f)
+            try f.registry.add(try f.fileExport(name: "other", path: f.dir.path + "/other.img", size: Self.mib))
+            let (a, b) = try await offPool {
+                let a = try RawNBDClient(path: f.socket)
+                try a.handshake(export: "disk", structured: true)
+                let b = try RawNBDClient(path: f.socket)
+                try b.handshake(export: "other", structured: true)
+                return (a, b)
+            }
+            #expect(f.server.disconnect(export: "disk") == 1)
+            f.registry.remove("disk")
+            try await offPool {
+                #expect(a.isClosed(), "the connection to the removed export ended")
+                try b.sendRequest(NBDRequest(.read, cookie: 1, offset: 0, length: 512))
+                #expect(try b.readReply().error == 0, "the other export's connection goes on")
+                let c = try RawNBDClient(path: f.socket)
+                try c.greet()
+                try c.sendOption(NBDOption.go.rawValue, RawNBDClient.nameData("disk"))
+                #expect(try c.readOptionReply().type == NBDOptionReply.errUnknown.rawValue)
+            }
+        }
+    }
+
+    @Test(.enabled(if: NBDTools.hasNbdinfo, "nbdinfo (libnbd-bin) is not installed"))
+    func adoptsAListeningDescriptor() async throws {
+        let dir = try SocketTempDir()
+        defer { dir.remove() }
+        let socket = dir.path + "/activated.sock"
+        let fd = try #require(listeningSocket(path: socket))
+        let registry = NBDExportRegistry()
+        let io = IOExecutor(threads: 2)
+        let path = dir.path + "/disk.img"
+        _ = FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: Self.mib))
+        try registry.add(FileNBDExport(name: "disk", device: try PosixStorage().open(path, mode: .destination(createSize: nil)), io: io))
+        let (listening, cont) = AsyncStream<String?>.makeStream()
+        let server = NBDServer(configuration: NBDServerConfiguration(listener: .descriptor(fd, path: socket)), exports: registry) { info in
+            cont.yield(info.path)
+        }
+        let task = Task { try await server.run() }
+        var it = listening.makeAsyncIterator()
+        #expect(await it.next() == socket)
+        let r = try await runTool("nbdinfo", ["--size", nbdURI("disk", socket: socket)])
+        #expect(r.status == 0 && r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(Self.mib)", "\(r.stderr)")
+        server.shutdown()
+        try await task.value
+        await io.shutdown()
+    }
+}
+
+/// A bound, listening Unix socket (what systemd passes with socket activation).
+private func listeningSocket(path: String) -> Int32? {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        let b = Array(path.utf8)
+        raw.copyBytes(from: b)
+        raw[b.count] = 0
+    }
+    let ok = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    } == 0 && listen(fd, 16) == 0
+    if !ok { close(fd); return nil }
+    return fd
+}
+
 /// Binds and abandons a Unix socket at `path` (a stale socket file, as a crashed daemon leaves).
 private func socket_(path: String) -> Bool {
     try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
