@@ -251,4 +251,38 @@ import Testing
             #expect(results["in-flight"] == "0")
         }
     }
+
+    @Test(.enabled(if: NBDTools.path("nbdfuse") != nil && geteuid() == 0 && FileManager.default.fileExists(atPath: "/dev/fuse"),
+                   "nbdfuse (package nbdfuse), root and /dev/fuse are needed"))
+    func nbdfuseServesTheExportAsAFile() async throws {
+        try await withNBDServer { f in
+            let path = f.dir.path + "/disk.img"
+            try f.registry.add(try f.fileExport(name: "disk", path: path, size: 4 * Self.mib))
+            let mnt = f.dir.path + "/mnt"
+            try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+            let fuse = Process()
+            fuse.executableURL = URL(fileURLWithPath: NBDTools.path("nbdfuse")!)
+            fuse.arguments = [mnt, f.uri("disk")]
+            try fuse.run()
+            defer {
+                _ = umount2(mnt, Int32(MNT_DETACH))
+                if fuse.isRunning { fuse.terminate() }
+            }
+            #expect(await eventually(10) { FileManager.default.fileExists(atPath: mnt + "/nbd") }, "nbdfuse mounted the export")
+            let ok = try await offPool { () -> Bool in
+                let fd = open(mnt + "/nbd", O_RDWR)
+                guard fd >= 0 else { return false }
+                defer { close(fd) }
+                let data = [UInt8](repeating: 0x3c, count: 65536)
+                guard data.withUnsafeBytes({ pwrite(fd, $0.baseAddress, $0.count, 1 << 20) }) == 65536, fsync(fd) == 0 else { return false }
+                var back = [UInt8](repeating: 0, count: 65536)
+                guard back.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, $0.count, 1 << 20) }) == 65536 else { return false }
+                return back == data
+            }
+            #expect(ok, "a write and a read through the FUSE file")
+            #expect(umount2(mnt, 0) == 0, "unmount: errno \(errno)")
+            let disk = readFile(path)
+            #expect(disk[(1 << 20)..<((1 << 20) + 65536)].allSatisfy { $0 == 0x3c }, "the write reached the export")
+        }
+    }
 }
