@@ -2,13 +2,13 @@
 # Installs what building and testing need, when missing: libsystemd-dev (the CSystemd target),
 # util-linux/e2fsprogs (loop devices, mkfs for the full-disk test), and python's varlink and
 # pytest for the integration tests; with --test also the NBD clients the NBD server's tests drive
-# (libnbd-bin: nbdinfo, nbdcopy, nbdsh; python3-libnbd for nbdsh; qemu-utils: qemu-img, qemu-io;
-# nbdfuse).
+# (libnbd-bin: nbdinfo, nbdcopy, nbdsh, nbdfuse; python3-libnbd for nbdsh; qemu-utils: qemu-img,
+# qemu-io).
 # Safe to run again.
 set -euo pipefail
 need_apt=()
 packages=(libsystemd-dev pkg-config util-linux e2fsprogs)
-if [ "${1:-}" = "--test" ]; then packages+=(libnbd-bin python3-libnbd qemu-utils nbdfuse); fi
+if [ "${1:-}" = "--test" ]; then packages+=(libnbd-bin python3-libnbd qemu-utils); fi
 for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

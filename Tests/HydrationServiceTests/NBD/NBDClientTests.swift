@@ -253,7 +253,7 @@ import Testing
     }
 
     @Test(.enabled(if: NBDTools.path("nbdfuse") != nil && geteuid() == 0 && FileManager.default.fileExists(atPath: "/dev/fuse"),
-                   "nbdfuse (package nbdfuse), root and /dev/fuse are needed"))
+                   "nbdfuse (libnbd-bin), root and /dev/fuse are needed"))
     func nbdfuseServesTheExportAsAFile() async throws {
         try await withNBDServer { f in
             let path = f.dir.path + "/disk.img"
