@@ -350,6 +350,62 @@ extension NBDServerTests {
     }
 }
 
+/// An in-memory export whose failures the test chooses by offset.
+private struct FaultyExport: NBDExport {
+    var name: String { "faulty" }
+    var size: UInt64 { 1 << 20 }
+    var capabilities: NBDExportCapabilities { [.flush, .trim, .writeZeroes, .fastZero] }
+    func read(offset: UInt64, length: UInt32) async throws(NBDError) -> ByteBuffer {
+        if offset == 0 { throw NBDError(.EIO, "disk on fire") }
+        if offset == 512 { return ByteBuffer(bytes: [1, 2, 3]) }  // short: a broken export
+        return ByteBuffer(repeating: 9, count: Int(length))
+    }
+    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(NBDError) {
+        throw NBDError(StorageError(.write, path: "/x", errno: EDQUOT))
+    }
+    func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool) async throws(NBDError) {
+        throw NBDError(.ENOTSUP, "slow")
+    }
+    func blockStatus(context: String, offset: UInt64, length: UInt32) async throws(NBDError) -> [NBDExtent] {
+        [NBDExtent(length: 4096, flags: 3), NBDExtent(length: 1 << 19, flags: 0)]
+    }
+}
+
+extension NBDServerTests {
+    @Test func exportErrorsMapToWireErrorsWithTheirMessage() async throws {
+        try await withNBDServer { f in
+            try f.registry.add(FaultyExport())
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.handshake(export: "faulty", structured: true)
+                func error(_ r: NBDRequest) throws -> (UInt32, String) {
+                    try c.sendRequest(r, payload: r.type == NBDCommand.write.rawValue ? [UInt8](repeating: 0, count: Int(r.length)) : [])
+                    let reply = try c.readReply()
+                    guard reply.error != 0 else { return (0, "") }
+                    let n = Int(RawNBDClient.be(reply.payload, 4, UInt16.self))
+                    return (reply.error, String(decoding: reply.payload[6..<(6 + n)], as: UTF8.self))
+                }
+                #expect(try error(NBDRequest(.read, cookie: 1, offset: 0, length: 512)) == (5, "disk on fire"))
+                #expect(try error(NBDRequest(.read, cookie: 2, offset: 512, length: 512)).0 == NBDErrorCode.EIO.rawValue, "a short read is EIO")
+                #expect(try error(NBDRequest(.write, cookie: 3, offset: 0, length: 512)).0 == NBDErrorCode.ENOSPC.rawValue, "EDQUOT is ENOSPC")
+                #expect(try error(NBDRequest(.writeZeroes, cookie: 4, offset: 0, length: 512)).0 == NBDErrorCode.EINVAL.rawValue,
+                        "ENOTSUP only answers FAST_ZERO")
+                #expect(try error(NBDRequest(.writeZeroes, flags: .fastZero, cookie: 5, offset: 0, length: 512)).0 == NBDErrorCode.ENOTSUP.rawValue)
+                // REQ_ONE: one extent, not longer than the request; without: cut after the request's end.
+                try c.sendRequest(NBDRequest(.blockStatus, flags: .reqOne, cookie: 6, offset: 0, length: 1000))
+                var r = try c.readReply()
+                #expect(Array(r.payload[4...]) == [0, 0, 3, 0xe8, 0, 0, 0, 3])
+                try c.sendRequest(NBDRequest(.blockStatus, cookie: 7, offset: 0, length: 8192))
+                r = try c.readReply()
+                #expect(r.payload.count == 4 + 16 && r.flags == 1)
+                try c.sendRequest(NBDRequest(.read, cookie: 8, offset: 4096, length: 100))
+                r = try c.readReply()
+                #expect(r.type == NBDReplyType.offsetData.rawValue && r.payload.count == 108, "and the connection goes on")
+            }
+        }
+    }
+}
+
 /// A bound, listening Unix socket (what systemd passes with socket activation).
 private func listeningSocket(path: String) -> Int32? {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
