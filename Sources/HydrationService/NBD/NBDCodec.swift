@@ -260,8 +260,8 @@ public struct NBDTransmissionContext: Sendable, Equatable {
 extension NBDRequest {
     /// nil when the request may be executed, otherwise the error to reply (spec "Error values",
     /// in the order nbdkit's `validate_request` checks them): writes on a read-only export EPERM;
-    /// unknown commands EINVAL; out-of-range EINVAL, or ENOSPC for WRITE/WRITE_ZEROES; zero length
-    /// EINVAL; unknown or inapplicable or not negotiated flags EINVAL; a READ over the maximum
+    /// unknown commands EINVAL; out of range or zero length EINVAL, or ENOSPC for WRITE and
+    /// WRITE_ZEROES; unknown or inapplicable or not negotiated flags EINVAL; a READ over the maximum
     /// payload EOVERFLOW with structured replies (EINVAL without), a WRITE over it EINVAL;
     /// commands not advertised EINVAL; BLOCK_STATUS without a selected context EINVAL; requests
     /// not aligned to the minimum block size EINVAL.
@@ -273,10 +273,12 @@ extension NBDRequest {
         }
         switch command {
         case .read, .write, .trim, .cache, .writeZeroes, .blockStatus:
-            if length == 0 { return .invalid("\(command) of length 0") }
+            // nbdkit counts a zero length as out of range too (so a zero-length write is ENOSPC).
             let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
-            if overflow || end > ctx.size {
-                let message = "\(command) at offset \(offset) length \(length) is beyond the end of the export (\(ctx.size) bytes)"
+            if length == 0 || overflow || end > ctx.size {
+                let message = length == 0
+                    ? "\(command) of length 0"
+                    : "\(command) at offset \(offset) length \(length) is beyond the end of the export (\(ctx.size) bytes)"
                 return NBDError(command == .write || command == .writeZeroes ? .ENOSPC : .EINVAL, message)
             }
         case .flush:

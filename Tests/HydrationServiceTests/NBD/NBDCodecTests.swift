@@ -117,6 +117,7 @@ import Testing
         #expect(check(NBDRequest(.writeZeroes, cookie: 1, offset: mib, length: 1)) == .ENOSPC)
         #expect(check(NBDRequest(.trim, cookie: 1, offset: UInt64.max, length: 2)) == .EINVAL, "offset + length overflows")
         #expect(check(NBDRequest(.read, cookie: 1, offset: 0, length: 0)) == .EINVAL)
+        #expect(check(NBDRequest(.write, cookie: 1, offset: 0, length: 0)) == .ENOSPC, "as nbdkit")
         #expect(check(NBDRequest(type: 42, cookie: 1, offset: 0, length: 1)) == .EINVAL)
         #expect(check(NBDRequest(.flush, cookie: 1, offset: 1, length: 0)) == .EINVAL)
         #expect(check(NBDRequest(.read, flags: NBDCommandFlags(rawValue: 0x100), cookie: 1, offset: 0, length: 1)) == .EINVAL)

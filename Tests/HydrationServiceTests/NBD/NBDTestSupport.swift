@@ -57,7 +57,9 @@ func runTool(_ tool: String, _ arguments: [String], stdin: String? = nil, enviro
         try p.run()
         if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
         try? input.fileHandleForWriting.close()
-        let killer = DispatchWorkItem { if p.isRunning { p.terminate() } }
+        // SIGKILL: children inherit the test thread's blocked signal mask, so SIGTERM stays pending.
+        let pid = p.processIdentifier
+        let killer = DispatchWorkItem { if p.isRunning { kill(pid, SIGKILL) } }
         DispatchQueue.global().asyncAfter(deadline: .now() + timeout, execute: killer)
         p.waitUntilExit()
         killer.cancel()
