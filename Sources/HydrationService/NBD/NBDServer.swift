@@ -541,7 +541,8 @@ private struct NBDSession: Sendable {
     private func transmission(_ reader: inout NBDInboundReader, _ selected: Selected) async throws {
         var framer = NBDRequestFramer(maxPayload: selected.context.maxPayload)
         let maxRequests = max(1, config.maxRequestsInFlight)
-        let maxBytes = max(config.maxBytesInFlight, Int(selected.context.maxPayload))
+        // A request larger than the budget still runs, alone.
+        let maxBytes = config.maxBytesInFlight
         try await withThrowingTaskGroup(of: Int.self) { group in
             var inFlight = 0
             var bytes = 0

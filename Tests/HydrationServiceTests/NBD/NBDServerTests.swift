@@ -4,6 +4,7 @@ import Glibc
 import Foundation
 @testable import HydrationService
 import NIOCore
+import Synchronization
 import Testing
 
 /// The server's protocol handling at the byte level (a raw client sends what real clients never
@@ -401,6 +402,57 @@ extension NBDServerTests {
                 try c.sendRequest(NBDRequest(.read, cookie: 8, offset: 4096, length: 100))
                 r = try c.readReply()
                 #expect(r.type == NBDReplyType.offsetData.rawValue && r.payload.count == 108, "and the connection goes on")
+            }
+        }
+    }
+}
+
+/// Counts how many reads run at once.
+private final class CountingExport: NBDExport {
+    let state = Mutex<(now: Int, peak: Int, total: Int)>((0, 0, 0))
+    var name: String { "counting" }
+    var size: UInt64 { 64 << 20 }
+    var capabilities: NBDExportCapabilities { .readOnly }
+    func read(offset: UInt64, length: UInt32) async throws(NBDError) -> ByteBuffer {
+        state.withLock { $0.now += 1; $0.peak = max($0.peak, $0.now); $0.total += 1 }
+        try? await Task.sleep(for: .milliseconds(20))
+        state.withLock { $0.now -= 1 }
+        return ByteBuffer(repeating: 0, count: Int(length))
+    }
+}
+
+extension NBDServerTests {
+    @Test func requestsInFlightAreBoundedPerConnectionByCountAndBytes() async throws {
+        let export = CountingExport()
+        try await withNBDServer(configure: { $0.maxRequestsInFlight = 4; $0.maxBytesInFlight = 8 << 20 }) { f in
+            try f.registry.add(export)
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.handshake(export: "counting", structured: false)
+                for i in 0..<24 { try c.sendRequest(NBDRequest(.read, cookie: UInt64(i), offset: 0, length: 4096)) }
+                for _ in 0..<24 { #expect(try c.readReply { _ in 4096 }.error == 0) }
+            }
+            #expect(export.state.withLock { $0.peak } == 4, "at most maxRequestsInFlight at once, and that many")
+            export.state.withLock { $0 = (0, 0, 0) }
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.handshake(export: "counting", structured: false)
+                // 3 MiB reads: 8 MiB of payload in flight allows two at a time.
+                for i in 0..<8 { try c.sendRequest(NBDRequest(.read, cookie: UInt64(i), offset: 0, length: 3 << 20)) }
+                for _ in 0..<8 { #expect(try c.readReply { _ in 3 << 20 }.error == 0) }
+            }
+            #expect(export.state.withLock { $0.peak } == 2, "at most maxBytesInFlight of payload at once")
+        }
+    }
+
+    @Test func aClientThatDoesNotFinishTheHandshakeIsClosed() async throws {
+        try await withNBDServer(configure: { $0.handshakeTimeout = .milliseconds(200) }) { f in
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.greet()
+                let start = Date()
+                #expect(c.isClosed(), "closed by the handshake timeout")
+                #expect(Date().timeIntervalSince(start) < 3)
             }
         }
     }
