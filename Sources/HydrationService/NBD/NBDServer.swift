@@ -1,0 +1,647 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Synchronization
+
+/// Settings of the NBD server.
+public struct NBDServerConfiguration: Sendable {
+    /// A socket path to bind (parent created, stale socket replaced, `socketMode`/`socketGroup`
+    /// applied) or an adopted listening descriptor (socket activation), as for the control socket.
+    public var listener: ControlServerConfiguration.Listener
+    public var socketGroup: UInt32?
+    public var socketMode: UInt32 = 0o660
+    /// Connections served at once; beyond it a connection gets NBD_REP_ERR_POLICY to every option.
+    public var maxConnections = 64
+    /// Requests executing at once on one connection; the connection stops reading beyond it.
+    public var maxRequestsInFlight = 64
+    /// Read and write payload bytes held at once by one connection's requests in flight.
+    public var maxBytesInFlight = 128 << 20
+    /// Largest READ/WRITE payload (the export's `blockSize.maximum` may lower it). A WRITE up to
+    /// twice this is read, dropped and refused with EINVAL; beyond, the connection is closed.
+    public var maxPayload: UInt32 = NBDProtocol.defaultMaxPayload
+    /// Option data beyond this closes the connection (a name and queries fit easily).
+    public var maxOptionLength = 64 << 10
+    /// Options one connection may send before it is considered abusive and closed.
+    public var maxOptions = 256
+    /// The handshake must end (OPT_GO / EXPORT_NAME) within this time.
+    public var handshakeTimeout: Duration = .seconds(30)
+    /// On shutdown, requests in flight get this long to finish before connections are closed.
+    public var shutdownGrace: Duration = .seconds(5)
+    /// The daemon's effective uid, privileged in the default access policy.
+    public var ownerUID: UInt32 = geteuid()
+    /// Decides who may use which export; nil: `NBDAccessPolicy(socketGroup:ownerUID:)`.
+    public var access: NBDAccessCheck?
+
+    public init(listener: ControlServerConfiguration.Listener, socketGroup: UInt32? = nil, access: NBDAccessCheck? = nil) {
+        self.listener = listener
+        self.socketGroup = socketGroup
+        self.access = access
+    }
+
+    var accessCheck: NBDAccessCheck {
+        if let access { return access }
+        let policy = NBDAccessPolicy(socketGroup: socketGroup, ownerUID: ownerUID)
+        return { peer, export in policy.check(peer: peer, export: export) }
+    }
+}
+
+/// A Network Block Device server (fixed newstyle, structured replies, meta contexts) on a Unix
+/// stream socket, serving the exports an `NBDExportLookup` provides. See `docs/nbd.md`.
+///
+/// Run it as a swift-service-lifecycle `Service`: `run()` binds or adopts the socket, calls
+/// `onListening`, serves until graceful shutdown, cancellation or `shutdown()`, then lets requests
+/// in flight finish (within `shutdownGrace`), closes every connection and removes its socket file.
+/// Nothing a client sends can stop the server or disturb another connection.
+public final class NBDServer: Service, Sendable {
+    public let configuration: NBDServerConfiguration
+    private let lookup: any NBDExportLookup
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let onListening: @Sendable (ControlServer.ListeningInfo) async -> Void
+    private let access: NBDAccessCheck
+    private let state = Mutex(State())
+    private let admitted = Atomic<Int>(0)
+
+    private struct State: ~Copyable {
+        var started = false
+        var shuttingDown = false
+        var listener: (any Channel)?
+        var connections: [ObjectIdentifier: ConnectionRecord] = [:]
+    }
+
+    public init(
+        configuration: NBDServerConfiguration,
+        exports: any NBDExportLookup,
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "hydrationd.nbd"),
+        onListening: @escaping @Sendable (ControlServer.ListeningInfo) async -> Void = { _ in }
+    ) {
+        self.configuration = configuration
+        self.lookup = exports
+        self.group = eventLoopGroup
+        self.logger = logger
+        self.onListening = onListening
+        self.access = configuration.accessCheck
+    }
+
+    /// Connections currently admitted (below the limit).
+    public var activeConnections: Int { admitted.load(ordering: .relaxed) }
+
+    /// Stops accepting; connections still negotiating are closed; connections in transmission stop
+    /// reading, finish their requests in flight and close (forced after `shutdownGrace`).
+    public func shutdown() {
+        let (listener, records): ((any Channel)?, [ConnectionRecord]) = state.withLock { st in
+            st.shuttingDown = true
+            return (st.listener, Array(st.connections.values))
+        }
+        listener?.close(promise: nil)
+        for r in records { r.stop(grace: configuration.shutdownGrace) }
+    }
+
+    /// Ends every connection using the export called `name` the same gentle way as `shutdown()`
+    /// (for an export about to go away). Returns how many connections were told to stop.
+    @discardableResult
+    public func disconnect(export name: String) -> Int {
+        let records = state.withLock { st in st.connections.values.filter { $0.exportName == name } }
+        for r in records { r.stop(grace: configuration.shutdownGrace) }
+        return records.count
+    }
+
+    public func run() async throws {
+        let alreadyStarted = state.withLock { st in
+            defer { st.started = true }
+            return st.started
+        }
+        if alreadyStarted { throw ControlServerError.alreadyStarted }
+        signal(SIGPIPE, SIG_IGN)
+
+        let (serverChannel, boundPath, boundInode) = try await bind()
+        let stop = state.withLock { st in
+            st.listener = serverChannel.channel
+            return st.shuttingDown
+        }
+        if stop { serverChannel.channel.close(promise: nil) }
+        defer { if let boundPath { ControlServer.removeSocketFile(boundPath, inode: boundInode) } }
+
+        let shownPath: String? = {
+            if case .descriptor(_, let p) = configuration.listener { return p }
+            return boundPath
+        }()
+        logger.info("NBD socket listening", metadata: ["path": "\(shownPath ?? "fd")"])
+        await onListening(ControlServer.ListeningInfo(path: shownPath))
+
+        try await withTaskCancellationHandler {
+            try await withGracefulShutdownHandler {
+                try await serverChannel.executeThenClose { inbound in
+                    try await withThrowingDiscardingTaskGroup { group in
+                        for try await connection in inbound {
+                            group.addTask { await self.serve(connection) }
+                        }
+                    }
+                }
+            } onGracefulShutdown: {
+                self.shutdown()
+            }
+        } onCancel: {
+            self.shutdown()
+        }
+        logger.info("NBD socket closed")
+    }
+
+    // MARK: socket setup
+
+    private struct Accepted: Sendable {
+        var channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
+        var record: ConnectionRecord
+        var admitted: Bool
+    }
+
+    private func bind() async throws -> (NIOAsyncChannel<Accepted, Never>, String?, ino_t) {
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 128)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20))
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<Accepted> = { channel in
+            channel.eventLoop.makeCompletedFuture { try self.initializeConnection(channel) }
+        }
+        switch configuration.listener {
+        case .descriptor(let fd, _):
+            return (try await bootstrap.bind(fd, childChannelInitializer: initializer), nil, 0)
+        case .path(let path):
+            try ControlServer.prepareSocketPath(path)
+            let ch = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
+            do {
+                guard chmod(path, mode_t(configuration.socketMode)) == 0 else {
+                    throw ControlServerError.setupFailed(path: path, operation: "chmod", errno: errno)
+                }
+                if let gid = configuration.socketGroup, chown(path, uid_t.max, gid_t(gid)) != 0 {
+                    throw ControlServerError.setupFailed(path: path, operation: "chown", errno: errno)
+                }
+            } catch {
+                try? await ch.channel.close()
+                ControlServer.removeSocketFile(path, inode: nil)
+                throw error
+            }
+            var st = stat()
+            let inode: ino_t = lstat(path, &st) == 0 ? st.st_ino : 0
+            return (ch, path, inode)
+        }
+    }
+
+    /// Runs on the child channel's event loop for each accepted connection.
+    private func initializeConnection(_ channel: any Channel) throws -> Accepted {
+        var isAdmitted = false
+        while true {
+            let current = admitted.load(ordering: .relaxed)
+            if current >= configuration.maxConnections { break }
+            if admitted.compareExchange(expected: current, desired: current + 1, ordering: .relaxed).exchanged {
+                isAdmitted = true
+                break
+            }
+        }
+        let record = ConnectionRecord(channel: channel)
+        let id = ObjectIdentifier(channel)
+        let closeNow = state.withLock { st in
+            st.connections[id] = record
+            return st.shuttingDown
+        }
+        let counted = isAdmitted
+        channel.closeFuture.whenComplete { _ in
+            if counted { self.admitted.subtract(1, ordering: .relaxed) }
+            _ = self.state.withLock { $0.connections.removeValue(forKey: id) }
+        }
+        if closeNow { channel.close(promise: nil) }
+        let async = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+        return Accepted(channel: async, record: record, admitted: isAdmitted)
+    }
+
+    // MARK: connections
+
+    private func serve(_ accepted: Accepted) async {
+        let channel = accepted.channel.channel
+        let peer = await ControlServer.peerCredentials(of: channel)
+        var log = logger
+        log[metadataKey: "peer"] = "\(peer)"
+        let timeout = accepted.admitted ? configuration.handshakeTimeout : min(configuration.handshakeTimeout, .seconds(2))
+        let timer = channel.eventLoop.scheduleTask(in: TimeAmount(timeout)) {
+            if !accepted.record.inTransmission { channel.close(promise: nil) }
+        }
+        defer { timer.cancel() }
+        do {
+            try await accepted.channel.executeThenClose { inbound, outbound in
+                let session = NBDSession(
+                    server: self, peer: peer, record: accepted.record, admitted: accepted.admitted,
+                    outbound: outbound, logger: log)
+                var reader = NBDInboundReader(inbound.makeAsyncIterator())
+                try await session.run(&reader)
+            }
+        } catch {
+            log.debug("NBD connection ended: \(error)")
+        }
+    }
+
+    fileprivate var exportLookup: any NBDExportLookup { lookup }
+    fileprivate var accessCheck: NBDAccessCheck { access }
+    fileprivate var isShuttingDown: Bool { state.withLock { $0.shuttingDown } }
+}
+
+/// What the server knows of one connection, for shutdown and `disconnect(export:)`.
+final class ConnectionRecord: Sendable {
+    let channel: any Channel
+    private let phase = Mutex<(transmission: Bool, export: String?)>((false, nil))
+
+    init(channel: any Channel) { self.channel = channel }
+
+    var inTransmission: Bool { phase.withLock { $0.transmission } }
+    var exportName: String? { phase.withLock { $0.export } }
+
+    func enterTransmission(export: String) {
+        phase.withLock { $0 = (true, export) }
+    }
+
+    /// Negotiating: close now. In transmission: stop reading (the session then finishes its
+    /// requests in flight and closes), and close for good after `grace`.
+    func stop(grace: Duration) {
+        guard inTransmission else {
+            channel.close(promise: nil)
+            return
+        }
+        channel.close(mode: .input, promise: nil)
+        let ch = channel
+        channel.eventLoop.scheduleTask(in: TimeAmount(grace)) { ch.close(promise: nil) }
+    }
+}
+
+/// Buffers inbound bytes and runs a decoder over them until it yields a message.
+struct NBDInboundReader {
+    private var iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator
+    private var buffer = ByteBuffer()
+
+    init(_ iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator) { self.iterator = iterator }
+
+    /// The next message `decode` finds, or nil at end of input.
+    mutating func next<T>(_ decode: (inout ByteBuffer) throws(NBDWireError) -> T?) async throws -> T? {
+        while true {
+            if let value = try decode(&buffer) { return value }
+            guard var chunk = try await iterator.next() else { return nil }
+            if buffer.readableBytes == 0 {
+                buffer = chunk
+            } else {
+                buffer.discardReadBytes()
+                buffer.writeBuffer(&chunk)
+            }
+        }
+    }
+}
+
+/// One connection's protocol: handshake, then transmission.
+private struct NBDSession: Sendable {
+    typealias Outbound = NIOAsyncChannelOutboundWriter<ByteBuffer>
+    let server: NBDServer
+    let peer: PeerCredentials
+    let record: ConnectionRecord
+    let admitted: Bool
+    let outbound: Outbound
+    let logger: Logger
+
+    var config: NBDServerConfiguration { server.configuration }
+
+    /// Negotiated during the handshake.
+    struct Negotiation {
+        var noZeroes = false
+        var structured = false
+        /// Export name given with the last SET_META_CONTEXT and the contexts it selected.
+        var metaExport: String?
+        var metaContexts: [(id: UInt32, name: String)] = []
+    }
+
+    /// The export and settings transmission runs with.
+    struct Selected: Sendable {
+        var export: any NBDExport
+        var context: NBDTransmissionContext
+        var metaContexts: [(id: UInt32, name: String)]
+    }
+
+    func run(_ reader: inout NBDInboundReader) async throws {
+        try await outbound.write(NBDEncoder.greeting())
+        guard let clientFlags = try await reader.next({ NBDDecoder.decodeClientFlags(&$0) }) else { return }
+        let known = NBDProtocol.clientFlagFixedNewstyle | NBDProtocol.clientFlagNoZeroes
+        guard clientFlags & ~known == 0 else {
+            logger.notice("closing NBD connection: unknown client flags 0x\(String(clientFlags, radix: 16))")
+            return
+        }
+        var negotiation = Negotiation(noZeroes: clientFlags & NBDProtocol.clientFlagNoZeroes != 0)
+        var count = 0
+        while true {
+            count += 1
+            if count > config.maxOptions {
+                logger.notice("closing NBD connection: more than \(config.maxOptions) options")
+                return
+            }
+            let raw: NBDRawOption?
+            do {
+                raw = try await reader.next { (b: inout ByteBuffer) throws(NBDWireError) in
+                    try NBDDecoder.decodeOption(&b, maxLength: config.maxOptionLength)
+                }
+            } catch let e as NBDWireError {
+                logger.notice("closing NBD connection: \(e)")
+                return
+            }
+            guard let raw else { return }
+            let selected: Selected
+            switch try await handleOption(raw, &negotiation) {
+            case .next: continue
+            case .close: return
+            case .transmission(let s): selected = s
+            }
+            record.enterTransmission(export: selected.export.name)
+            logger.debug("NBD transmission", metadata: ["export": "\(selected.export.name)"])
+            try await transmission(&reader, selected)
+            return
+        }
+    }
+
+    // MARK: handshake
+
+    private struct Close: Error {}
+
+    enum OptionOutcome {
+        case next
+        case close
+        case transmission(Selected)
+    }
+
+    /// Replies to one option: negotiation goes on, the connection closes, or transmission begins.
+    private func handleOption(_ raw: NBDRawOption, _ n: inout Negotiation) async throws -> OptionOutcome {
+        do {
+            return try await handleOptionThrowing(raw, &n).map { .transmission($0) } ?? .next
+        } catch is Close {
+            return .close
+        }
+    }
+
+    private func handleOptionThrowing(_ raw: NBDRawOption, _ n: inout Negotiation) async throws -> Selected? {
+        let code = raw.code
+        let request = NBDDecoder.parseOption(raw)
+        func reply(_ buffers: [ByteBuffer]) async throws { try await outbound.write(contentsOf: buffers) }
+        func error(_ type: NBDOptionReply, _ message: String) async throws {
+            try await reply([NBDEncoder.optionError(code, type, message)])
+        }
+
+        if !admitted {
+            switch request {
+            case .abort:
+                try? await reply([NBDEncoder.optionReply(code, .ack)])
+                throw Close()
+            case .exportName: throw Close()
+            default:
+                try await error(.errPolicy, "too many connections (limit \(config.maxConnections))")
+                return nil
+            }
+        }
+
+        switch request {
+        case .abort:
+            try? await reply([NBDEncoder.optionReply(code, .ack)])
+            throw Close()
+
+        case .unsupported(let c):
+            try await error(.errUnsupported, "option \(c) is not supported")
+
+        case .invalid(let c, let reason):
+            if c == NBDOption.exportName.rawValue { throw Close() }
+            try await error(.errInvalid, reason)
+
+        case .list:
+            if server.isShuttingDown { try await error(.errShutdown, "the server is shutting down"); return nil }
+            var out: [ByteBuffer] = []
+            for e in await server.exportLookup.exports() {
+                if case .denied = server.accessCheck(peer, e) { continue }
+                out.append(NBDEncoder.server(code, name: e.name, description: e.description))
+            }
+            out.append(NBDEncoder.optionReply(code, .ack))
+            try await reply(out)
+
+        case .structuredReply:
+            if n.structured { try await error(.errInvalid, "structured replies are already negotiated"); return nil }
+            n.structured = true
+            try await reply([NBDEncoder.optionReply(code, .ack)])
+
+        case .listMetaContext(let name, let queries), .setMetaContext(let name, let queries):
+            let isSet = code == NBDOption.setMetaContext.rawValue
+            if isSet {
+                n.metaContexts = []
+                n.metaExport = nil
+            }
+            guard n.structured else {
+                try await error(.errInvalid, "negotiate structured replies first"); return nil
+            }
+            guard let export = await server.exportLookup.export(named: name) else {
+                try await error(.errUnknown, "no export named '\(name)'"); return nil
+            }
+            if case .denied(let why) = server.accessCheck(peer, export) {
+                try await error(.errPolicy, why); return nil
+            }
+            if let bad = queries.first(where: { !$0.contains(":") }) {
+                try await error(.errInvalid, "query '\(bad)' has no namespace"); return nil
+            }
+            let available = export.metaContexts
+            var chosen: [String] = []
+            if queries.isEmpty {
+                if !isSet { chosen = available }
+            } else {
+                for q in queries {
+                    let isNamespace = q.hasSuffix(":")
+                    for c in available where !chosen.contains(c) {
+                        if c == q || (!isSet && isNamespace && c.hasPrefix(q)) { chosen.append(c) }
+                    }
+                }
+            }
+            var out: [ByteBuffer] = []
+            if isSet {
+                n.metaContexts = chosen.enumerated().map { (UInt32($0.offset + 1), $0.element) }
+                n.metaExport = name
+                for c in n.metaContexts { out.append(NBDEncoder.metaContext(code, id: c.id, name: c.name)) }
+            } else {
+                for c in chosen { out.append(NBDEncoder.metaContext(code, id: 0, name: c)) }
+            }
+            out.append(NBDEncoder.optionReply(code, .ack))
+            try await reply(out)
+
+        case .info(let name, let requests), .go(let name, let requests):
+            let isGo = code == NBDOption.go.rawValue
+            if server.isShuttingDown { try await error(.errShutdown, "the server is shutting down"); return nil }
+            guard let export = await server.exportLookup.export(named: name) else {
+                try await error(.errUnknown, "no export named '\(name)'"); return nil
+            }
+            let access = server.accessCheck(peer, export)
+            if case .denied(let why) = access {
+                logger.notice("NBD access denied", metadata: ["export": "\(export.name)"])
+                try await error(.errPolicy, why); return nil
+            }
+            let selected = select(export, access: access, name: name, n)
+            var out = [NBDEncoder.infoExport(code, size: selected.context.size, flags: selected.context.flags)]
+            if requests.contains(NBDInfo.name.rawValue) { out.append(NBDEncoder.infoString(code, .name, export.name)) }
+            if requests.contains(NBDInfo.description.rawValue), let d = export.description {
+                out.append(NBDEncoder.infoString(code, .description, d))
+            }
+            out.append(NBDEncoder.infoBlockSize(code, effectiveBlockSize(export)))
+            out.append(NBDEncoder.optionReply(code, .ack))
+            try await reply(out)
+            return isGo ? selected : nil
+
+        case .exportName(let name):
+            guard !server.isShuttingDown, let export = await server.exportLookup.export(named: name) else { throw Close() }
+            let access = server.accessCheck(peer, export)
+            if case .denied = access { throw Close() }
+            let selected = select(export, access: access, name: name, n)
+            try await reply([NBDEncoder.exportNameReply(size: selected.context.size, flags: selected.context.flags, noZeroes: n.noZeroes)])
+            return selected
+        }
+        return nil
+    }
+
+    private func effectiveBlockSize(_ export: any NBDExport) -> NBDBlockSize {
+        var b = export.blockSize
+        b.maximum = min(b.maximum, config.maxPayload)
+        return b
+    }
+
+    private func select(_ export: any NBDExport, access: NBDAccess, name: String, _ n: Negotiation) -> Selected {
+        let caps = export.capabilities
+        let readOnly = caps.contains(.readOnly) || access == .readOnly
+        var flags: NBDTransmissionFlags = [.hasFlags]
+        if readOnly { flags.insert(.readOnly) }
+        if caps.contains(.flush) { flags.insert(.sendFlush) }
+        if caps.contains(.fua) && !readOnly { flags.insert(.sendFUA) }
+        if caps.contains(.trim) && !readOnly { flags.insert(.sendTrim) }
+        if caps.contains(.writeZeroes) && !readOnly {
+            flags.insert(.sendWriteZeroes)
+            if caps.contains(.fastZero) { flags.insert(.sendFastZero) }
+        }
+        if n.structured { flags.insert(.sendDF) }
+        if caps.contains(.multiConn) { flags.insert(.canMultiConn) }
+        if caps.contains(.cache) { flags.insert(.sendCache) }
+        if caps.contains(.rotational) { flags.insert(.rotational) }
+        // Contexts selected for another export name do not carry over (spec).
+        let contexts = n.metaExport == name ? n.metaContexts : []
+        let block = effectiveBlockSize(export)
+        let context = NBDTransmissionContext(
+            size: export.size, flags: flags, structuredReplies: n.structured, metaContextCount: contexts.count,
+            minimumBlock: block.minimum, maxPayload: block.maximum)
+        return Selected(export: export, context: context, metaContexts: contexts)
+    }
+
+    // MARK: transmission
+
+    private func transmission(_ reader: inout NBDInboundReader, _ selected: Selected) async throws {
+        var framer = NBDRequestFramer(maxPayload: selected.context.maxPayload)
+        let maxRequests = max(1, config.maxRequestsInFlight)
+        // A request larger than the budget still runs, alone.
+        let maxBytes = config.maxBytesInFlight
+        try await withThrowingTaskGroup(of: Int.self) { group in
+            var inFlight = 0
+            var bytes = 0
+            loop: while true {
+                let frame: NBDFrame?
+                do {
+                    frame = try await reader.next { (b: inout ByteBuffer) throws(NBDWireError) in try framer.next(&b) }
+                } catch let e as NBDWireError {
+                    logger.notice("closing NBD connection: \(e)")
+                    break loop
+                } catch {
+                    break loop  // the connection failed or its input was closed
+                }
+                guard let frame else { break loop }
+                switch frame {
+                case .skippedWrite(let request):
+                    let e = NBDError.invalid("write of \(request.length) bytes exceeds the maximum payload of \(selected.context.maxPayload)")
+                    try? await outbound.write(contentsOf: errorReply(request, e, selected))
+                case .request(let request, let payload):
+                    if request.type == NBDCommand.disconnect.rawValue { break loop }
+                    let cost = (request.type == NBDCommand.read.rawValue || request.type == NBDCommand.write.rawValue)
+                        ? Int(min(request.length, selected.context.maxPayload)) : 0
+                    while inFlight >= maxRequests || (inFlight > 0 && bytes + cost > maxBytes) {
+                        guard let done = try await group.next() else { break }
+                        inFlight -= 1
+                        bytes -= done
+                    }
+                    inFlight += 1
+                    bytes += cost
+                    group.addTask {
+                        let replies = await self.execute(request, payload: payload, selected)
+                        try? await self.outbound.write(contentsOf: replies)
+                        return cost
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+    }
+
+    /// Runs one request and returns its whole reply (written at once, so replies never interleave).
+    private func execute(_ request: NBDRequest, payload: ByteBuffer?, _ s: Selected) async -> [ByteBuffer] {
+        if let e = request.validate(in: s.context) { return errorReply(request, e, s) }
+        let export = s.export
+        let fua = request.flags.contains(.fua)
+        do throws(NBDError) {
+            switch request.command! {
+            case .read:
+                let data = try await export.read(offset: request.offset, length: request.length)
+                guard data.readableBytes == Int(request.length) else {
+                    throw NBDError.io("the export returned \(data.readableBytes) bytes for a read of \(request.length)")
+                }
+                if s.context.structuredReplies {
+                    return [NBDEncoder.offsetDataHeader(cookie: request.cookie, offset: request.offset, dataLength: data.readableBytes, done: true), data]
+                }
+                return [NBDEncoder.simpleReply(cookie: request.cookie), data]
+            case .write:
+                try await export.write(offset: request.offset, data: payload ?? ByteBuffer(), fua: fua)
+            case .flush:
+                try await export.flush()
+            case .trim:
+                try await export.trim(offset: request.offset, length: request.length, fua: fua)
+            case .cache:
+                try await export.cache(offset: request.offset, length: request.length)
+            case .writeZeroes:
+                try await export.writeZeroes(
+                    offset: request.offset, length: request.length, noHole: request.flags.contains(.noHole),
+                    fastZero: request.flags.contains(.fastZero), fua: fua)
+            case .blockStatus:
+                var out: [ByteBuffer] = []
+                for (i, c) in s.metaContexts.enumerated() {
+                    let raw = try await export.blockStatus(context: c.name, offset: request.offset, length: request.length)
+                    guard let extents = normalizeExtents(raw, length: request.length, reqOne: request.flags.contains(.reqOne)) else {
+                        throw NBDError.io("the export returned no extents for \(c.name)")
+                    }
+                    out.append(NBDEncoder.blockStatusChunk(cookie: request.cookie, contextID: c.id, extents: extents, done: i == s.metaContexts.count - 1))
+                }
+                return out
+            case .disconnect:
+                return []
+            }
+        } catch {
+            return errorReply(request, error, s)
+        }
+        return [NBDEncoder.simpleReply(cookie: request.cookie)]
+    }
+
+    /// An error reply: a structured error chunk with the message once structured replies are
+    /// negotiated, a simple reply otherwise. ENOTSUP is only allowed for FAST_ZERO and EOVERFLOW
+    /// only for DF or oversized reads; elsewhere they become EINVAL (as nbdkit does).
+    private func errorReply(_ request: NBDRequest, _ error: NBDError, _ s: Selected) -> [ByteBuffer] {
+        var code = error.code
+        if code == .ENOTSUP && !request.flags.contains(.fastZero) { code = .EINVAL }
+        if code == .EOVERFLOW && !(request.type == NBDCommand.read.rawValue && s.context.structuredReplies) { code = .EINVAL }
+        if code == .ENOMEM { code = .EIO }
+        logger.debug("NBD request failed", metadata: ["command": "\(request.commandName)", "error": "\(code)", "message": "\(error.message)"])
+        if s.context.structuredReplies {
+            return [NBDEncoder.errorChunk(cookie: request.cookie, error: code, message: error.message)]
+        }
+        return [NBDEncoder.simpleReply(cookie: request.cookie, error: code.rawValue)]
+    }
+}

@@ -1,0 +1,493 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+@testable import HydrationService
+import NIOCore
+import Synchronization
+import Testing
+
+/// The server's protocol handling at the byte level (a raw client sends what real clients never
+/// would), its limits, and its socket lifecycle.
+@Suite(.serialized) struct NBDServerTests {
+    static let mib = 1 << 20
+
+    /// A 4 MiB export "disk" whose bytes are i % 251, plus its expected content.
+    private func addDisk(_ f: NBDFixture, slowReadOffsets: Set<UInt64> = [], description: String? = "raw test disk") throws -> [UInt8] {
+        let path = f.dir.path + "/disk.img"
+        let bytes = (0..<(4 * Self.mib)).map { UInt8($0 % 251) }
+        _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        let inner = try f.fileExport(name: "disk", path: path, size: bytes.count, description: description)
+        try f.registry.add(TestExport(name: "disk", inner: inner, slowReadOffsets: slowReadOffsets))
+        return bytes
+    }
+
+    @Test func optionErrorsAreRepliedAndNegotiationGoesOn() async throws {
+        try await withNBDServer { f in
+            _ = try addDisk(f)
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.greet()
+                func expect(_ code: UInt32, _ data: [UInt8] = [], _ type: NBDOptionReply, _ line: Int = #line) throws {
+                    try c.sendOption(code, data)
+                    let r = try c.readOptionReply()
+                    #expect(r.option == code && r.type == type.rawValue, "option \(code): reply 0x\(String(r.type, radix: 16)) (line \(line))")
+                }
+                try expect(99, [1, 2, 3], .errUnsupported)
+                try expect(NBDOption.startTLS.rawValue, [], .errUnsupported)
+                try expect(NBDOption.list.rawValue, [0], .errInvalid)
+                try expect(NBDOption.go.rawValue, [0, 0, 0, 50, 0, 0], .errInvalid)
+                try expect(NBDOption.setMetaContext.rawValue, RawNBDClient.metaData("disk", ["base:allocation"]), .errInvalid)
+                try expect(NBDOption.info.rawValue, RawNBDClient.nameData("nosuch"), .errUnknown)
+                try expect(NBDOption.structuredReply.rawValue, [], .ack)
+                try expect(NBDOption.structuredReply.rawValue, [], .errInvalid)
+                try expect(NBDOption.setMetaContext.rawValue, RawNBDClient.metaData("disk", ["nonamespace"]), .errInvalid)
+
+                // LIST_META_CONTEXT: everything, a namespace wildcard, exact names; unknown ones ignored.
+                func contexts(_ code: NBDOption, _ queries: [String]) throws -> [(UInt32, String)] {
+                    try c.sendOption(code.rawValue, RawNBDClient.metaData("disk", queries))
+                    var out: [(UInt32, String)] = []
+                    while true {
+                        let r = try c.readOptionReply()
+                        if r.type == NBDOptionReply.ack.rawValue { return out }
+                        #expect(r.type == NBDOptionReply.metaContext.rawValue)
+                        out.append((RawNBDClient.be(r.data, 0, UInt32.self), String(decoding: r.data[4...], as: UTF8.self)))
+                    }
+                }
+                #expect(try contexts(.listMetaContext, []).map(\.1) == ["base:allocation", "x-test:stripes"])
+                #expect(try contexts(.listMetaContext, ["x-test:"]).map(\.1) == ["x-test:stripes"])
+                #expect(try contexts(.listMetaContext, ["base:", "x-other:y"]).map(\.1) == ["base:allocation"])
+                #expect(try contexts(.setMetaContext, ["base:"]).isEmpty, "a wildcard selects nothing in SET")
+                let set = try contexts(.setMetaContext, ["x-test:stripes", "base:allocation", "base:nosuch"])
+                #expect(Set(set.map(\.1)) == ["base:allocation", "x-test:stripes"], "unknown leaf names are ignored")
+                #expect(Set(set.map(\.0)).count == 2 && !set.contains { $0.0 == 0 }, "distinct non-zero ids")
+
+                // INFO with name, description and block size.
+                try c.sendOption(NBDOption.info.rawValue, RawNBDClient.nameData("disk", infos: [1, 2, 3]))
+                var infos: [UInt16: [UInt8]] = [:]
+                while true {
+                    let r = try c.readOptionReply()
+                    if r.type == NBDOptionReply.ack.rawValue { break }
+                    infos[RawNBDClient.be(r.data, 0, UInt16.self)] = Array(r.data[2...])
+                }
+                #expect(RawNBDClient.be(infos[0] ?? [], 0, UInt64.self) == UInt64(4 * Self.mib))
+                #expect(infos[1].map { String(decoding: $0, as: UTF8.self) } == "disk")
+                #expect(infos[2].map { String(decoding: $0, as: UTF8.self) } == "raw test disk")
+                #expect(infos[3] == [0, 0, 0, 1, 0, 0, 0x10, 0, 2, 0, 0, 0])
+
+                // Still negotiating: GO works, and block status answers both selected contexts.
+                try c.sendOption(NBDOption.go.rawValue, RawNBDClient.nameData("disk"))
+                while try c.readOptionReply().type != NBDOptionReply.ack.rawValue {}
+                try c.sendRequest(NBDRequest(.blockStatus, cookie: 7, offset: 0, length: UInt32(2 * Self.mib)))
+                let first = try c.readReply()
+                let second = try c.readReply()
+                #expect(first.type == NBDReplyType.blockStatus.rawValue && first.flags == 0)
+                #expect(second.type == NBDReplyType.blockStatus.rawValue && second.flags == 1, "the last chunk is DONE")
+                #expect(first.cookie == 7 && second.cookie == 7)
+            }
+        }
+    }
+
+    @Test func abusiveInputClosesOnlyItsOwnConnection() async throws {
+        try await withNBDServer(configure: { $0.maxOptionLength = 1024 }) { f in
+            let bytes = try addDisk(f)
+            try await offPool {
+                let good = try RawNBDClient(path: f.socket)
+                try good.handshake(export: "disk", structured: false)
+
+                let badFlags = try RawNBDClient(path: f.socket)
+                try badFlags.greet(flags: 0x80)
+                #expect(badFlags.isClosed(), "unknown client flags")
+
+                let longOption = try RawNBDClient(path: f.socket)
+                try longOption.greet()
+                try longOption.sendOption(NBDOption.go.rawValue, [UInt8](repeating: 0, count: 2048))
+                #expect(longOption.isClosed(), "option over the limit")
+
+                let badMagic = try RawNBDClient(path: f.socket)
+                try badMagic.greet()
+                try badMagic.send([UInt8](repeating: 0x55, count: 16))
+                #expect(badMagic.isClosed(), "bad option magic")
+
+                let unknownExport = try RawNBDClient(path: f.socket)
+                try unknownExport.greet()
+                try unknownExport.sendOption(NBDOption.exportName.rawValue, Array("nosuch".utf8))
+                #expect(unknownExport.isClosed(), "EXPORT_NAME of an unknown export cannot be answered")
+
+                let badRequest = try RawNBDClient(path: f.socket)
+                try badRequest.handshake(export: "disk", structured: true)
+                try badRequest.send([UInt8](repeating: 0x11, count: 28))
+                #expect(badRequest.isClosed(), "bad request magic")
+
+                let hugeWrite = try RawNBDClient(path: f.socket)
+                try hugeWrite.handshake(export: "disk", structured: false)
+                try hugeWrite.sendRequest(NBDRequest(.write, cookie: 1, offset: 0, length: UInt32.max))
+                #expect(hugeWrite.isClosed(), "a write payload too large to skip")
+
+                // The first connection never noticed.
+                try good.sendRequest(NBDRequest(.read, cookie: 5, offset: 1000, length: 4096))
+                let r = try good.readReply { _ in 4096 }
+                let same = r.payload == Array(bytes[1000..<5096])
+                #expect(r.cookie == 5 && r.error == 0 && same)
+            }
+        }
+    }
+
+    @Test func unknownCommandsAndOversizedWritesGetEINVALAndTheConnectionGoesOn() async throws {
+        try await withNBDServer { f in
+            let bytes = try addDisk(f)
+            try await offPool {
+                for structured in [false, true] {
+                    let c = try RawNBDClient(path: f.socket)
+                    try c.handshake(export: "disk", structured: structured)
+                    try c.sendRequest(NBDRequest(type: 42, cookie: 1, offset: 0, length: 512))
+                    var r = try c.readReply()
+                    #expect(r.cookie == 1 && r.error == NBDErrorCode.EINVAL.rawValue)
+                    if structured {
+                        #expect(r.type == NBDReplyType.error.rawValue && r.flags == 1)
+                        let length = Int(RawNBDClient.be(r.payload, 4, UInt16.self))
+                        #expect(String(decoding: r.payload[6..<(6 + length)], as: UTF8.self) == "unknown command 42")
+                    }
+                    // 40 MiB: over the 32 MiB maximum, read and dropped.
+                    let big = 40 * Self.mib
+                    try c.sendRequest(NBDRequest(.write, cookie: 2, offset: 0, length: UInt32(big)), payload: [UInt8](repeating: 0xee, count: big))
+                    r = try c.readReply()
+                    #expect(r.cookie == 2 && r.error == NBDErrorCode.EINVAL.rawValue)
+                    // A simple-reply read of an error carries no data; the stream stays in step.
+                    try c.sendRequest(NBDRequest(.read, cookie: 3, offset: UInt64(4 * Self.mib), length: 512))
+                    r = try c.readReply()
+                    #expect(r.cookie == 3 && r.error == NBDErrorCode.EINVAL.rawValue)
+                    try c.sendRequest(NBDRequest(.read, cookie: 4, offset: 0, length: 512))
+                    r = try c.readReply { _ in 512 }
+                    #expect(r.cookie == 4 && r.error == 0)
+                    let unchanged = (structured ? Array(r.payload[8...]) : r.payload) == Array(bytes[0..<512])
+                    #expect(unchanged, "nothing was written")
+                    try c.sendRequest(NBDRequest(.disconnect, cookie: 5))
+                    #expect(c.isClosed(), "DISC closes the connection")
+                }
+            }
+        }
+    }
+
+    @Test func repliesComeOutOfOrderAndWhole() async throws {
+        try await withNBDServer { f in
+            let bytes = try addDisk(f, slowReadOffsets: [0])
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.handshake(export: "disk", structured: false)
+                // One slow read at offset 0, then 40 reads (first 2 MiB) and writes (last 2 MiB) of
+                // 32 KiB sent back to back.
+                let chunk = 32 << 10
+                var expected: [UInt64: [UInt8]] = [1: Array(bytes[0..<chunk])]
+                try c.sendRequest(NBDRequest(.read, cookie: 1, offset: 0, length: UInt32(chunk)))
+                for i in 1...40 {
+                    let offset = i * chunk
+                    if i % 2 == 0 {
+                        try c.sendRequest(NBDRequest(.read, cookie: UInt64(100 + i), offset: UInt64(offset), length: UInt32(chunk)))
+                        expected[UInt64(100 + i)] = Array(bytes[offset..<(offset + chunk)])
+                    } else {
+                        try c.sendRequest(NBDRequest(.write, cookie: UInt64(100 + i), offset: UInt64(2 * Self.mib + (i / 2) * chunk), length: UInt32(chunk)),
+                                          payload: [UInt8](repeating: UInt8(i), count: chunk))
+                        expected[UInt64(100 + i)] = []
+                    }
+                }
+                var order: [UInt64] = []
+                for _ in 0...40 {
+                    let r = try c.readReply { cookie in expected[cookie]?.count ?? 0 }
+                    #expect(r.error == 0)
+                    let own = r.payload == expected[r.cookie]
+                    #expect(own, "cookie \(r.cookie) got its own bytes")
+                    order.append(r.cookie)
+                }
+                #expect(order.last == 1, "the slow read finished last: \(order)")
+                #expect(Set(order) == Set(expected.keys))
+            }
+        }
+    }
+
+    @Test func oldStyleExportNameAndTheConnectionLimit() async throws {
+        try await withNBDServer(configure: { $0.maxConnections = 2 }) { f in
+            _ = try addDisk(f)
+            try await offPool {
+                let a = try RawNBDClient(path: f.socket)
+                try a.greet(flags: 1)  // no NO_ZEROES
+                try a.sendOption(NBDOption.exportName.rawValue, Array("disk".utf8))
+                let reply = try a.read(8 + 2 + 124)
+                #expect(RawNBDClient.be(reply, 0, UInt64.self) == UInt64(4 * Self.mib))
+                #expect(reply[10...].allSatisfy { $0 == 0 })
+                let b = try RawNBDClient(path: f.socket)
+                try b.greet(flags: 3)
+                try b.sendOption(NBDOption.exportName.rawValue, Array("disk".utf8))
+                #expect(try b.read(10).count == 10)
+
+                let over = try RawNBDClient(path: f.socket)
+                try over.greet()
+                try over.sendOption(NBDOption.go.rawValue, RawNBDClient.nameData("disk"))
+                let refused = try over.readOptionReply()
+                #expect(refused.type == NBDOptionReply.errPolicy.rawValue)
+                #expect(String(decoding: refused.data, as: UTF8.self) == "too many connections (limit 2)")
+
+                try a.sendRequest(NBDRequest(.flush, cookie: 9))
+                #expect(try a.readReply().error == 0, "admitted connections are unaffected")
+            }
+        }
+    }
+
+    @Test func accessPolicyRefusesWithPolicyAndReadOnlyGrantRefusesWrites() async throws {
+        try await withNBDServer(configure: { c in
+            c.access = { _, e in e.name == "disk" ? .readOnly : .denied("nope") }
+        }) { f in
+            _ = try addDisk(f)
+            try f.registry.add(try f.fileExport(name: "other", path: f.dir.path + "/other.img", size: Self.mib))
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.greet()
+                try c.sendOption(NBDOption.go.rawValue, RawNBDClient.nameData("other"))
+                let r = try c.readOptionReply()
+                #expect(r.type == NBDOptionReply.errPolicy.rawValue && String(decoding: r.data, as: UTF8.self) == "nope")
+                try c.sendOption(NBDOption.go.rawValue, RawNBDClient.nameData("disk"))
+                var flags: UInt16 = 0
+                while true {
+                    let i = try c.readOptionReply()
+                    if i.type == NBDOptionReply.ack.rawValue { break }
+                    if RawNBDClient.be(i.data, 0, UInt16.self) == 0 { flags = RawNBDClient.be(i.data, 10, UInt16.self) }
+                }
+                let tf = NBDTransmissionFlags(rawValue: flags)
+                #expect(tf.contains(.readOnly) && !tf.contains(.sendTrim) && !tf.contains(.sendWriteZeroes))
+                try c.sendRequest(NBDRequest(.write, cookie: 1, offset: 0, length: 4), payload: [1, 2, 3, 4])
+                #expect(try c.readReply().error == NBDErrorCode.EPERM.rawValue)
+            }
+        }
+    }
+
+    @Test func shutdownLetsRequestsInFlightFinishThenCloses() async throws {
+        let dir = try SocketTempDir()
+        defer { dir.remove() }
+        let socket = dir.path + "/nbd/nbd.sock"
+        // A stale socket file (nobody listening) is replaced.
+        let stale = socket_(path: socket)
+        #expect(stale)
+        let registry = NBDExportRegistry()
+        let io = IOExecutor(threads: 2)
+        let path = dir.path + "/disk.img"
+        _ = FileManager.default.createFile(atPath: path, contents: Data(repeating: 7, count: Self.mib))
+        let inner = FileNBDExport(name: "disk", device: try PosixStorage().open(path, mode: .destination(createSize: nil)), io: io)
+        try registry.add(TestExport(name: "disk", inner: inner, slowReadOffsets: [0]))
+        let (listening, cont) = AsyncStream<Void>.makeStream()
+        let server = NBDServer(configuration: NBDServerConfiguration(listener: .path(socket)), exports: registry) { _ in cont.yield() }
+        let task = Task { try await server.run() }
+        var it = listening.makeAsyncIterator()
+        _ = await it.next()
+        var st = stat()
+        #expect(lstat(socket, &st) == 0 && st.st_mode & 0o777 == 0o660, "socket mode 0660")
+
+        let client = try RawNBDClient(path: socket)
+        let reply = Task.detached {
+            try client.handshake(export: "disk", structured: false)
+            try client.sendRequest(NBDRequest(.read, cookie: 1, offset: 0, length: 4096))
+            let r = try client.readReply { _ in 4096 }
+            return (r, client.isClosed())
+        }
+        try await Task.sleep(for: .milliseconds(100))  // the slow read is in flight
+        server.shutdown()
+        let (r, closedAfter) = try await reply.value
+        #expect(r.error == 0 && r.payload == [UInt8](repeating: 7, count: 4096), "the read in flight completed")
+        #expect(closedAfter, "then the connection closed")
+        try await task.value
+        await io.shutdown()
+        #expect(!FileManager.default.fileExists(atPath: socket))
+    }
+}
+
+extension NBDServerTests {
+    @Test func disconnectEndsOnlyTheConnectionsOfThatExport() async throws {
+        try await withNBDServer { f in
+            _ = try addDisk(f)
+            try f.registry.add(try f.fileExport(name: "other", path: f.dir.path + "/other.img", size: Self.mib))
+            let (a, b) = try await offPool {
+                let a = try RawNBDClient(path: f.socket)
+                try a.handshake(export: "disk", structured: true)
+                let b = try RawNBDClient(path: f.socket)
+                try b.handshake(export: "other", structured: true)
+                return (a, b)
+            }
+            #expect(f.server.disconnect(export: "disk") == 1)
+            f.registry.remove("disk")
+            try await offPool {
+                #expect(a.isClosed(), "the connection to the removed export ended")
+                try b.sendRequest(NBDRequest(.read, cookie: 1, offset: 0, length: 512))
+                #expect(try b.readReply().error == 0, "the other export's connection goes on")
+                let c = try RawNBDClient(path: f.socket)
+                try c.greet()
+                try c.sendOption(NBDOption.go.rawValue, RawNBDClient.nameData("disk"))
+                #expect(try c.readOptionReply().type == NBDOptionReply.errUnknown.rawValue)
+            }
+        }
+    }
+
+    @Test(.enabled(if: NBDTools.hasNbdinfo, "nbdinfo (libnbd-bin) is not installed"))
+    func adoptsAListeningDescriptor() async throws {
+        let dir = try SocketTempDir()
+        defer { dir.remove() }
+        let socket = dir.path + "/activated.sock"
+        let fd = try #require(listeningSocket(path: socket))
+        let registry = NBDExportRegistry()
+        let io = IOExecutor(threads: 2)
+        let path = dir.path + "/disk.img"
+        _ = FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: Self.mib))
+        try registry.add(FileNBDExport(name: "disk", device: try PosixStorage().open(path, mode: .destination(createSize: nil)), io: io))
+        let (listening, cont) = AsyncStream<String?>.makeStream()
+        let server = NBDServer(configuration: NBDServerConfiguration(listener: .descriptor(fd, path: socket)), exports: registry) { info in
+            cont.yield(info.path)
+        }
+        let task = Task { try await server.run() }
+        var it = listening.makeAsyncIterator()
+        #expect(await it.next() == socket)
+        let r = try await runTool("nbdinfo", ["--size", nbdURI("disk", socket: socket)])
+        #expect(r.status == 0 && r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(Self.mib)", "\(r.stderr)")
+        server.shutdown()
+        try await task.value
+        await io.shutdown()
+    }
+}
+
+/// An in-memory export whose failures the test chooses by offset.
+private struct FaultyExport: NBDExport {
+    var name: String { "faulty" }
+    var size: UInt64 { 1 << 20 }
+    var capabilities: NBDExportCapabilities { [.flush, .trim, .writeZeroes, .fastZero] }
+    func read(offset: UInt64, length: UInt32) async throws(NBDError) -> ByteBuffer {
+        if offset == 0 { throw NBDError(.EIO, "disk on fire") }
+        if offset == 512 { return ByteBuffer(bytes: [1, 2, 3]) }  // short: a broken export
+        return ByteBuffer(repeating: 9, count: Int(length))
+    }
+    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(NBDError) {
+        throw NBDError(StorageError(.write, path: "/x", errno: EDQUOT))
+    }
+    func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool) async throws(NBDError) {
+        throw NBDError(.ENOTSUP, "slow")
+    }
+    func blockStatus(context: String, offset: UInt64, length: UInt32) async throws(NBDError) -> [NBDExtent] {
+        [NBDExtent(length: 4096, flags: 3), NBDExtent(length: 1 << 19, flags: 0)]
+    }
+}
+
+extension NBDServerTests {
+    @Test func exportErrorsMapToWireErrorsWithTheirMessage() async throws {
+        try await withNBDServer { f in
+            try f.registry.add(FaultyExport())
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.handshake(export: "faulty", structured: true)
+                func error(_ r: NBDRequest) throws -> (UInt32, String) {
+                    try c.sendRequest(r, payload: r.type == NBDCommand.write.rawValue ? [UInt8](repeating: 0, count: Int(r.length)) : [])
+                    let reply = try c.readReply()
+                    guard reply.error != 0 else { return (0, "") }
+                    let n = Int(RawNBDClient.be(reply.payload, 4, UInt16.self))
+                    return (reply.error, String(decoding: reply.payload[6..<(6 + n)], as: UTF8.self))
+                }
+                #expect(try error(NBDRequest(.read, cookie: 1, offset: 0, length: 512)) == (5, "disk on fire"))
+                #expect(try error(NBDRequest(.read, cookie: 2, offset: 512, length: 512)).0 == NBDErrorCode.EIO.rawValue, "a short read is EIO")
+                #expect(try error(NBDRequest(.write, cookie: 3, offset: 0, length: 512)).0 == NBDErrorCode.ENOSPC.rawValue, "EDQUOT is ENOSPC")
+                #expect(try error(NBDRequest(.writeZeroes, cookie: 4, offset: 0, length: 512)).0 == NBDErrorCode.EINVAL.rawValue,
+                        "ENOTSUP only answers FAST_ZERO")
+                #expect(try error(NBDRequest(.writeZeroes, flags: .fastZero, cookie: 5, offset: 0, length: 512)).0 == NBDErrorCode.ENOTSUP.rawValue)
+                // REQ_ONE: one extent, not longer than the request; without: cut after the request's end.
+                try c.sendRequest(NBDRequest(.blockStatus, flags: .reqOne, cookie: 6, offset: 0, length: 1000))
+                var r = try c.readReply()
+                #expect(Array(r.payload[4...]) == [0, 0, 3, 0xe8, 0, 0, 0, 3])
+                try c.sendRequest(NBDRequest(.blockStatus, cookie: 7, offset: 0, length: 8192))
+                r = try c.readReply()
+                #expect(r.payload.count == 4 + 16 && r.flags == 1)
+                try c.sendRequest(NBDRequest(.read, cookie: 8, offset: 4096, length: 100))
+                r = try c.readReply()
+                #expect(r.type == NBDReplyType.offsetData.rawValue && r.payload.count == 108, "and the connection goes on")
+            }
+        }
+    }
+}
+
+/// Counts how many reads run at once.
+private final class CountingExport: NBDExport {
+    let state = Mutex<(now: Int, peak: Int, total: Int)>((0, 0, 0))
+    var name: String { "counting" }
+    var size: UInt64 { 64 << 20 }
+    var capabilities: NBDExportCapabilities { .readOnly }
+    func read(offset: UInt64, length: UInt32) async throws(NBDError) -> ByteBuffer {
+        state.withLock { $0.now += 1; $0.peak = max($0.peak, $0.now); $0.total += 1 }
+        try? await Task.sleep(for: .milliseconds(20))
+        state.withLock { $0.now -= 1 }
+        return ByteBuffer(repeating: 0, count: Int(length))
+    }
+}
+
+extension NBDServerTests {
+    @Test func requestsInFlightAreBoundedPerConnectionByCountAndBytes() async throws {
+        let export = CountingExport()
+        try await withNBDServer(configure: { $0.maxRequestsInFlight = 4; $0.maxBytesInFlight = 8 << 20 }) { f in
+            try f.registry.add(export)
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.handshake(export: "counting", structured: false)
+                for i in 0..<24 { try c.sendRequest(NBDRequest(.read, cookie: UInt64(i), offset: 0, length: 4096)) }
+                for _ in 0..<24 { #expect(try c.readReply { _ in 4096 }.error == 0) }
+            }
+            #expect(export.state.withLock { $0.peak } == 4, "at most maxRequestsInFlight at once, and that many")
+            export.state.withLock { $0 = (0, 0, 0) }
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.handshake(export: "counting", structured: false)
+                // 3 MiB reads: 8 MiB of payload in flight allows two at a time.
+                for i in 0..<8 { try c.sendRequest(NBDRequest(.read, cookie: UInt64(i), offset: 0, length: 3 << 20)) }
+                for _ in 0..<8 { #expect(try c.readReply { _ in 3 << 20 }.error == 0) }
+            }
+            #expect(export.state.withLock { $0.peak } == 2, "at most maxBytesInFlight of payload at once")
+        }
+    }
+
+    @Test func aClientThatDoesNotFinishTheHandshakeIsClosed() async throws {
+        try await withNBDServer(configure: { $0.handshakeTimeout = .milliseconds(200) }) { f in
+            try await offPool {
+                let c = try RawNBDClient(path: f.socket)
+                try c.greet()
+                let start = Date()
+                #expect(c.isClosed(), "closed by the handshake timeout")
+                #expect(Date().timeIntervalSince(start) < 3)
+            }
+        }
+    }
+}
+
+/// A bound, listening Unix socket (what systemd passes with socket activation).
+private func listeningSocket(path: String) -> Int32? {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        let b = Array(path.utf8)
+        raw.copyBytes(from: b)
+        raw[b.count] = 0
+    }
+    let ok = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    } == 0 && listen(fd, 16) == 0
+    if !ok { close(fd); return nil }
+    return fd
+}
+
+/// Binds and abandons a Unix socket at `path` (a stale socket file, as a crashed daemon leaves).
+private func socket_(path: String) -> Bool {
+    try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        let b = Array(path.utf8)
+        raw.copyBytes(from: b)
+        raw[b.count] = 0
+    }
+    return withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    } == 0
+}
