@@ -15,7 +15,8 @@ import Testing
         let m1 = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m1.restore()
         var slow = TunablesUpdate()
-        slow.rateLimitBytesPerSecond = .some(8 << 20)
+        // Slow enough that a loaded machine cannot finish the job before the shutdown below.
+        slow.rateLimitBytesPerSecond = .some(2 << 20)
         _ = try await m1.create(CreateJobRequest(name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
                                                  discardSource: true, tunables: slow))
         _ = try await m1.create(CreateJobRequest(name: "b", source: dir.file("b.img"), dest: dir.file("b.out"), noHydration: true))

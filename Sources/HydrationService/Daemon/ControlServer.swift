@@ -192,21 +192,30 @@ public final class ControlServer: Service, Sendable {
             try Self.prepareSocketPath(path)
             let ch = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
             do {
-                guard chmod(path, mode_t(configuration.socketMode)) == 0 else {
-                    throw ControlServerError.setupFailed(path: path, operation: "chmod", errno: errno)
-                }
-                if let gid = configuration.socketGroup, chown(path, uid_t.max, gid_t(gid)) != 0 {
-                    throw ControlServerError.setupFailed(path: path, operation: "chown", errno: errno)
-                }
+                try Self.applySocketAccess(path, mode: configuration.socketMode, group: configuration.socketGroup)
             } catch {
                 try? await ch.channel.close()
                 Self.removeSocketFile(path, inode: nil)
                 throw error
             }
-            var st = stat()
-            let inode: ino_t = lstat(path, &st) == 0 ? st.st_ino : 0
-            return (ch, path, inode)
+            return (ch, path, Self.socketInode(path))
         }
+    }
+
+    /// Gives a freshly bound socket file its mode and group (shared with the NBD server).
+    static func applySocketAccess(_ path: String, mode: UInt32, group: UInt32?) throws {
+        guard chmod(path, mode_t(mode)) == 0 else {
+            throw ControlServerError.setupFailed(path: path, operation: "chmod", errno: errno)
+        }
+        if let gid = group, chown(path, uid_t.max, gid_t(gid)) != 0 {
+            throw ControlServerError.setupFailed(path: path, operation: "chown", errno: errno)
+        }
+    }
+
+    /// The inode of the socket file this process bound, so that shutdown removes only that file.
+    static func socketInode(_ path: String) -> ino_t {
+        var st = stat()
+        return lstat(path, &st) == 0 ? st.st_ino : 0
     }
 
     /// Creates the parent directory; removes a stale socket file; refuses a live socket or a non-socket.

@@ -175,20 +175,13 @@ public final class NBDServer: Service, Sendable {
             try ControlServer.prepareSocketPath(path)
             let ch = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
             do {
-                guard chmod(path, mode_t(configuration.socketMode)) == 0 else {
-                    throw ControlServerError.setupFailed(path: path, operation: "chmod", errno: errno)
-                }
-                if let gid = configuration.socketGroup, chown(path, uid_t.max, gid_t(gid)) != 0 {
-                    throw ControlServerError.setupFailed(path: path, operation: "chown", errno: errno)
-                }
+                try ControlServer.applySocketAccess(path, mode: configuration.socketMode, group: configuration.socketGroup)
             } catch {
                 try? await ch.channel.close()
                 ControlServer.removeSocketFile(path, inode: nil)
                 throw error
             }
-            var st = stat()
-            let inode: ino_t = lstat(path, &st) == 0 ? st.st_ino : 0
-            return (ch, path, inode)
+            return (ch, path, ControlServer.socketInode(path))
         }
     }
 

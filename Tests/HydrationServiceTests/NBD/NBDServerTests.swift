@@ -272,7 +272,8 @@ import Testing
         let path = dir.path + "/disk.img"
         _ = FileManager.default.createFile(atPath: path, contents: Data(repeating: 7, count: Self.mib))
         let inner = FileNBDExport(name: "disk", device: try PosixStorage().open(path, mode: .destination(createSize: nil)), io: io)
-        try registry.add(TestExport(name: "disk", inner: inner, slowReadOffsets: [0]))
+        let (slowReadStarted, slowCont) = AsyncStream<Void>.makeStream()
+        try registry.add(TestExport(name: "disk", inner: inner, slowReadOffsets: [0], onSlowRead: { slowCont.yield() }))
         let (listening, cont) = AsyncStream<Void>.makeStream()
         let server = NBDServer(configuration: NBDServerConfiguration(listener: .path(socket)), exports: registry) { _ in cont.yield() }
         let task = Task { try await server.run() }
@@ -288,7 +289,8 @@ import Testing
             let r = try client.readReply { _ in 4096 }
             return (r, client.isClosed())
         }
-        try await Task.sleep(for: .milliseconds(100))  // the slow read is in flight
+        var started = slowReadStarted.makeAsyncIterator()
+        _ = await started.next()  // the slow read is in flight
         server.shutdown()
         let (r, closedAfter) = try await reply.value
         #expect(r.error == 0 && r.payload == [UInt8](repeating: 7, count: 4096), "the read in flight completed")

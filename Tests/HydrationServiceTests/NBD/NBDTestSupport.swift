@@ -79,12 +79,16 @@ final class TestExport: NBDExport {
     let name: String
     let capabilities: NBDExportCapabilities
     let slowReadOffsets: Set<UInt64>
+    /// Called when a slow read starts (tests wait for it instead of sleeping).
+    let onSlowRead: (@Sendable () -> Void)?
     var size: UInt64 { inner.size }
     var description: String? { inner.description }
     var blockSize: NBDBlockSize { inner.blockSize }
     var metaContexts: [String] { [NBDProtocol.baseAllocation, "x-test:stripes"] }
 
-    init(name: String, inner: FileNBDExport, removing: NBDExportCapabilities = [], slowReadOffsets: Set<UInt64> = []) {
+    init(name: String, inner: FileNBDExport, removing: NBDExportCapabilities = [], slowReadOffsets: Set<UInt64> = [],
+         onSlowRead: (@Sendable () -> Void)? = nil) {
+        self.onSlowRead = onSlowRead
         self.name = name
         self.inner = inner
         self.capabilities = inner.capabilities.subtracting(removing)
@@ -92,7 +96,10 @@ final class TestExport: NBDExport {
     }
 
     func read(offset: UInt64, length: UInt32) async throws(NBDError) -> ByteBuffer {
-        if slowReadOffsets.contains(offset) { try? await Task.sleep(for: .milliseconds(300)) }
+        if slowReadOffsets.contains(offset) {
+            onSlowRead?()
+            try? await Task.sleep(for: .milliseconds(300))
+        }
         return try await inner.read(offset: offset, length: length)
     }
     func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws(NBDError) {
