@@ -80,7 +80,10 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
             if let p = v.string("path"), p.contains(" ") {
                 return p + "; remove or pause the job using it, or choose another path"
             }
-            hint = "; remove that job first or choose another path"
+            // Held by something else than a job: the message says what, and what to do.
+            hint = (v.string("job") ?? "").isEmpty ? "" : "; remove that job first or choose another path"
+        case .deviceUnconfirmed:
+            hint = "; if it is the job's own device after all (e.g. a disk without a serial after a reboot), 'clonectl resume NAME --accept-devices'"
         case .sizeMismatch:
             if let m = v.string("message") { return "destination too small: \(m)" }
             hint = ""

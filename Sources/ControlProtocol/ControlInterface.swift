@@ -234,6 +234,10 @@ public enum ControlInterface {
         # The request would destroy the only record of data still needed; the message says
         # what, and how to go on.
         error DataAtRisk (name: string, message: string)
+
+        # The device at a job's path cannot be confirmed to be the job's own (renumbered,
+        # replaced, swapped, or without a stable identity): nothing is written or released.
+        error DeviceUnconfirmed (path: string, message: string)
         """
 
     /// The standard `org.varlink.service` interface every Varlink service provides.

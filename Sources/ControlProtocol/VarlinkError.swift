@@ -29,6 +29,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         public static let tooManyConnections = "org.hydrationd.Control.TooManyConnections"
         public static let internalError = "org.hydrationd.Control.InternalError"
         public static let dataAtRisk = "org.hydrationd.Control.DataAtRisk"
+        public static let deviceUnconfirmed = "org.hydrationd.Control.DeviceUnconfirmed"
 
         public static let serviceInterfaceNotFound = "org.varlink.service.InterfaceNotFound"
         public static let serviceMethodNotFound = "org.varlink.service.MethodNotFound"
@@ -42,7 +43,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     public enum Kind: Sendable, Equatable {
         case noSuchJob, jobExists, jobRunning, invalidParameter, deviceInUse, sizeMismatch, metadataCorrupt
         case permissionDenied, jobFailed, ioError, invalidMessage, messageTooLarge, tooManyConnections
-        case internalError, dataAtRisk
+        case internalError, dataAtRisk, deviceUnconfirmed
         case interfaceNotFound, methodNotFound, methodNotImplemented, serviceInvalidParameter
         case servicePermissionDenied, expectedMore
         case other
@@ -65,6 +66,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case Name.tooManyConnections: return .tooManyConnections
         case Name.internalError: return .internalError
         case Name.dataAtRisk: return .dataAtRisk
+        case Name.deviceUnconfirmed: return .deviceUnconfirmed
         case Name.serviceInterfaceNotFound: return .interfaceNotFound
         case Name.serviceMethodNotFound: return .methodNotFound
         case Name.serviceMethodNotImplemented: return .methodNotImplemented
@@ -80,7 +82,8 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     public var isRequestRejection: Bool {
         switch kind {
         case .noSuchJob, .jobExists, .jobRunning, .invalidParameter, .deviceInUse, .sizeMismatch,
-            .metadataCorrupt, .permissionDenied, .serviceInvalidParameter, .servicePermissionDenied, .dataAtRisk:
+            .metadataCorrupt, .permissionDenied, .serviceInvalidParameter, .servicePermissionDenied, .dataAtRisk,
+            .deviceUnconfirmed:
             return true
         default:
             return false
@@ -153,6 +156,12 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         VarlinkError(name: Name.dataAtRisk, parameters: ["name": .string(name), "message": .string(message)])
     }
 
+    /// The device at a job's path cannot be confirmed to be the job's own (renumbered, replaced,
+    /// swapped, or without a stable identity): nothing is written or released.
+    public static func deviceUnconfirmed(path: String, message: String) -> VarlinkError {
+        VarlinkError(name: Name.deviceUnconfirmed, parameters: ["path": .string(path), "message": .string(message)])
+    }
+
     public static func invalidMessage(_ reason: String) -> VarlinkError {
         VarlinkError(name: Name.invalidMessage, parameters: ["reason": .string(reason)])
     }
@@ -203,6 +212,9 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
             let reason = p["reason"]?.stringValue.map { ": \($0)" } ?? ""
             return "invalid parameter '\(p["parameter"]?.stringValue ?? "?")'\(reason)"
         case .deviceInUse:
+            // Held by something that is not one of this daemon's jobs (a loop device, a process, a
+            // mount): the daemon's message names it.
+            if p["job"]?.stringValue ?? "" == "", let m = p["message"]?.stringValue, !m.isEmpty { return m }
             return "\(p["path"]?.stringValue ?? "device") is already used by job '\(p["job"]?.stringValue ?? "?")'"
         case .sizeMismatch:
             return "destination (\(p["dest_bytes"]?.int64Value ?? 0) bytes) is smaller than source (\(p["source_bytes"]?.int64Value ?? 0) bytes)"
@@ -219,6 +231,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case .tooManyConnections: return "too many connections to the daemon (limit \(p["limit"]?.int64Value ?? 0))"
         case .internalError: return "internal daemon error: \(p["message"]?.stringValue ?? "")"
         case .dataAtRisk: return "job '\(p["name"]?.stringValue ?? "?")': \(p["message"]?.stringValue ?? "")"
+        case .deviceUnconfirmed: return p["message"]?.stringValue ?? "device \(p["path"]?.stringValue ?? "?") cannot be confirmed"
         case .interfaceNotFound: return "interface not found: \(p["interface"]?.stringValue ?? "?")"
         case .methodNotFound: return "method not found: \(p["method"]?.stringValue ?? "?")"
         case .methodNotImplemented: return "method not implemented: \(p["method"]?.stringValue ?? "?")"

@@ -183,6 +183,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         (.tooManyConnections(limit: 1), "org.hydrationd.Control.TooManyConnections", ["limit"]),
         (.internalError("x"), "org.hydrationd.Control.InternalError", ["message"]),
         (.dataAtRisk("a", message: "m"), "org.hydrationd.Control.DataAtRisk", ["name", "message"]),
+        (.deviceUnconfirmed(path: "/dev/x", message: "m"), "org.hydrationd.Control.DeviceUnconfirmed", ["path", "message"]),
         (.interfaceNotFound("i"), "org.varlink.service.InterfaceNotFound", ["interface"]),
         (.methodNotFound("m"), "org.varlink.service.MethodNotFound", ["method"]),
         (.methodNotImplemented("m"), "org.varlink.service.MethodNotImplemented", ["method"]),
@@ -209,7 +210,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(declared == [
             "NoSuchJob", "JobExists", "JobRunning", "InvalidParameter", "DeviceInUse", "SizeMismatch",
             "MetadataCorrupt", "PermissionDenied", "JobFailed", "IOError", "InvalidMessage", "MessageTooLarge",
-            "TooManyConnections", "InternalError", "DataAtRisk",
+            "TooManyConnections", "InternalError", "DataAtRisk", "DeviceUnconfirmed",
         ])
     }
 

@@ -182,3 +182,68 @@ def test_the_operator_accepts_a_moved_destination(tmp_path, loops):
         assert sha256_of(tmp_path / "d1.img") == d1_sum
     finally:
         d.kill()
+
+
+def test_swapped_loop_devices_are_refused_even_when_accepted(tmp_path, loops):
+    """The source and destination loop devices come back in the other order: the restart refuses
+    them, and `accept_devices` does not take a swap (releasing the "source" would punch the clone)."""
+    size = 16 * MiB
+    make_image(tmp_path / "s.img", size, seed=10)
+    (tmp_path / "d.img").write_bytes(b"")
+    os.truncate(tmp_path / "d.img", size)
+    src, dst = loops(tmp_path / "s.img"), loops(tmp_path / "d.img")
+    d = Daemon(tmp_path, "swap").start()
+    try:
+        d.call("Start", {"name": "j", "source": src, "dest": dst, "discard_source": True,
+                         "commit_interval_ms": 50, "rate_limit_bytes_per_second": 4 * MiB})
+        deadline = time.time() + 20
+        while d.status("j")["bytes"]["committed"] < 2 * MiB:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        d.kill(signal.SIGKILL)
+        loops.detach(src)
+        loops.detach(dst)
+        loops(tmp_path / "d.img", src)
+        loops(tmp_path / "s.img", dst)
+        d_before = sha256_of(tmp_path / "d.img")
+        s_before = sha256_of(tmp_path / "s.img")
+        d.start()
+        assert d.status("j")["error"]["code"] == "DeviceUnconfirmed"
+        with pytest.raises(VarlinkError) as e:
+            d.call("Resume", {"name": "j", "accept_devices": True})
+        assert e.value.name.endswith("DeviceUnconfirmed") and "swapped" in e.value.parameters["message"]
+        d.stop()
+        assert sha256_of(tmp_path / "d.img") == d_before and sha256_of(tmp_path / "s.img") == s_before
+    finally:
+        d.kill()
+
+
+def test_a_loop_alias_of_a_kept_destination_is_refused(tmp_path, loops):
+    """A removed, partly released job's destination is reserved under every name: a loop device
+    over that file is refused as a new destination, and as a discard_source source."""
+    size = 16 * MiB
+    make_image(tmp_path / "s.img", size, seed=11)
+    d = Daemon(tmp_path, "alias").start()
+    try:
+        d.call("Start", {"name": "j", "source": str(tmp_path / "s.img"), "dest": str(tmp_path / "d.img"),
+                         "discard_source": True, "commit_interval_ms": 50, "rate_limit_bytes_per_second": 4 * MiB})
+        deadline = time.time() + 20
+        while d.status("j")["bytes"]["discarded"] < 2 * MiB:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        d.call("Pause", {"name": "j"})
+        kept = d.call("Remove", {"name": "j", "force": True})["kept_metadata"]
+        assert kept
+        before = sha256_of(tmp_path / "d.img")
+        alias = loops(tmp_path / "d.img")
+        make_image(tmp_path / "x.img", size, seed=12)
+        for params in ({"name": "w", "source": str(tmp_path / "x.img"), "dest": alias},
+                       {"name": "r", "source": alias, "dest": str(tmp_path / "y.img"), "discard_source": True}):
+            with pytest.raises(VarlinkError) as e:
+                d.call("Start", params)
+            assert e.value.name.endswith("DataAtRisk"), e.value
+            assert kept in e.value.parameters["message"]
+        loops.detach(alias)
+        assert sha256_of(tmp_path / "d.img") == before
+    finally:
+        d.kill()

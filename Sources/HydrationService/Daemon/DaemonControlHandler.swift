@@ -27,8 +27,10 @@ public struct DaemonControlHandler: ControlHandler {
             return .deviceInUse(path: e.path ?? path ?? "", job: e.holder ?? "", message: e.message)
         case .sizeMismatch:
             return .sizeMismatch(sourceBytes: e.sourceBytes ?? 0, destBytes: e.destBytes ?? 0, message: e.message)
-        case .metadataCorrupt, .metadataMismatch, .metadataExists, .deviceUnconfirmed:
-            return .metadataCorrupt(path: e.path ?? path ?? "", reason: e.message)
+        case .metadataCorrupt, .metadataMismatch, .metadataExists:
+            return .metadataCorrupt(path: path ?? "", reason: e.message)
+        case .deviceUnconfirmed:
+            return .deviceUnconfirmed(path: e.path ?? path ?? "", message: e.message)
         case .permissionDenied: return .permissionDenied(method: "", reason: e.message)
         case .sourceReadFailed, .destWriteFailed, .noSpace, .commitFailed:
             return .jobFailed(job ?? "", code: e.code.rawValue, message: e.message)

@@ -118,6 +118,7 @@ public actor JobManager {
     /// the definition back, so interleaving them would lose updates (a pause undone by a
     /// concurrent set, a removed job resurrected by a concurrent persist).
     private var operationQueues: [String: [CheckedContinuation<Void, Never>]] = [:]
+    private var stateLock: StateDirectoryLock?
 
     public static let maxNameLength = 64
 
@@ -140,6 +141,8 @@ public actor JobManager {
     public func restore() async throws {
         try FileManager.default.createDirectory(atPath: jobsDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
+        // Two daemons on one state directory would both open every job's metadata read-write.
+        stateLock = try StateDirectoryLock(directory: stateDirectory)
         let names = try FileManager.default.contentsOfDirectory(atPath: jobsDirectory)
             .filter { $0.hasSuffix(".json") && !$0.hasPrefix(".") }
             .sorted()
@@ -246,8 +249,13 @@ public actor JobManager {
             throw HydrationError(.invalidParameter, "region_size must be a power of two from 4 KiB to 1 GiB (got \(regionSize))")
         }
         let tunables = req.tunables.applied(to: .defaults(regionSize: regionSize))
+        var defaultMetadata = jobsDirectory + "/\(req.name).meta"
+        if keptRecords().contains(where: { $0.record.definition.metadata == defaultMetadata }) {
+            // A removed job of the same name kept its metadata there.
+            defaultMetadata = jobsDirectory + "/\(req.name)-\(wallClockMillis()).meta"
+        }
         var def = JobDefinition(name: req.name, source: req.source, dest: req.dest,
-                                metadata: req.metadata ?? jobsDirectory + "/\(req.name).meta",
+                                metadata: req.metadata ?? defaultMetadata,
                                 regionSize: regionSize, discardSource: req.discardSource, destZeroed: req.destZeroed,
                                 tunables: tunables, desired: req.noHydration ? .paused : .hydrating)
         // Another job's metadata must not be touched by this one.
@@ -263,6 +271,7 @@ public actor JobManager {
             }
         }
         let kept = try await keptRecord(concerning: def)
+        try await checkReservations(def, except: kept?.file)
         creating.insert(req.name)
         defer { creating.remove(req.name) }
         let job: HydrationJob
@@ -309,26 +318,100 @@ public actor JobManager {
     /// error when it would write over the destination of one (that destination holds the only
     /// copy of regions already released from the record's source).
     private func keptRecord(concerning def: JobDefinition) async throws(HydrationError) -> (record: KeptRecord, file: String)? {
-        let records = keptRecords()
-        if let match = records.first(where: { $0.record.definition.metadata == def.metadata }) {
-            return match
+        keptRecords().first { $0.record.definition.metadata == def.metadata }
+    }
+
+    /// What other jobs still need, so that no new job may write to it or release it: the source
+    /// and destination of every job that is not complete (live, or listed as failed because it
+    /// could not be opened: its devices are unlocked, but its data is not free), the source of a
+    /// complete job whose releases are not all recorded as done (a restart would release them),
+    /// and the source and destination of every kept record. A discard_source job's source is not
+    /// even to be read by a new job (it is being punched).
+    private func reservations(except keptFile: String?) async -> [Reservation] {
+        var out: [Reservation] = []
+        for (name, entry) in jobs {
+            let d = entry.definition
+            switch entry {
+            case .live(let job, _):
+                if await job.currentState != .complete {
+                    out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
+                    out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
+                } else if await !job.releasesSettled {
+                    out.append(Reservation(path: d.source, role: "source (releases still pending)", owner: name, keptMetadata: nil, noReaders: true))
+                }
+            case .broken(_, _, let h):
+                if let h, h.complete {
+                    if !h.releasesSettled { out.append(Reservation(path: d.source, role: "source (releases still pending)", owner: name, keptMetadata: nil, noReaders: true)) }
+                } else {
+                    out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
+                    out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
+                }
+            case .finished:
+                break
+            }
         }
-        let storage = self.storage
-        let destID = try? await io.run { try storage.identify(def.dest) }
-        for (record, _) in records {
+        for (record, file) in keptRecords() where file != keptFile {
             let k = record.definition
-            var same = k.dest == def.dest
-            if !same, let destID, let keptID = try? await io.run({ try storage.identify(k.dest) }) {
-                same = keptID.identity == destID.identity
-                    || (!keptID.stableID.isEmpty && keptID.stableID == destID.stableID)
-            }
-            if same {
-                var e = HydrationError(.dataAtRisk, "destination \(def.dest) holds the only copy of regions already released from \(k.source) by removed job \(k.name); its metadata is kept at \(k.metadata). Resume that job: clonectl start \(def.name) --source \(k.source) --dest \(k.dest) --metadata \(k.metadata) (or delete \(k.metadata) by hand once that data is no longer needed)")
-                e.path = def.dest
-                throw e
-            }
+            out.append(Reservation(path: k.source, role: "source", owner: k.name, keptMetadata: k.metadata, noReaders: k.discardSource))
+            out.append(Reservation(path: k.dest, role: "destination", owner: k.name, keptMetadata: k.metadata, noReaders: false))
         }
-        return nil
+        return out
+    }
+
+    /// Refuses a new job that would write to (its destination), release (its discard_source
+    /// source) or read while it is being punched (any source) what another job still needs —
+    /// by path, and by what the bytes live on (a loop device over the file, a partition of the
+    /// disk, ...), so an alias does not get around it.
+    private func checkReservations(_ def: JobDefinition, except keptFile: String?) async throws(HydrationError) {
+        let reserved = await reservations(except: keptFile)
+        guard !reserved.isEmpty else { return }
+        let storage = self.storage
+        let conflict: (String, String, Reservation)?
+        do {
+            conflict = try await io.run { () throws -> (String, String, Reservation)? in
+                var targets: [(String, String, Bool)] = [("destination", def.dest, false)]
+                targets.append(("source", def.source, !def.discardSource))
+                var stacks: [String: StorageStack?] = [:]
+                func stack(_ p: String) -> StorageStack? {
+                    if let s = stacks[p] { return s }
+                    let s = (try? storage.stack(of: p)) ?? nil
+                    stacks[p] = s
+                    return s
+                }
+                for (label, path, readOnly) in targets {
+                    for r in reserved where !readOnly || r.noReaders {
+                        if r.path == path { return (label, path, r) }
+                        if let a = stack(path), let b = stack(r.path), let why = a.overlap(with: b, as: label, otherLabel: r.role) {
+                            return (label, why, r)
+                        }
+                    }
+                }
+                return nil
+            }
+        } catch {
+            throw HydrationError(.ioError, "checking the devices of other jobs: \(error)")
+        }
+        guard let (label, detail, r) = conflict else { return }
+        let what = label == "destination" ? "written" : (def.discardSource ? "released" : "read while it is released")
+        if let keptMetadata = r.keptMetadata {
+            var e = HydrationError(.dataAtRisk, "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of removed job \(r.owner), whose metadata was kept at \(keptMetadata): it holds data no other copy has and may not be \(what). Resume that job (clonectl start \(r.owner) --metadata \(keptMetadata) --source SOURCE --dest DEST), or delete \(keptMetadata) and its record in the state directory's kept/ by hand once that data is no longer needed")
+            e.path = r.path
+            throw e
+        }
+        var e = HydrationError(.deviceInUse, "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of job \(r.owner), which still needs it (it is not complete, or its releases are pending): it may not be \(what). Finish or remove job \(r.owner) first")
+        e.path = r.path
+        e.holder = r.owner
+        throw e
+    }
+
+    struct Reservation: Sendable {
+        var path: String
+        var role: String
+        var owner: String
+        /// Set for a kept record (a removed job): where its metadata is.
+        var keptMetadata: String?
+        /// A discard_source job's source: being punched, so not even to be read by a new job.
+        var noReaders: Bool
     }
 
     /// Every kept record (unreadable ones are logged and skipped).
@@ -435,7 +518,7 @@ public actor JobManager {
 
     private func removeLocked(_ name: String, force: Bool) async throws(HydrationError) -> String? {
         guard let entry = jobs[name] else { throw HydrationError(.noSuchJob, "no job named \(name)") }
-        var def = entry.definition
+        let def = entry.definition
         // What the metadata says (durably) before anything changes.
         var atRisk = false
         var jobID: String? = nil
@@ -460,34 +543,20 @@ public actor JobManager {
             throw HydrationError(.dataAtRisk, "job \(name) has released part of its source \(def.source); the destination \(def.dest) holds the only copy of those regions and the metadata \(def.metadata) the only record of which they are. Finish it (clonectl resume \(name)), or remove it with --force: the metadata is then kept")
         }
         if case .live(let job, _) = entry { await job.close() }
+        // Until the end of this function the entry stays in `jobs`, so its devices stay reserved
+        // (`checkReservations`) while their locks are already gone.
         var kept: String? = nil
         if atRisk {
+            // The record first, durably, and the metadata left where it is: a crash at any point
+            // leaves the definition, the record, or both, and never a metadata file nothing
+            // points at.
             let stem = "\(name)-\(jobID ?? String(wallClockMillis()))"
             do {
                 try FileManager.default.createDirectory(atPath: keptDirectory, withIntermediateDirectories: true,
                                                         attributes: [.posixPermissions: 0o700])
-            } catch {
-                throw HydrationError(.ioError, "creating \(keptDirectory): \(error)")
-            }
-            if def.metadata.hasPrefix(jobsDirectory + "/") {
-                // Out of the way of a new job of the same name (which would use the same path).
-                let moved = keptDirectory + "/\(stem).meta"
-                do {
-                    try await io.run { [def] in
-                        guard rename(def.metadata, moved) == 0 else { throw StorageError(.create, path: moved, errno: errno) }
-                        try PosixStorage().syncDirectory(containing: moved)
-                        try PosixStorage().syncDirectory(containing: def.metadata)
-                    }
-                } catch {
-                    throw HydrationError(.ioError, "keeping metadata \(def.metadata): \(error)")
-                }
-                def.metadata = moved
-            }
-            let record = KeptRecord(definition: def, removedUnixMs: wallClockMillis())
-            do {
                 let enc = JSONEncoder()
                 enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-                let data = try enc.encode(record)
+                let data = try enc.encode(KeptRecord(definition: def, removedUnixMs: wallClockMillis()))
                 let path = keptDirectory + "/\(stem).json"
                 try await io.run { try Self.writeDurably(data, to: path) }
             } catch {
@@ -495,8 +564,16 @@ public actor JobManager {
             }
             kept = def.metadata
         }
+        let definitionFile = definitionPath(name)
+        do {
+            try await io.run {
+                if unlink(definitionFile) != 0 && errno != ENOENT { throw StorageError(.create, path: definitionFile, errno: errno) }
+                try PosixStorage().syncDirectory(containing: definitionFile)
+            }
+        } catch {
+            throw HydrationError(.ioError, "removing job definition \(definitionFile): \(error)")
+        }
         jobs[name] = nil
-        try? FileManager.default.removeItem(atPath: definitionPath(name))
         if kept == nil, def.metadata.hasPrefix(jobsDirectory + "/") {
             try? FileManager.default.removeItem(atPath: def.metadata)
         }
@@ -533,6 +610,7 @@ public actor JobManager {
                 logger.info("job closed for shutdown", metadata: ["job": "\(name)", "state": "\(state.rawValue)"])
             }
         }
+        stateLock = nil
     }
 
     /// Validates a metadata file offline (read only).

@@ -275,10 +275,21 @@ public actor HydrationJob {
         }
         let h = opened.0.header
         // Compare before opening, so a wrong device gets the precise error, not "in use".
-        if let s = try identify(storage, config.sourcePath, what: "source") {
+        let foundSource = try identify(storage, config.sourcePath, what: "source")
+        let foundDest = try identify(storage, config.destPath, what: "destination")
+        // Swapped (loop devices attached in the other order): refused even when the operator
+        // accepts the devices, since releasing the "source" would then punch the clone.
+        for (found, label, other, otherLabel) in [(foundSource, "source", h.dest, "destination"), (foundDest, "destination", h.source, "source")] {
+            if let found, !found.stableID.isEmpty, found.stableID == other.stableID {
+                var e = HydrationError(.deviceUnconfirmed, "\(label) \(found.path) is the job's \(otherLabel) (\(found.stableID)): source and destination are swapped; attach them at their own paths")
+                e.path = found.path
+                throw e
+            }
+        }
+        if let s = foundSource {
             try confirm(s, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
         }
-        if let d = try identify(storage, config.destPath, what: "destination") {
+        if let d = foundDest {
             try confirm(d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
         }
         try checkPlacement(source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
@@ -345,6 +356,8 @@ public actor HydrationJob {
     public private(set) var needsReopen = false
     /// The metadata's job UUID.
     public var jobID: String { store.header.jobID }
+    /// Nothing of the source may still need releasing (as the metadata durably records).
+    public var releasesSettled: Bool { store.header.releasesSettled }
     public var lastError: HydrationError? { error }
 
     /// Starts or resumes hydration. A complete job stays complete.
