@@ -166,7 +166,10 @@ public actor JobManager {
     private func openEntry(_ def: JobDefinition, acceptDevices: Bool = false) async -> Entry {
         let storage = self.storage
         let header = try? await io.run { try MetadataStore.open(path: def.metadata, storage: storage, readOnly: true).0.header }
-        if let header, header.complete, header.releasesSettled {
+        if let header, header.complete {
+            // A complete job never touches its source again, even with releases pending (a crash
+            // between its last commit and their record, a source whose sync failed): that source
+            // may be anything by now. What was not released is shown as pending in its status.
             logger.info("complete job restored from its metadata alone", metadata: ["job": "\(def.name)"])
             return .finished(def, header)
         }
@@ -323,9 +326,9 @@ public actor JobManager {
 
     /// What other jobs still need, so that no new job may write to it or release it: the source
     /// and destination of every job that is not complete (live, or listed as failed because it
-    /// could not be opened: its devices are unlocked, but its data is not free), the source of a
-    /// complete job whose releases are not all recorded as done (a restart would release them),
-    /// and the source and destination of every kept record. A discard_source job's source is not
+    /// could not be opened: its devices are unlocked, but its data is not free), and the source
+    /// and destination of every kept record. (A complete job needs nothing: it never touches its
+    /// devices again, not even to finish releases a crash left pending.) A discard_source job's source is not
     /// even to be read by a new job (it is being punched).
     private func reservations(except keptFile: String?) async -> [Reservation] {
         var out: [Reservation] = []
@@ -336,13 +339,9 @@ public actor JobManager {
                 if await job.currentState != .complete {
                     out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
                     out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
-                } else if await !job.releasesSettled {
-                    out.append(Reservation(path: d.source, role: "source (releases still pending)", owner: name, keptMetadata: nil, noReaders: true))
                 }
             case .broken(_, _, let h):
-                if let h, h.complete {
-                    if !h.releasesSettled { out.append(Reservation(path: d.source, role: "source (releases still pending)", owner: name, keptMetadata: nil, noReaders: true)) }
-                } else {
+                if h?.complete != true {
                     out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
                     out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
                 }
@@ -684,7 +683,9 @@ public actor JobManager {
             bytes: .init(total: total, hydrated: hydratedBytes, committed: hydratedBytes, skippedZero: 0, discarded: 0),
             throughputBytesPerSecond: 0, etaSeconds: complete ? 0 : nil,
             commits: .init(count: 0, lastUnixMs: h?.committedUnixMs, lastDurationMs: nil),
-            discard: .init(enabled: d.discardSource, pendingBytes: 0, failed: 0),
+            // Releases a complete job will never make (it does not touch its source again).
+            discard: .init(enabled: d.discardSource,
+                           pendingBytes: min(total, UInt64(h?.pendingRelease.reduce(0) { $0 + $1.count } ?? 0) * d.regionSize), failed: 0),
             spaceBudgetBytes: d.discardSource ? d.tunables.spaceBudgetBytes : nil,
             settings: .init(threshold: d.tunables.threshold, batchSize: d.tunables.batchSize,
                             rateLimitBytesPerSecond: d.tunables.rateLimitBytesPerSecond, commitIntervalMs: d.tunables.commitIntervalMs),

@@ -125,7 +125,8 @@ public actor HydrationJob {
         cfg.discardSource = h.discardSource
         cfg.destZeroed = h.destZeroed
         let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
-        await job.committer.publishRecovered()
+        // A complete job never releases again: its source may be anything by now.
+        if !h.complete { await job.committer.publishRecovered() }
         // Releasing what a crash left pending can take long: in the background (the daemon's
         // READY=1 does not wait for it), and a complete job lets go of its devices afterwards.
         if h.complete { await job.settleCompleteInBackground() }
@@ -356,8 +357,6 @@ public actor HydrationJob {
     public private(set) var needsReopen = false
     /// The metadata's job UUID.
     public var jobID: String { store.header.jobID }
-    /// Nothing of the source may still need releasing (as the metadata durably records).
-    public var releasesSettled: Bool { store.header.releasesSettled }
     public var lastError: HydrationError? { error }
 
     /// Starts or resumes hydration. A complete job stays complete.
