@@ -137,13 +137,20 @@ actor Committer {
     /// Records in the metadata that every release finished so far is done (a metadata-only commit
     /// when the recorded pending list is longer than what is still outstanding). Called once the
     /// discarder has drained: after it, a restart of a paused or complete job releases nothing.
-    func confirmReleases() async throws(HydrationError) {
-        guard publish != nil else { return }
+    ///
+    /// With `markComplete`, the same commit records completion: a discard_source job is complete
+    /// only once its releases were made (so a crash before that leaves it incomplete, and the
+    /// restart finishes them; a complete job never touches its source again).
+    func confirmReleases(markComplete: Bool = false) async throws(HydrationError) {
+        guard publish != nil else {
+            if markComplete { try await commit(markComplete: true) }
+            return
+        }
         pruneConfirmed()
         let outstanding = coalesce(unconfirmed.flatMap(\.ranges))
-        guard store.header.pendingRelease != outstanding else { return }
+        guard store.header.pendingRelease != outstanding || (markComplete && !store.header.complete) else { return }
         confirmRequested = true
-        try await commit()
+        try await commit(markComplete: markComplete)
     }
 
     private func pruneConfirmed() {

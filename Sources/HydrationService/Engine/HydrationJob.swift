@@ -468,6 +468,14 @@ public actor HydrationJob {
         }
     }
 
+    /// The end of a complete run with discard_source: every region is committed; wait for the
+    /// releases, then record them and completion in one commit. Until that commit the job is not
+    /// complete, so a crash in between leaves the releases to the restart.
+    private func drainReleasesAndComplete() async throws(HydrationError) {
+        if let discarder { await discarder.drainDurably(published: await committer.publishedCount) }
+        try await committer.confirmReleases(markComplete: true)
+    }
+
 
     // MARK: the run
 
@@ -498,7 +506,11 @@ public actor HydrationJob {
         // Whatever happened, commit what was hydrated; then wait for its discards.
         var commitError: HydrationError? = nil
         do {
-            try await committer.commit(markComplete: outcome == .complete)
+            // With discard_source, completion is recorded only after the releases (below).
+            try await committer.commit(markComplete: outcome == .complete && discarder == nil)
+            if outcome == .complete && discarder != nil {
+                try await drainReleasesAndComplete()
+            }
         } catch {
             commitError = error
         }
