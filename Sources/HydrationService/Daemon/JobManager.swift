@@ -253,7 +253,7 @@ public actor JobManager {
         }
         let tunables = req.tunables.applied(to: .defaults(regionSize: regionSize))
         var defaultMetadata = jobsDirectory + "/\(req.name).meta"
-        if keptRecords().contains(where: { $0.record.definition.metadata == defaultMetadata }) {
+        if await keptRecords().contains(where: { $0.record.definition.metadata == defaultMetadata }) {
             // A removed job of the same name kept its metadata there.
             defaultMetadata = jobsDirectory + "/\(req.name)-\(wallClockMillis()).meta"
         }
@@ -321,7 +321,7 @@ public actor JobManager {
     /// error when it would write over the destination of one (that destination holds the only
     /// copy of regions already released from the record's source).
     private func keptRecord(concerning def: JobDefinition) async throws(HydrationError) -> (record: KeptRecord, file: String)? {
-        keptRecords().first { $0.record.definition.metadata == def.metadata }
+        await keptRecords().first { $0.record.definition.metadata == def.metadata }
     }
 
     /// What other jobs still need, so that no new job may write to it or release it: the source
@@ -349,7 +349,7 @@ public actor JobManager {
                 break
             }
         }
-        for (record, file) in keptRecords() where file != keptFile {
+        for (record, file) in await keptRecords() where file != keptFile {
             let k = record.definition
             out.append(Reservation(path: k.source, role: "source", owner: k.name, keptMetadata: k.metadata, noReaders: k.discardSource))
             out.append(Reservation(path: k.dest, role: "destination", owner: k.name, keptMetadata: k.metadata, noReaders: false))
@@ -414,18 +414,27 @@ public actor JobManager {
     }
 
     /// Every kept record (unreadable ones are logged and skipped).
-    func keptRecords() -> [(record: KeptRecord, file: String)] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: keptDirectory)) ?? []
-        var out: [(KeptRecord, String)] = []
-        for file in names.sorted() where file.hasSuffix(".json") && !file.hasPrefix(".") {
-            let path = keptDirectory + "/" + file
-            do {
-                out.append((try JSONDecoder().decode(KeptRecord.self, from: Data(contentsOf: URL(fileURLWithPath: path))), path))
-            } catch {
-                logger.error("unreadable kept job record", metadata: ["path": "\(path)", "error": "\(error)"])
+    /// Reads them on an I/O thread (small files, but file I/O all the same).
+    func keptRecords() async -> [(record: KeptRecord, file: String)] {
+        let dir = keptDirectory
+        let read = (try? await io.run { () -> ([(KeptRecord, String)], [(String, String)]) in
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+            var out: [(KeptRecord, String)] = []
+            var bad: [(String, String)] = []
+            for file in names.sorted() where file.hasSuffix(".json") && !file.hasPrefix(".") {
+                let path = dir + "/" + file
+                do {
+                    out.append((try JSONDecoder().decode(KeptRecord.self, from: Data(contentsOf: URL(fileURLWithPath: path))), path))
+                } catch {
+                    bad.append((path, "\(error)"))
+                }
             }
+            return (out, bad)
+        }) ?? ([], [])
+        for (path, error) in read.1 {
+            logger.error("unreadable kept job record", metadata: ["path": "\(path)", "error": "\(error)"])
         }
-        return out
+        return read.0.map { (record: $0.0, file: $0.1) }
     }
 
     private func live(_ name: String) throws(HydrationError) -> (HydrationJob, JobDefinition) {
