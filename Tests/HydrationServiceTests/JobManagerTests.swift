@@ -58,10 +58,10 @@ import Testing
         _ = try await m2.resume("b")
         #expect(await eventually(30) { (try? await m2.status("b").state) == .complete })
         _ = try await m2.commit("a")
-        #expect(readFile(dir.file("a.out")) == a.bytes)
-        #expect(readFile(dir.file("b.out")) == b.bytes)
+        #expect(byteDifference(readFile(dir.file("a.out")), a.bytes) == nil)
+        #expect(byteDifference(readFile(dir.file("b.out")), b.bytes) == nil)
         #expect(allocatedBytes(dir.file("a.img")) == 0)
-        #expect(readFile(dir.file("b.img")) == b.bytes)
+        #expect(byteDifference(readFile(dir.file("b.img")), b.bytes) == nil)
 
         try await m2.remove("a", force: false)
         #expect(await m2.names == ["b"])

@@ -49,6 +49,14 @@ def random_file(path, size, seed):
     return sha256_of(path)
 
 
+def wait_bytes(d, name, key, at_least, timeout=20):
+    """Waits until the job's status shows `bytes[key] >= at_least` (committed, discarded...)."""
+    deadline = time.time() + timeout
+    while d.status(name)["bytes"][key] < at_least:
+        assert time.time() < deadline, d.status(name)
+        time.sleep(0.05)
+
+
 def test_a_renumbered_destination_is_not_written(tmp_path, loops):
     """kill -9 mid-copy; the destination's /dev/loopN then names another file of the same size (what
     a reboot or a detach/attach does): the restarted job must not write to it, and resumes once the
@@ -64,10 +72,7 @@ def test_a_renumbered_destination_is_not_written(tmp_path, loops):
     try:
         d.call("Start", {"name": "j", "source": str(tmp_path / "src.img"), "dest": dev,
                          "commit_interval_ms": 50, "rate_limit_bytes_per_second": 8 * MiB})
-        deadline = time.time() + 20
-        while d.status("j")["bytes"]["committed"] < 4 * MiB:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_bytes(d, "j", "committed", 4 * MiB)
         d.kill(signal.SIGKILL)
         loops.detach(dev)
         assert loops(tmp_path / "d2.img", dev) == dev
@@ -105,10 +110,7 @@ def test_a_renumbered_source_is_not_released(tmp_path, loops):
     try:
         d.call("Start", {"name": "j", "source": src, "dest": str(tmp_path / "dst.img"), "discard_source": True,
                          "commit_interval_ms": 50, "rate_limit_bytes_per_second": 8 * MiB})
-        deadline = time.time() + 20
-        while d.status("j")["bytes"]["discarded"] < 4 * MiB:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_bytes(d, "j", "discarded", 4 * MiB)
         d.kill(signal.SIGKILL)
         loops.detach(src)
         assert loops(tmp_path / "s2.img", src) == src
@@ -160,10 +162,7 @@ def test_the_operator_accepts_a_moved_destination(tmp_path, loops):
     try:
         d.call("Start", {"name": "j", "source": str(tmp_path / "src.img"), "dest": dev,
                          "commit_interval_ms": 50, "rate_limit_bytes_per_second": 8 * MiB})
-        deadline = time.time() + 20
-        while d.status("j")["bytes"]["committed"] < 4 * MiB:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_bytes(d, "j", "committed", 4 * MiB)
         d.stop()
         loops.detach(dev)
         subprocess.run(["cp", "--sparse=always", str(tmp_path / "d1.img"), str(tmp_path / "d2.img")], check=True)
@@ -172,13 +171,14 @@ def test_the_operator_accepts_a_moved_destination(tmp_path, loops):
         d.start()
         assert d.status("j")["error"]["code"] == "DeviceUnconfirmed"
         d.call("Resume", {"name": "j", "accept_devices": True})
+        # Recorded anew: a restart while it still hydrates confirms the new device without help.
+        d.stop()
+        d.start()
+        st = d.status("j")
+        assert st["state"] == "hydrating" and st["error"] is None, st
         d.call("Set", {"name": "j", "rate_limit_bytes_per_second": 0})
         d.wait_state("j", ["complete"], timeout=60)
         assert sha256_of(dev, size) == src_sum
-        # Recorded anew: a graceful restart confirms it without help.
-        d.stop()
-        d.start()
-        assert d.status("j")["state"] == "complete"
         assert sha256_of(tmp_path / "d1.img") == d1_sum
     finally:
         d.kill()
@@ -196,10 +196,7 @@ def test_swapped_loop_devices_are_refused_even_when_accepted(tmp_path, loops):
     try:
         d.call("Start", {"name": "j", "source": src, "dest": dst, "discard_source": True,
                          "commit_interval_ms": 50, "rate_limit_bytes_per_second": 4 * MiB})
-        deadline = time.time() + 20
-        while d.status("j")["bytes"]["committed"] < 2 * MiB:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_bytes(d, "j", "committed", 2 * MiB)
         d.kill(signal.SIGKILL)
         loops.detach(src)
         loops.detach(dst)
@@ -227,10 +224,7 @@ def test_a_loop_alias_of_a_kept_destination_is_refused(tmp_path, loops):
     try:
         d.call("Start", {"name": "j", "source": str(tmp_path / "s.img"), "dest": str(tmp_path / "d.img"),
                          "discard_source": True, "commit_interval_ms": 50, "rate_limit_bytes_per_second": 4 * MiB})
-        deadline = time.time() + 20
-        while d.status("j")["bytes"]["discarded"] < 2 * MiB:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_bytes(d, "j", "discarded", 2 * MiB)
         d.call("Pause", {"name": "j"})
         kept = d.call("Remove", {"name": "j", "force": True})["kept_metadata"]
         assert kept

@@ -330,9 +330,9 @@ public actor JobManager {
     /// and destination of every kept record. (A complete job needs nothing: it never touches its
     /// devices again, not even to finish releases a crash left pending.) A discard_source job's source is not
     /// even to be read by a new job (it is being punched).
-    private func reservations(except keptFile: String?) async -> [Reservation] {
+    private func reservations(except keptFile: String?, job skipped: String? = nil) async -> [Reservation] {
         var out: [Reservation] = []
-        for (name, entry) in jobs {
+        for (name, entry) in jobs where name != skipped {
             let d = entry.definition
             switch entry {
             case .live(let job, _):
@@ -361,8 +361,8 @@ public actor JobManager {
     /// source) or read while it is being punched (any source) what another job still needs —
     /// by path, and by what the bytes live on (a loop device over the file, a partition of the
     /// disk, ...), so an alias does not get around it.
-    private func checkReservations(_ def: JobDefinition, except keptFile: String?) async throws(HydrationError) {
-        let reserved = await reservations(except: keptFile)
+    private func checkReservations(_ def: JobDefinition, except keptFile: String?, job skipped: String? = nil) async throws(HydrationError) {
+        let reserved = await reservations(except: keptFile, job: skipped)
         guard !reserved.isEmpty else { return }
         let storage = self.storage
         let conflict: (String, String, Reservation)?
@@ -467,6 +467,8 @@ public actor JobManager {
                 jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening after running out of space"), nil)
             }
             if case .broken(var def, _, _)? = jobs[name] {
+                // Devices the operator vouches for are still not to be another job's.
+                if acceptDevices { try await checkReservations(def, except: nil, job: name) }
                 def.desired = .hydrating
                 let entry = await openEntry(def, acceptDevices: acceptDevices)
                 if case .broken(_, let e, _) = entry { jobs[name] = entry; throw e }

@@ -107,3 +107,15 @@ func eventually(_ seconds: Double = 10, _ condition: () async -> Bool) async -> 
     }
     return await condition()
 }
+
+/// Compares byte arrays for `#expect` without letting Swift Testing diff them: on failure it
+/// computes a collection difference of both operands, which for two multi-megabyte images runs
+/// for hours (a failing test then hangs CI instead of failing). nil when equal, else where the
+/// arrays first differ.
+func byteDifference(_ a: [UInt8]?, _ b: [UInt8]?) -> String? {
+    guard let a, let b else { return a == nil && b == nil ? nil : "one side is missing" }
+    if a == b { return nil }
+    if a.count != b.count { return "sizes differ: \(a.count) and \(b.count) bytes" }
+    let i = a.indices.first { a[$0] != b[$0] } ?? 0
+    return "first difference at byte \(i) (4 KiB block \(i / 4096))"
+}
