@@ -296,10 +296,18 @@ public struct DeviceTopology: Sendable {
         }
         guard (st.st_mode & S_IFMT) == S_IFREG else { return nil }
         let me = StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
-        let refused = writeLeaseRefused(path)
         var holders = loopsBacked(by: me)
         holders += processesHolding(me)
-        return refused || !holders.isEmpty ? DeviceUsage(path: path, holders: holders) : nil
+        if !holders.isEmpty { return DeviceUsage(path: path, holders: holders) }
+        // Nothing found holding it: ask the kernel a few times. A reference the kernel still
+        // holds for a moment after a close (the deferred release of a file a moment ago in use,
+        // e.g. by this daemon's previous job on it) refuses the lease too, and goes away; a
+        // real opener does not. Runs on an I/O thread: the short sleeps block nothing else.
+        for attempt in 0..<5 {
+            if !writeLeaseRefused(path) { return nil }
+            if attempt < 4 { usleep(20_000) }
+        }
+        return DeviceUsage(path: path, holders: [])
     }
 
     /// Whether the kernel refuses a write lease on the file: someone else has it open. False
