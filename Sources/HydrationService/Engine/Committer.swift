@@ -47,6 +47,8 @@ actor Committer {
     private let geometry: Geometry
     private let logger: Logger
     private let publish: AsyncStream<CommittedRegions>.Continuation?
+    /// Told what each commit made durable (BLOCK_STATUS `x-hydrationd:state`).
+    private let ownership: RegionOwnership?
 
     private var pending: [Range<Int>] = []
     private var pendingBudgetBytes: UInt64 = 0
@@ -62,6 +64,10 @@ actor Committer {
     /// the pending-release list each commit records, so that a restart releases only these.
     private var unconfirmed: [(seq: Int, ranges: [Range<Int>])] = []
     private var confirmRequested = false
+    /// A flush: the destination is synced even when no region changed (live writes to hydrated
+    /// regions are in no pending set).
+    private var syncRequested = false
+    private var clearDestZeroedRequested = false
 
     #if DEBUG
     var fault: CommitterFault?
@@ -69,9 +75,10 @@ actor Committer {
     #endif
 
     init(store: MetadataStore, dest: any StorageDevice, io: IOExecutor, progress: JobProgress,
-         geometry: Geometry, logger: Logger, publish: AsyncStream<CommittedRegions>.Continuation?) {
+         geometry: Geometry, logger: Logger, publish: AsyncStream<CommittedRegions>.Continuation?,
+         ownership: RegionOwnership? = nil) {
         self.store = store; self.dest = dest; self.io = io; self.progress = progress
-        self.geometry = geometry; self.logger = logger; self.publish = publish
+        self.geometry = geometry; self.logger = logger; self.publish = publish; self.ownership = ownership
     }
 
     var generation: UInt64 { store.header.generation }
@@ -129,6 +136,26 @@ actor Committer {
         return store.header.generation
     }
 
+    /// NBD FLUSH (and FUA): every write completed before this call is durable when it returns, on
+    /// the destination and, for regions it hydrated, in the metadata. Runs a full commit, with the
+    /// destination's fdatasync even when no region changed.
+    func flush() async throws(HydrationError) {
+        syncRequested = true
+        try await commit()
+    }
+
+    /// Durably records that the destination may hold data where the job never hydrated (before
+    /// the first client write lands): a restart then zeroes hole and zero regions when it hydrates
+    /// them, instead of trusting the destination to read as zeros there.
+    func recordDestinationWritten() async throws(HydrationError) {
+        guard store.header.destZeroed else { return }
+        clearDestZeroedRequested = true
+        try await commit()
+        if store.header.destZeroed {
+            throw failure ?? HydrationError(.commitFailed, "could not record that the destination holds client data")
+        }
+    }
+
     /// A periodic commit: only when something changed.
     func commitIfDirty() async throws(HydrationError) {
         if !pending.isEmpty { try await commit() }
@@ -170,10 +197,19 @@ actor Committer {
         let budgetBytes = pendingBudgetBytes
         let markComplete = completeRequested && !store.header.complete
         let confirm = confirmRequested
+        let syncOnly = syncRequested
+        let clearDestZeroed = clearDestZeroedRequested && store.header.destZeroed
         pending = []
         pendingBudgetBytes = 0
         confirmRequested = false
-        guard !ranges.isEmpty || markComplete || confirm else { return }
+        syncRequested = false
+        clearDestZeroedRequested = false
+        guard !ranges.isEmpty || markComplete || confirm || clearDestZeroed else {
+            // A flush with nothing new to record: the destination's writes still must be durable.
+            if syncOnly { try await syncDestination(ranges) }
+            return
+        }
+        self.clearDestZeroed = clearDestZeroed
 
         let started = monotonicNanos()
         #if DEBUG
@@ -202,6 +238,9 @@ actor Committer {
         finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: failure == nil)
         if let failure { throw failure }
     }
+
+    /// Set for the metadata write of the commit in progress.
+    private var clearDestZeroed = false
 
     private func syncDestination(_ ranges: [Range<Int>]) async throws(HydrationError) {
         let dest = self.dest
@@ -239,8 +278,12 @@ actor Committer {
         // is safe; the next commit drops it).
         if publish != nil { pruneConfirmed() }
         let pendingRelease: [Range<Int>]? = publish != nil ? unconfirmed.flatMap(\.ranges) + ranges : nil
+        let clearDestZeroed = self.clearDestZeroed
         do {
-            return try await io.run { try store.commit(ranges, complete: markComplete, pendingRelease: pendingRelease, nowMs: now) }
+            return try await io.run {
+                try store.commit(ranges, complete: markComplete, pendingRelease: pendingRelease,
+                                 clearDestZeroed: clearDestZeroed, nowMs: now)
+            }
         } catch {
             let storageError: StorageError? = {
                 if let m = error as? MetadataError, case .io(let s) = m.reason { return s }
@@ -265,6 +308,7 @@ actor Committer {
             c.committedRegions = committedCount
             c.committedBytes = committedBytes
         }
+        ownership?.markCommitted(ranges)
         if publish { publishCommitted(generation: generation, ranges: ranges, budgetBytes: budgetBytes) }
     }
 

@@ -33,12 +33,15 @@ actor Copier {
     private let progress: JobProgress
     private let geometry: Geometry
     private let logger: Logger
-    private let zeroDestination: Bool
+    /// Whether hole and zero regions must be zeroed on the destination: read per batch, because a
+    /// client's write makes a destination that read as zeros hold data (RegionOwnership).
+    private var zeroDestination: Bool { !ownership.destZeroed }
     private let sparseAware: Bool
     private let retryDelaysMs: [UInt64]
 
     private let buffers = IOBufferPool()
-    private var map: RegionMap
+    /// Hydrated bits and claims, shared with the live clone's writers.
+    private let ownership: RegionOwnership
     private var tunables: Tunables
     /// Runs are numbered by the job; a stop names the run it stops, so a stop that arrives
     /// before its run has started is not lost (a plain flag reset by run() would be).
@@ -55,18 +58,18 @@ actor Copier {
     private var rateBytes: UInt64 = 0
 
     init(source: any StorageDevice, dest: any StorageDevice, io: IOExecutor, committer: Committer,
-         discarder: Discarder?, progress: JobProgress, geometry: Geometry, map: RegionMap,
-         tunables: Tunables, destZeroed: Bool, logger: Logger, retryDelaysMs: [UInt64] = [10, 100, 1000]) {
+         discarder: Discarder?, progress: JobProgress, geometry: Geometry, ownership: RegionOwnership,
+         tunables: Tunables, logger: Logger, retryDelaysMs: [UInt64] = [10, 100, 1000]) {
         self.source = source; self.dest = dest; self.io = io; self.committer = committer
-        self.discarder = discarder; self.progress = progress; self.geometry = geometry; self.map = map
-        self.tunables = tunables; self.zeroDestination = !destZeroed; self.logger = logger
+        self.discarder = discarder; self.progress = progress; self.geometry = geometry; self.ownership = ownership
+        self.tunables = tunables; self.logger = logger
         self.sparseAware = source.info.identity.kind == .regularFile
         self.retryDelaysMs = retryDelaysMs
     }
 
     func update(_ t: Tunables) { tunables = t }
     func requestStop(run: Int) { stoppedUpTo = max(stoppedUpTo, run) }
-    var hydratedMap: RegionMap { map }
+    var hydratedMap: RegionMap { ownership.hydratedSnapshot }
 
     enum Work: Sendable {
         /// Regions wholly inside a hole of the source: nothing to read.
@@ -114,6 +117,9 @@ actor Copier {
         // the loop next looks: progress, commits and the budget must not wait for the threshold
         // to fill up, which at a low rate limit could take minutes.
         await withTaskGroup(of: Void.self) { group in
+            // A batch claimed (nextWork) but not issued when the loop stops: its claim must end,
+            // or its regions stay claimed for good and the next run waits for them forever.
+            var claimedNotIssued: Range<Int>? = nil
             while outcome == nil {
                 if let f = batchFailure { outcome = f; break }
                 if stopRequested { outcome = .stopped; break }
@@ -126,8 +132,23 @@ actor Copier {
                     outcome = .failed(error)
                     break
                 }
-                guard let work else { break }
+                guard let work else {
+                    // The end of a pass. Regions a client held were stepped over, and a client
+                    // operation that failed leaves its regions unhydrated behind the cursor: once
+                    // this run's own batches and the clients' claims end, go round again.
+                    while inFlight > 0 { await waitForBatchEvent() }
+                    if ownership.isComplete { break }
+                    if batchFailure != nil || stopRequested { continue }
+                    if ownership.anyClaimed { await ownership.waitForChange() }
+                    // Back to the start: the extents fetched so far describe what lay ahead of
+                    // the cursor only, and would make a region behind it look like a hole.
+                    cursor = 0
+                    extents = []
+                    noMoreData = false
+                    continue
+                }
                 let regions = work.regions
+                claimedNotIssued = regions
                 let t = tunables
 
                 // Threshold: regions in flight.
@@ -202,7 +223,9 @@ actor Copier {
                     let result = await job.execute(work, io: io)
                     await self.batchFinished(Completion(regions: regions, reserved: reserve, result: result))
                 }
+                claimedNotIssued = nil
             }
+            if let r = claimedNotIssued { ownership.finish(r, hydrated: []) }
             // Finish what is in flight whatever happened: its writes may be committed.
             await group.waitForAll()
         }
@@ -213,7 +236,7 @@ actor Copier {
         if let outcome { return outcome }
         if let f = batchFailure { return f }
         if await committer.failure != nil { return .halted }
-        return map.isComplete ? .complete : .stopped
+        return ownership.isComplete ? .complete : .stopped
     }
 
     private var inFlight = 0
@@ -232,6 +255,7 @@ actor Copier {
             await finished(b, reserved: c.reserved)
         case .failure(let e):
             // The regions of a failed batch stay unhydrated.
+            ownership.finish(c.regions, hydrated: [])
             if e.code == .commitFailed {
                 // A writeback error (BatchJob.startWriteback): final for the metadata.
                 await committer.writebackFailed(e)
@@ -282,9 +306,7 @@ actor Copier {
             pendingEviction = (pendingEviction?.lowerBound ?? evictedUpTo)..<upTo
             evictedUpTo = upTo
         }
-        let before = map.count(in: b.regions)
-        map.set(b.regions)
-        let newly = b.regions.count - before
+        let newly = ownership.finish(b.regions, hydrated: [b.regions]).reduce(0) { $0 + $1.count }
         let bytes = geometry.byteLength(of: b.regions)
         progress.update { c in
             c.hydratedRegions += newly
@@ -302,7 +324,26 @@ actor Copier {
 
     /// The next batch to issue, at or after `cursor`.
     private func nextWork(from cursor: inout Int) async throws(HydrationError) -> Work? {
-        guard let r = map.first(false, from: cursor) else { return nil }
+        // Only regions this copier claims (RegionOwnership): a region a client is writing is
+        // stepped over, and the claim may end the batch early.
+        while true {
+            guard let work = try await candidateWork(from: &cursor) else { return nil }
+            let regions = work.regions
+            guard let claimed = ownership.tryClaim(regions) else {
+                cursor = regions.lowerBound + 1
+                continue
+            }
+            cursor = claimed.upperBound
+            switch work {
+            case .hole: return .hole(claimed)
+            case .copy: return .copy(claimed)
+            }
+        }
+    }
+
+    /// The next batch at or after `cursor`, before claiming it.
+    private func candidateWork(from cursor: inout Int) async throws(HydrationError) -> Work? {
+        guard let r = ownership.firstHydrated(false, from: cursor) else { return nil }
         let regionSize = geometry.regionSize
         let regionStart = UInt64(r) * regionSize
         var dataCap = geometry.regionCount
@@ -316,8 +357,8 @@ actor Copier {
                 var runs: [Range<UInt64>] = []
                 let windowEnd = min(geometry.regionCount, r + max(1, Int((64 << 20) / regionSize)))
                 var i = r
-                while i < windowEnd, runs.count < 512, let a = map.first(false, from: i), a < windowEnd {
-                    let b = min(map.first(true, from: a) ?? geometry.regionCount, windowEnd)
+                while i < windowEnd, runs.count < 512, let a = ownership.firstHydrated(false, from: i), a < windowEnd {
+                    let b = min(ownership.firstHydrated(true, from: a) ?? geometry.regionCount, windowEnd)
                     runs.append(geometry.byteRange(of: a..<b))
                     i = b
                 }
@@ -351,7 +392,7 @@ actor Copier {
             if r < holeEnd {
                 // At most 1 GiB of holes per item, so a pause is noticed and progress moves.
                 let cap = r + max(1, Int((1 << 30) / regionSize))
-                let e = min(holeEnd, map.first(true, from: r) ?? geometry.regionCount, cap)
+                let e = min(holeEnd, ownership.firstHydrated(true, from: r) ?? geometry.regionCount, cap)
                 cursor = e
                 return .hole(r..<e)
             }
@@ -366,7 +407,7 @@ actor Copier {
                 }
             }
         }
-        let e = min(r + tunables.batchSize, map.first(true, from: r) ?? geometry.regionCount, max(dataCap, r + 1))
+        let e = min(r + tunables.batchSize, ownership.firstHydrated(true, from: r) ?? geometry.regionCount, max(dataCap, r + 1))
         cursor = e
         return .copy(r..<e)
     }

@@ -13,6 +13,8 @@ actor Discarder {
     private let progress: JobProgress
     private let geometry: Geometry
     private let logger: Logger
+    /// Live-clone reads of the source pin their regions; a region is released only once unpinned.
+    private let ownership: RegionOwnership?
     private var processedGeneration: UInt64 = 0
     private var received = 0
     private var processed = 0
@@ -23,8 +25,10 @@ actor Discarder {
     /// Largest single discard request: keeps each call short so progress stays visible.
     static let maxChunk: UInt64 = 1 << 30
 
-    init(source: any StorageDevice, io: IOExecutor, progress: JobProgress, geometry: Geometry, logger: Logger) {
+    init(source: any StorageDevice, io: IOExecutor, progress: JobProgress, geometry: Geometry, logger: Logger,
+         ownership: RegionOwnership? = nil) {
         self.source = source; self.io = io; self.progress = progress; self.geometry = geometry; self.logger = logger
+        self.ownership = ownership
     }
 
     /// Runs until the stream finishes.
@@ -89,6 +93,9 @@ actor Discarder {
     private func release(_ set: CommittedRegions) async {
         let isFile = source.info.identity.kind == .regularFile
         for regions in set.ranges {
+            // A read of the source that began before these regions were hydrated may still be in
+            // flight (a live-clone client's): its data must not be released under it.
+            await ownership?.waitUnpinned(regions)
             var bytes = geometry.byteRange(of: regions)
             if isFile && bytes.upperBound == geometry.targetSize {
                 // Punch through the end of the last region: a punch that stops at a file size not
@@ -96,6 +103,7 @@ actor Discarder {
                 bytes = bytes.lowerBound..<UInt64(regions.upperBound) * geometry.regionSize
             }
             var offset = bytes.lowerBound
+            var allReleased = true
             while offset < bytes.upperBound {
                 let length = min(Self.maxChunk, bytes.upperBound - offset)
                 let source = self.source
@@ -105,6 +113,7 @@ actor Discarder {
                     let counted = min(length, geometry.targetSize > at ? geometry.targetSize - at : 0)
                     progress.update { $0.discardedBytes += counted; $0.discardPendingBytes -= min($0.discardPendingBytes, counted) }
                 } catch {
+                    allReleased = false
                     progress.update { c in
                         c.discardFailures += 1
                         c.lastDiscardError = "\(error)"
@@ -117,6 +126,7 @@ actor Discarder {
                 }
                 offset += length
             }
+            if allReleased { ownership?.markReleased(regions) }
         }
         progress.update { $0.budgetReleased += set.budgetBytes }
     }

@@ -27,6 +27,11 @@ public actor HydrationJob {
     let committer: Committer
     private let discarder: Discarder?
     let copier: Copier
+    /// Hydrated, committed and released bits and the claims of every writer (RegionOwnership).
+    nonisolated let ownership: RegionOwnership
+    /// The clone served over NBD, once asked for (`liveExport`).
+    private var export: LiveCloneExport?
+    private var liveTicker: Task<Void, Never>?
 
     private var state: JobStatus.State
     private var error: HydrationError?
@@ -68,15 +73,24 @@ public actor HydrationJob {
             stream = s
             continuation = c
         }
+        // Released: committed and not listed as pending (the list is exact since version 2;
+        // a superset otherwise, which only under-reports).
+        var released = RegionMap(count: map.count)
+        if header.discardSource {
+            released = map
+            for r in header.pendingRelease where r.upperBound <= released.count { released.clear(r) }
+        }
+        let ownership = RegionOwnership(hydrated: map, committed: map, released: released, destZeroed: header.destZeroed)
+        self.ownership = ownership
         let committer = Committer(store: store, dest: dest, io: io, progress: progress, geometry: geometry,
-                                  logger: logger, publish: continuation)
+                                  logger: logger, publish: continuation, ownership: ownership)
         self.committer = committer
         let discarder = header.discardSource
-            ? Discarder(source: source, io: io, progress: progress, geometry: geometry, logger: logger) : nil
+            ? Discarder(source: source, io: io, progress: progress, geometry: geometry, logger: logger, ownership: ownership) : nil
         self.discarder = discarder
         self.copier = Copier(source: source, dest: dest, io: io, committer: committer, discarder: discarder,
-                             progress: progress, geometry: geometry, map: map, tunables: configuration.tunables,
-                             destZeroed: header.destZeroed, logger: logger)
+                             progress: progress, geometry: geometry, ownership: ownership, tunables: configuration.tunables,
+                             logger: logger)
         self.state = header.complete ? .complete : .idle
         if let discarder, let stream {
             self.discardTask = Task { await discarder.run(stream) }
@@ -427,29 +441,45 @@ public actor HydrationJob {
         guard !closed && !closing else { return }
         // Before the first await: no start() may slip in while the job is closing.
         closing = true
+        // Clients first: no request may land after the final commit below.
+        await export?.shutdown()
+        liveTicker?.cancel()
         await settleTask?.value
         await pause()
         closed = true
         await committer.finishStream()
         await discardTask?.value
-        releaseDevices()
+        await releaseDevices()
     }
 
     /// Nothing is in flight any more: release the source and destination (their locks, and
     /// O_EXCL on block devices) now, so a complete destination can be mounted or used at once.
-    private func releaseDevices() {
+    private func releaseDevices() async {
         guard !devicesReleased else { return }
+        if let export, !closed {
+            // The clone is still served: the destination stays open; the source goes once no
+            // read of it is in flight (every region is hydrated, so no new one starts).
+            _ = export
+            guard !sourceReleased else { return }
+            sourceReleased = true
+            await ownership.waitNoPins()
+            source.close()
+            return
+        }
         devicesReleased = true
-        source.close()
+        await ownership.waitNoPins()
+        if !sourceReleased { source.close() }
+        sourceReleased = true
         dest.close()
     }
+    private var sourceReleased = false
     private var devicesReleased = false
 
     /// A complete job keeps nothing open: after the last discards (recorded as done in the
     /// metadata, so a restart never touches the source again) it lets go of its devices.
     private func settleComplete() async {
         await drainAndConfirmReleases()
-        releaseDevices()
+        await releaseDevices()
     }
 
     private func settleCompleteInBackground() {
@@ -476,6 +506,36 @@ public actor HydrationJob {
         try await committer.confirmReleases(markComplete: true)
     }
 
+
+    // MARK: live clone
+
+    /// The job's clone as an NBD export named after the job (the same object on every call), with
+    /// dm-clone's semantics (`LiveCloneExport`). From the first call on, regions hydrated by
+    /// clients are committed every commit interval even while the copy is paused, and a complete
+    /// job keeps its destination open for the export until it is closed.
+    public func liveExport() throws(HydrationError) -> LiveCloneExport {
+        if let export { return export }
+        guard !closed && !closing else { throw HydrationError(.invalidState, "job \(name) is closed") }
+        guard !devicesReleased else {
+            throw HydrationError(.invalidState, "job \(name) is complete and has let go of its destination; its clone is the destination itself")
+        }
+        let e = LiveCloneExport(name: name, geometry: geometry, source: source, dest: dest, io: LiveCloneExport.clientIO,
+                                ownership: ownership, committer: committer, progress: progress, logger: logger)
+        export = e
+        let committer = self.committer
+        liveTicker = Task { [weak self] in
+            while !Task.isCancelled {
+                guard let interval = await self?.tunables.commitIntervalMs else { return }
+                try? await Task.sleep(nanoseconds: UInt64(interval) * 1_000_000)
+                if Task.isCancelled { return }
+                try? await committer.commitIfDirty()
+            }
+        }
+        return e
+    }
+
+    /// Whether the clone is served (`liveExport` was called).
+    public var isExported: Bool { export != nil }
 
     // MARK: the run
 
@@ -537,7 +597,7 @@ public actor HydrationJob {
             // Clean after the final fdatasync: leave nothing of the destination in the page cache.
             let dest = self.dest
             _ = try? await io.run { dest.dropCache(offset: 0, length: 0) }
-            releaseDevices()
+            await releaseDevices()
             setState(.complete)
         case .stopped:
             setState(.paused)

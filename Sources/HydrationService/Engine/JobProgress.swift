@@ -32,6 +32,12 @@ final class JobProgress: Sendable {
         /// Region sets the discarder has finished (released, or failed to release) so far: the
         /// committer drops them from the pending-release list of its next commit.
         var releasedSets = 0
+        /// Live clone: regions hydrated by clients' writes, trims, zeroes and cache requests, and
+        /// bytes clients read, wrote and trimmed.
+        var liveHydratedRegions = 0
+        var liveReadBytes: UInt64 = 0
+        var liveWrittenBytes: UInt64 = 0
+        var liveTrimmedBytes: UInt64 = 0
         /// (monotonic ns, hydrated bytes) samples for the throughput window.
         var samples: [(UInt64, UInt64)] = []
     }

@@ -408,7 +408,7 @@ public final class MetadataStore: Sendable {
     /// been confirmed yet, this commit's ranges included; nil keeps the recorded list plus `ranges`.
     @discardableResult
     public func commit(_ ranges: [Range<Int>], complete: Bool = false, pendingRelease: [Range<Int>]? = nil,
-                       nowMs: Int64) throws(MetadataError) -> UInt64 {
+                       clearDestZeroed: Bool = false, nowMs: Int64) throws(MetadataError) -> UInt64 {
         try state.withLock { (st: inout State) throws(MetadataError) -> UInt64 in
             if let f = st.failure { throw MetadataError(path: path, reason: .failedEarlier(f)) }
             // Only the pages the ranges touch are built: a commit costs O(changed pages), not a
@@ -446,6 +446,7 @@ public final class MetadataStore: Sendable {
             header.generation = gen
             header.hydratedCount = UInt64(newCount)
             header.complete = complete || header.complete
+            if clearDestZeroed { header.destZeroed = false }
             header.committedUnixMs = nowMs
             header.version = MetadataFormat.version
             if header.discardSource {

@@ -54,6 +54,22 @@ public struct RegionMap: Sendable, Equatable {
         }
     }
 
+    /// Clears every bit of `range`. Hydration never clears bits; this is for maps of transient
+    /// state (regions under a claim, see `RegionOwnership`).
+    mutating func clear(_ range: Range<Int>) {
+        precondition(range.lowerBound >= 0 && range.upperBound <= count)
+        var i = range.lowerBound
+        while i < range.upperBound {
+            let w = i >> 6
+            let first = i & 63
+            let last = min(64, first + (range.upperBound - i))
+            let mask: UInt64 = last - first == 64 ? ~0 : ((UInt64(1) << UInt64(last - first)) - 1) << UInt64(first)
+            setCount -= (mask & words[w]).nonzeroBitCount
+            words[w] &= ~mask
+            i += last - first
+        }
+    }
+
     /// Number of set bits in `range`.
     public func count(in range: Range<Int>) -> Int {
         var n = 0

@@ -1,0 +1,254 @@
+import Synchronization
+
+/// Who may write a region, and what each region is: hydrated, committed, released, being written.
+///
+/// With a live clone the copier is one of several writers of a region: a client's write or
+/// write-zeroes, a TRIM, a CACHE request. This type is the single owner of the rules between them:
+///
+/// - **Writers claim.** Every writer of an unhydrated region (the copier's batch, a client write
+///   that must hydrate first or overwrites whole regions, a trim, a zero, a cache) holds a claim on
+///   its regions for the whole operation. Claims are exclusive and all-or-nothing (no writer ever
+///   holds some regions while waiting for others, so claims cannot deadlock). The copier only
+///   *tries* to claim and steps over regions a client holds; clients wait (dm-clone defers a write
+///   to a region under copy until the copy ends). A claim ends with `finish`, which marks the
+///   regions that became hydrated in the same step, so "hydrated" never changes under a claim.
+/// - **Hydrated is forever.** A hydrated region's source is never read again: reads and writes of it
+///   go to the destination, with no claim (nothing else can make it unhydrated).
+/// - **Source readers pin.** A read served from the source pins its (unhydrated) regions, decided
+///   atomically with the check. The discarder waits for a region's pins to drop before it releases
+///   it. A region can only be released once committed, hence hydrated, and hydrated regions are
+///   never pinned again, so the wait is short and bounded.
+/// - **Bits for status.** Committed (set by the committer after the metadata is durable) and
+///   released (set by the discarder) are kept here too, for BLOCK_STATUS `x-hydrationd:state`.
+///
+/// A `Mutex`, not an actor: the copier scans the hydrated bits once per batch and a client read
+/// checks them once per request; neither should hop executors for that. Waiting is done with
+/// continuations resumed outside the lock.
+final class RegionOwnership: Sendable {
+    let regionCount: Int
+
+    private struct Waiter {
+        var regions: Range<Int>
+        var continuation: CheckedContinuation<Void, Never>
+    }
+
+    private struct State {
+        var hydrated: RegionMap
+        var committed: RegionMap
+        var released: RegionMap
+        /// Regions under a claim.
+        var claimed: RegionMap
+        /// Source-read pins per region.
+        var pins: [Int: Int] = [:]
+        var claimWaiters: [Waiter] = []
+        var unpinWaiters: [Waiter] = []
+        var changeWaiters: [CheckedContinuation<Void, Never>] = []
+        /// The destination reads as zeros wherever nothing was written (see `destinationWritten`).
+        var destZeroed: Bool
+    }
+
+    private let state: Mutex<State>
+
+    init(hydrated: RegionMap, committed: RegionMap, released: RegionMap, destZeroed: Bool) {
+        precondition(hydrated.count == committed.count && committed.count == released.count)
+        regionCount = hydrated.count
+        state = Mutex(State(hydrated: hydrated, committed: committed, released: released,
+                            claimed: RegionMap(count: hydrated.count), destZeroed: destZeroed))
+    }
+
+    // MARK: reading the bits
+
+    var isComplete: Bool { state.withLock { $0.hydrated.isComplete } }
+    var hydratedCount: Int { state.withLock { $0.hydrated.setCount } }
+    func isHydrated(_ region: Int) -> Bool { state.withLock { $0.hydrated[region] } }
+    func allHydrated(_ regions: Range<Int>) -> Bool {
+        state.withLock { $0.hydrated.count(in: regions) == regions.count }
+    }
+    /// The first region at or after `start` whose hydrated bit is `value`.
+    func firstHydrated(_ value: Bool, from start: Int) -> Int? { state.withLock { $0.hydrated.first(value, from: start) } }
+    /// A copy of the hydrated bits (tests, status).
+    var hydratedSnapshot: RegionMap { state.withLock { $0.hydrated } }
+    var anyClaimed: Bool { state.withLock { $0.claimed.setCount > 0 } }
+    var destZeroed: Bool { state.withLock { $0.destZeroed } }
+
+    /// Per-region bits for `x-hydrationd:state`, over `regions`.
+    func stateBits(_ regions: Range<Int>) -> [UInt32] {
+        state.withLock { st in
+            regions.map { r in
+                var b: UInt32 = 0
+                if st.hydrated[r] { b |= RegionStateBits.hydrated }
+                if st.committed[r] { b |= RegionStateBits.committed }
+                if st.released[r] { b |= RegionStateBits.released }
+                if st.claimed[r] { b |= RegionStateBits.writing }
+                return b
+            }
+        }
+    }
+
+    // MARK: claims
+
+    /// The copier's claim: the longest run of `regions`, from its start, that is unhydrated and
+    /// unclaimed, or nil when the first region is not. Never waits.
+    func tryClaim(_ regions: Range<Int>) -> Range<Int>? {
+        state.withLock { st in
+            var end = regions.lowerBound
+            while end < regions.upperBound && !st.hydrated[end] && !st.claimed[end] { end += 1 }
+            guard end > regions.lowerBound else { return nil }
+            st.claimed.set(regions.lowerBound..<end)
+            return regions.lowerBound..<end
+        }
+    }
+
+    /// A client's claim: waits until no region of `regions` is claimed, then claims them all.
+    func claim(_ regions: Range<Int>) async {
+        if state.withLock({ st in Self.takeIfFree(&st, regions) }) { return }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { st -> Bool in
+                if Self.takeIfFree(&st, regions) { return true }
+                st.claimWaiters.append(Waiter(regions: regions, continuation: c))
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    private static func takeIfFree(_ st: inout State, _ regions: Range<Int>) -> Bool {
+        guard st.claimed.count(in: regions) == 0 else { return false }
+        st.claimed.set(regions)
+        return true
+    }
+
+    /// Ends a claim on `regions`; `hydrated` (sub-ranges of it) became hydrated. Returns the
+    /// sub-ranges that were not hydrated before (for progress and the committer).
+    @discardableResult
+    func finish(_ regions: Range<Int>, hydrated: [Range<Int>]) -> [Range<Int>] {
+        let (newly, wake) = state.withLock { st -> ([Range<Int>], [CheckedContinuation<Void, Never>]) in
+            var newly: [Range<Int>] = []
+            for h in hydrated where !h.isEmpty {
+                precondition(h.lowerBound >= regions.lowerBound && h.upperBound <= regions.upperBound, "hydrated \(h) outside the claim \(regions)")
+                var i = h.lowerBound
+                while i < h.upperBound {
+                    if st.hydrated[i] { i += 1; continue }
+                    var j = i + 1
+                    while j < h.upperBound && !st.hydrated[j] { j += 1 }
+                    newly.append(i..<j)
+                    st.hydrated.set(i..<j)
+                    i = j
+                }
+            }
+            st.claimed.clear(regions)
+            var wake: [CheckedContinuation<Void, Never>] = st.changeWaiters
+            st.changeWaiters = []
+            // Waiters are served in order; one whose regions are free now takes them.
+            var still: [Waiter] = []
+            for w in st.claimWaiters {
+                if Self.takeIfFree(&st, w.regions) { wake.append(w.continuation) } else { still.append(w) }
+            }
+            st.claimWaiters = still
+            return (newly, wake)
+        }
+        for c in wake { c.resume() }
+        return newly
+    }
+
+    /// Suspends until some claim ends (the copier, at the end of a pass over regions a client held).
+    func waitForChange() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { st -> Bool in
+                if st.claimed.setCount == 0 { return true }
+                st.changeWaiters.append(c)
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    // MARK: source pins
+
+    /// Splits `regions` into runs served by the destination (hydrated) or by the source, and pins
+    /// the source runs: they cannot be released until `unpin`.
+    func pinForRead(_ regions: Range<Int>) -> [(regions: Range<Int>, fromSource: Bool)] {
+        state.withLock { st in
+            var out: [(Range<Int>, Bool)] = []
+            var i = regions.lowerBound
+            while i < regions.upperBound {
+                let h = st.hydrated[i]
+                var j = i + 1
+                while j < regions.upperBound && st.hydrated[j] == h { j += 1 }
+                if !h { for r in i..<j { st.pins[r, default: 0] += 1 } }
+                out.append((i..<j, !h))
+                i = j
+            }
+            return out
+        }
+    }
+
+    func unpin(_ runs: [(regions: Range<Int>, fromSource: Bool)]) {
+        let wake = state.withLock { st -> [CheckedContinuation<Void, Never>] in
+            for run in runs where run.fromSource {
+                for r in run.regions {
+                    let n = (st.pins[r] ?? 1) - 1
+                    st.pins[r] = n > 0 ? n : nil
+                }
+            }
+            var wake: [CheckedContinuation<Void, Never>] = []
+            var still: [Waiter] = []
+            for w in st.unpinWaiters {
+                if Self.pinned(st, w.regions) { still.append(w) } else { wake.append(w.continuation) }
+            }
+            st.unpinWaiters = still
+            return wake
+        }
+        for c in wake { c.resume() }
+    }
+
+    private static func pinned(_ st: State, _ regions: Range<Int>) -> Bool {
+        if st.pins.isEmpty { return false }
+        if regions.count > st.pins.count { return st.pins.keys.contains { regions.contains($0) } }
+        return regions.contains { st.pins[$0] != nil }
+    }
+
+    /// Returns once no read of the source holds a pin on `regions` (the discarder, before release).
+    func waitUnpinned(_ regions: Range<Int>) async {
+        if !state.withLock({ Self.pinned($0, regions) }) { return }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { st -> Bool in
+                if !Self.pinned(st, regions) { return true }
+                st.unpinWaiters.append(Waiter(regions: regions, continuation: c))
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    /// Every source pin has dropped (before the source is closed).
+    func waitNoPins() async { await waitUnpinned(0..<regionCount) }
+
+    // MARK: committer and discarder
+
+    func markCommitted(_ ranges: [Range<Int>]) {
+        state.withLock { st in for r in ranges where !r.isEmpty { st.committed.set(r) } }
+    }
+
+    func markReleased(_ regions: Range<Int>) {
+        state.withLock { st in st.released.set(regions) }
+    }
+
+    /// Client data is about to be written to the destination: from now on it may hold data where
+    /// the job never hydrated (a write not yet committed when the daemon crashed).
+    func destinationWritten() {
+        state.withLock { $0.destZeroed = false }
+    }
+}
+
+/// Bits of the `x-hydrationd:state` metadata context, per region.
+public enum RegionStateBits {
+    /// Reads are served by the destination.
+    public static let hydrated: UInt32 = 1
+    /// The metadata records the region as hydrated, durably.
+    public static let committed: UInt32 = 2
+    /// The source's space for the region has been given back.
+    public static let released: UInt32 = 4
+    /// A writer (the copier or a client's write, trim, zero or cache) holds the region.
+    public static let writing: UInt32 = 8
+}

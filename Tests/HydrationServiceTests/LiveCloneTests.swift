@@ -1,0 +1,331 @@
+import Foundation
+import NIOCore
+import Synchronization
+import Testing
+import ControlProtocol
+@testable import HydrationService
+
+/// The live clone's I/O semantics (LiveCloneExport), called directly on a simulated disk: what
+/// each command does to the destination, the hydrated bits, the metadata and the source.
+@Suite(.serialized) struct LiveCloneTests {
+    static let rs: UInt64 = 4096
+
+    struct Fixture {
+        let sim: SimulatedStorage
+        let io: IOExecutor
+        let job: HydrationJob
+        let export: LiveCloneExport
+        let image: [UInt8]
+
+        func close() async {
+            await job.close()
+            await io.shutdown()
+        }
+        func read(_ offset: UInt64, _ length: Int) async throws -> [UInt8] {
+            let b = try await export.read(offset: offset, length: UInt32(length))
+            return Array(b.readableBytesView)
+        }
+        func write(_ offset: UInt64, _ bytes: [UInt8], fua: Bool = false) async throws {
+            try await export.write(offset: offset, data: ByteBuffer(bytes: bytes), fua: fua)
+        }
+    }
+
+    /// A job over `regions` regions of random data (with a hole and a zero run), created, not
+    /// started. `slowDest` makes every destination write take a millisecond.
+    static func fixture(regions: Int = 64, discard: Bool = true, seed: UInt64 = 7, destExists: Bool = false) async throws -> Fixture {
+        let sim = SimulatedStorage()
+        var image = TestImage.make(size: regions * Int(rs), seed: seed, chunk: 4 * Int(rs)).bytes
+        // Region 1 is a hole; region 2 allocated zeros; the rest random.
+        for i in Int(rs)..<3 * Int(rs) { image[i] = 0 }
+        sim.addFile("/src", data: image)
+        if destExists { sim.addFile("/dst", data: [UInt8](repeating: 0xEE, count: image.count), holesWhereZero: false) }
+        var t = Tunables.defaults(regionSize: rs)
+        t.batchSize = 2
+        t.threshold = 4
+        t.commitIntervalMs = 3_600_000
+        t.spaceBudgetBytes = 1 << 30
+        let cfg = JobConfiguration(name: "live", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+                                   regionSize: rs, discardSource: discard, tunables: t)
+        let io = IOExecutor(threads: 4)
+        let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
+        let export = try await job.liveExport()
+        return Fixture(sim: sim, io: io, job: job, export: export, image: image)
+    }
+
+    @Test func readsBeforeHydrationComeFromTheSource() async throws {
+        let f = try await Self.fixture()
+        // Nothing hydrated: the destination is all zeros, the export reads the source.
+        let all = try await f.read(0, f.image.count)
+        #expect(byteDifference(all, f.image) == nil)
+        let mid = try await f.read(Self.rs + 100, 3 * Int(Self.rs))
+        #expect(byteDifference(mid, Array(f.image[Int(Self.rs) + 100..<4 * Int(Self.rs) + 100])) == nil)
+        #expect(await f.job.ownership.hydratedCount == 0, "a read hydrates nothing")
+        await f.close()
+    }
+
+    @Test func wholeRegionWriteHydratesWithoutACopy() async throws {
+        let f = try await Self.fixture()
+        let data = [UInt8](repeating: 0xAB, count: 2 * Int(Self.rs))
+        let readsBefore = f.sim.log.filter { $0.path == "/src" && $0.kind == .read }.count
+        try await f.write(8 * Self.rs, data)
+        #expect(f.sim.log.filter { $0.path == "/src" && $0.kind == .read }.count == readsBefore, "a whole-region write reads nothing from the source")
+        #expect(f.job.ownership.isHydrated(8) && f.job.ownership.isHydrated(9))
+        #expect(!f.job.ownership.isHydrated(7) && !f.job.ownership.isHydrated(10))
+        #expect(try await f.read(8 * Self.rs, data.count) == data)
+        // The neighbours still read the source.
+        #expect(try await f.read(7 * Self.rs, Int(Self.rs)) == Array(f.image[7 * Int(Self.rs)..<8 * Int(Self.rs)]))
+        await f.close()
+    }
+
+    @Test func partialWriteHydratesTheRegionFirst() async throws {
+        let f = try await Self.fixture()
+        let at = 5 * Self.rs + 1000
+        let data = [UInt8](repeating: 0x5A, count: 100)
+        try await f.write(at, data)
+        #expect(f.job.ownership.isHydrated(5))
+        var expected = f.image
+        expected.replaceSubrange(Int(at)..<Int(at) + 100, with: data)
+        // Through the export and on the destination itself: the rest of the region is the source's.
+        #expect(try await f.read(5 * Self.rs, Int(Self.rs)) == Array(expected[5 * Int(Self.rs)..<6 * Int(Self.rs)]))
+        let dest = f.sim.contents("/dst")!
+        #expect(Array(dest[5 * Int(Self.rs)..<6 * Int(Self.rs)]) == Array(expected[5 * Int(Self.rs)..<6 * Int(Self.rs)]))
+        // A write straddling two regions hydrates both ends.
+        try await f.write(11 * Self.rs - 10, [UInt8](repeating: 1, count: 20))
+        #expect(f.job.ownership.isHydrated(10) && f.job.ownership.isHydrated(11))
+        expected.replaceSubrange(11 * Int(Self.rs) - 10..<11 * Int(Self.rs) + 10, with: [UInt8](repeating: 1, count: 20))
+        #expect(byteDifference(try await f.read(0, f.image.count), expected) == nil)
+        await f.close()
+    }
+
+    @Test func hydrationAfterClientWritesKeepsThem() async throws {
+        let f = try await Self.fixture(regions: 128)
+        var expected = f.image
+        var rng = SeededRandom(seed: 3)
+        for _ in 0..<40 {
+            let off = Int(rng.next() % UInt64(expected.count - 9000))
+            let len = Int(rng.next() % 9000) + 1
+            let b = (0..<len).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            try await f.write(UInt64(off), b)
+            expected.replaceSubrange(off..<off + len, with: b)
+        }
+        try await f.job.start()
+        // Writes keep coming while the copier runs.
+        for _ in 0..<40 {
+            let off = Int(rng.next() % UInt64(expected.count - 9000))
+            let len = Int(rng.next() % 9000) + 1
+            let b = (0..<len).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            try await f.write(UInt64(off), b)
+            expected.replaceSubrange(off..<off + len, with: b)
+        }
+        #expect(await f.job.waitUntilSettled() == .complete)
+        #expect(byteDifference(f.sim.contents("/dst"), expected) == nil, "destination after hydration")
+        #expect(byteDifference(try await f.read(0, expected.count), expected) == nil, "export after hydration")
+        // Discard: every region was released from the source after its commit.
+        #expect(f.sim.allocatedBlocks("/src") == 0)
+        await f.close()
+    }
+
+    @Test func trimOfWholeRegionsHydratesWithoutCopyAndNeverTouchesTheSource() async throws {
+        let f = try await Self.fixture()
+        let releasesBefore = f.sim.log.filter { $0.path == "/src" && $0.kind == .release }.count
+        // Regions 20 and 21 whole, 19 and 22 in part.
+        try await f.export.trim(offset: 20 * Self.rs - 100, length: UInt32(2 * Self.rs + 200), fua: false)
+        #expect(f.job.ownership.isHydrated(20) && f.job.ownership.isHydrated(21))
+        #expect(!f.job.ownership.isHydrated(19) && !f.job.ownership.isHydrated(22), "partial regions are left alone")
+        #expect(try await f.read(20 * Self.rs, 2 * Int(Self.rs)) == [UInt8](repeating: 0, count: 2 * Int(Self.rs)))
+        #expect(try await f.read(19 * Self.rs, Int(Self.rs)) == Array(f.image[19 * Int(Self.rs)..<20 * Int(Self.rs)]))
+        #expect(f.sim.log.filter { $0.path == "/src" && $0.kind == .release }.count == releasesBefore, "no trim reaches the source")
+        await f.close()
+    }
+
+    @Test func writeZeroesAndFastZero() async throws {
+        let f = try await Self.fixture()
+        // Partial zero of an unhydrated region with FAST_ZERO: refused, nothing changed.
+        await #expect(throws: NBDError.self) {
+            try await f.export.writeZeroes(offset: 30 * Self.rs + 10, length: 100, noHole: false, fastZero: true, fua: false)
+        }
+        #expect(!f.job.ownership.isHydrated(30))
+        do {
+            try await f.export.writeZeroes(offset: 30 * Self.rs + 10, length: 100, noHole: false, fastZero: true, fua: false)
+        } catch {
+            #expect(error.code == .ENOTSUP)
+        }
+        // Without FAST_ZERO it hydrates first.
+        try await f.export.writeZeroes(offset: 30 * Self.rs + 10, length: 100, noHole: false, fastZero: false, fua: false)
+        var expected = Array(f.image[30 * Int(Self.rs)..<31 * Int(Self.rs)])
+        for i in 10..<110 { expected[i] = 0 }
+        #expect(try await f.read(30 * Self.rs, Int(Self.rs)) == expected)
+        // Whole regions with FAST_ZERO: fine, and NO_HOLE writes zeros.
+        try await f.export.writeZeroes(offset: 40 * Self.rs, length: UInt32(2 * Self.rs), noHole: false, fastZero: true, fua: false)
+        try await f.export.writeZeroes(offset: 42 * Self.rs, length: UInt32(Self.rs), noHole: true, fastZero: false, fua: false)
+        #expect(try await f.read(40 * Self.rs, 3 * Int(Self.rs)) == [UInt8](repeating: 0, count: 3 * Int(Self.rs)))
+        #expect(f.job.ownership.allHydrated(40..<43))
+        await f.close()
+    }
+
+    @Test func flushCommitsClientHydratedRegionsAndTheDiscarderReleasesThemAfterwards() async throws {
+        let f = try await Self.fixture()
+        try await f.write(12 * Self.rs, [UInt8](repeating: 9, count: Int(Self.rs)))
+        #expect(f.job.ownership.stateBits(12..<13) == [RegionStateBits.hydrated])
+        let srcReleasesBefore = f.sim.log.filter { $0.path == "/src" && $0.kind == .release }.count
+        #expect(srcReleasesBefore == 0)
+        try await f.export.flush()
+        // Durable in the metadata...
+        let committed = await f.job.status().bytes.committed
+        #expect(committed == Self.rs)
+        // ... and only then released.
+        #expect(await eventually { f.sim.log.contains { $0.path == "/src" && $0.kind == .release && $0.offset == 12 * Self.rs } })
+        let log = f.sim.log
+        let release = log.firstIndex { $0.path == "/src" && $0.kind == .release }!
+        let metaSync = log.lastIndex { $0.path == "/meta" && $0.kind == .sync && $0.seq < log[release].seq }
+        #expect(metaSync != nil, "a metadata sync precedes the release")
+        #expect(await eventually { f.job.ownership.stateBits(12..<13) == [RegionStateBits.hydrated | RegionStateBits.committed | RegionStateBits.released] })
+        await f.close()
+    }
+
+    @Test func flushSyncsTheDestinationEvenWithNothingNewToRecord() async throws {
+        let f = try await Self.fixture()
+        try await f.write(3 * Self.rs, [UInt8](repeating: 1, count: Int(Self.rs)))
+        try await f.export.flush()
+        // A write into a hydrated region is in no pending set; the flush must still sync.
+        try await f.write(3 * Self.rs, [UInt8](repeating: 2, count: 10))
+        let syncs = f.sim.log.filter { $0.path == "/dst" && $0.kind == .sync }.count
+        try await f.export.flush()
+        #expect(f.sim.log.filter { $0.path == "/dst" && $0.kind == .sync }.count == syncs + 1)
+        // FUA does the same.
+        try await f.write(3 * Self.rs, [UInt8](repeating: 3, count: 10), fua: true)
+        #expect(f.sim.log.filter { $0.path == "/dst" && $0.kind == .sync }.count == syncs + 2)
+        await f.close()
+    }
+
+    @Test func theFirstWriteRecordsThatTheDestinationHoldsClientData() async throws {
+        let f = try await Self.fixture()
+        let store = { () -> MetadataStore in
+            let copy = SimulatedStorage()
+            copy.addFile("/meta", data: f.sim.contents("/meta")!)
+            return try! MetadataStore.open(path: "/meta", storage: copy, readOnly: true).0
+        }
+        #expect(store().header.destZeroed, "a created destination reads as zeros")
+        try await f.write(1 * Self.rs, [UInt8](repeating: 7, count: Int(Self.rs)))
+        #expect(!store().header.destZeroed, "recorded durably before the write landed")
+        // Its position: the metadata's last sync precedes the first destination write of the client.
+        let log = f.sim.log
+        let firstWrite = log.first { $0.path == "/dst" && $0.kind == .write }!
+        #expect(log.contains { $0.path == "/meta" && $0.kind == .sync && $0.seq < firstWrite.seq })
+        await f.close()
+    }
+
+    /// The source range of a read in flight is not released under it: the discarder waits for
+    /// the read's pin, even when the region is hydrated and committed meanwhile.
+    @Test func releaseWaitsForReadsOfTheSource() async throws {
+        let own = RegionOwnership(hydrated: RegionMap(count: 8), committed: RegionMap(count: 8),
+                                  released: RegionMap(count: 8), destZeroed: true)
+        let runs = own.pinForRead(2..<5)
+        #expect(runs.count == 1 && runs[0].fromSource)
+        // The copier hydrates region 3 meanwhile.
+        #expect(own.tryClaim(3..<4) == 3..<4)
+        own.finish(3..<4, hydrated: [3..<4])
+        let released = Mutex(false)
+        let waiter = Task {
+            await own.waitUnpinned(3..<4)
+            released.withLock { $0 = true }
+        }
+        try await Task.sleep(nanoseconds: 50_000_000)
+        #expect(!released.withLock { $0 }, "released while a read of the source was in flight")
+        own.unpin(runs)
+        await waiter.value
+        #expect(released.withLock { $0 })
+        // Hydrated regions are never pinned again: reads of them go to the destination.
+        let again = own.pinForRead(2..<5)
+        #expect(again.map(\.fromSource) == [true, false, true])
+        own.unpin(again)
+        await own.waitUnpinned(0..<8)
+    }
+
+    /// Writers exclude each other per region; the copier steps over a region a client holds.
+    @Test func claimsAreExclusiveAndTheCopierStepsOver() async throws {
+        let own = RegionOwnership(hydrated: RegionMap(count: 16), committed: RegionMap(count: 16),
+                                  released: RegionMap(count: 16), destZeroed: true)
+        await own.claim(4..<6)
+        #expect(own.tryClaim(2..<8) == 2..<4, "the copier's claim stops at the client's regions")
+        #expect(own.tryClaim(4..<8) == nil)
+        let second = Mutex(false)
+        let t = Task {
+            await own.claim(5..<7)
+            second.withLock { $0 = true }
+        }
+        try await Task.sleep(nanoseconds: 50_000_000)
+        #expect(!second.withLock { $0 }, "a second writer of region 5 must wait")
+        own.finish(4..<6, hydrated: [4..<6])
+        await t.value
+        #expect(second.withLock { $0 })
+        // Hydrated regions are never claimed by the copier again.
+        own.finish(5..<7, hydrated: [])
+        own.finish(2..<4, hydrated: [2..<4])
+        #expect(own.tryClaim(2..<7) == nil)
+        #expect(own.tryClaim(6..<9) == 6..<9)
+    }
+
+    @Test func blockStatusShowsHydrationState() async throws {
+        let f = try await Self.fixture()
+        try await f.write(4 * Self.rs, [UInt8](repeating: 1, count: 2 * Int(Self.rs)))
+        try await f.export.flush()
+        let ext = try await f.export.blockStatus(context: LiveCloneExport.stateContext, offset: 0, length: UInt32(8 * Self.rs))
+        #expect(ext.map(\.length) == [UInt32(4 * Self.rs), UInt32(2 * Self.rs), UInt32(2 * Self.rs)])
+        #expect(ext[0].flags == 0 && ext[2].flags == 0)
+        #expect(ext[1].flags & (RegionStateBits.hydrated | RegionStateBits.committed) == RegionStateBits.hydrated | RegionStateBits.committed)
+        // base:allocation: region 1 of the source is a hole.
+        let alloc = try await f.export.blockStatus(context: NBDProtocol.baseAllocation, offset: 0, length: UInt32(4 * Self.rs))
+        var pos: UInt64 = 0
+        var holeAtRegion1 = false
+        for e in alloc {
+            if pos <= Self.rs && pos + UInt64(e.length) >= 2 * Self.rs && e.flags & NBDProtocol.stateZero != 0 { holeAtRegion1 = true }
+            pos += UInt64(e.length)
+        }
+        #expect(holeAtRegion1, "\(alloc)")
+        await f.close()
+    }
+
+    @Test func cacheHydratesTheRange() async throws {
+        let f = try await Self.fixture()
+        try await f.export.cache(offset: 10 * Self.rs + 5, length: UInt32(3 * Self.rs))
+        #expect(f.job.ownership.allHydrated(10..<14))
+        let dest = f.sim.contents("/dst")!
+        #expect(Array(dest[10 * Int(Self.rs)..<14 * Int(Self.rs)]) == Array(f.image[10 * Int(Self.rs)..<14 * Int(Self.rs)]))
+        await f.close()
+    }
+
+    @Test func closedJobRefusesRequestsAndACompleteOneKeepsServing() async throws {
+        let f = try await Self.fixture(regions: 16)
+        try await f.job.start()
+        #expect(await f.job.waitUntilSettled() == .complete)
+        // Complete: the destination stays open for the export; reads and writes go there.
+        try await f.write(0, [1, 2, 3])
+        #expect(try await f.read(0, 3) == [1, 2, 3])
+        try await f.export.flush()
+        await f.job.close()
+        do {
+            _ = try await f.read(0, 3)
+            Issue.record("a read after close succeeded")
+        } catch {
+            #expect((error as? NBDError)?.code == .ESHUTDOWN)
+        }
+        await f.io.shutdown()
+    }
+
+    /// A commit failure leaves the metadata read-only: writes are refused at once.
+    @Test func writesAfterAFailedCommitAreRefused() async throws {
+        let f = try await Self.fixture()
+        try await f.write(0, [UInt8](repeating: 1, count: Int(Self.rs)))
+        f.sim.setFault { op in op.path == "/dst" && op.kind == .sync ? EIO : nil }
+        await #expect(throws: NBDError.self) { try await f.export.flush() }
+        do {
+            try await f.write(Self.rs, [1])
+            Issue.record("a write after a failed commit succeeded")
+        } catch {
+            #expect((error as? NBDError)?.code == .EIO)
+        }
+        f.sim.setFault(nil)
+        await f.close()
+    }
+}
