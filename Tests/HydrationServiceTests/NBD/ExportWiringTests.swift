@@ -130,3 +130,27 @@ import Testing
         #expect(SystemdNotifier.assignListeners([]).control == nil)
     }
 }
+
+@Suite struct BoundSocketPathTests {
+    /// What the URI of a socket-activated NBD socket shows: the path the passed descriptor is bound to.
+    @Test func boundUnixPathOfAListeningSocket() throws {
+        let dir = try SocketTempDir()
+        defer { dir.remove() }
+        let path = dir.path + "/n.sock"
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        #expect(HydrationDaemon.boundUnixPath(fd) == nil, "not bound yet")
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in path.utf8.enumerated() { raw[i] = b }
+        }
+        let ok = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+        }
+        #expect(ok)
+        #expect(HydrationDaemon.boundUnixPath(fd) == path)
+        #expect(HydrationDaemon.boundUnixPath(-1) == nil)
+    }
+}
