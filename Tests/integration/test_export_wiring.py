@@ -310,3 +310,27 @@ def test_unprivileged_peer_is_refused_with_policy_error():
     finally:
         d.kill()
         shutil.rmtree(pub, ignore_errors=True)
+
+
+def test_socket_group_member_gets_the_export():
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or not setpriv:
+        pytest.skip("needs root and setpriv to act as another user")
+    import grp
+    from pathlib import Path
+    gid = grp.getgrnam("nogroup").gr_gid
+    pub = tempfile.mkdtemp(prefix="hyd-nbdg-", dir="/tmp")
+    os.chmod(pub, 0o755)
+    d = Daemon(pub, extra_args=["--socket-group", "nogroup"]).start()
+    try:
+        start_job(d, Path(pub), "ex", 1 * MiB, export=True)
+        st = os.stat(d.nbd_sock)
+        assert st.st_gid == gid and st.st_mode & 0o777 == 0o660
+        # nobody:nogroup is in the socket group: it may connect (mode 0660) and gets the export.
+        r = nbdinfo("--json", uri(d.nbd_sock, "ex"), user="nobody")
+        assert r.returncode == 0, r.stderr
+        info = json.loads(r.stdout)["exports"][0]
+        assert info["export-name"] == "ex" and info["is_read_only"] is False
+    finally:
+        d.kill()
+        shutil.rmtree(pub, ignore_errors=True)

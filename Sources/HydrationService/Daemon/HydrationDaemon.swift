@@ -71,6 +71,9 @@ public enum HydrationDaemon {
         }
         let readiness = Readiness(parts: 2)
         let registry = NBDExportRegistry()
+        // Mode 0660 and group `gid`, as the control socket. Access (the default, `NBDAccessPolicy`):
+        // root, the daemon's user and members of the socket group read-write; anyone else is refused
+        // in the handshake (NBD_REP_ERR_POLICY).
         let nbdServer = NBDServer(
             configuration: NBDServerConfiguration(listener: nbdListener, socketGroup: gid), exports: registry,
             logger: logger, onListening: { _ in readiness.done() })
