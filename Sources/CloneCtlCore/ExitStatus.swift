@@ -93,6 +93,8 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
         case .permissionDenied, .servicePermissionDenied:
             hint = "; run as root or as a member of the daemon's --socket-group"
         case .tooManyConnections: hint = "; try again later"
+        case .exportInUse:
+            hint = "; disconnect the clients, or use 'clonectl remove \(v.string("name") ?? "NAME") --force' to disconnect them"
         case .internalError: hint = "; see the hydrationd log"
         default: hint = ""
         }

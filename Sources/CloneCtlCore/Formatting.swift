@@ -125,6 +125,9 @@ public enum StatusFormatter {
         case .complete, .failed, .paused, .idle:
             if s.throughputBytesPerSecond > 0 { row("throughput", Human.rate(s.throughputBytesPerSecond)) }
         }
+        if let e = s.export {
+            row("export", "\(e.uri) (\(e.clients) client\(e.clients == 1 ? "" : "s"))")
+        }
         if s.discard.enabled {
             var d = "on: \(Human.bytes(s.bytes.discarded)) discarded, \(Human.bytes(s.discard.pendingBytes)) pending"
             if s.discard.failed > 0 { d += ", \(s.discard.failed) region(s) failed" }

@@ -76,6 +76,13 @@ public enum ControlInterface {
           region: ?int
         )
 
+        # The job's clone served over NBD: uri for any NBD client (nbd+unix:///NAME?socket=PATH);
+        # clients counts the connections using it now.
+        type JobExport (
+          uri: string,
+          clients: int
+        )
+
         # The status of one job. version is the schema version (currently 1); fields are only
         # ever added.
         type JobStatus (
@@ -94,7 +101,8 @@ public enum ControlInterface {
           space_budget_bytes: ?int,
           settings: JobSettings,
           metadata: JobMetadata,
-          error: ?JobError
+          error: ?JobError,
+          export: ?JobExport
         )
 
         # One line of List.
@@ -133,6 +141,8 @@ public enum ControlInterface {
         # name, resume the existing job of that name. Paths are absolute. created tells which.
         # A parameter that would not take effect is refused with InvalidParameter naming it:
         # space_budget_bytes without discard_source: true, or tunables without source and dest.
+        # export serves the job's clone as NBD export name on the daemon's NBD socket, also
+        # after a restart, until the job is removed.
         method Start(
           name: string,
           source: ?string,
@@ -146,7 +156,8 @@ public enum ControlInterface {
           batch_size: ?int,
           commit_interval_ms: ?int,
           space_budget_bytes: ?int,
-          rate_limit_bytes_per_second: ?int
+          rate_limit_bytes_per_second: ?int,
+          export: ?bool
         ) -> (job: JobStatus, created: bool)
 
         # Stop copying after the regions in flight, with a final commit.
@@ -182,7 +193,8 @@ public enum ControlInterface {
         # discard_source job whose source is partly released is refused with DataAtRisk unless
         # force; even then its metadata is kept (kept_metadata says where), and a new job on its
         # destination is refused until it is resumed (Start with that metadata) or the file is
-        # deleted by hand.
+        # deleted by hand. An exported job with NBD clients connected is refused with
+        # ExportInUse unless force, which disconnects them; its export ends before the job closes.
         method Remove(name: string, force: ?bool) -> (kept_metadata: ?string)
 
         # Validate a metadata file, read-only.
@@ -238,6 +250,10 @@ public enum ControlInterface {
         # The device at a job's path cannot be confirmed to be the job's own (renumbered,
         # replaced, swapped, or without a stable identity): nothing is written or released.
         error DeviceUnconfirmed (path: string, message: string)
+
+        # Remove of an exported job while NBD clients are connected to it (pass force to
+        # disconnect them).
+        error ExportInUse (name: string, clients: int, message: string)
         """
 
     /// The standard `org.varlink.service` interface every Varlink service provides.

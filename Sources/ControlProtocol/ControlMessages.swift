@@ -69,29 +69,32 @@ public struct StartParameters: VarlinkParameters, Equatable {
     public var commitIntervalMs: Int?
     public var spaceBudgetBytes: UInt64?
     public var rateLimitBytesPerSecond: UInt64?
+    /// Serve the job's clone as NBD export `name` on the daemon's NBD socket (persisted with the job).
+    public var export: Bool?
 
     public init(
         name: String, source: String? = nil, dest: String? = nil, metadata: String? = nil,
         regionSize: UInt64? = nil, discardSource: Bool? = nil, destZeroed: Bool? = nil, noHydration: Bool? = nil,
         threshold: Int? = nil, batchSize: Int? = nil, commitIntervalMs: Int? = nil,
-        spaceBudgetBytes: UInt64? = nil, rateLimitBytesPerSecond: UInt64? = nil
+        spaceBudgetBytes: UInt64? = nil, rateLimitBytesPerSecond: UInt64? = nil, export: Bool? = nil
     ) {
         self.name = name; self.source = source; self.dest = dest; self.metadata = metadata
         self.regionSize = regionSize; self.discardSource = discardSource; self.destZeroed = destZeroed
         self.noHydration = noHydration; self.threshold = threshold; self.batchSize = batchSize
         self.commitIntervalMs = commitIntervalMs; self.spaceBudgetBytes = spaceBudgetBytes
         self.rateLimitBytesPerSecond = rateLimitBytesPerSecond
+        self.export = export
     }
 
     /// True when only `name` is given: resume an existing job rather than create one.
     public var isResumeOnly: Bool {
         source == nil && dest == nil && metadata == nil && regionSize == nil && discardSource == nil
             && destZeroed == nil && noHydration == nil && threshold == nil && batchSize == nil
-            && commitIntervalMs == nil && spaceBudgetBytes == nil && rateLimitBytesPerSecond == nil
+            && commitIntervalMs == nil && spaceBudgetBytes == nil && rateLimitBytesPerSecond == nil && export == nil
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case name, source, dest, metadata, threshold
+        case name, source, dest, metadata, threshold, export
         case regionSize = "region_size"
         case discardSource = "discard_source"
         case destZeroed = "dest_zeroed"

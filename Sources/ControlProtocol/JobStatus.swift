@@ -118,6 +118,15 @@ public struct JobStatus: Codable, Sendable, Equatable {
         }
     }
 
+    /// How the job's clone is served over NBD (`clonectl start --export`), nil when it is not.
+    public struct Export: Codable, Sendable, Equatable {
+        /// `nbd+unix:///NAME?socket=PATH`: what any NBD client connects to.
+        public var uri: String
+        /// Connections using the export now (in transmission, past the handshake).
+        public var clients: Int
+        public init(uri: String, clients: Int) { self.uri = uri; self.clients = clients }
+    }
+
     public var version: Int
     public var name: String
     public var state: State
@@ -134,22 +143,25 @@ public struct JobStatus: Codable, Sendable, Equatable {
     public var settings: Settings
     public var metadata: Metadata
     public var error: ErrorInfo?
+    /// The job's NBD export, nil when the job is not exported (or cannot be served now).
+    public var export: Export?
 
     public init(
         name: String, state: State, source: Source, dest: Dest, regionSize: UInt64, regions: Regions,
         bytes: Bytes, throughputBytesPerSecond: Double, etaSeconds: Double?, commits: Commits,
-        discard: Discard, spaceBudgetBytes: UInt64?, settings: Settings, metadata: Metadata, error: ErrorInfo?
+        discard: Discard, spaceBudgetBytes: UInt64?, settings: Settings, metadata: Metadata, error: ErrorInfo?,
+        export: Export? = nil
     ) {
         self.version = Self.schemaVersion
         self.name = name; self.state = state; self.source = source; self.dest = dest
         self.regionSize = regionSize; self.regions = regions; self.bytes = bytes
         self.throughputBytesPerSecond = throughputBytesPerSecond; self.etaSeconds = etaSeconds
         self.commits = commits; self.discard = discard; self.spaceBudgetBytes = spaceBudgetBytes
-        self.settings = settings; self.metadata = metadata; self.error = error
+        self.settings = settings; self.metadata = metadata; self.error = error; self.export = export
     }
 
     enum CodingKeys: String, CodingKey {
-        case version, name, state, source, dest, regions, bytes, commits, discard, settings, metadata, error
+        case version, name, state, source, dest, regions, bytes, commits, discard, settings, metadata, error, export
         case regionSize = "region_size"
         case throughputBytesPerSecond = "throughput_bytes_per_second"
         case etaSeconds = "eta_seconds"
@@ -175,6 +187,7 @@ public struct JobStatus: Codable, Sendable, Equatable {
         try c.encode(settings, forKey: .settings)
         try c.encode(metadata, forKey: .metadata)
         try c.encode(error, forKey: .error)
+        try c.encode(export, forKey: .export)
     }
 }
 

@@ -30,6 +30,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         public static let internalError = "org.hydrationd.Control.InternalError"
         public static let dataAtRisk = "org.hydrationd.Control.DataAtRisk"
         public static let deviceUnconfirmed = "org.hydrationd.Control.DeviceUnconfirmed"
+        public static let exportInUse = "org.hydrationd.Control.ExportInUse"
 
         public static let serviceInterfaceNotFound = "org.varlink.service.InterfaceNotFound"
         public static let serviceMethodNotFound = "org.varlink.service.MethodNotFound"
@@ -43,7 +44,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     public enum Kind: Sendable, Equatable {
         case noSuchJob, jobExists, jobRunning, invalidParameter, deviceInUse, sizeMismatch, metadataCorrupt
         case permissionDenied, jobFailed, ioError, invalidMessage, messageTooLarge, tooManyConnections
-        case internalError, dataAtRisk, deviceUnconfirmed
+        case internalError, dataAtRisk, deviceUnconfirmed, exportInUse
         case interfaceNotFound, methodNotFound, methodNotImplemented, serviceInvalidParameter
         case servicePermissionDenied, expectedMore
         case other
@@ -67,6 +68,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case Name.internalError: return .internalError
         case Name.dataAtRisk: return .dataAtRisk
         case Name.deviceUnconfirmed: return .deviceUnconfirmed
+        case Name.exportInUse: return .exportInUse
         case Name.serviceInterfaceNotFound: return .interfaceNotFound
         case Name.serviceMethodNotFound: return .methodNotFound
         case Name.serviceMethodNotImplemented: return .methodNotImplemented
@@ -83,7 +85,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         switch kind {
         case .noSuchJob, .jobExists, .jobRunning, .invalidParameter, .deviceInUse, .sizeMismatch,
             .metadataCorrupt, .permissionDenied, .serviceInvalidParameter, .servicePermissionDenied, .dataAtRisk,
-            .deviceUnconfirmed:
+            .deviceUnconfirmed, .exportInUse:
             return true
         default:
             return false
@@ -162,6 +164,12 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         VarlinkError(name: Name.deviceUnconfirmed, parameters: ["path": .string(path), "message": .string(message)])
     }
 
+    /// `Remove` of a job whose NBD export has `clients` connections, without `force`.
+    public static func exportInUse(_ name: String, clients: Int, message: String) -> VarlinkError {
+        VarlinkError(name: Name.exportInUse,
+                     parameters: ["name": .string(name), "clients": .int(Int64(clients)), "message": .string(message)])
+    }
+
     public static func invalidMessage(_ reason: String) -> VarlinkError {
         VarlinkError(name: Name.invalidMessage, parameters: ["reason": .string(reason)])
     }
@@ -232,6 +240,9 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case .internalError: return "internal daemon error: \(p["message"]?.stringValue ?? "")"
         case .dataAtRisk: return "job '\(p["name"]?.stringValue ?? "?")': \(p["message"]?.stringValue ?? "")"
         case .deviceUnconfirmed: return p["message"]?.stringValue ?? "device \(p["path"]?.stringValue ?? "?") cannot be confirmed"
+        case .exportInUse:
+            let n = p["clients"]?.int64Value ?? 0
+            return "job '\(p["name"]?.stringValue ?? "?")' is exported over NBD and \(n) client\(n == 1 ? " is" : "s are") connected"
         case .interfaceNotFound: return "interface not found: \(p["interface"]?.stringValue ?? "?")"
         case .methodNotFound: return "method not found: \(p["method"]?.stringValue ?? "?")"
         case .methodNotImplemented: return "method not implemented: \(p["method"]?.stringValue ?? "?")"

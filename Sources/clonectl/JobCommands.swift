@@ -41,6 +41,9 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     @Flag(help: "Create the job paused; start copying later with 'clonectl resume'.")
     var noHydration = false
 
+    @Flag(help: "Serve the clone as NBD export NAME on the daemon's NBD socket (see 'clonectl status NAME' for its URI).")
+    var export = false
+
     @OptionGroup(title: "Tunables") var tunables: TunableOptions
 
     @Flag(help: "Print the new job's status as JSON (the JobStatus object).")
@@ -54,6 +57,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
         if discardSource { o.append("--discard-source") }
         if destZeroed { o.append("--dest-zeroed") }
         if noHydration { o.append("--no-hydration") }
+        if export { o.append("--export") }
         return o + tunables.givenOptions
     }
 
@@ -79,7 +83,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
                 discardSource: discardSource ? true : nil, destZeroed: destZeroed ? true : nil,
                 noHydration: noHydration ? true : nil, threshold: tunables.threshold, batchSize: tunables.batchSize,
                 commitIntervalMs: tunables.commitInterval, spaceBudgetBytes: tunables.spaceBudget,
-                rateLimitBytesPerSecond: tunables.rateLimit)
+                rateLimitBytesPerSecond: tunables.rateLimit, export: export ? true : nil)
         } else {
             params = StartParameters(name: name)
         }
@@ -169,11 +173,11 @@ struct Commit: AsyncParsableCommand, DaemonCommand {
 struct Remove: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Forget a job; its destination (and a metadata file outside the state directory) stay on disk.",
-        discussion: "A hydrating job is refused unless --force, which pauses it with a final commit first. An incomplete --discard-source job whose source is partly released is refused unless --force; even then its metadata is kept (the only record of which regions the destination alone holds) and its path printed.")
+        discussion: "A hydrating job is refused unless --force, which pauses it with a final commit first. An incomplete --discard-source job whose source is partly released is refused unless --force; even then its metadata is kept (the only record of which regions the destination alone holds) and its path printed. An exported job with NBD clients connected is refused unless --force, which disconnects them.")
     @OptionGroup var daemon: DaemonOptions
     @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
-    @Flag(help: "Pause a hydrating job (with a final commit) and remove it.")
+    @Flag(help: "Pause a hydrating job (with a final commit), disconnect the NBD clients of an exported one, and remove it.")
     var force = false
 
     func run() async throws {

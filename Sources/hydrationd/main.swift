@@ -11,6 +11,7 @@ struct Hydrationd: AsyncParsableCommand {
         abstract: "Background disk hydration service with commit-gated source discard.",
         discussion: """
             Serves the org.hydrationd.Control Varlink interface on a Unix socket; drive it with clonectl.
+            Jobs started with --export are served as NBD exports on a second socket (--nbd-socket).
             Under systemd it reports readiness (READY=1) once every job is restored and the socket listens,
             keeps STATUS= current, pings the watchdog and accepts a socket-activated listener.
             """)
@@ -21,7 +22,10 @@ struct Hydrationd: AsyncParsableCommand {
     @Option(help: "Control socket path. Default: $RUNTIME_DIRECTORY/control.sock, /run/hydrationd/control.sock as root, $XDG_RUNTIME_DIR/hydrationd/control.sock otherwise.")
     var socket: String = DefaultPaths.socketPath()
 
-    @Option(help: "Group (name or gid) owning the socket; its members may change jobs.")
+    @Option(help: "NBD socket path, where exported jobs (clonectl start --export) are served. Default: nbd.sock in the control socket's directory.")
+    var nbdSocket: String?
+
+    @Option(help: "Group (name or gid) owning the sockets; its members may change jobs and use exports.")
     var socketGroup: String?
 
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
@@ -36,6 +40,12 @@ struct Hydrationd: AsyncParsableCommand {
         }
         guard stateDir.hasPrefix("/") else { throw ValidationError("--state-dir must be an absolute path") }
         guard socket.hasPrefix("/") else { throw ValidationError("--socket must be an absolute path") }
+        if let nbdSocket {
+            guard nbdSocket.hasPrefix("/") else { throw ValidationError("--nbd-socket must be an absolute path") }
+            guard nbdSocket != socket else { throw ValidationError("--nbd-socket must differ from --socket") }
+        } else if DaemonOptions.defaultNBDSocketPath(controlSocket: socket) == socket {
+            throw ValidationError("--socket is named nbd.sock, the default NBD socket next to it: give --nbd-socket")
+        }
         guard (1...256).contains(ioThreads) else { throw ValidationError("--io-threads must be between 1 and 256") }
     }
 
@@ -49,7 +59,8 @@ struct Hydrationd: AsyncParsableCommand {
         let logger = Logger(label: "hydrationd")
         do {
             try await HydrationDaemon.run(DaemonOptions(stateDirectory: stateDir, socketPath: socket,
-                                                        socketGroup: socketGroup, ioThreads: ioThreads), logger: logger)
+                                                        socketGroup: socketGroup, ioThreads: ioThreads,
+                                                        nbdSocketPath: nbdSocket), logger: logger)
         } catch {
             logger.critical("hydrationd: \(error)")
             throw ExitCode(1)

@@ -118,6 +118,25 @@ let etaCases: [(Double?, String)] = [
     }
 }
 
+@Suite struct ExportFormattingTests {
+    @Test func detailedShowsTheExportAndItsClients() {
+        var s = sampleStatus()
+        #expect(!StatusFormatter.detailed(s).contains("export"))
+        s.export = .init(uri: "nbd+unix:///vm1?socket=/run/hydrationd/nbd.sock", clients: 1)
+        #expect(StatusFormatter.detailed(s).contains("  export      nbd+unix:///vm1?socket=/run/hydrationd/nbd.sock (1 client)\n"))
+        s.export?.clients = 3
+        #expect(StatusFormatter.detailed(s).contains("(3 clients)"))
+    }
+
+    @Test func exportInUseIsARefusal() {
+        let e = VarlinkError.exportInUse("vm1", clients: 2, message: "m")
+        let f = CloneFailure.from(e, socketPath: "/s")
+        #expect(f.exit == .rejected)
+        #expect(f.message.contains("2 clients"))
+        #expect(f.message.contains("clonectl remove vm1 --force"))
+    }
+}
+
 @Suite struct JSONOutputTests {
     /// `status --json` prints exactly the JobStatus object: every schema key, nulls included.
     @Test func statusJSONHasEverySchemaKey() throws {
@@ -126,10 +145,11 @@ let etaCases: [(Double?, String)] = [
         #expect(Set(obj.keys) == [
             "version", "name", "state", "source", "dest", "region_size", "regions", "bytes",
             "throughput_bytes_per_second", "eta_seconds", "commits", "discard", "space_budget_bytes", "settings",
-            "metadata", "error",
+            "metadata", "error", "export",
         ])
         #expect(obj["version"] as? Int == 1)
         #expect(obj["error"] is NSNull)
+        #expect(obj["export"] is NSNull)
         #expect(obj["space_budget_bytes"] is NSNull)
         #expect(text.contains("\"/dev/vg/src\""))  // slashes unescaped
         let back = try JSONDecoder().decode(JobStatus.self, from: Data(text.utf8))

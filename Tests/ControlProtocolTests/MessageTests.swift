@@ -75,11 +75,12 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         let p = StartParameters(
             name: "vm1", source: "/src.img", dest: "/dev/sdb", metadata: "/m", regionSize: 65536,
             discardSource: true, destZeroed: false, noHydration: true, threshold: 2, batchSize: 4,
-            commitIntervalMs: 500, spaceBudgetBytes: 1 << 30, rateLimitBytesPerSecond: 1 << 20)
+            commitIntervalMs: 500, spaceBudgetBytes: 1 << 30, rateLimitBytesPerSecond: 1 << 20, export: true)
         let keys = Set(try json(p).keys)
         #expect(keys == [
             "name", "source", "dest", "metadata", "region_size", "discard_source", "dest_zeroed", "no_hydration",
             "threshold", "batch_size", "commit_interval_ms", "space_budget_bytes", "rate_limit_bytes_per_second",
+            "export",
         ])
         #expect(keys == StartParameters.parameterNames)
         #expect(try roundTrip(p) == p)
@@ -87,6 +88,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         let resume = StartParameters(name: "vm1")
         #expect(Set(try json(resume).keys) == ["name"])
         #expect(resume.isResumeOnly)
+        #expect(!StartParameters(name: "vm1", export: true).isResumeOnly)
     }
 
     @Test func spaceBudgetWithoutDiscardSourceIsInapplicable() {
@@ -146,9 +148,16 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(Set(j.keys) == [
             "version", "name", "state", "source", "dest", "region_size", "regions", "bytes",
             "throughput_bytes_per_second", "eta_seconds", "commits", "discard", "space_budget_bytes",
-            "settings", "metadata", "error",
+            "settings", "metadata", "error", "export",
         ])
         #expect(j["eta_seconds"] is NSNull)
+        #expect(j["export"] is NSNull)
+        var exported = sampleStatus()
+        exported.export = .init(uri: "nbd+unix:///vm1?socket=/run/hydrationd/nbd.sock", clients: 2)
+        let e = try json(exported)["export"] as? [String: Any]
+        #expect(e?["uri"] as? String == "nbd+unix:///vm1?socket=/run/hydrationd/nbd.sock")
+        #expect(e?["clients"] as? Int == 2)
+        #expect(try roundTrip(exported) == exported)
         #expect(j["error"] is NSNull)
         #expect(j["version"] as? Int == JobStatus.schemaVersion)
     }
@@ -184,6 +193,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         (.internalError("x"), "org.hydrationd.Control.InternalError", ["message"]),
         (.dataAtRisk("a", message: "m"), "org.hydrationd.Control.DataAtRisk", ["name", "message"]),
         (.deviceUnconfirmed(path: "/dev/x", message: "m"), "org.hydrationd.Control.DeviceUnconfirmed", ["path", "message"]),
+        (.exportInUse("a", clients: 2, message: "m"), "org.hydrationd.Control.ExportInUse", ["name", "clients", "message"]),
         (.interfaceNotFound("i"), "org.varlink.service.InterfaceNotFound", ["interface"]),
         (.methodNotFound("m"), "org.varlink.service.MethodNotFound", ["method"]),
         (.methodNotImplemented("m"), "org.varlink.service.MethodNotImplemented", ["method"]),
@@ -210,7 +220,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(declared == [
             "NoSuchJob", "JobExists", "JobRunning", "InvalidParameter", "DeviceInUse", "SizeMismatch",
             "MetadataCorrupt", "PermissionDenied", "JobFailed", "IOError", "InvalidMessage", "MessageTooLarge",
-            "TooManyConnections", "InternalError", "DataAtRisk", "DeviceUnconfirmed",
+            "TooManyConnections", "InternalError", "DataAtRisk", "DeviceUnconfirmed", "ExportInUse",
         ])
     }
 
@@ -219,6 +229,8 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(VarlinkError.serviceInvalidParameter("a").isRequestRejection)
         #expect(!VarlinkError.internalError("a").isRequestRejection)
         #expect(!VarlinkError.jobFailed("a", code: "c", message: "m").isRequestRejection)
+        #expect(VarlinkError.exportInUse("a", clients: 1, message: "m").isRequestRejection)
+        #expect(VarlinkError.exportInUse("a", clients: 2, message: "m").description.contains("2 clients"))
         let other = VarlinkError(name: "com.example.Weird", parameters: ["x": 1])
         #expect(other.kind == .other)
         #expect(other.description.contains("com.example.Weird"))
@@ -244,6 +256,9 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         var failed = sampleStatus(state: .failed)
         failed.error = .init(code: "NoSpace", message: "m")
         #expect(Set((try json(failed)["error"] as? [String: Any])?.keys ?? [:].keys) == Set(decl.types["JobError"] ?? []))
+        var exported = sampleStatus()
+        exported.export = .init(uri: "nbd+unix:///a?socket=/s", clients: 0)
+        #expect(Set((try json(exported)["export"] as? [String: Any])?.keys ?? [:].keys) == Set(decl.types["JobExport"] ?? []))
         #expect(Set(decl.types["JobSummary"] ?? []) == Set(try json(JobSummary(sampleStatus())).keys))
         let report = MetadataReport(
             path: "/m", valid: true, version: 1, generation: 1, jobId: "j", regionSize: 1, targetSizeBytes: 1,

@@ -68,10 +68,13 @@ def _read_one(s):
 class Daemon:
     """A hydrationd on a private socket and state directory; always stopped by PID."""
 
-    def __init__(self, tmp, name="d", extra_env=None):
+    def __init__(self, tmp, name="d", extra_env=None, extra_args=None):
         self.tmp = str(tmp)
         self.state = os.path.join(self.tmp, f"{name}-state")
         self.sock = os.path.join(self.tmp, f"{name}.sock")
+        # Its own NBD socket (exported jobs): two daemons in one directory must not share nbd.sock.
+        self.nbd_sock = os.path.join(self.tmp, f"{name}-nbd.sock")
+        self.extra_args = list(extra_args or [])
         self.log_path = os.path.join(self.tmp, f"{name}.log")
         self.env = dict(os.environ)
         self.env.pop("NOTIFY_SOCKET", None)
@@ -83,7 +86,8 @@ class Daemon:
     def start(self, timeout=20.0):
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [HYDRATIOND, "--state-dir", self.state, "--socket", self.sock, "--log-level", "info"],
+            [HYDRATIOND, "--state-dir", self.state, "--socket", self.sock, "--nbd-socket", self.nbd_sock,
+             "--log-level", "info", *self.extra_args],
             stdout=log, stderr=log, env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:

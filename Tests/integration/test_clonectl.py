@@ -45,6 +45,7 @@ JOB_STATUS_KEYS = {
     "settings": {"threshold", "batch_size", "rate_limit_bytes_per_second", "commit_interval_ms"},
     "metadata": {"path", "mode"},
     "error": None,
+    "export": None,   # null, or {"uri", "clients"} for an exported job (test_export_wiring.py)
 }
 STATES = {"idle", "hydrating", "paused", "complete", "failed"}
 

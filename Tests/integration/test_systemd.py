@@ -48,6 +48,7 @@ SHIPPED_BINARY = "/usr/local/bin/hydrationd"
 DROPPED_FOR_USER_MANAGER = ("ProtectHome=", "ProtectKernelTunables=", "ProtectKernelLogs=", "PrivateTmp=")
 SERVICE = "hydrationd.service"
 SOCKET = "hydrationd.socket"
+NBD_SOCKET = "hydrationd-nbd.socket"
 
 
 def _systemd_missing_reason():
@@ -284,7 +285,7 @@ class Units:
         self.socket_path = m.runtime / "hydrationd" / "control.sock"
 
     def install(self, environment=None, watchdog_sec="3s", extra=""):
-        self.m.systemctl("stop", SOCKET, SERVICE, check=False)
+        self.m.systemctl("stop", SOCKET, NBD_SOCKET, SERVICE, check=False)
         self.m.systemctl("reset-failed", check=False)
         # Fresh state: %S is $XDG_CONFIG_HOME for systemd 252's user manager, $XDG_STATE_HOME later.
         for base in (self.m.config, self.m.state):
@@ -294,6 +295,7 @@ class Units:
         text, self.changes = rewrite_service((PACKAGING / SERVICE).read_text(), self.impl.daemon_cmd)
         (self.m.unit_dir / SERVICE).write_text(text)
         shutil.copy(PACKAGING / SOCKET, self.m.unit_dir / SOCKET)
+        shutil.copy(PACKAGING / NBD_SOCKET, self.m.unit_dir / NBD_SOCKET)
         self.write_dropin(environment, watchdog_sec, extra)
 
     def write_dropin(self, environment=None, watchdog_sec="3s", extra=""):
@@ -315,10 +317,10 @@ class Units:
         self.m.systemctl("daemon-reload")
 
     def cleanup(self):
-        self.m.systemctl("stop", SOCKET, SERVICE, check=False)
+        self.m.systemctl("stop", SOCKET, NBD_SOCKET, SERVICE, check=False)
         self.m.systemctl("reset-failed", check=False)
         shutil.rmtree(self.dropin_dir, ignore_errors=True)
-        for u in (SERVICE, SOCKET):
+        for u in (SERVICE, SOCKET, NBD_SOCKET):
             (self.m.unit_dir / u).unlink(missing_ok=True)
         self.m.systemctl("daemon-reload", check=False)
 
@@ -383,13 +385,14 @@ def _verifiable_copies(tmp_path):
     svc = (PACKAGING / SERVICE).read_text().replace(SHIPPED_BINARY, "/bin/true")
     (tmp_path / SERVICE).write_text(svc)
     shutil.copy(PACKAGING / SOCKET, tmp_path / SOCKET)
+    shutil.copy(PACKAGING / NBD_SOCKET, tmp_path / NBD_SOCKET)
     return tmp_path / SERVICE, tmp_path / SOCKET
 
 
 def test_units_verify(tmp_path):
     svc, sock = _verifiable_copies(tmp_path)
-    r = subprocess.run(["systemd-analyze", "verify", str(svc), str(sock)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(["systemd-analyze", "verify", str(svc), str(sock), str(tmp_path / NBD_SOCKET)],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not r.stderr.strip(), r.stdout + r.stderr
 
 
@@ -533,6 +536,48 @@ def test_socket_activation(units, impl):
 
     units.m.systemctl("stop", SERVICE, SOCKET)
     assert not units.socket_path.exists(), "RemoveOnStop=yes should remove the socket file"
+    assert all(r[0] == "success" for r in units.run_results()), units.run_results()
+
+
+def test_nbd_socket_activation(units, impl):
+    """hydrationd-nbd.socket (FileDescriptorName=nbd): an NBD client starts the service, which adopts
+    that socket by name and serves exported jobs on it; the control socket it binds itself."""
+    if impl.is_standin:
+        pytest.skip("the stand-in has no NBD server")
+    if not shutil.which("nbdinfo"):
+        pytest.skip("nbdinfo not installed (libnbd-bin)")
+    units.install()
+    units.m.systemctl("start", NBD_SOCKET)
+    nbd_path = units.m.runtime / "hydrationd" / "nbd.sock"
+    assert nbd_path.is_socket()
+    assert units.show("ActiveState")["ActiveState"] == "inactive"
+
+    def exports():
+        r = subprocess.run(["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={nbd_path}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr + units.log()
+        return [e["export-name"] for e in json.loads(r.stdout)["exports"]]
+
+    assert exports() == []   # this connection started the service
+    st = units.show("ActiveState", "MainPID", "TriggeredBy")
+    assert st["ActiveState"] == "active" and int(st["MainPID"]) > 0, st
+    assert NBD_SOCKET in st["TriggeredBy"], st
+
+    src = units.make_image("nbd.src", 2)
+    units.clonectl("start", "ex", "--source", str(src), "--dest", str(units.dir / "nbd.dst"), "--export",
+                   "--no-hydration")
+    assert units.status("ex")["export"] == {"uri": f"nbd+unix:///ex?socket={nbd_path}", "clients": 0}
+    assert exports() == ["ex"]
+
+    # The socket unit keeps the socket across a stop; the next NBD client starts the daemon again,
+    # which exports the job again.
+    first_pid = st["MainPID"]
+    units.m.systemctl("stop", SERVICE)
+    assert nbd_path.is_socket(), "stopping the service removed the NBD socket unit's socket"
+    assert exports() == ["ex"]
+    assert units.show("MainPID")["MainPID"] not in ("0", first_pid)
+    units.m.systemctl("stop", SERVICE, NBD_SOCKET)
+    assert not nbd_path.exists(), "RemoveOnStop=yes should remove the socket file"
     assert all(r[0] == "success" for r in units.run_results()), units.run_results()
 
 

@@ -36,6 +36,7 @@ public struct DaemonControlHandler: ControlHandler {
             return .jobFailed(job ?? "", code: e.code.rawValue, message: e.message)
         case .ioError: return .ioError(path: path, errno: e.errno, message: e.message)
         case .dataAtRisk: return .dataAtRisk(job ?? "", message: e.message)
+        case .exportInUse: return .exportInUse(job ?? "", clients: e.clients ?? 0, message: e.message)
         }
     }
 
@@ -46,7 +47,7 @@ public struct DaemonControlHandler: ControlHandler {
                                ("region size", "region_size"), ("region_size", "region_size"), ("job name", "name"),
                                ("batch_size", "batch_size"), ("threshold", "threshold"),
                                ("rate_limit", "rate_limit_bytes_per_second"), ("commit_interval", "commit_interval_ms"),
-                               ("space_budget", "space_budget_bytes")]
+                               ("space_budget", "space_budget_bytes"), ("export", "export")]
             where m.hasPrefix(prefix) { return name }
         if e.code == .invalidState || e.code == .notFound { return "name" }
         return "parameters"
@@ -76,7 +77,8 @@ public struct DaemonControlHandler: ControlHandler {
             discardSource: p.discardSource ?? false, destZeroed: p.destZeroed ?? false, noHydration: p.noHydration ?? false,
             tunables: TunablesUpdate(threshold: p.threshold, batchSize: p.batchSize,
                                      rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
-                                     spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs))
+                                     spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs),
+            export: p.export ?? false)
         return try await mapped(job: p.name) { () async throws(HydrationError) in
             StartReply(job: try await manager.create(req), created: true)
         }

@@ -2,11 +2,14 @@ import ControlProtocol
 import Foundation
 import Logging
 import ServiceLifecycle
+import Synchronization
 
 /// How the daemon was asked to run.
 public struct DaemonOptions: Sendable {
     public var stateDirectory: String
     public var socketPath: String
+    /// NBD socket path (exported jobs); nil: `nbd.sock` next to the control socket.
+    public var nbdSocketPath: String?
     /// Group (name or numeric gid) that owns the socket and may call mutating methods.
     public var socketGroup: String?
     public var ioThreads: Int
@@ -14,9 +17,22 @@ public struct DaemonOptions: Sendable {
     public var supervisorInterval: Duration
 
     public init(stateDirectory: String = DefaultPaths.stateDirectory(), socketPath: String = DefaultPaths.socketPath(),
-                socketGroup: String? = nil, ioThreads: Int = 8, supervisorInterval: Duration = .milliseconds(250)) {
+                socketGroup: String? = nil, ioThreads: Int = 8, supervisorInterval: Duration = .milliseconds(250),
+                nbdSocketPath: String? = nil) {
         self.stateDirectory = stateDirectory; self.socketPath = socketPath; self.socketGroup = socketGroup
+        self.nbdSocketPath = nbdSocketPath
         self.ioThreads = ioThreads; self.supervisorInterval = supervisorInterval
+    }
+
+    /// The NBD socket path in effect: `nbdSocketPath`, else `nbd.sock` in the control socket's directory.
+    public var effectiveNBDSocketPath: String {
+        if let nbdSocketPath { return nbdSocketPath }
+        return Self.defaultNBDSocketPath(controlSocket: socketPath)
+    }
+
+    public static func defaultNBDSocketPath(controlSocket: String) -> String {
+        let dir = (controlSocket as NSString).deletingLastPathComponent
+        return (dir.isEmpty ? "." : dir) + "/nbd.sock"
     }
 }
 
@@ -24,8 +40,9 @@ public struct DaemonError: Error, CustomStringConvertible {
     public var description: String
 }
 
-/// The daemon: restores the jobs, then serves the control socket; READY=1 once both are done.
-/// SIGTERM/SIGINT pause every job with a final commit, then it exits 0.
+/// The daemon: restores the jobs, then serves the control socket and the NBD socket (exported
+/// jobs); READY=1 once all three are done. SIGTERM/SIGINT stop the control socket, then the NBD
+/// server (requests in flight answered), then pause every job with a final commit; exit 0.
 public enum HydrationDaemon {
     public static func run(_ options: DaemonOptions, logger: Logger) async throws {
         // A client that disappears mid-reply must not kill the daemon.
@@ -33,7 +50,35 @@ public enum HydrationDaemon {
         let gid = try resolveGroup(options.socketGroup)
         let notifier = SystemdNotifier()
         let io = IOExecutor(threads: options.ioThreads)
-        let manager = JobManager(stateDirectory: options.stateDirectory, io: io, logger: logger)
+
+        // Socket activation: the control socket and, named "nbd", the NBD socket.
+        let passed = SystemdNotifier.namedListenFileDescriptors()
+        let activated = SystemdNotifier.assignListeners(passed)
+        for fd in activated.unused {
+            logger.warning("ignoring an unexpected socket passed by systemd", metadata: ["fd": "\(fd)"])
+        }
+
+        // The NBD server is made first (it binds only when it runs) so that restored jobs can be
+        // published in its registry.
+        let nbdListener: ControlServerConfiguration.Listener
+        var nbdPath = options.effectiveNBDSocketPath
+        if let fd = activated.nbd {
+            if let bound = boundUnixPath(fd) { nbdPath = bound }
+            nbdListener = .descriptor(fd, path: nbdPath)
+            logger.info("using the NBD socket passed by systemd", metadata: ["fd": "\(fd)", "path": "\(nbdPath)"])
+        } else {
+            nbdListener = .path(nbdPath)
+        }
+        let readiness = Readiness(parts: 2)
+        let registry = NBDExportRegistry()
+        // Mode 0660 and group `gid`, as the control socket. Access (the default, `NBDAccessPolicy`):
+        // root, the daemon's user and members of the socket group read-write; anyone else is refused
+        // in the handshake (NBD_REP_ERR_POLICY).
+        let nbdServer = NBDServer(
+            configuration: NBDServerConfiguration(listener: nbdListener, socketGroup: gid), exports: registry,
+            logger: logger, onListening: { _ in readiness.done() })
+        let exports = JobExportHost(registry: registry, server: nbdServer, socketPath: nbdPath)
+        let manager = JobManager(stateDirectory: options.stateDirectory, io: io, logger: logger, exports: exports)
         do {
             try await manager.restore()
         } catch {
@@ -41,7 +86,7 @@ public enum HydrationDaemon {
         }
 
         let listener: ControlServerConfiguration.Listener
-        if let fd = SystemdNotifier.listenFileDescriptors().first {
+        if let fd = activated.control {
             listener = .descriptor(fd, path: options.socketPath)
             logger.info("using the socket passed by systemd", metadata: ["fd": "\(fd)"])
         } else {
@@ -51,16 +96,21 @@ public enum HydrationDaemon {
         let server = ControlServer(
             configuration: configuration, handler: DaemonControlHandler(manager: manager), logger: logger,
             onListening: { info in
-                // Jobs are restored and the socket listens: now, and only now, ready.
+                // Jobs are restored and both sockets listen: now, and only now, ready.
+                readiness.done()
+                await readiness.wait()
+                guard readiness.isReady else { return }
                 let line = statusLine(jobs: await manager.statusAll())
                 _ = notifier.ready(status: line)
-                logger.info("ready", metadata: ["socket": "\(info.path ?? options.socketPath)", "state_dir": "\(options.stateDirectory)"])
+                logger.info("ready", metadata: ["socket": "\(info.path ?? options.socketPath)", "nbd_socket": "\(exports.socketPath)",
+                                                "state_dir": "\(options.stateDirectory)"])
             })
         let supervisor = JobSupervisor(manager: manager, notifier: notifier, watchdog: SystemdWatchdog.fromEnvironment(notifier: notifier),
                                        interval: options.supervisorInterval, logger: logger)
-        // Services stop in reverse order: the socket first, then the jobs (final commits).
+        // Services stop in reverse order, each once the previous one has ended: the control socket
+        // first, then the NBD server (requests in flight answered), then the jobs (final commits).
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: supervisor), .init(service: server)],
+            services: [.init(service: supervisor), .init(service: nbdServer), .init(service: server)],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         do {
@@ -72,6 +122,21 @@ public enum HydrationDaemon {
         }
         await io.shutdown()
         logger.info("stopped")
+    }
+
+    /// The path a listening Unix socket is bound to (getsockname), nil if none or not AF_UNIX.
+    static func boundUnixPath(_ fd: Int32) -> String? {
+        var addr = sockaddr_un()
+        var len = socklen_t(MemoryLayout<sockaddr_un>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) == 0 }
+        }
+        guard ok, addr.sun_family == sa_family_t(AF_UNIX) else { return nil }
+        let path = withUnsafeBytes(of: addr.sun_path) { raw -> String in
+            let bytes = raw.prefix(max(0, Int(len) - MemoryLayout<sa_family_t>.size)).prefix { $0 != 0 }
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        return path.hasPrefix("/") ? path : nil
     }
 
     static func resolveGroup(_ g: String?) throws -> UInt32? {
@@ -111,5 +176,24 @@ final class JobSupervisor: Service, Sendable {
         _ = notifier.stopping(status: "committing and pausing jobs")
         logger.info("shutting down: final commits")
         await manager.shutdown()
+    }
+}
+
+/// Counts listeners that have reported: the daemon is ready only when every socket listens.
+final class Readiness: Sendable {
+    private let left: Mutex<Int>
+
+    init(parts: Int) { left = Mutex(parts) }
+
+    func done() { left.withLock { $0 -= 1 } }
+
+    var isReady: Bool { left.withLock { $0 <= 0 } }
+
+    /// Returns once ready, or early on cancellation or graceful shutdown (a socket that failed to
+    /// bind ends the service group, which cancels this wait).
+    func wait() async {
+        while !isReady && !Task.isCancelled && !Task.isShuttingDownGracefully {
+            try? await Task.sleep(for: .milliseconds(5))
+        }
     }
 }

@@ -16,10 +16,33 @@ public struct JobDefinition: Codable, Sendable, Equatable {
     /// What the user last asked for. A graceful shutdown pauses jobs but keeps this, so that a
     /// restart resumes what was hydrating and leaves paused jobs paused.
     public var desired: Desired
+    /// Served as NBD export `name` (Start with `export: true`); records written before exports
+    /// existed read as false.
+    public var export: Bool = false
 
     var configuration: JobConfiguration {
         JobConfiguration(name: name, sourcePath: source, destPath: dest, metadataPath: metadata, regionSize: regionSize,
                          discardSource: discardSource, destZeroed: destZeroed, tunables: tunables)
+    }
+}
+
+extension JobDefinition {
+    // Written by hand (in an extension, so the memberwise initialiser stays) only so that a record
+    // without `export` — from before exports — still reads.
+    enum CodingKeys: String, CodingKey {
+        case name, source, dest, metadata, regionSize, discardSource, destZeroed, tunables, desired, export
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(name: try c.decode(String.self, forKey: .name), source: try c.decode(String.self, forKey: .source),
+                  dest: try c.decode(String.self, forKey: .dest), metadata: try c.decode(String.self, forKey: .metadata),
+                  regionSize: try c.decode(UInt64.self, forKey: .regionSize),
+                  discardSource: try c.decode(Bool.self, forKey: .discardSource),
+                  destZeroed: try c.decode(Bool.self, forKey: .destZeroed),
+                  tunables: try c.decode(Tunables.self, forKey: .tunables),
+                  desired: try c.decode(Desired.self, forKey: .desired),
+                  export: try c.decodeIfPresent(Bool.self, forKey: .export) ?? false)
     }
 }
 
@@ -34,12 +57,15 @@ public struct CreateJobRequest: Sendable, Equatable {
     public var destZeroed: Bool
     public var noHydration: Bool
     public var tunables: TunablesUpdate
+    /// Serve the job's clone as NBD export `name`.
+    public var export: Bool
 
     public init(name: String, source: String, dest: String, metadata: String? = nil, regionSize: UInt64? = nil,
                 discardSource: Bool = false, destZeroed: Bool = false, noHydration: Bool = false,
-                tunables: TunablesUpdate = TunablesUpdate()) {
+                tunables: TunablesUpdate = TunablesUpdate(), export: Bool = false) {
         self.name = name; self.source = source; self.dest = dest; self.metadata = metadata; self.regionSize = regionSize
         self.discardSource = discardSource; self.destZeroed = destZeroed; self.noHydration = noHydration; self.tunables = tunables
+        self.export = export
     }
 }
 
@@ -119,14 +145,20 @@ public actor JobManager {
     /// concurrent set, a removed job resurrected by a concurrent persist).
     private var operationQueues: [String: [CheckedContinuation<Void, Never>]] = [:]
     private var stateLock: StateDirectoryLock?
+    /// Where exported jobs are served (nil: this manager serves none, and refuses `export`).
+    public nonisolated let exportHost: JobExportHost?
+    /// Jobs whose export is in `exportHost`'s registry now.
+    private var published: Set<String> = []
 
     public static let maxNameLength = 64
 
-    public init(stateDirectory: String, storage: any StorageProvider = PosixStorage(), io: IOExecutor, logger: Logger) {
+    public init(stateDirectory: String, storage: any StorageProvider = PosixStorage(), io: IOExecutor, logger: Logger,
+                exports: JobExportHost? = nil) {
         self.stateDirectory = stateDirectory
         self.storage = storage
         self.io = io
         self.logger = logger
+        self.exportHost = exports
     }
 
     var jobsDirectory: String { stateDirectory + "/jobs" }
@@ -156,7 +188,42 @@ public actor JobManager {
                 continue
             }
             jobs[def.name] = await openEntry(def)
+            await publishExport(def.name)
         }
+    }
+
+    // MARK: exports
+
+    /// Serves the job's clone if its definition asks for it and it is open (a live entry). A job
+    /// that could not be opened, or that is complete and restored from its metadata alone (its
+    /// devices are not opened), is not served.
+    private func publishExport(_ name: String) async {
+        guard let host = exportHost, let entry = jobs[name], entry.definition.export, !published.contains(name) else { return }
+        guard case .live(let job, _) = entry else {
+            logger.notice("exported job is not served: it is not open", metadata: ["job": "\(name)"])
+            return
+        }
+        do {
+            try host.publish(await job.liveExport())
+            published.insert(name)
+            logger.info("job exported over NBD", metadata: ["job": "\(name)", "uri": "\(host.uri(for: name))"])
+        } catch {
+            logger.error("job not exported", metadata: ["job": "\(name)", "error": "\(error)"])
+        }
+    }
+
+    /// Stops serving the job's clone: out of the registry, then its connections ended and waited
+    /// for. Called before the job is closed for good or replaced.
+    private func withdrawExport(_ name: String) async {
+        guard let host = exportHost, published.remove(name) != nil else { return }
+        let ended = await host.withdraw(name)
+        logger.info("job export withdrawn", metadata: ["job": "\(name)", "clients_disconnected": "\(ended)"])
+    }
+
+    /// The job's export as the status shows it, nil when it is not served.
+    private func exportStatus(_ name: String) -> JobStatus.Export? {
+        guard let host = exportHost, published.contains(name) else { return nil }
+        return JobStatus.Export(uri: host.uri(for: name), clients: host.clients(of: name))
     }
 
     /// Opens a recorded job: a complete one whose releases are all recorded as done from its
@@ -247,6 +314,9 @@ public actor JobManager {
         guard jobs[req.name] == nil, !creating.contains(req.name) else {
             throw HydrationError(.jobExists, "job \(req.name) already exists")
         }
+        if req.export && exportHost == nil {
+            throw HydrationError(.invalidParameter, "export: this daemon serves no NBD socket")
+        }
         let regionSize = req.regionSize ?? RegionGeometry.defaultRegionSize
         guard RegionGeometry.isValidRegionSize(regionSize) else {
             throw HydrationError(.invalidParameter, "region_size must be a power of two from 4 KiB to 1 GiB (got \(regionSize))")
@@ -260,7 +330,7 @@ public actor JobManager {
         var def = JobDefinition(name: req.name, source: req.source, dest: req.dest,
                                 metadata: req.metadata ?? defaultMetadata,
                                 regionSize: regionSize, discardSource: req.discardSource, destZeroed: req.destZeroed,
-                                tunables: tunables, desired: req.noHydration ? .paused : .hydrating)
+                                tunables: tunables, desired: req.noHydration ? .paused : .hydrating, export: req.export)
         // Another job's metadata must not be touched by this one.
         for entry in jobs.values {
             let other = entry.definition
@@ -309,12 +379,13 @@ public actor JobManager {
             logger.info("kept job record resumed", metadata: ["job": "\(def.name)", "metadata": "\(def.metadata)"])
         }
         jobs[req.name] = .live(job, def)
+        await publishExport(req.name)
         if req.noHydration {
             await job.pause()
         } else {
             try await job.start()
         }
-        return await job.status()
+        return try await status(req.name)
     }
 
     /// The kept record a new job concerns: the one whose metadata it names (to resume it), or an
@@ -339,6 +410,9 @@ public actor JobManager {
                 if await job.currentState != .complete {
                     out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
                     out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
+                } else if published.contains(name) {
+                    // Complete, but its clone is still served over NBD (reads and writes go there).
+                    out.append(Reservation(path: d.dest, role: "destination (served over NBD)", owner: name, keptMetadata: nil, noReaders: false))
                 }
             case .broken(_, _, let h):
                 if h?.complete != true {
@@ -463,6 +537,7 @@ public actor JobManager {
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
             if case .live(let job, _)? = jobs[name], await job.needsReopen {
                 // Out of space in a commit: open it again from its durable state, as a restart would.
+                await withdrawExport(name)
                 await job.close()
                 jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening after running out of space"), nil)
             }
@@ -474,11 +549,12 @@ public actor JobManager {
                 if case .broken(_, let e, _) = entry { jobs[name] = entry; throw e }
                 try await persist(def)
                 jobs[name] = entry
+                await publishExport(name)
             }
             let (job, _) = try live(name)
             try await job.start()
             try await setDesired(name, .hydrating)
-            return await job.status()
+            return try await status(name)
         }
     }
 
@@ -488,7 +564,7 @@ public actor JobManager {
             let (job, _) = try live(name)
             try await setDesired(name, .paused)
             await job.pause()
-            return await job.status()
+            return try await status(name)
         }
     }
 
@@ -497,7 +573,7 @@ public actor JobManager {
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
             let (job, _) = try live(name)
             try await job.commit()
-            return await job.status()
+            return try await status(name)
         }
     }
 
@@ -510,7 +586,7 @@ public actor JobManager {
             d.tunables = t
             try await persist(d)
             jobs[name] = .live(job, d)
-            return await job.status()
+            return try await status(name)
         }
     }
 
@@ -529,6 +605,12 @@ public actor JobManager {
     private func removeLocked(_ name: String, force: Bool) async throws(HydrationError) -> String? {
         guard let entry = jobs[name] else { throw HydrationError(.noSuchJob, "no job named \(name)") }
         let def = entry.definition
+        // Clients of its export would lose their disk: only with force.
+        if published.contains(name), let clients = exportHost?.clients(of: name), clients > 0, !force {
+            var e = HydrationError(.exportInUse, "job \(name) is exported over NBD and \(clients) client\(clients == 1 ? " is" : "s are") connected; disconnect \(clients == 1 ? "it" : "them") first, or remove with force to disconnect \(clients == 1 ? "it" : "them")")
+            e.clients = clients
+            throw e
+        }
         // What the metadata says (durably) before anything changes.
         var atRisk = false
         var jobID: String? = nil
@@ -536,7 +618,8 @@ public actor JobManager {
         case .live(let job, _):
             if await job.currentState == .hydrating {
                 if !force { throw HydrationError(.jobRunning, "job \(name) is hydrating; pause it first or remove with force") }
-                // Its final commit may be what puts it at risk: decide after it.
+                // Its final commit may be what puts it at risk: decide after it. Clients first.
+                await withdrawExport(name)
                 await job.close()
             }
             let s = await job.status()
@@ -552,6 +635,7 @@ public actor JobManager {
         if atRisk && !force {
             throw HydrationError(.dataAtRisk, "job \(name) has released part of its source \(def.source); the destination \(def.dest) holds the only copy of those regions and the metadata \(def.metadata) the only record of which they are. Finish it (clonectl resume \(name)), or remove it with --force: the metadata is then kept")
         }
+        await withdrawExport(name)
         if case .live(let job, _) = entry { await job.close() }
         // Until the end of this function the entry stays in `jobs`, so its devices stay reserved
         // (`checkReservations`) while their locks are already gone.
@@ -592,6 +676,12 @@ public actor JobManager {
     }
 
     public func status(_ name: String) async throws(HydrationError) -> JobStatus {
+        var s = try await statusWithoutExport(name)
+        s.export = exportStatus(name)
+        return s
+    }
+
+    private func statusWithoutExport(_ name: String) async throws(HydrationError) -> JobStatus {
         switch jobs[name] {
         case .live(let j, _)?: return await j.status()
         case .broken(let d, let e, let h)?: return Self.offlineStatus(d, e, h)
@@ -613,6 +703,7 @@ public actor JobManager {
     /// Pauses every job with a final commit (graceful shutdown); definitions keep what the user
     /// asked for, so a restart resumes the hydrating ones.
     public func shutdown() async {
+        for name in published.sorted() { await withdrawExport(name) }
         for (name, entry) in jobs {
             if case .live(let job, _) = entry {
                 await job.close()

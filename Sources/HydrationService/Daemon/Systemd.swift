@@ -142,6 +142,38 @@ public struct SystemdNotifier: Sendable {
         return Array(start..<(start + n))
     }
 
+    /// The listening sockets systemd passed, with their names (sd_listen_fds_with_names(3): a
+    /// socket unit's `FileDescriptorName=`, by default the unit's name, e.g. `hydrationd.socket`).
+    /// Empty when not socket-activated. Unsets LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES, like
+    /// `listenFileDescriptors()`: call one of them once, at start-up.
+    public static func namedListenFileDescriptors() -> [(fd: Int32, name: String)] {
+        var names: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = nil
+        let n = sd_listen_fds_with_names(1, &names)
+        defer {
+            if let names {
+                var i = 0
+                while let p = names[i] { free(p); i += 1 }
+                free(names)
+            }
+        }
+        guard n > 0 else { return [] }
+        let start = Int32(SD_LISTEN_FDS_START)
+        return (0..<Int(n)).map { i in
+            let name = names.flatMap { $0[i] }.map { String(cString: $0) } ?? "unknown"
+            return (start + Int32(i), name)
+        }
+    }
+
+    /// Which passed descriptor is which socket of the daemon: the one named `nbd` is the NBD
+    /// socket (`FileDescriptorName=nbd`); the control socket is the one named `control`, else the
+    /// first other one (an unnamed `hydrationd.socket`). Others are returned as `unused`.
+    public static func assignListeners(_ fds: [(fd: Int32, name: String)]) -> (control: Int32?, nbd: Int32?, unused: [Int32]) {
+        let nbd = fds.first { $0.name == "nbd" }?.fd
+        let others = fds.filter { $0.fd != nbd }
+        let control = (others.first { $0.name == "control" } ?? others.first)?.fd
+        return (control, nbd, others.filter { $0.fd != control }.map(\.fd))
+    }
+
     // MARK: Helpers
 
     /// One line, no control characters, at most `maxStatusLength` characters.

@@ -24,6 +24,8 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
         case jobExists = "JobExists"
         case jobRunning = "JobRunning"
         case permissionDenied = "PermissionDenied"
+        /// Remove of a job whose NBD export has clients connected, without force.
+        case exportInUse = "ExportInUse"
     }
 
     public var code: Code
@@ -41,6 +43,8 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     /// For SizeMismatch: the two sizes.
     public var sourceBytes: UInt64?
     public var destBytes: UInt64?
+    /// For ExportInUse: the connections using the export.
+    public var clients: Int?
 
     public init(_ code: Code, _ message: String, errno: Int32? = nil, region: Int? = nil) {
         self.code = code; self.message = message; self.errno = errno; self.region = region

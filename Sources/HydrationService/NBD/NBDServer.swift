@@ -102,6 +102,22 @@ public final class NBDServer: Service, Sendable {
         for r in records { r.stop(grace: configuration.shutdownGrace) }
     }
 
+    /// Connections in transmission with the export called `name` (past OPT_GO / EXPORT_NAME and
+    /// not yet closed). Connections still negotiating are not counted.
+    public func connections(export name: String) -> Int {
+        state.withLock { st in st.connections.values.reduce(0) { $0 + ($1.inTransmission && $1.exportName == name ? 1 : 0) } }
+    }
+
+    /// `disconnect(export:)`, then waits until those connections have closed (their requests in
+    /// flight answered, or cut off after `shutdownGrace`). Returns how many there were.
+    @discardableResult
+    public func disconnectAndWait(export name: String) async -> Int {
+        let records = state.withLock { st in st.connections.values.filter { $0.exportName == name } }
+        for r in records { r.stop(grace: configuration.shutdownGrace) }
+        for r in records { try? await r.channel.closeFuture.get() }
+        return records.count
+    }
+
     /// Ends every connection using the export called `name` the same gentle way as `shutdown()`
     /// (for an export about to go away). Returns how many connections were told to stop.
     @discardableResult
