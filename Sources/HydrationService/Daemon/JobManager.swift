@@ -149,6 +149,9 @@ public actor JobManager {
     public nonisolated let exportHost: JobExportHost?
     /// Jobs whose export is in `exportHost`'s registry now.
     private var published: Set<String> = []
+    /// Destinations opened only to serve a complete job restored from its metadata alone
+    /// (`CompleteCloneExport`): closed when the export is withdrawn.
+    private var servedDestinations: [String: any StorageDevice] = [:]
 
     public static let maxNameLength = 64
 
@@ -199,6 +202,26 @@ public actor JobManager {
     /// devices are not opened), is not served.
     private func publishExport(_ name: String) async {
         guard let host = exportHost, let entry = jobs[name], entry.definition.export, !published.contains(name) else { return }
+        if case .finished(let def, let header) = entry {
+            // Complete and restored from its metadata alone: the clone is the destination itself.
+            // Only the destination is opened (confirmed to be the job's own), never the source.
+            let storage = self.storage
+            do {
+                let (export, device) = try await io.run { try CompleteCloneExport.open(def, header: header, storage: storage, io: LiveCloneExport.clientIO) }
+                do {
+                    try host.publish(export)
+                } catch {
+                    device.close()
+                    throw error
+                }
+                servedDestinations[name] = device
+                published.insert(name)
+                logger.info("complete job's destination exported over NBD", metadata: ["job": "\(name)", "uri": "\(host.uri(for: name))"])
+            } catch {
+                logger.error("complete job not exported", metadata: ["job": "\(name)", "error": "\(error)"])
+            }
+            return
+        }
         guard case .live(let job, _) = entry else {
             logger.notice("exported job is not served: it is not open", metadata: ["job": "\(name)"])
             return
@@ -217,6 +240,7 @@ public actor JobManager {
     private func withdrawExport(_ name: String) async {
         guard let host = exportHost, published.remove(name) != nil else { return }
         let ended = await host.withdraw(name)
+        servedDestinations.removeValue(forKey: name)?.close()
         logger.info("job export withdrawn", metadata: ["job": "\(name)", "clients_disconnected": "\(ended)"])
     }
 
@@ -420,7 +444,9 @@ public actor JobManager {
                     out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
                 }
             case .finished:
-                break
+                if published.contains(name) {
+                    out.append(Reservation(path: d.dest, role: "destination (served over NBD)", owner: name, keptMetadata: nil, noReaders: false))
+                }
             }
         }
         for (record, file) in await keptRecords() where file != keptFile {

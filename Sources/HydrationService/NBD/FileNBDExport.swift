@@ -23,11 +23,14 @@ public final class FileNBDExport: NBDExport {
     /// Zeros written per pwrite for NO_HOLE.
     static let zeroChunk = 1 << 20
 
-    public init(name: String, device: any StorageDevice, io: IOExecutor, description: String? = nil, readOnly: Bool = false) {
+    /// `size`: the bytes served, at most the device's (a clone is as large as its source even on
+    /// a larger destination); the device's size by default.
+    public init(name: String, device: any StorageDevice, io: IOExecutor, description: String? = nil, readOnly: Bool = false,
+                size: UInt64? = nil) {
         self.name = name
         self.device = device
         self.io = io
-        self.size = device.info.size
+        self.size = min(size ?? device.info.size, device.info.size)
         self.description = description
         var caps: NBDExportCapabilities = [.flush, .fua, .trim, .writeZeroes, .fastZero, .cache, .multiConn]
         if readOnly { caps.insert(.readOnly) }
