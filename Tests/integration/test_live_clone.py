@@ -185,3 +185,40 @@ def test_ext4_on_the_live_clone_survives_sigkill(tmp_path):
         sh("umount", mnt, check=False)
     # The source's space was given back as it went.
     assert allocated(src) < src_allocated // 10, f"source still holds {allocated(src)} of {src_allocated} bytes"
+
+
+@pytest.mark.skipif(not shutil.which("nbdcopy"), reason="nbdcopy (libnbd-bin) missing")
+def test_a_complete_job_is_served_again_after_a_restart(tmp_path):
+    """A complete job is restored from its metadata alone (its source is never opened again);
+    its clone, the destination, is still served: reads, writes and flushes go there."""
+    from hydtest import make_image
+    tmp = str(tmp_path)
+    src = os.path.join(tmp, "src.img")
+    dst = os.path.join(tmp, "dst.img")
+    make_image(src, 8 * MiB + 4096, seed=5)
+    want = sha(src)
+    d = Daemon(tmp_path).start()
+    try:
+        assert clonectl(d, "start", "c", "--source", src, "--dest", dst, "--export").returncode == 0
+        d.wait_state("c", ["complete"])
+        d.stop()
+        # The source is gone: a complete job must not need it.
+        os.rename(src, src + ".moved")
+        d.start()
+        st = d.wait_state("c", ["complete"])
+        assert st["export"] is not None, st
+        uri = st["export"]["uri"]
+        out = os.path.join(tmp, "out.img")
+        sh("nbdcopy", uri, out)
+        assert os.path.getsize(out) == 8 * MiB + 4096, "the export is the job's size, not the destination's"
+        assert sha(out) == want
+        # Writes go to the destination.
+        if shutil.which("qemu-io"):
+            sh("qemu-io", "-f", "raw", "-c", "write -P 0x5a 4096 65536", "-c", "flush", uri)
+            with open(dst, "rb") as f:
+                f.seek(4096)
+                assert f.read(65536) == b"\x5a" * 65536, "a write through the export reaches the destination"
+        # Removing it withdraws the export and closes the destination.
+        assert clonectl(d, "remove", "c").returncode == 0
+    finally:
+        d.stop()
