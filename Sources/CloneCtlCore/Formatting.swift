@@ -127,6 +127,9 @@ public enum StatusFormatter {
         }
         if let e = s.export {
             row("export", "\(e.uri) (\(e.clients) client\(e.clients == 1 ? "" : "s"))")
+            if let io = e.io {
+                row("client i/o", "read \(Human.bytes(io.readBytes)), written \(Human.bytes(io.writtenBytes)), trimmed \(Human.bytes(io.trimmedBytes)); \(io.hydratedRegions) regions hydrated by clients")
+            }
         }
         if s.discard.enabled {
             var d = "on: \(Human.bytes(s.bytes.discarded)) discarded, \(Human.bytes(s.discard.pendingBytes)) pending"

@@ -77,10 +77,20 @@ public enum ControlInterface {
         )
 
         # The job's clone served over NBD: uri for any NBD client (nbd+unix:///NAME?socket=PATH);
-        # clients counts the connections using it now.
+        # clients counts the connections using it now; io what clients did through it since
+        # the job was opened (absent for a complete job served from its destination alone):
+        # hydrated_regions are regions clients hydrated (writes, trims, zeroes, cache).
+        type JobExportIO (
+          read_bytes: int,
+          written_bytes: int,
+          trimmed_bytes: int,
+          hydrated_regions: int
+        )
+
         type JobExport (
           uri: string,
-          clients: int
+          clients: int,
+          io: ?JobExportIO
         )
 
         # The status of one job. version is the schema version (currently 1); fields are only

@@ -124,7 +124,26 @@ public struct JobStatus: Codable, Sendable, Equatable {
         public var uri: String
         /// Connections using the export now (in transmission, past the handshake).
         public var clients: Int
-        public init(uri: String, clients: Int) { self.uri = uri; self.clients = clients }
+        /// What clients did through the export since the job was opened (nil for a complete job
+        /// served from its destination alone).
+        public var io: IO?
+        public init(uri: String, clients: Int, io: IO? = nil) { self.uri = uri; self.clients = clients; self.io = io }
+
+        public struct IO: Codable, Sendable, Equatable {
+            public var readBytes: UInt64
+            public var writtenBytes: UInt64
+            public var trimmedBytes: UInt64
+            /// Regions clients hydrated (by writing, trimming, zeroing or caching them) rather than the copier.
+            public var hydratedRegions: UInt64
+            public init(readBytes: UInt64, writtenBytes: UInt64, trimmedBytes: UInt64, hydratedRegions: UInt64) {
+                self.readBytes = readBytes; self.writtenBytes = writtenBytes; self.trimmedBytes = trimmedBytes
+                self.hydratedRegions = hydratedRegions
+            }
+            enum CodingKeys: String, CodingKey {
+                case readBytes = "read_bytes", writtenBytes = "written_bytes", trimmedBytes = "trimmed_bytes"
+                case hydratedRegions = "hydrated_regions"
+            }
+        }
     }
 
     public var version: Int

@@ -257,8 +257,9 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         failed.error = .init(code: "NoSpace", message: "m")
         #expect(Set((try json(failed)["error"] as? [String: Any])?.keys ?? [:].keys) == Set(decl.types["JobError"] ?? []))
         var exported = sampleStatus()
-        exported.export = .init(uri: "nbd+unix:///a?socket=/s", clients: 0)
+        exported.export = .init(uri: "nbd+unix:///a?socket=/s", clients: 0, io: .init(readBytes: 1, writtenBytes: 2, trimmedBytes: 3, hydratedRegions: 4))
         #expect(Set((try json(exported)["export"] as? [String: Any])?.keys ?? [:].keys) == Set(decl.types["JobExport"] ?? []))
+        #expect(Set(((try json(exported)["export"] as? [String: Any])?["io"] as? [String: Any])?.keys ?? [:].keys) == Set(decl.types["JobExportIO"] ?? []))
         #expect(Set(decl.types["JobSummary"] ?? []) == Set(try json(JobSummary(sampleStatus())).keys))
         let report = MetadataReport(
             path: "/m", valid: true, version: 1, generation: 1, jobId: "j", regionSize: 1, targetSizeBytes: 1,

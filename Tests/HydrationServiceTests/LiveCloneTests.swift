@@ -286,6 +286,18 @@ import ControlProtocol
         await f.close()
     }
 
+    @Test func statusCountsClientIO() async throws {
+        let f = try await Self.fixture()
+        _ = try await f.read(0, 3 * Int(Self.rs))
+        try await f.write(6 * Self.rs, [UInt8](repeating: 1, count: 2 * Int(Self.rs)))
+        try await f.export.trim(offset: 20 * Self.rs, length: UInt32(Self.rs), fua: false)
+        let io = try #require(await f.job.status().export?.io)
+        #expect(io.readBytes == 3 * Self.rs && io.writtenBytes == 2 * Self.rs && io.trimmedBytes == Self.rs)
+        #expect(io.hydratedRegions == 3)
+        #expect(await f.job.status().regions.hydrated == 3)
+        await f.close()
+    }
+
     @Test func cacheHydratesTheRange() async throws {
         let f = try await Self.fixture()
         try await f.export.cache(offset: 10 * Self.rs + 5, length: UInt32(3 * Self.rs))

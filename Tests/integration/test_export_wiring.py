@@ -140,7 +140,8 @@ def test_list_shows_exported_jobs_only_and_info_has_name_and_size(daemon, tmp_pa
                  "--no-hydration", "--json")
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout)
-    assert job["export"] == {"uri": uri(daemon.nbd_sock, "ex"), "clients": 0}
+    assert job["export"] == {"uri": uri(daemon.nbd_sock, "ex"), "clients": 0,
+                             "io": {"read_bytes": 0, "written_bytes": 0, "trimmed_bytes": 0, "hydrated_regions": 0}}
     plain = start_job(daemon, tmp_path, "plain", 2 * MiB, export=False, seed=2)
     assert plain["export"] is None
 
@@ -222,7 +223,7 @@ def test_restart_exports_again_and_shutdown_disconnects(tmp_path, holders):
         d.start()
         assert listed(d.nbd_sock) == ["ex"]
         st = d.status("ex")
-        assert st["export"] == {"uri": uri(d.nbd_sock, "ex"), "clients": 0}
+        assert {k: st["export"][k] for k in ("uri", "clients")} == {"uri": uri(d.nbd_sock, "ex"), "clients": 0}
         assert d.status("plain")["export"] is None
         r = nbdinfo("--json", uri(d.nbd_sock, "ex"))
         assert r.returncode == 0 and json.loads(r.stdout)["exports"][0]["export-size"] == 3 * MiB, r.stderr

@@ -703,7 +703,9 @@ public actor JobManager {
 
     public func status(_ name: String) async throws(HydrationError) -> JobStatus {
         var s = try await statusWithoutExport(name)
+        let io = s.export?.io
         s.export = exportStatus(name)
+        s.export?.io = io
         return s
     }
 

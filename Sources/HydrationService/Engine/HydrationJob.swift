@@ -645,7 +645,12 @@ public actor HydrationJob {
             settings: .init(threshold: tunables.threshold, batchSize: tunables.batchSize,
                             rateLimitBytesPerSecond: tunables.rateLimitBytesPerSecond, commitIntervalMs: tunables.commitIntervalMs),
             metadata: .init(path: store.path, mode: c.metadataMode),
-            error: error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region) })
+            error: error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region) },
+            // The URI and clients are the daemon's to fill in (JobManager.status).
+            export: export.map { _ in
+                JobStatus.Export(uri: "", clients: 0, io: .init(readBytes: c.liveReadBytes, writtenBytes: c.liveWrittenBytes,
+                                                               trimmedBytes: c.liveTrimmedBytes, hydratedRegions: UInt64(c.liveHydratedRegions)))
+            })
     }
 
     /// Internal counters, for tests that check the space budget.
