@@ -125,6 +125,35 @@ import ControlProtocol
         await f.close()
     }
 
+    /// Clients hydrating the last regions while the copier finishes: the copier may see the job
+    /// complete the moment a client's claim ends, and completion is then committed; the committer
+    /// must already know every region (the metadata refuses completion with one unhydrated).
+    @Test func completionRacingClientWritesIsCommittedWhole() async throws {
+        for round in 0..<12 {
+            let f = try await Self.fixture(regions: 48, discard: round % 2 == 0, seed: UInt64(round))
+            try await f.job.start()
+            try await withThrowingTaskGroup(of: Void.self) { g in
+                for k in 0..<4 {
+                    g.addTask {
+                        // From the end backwards, whole regions: no copy, so clients are fast.
+                        for r in stride(from: 47 - k, through: 0, by: -4) {
+                            try await f.write(UInt64(r) * Self.rs, [UInt8](repeating: UInt8(r), count: Int(Self.rs)))
+                        }
+                    }
+                }
+                try await g.waitForAll()
+            }
+            let final = await f.job.waitUntilSettled()
+            let st = await f.job.status()
+            #expect(final == .complete, "round \(round): \(final.rawValue) \(st.error?.message ?? "")")
+            #expect(st.metadata.mode == .rw)
+            var expected = f.image
+            for r in 0..<48 { for i in r * Int(Self.rs)..<(r + 1) * Int(Self.rs) { expected[i] = UInt8(r) } }
+            #expect(byteDifference(f.sim.contents("/dst"), expected) == nil, "round \(round)")
+            await f.close()
+        }
+    }
+
     @Test func trimOfWholeRegionsHydratesWithoutCopyAndNeverTouchesTheSource() async throws {
         let f = try await Self.fixture()
         let releasesBefore = f.sim.log.filter { $0.path == "/src" && $0.kind == .release }.count

@@ -99,6 +99,22 @@ final class RegionOwnership: Sendable {
         }
     }
 
+    /// The runs of `ranges` not hydrated yet.
+    func unhydratedRuns(in ranges: [Range<Int>]) -> [Range<Int>] {
+        state.withLock { st in
+            var out: [Range<Int>] = []
+            for h in ranges where !h.isEmpty {
+                var i = h.lowerBound
+                while let a = st.hydrated.first(false, from: i), a < h.upperBound {
+                    let b = min(st.hydrated.first(true, from: a) ?? st.hydrated.count, h.upperBound)
+                    out.append(a..<b)
+                    i = b
+                }
+            }
+            return out
+        }
+    }
+
     /// A client's claim: waits until no region of `regions` is claimed, then claims them all.
     func claim(_ regions: Range<Int>) async {
         if state.withLock({ st in Self.takeIfFree(&st, regions) }) { return }

@@ -161,6 +161,17 @@ public final class LiveCloneExport: NBDExport {
         ownership.destinationWritten()
     }
 
+    /// Ends a claim: the committer and progress hear of the regions it hydrated, then the claim
+    /// ends with them marked hydrated. In that order: once the last region is marked, the copier
+    /// may see the job complete and commit completion, and the metadata refuses completion with
+    /// a region the committer was never told of.
+    private func finishClaim(_ regions: Range<Int>, hydrated: [Range<Int>]) async {
+        // Nobody else changes these regions' hydration while the claim holds them.
+        let newly = ownership.unhydratedRuns(in: hydrated)
+        await recordHydrated(newly)
+        ownership.finish(regions, hydrated: hydrated)
+    }
+
     /// Progress and the committer hear of regions a client operation hydrated.
     private func recordHydrated(_ newly: [Range<Int>]) async {
         guard !newly.isEmpty else { return }
@@ -246,10 +257,10 @@ public final class LiveCloneExport: NBDExport {
                 try await run(writeData)
                 hydrated = [covered]
             } catch {
-                await recordHydrated(ownership.finish(covered, hydrated: hydrated))
+                await finishClaim(covered, hydrated: hydrated)
                 throw error
             }
-            await recordHydrated(ownership.finish(covered, hydrated: hydrated))
+            await finishClaim(covered, hydrated: hydrated)
         }
         progress.update { $0.liveWrittenBytes += UInt64(data.readableBytes) }
         if fua { try await flush() }
@@ -286,7 +297,7 @@ public final class LiveCloneExport: NBDExport {
             // one still reads from the source).
             released = false
         }
-        await recordHydrated(ownership.finish(whole, hydrated: released ? [whole] : []))
+        await finishClaim(whole, hydrated: released ? [whole] : [])
         progress.update { $0.liveTrimmedBytes += released ? range.upperBound - range.lowerBound : 0 }
         if fua { try await flush() }
     }
@@ -315,10 +326,10 @@ public final class LiveCloneExport: NBDExport {
                 try await run(zero)
                 hydrated = [covered]
             } catch {
-                await recordHydrated(ownership.finish(covered, hydrated: hydrated))
+                await finishClaim(covered, hydrated: hydrated)
                 throw error
             }
-            await recordHydrated(ownership.finish(covered, hydrated: hydrated))
+            await finishClaim(covered, hydrated: hydrated)
         }
         if fua { try await flush() }
     }
@@ -366,10 +377,10 @@ public final class LiveCloneExport: NBDExport {
             do throws(NBDError) {
                 hydrated = try await hydrate(Array(step))
             } catch {
-                await recordHydrated(ownership.finish(step, hydrated: hydrated))
+                await finishClaim(step, hydrated: hydrated)
                 throw error
             }
-            await recordHydrated(ownership.finish(step, hydrated: hydrated))
+            await finishClaim(step, hydrated: hydrated)
             at = step.upperBound
         }
     }
