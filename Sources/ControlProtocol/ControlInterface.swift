@@ -90,6 +90,7 @@ public enum ControlInterface {
         type JobExport (
           uri: string,
           clients: int,
+          hydrate_on_read: bool,
           io: ?JobExportIO
         )
 
@@ -152,7 +153,8 @@ public enum ControlInterface {
         # A parameter that would not take effect is refused with InvalidParameter naming it:
         # space_budget_bytes without discard_source: true, or tunables without source and dest.
         # export serves the job's clone as NBD export name on the daemon's NBD socket, also
-        # after a restart, until the job is removed.
+        # after a restart, until the job is removed. hydrate_on_read (with export): a read the
+        # source serves also hydrates the regions it read, in the background.
         method Start(
           name: string,
           source: ?string,
@@ -167,7 +169,8 @@ public enum ControlInterface {
           commit_interval_ms: ?int,
           space_budget_bytes: ?int,
           rate_limit_bytes_per_second: ?int,
-          export: ?bool
+          export: ?bool,
+          hydrate_on_read: ?bool
         ) -> (job: JobStatus, created: bool)
 
         # Stop copying after the regions in flight, with a final commit.

@@ -71,12 +71,16 @@ public struct StartParameters: VarlinkParameters, Equatable {
     public var rateLimitBytesPerSecond: UInt64?
     /// Serve the job's clone as NBD export `name` on the daemon's NBD socket (persisted with the job).
     public var export: Bool?
+    /// With `export`: a read served by the source also hydrates the regions it read, in the
+    /// background (dm-clone lacks this).
+    public var hydrateOnRead: Bool?
 
     public init(
         name: String, source: String? = nil, dest: String? = nil, metadata: String? = nil,
         regionSize: UInt64? = nil, discardSource: Bool? = nil, destZeroed: Bool? = nil, noHydration: Bool? = nil,
         threshold: Int? = nil, batchSize: Int? = nil, commitIntervalMs: Int? = nil,
-        spaceBudgetBytes: UInt64? = nil, rateLimitBytesPerSecond: UInt64? = nil, export: Bool? = nil
+        spaceBudgetBytes: UInt64? = nil, rateLimitBytesPerSecond: UInt64? = nil, export: Bool? = nil,
+        hydrateOnRead: Bool? = nil
     ) {
         self.name = name; self.source = source; self.dest = dest; self.metadata = metadata
         self.regionSize = regionSize; self.discardSource = discardSource; self.destZeroed = destZeroed
@@ -84,6 +88,7 @@ public struct StartParameters: VarlinkParameters, Equatable {
         self.commitIntervalMs = commitIntervalMs; self.spaceBudgetBytes = spaceBudgetBytes
         self.rateLimitBytesPerSecond = rateLimitBytesPerSecond
         self.export = export
+        self.hydrateOnRead = hydrateOnRead
     }
 
     /// True when only `name` is given: resume an existing job rather than create one.
@@ -91,6 +96,7 @@ public struct StartParameters: VarlinkParameters, Equatable {
         source == nil && dest == nil && metadata == nil && regionSize == nil && discardSource == nil
             && destZeroed == nil && noHydration == nil && threshold == nil && batchSize == nil
             && commitIntervalMs == nil && spaceBudgetBytes == nil && rateLimitBytesPerSecond == nil && export == nil
+            && hydrateOnRead == nil
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
@@ -103,6 +109,7 @@ public struct StartParameters: VarlinkParameters, Equatable {
         case commitIntervalMs = "commit_interval_ms"
         case spaceBudgetBytes = "space_budget_bytes"
         case rateLimitBytesPerSecond = "rate_limit_bytes_per_second"
+        case hydrateOnRead = "hydrate_on_read"
     }
 
     public static let parameterNames = names(CodingKeys.self)
@@ -113,6 +120,9 @@ public struct StartParameters: VarlinkParameters, Equatable {
         if spaceBudgetBytes != nil && discardSource != true {
             return ("space_budget_bytes",
                     "applies only with discard_source: true (a job that does not discard its source releases nothing, so there is nothing to budget)")
+        }
+        if hydrateOnRead == true && export != true {
+            return ("hydrate_on_read", "applies only with export: true (only reads through the job's NBD export can hydrate)")
         }
         return nil
     }

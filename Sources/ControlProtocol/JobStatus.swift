@@ -124,10 +124,21 @@ public struct JobStatus: Codable, Sendable, Equatable {
         public var uri: String
         /// Connections using the export now (in transmission, past the handshake).
         public var clients: Int
+        /// Reads the source serves also hydrate what they read, in the background.
+        public var hydrateOnRead: Bool
         /// What clients did through the export since the job was opened (nil for a complete job
         /// served from its destination alone).
         public var io: IO?
-        public init(uri: String, clients: Int, io: IO? = nil) { self.uri = uri; self.clients = clients; self.io = io }
+        public init(uri: String, clients: Int, hydrateOnRead: Bool = false, io: IO? = nil) {
+            self.uri = uri; self.clients = clients; self.hydrateOnRead = hydrateOnRead; self.io = io
+        }
+        enum CodingKeys: String, CodingKey { case uri, clients, io; case hydrateOnRead = "hydrate_on_read" }
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            self.init(uri: try c.decode(String.self, forKey: .uri), clients: try c.decode(Int.self, forKey: .clients),
+                      hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false,
+                      io: try c.decodeIfPresent(IO.self, forKey: .io))
+        }
 
         public struct IO: Codable, Sendable, Equatable {
             public var readBytes: UInt64

@@ -47,7 +47,8 @@ public struct DaemonControlHandler: ControlHandler {
                                ("region size", "region_size"), ("region_size", "region_size"), ("job name", "name"),
                                ("batch_size", "batch_size"), ("threshold", "threshold"),
                                ("rate_limit", "rate_limit_bytes_per_second"), ("commit_interval", "commit_interval_ms"),
-                               ("space_budget", "space_budget_bytes"), ("export", "export")]
+                               ("space_budget", "space_budget_bytes"), ("export", "export"),
+                               ("hydrate_on_read", "hydrate_on_read")]
             where m.hasPrefix(prefix) { return name }
         if e.code == .invalidState || e.code == .notFound { return "name" }
         return "parameters"
@@ -78,7 +79,7 @@ public struct DaemonControlHandler: ControlHandler {
             tunables: TunablesUpdate(threshold: p.threshold, batchSize: p.batchSize,
                                      rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
                                      spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs),
-            export: p.export ?? false)
+            export: p.export ?? false, hydrateOnRead: p.hydrateOnRead ?? false)
         return try await mapped(job: p.name) { () async throws(HydrationError) in
             StartReply(job: try await manager.create(req), created: true)
         }

@@ -19,6 +19,8 @@ public struct JobDefinition: Codable, Sendable, Equatable {
     /// Served as NBD export `name` (Start with `export: true`); records written before exports
     /// existed read as false.
     public var export: Bool = false
+    /// With `export`: reads served by the source hydrate what they read (Start `hydrate_on_read`).
+    public var hydrateOnRead: Bool = false
 
     var configuration: JobConfiguration {
         JobConfiguration(name: name, sourcePath: source, destPath: dest, metadataPath: metadata, regionSize: regionSize,
@@ -30,7 +32,7 @@ extension JobDefinition {
     // Written by hand (in an extension, so the memberwise initialiser stays) only so that a record
     // without `export` — from before exports — still reads.
     enum CodingKeys: String, CodingKey {
-        case name, source, dest, metadata, regionSize, discardSource, destZeroed, tunables, desired, export
+        case name, source, dest, metadata, regionSize, discardSource, destZeroed, tunables, desired, export, hydrateOnRead
     }
 
     public init(from decoder: any Decoder) throws {
@@ -42,7 +44,8 @@ extension JobDefinition {
                   destZeroed: try c.decode(Bool.self, forKey: .destZeroed),
                   tunables: try c.decode(Tunables.self, forKey: .tunables),
                   desired: try c.decode(Desired.self, forKey: .desired),
-                  export: try c.decodeIfPresent(Bool.self, forKey: .export) ?? false)
+                  export: try c.decodeIfPresent(Bool.self, forKey: .export) ?? false,
+                  hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false)
     }
 }
 
@@ -59,13 +62,16 @@ public struct CreateJobRequest: Sendable, Equatable {
     public var tunables: TunablesUpdate
     /// Serve the job's clone as NBD export `name`.
     public var export: Bool
+    /// With `export`: reads served by the source hydrate what they read.
+    public var hydrateOnRead: Bool
 
     public init(name: String, source: String, dest: String, metadata: String? = nil, regionSize: UInt64? = nil,
                 discardSource: Bool = false, destZeroed: Bool = false, noHydration: Bool = false,
-                tunables: TunablesUpdate = TunablesUpdate(), export: Bool = false) {
+                tunables: TunablesUpdate = TunablesUpdate(), export: Bool = false, hydrateOnRead: Bool = false) {
         self.name = name; self.source = source; self.dest = dest; self.metadata = metadata; self.regionSize = regionSize
         self.discardSource = discardSource; self.destZeroed = destZeroed; self.noHydration = noHydration; self.tunables = tunables
         self.export = export
+        self.hydrateOnRead = hydrateOnRead
     }
 }
 
@@ -227,7 +233,7 @@ public actor JobManager {
             return
         }
         do {
-            try host.publish(await job.liveExport())
+            try host.publish(await job.liveExport(hydrateOnRead: entry.definition.hydrateOnRead))
             published.insert(name)
             logger.info("job exported over NBD", metadata: ["job": "\(name)", "uri": "\(host.uri(for: name))"])
         } catch {
@@ -354,7 +360,8 @@ public actor JobManager {
         var def = JobDefinition(name: req.name, source: req.source, dest: req.dest,
                                 metadata: req.metadata ?? defaultMetadata,
                                 regionSize: regionSize, discardSource: req.discardSource, destZeroed: req.destZeroed,
-                                tunables: tunables, desired: req.noHydration ? .paused : .hydrating, export: req.export)
+                                tunables: tunables, desired: req.noHydration ? .paused : .hydrating, export: req.export,
+                                hydrateOnRead: req.hydrateOnRead)
         // Another job's metadata must not be touched by this one.
         for entry in jobs.values {
             let other = entry.definition
@@ -706,6 +713,7 @@ public actor JobManager {
         let io = s.export?.io
         s.export = exportStatus(name)
         s.export?.io = io
+        s.export?.hydrateOnRead = jobs[name]?.definition.hydrateOnRead ?? false
         return s
     }
 

@@ -513,14 +513,16 @@ public actor HydrationJob {
     /// dm-clone's semantics (`LiveCloneExport`). From the first call on, regions hydrated by
     /// clients are committed every commit interval even while the copy is paused, and a complete
     /// job keeps its destination open for the export until it is closed.
-    public func liveExport() throws(HydrationError) -> LiveCloneExport {
+    /// `hydrateOnRead`: a read the source serves also hydrates the regions it read, in the background.
+    public func liveExport(hydrateOnRead: Bool = false) throws(HydrationError) -> LiveCloneExport {
         if let export { return export }
         guard !closed && !closing else { throw HydrationError(.invalidState, "job \(name) is closed") }
         guard !devicesReleased else {
             throw HydrationError(.invalidState, "job \(name) is complete and has let go of its destination; its clone is the destination itself")
         }
         let e = LiveCloneExport(name: name, geometry: geometry, source: source, dest: dest, io: LiveCloneExport.clientIO,
-                                ownership: ownership, committer: committer, progress: progress, logger: logger)
+                                ownership: ownership, committer: committer, progress: progress, logger: logger,
+                                hydrateOnRead: hydrateOnRead)
         export = e
         let committer = self.committer
         liveTicker = Task { [weak self] in

@@ -40,6 +40,12 @@ public final class LiveCloneExport: NBDExport {
     private let logger: Logger
     private let buffers = IOBufferPool(keep: 4)
     private let gate = Mutex(Gate())
+    /// Reads served by the source also hydrate what they read (Start `hydrate_on_read`).
+    let hydrateOnRead: Bool
+    /// Background hydrations started by reads and not finished.
+    private let readHydrations = Mutex(0)
+    /// At most this many at once; a read beyond it hydrates nothing (the copier gets there anyway).
+    static let maxReadHydrations = 8
 
     private struct Gate {
         var closed = false
@@ -55,7 +61,9 @@ public final class LiveCloneExport: NBDExport {
     static let cacheStepRegions = 32
 
     init(name: String, geometry: Geometry, source: any StorageDevice, dest: any StorageDevice, io: IOExecutor,
-         ownership: RegionOwnership, committer: Committer, progress: JobProgress, logger: Logger) {
+         ownership: RegionOwnership, committer: Committer, progress: JobProgress, logger: Logger,
+         hydrateOnRead: Bool = false) {
+        self.hydrateOnRead = hydrateOnRead
         self.name = name
         self.size = geometry.targetSize
         self.geometry = geometry
@@ -229,6 +237,10 @@ public final class LiveCloneExport: NBDExport {
             return buffer
         }
         progress.update { $0.liveReadBytes += UInt64(length) }
+        if hydrateOnRead {
+            let fromSource = runs.filter(\.fromSource).map(\.regions)
+            if !fromSource.isEmpty { hydrateInBackground(fromSource) }
+        }
         return buffer
     }
 
@@ -367,7 +379,38 @@ public final class LiveCloneExport: NBDExport {
         try enter()
         defer { leave() }
         try await checkWritable()
-        let covered = regions(covering: offset..<offset + UInt64(length))
+        try await hydrate(covering: regions(covering: offset..<offset + UInt64(length)))
+    }
+
+    /// `hydrate_on_read`: copies the regions a read just got from the source, after the reply,
+    /// in a task of its own (the client does not wait for it). Bounded; skipped while closing.
+    private func hydrateInBackground(_ runs: [Range<Int>]) {
+        let started = readHydrations.withLock { n -> Bool in
+            guard n < Self.maxReadHydrations else { return false }
+            n += 1
+            return true
+        }
+        guard started else { return }
+        Task {
+            defer { self.readHydrations.withLock { $0 -= 1 } }
+            do throws(NBDError) {
+                try self.enter()
+            } catch {
+                return
+            }
+            defer { self.leave() }
+            guard await self.committer.failure == nil else { return }
+            for r in runs {
+                do { try await self.hydrate(covering: r) } catch {
+                    self.logger.debug("hydrate on read failed; the copier retries the region", metadata: ["error": "\(error)"])
+                    return
+                }
+            }
+        }
+    }
+
+    /// Copies every unhydrated region of `covered` now, a claim of a few regions at a time.
+    private func hydrate(covering covered: Range<Int>) async throws(NBDError) {
         var at = covered.lowerBound
         while at < covered.upperBound {
             guard let start = ownership.firstHydrated(false, from: at), start < covered.upperBound else { break }
