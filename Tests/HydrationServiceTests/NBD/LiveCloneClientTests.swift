@@ -758,4 +758,60 @@ for h in hs: h.shutdown()
         await lj.close()
         await other.close()
     }
+
+    // MARK: starvation
+
+    /// The issue: "Background hydration goes on while clients do I/O, and does not starve them".
+    /// The copier claims its next batch and only then waits for the rate limit (Copier.run:
+    /// nextWork -> tryClaim, then throttle; also the threshold and space-budget waits), so a
+    /// client write into the batch the copier is pacing waits for the whole pacing delay
+    /// (batch bytes / rate: 4 s here, 256 s at the minimum rate with a 1 MiB batch).
+    /// `nbdinfo --map=x-hydrationd:state` shows the held, unhydrated regions (bit 8, writing).
+    @Test(.enabled(if: NBDTools.hasNbdsh && NBDTools.hasNbdinfo, "nbdsh/nbdinfo is not installed"))
+    func aClientWriteDoesNotWaitForTheCopiersRateLimit() async throws {
+        let size = 8 * Self.mib
+        let lj = try await Self.makeJob("starve", size: size, seed: 19, rate: 256 << 10)
+        var t = Self.tunables(rate: 256 << 10)
+        t.batchSize = 16  // 1 MiB batches: 4 s apart at 256 KiB/s
+        t.threshold = 16
+        try await lj.job.update(t)
+        try await withNBDServer { f in
+            try f.registry.add(lj.export)
+            try await lj.job.start()
+            // A batch claimed and paced: regions held (writing), unhydrated, for more than a moment.
+            let regions = size / Int(Self.rs)
+            func heldRegions() -> [Int] {
+                let bits = lj.job.ownership.stateBits(0..<regions)
+                return (0..<regions).filter { bits[$0] & RegionStateBits.writing != 0 && bits[$0] & RegionStateBits.hydrated == 0 }
+            }
+            var held: [Int] = []
+            let found = await eventually(10) {
+                let a = heldRegions()
+                guard a.count >= 8 else { return false }
+                try? await Task.sleep(nanoseconds: 300_000_000)
+                held = a
+                return heldRegions() == a
+            }
+            #expect(found, "the copier holds a batch unhydrated while it waits for the rate limit")
+            let target = held.isEmpty ? 20 : held[held.count / 2]
+            let m = try await map(f.uri("live"), context: "x-hydrationd:state")
+            let lo = (held.first ?? 0) * Int(Self.rs)
+            #expect(m.contains { $0.offset <= lo && lo < $0.offset + $0.length && $0.type == Int(RegionStateBits.writing) },
+                    "nbdinfo shows the held batch: \(m)")
+            let far = ContinuousClock.now
+            let r1 = try await runTool("nbdsh", ["-u", f.uri("live"), "-c", "h.pwrite(b'x' * 100, \((regions - 3) * Int(Self.rs) + 5))"])
+            let farTime = ContinuousClock.now - far
+            #expect(r1.status == 0, "\(r1.stderr)")
+            let near = ContinuousClock.now
+            let r2 = try await runTool("nbdsh", ["-u", f.uri("live"), "-c", "h.pwrite(b'x' * 100, \(target * Int(Self.rs) + 5))"])
+            let nearTime = ContinuousClock.now - near
+            #expect(r2.status == 0, "\(r2.stderr)")
+            print("starvation: a write into an idle region took \(farTime), into the batch the copier is pacing \(nearTime)")
+            withKnownIssue("Copier claims a batch before its rate-limit wait: a client write into it waits the whole delay") {
+                #expect(nearTime < .seconds(1) + farTime, "a client write waited \(nearTime) for the copier's rate limit")
+            }
+            await lj.job.pause()
+        }
+        await lj.close()
+    }
 }
