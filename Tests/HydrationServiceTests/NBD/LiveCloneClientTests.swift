@@ -143,6 +143,17 @@ import Testing
             #expect(await eventually { lj.job.ownership.stateBits(target..<target + 1) == [7] }, "committed, then released")
             s2 = perRegion(try await map(uri, context: "x-hydrationd:state"), regions: regions)
             #expect(s2[target] == 7)
+
+            // TRIM to the end from inside region regions-3: regions-2 and the short last one
+            // (12288 bytes, source data) are whole, so trimmed; regions-3 is left alone.
+            let from = (regions - 2) * Int(Self.rs) - 100
+            let t = try await runTool("nbdsh", ["-u", uri, "-c", """
+                h.trim(\(size - from), \(from))
+                assert h.pread(\(size - from - 100), \(from + 100)) == bytes(\(size - from - 100))
+                """])
+            #expect(t.status == 0, "\(t.stderr)")
+            #expect(lj.job.ownership.allHydrated(regions - 2..<regions), "both whole regions, the short last one included, trimmed")
+            #expect(lj.job.ownership.isHydrated(regions - 3) == (bits[regions - 3] != 0), "the partial one left alone")
         }
         await lj.close()
     }
