@@ -40,10 +40,17 @@ import Testing
     }
 
     static func makeJob(_ tag: String, size: Int, seed: UInt64, discard: Bool = true, rate: UInt64?, commitMs: Int = 3_600_000,
-                        name: String = "live") async throws -> LiveJob {
+                        name: String = "live", garbageDest: Bool = false) async throws -> LiveJob {
         let dir = TempDir("live-" + tag)
         let image = TestImage.make(size: size, seed: seed)
         try image.write(to: dir.file("src.img"))
+        if garbageDest {
+            // An existing destination full of garbage: nothing on it may be trusted to read as zeros.
+            var garbage = [UInt8](repeating: 0, count: size)
+            var rng = SeededRandom(seed: seed ^ 0xDEAD)
+            rng.fill(&garbage, 0..<size)
+            try Data(garbage).write(to: URL(fileURLWithPath: dir.file("dst.img")))
+        }
         let cfg = JobConfiguration(name: name, sourcePath: dir.file("src.img"), destPath: dir.file("dst.img"),
                                    metadataPath: dir.file("meta"), regionSize: rs, discardSource: discard,
                                    tunables: tunables(rate: rate, commitMs: commitMs))
@@ -668,12 +675,13 @@ print(json.dumps(counts))
 for h in hs: h.shutdown()
 """#
 
-    @Test(.enabled(if: NBDTools.hasNbdsh, "nbdsh/python3-libnbd is not installed"))
-    func concurrentRequestsOnTwoConnectionsCrowdedIntoFewRegions() async throws {
+    @Test(.enabled(if: NBDTools.hasNbdsh, "nbdsh/python3-libnbd is not installed"), arguments: [false, true])
+    func concurrentRequestsOnTwoConnectionsCrowdedIntoFewRegions(garbageDest: Bool) async throws {
         let seed: UInt64 = UInt64(ProcessInfo.processInfo.environment["LIVE_CONCURRENT_SEED"] ?? "") ?? 777
         let (rounds, perRound) = (40, 24)
         let size = 16 * Self.mib + 12288
-        let lj = try await Self.makeJob("concurrent", size: size, seed: seed, rate: 1 << 20, commitMs: 100)
+        let lj = try await Self.makeJob("concurrent", size: size, seed: seed, rate: 1 << 20, commitMs: 100, garbageDest: garbageDest)
+        #expect(lj.job.configuration.destZeroed == !garbageDest)
         try Data(lj.image.bytes).write(to: URL(fileURLWithPath: lj.dir.file("source-bytes.img")))
         let script = lj.dir.file("concurrent.py")
         try Self.concurrentScript.write(toFile: script, atomically: true, encoding: .utf8)
@@ -685,7 +693,7 @@ for h in hs: h.shutdown()
                                                   lj.dir.file("source-bytes.img"), model], timeout: 60)
             #expect(r.status == 0, "concurrent seed \(seed): \(r.stderr)")
             let st = await lj.job.status()
-            print("concurrent seed \(seed), \(rounds)x\(perRound): \(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)); hydrated \(st.regions.hydrated)/\(st.regions.total), released \(st.bytes.discarded)")
+            print("concurrent seed \(seed), garbage destination \(garbageDest), \(rounds)x\(perRound): \(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)); hydrated \(st.regions.hydrated)/\(st.regions.total), released \(st.bytes.discarded)")
             #expect(st.state == .hydrating, "ran mid-hydration (seed \(seed))")
             try await lj.job.update(Self.tunables(rate: nil))
             #expect(await lj.job.waitUntilSettled() == .complete)
