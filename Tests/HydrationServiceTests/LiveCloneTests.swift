@@ -212,6 +212,34 @@ import ControlProtocol
         await f.close()
     }
 
+    /// A region turns hydrated (and takes client writes directly) a moment before its writer tells
+    /// the committer: `Copier.finished` calls `ownership.finish`, then awaits
+    /// `committer.noteHydrated` (an actor hop), and a client write does the same in
+    /// `recordHydrated`. A write of another client into that region, replied to in between, must be
+    /// durable after a FLUSH: the region must be committed by the time the flush replies, or a
+    /// crash leaves it unhydrated and its re-copy from the source overwrites the flushed write.
+    @Test func flushWaitsForARegionHydratedButNotYetReportedToTheCommitter() async throws {
+        let f = try await Self.fixture()
+        // The copier's batch of region 6: claimed, copied, marked hydrated...
+        #expect(f.job.ownership.tryClaim(6..<7) == 6..<7)
+        f.job.ownership.finish(6..<7, hydrated: [6..<7])
+        // ... its report to the committer not yet delivered. A client writes into the region
+        // (hydrated: straight to the destination) and flushes.
+        try await f.write(6 * Self.rs + 10, [UInt8](repeating: 0x77, count: 100))
+        let bitsAtReply = Mutex<[UInt32]>([])
+        let flush = Task {
+            try await f.export.flush()
+            bitsAtReply.withLock { $0 = f.job.ownership.stateBits(6..<7) }
+        }
+        try await Task.sleep(nanoseconds: 50_000_000)
+        // The copier's report arrives.
+        await f.job.committer.noteHydrated(6..<7, budgetBytes: 0)
+        try await flush.value
+        #expect(bitsAtReply.withLock { $0 } .map { $0 & RegionStateBits.committed } == [RegionStateBits.committed],
+                "the flush replied before the region holding the flushed write was committed: \(bitsAtReply.withLock { $0 })")
+        await f.close()
+    }
+
     @Test func flushSyncsTheDestinationEvenWithNothingNewToRecord() async throws {
         let f = try await Self.fixture()
         try await f.write(3 * Self.rs, [UInt8](repeating: 1, count: Int(Self.rs)))
