@@ -117,22 +117,19 @@ actor Copier {
         // the loop next looks: progress, commits and the budget must not wait for the threshold
         // to fill up, which at a low rate limit could take minutes.
         await withTaskGroup(of: Void.self) { group in
-            // A batch claimed (nextWork) but not issued when the loop stops: its claim must end,
-            // or its regions stay claimed for good and the next run waits for them forever.
-            var claimedNotIssued: Range<Int>? = nil
             while outcome == nil {
                 if let f = batchFailure { outcome = f; break }
                 if stopRequested { outcome = .stopped; break }
                 if await committer.failure != nil { outcome = .halted; break }
 
-                let work: Work?
+                let candidate: Work?
                 do throws(HydrationError) {
-                    work = try await nextWork(from: &cursor)
+                    candidate = try await nextWork(from: &cursor)
                 } catch {
                     outcome = .failed(error)
                     break
                 }
-                guard let work else {
+                guard let candidate else {
                     // The end of a pass. Regions a client held were stepped over, and a client
                     // operation that failed leaves its regions unhydrated behind the cursor: once
                     // this run's own batches and the clients' claims end, go round again.
@@ -147,8 +144,10 @@ actor Copier {
                     noMoreData = false
                     continue
                 }
-                let regions = work.regions
-                claimedNotIssued = regions
+                // The batch is claimed only after every wait below (threshold, budget, rate limit):
+                // a client writing to these regions meanwhile must not wait for the copier's pacing
+                // (at a low rate limit, minutes), only for a copy actually under way.
+                var regions = candidate.regions
                 let t = tunables
 
                 // Threshold: regions in flight.
@@ -158,7 +157,7 @@ actor Copier {
                 if let f = batchFailure { outcome = f; break }
 
                 // Space budget (discard_source only): bytes written but not yet released.
-                if let discarder, case .copy = work {
+                if let discarder, case .copy = candidate {
                     let need = geometry.byteLength(of: regions)
                     if progress.budgetOutstanding + need > t.spaceBudgetBytes / 2 && !earlyCommitInFlight {
                         // Half full: commit early (without waiting) so the discarder can start releasing.
@@ -186,9 +185,22 @@ actor Copier {
                     if let f = batchFailure { outcome = f; break }
                 }
 
-                if case .copy = work, let limit = t.rateLimitBytesPerSecond {
+                if case .copy = candidate, let limit = t.rateLimitBytesPerSecond {
                     await throttle(bytes: geometry.byteLength(of: regions), limit: limit)
                     if stopRequested { outcome = .stopped; break }
+                }
+
+                // Now the claim: the longest prefix no client took (or hydrated) meanwhile.
+                guard let claimed = ownership.tryClaim(regions) else {
+                    cursor = regions.lowerBound + 1
+                    continue
+                }
+                cursor = claimed.upperBound
+                regions = claimed
+                let work: Work
+                switch candidate {
+                case .hole: work = .hole(claimed)
+                case .copy: work = .copy(claimed)
                 }
 
                 // Page cache: everything more than a window behind the copy front is dropped from
@@ -219,13 +231,12 @@ actor Copier {
                 let job = BatchJob(source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
                                    retryDelaysMs: retryDelaysMs, logger: logger, buffers: buffers)
                 let io = self.io
+                let batch = regions
                 group.addTask {
                     let result = await job.execute(work, io: io)
-                    await self.batchFinished(Completion(regions: regions, reserved: reserve, result: result))
+                    await self.batchFinished(Completion(regions: batch, reserved: reserve, result: result))
                 }
-                claimedNotIssued = nil
             }
-            if let r = claimedNotIssued { ownership.finish(r, hydrated: []) }
             // Finish what is in flight whatever happened: its writes may be committed.
             await group.waitForAll()
         }
@@ -306,6 +317,11 @@ actor Copier {
             pendingEviction = (pendingEviction?.lowerBound ?? evictedUpTo)..<upTo
             evictedUpTo = upTo
         }
+        // The committer hears of the regions before they are marked hydrated: from the moment they
+        // are, clients write into them directly, and a FLUSH replied to after such a write must
+        // find them in its commit (were they marked first, a flush in between would commit
+        // without them, and a crash would re-copy the source over the flushed write).
+        await committer.noteHydrated(b.regions, budgetBytes: discarder != nil ? b.written : 0)
         let newly = ownership.finish(b.regions, hydrated: [b.regions]).reduce(0) { $0 + $1.count }
         let bytes = geometry.byteLength(of: b.regions)
         progress.update { c in
@@ -318,26 +334,19 @@ actor Copier {
             c.budgetInFlight -= reserved
         }
         progress.recordSample()
-        // Awaited, so that a commit requested after run() returns includes every finished batch.
-        await committer.noteHydrated(b.regions, budgetBytes: discarder != nil ? b.written : 0)
     }
 
     /// The next batch to issue, at or after `cursor`.
+    /// The next batch to issue, not yet claimed (the caller claims it once its pacing allows):
+    /// a region a client holds is stepped over (RegionOwnership).
     private func nextWork(from cursor: inout Int) async throws(HydrationError) -> Work? {
-        // Only regions this copier claims (RegionOwnership): a region a client is writing is
-        // stepped over, and the claim may end the batch early.
         while true {
             guard let work = try await candidateWork(from: &cursor) else { return nil }
-            let regions = work.regions
-            guard let claimed = ownership.tryClaim(regions) else {
-                cursor = regions.lowerBound + 1
+            if ownership.isClaimed(work.regions.lowerBound) {
+                cursor = work.regions.lowerBound + 1
                 continue
             }
-            cursor = claimed.upperBound
-            switch work {
-            case .hole: return .hole(claimed)
-            case .copy: return .copy(claimed)
-            }
+            return work
         }
     }
 

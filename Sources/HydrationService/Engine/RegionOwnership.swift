@@ -69,6 +69,7 @@ final class RegionOwnership: Sendable {
     /// A copy of the hydrated bits (tests, status).
     var hydratedSnapshot: RegionMap { state.withLock { $0.hydrated } }
     var anyClaimed: Bool { state.withLock { $0.claimed.setCount > 0 } }
+    func isClaimed(_ region: Int) -> Bool { state.withLock { $0.claimed[region] } }
     var destZeroed: Bool { state.withLock { $0.destZeroed } }
 
     /// Per-region bits for `x-hydrationd:state`, over `regions`.
@@ -83,27 +84,6 @@ final class RegionOwnership: Sendable {
                 return b
             }
         }
-    }
-
-    /// Regions hydrated but not committed yet, as runs (a FLUSH waits for them: `LiveCloneExport.flush`).
-    func hydratedUncommitted() -> [Range<Int>] {
-        state.withLock { st in
-            var out: [Range<Int>] = []
-            for w in 0..<st.hydrated.wordCount {
-                var bits = st.hydrated.words[w] & ~st.committed.words[w]
-                while bits != 0 {
-                    let r = w * 64 + bits.trailingZeroBitCount
-                    bits &= bits - 1
-                    if let last = out.last, last.upperBound == r { out[out.count - 1] = last.lowerBound..<r + 1 } else { out.append(r..<r + 1) }
-                }
-            }
-            return out
-        }
-    }
-
-    /// Those of `runs` not wholly committed yet.
-    func uncommitted(among runs: [Range<Int>]) -> [Range<Int>] {
-        state.withLock { st in runs.filter { st.committed.count(in: $0) < $0.count } }
     }
 
     // MARK: claims

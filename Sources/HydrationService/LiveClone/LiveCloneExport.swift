@@ -281,26 +281,10 @@ public final class LiveCloneExport: NBDExport {
     public func flush() async throws(NBDError) {
         try enter()
         defer { leave() }
-        // A region turns hydrated, and takes writes straight to the destination, a moment before
-        // its writer reports it to the committer (`Copier.finished` and `recordHydrated`: finish,
-        // then an actor hop to `noteHydrated`). A write into such a region replied to before this
-        // flush must be durable after it, so the flush also waits for every region hydrated when
-        // it started to be committed: otherwise a crash leaves the region unhydrated and its
-        // re-copy from the source overwrites the flushed write.
-        var waiting = ownership.hydratedUncommitted()
-        do {
-            try await committer.flush()
-            var rounds = 0
-            while true {
-                waiting = ownership.uncommitted(among: waiting)
-                if waiting.isEmpty { break }
-                // The report is on its way: let it land, then commit it (the destination's data
-                // was synced by the flush above; a commit recording regions syncs it again).
-                rounds += 1
-                if rounds <= 3 { await Task.yield() } else { try? await Task.sleep(nanoseconds: 1_000_000) }
-                try await committer.commit()
-            }
-        } catch {
+        // Complete because a region is marked hydrated only after the committer was told of it
+        // (Copier.finished, finishClaim): a write into a hydrated region, replied to before this
+        // flush, lies in a region this commit records or an earlier one did.
+        do { try await committer.flush() } catch {
             throw NBDError(error.code == .noSpace ? .ENOSPC : .EIO, "job \(name): flush failed: \(error.message)")
         }
     }
