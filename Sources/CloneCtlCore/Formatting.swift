@@ -126,7 +126,7 @@ public enum StatusFormatter {
             if s.throughputBytesPerSecond > 0 { row("throughput", Human.rate(s.throughputBytesPerSecond)) }
         }
         if let e = s.export {
-            row("export", "\(e.uri) (\(e.clients) client\(e.clients == 1 ? "" : "s"))")
+            row("export", "\(e.uri) (\(e.clients) client\(e.clients == 1 ? "" : "s"))\(e.hydrateOnRead ? ", hydrate on read" : "")")
             if let io = e.io {
                 row("client i/o", "read \(Human.bytes(io.readBytes)), written \(Human.bytes(io.writtenBytes)), trimmed \(Human.bytes(io.trimmedBytes)); \(io.hydratedRegions) regions hydrated by clients")
             }

@@ -5,7 +5,8 @@ public enum OptionRules {
     /// `clonectl start NAME ...`. `creationOptions` are the options given besides `--source`,
     /// `--dest` and `--json`, spelled as on the command line (`--threshold`); they all create a job.
     public static func startProblem(
-        name: String, hasSource: Bool, hasDest: Bool, creationOptions: [String], discardSource: Bool, spaceBudget: Bool
+        name: String, hasSource: Bool, hasDest: Bool, creationOptions: [String], discardSource: Bool, spaceBudget: Bool,
+        export: Bool = false, hydrateOnRead: Bool = false
     ) -> String? {
         if !hasSource && !hasDest && !creationOptions.isEmpty {
             let opts = creationOptions.joined(separator: ", ")
@@ -24,8 +25,16 @@ public enum OptionRules {
         if spaceBudget && !discardSource {
             return spaceBudgetWithoutDiscard
         }
+        if hydrateOnRead && !export {
+            return hydrateOnReadWithoutExport
+        }
         return nil
     }
+
+    /// Why `--hydrate-on-read` is refused without `--export`.
+    public static let hydrateOnReadWithoutExport =
+        "--hydrate-on-read applies only with --export: only reads through the job's NBD export can hydrate (add --export, or leave out --hydrate-on-read)"
+
 
     /// Why `--space-budget` is refused for a job that does not discard its source.
     public static let spaceBudgetWithoutDiscard =

@@ -44,6 +44,9 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     @Flag(help: "Serve the clone as NBD export NAME on the daemon's NBD socket (see 'clonectl status NAME' for its URI).")
     var export = false
 
+    @Flag(help: "With --export: a read served by the source also hydrates the regions it read, in the background (dm-clone lacks this).")
+    var hydrateOnRead = false
+
     @OptionGroup(title: "Tunables") var tunables: TunableOptions
 
     @Flag(help: "Print the new job's status as JSON (the JobStatus object).")
@@ -58,6 +61,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
         if destZeroed { o.append("--dest-zeroed") }
         if noHydration { o.append("--no-hydration") }
         if export { o.append("--export") }
+        if hydrateOnRead { o.append("--hydrate-on-read") }
         return o + tunables.givenOptions
     }
 
@@ -66,7 +70,8 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     func validate() throws {
         if let problem = OptionRules.startProblem(
             name: name, hasSource: source != nil, hasDest: dest != nil, creationOptions: creationOptions,
-            discardSource: discardSource, spaceBudget: tunables.spaceBudget != nil) {
+            discardSource: discardSource, spaceBudget: tunables.spaceBudget != nil,
+            export: export, hydrateOnRead: hydrateOnRead) {
             throw ValidationError(problem)
         }
         if let r = regionSize, r < 4096 || r > 1 << 30 || r & (r - 1) != 0 {
@@ -83,7 +88,8 @@ struct Start: AsyncParsableCommand, DaemonCommand {
                 discardSource: discardSource ? true : nil, destZeroed: destZeroed ? true : nil,
                 noHydration: noHydration ? true : nil, threshold: tunables.threshold, batchSize: tunables.batchSize,
                 commitIntervalMs: tunables.commitInterval, spaceBudgetBytes: tunables.spaceBudget,
-                rateLimitBytesPerSecond: tunables.rateLimit, export: export ? true : nil)
+                rateLimitBytesPerSecond: tunables.rateLimit, export: export ? true : nil,
+                hydrateOnRead: hydrateOnRead ? true : nil)
         } else {
             params = StartParameters(name: name)
         }

@@ -16,6 +16,16 @@ import Testing
         #expect(start(["--space-budget", "--discard-source"], discard: true) == nil)
     }
 
+    @Test func hydrateOnReadNeedsExport() throws {
+        let problem = try #require(OptionRules.startProblem(
+            name: "vm1", hasSource: true, hasDest: true, creationOptions: ["--hydrate-on-read"],
+            discardSource: false, spaceBudget: false, export: false, hydrateOnRead: true))
+        #expect(problem.hasPrefix("--hydrate-on-read applies only with --export"))
+        #expect(OptionRules.startProblem(
+            name: "vm1", hasSource: true, hasDest: true, creationOptions: ["--export", "--hydrate-on-read"],
+            discardSource: false, spaceBudget: false, export: true, hydrateOnRead: true) == nil)
+    }
+
     @Test func aCompleteCreationIsAccepted() {
         #expect(start() == nil)
         #expect(start(["--threshold", "--rate-limit", "--dest-zeroed", "--no-hydration"]) == nil)

@@ -75,12 +75,13 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         let p = StartParameters(
             name: "vm1", source: "/src.img", dest: "/dev/sdb", metadata: "/m", regionSize: 65536,
             discardSource: true, destZeroed: false, noHydration: true, threshold: 2, batchSize: 4,
-            commitIntervalMs: 500, spaceBudgetBytes: 1 << 30, rateLimitBytesPerSecond: 1 << 20, export: true)
+            commitIntervalMs: 500, spaceBudgetBytes: 1 << 30, rateLimitBytesPerSecond: 1 << 20, export: true,
+            hydrateOnRead: true)
         let keys = Set(try json(p).keys)
         #expect(keys == [
             "name", "source", "dest", "metadata", "region_size", "discard_source", "dest_zeroed", "no_hydration",
             "threshold", "batch_size", "commit_interval_ms", "space_budget_bytes", "rate_limit_bytes_per_second",
-            "export",
+            "export", "hydrate_on_read",
         ])
         #expect(keys == StartParameters.parameterNames)
         #expect(try roundTrip(p) == p)

@@ -352,6 +352,30 @@ import ControlProtocol
         await f.close()
     }
 
+    @Test func hydrateOnReadCopiesWhatTheSourceServed() async throws {
+        let sim = SimulatedStorage()
+        let image = TestImage.make(size: 64 * Int(Self.rs), seed: 9, chunk: 4 * Int(Self.rs)).bytes
+        sim.addFile("/src", data: image)
+        let io = IOExecutor(threads: 4)
+        let cfg = JobConfiguration(name: "hor", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+                                   regionSize: Self.rs, discardSource: true, tunables: Tunables.defaults(regionSize: Self.rs))
+        let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
+        let export = try await job.liveExport(hydrateOnRead: true)
+        let got = try await export.read(offset: 10 * Self.rs + 7, length: UInt32(3 * Self.rs))
+        #expect(Array(got.readableBytesView) == Array(image[10 * Int(Self.rs) + 7..<13 * Int(Self.rs) + 7]))
+        // Regions 10...13 are copied in the background, and only those (the job is not started).
+        #expect(await eventually { job.ownership.allHydrated(10..<14) })
+        #expect(job.ownership.hydratedCount == 4)
+        #expect(byteDifference(Array(sim.contents("/dst")![10 * Int(Self.rs)..<14 * Int(Self.rs)]),
+                               Array(image[10 * Int(Self.rs)..<14 * Int(Self.rs)])) == nil)
+        // Reads of hydrated regions hydrate nothing more; without the option nothing is hydrated.
+        _ = try await export.read(offset: 10 * Self.rs, length: UInt32(Self.rs))
+        try await Task.sleep(nanoseconds: 50_000_000)
+        #expect(job.ownership.hydratedCount == 4)
+        await job.close()
+        await io.shutdown()
+    }
+
     @Test func cacheHydratesTheRange() async throws {
         let f = try await Self.fixture()
         try await f.export.cache(offset: 10 * Self.rs + 5, length: UInt32(3 * Self.rs))

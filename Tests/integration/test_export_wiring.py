@@ -140,7 +140,7 @@ def test_list_shows_exported_jobs_only_and_info_has_name_and_size(daemon, tmp_pa
                  "--no-hydration", "--json")
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout)
-    assert job["export"] == {"uri": uri(daemon.nbd_sock, "ex"), "clients": 0,
+    assert job["export"] == {"uri": uri(daemon.nbd_sock, "ex"), "clients": 0, "hydrate_on_read": False,
                              "io": {"read_bytes": 0, "written_bytes": 0, "trimmed_bytes": 0, "hydrated_regions": 0}}
     plain = start_job(daemon, tmp_path, "plain", 2 * MiB, export=False, seed=2)
     assert plain["export"] is None
@@ -335,3 +335,31 @@ def test_socket_group_member_gets_the_export():
     finally:
         d.kill()
         shutil.rmtree(pub, ignore_errors=True)
+
+
+def test_hydrate_on_read_is_persisted_shown_and_needs_export(daemon, tmp_path):
+    src = str(tmp_path / "src.img")
+    make_image(src, 4 * MiB, seed=3)
+    r = clonectl(daemon, "start", "h", "--source", src, "--dest", str(tmp_path / "dst.img"), "--hydrate-on-read")
+    assert r.returncode == 64 and "--hydrate-on-read applies only with --export" in r.stderr, r.stderr
+    with pytest.raises(VarlinkError) as e:
+        daemon.call("Start", {"name": "h", "source": src, "dest": str(tmp_path / "dst.img"), "hydrate_on_read": True})
+    assert e.value.name.endswith("InvalidParameter") and e.value.parameters.get("parameter") == "hydrate_on_read", e.value.parameters
+    r = clonectl(daemon, "start", "h", "--source", src, "--dest", str(tmp_path / "dst.img"), "--export",
+                 "--hydrate-on-read", "--no-hydration")
+    assert r.returncode == 0, r.stderr
+    st = daemon.status("h")
+    assert st["export"]["hydrate_on_read"] is True
+    with open(os.path.join(daemon.state, "jobs", "h.json")) as f:
+        assert json.load(f)["hydrateOnRead"] is True
+    # A read through the export hydrates the regions it read, though the job is not copying.
+    r = nbdinfo("--map", uri(daemon.nbd_sock, "h"))
+    assert r.returncode == 0, r.stderr
+    subprocess.run(["nbdcopy", uri(daemon.nbd_sock, "h"), "null:"], check=True, timeout=60)
+    deadline = time.time() + 20
+    while daemon.status("h")["regions"]["hydrated"] < daemon.status("h")["regions"]["total"] and time.time() < deadline:
+        time.sleep(0.05)
+    st = daemon.status("h")
+    assert st["regions"]["hydrated"] == st["regions"]["total"], st["regions"]
+    assert st["export"]["io"]["hydrated_regions"] == st["regions"]["total"]
+    assert "hydrate on read" in clonectl(daemon, "status", "h").stdout
