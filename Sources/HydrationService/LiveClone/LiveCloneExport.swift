@@ -2,6 +2,17 @@ import Logging
 import NIOCore
 import Synchronization
 
+#if DEBUG
+/// Deliberately wrong client-write paths, for the live crash explorer to prove it notices them.
+/// Compiled only into debug builds (like `CommitterFault`).
+enum LiveCloneFault: Sendable, Equatable {
+    /// The first client write does not record that the destination holds client data.
+    case skipRecordDestinationWritten
+    /// A write covering an unhydrated region in part does not copy that region first.
+    case partialWriteWithoutHydration
+}
+#endif
+
 /// A job's clone served over NBD with dm-clone's I/O semantics, while it hydrates
 /// (docs/live-clone.md has the full table).
 ///
@@ -40,6 +51,9 @@ public final class LiveCloneExport: NBDExport {
     private let logger: Logger
     private let buffers = IOBufferPool(keep: 4)
     private let gate = Mutex(Gate())
+    #if DEBUG
+    let fault = Mutex<LiveCloneFault?>(nil)
+    #endif
 
     private struct Gate {
         var closed = false
@@ -155,6 +169,9 @@ public final class LiveCloneExport: NBDExport {
 
     private func recordDestinationWritten() async throws(NBDError) {
         guard ownership.destZeroed else { return }
+        #if DEBUG
+        if fault.withLock({ $0 }) == .skipRecordDestinationWritten { return }
+        #endif
         do { try await committer.recordDestinationWritten() } catch {
             throw NBDError(error.code == .noSpace ? .ENOSPC : .EIO, "job \(name): \(error.message)")
         }
@@ -241,7 +258,10 @@ public final class LiveCloneExport: NBDExport {
             do throws(NBDError) {
                 // A region the write covers only in part is copied first: the rest of it must be
                 // the source's data, not whatever the destination held.
-                let partial = Set([covered.lowerBound, covered.upperBound - 1].filter { !covers(bytes, region: $0) })
+                var partial = Set([covered.lowerBound, covered.upperBound - 1].filter { !covers(bytes, region: $0) })
+                #if DEBUG
+                if fault.withLock({ $0 }) == .partialWriteWithoutHydration { partial = [] }
+                #endif
                 hydrated = try await hydrate(partial.sorted())
                 try await run(writeData)
                 hydrated = [covered]
