@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import Testing
 @testable import HydrationService
 
@@ -117,5 +118,46 @@ import Testing
             }
         }
         return nil
+    }
+
+    /// A region's hydrated bit is set (`RegionOwnership.finish`) one actor hop before the
+    /// committer hears of it (`Committer.noteHydrated`): in `Copier.finished` and in the live
+    /// clone's own writes. A client write landing in that window takes the hydrated fast path;
+    /// a FLUSH answered in it committed without the region, and a crash then lost the flushed
+    /// write (recovery copied the region from the source again). The copier's two steps are
+    /// taken here by hand, its note delayed, as a slow hop would delay it.
+    @Test func flushCoversARegionTheCopierHydratedButHasNotNotedYet() async throws {
+        let sc = CrashScenario.make(seed: 401)
+        let storage = CrashableStorage()
+        sc.populate(storage)
+        let job = try await HydrationJob.create(sc.config(), storage: storage, io: io, logger: crashLogger)
+        let export = try await job.liveExport()
+        let rs = Int(CrashScenario.regionSize)
+        // A region of data, so that the source's copy differs from the client's write.
+        let r = try #require((0..<sc.image.count / rs).first { i in sc.image[i * rs..<(i + 1) * rs].contains { $0 != 0 } })
+        let data = [UInt8](repeating: 0xC5, count: rs)
+        // Copier.finished, first step: the batch is written and its claim ends hydrated...
+        #expect(job.ownership.tryClaim(r..<r + 1) == r..<r + 1)
+        job.ownership.finish(r..<r + 1, hydrated: [r..<r + 1])
+        // ... its second step (the committer hears of it) comes a little later.
+        let committer = await job.committer
+        let note = Task {
+            try? await Task.sleep(nanoseconds: 100_000_000)
+            await committer.noteHydrated(r..<r + 1, budgetBytes: 0)
+        }
+        // Meanwhile the client writes the whole region (hydrated: straight to the destination)
+        // and flushes: from here on the write must survive any crash.
+        try await export.write(offset: UInt64(r * rs), data: ByteBuffer(bytes: data), fua: false)
+        try await export.flush()
+        let crashed = storage.snapshotNow.materialize(.dropAll)
+        await note.value
+        await job.close()
+        let (_, map, pre) = LiveCrashHarness.view(crashed, sc)
+        #expect(pre.isEmpty, "\(pre)")
+        #expect(map?[r] == true, "region \(r) holds a flushed write but the metadata does not record it hydrated")
+        let rec = await LiveCrashHarness.recover(crashed, sc, io: io)
+        #expect(rec.failures.isEmpty, "\(rec.failures)")
+        #expect(rec.dest.count >= (r + 1) * rs && bytesEqual(Array(rec.dest[r * rs..<(r + 1) * rs]), data, count: rs),
+                "the flushed write to region \(r) was lost by a crash after the flush")
     }
 }
