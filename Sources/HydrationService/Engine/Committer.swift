@@ -88,6 +88,7 @@ actor Committer {
     func noteHydrated(_ regions: Range<Int>, budgetBytes: UInt64) {
         pending.append(regions)
         pendingBudgetBytes += budgetBytes
+        ownership?.noted(regions)
     }
 
     /// After open: every region the durable metadata records as hydrated, for the discarder to
@@ -140,6 +141,11 @@ actor Committer {
     /// the destination and, for regions it hydrated, in the metadata. Runs a full commit, with the
     /// destination's fdatasync even when no region changed.
     func flush() async throws(HydrationError) {
+        // A region's writer marks it hydrated one hop before it tells this actor: a client write
+        // answered before this flush may have gone straight to such a region (the hydrated fast
+        // path), and this commit must record it. Wait for those notes (the actor is free
+        // meanwhile, so they arrive).
+        await ownership?.waitNoted()
         syncRequested = true
         try await commit()
     }

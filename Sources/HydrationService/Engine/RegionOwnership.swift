@@ -38,6 +38,9 @@ final class RegionOwnership: Sendable {
         var released: RegionMap
         /// Regions under a claim.
         var claimed: RegionMap
+        /// Hydrated by `finish`, not yet handed to the committer (`noted`): one actor hop apart.
+        var unnoted: RegionMap
+        var notedWaiters: [(regions: [Range<Int>], continuation: CheckedContinuation<Void, Never>)] = []
         /// Source-read pins per region.
         var pins: [Int: Int] = [:]
         var claimWaiters: [Waiter] = []
@@ -53,7 +56,8 @@ final class RegionOwnership: Sendable {
         precondition(hydrated.count == committed.count && committed.count == released.count)
         regionCount = hydrated.count
         state = Mutex(State(hydrated: hydrated, committed: committed, released: released,
-                            claimed: RegionMap(count: hydrated.count), destZeroed: destZeroed))
+                            claimed: RegionMap(count: hydrated.count), unnoted: RegionMap(count: hydrated.count),
+                            destZeroed: destZeroed))
     }
 
     // MARK: reading the bits
@@ -133,6 +137,7 @@ final class RegionOwnership: Sendable {
                     while j < h.upperBound && !st.hydrated[j] { j += 1 }
                     newly.append(i..<j)
                     st.hydrated.set(i..<j)
+                    st.unnoted.set(i..<j)
                     i = j
                 }
             }
@@ -157,6 +162,42 @@ final class RegionOwnership: Sendable {
             let now = state.withLock { st -> Bool in
                 if st.claimed.setCount == 0 { return true }
                 st.changeWaiters.append(c)
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    // MARK: the committer's view
+
+    /// The committer has been told of `regions` (`Committer.noteHydrated`). Every writer tells it
+    /// of the regions its `finish` newly hydrated, right after (the copier in `finished`, the
+    /// live clone in `recordHydrated`).
+    func noted(_ regions: Range<Int>) {
+        let wake = state.withLock { st -> [CheckedContinuation<Void, Never>] in
+            guard st.unnoted.count(in: regions) > 0 else { return [] }
+            st.unnoted.clear(regions)
+            var wake: [CheckedContinuation<Void, Never>] = []
+            st.notedWaiters.removeAll { w in
+                guard w.regions.allSatisfy({ st.unnoted.count(in: $0) == 0 }) else { return false }
+                wake.append(w.continuation)
+                return true
+            }
+            return wake
+        }
+        for c in wake { c.resume() }
+    }
+
+    /// Returns once every region hydrated before this call has been handed to the committer (a
+    /// FLUSH, before it commits: a client write answered before it may have gone straight to a
+    /// region whose hydration the committer has not heard of yet, and the commit must record it).
+    func waitNoted() async {
+        let regions = state.withLock { $0.unnoted.setRanges() }
+        if regions.isEmpty { return }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { st -> Bool in
+                if regions.allSatisfy({ st.unnoted.count(in: $0) == 0 }) { return true }
+                st.notedWaiters.append((regions, c))
                 return false
             }
             if now { c.resume() }
