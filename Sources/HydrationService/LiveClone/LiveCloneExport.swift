@@ -23,7 +23,8 @@ enum LiveCloneFault: Sendable, Equatable {
 ///   region first, writes, and marks every covered region hydrated; the committer records them
 ///   like copied ones, and the discarder releases them after that commit like any other.
 /// - TRIM: whole regions are given back on the destination and marked hydrated without a copy;
-///   partial ones are left alone. Never sent to the source.
+///   partial ones are left alone. Never sent to the source. On a block device (BLKDISCARD need
+///   not leave zeros) recorded first like a write (`recordDestinationWritten`).
 /// - WRITE_ZEROES: zeroes the destination range; a partially covered unhydrated region is hydrated
 ///   first (FAST_ZERO: refused with ENOTSUP instead).
 /// - FLUSH, FUA: a commit with the destination's fdatasync (`Committer.flush`): every write
@@ -290,6 +291,11 @@ public final class LiveCloneExport: NBDExport {
         let whole = wholeRegions(in: bytes)
         guard !whole.isEmpty else { return }  // a hint: partial regions are left alone
         try await checkWritable()
+        if dest.info.identity.kind == .blockDevice {
+            // BLKDISCARD need not leave zeros: like a write, the destination may now hold data
+            // where the job never hydrated (a trim lost by a crash leaves its region unhydrated).
+            try await recordDestinationWritten()
+        }
         await ownership.claim(whole)
         var range = geometry.byteRange(of: whole)
         if dest.info.identity.kind == .regularFile && range.upperBound == geometry.targetSize {
