@@ -2,6 +2,17 @@ import Logging
 import NIOCore
 import Synchronization
 
+#if DEBUG
+/// Deliberately wrong client-write paths, for the live crash explorer to prove it notices them.
+/// Compiled only into debug builds (like `CommitterFault`).
+enum LiveCloneFault: Sendable, Equatable {
+    /// The first client write does not record that the destination holds client data.
+    case skipRecordDestinationWritten
+    /// A write covering an unhydrated region in part does not copy that region first.
+    case partialWriteWithoutHydration
+}
+#endif
+
 /// A job's clone served over NBD with dm-clone's I/O semantics, while it hydrates
 /// (docs/live-clone.md has the full table).
 ///
@@ -12,7 +23,8 @@ import Synchronization
 ///   region first, writes, and marks every covered region hydrated; the committer records them
 ///   like copied ones, and the discarder releases them after that commit like any other.
 /// - TRIM: whole regions are given back on the destination and marked hydrated without a copy;
-///   partial ones are left alone. Never sent to the source.
+///   partial ones are left alone. Never sent to the source. On a block device (BLKDISCARD need
+///   not leave zeros) recorded first like a write (`recordDestinationWritten`).
 /// - WRITE_ZEROES: zeroes the destination range; a partially covered unhydrated region is hydrated
 ///   first (FAST_ZERO: refused with ENOTSUP instead).
 /// - FLUSH, FUA: a commit with the destination's fdatasync (`Committer.flush`): every write
@@ -42,10 +54,19 @@ public final class LiveCloneExport: NBDExport {
     private let gate = Mutex(Gate())
     /// Reads served by the source also hydrate what they read (Start `hydrate_on_read`).
     let hydrateOnRead: Bool
-    /// Background hydrations started by reads and not finished.
-    private let readHydrations = Mutex(0)
-    /// At most this many at once; a read beyond it hydrates nothing (the copier gets there anyway).
-    static let maxReadHydrations = 8
+    /// Regions reads got from the source, waiting to be copied, and the tasks copying them.
+    private let readHydrations = Mutex(ReadHydrations())
+    private struct ReadHydrations {
+        var queue: [Range<Int>] = []
+        var workers = 0
+    }
+    /// Tasks copying what reads got from the source, at most.
+    static let maxReadHydrationWorkers = 2
+    /// Runs queued at most; beyond, a read hydrates nothing (the copier gets there anyway).
+    static let maxReadHydrationQueue = 4096
+    #if DEBUG
+    let fault = Mutex<LiveCloneFault?>(nil)
+    #endif
 
     private struct Gate {
         var closed = false
@@ -163,6 +184,9 @@ public final class LiveCloneExport: NBDExport {
 
     private func recordDestinationWritten() async throws(NBDError) {
         guard ownership.destZeroed else { return }
+        #if DEBUG
+        if fault.withLock({ $0 }) == .skipRecordDestinationWritten { return }
+        #endif
         do { try await committer.recordDestinationWritten() } catch {
             throw NBDError(error.code == .noSpace ? .ENOSPC : .EIO, "job \(name): \(error.message)")
         }
@@ -264,7 +288,10 @@ public final class LiveCloneExport: NBDExport {
             do throws(NBDError) {
                 // A region the write covers only in part is copied first: the rest of it must be
                 // the source's data, not whatever the destination held.
-                let partial = Set([covered.lowerBound, covered.upperBound - 1].filter { !covers(bytes, region: $0) })
+                var partial = Set([covered.lowerBound, covered.upperBound - 1].filter { !covers(bytes, region: $0) })
+                #if DEBUG
+                if fault.withLock({ $0 }) == .partialWriteWithoutHydration { partial = [] }
+                #endif
                 hydrated = try await hydrate(partial.sorted())
                 try await run(writeData)
                 hydrated = [covered]
@@ -296,6 +323,11 @@ public final class LiveCloneExport: NBDExport {
         let whole = wholeRegions(in: bytes)
         guard !whole.isEmpty else { return }  // a hint: partial regions are left alone
         try await checkWritable()
+        if dest.info.identity.kind == .blockDevice {
+            // BLKDISCARD need not leave zeros: like a write, the destination may now hold data
+            // where the job never hydrated (a trim lost by a crash leaves its region unhydrated).
+            try await recordDestinationWritten()
+        }
         await ownership.claim(whole)
         var range = geometry.byteRange(of: whole)
         if dest.info.identity.kind == .regularFile && range.upperBound == geometry.targetSize {
@@ -388,27 +420,38 @@ public final class LiveCloneExport: NBDExport {
     /// `hydrate_on_read`: copies the regions a read just got from the source, after the reply,
     /// in a task of its own (the client does not wait for it). Bounded; skipped while closing.
     private func hydrateInBackground(_ runs: [Range<Int>]) {
-        let started = readHydrations.withLock { n -> Bool in
-            guard n < Self.maxReadHydrations else { return false }
-            n += 1
+        let startWorker = readHydrations.withLock { st -> Bool in
+            st.queue += runs.prefix(max(0, Self.maxReadHydrationQueue - st.queue.count))
+            guard st.workers < Self.maxReadHydrationWorkers else { return false }
+            st.workers += 1
             return true
         }
-        guard started else { return }
+        guard startWorker else { return }
         Task {
-            defer { self.readHydrations.withLock { $0 -= 1 } }
-            do throws(NBDError) {
-                try self.enter()
-            } catch {
-                return
+            var usable = true
+            do throws(NBDError) { try self.enter() } catch { usable = false }
+            if usable {
+                let failed = await self.committer.failure != nil
+                if failed { self.leave(); usable = false }
             }
-            defer { self.leave() }
-            guard await self.committer.failure == nil else { return }
-            for r in runs {
-                do { try await self.hydrate(covering: r) } catch {
+            while true {
+                // A closing export stops here (its shutdown waits for this task).
+                let closing = self.gate.withLock { $0.closed }
+                if closing && usable { self.leave(); usable = false }
+                let next = self.readHydrations.withLock { st -> Range<Int>? in
+                    if !usable || st.queue.isEmpty {
+                        if !usable { st.queue = [] }
+                        st.workers -= 1
+                        return nil
+                    }
+                    return st.queue.removeFirst()
+                }
+                guard let next else { break }
+                do { try await self.hydrate(covering: next) } catch {
                     self.logger.debug("hydrate on read failed; the copier retries the region", metadata: ["error": "\(error)"])
-                    return
                 }
             }
+            if usable { self.leave() }
         }
     }
 

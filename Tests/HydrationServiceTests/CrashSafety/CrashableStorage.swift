@@ -43,6 +43,9 @@ struct CrashFile: Sendable, Equatable, Codable {
     var allocated: [Bool]
     /// Per 512-byte sector: a release (discard/punch) of this sector has reached this image.
     var released: [Bool]
+    /// A discard that does not zero (a block device without deterministic read-after-TRIM):
+    /// released sectors read as this byte instead of zeros.
+    var discardFill: UInt8? = nil
 
     static let block = 4096
     static let sector = 512
@@ -93,7 +96,8 @@ struct CrashFile: Sendable, Equatable, Codable {
             where keep?[i] ?? true {
                 let lo = Int(c.lowerBound), hi = min(Int(c.upperBound), data.count)
                 guard lo < hi else { continue }
-                data.withUnsafeMutableBytes { raw in _ = memset(raw.baseAddress! + lo, 0, hi - lo) }
+                let fill = op.kind == .release ? Int32(discardFill ?? 0) : 0
+                data.withUnsafeMutableBytes { raw in _ = memset(raw.baseAddress! + lo, fill, hi - lo) }
                 if lo % Self.block == 0 && (c.upperBound - c.lowerBound == UInt64(Self.block) || Int(c.upperBound) >= data.count) {
                     allocated[lo / Self.block] = false
                 }
