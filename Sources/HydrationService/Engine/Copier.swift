@@ -60,7 +60,7 @@ actor Copier {
         self.source = source; self.dest = dest; self.io = io; self.committer = committer
         self.discarder = discarder; self.progress = progress; self.geometry = geometry; self.map = map
         self.tunables = tunables; self.zeroDestination = !destZeroed; self.logger = logger
-        self.sparseAware = source.info.identity.kind == .regularFile
+        self.sparseAware = source.reportsHoles
         self.retryDelaysMs = retryDelaysMs
     }
 
@@ -236,6 +236,8 @@ actor Copier {
                 // A writeback error (BatchJob.startWriteback): final for the metadata.
                 await committer.writebackFailed(e)
                 if batchFailure == nil { batchFailure = .halted }
+            } else if e.code == .sourceUnavailable && stopRequested {
+                // A pause withdrew the wait for a remote source: not a failure.
             } else if batchFailure == nil {
                 batchFailure = e.code == .noSpace ? .noSpace(e) : .failed(e)
             }
@@ -414,7 +416,7 @@ struct BatchJob: Sendable {
             } catch let e as BatchFailure {
                 // Out of space is not retried: the job pauses until space is freed. Nor is a
                 // writeback error: it is final, like a failed fdatasync.
-                if e.error.code == .noSpace || e.error.code == .commitFailed || attempt >= retryDelaysMs.count {
+                if e.error.code == .noSpace || e.error.code == .commitFailed || e.error.code == .sourceUnavailable || attempt >= retryDelaysMs.count {
                     if attempt > 0 { logger.error("giving up after \(attempt) retries", metadata: ["error": "\(e.error)"]) }
                     return .failure(e.error)
                 }
@@ -446,7 +448,9 @@ struct BatchJob: Sendable {
                 try source.read(into: buffer, at: bytes.lowerBound)
             } catch {
                 let region = regionOf(error.offset, default: regions.lowerBound)
-                throw BatchFailure(error: HydrationError(.sourceReadFailed, "region \(region): \(error)", errno: error.errno, region: region))
+                // A remote source that gave up waiting for its connection (pause, close).
+                let code: HydrationError.Code = error.isConnectionLost ? .sourceUnavailable : .sourceReadFailed
+                throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
             }
 
             // Split the batch into runs of data regions (written) and zero regions (not written).

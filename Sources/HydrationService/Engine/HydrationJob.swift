@@ -138,6 +138,11 @@ public actor HydrationJob {
 
     static func validateCommon(_ config: JobConfiguration) throws(HydrationError) {
         for (label, p) in [("source", config.sourcePath), ("dest", config.destPath), ("metadata", config.metadataPath)] {
+            // Only the source may be remote (an NBD URI, `RemoteSource`).
+            if label == "source" && RemoteSource.isURI(p) { continue }
+            if label != "source" && RemoteSource.isURI(p) {
+                throw HydrationError(.invalidParameter, "\(label) must be a local path: only the source may be an NBD URI (got '\(p)')")
+            }
             guard p.hasPrefix("/") else { throw HydrationError(.invalidParameter, "\(label) path must be absolute: '\(p)'") }
         }
         guard Set([config.sourcePath, config.destPath, config.metadataPath]).count == 3 else {
@@ -171,6 +176,11 @@ public actor HydrationJob {
                 throw e
             case ENOENT:
                 throw HydrationError(.notFound, "\(what) \(path) does not exist", errno: error.errno)
+            case EOPNOTSUPP where mode == .source(discard: true) && RemoteSource.isURI(path):
+                // A remote export without TRIM: its space could never be released.
+                var e = HydrationError(.discardUnsupported, "\(what) \(path) cannot release space: \(error.detail ?? error.errnoName); create the job without discard_source (--discard-source)", errno: error.errno)
+                e.path = path
+                throw e
             case EACCES, EPERM, EROFS:
                 throw HydrationError(.invalidParameter, "\(what) \(path): permission denied (\(error.errnoName))", errno: error.errno)
             default:
@@ -251,7 +261,7 @@ public actor HydrationJob {
             // otherwise a crash before the first commit leaves a job that never reopens.
             do { try dest.sync() } catch { throw HydrationError(.ioError, "destination: \(error)", errno: error.errno) }
         }
-        let options = MetadataCreateOptions(regionSize: config.regionSize, source: DeviceRecord(source.info), dest: DeviceRecord(dest.info),
+        let options = MetadataCreateOptions(regionSize: config.regionSize, source: try sourceRecord(source, mayRead: { _ in true }), dest: DeviceRecord(dest.info),
                                             discardSource: config.discardSource, destZeroed: config.destZeroed || freshDest)
         do {
             let store = try MetadataStore.create(path: config.metadataPath, options: options, storage: storage, nowMs: wallClockMillis())
@@ -287,8 +297,10 @@ public actor HydrationJob {
                 throw e
             }
         }
+        // A remote source: export name, size and description here; its sampled blocks once open.
+        let mayRead = unreleased(opened.0.committedMap, regionSize: h.regionSize, discardSource: h.discardSource)
         if let s = foundSource {
-            try confirm(s, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
+            try confirm(confirmedRemote(s, recorded: h.source, device: nil, mayRead: mayRead), is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
         }
         if let d = foundDest {
             try confirm(d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
@@ -297,15 +309,17 @@ public actor HydrationJob {
         let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source")
         let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination")
         // Again on the open descriptors: the path may have been switched in between.
-        try confirm(source.info, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
+        try confirm(confirmedRemote(source.info, recorded: h.source, device: source, mayRead: mayRead), is: h.source, what: "source",
+                    metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
         try confirm(dest.info, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
         if dest.info.size < h.targetSize {
             throw HydrationError(.metadataMismatch, "destination \(config.destPath) has \(dest.info.size) bytes, fewer than the \(h.targetSize) that metadata \(config.metadataPath) was created for")
         }
         try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
         if acceptDevices && (DeviceRecord(source.info) != h.source || DeviceRecord(dest.info) != h.dest) {
+            let sourceRecord = try sourceRecord(source, mayRead: mayRead)
             do {
-                try opened.0.recordDevices(source: DeviceRecord(source.info), dest: DeviceRecord(dest.info), nowMs: wallClockMillis())
+                try opened.0.recordDevices(source: sourceRecord, dest: DeviceRecord(dest.info), nowMs: wallClockMillis())
             } catch {
                 throw HydrationError.from(error)
             }
@@ -341,7 +355,7 @@ public actor HydrationJob {
             return
         case .regularFile:
             throw HydrationError(.metadataMismatch, "\(what) \(found.path) (\(found.identity)) is not the file metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity))")
-        case .blockDevice:
+        case .blockDevice, .remote:
             var e = HydrationError(.deviceUnconfirmed, "\(what) \(found.path) cannot be confirmed to be the device the job was created for (its metadata records no stable identity, and device numbers are reused). Nothing is written or released; check the device and re-create the job")
             e.path = found.path
             throw e
@@ -376,6 +390,8 @@ public actor HydrationJob {
         }
         error = nil
         setState(.hydrating)
+        // A remote source waits for its connection while the job hydrates (RemoteNBDDevice).
+        source.waitForConnection(true)
         logger.info("hydration started")
         runID += 1
         let id = runID
@@ -388,6 +404,9 @@ public actor HydrationJob {
         switch state {
         case .hydrating:
             await copier.requestStop(run: runID)
+            // Calls waiting for a remote source's connection give up (the copier leaves their
+            // regions unhydrated; releases stay pending).
+            source.waitForConnection(false)
             await runTask?.value
         case .idle:
             setState(.paused)
@@ -427,6 +446,7 @@ public actor HydrationJob {
         guard !closed && !closing else { return }
         // Before the first await: no start() may slip in while the job is closing.
         closing = true
+        source.waitForConnection(false)
         await settleTask?.value
         await pause()
         closed = true
@@ -546,6 +566,7 @@ public actor HydrationJob {
             self.error = e
             setState(.paused)
         case .failed(let e):
+            source.waitForConnection(false)
             logger.error("hydration failed", metadata: ["error": "\(e)"])
             self.error = e
             setState(.failed)
@@ -564,6 +585,9 @@ public actor HydrationJob {
     // MARK: status
 
     public func status() -> JobStatus {
+        // A remote source whose connection is down: the job is held until it is back.
+        let sourceWait = state == .hydrating ? source.availability : nil
+        let state = sourceWait == nil ? self.state : .paused
         let c = progress.snapshot
         let throughput = state == .hydrating ? progress.throughput() : 0
         let total = geometry.targetSize
@@ -585,7 +609,8 @@ public actor HydrationJob {
             settings: .init(threshold: tunables.threshold, batchSize: tunables.batchSize,
                             rateLimitBytesPerSecond: tunables.rateLimitBytesPerSecond, commitIntervalMs: tunables.commitIntervalMs),
             metadata: .init(path: store.path, mode: c.metadataMode),
-            error: error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region) })
+            error: sourceWait.map { Self.sourceUnavailableInfo($0, path: configuration.sourcePath) }
+                ?? error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region) })
     }
 
     /// Internal counters, for tests that check the space budget.
