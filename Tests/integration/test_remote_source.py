@@ -229,6 +229,7 @@ def test_server_killed_and_restarted_mid_copy(tmp_path, cleanup):
     assert st["state"] == "paused", st
     assert st["error"]["code"] == "SourceUnavailable", st
     assert "since" in st["error"]["message"]
+    print("while the server is down:", st["state"], st["error"])
     time.sleep(1.0)
     srv2 = NBDKit(tmp_path, ["file", str(img)], port=port, name="nbdkit2").start()
     cleanup.append(srv2)

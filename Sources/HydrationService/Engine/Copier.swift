@@ -342,8 +342,9 @@ actor Copier {
                     extents = found
                     noMoreData = exhausted
                 } catch {
-                    throw HydrationError(.sourceReadFailed, "finding data in the source: \(error)",
-                                         errno: (error as? StorageError)?.errno, region: r)
+                    let s = error as? StorageError
+                    throw HydrationError(s?.isConnectionLost == true ? .sourceUnavailable : .sourceReadFailed,
+                                         "finding data in the source: \(error)", errno: s?.errno, region: r)
                 }
                 while let first = extents.first, first.upperBound <= regionStart { extents.removeFirst() }
             }

@@ -389,8 +389,9 @@ public actor HydrationJob {
             break
         }
         error = nil
+        stopSourceWatch()
         setState(.hydrating)
-        // A remote source waits for its connection while the job hydrates (RemoteNBDDevice).
+        // A remote source's releases wait for its connection while the job hydrates (RemoteNBDDevice).
         source.waitForConnection(true)
         logger.info("hydration started")
         runID += 1
@@ -401,6 +402,7 @@ public actor HydrationJob {
     /// Stops issuing copies, finishes those in flight, commits, and waits for the discards of
     /// what was committed. A job that is not hydrating becomes (or stays) paused.
     public func pause() async {
+        stopSourceWatch()
         switch state {
         case .hydrating:
             await copier.requestStop(run: runID)
@@ -447,6 +449,7 @@ public actor HydrationJob {
         // Before the first await: no start() may slip in while the job is closing.
         closing = true
         source.waitForConnection(false)
+        stopSourceWatch()
         await settleTask?.value
         await pause()
         closed = true
@@ -496,6 +499,24 @@ public actor HydrationJob {
         try await committer.confirmReleases(markComplete: true)
     }
 
+
+    // MARK: a remote source that went away
+
+    /// Probes a remote source that went away until it answers (`watchSource`); nil otherwise.
+    private var sourceWatch: Task<Void, Never>?
+
+    private func stopSourceWatch() {
+        sourceWatch?.cancel()
+        sourceWatch = nil
+    }
+
+    /// The watcher reached the source again: resume, unless something else happened meanwhile.
+    private func sourceIsBack() {
+        guard state == .paused, error?.code == .sourceUnavailable, !closing, !closed else { return }
+        sourceWatch = nil
+        logger.info("source reachable again; resuming")
+        do { try start() } catch { logger.error("could not resume after the source came back", metadata: ["error": "\(error)"]) }
+    }
 
     // MARK: the run
 
@@ -565,6 +586,13 @@ public actor HydrationJob {
             logger.error("destination out of space; job paused until space is freed", metadata: ["error": "\(e)"])
             self.error = e
             setState(.paused)
+        case .failed(let e) where e.code == .sourceUnavailable && !closing:
+            // A remote source went away: paused until it is back, then resumed (RemoteSourceJob.swift).
+            source.waitForConnection(false)
+            logger.warning("source unavailable; job paused until it is reachable again", metadata: ["error": "\(e)"])
+            self.error = e
+            setState(.paused)
+            sourceWatch = Self.watchSource(source, io: io, logger: logger) { [weak self] in await self?.sourceIsBack() }
         case .failed(let e):
             source.waitForConnection(false)
             logger.error("hydration failed", metadata: ["error": "\(e)"])
@@ -586,7 +614,7 @@ public actor HydrationJob {
 
     public func status() -> JobStatus {
         // A remote source whose connection is down: the job is held until it is back.
-        let sourceWait = state == .hydrating ? source.availability : nil
+        let sourceWait = state == .hydrating || error?.code == .sourceUnavailable ? source.availability : nil
         let state = sourceWait == nil ? self.state : .paused
         let c = progress.snapshot
         let throughput = state == .hydrating ? progress.throughput() : 0

@@ -1,4 +1,5 @@
 import ControlProtocol
+import Logging
 
 #if canImport(Glibc)
 import Glibc
@@ -87,5 +88,29 @@ extension HydrationJob {
         gmtime_r(&t, &tmv)
         func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
         return "\(tmv.tm_year + 1900)-\(two(tmv.tm_mon + 1))-\(two(tmv.tm_mday))T\(two(tmv.tm_hour)):\(two(tmv.tm_min)):\(two(tmv.tm_sec))Z"
+    }
+}
+
+extension HydrationJob {
+    /// While a remote source is unreachable: probes it (one connection attempt on an I/O
+    /// thread) with backoff, 100 ms doubling to 2 s, and calls `back` once it answers. Cancelled
+    /// by a pause, a start or close. Occupies no I/O thread between attempts.
+    static func watchSource(_ source: any StorageDevice, io: IOExecutor, logger: Logger,
+                            back: @escaping @Sendable () async -> Void) -> Task<Void, Never> {
+        Task {
+            var delayMs: UInt64 = 100
+            while !Task.isCancelled {
+                try? await Task.sleep(nanoseconds: delayMs * 1_000_000)
+                if Task.isCancelled { return }
+                do {
+                    try await io.run { try source.probeConnection() }
+                    if Task.isCancelled { return }
+                    await back()
+                    return
+                } catch {
+                    delayMs = min(delayMs * 2, 2000)
+                }
+            }
+        }
     }
 }

@@ -113,11 +113,16 @@ final class NBDConnection: @unchecked Sendable {
 /// - `release` is NBD TRIM (refused at open with `discard` when the server cannot trim);
 ///   `sync` is NBD FLUSH when offered (with multi-conn it covers every connection; without it
 ///   there is only one connection).
-/// - A lost connection: while `waitForConnection(true)`, the call reconnects with backoff
-///   (100 ms doubling to 2 s) and carries on, `availability` saying since when the source is
-///   down and why; otherwise it fails with ENOTCONN. A reconnection must find the same export
-///   (size and description); anything else is not this job's source and counts as still down.
-///   An NBD error reply (EIO from the server) is an ordinary I/O error of that call.
+/// - A lost connection: every call reconnects once at once (a blip costs nothing). If that fails,
+///   reads and BLOCK_STATUS fail with ENOTCONN (`StorageError.isConnectionLost`: the job pauses
+///   itself with `SourceUnavailable` and probes the source until it is back, see
+///   `HydrationJob.watchSource`), while TRIM and FLUSH, while `waitForConnection(true)` (the job
+///   hydrates), wait and reconnect with backoff (100 ms doubling to 2 s): a release must not be
+///   given up because the network hiccupped, and the discarder is one caller, so at most one
+///   I/O thread waits. `availability` says since when the source is down and why. A
+///   reconnection must find the same export (size and description); anything else is not this
+///   job's source and counts as still down. An NBD error reply (EIO from the server) is an
+///   ordinary I/O error of that call.
 final class RemoteNBDDevice: StorageDevice {
     let info: DeviceInfo
     let uri: String
@@ -203,9 +208,9 @@ final class RemoteNBDDevice: StorageDevice {
         case lost(Int32, String)
     }
 
-    /// Runs `body` on a connection of its own, reconnecting (and, while waiting is on, waiting)
-    /// when the connection is lost.
-    private func withConnection<T>(_ op: StorageError.Operation, offset: UInt64?, length: UInt64?,
+    /// Runs `body` on a connection of its own, reconnecting when the connection is lost: once,
+    /// or (`patient`, while waiting is on) with backoff until the source is back.
+    private func withConnection<T>(_ op: StorageError.Operation, offset: UInt64?, length: UInt64?, patient: Bool = false,
                                    _ body: (OpaquePointer) throws(Failure) -> T) throws(StorageError) -> T {
         if state.withLock({ $0.closed }) { throw StorageError(op, path: uri, errno: EBADF, offset: offset, length: length) }
         slots.wait()
@@ -213,9 +218,11 @@ final class RemoteNBDDevice: StorageDevice {
         var conn = state.withLock { s -> NBDConnection? in s.idle.popLast() }
         let epoch = state.withLock { $0.waitEpoch }
         var delayMs = Self.backoffStartMs
+        var reconnects = 0
         while true {
             if conn == nil || conn?.handle == nil {
-                conn = try reconnect(op, offset: offset, length: length, epoch: epoch, delayMs: &delayMs)
+                reconnects += 1
+                conn = try reconnect(op, offset: offset, length: length, epoch: patient ? epoch : nil, delayMs: &delayMs)
             }
             guard let c = conn, let h = c.handle else { continue }
             do {
@@ -237,7 +244,8 @@ final class RemoteNBDDevice: StorageDevice {
                     c.close()
                     conn = nil
                     noteOutage("\(op.rawValue): connection lost: \(m.isEmpty ? errnoSymbol(e) : m)")
-                    if !(state.withLock { $0.waiting && $0.waitEpoch == epoch && !$0.closed }) {
+                    let wait = patient && state.withLock { $0.waiting && $0.waitEpoch == epoch && !$0.closed }
+                    if !wait && reconnects > 0 {
                         throw StorageError(op, path: uri, errno: ENOTCONN, offset: offset, length: length,
                                            detail: "connection to the NBD server lost: \(m)")
                     }
@@ -256,9 +264,9 @@ final class RemoteNBDDevice: StorageDevice {
         }
     }
 
-    /// A new connection to the same export. While waiting is on (and not withdrawn since the
-    /// call began), retries with backoff; otherwise one attempt.
-    private func reconnect(_ op: StorageError.Operation, offset: UInt64?, length: UInt64?, epoch: Int,
+    /// A new connection to the same export. With `epoch` (a patient call), while waiting is on
+    /// and not withdrawn since, retries with backoff; otherwise one attempt.
+    private func reconnect(_ op: StorageError.Operation, offset: UInt64?, length: UInt64?, epoch: Int?,
                            delayMs: inout UInt64) throws(StorageError) -> NBDConnection {
         while true {
             let why: String
@@ -277,7 +285,7 @@ final class RemoteNBDDevice: StorageDevice {
             // Sleep in slices so that a pause or close is noticed at once.
             var slept: UInt64 = 0
             while slept < delayMs {
-                let waitOn = state.withLock { $0.waiting && $0.waitEpoch == epoch && !$0.closed }
+                let waitOn = epoch != nil && state.withLock { $0.waiting && $0.waitEpoch == epoch && !$0.closed }
                 if !waitOn {
                     throw StorageError(op, path: uri, errno: ENOTCONN, offset: offset, length: length, detail: why)
                 }
@@ -327,7 +335,7 @@ final class RemoteNBDDevice: StorageDevice {
 
     func sync() throws(StorageError) {
         guard offer.canFlush else { return }
-        try withConnection(.sync, offset: nil, length: nil) { (h) throws(Failure) in
+        try withConnection(.sync, offset: nil, length: nil, patient: true) { (h) throws(Failure) in
             if nbd_flush(h, 0) == -1 { throw Self.failure(nil, default: EIO, handle: h) }
         }
     }
@@ -345,7 +353,7 @@ final class RemoteNBDDevice: StorageDevice {
         while at < end {
             let len = min(step, end - at)
             let start = at
-            try withConnection(.release, offset: start, length: len) { (h) throws(Failure) in
+            try withConnection(.release, offset: start, length: len, patient: true) { (h) throws(Failure) in
                 if nbd_trim(h, len, start, 0) == -1 { throw Self.failure(start, default: EIO, handle: h) }
             }
             at += len
@@ -416,6 +424,13 @@ final class RemoteNBDDevice: StorageDevice {
     }
 
     func dropCache(offset: UInt64, length: UInt64) {}
+
+    /// One attempt at a working connection (the job's watcher, while the source is down).
+    func probeConnection() throws(StorageError) {
+        try withConnection(.open, offset: nil, length: nil) { (h) throws(Failure) in
+            if hyd_nbd_is_usable(h) == 0 { throw .lost(ENOTCONN, "connection not usable") }
+        }
+    }
 
     func allocatedBytes() -> UInt64? { nil }
 

@@ -167,10 +167,14 @@ public protocol StorageDevice: AnyObject, Sendable {
     /// Remote sources only: nil while the connection is up (or for a local device); otherwise
     /// since when it is down and why (status shows it as `SourceUnavailable`).
     var availability: SourceAvailability? { get }
-    /// Remote sources only: while `true` (the job is hydrating) a call that finds the connection
-    /// down waits and reconnects with backoff, then carries on; while `false` (idle, paused,
-    /// closing) it fails at once with ENOTCONN, and calls waiting now give up. Not blocking.
+    /// Remote sources only: while `true` (the job is hydrating) a release or sync that finds the
+    /// connection down waits and reconnects with backoff, then carries on; while `false` (idle,
+    /// paused, closing) it fails with ENOTCONN after one reconnection attempt, and calls waiting
+    /// now give up. Reads never wait (the job pauses itself instead). Not blocking.
     func waitForConnection(_ wait: Bool)
+    /// Remote sources only: one attempt at a working connection (blocking, short); throws while
+    /// the source is still unreachable. Local devices: nothing to do.
+    func probeConnection() throws(StorageError)
 }
 
 /// A remote source's connection is down: since when, what the last attempt said.
@@ -230,6 +234,7 @@ extension StorageDevice {
     public var reportsHoles: Bool { info.identity.kind != .blockDevice }
     public var availability: SourceAvailability? { nil }
     public func waitForConnection(_ wait: Bool) {}
+    public func probeConnection() throws(StorageError) {}
 
     /// Page-cache hints mean nothing to a simulated disk.
     public func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {}
