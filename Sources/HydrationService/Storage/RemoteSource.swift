@@ -213,7 +213,16 @@ final class RemoteNBDDevice: StorageDevice {
     private func withConnection<T>(_ op: StorageError.Operation, offset: UInt64?, length: UInt64?, patient: Bool = false,
                                    _ body: (OpaquePointer) throws(Failure) -> T) throws(StorageError) -> T {
         if state.withLock({ $0.closed }) { throw StorageError(op, path: uri, errno: EBADF, offset: offset, length: length) }
-        slots.wait()
+        // While the source is down, a read does not queue behind a release that waits for the
+        // connection (one connection without multi-conn): it fails at once, holding no thread.
+        while slots.wait(timeout: .now() + .milliseconds(50)) == .timedOut {
+            let (closed, down) = state.withLock { ($0.closed, $0.outage) }
+            if closed { throw StorageError(op, path: uri, errno: EBADF, offset: offset, length: length) }
+            if !patient, let down {
+                throw StorageError(op, path: uri, errno: ENOTCONN, offset: offset, length: length,
+                                   detail: "the NBD server is unreachable: \(down.lastError)")
+            }
+        }
         defer { slots.signal() }
         var conn = state.withLock { s -> NBDConnection? in s.idle.popLast() }
         let epoch = state.withLock { $0.waitEpoch }
