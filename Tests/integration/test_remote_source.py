@@ -316,3 +316,40 @@ def test_tls_with_psk(tmp_path, cleanup):
     assert st["state"] == "complete", st
     assert sha256_of(tmp_path / "dst.img") == want
     assert allocated(img) == 0
+
+
+def test_pause_while_the_server_is_down_stays_paused(tmp_path, cleanup):
+    """A user pause during an outage stops the automatic resume; `resume` goes on."""
+    size = 32 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=11, chunk=256 << 10)
+    sock = str(tmp_path / "nbd.sock")
+    srv = NBDKit(tmp_path, ["file", str(img)], unix=sock).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "p", srv.uri, tmp_path / "dst.img", discard_source=True, region_size=65536,
+              rate_limit_bytes_per_second=8 << 20)
+    while d.status("p")["bytes"]["hydrated"] < 4 << 20:
+        time.sleep(0.05)
+    srv.kill(signal.SIGKILL)
+    os.unlink(sock)
+    deadline = time.time() + 20
+    while time.time() < deadline and (d.status("p")["error"] or {}).get("code") != "SourceUnavailable":
+        time.sleep(0.05)
+    out = clonectl(d, "status", "p")
+    assert "SourceUnavailable" in out.stdout and "unavailable since" in out.stdout, out.stdout
+    r = clonectl(d, "pause", "p")
+    assert r.returncode == 0, r.stderr
+    srv2 = NBDKit(tmp_path, ["file", str(img)], unix=sock, name="nbdkit2").start()
+    cleanup.append(srv2)
+    time.sleep(3)
+    st = d.status("p")
+    assert st["state"] == "paused", st
+    d.call("Set", {"name": "p", "rate_limit_bytes_per_second": 0})
+    r = clonectl(d, "resume", "p")
+    assert r.returncode == 0, r.stderr
+    st = d.wait_state("p", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert allocated(img) == 0

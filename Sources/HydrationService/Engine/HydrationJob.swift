@@ -389,6 +389,7 @@ public actor HydrationJob {
             break
         }
         error = nil
+        pauseRequested = false
         stopSourceWatch()
         setState(.hydrating)
         // A remote source's releases wait for its connection while the job hydrates (RemoteNBDDevice).
@@ -405,6 +406,7 @@ public actor HydrationJob {
         stopSourceWatch()
         switch state {
         case .hydrating:
+            pauseRequested = true
             await copier.requestStop(run: runID)
             // Calls waiting for a remote source's connection give up (the copier leaves their
             // regions unhydrated; releases stay pending).
@@ -504,6 +506,8 @@ public actor HydrationJob {
 
     /// Probes a remote source that went away until it answers (`watchSource`); nil otherwise.
     private var sourceWatch: Task<Void, Never>?
+    /// The user paused this run: a source outage that ends it does not resume it by itself.
+    private var pauseRequested = false
 
     private func stopSourceWatch() {
         sourceWatch?.cancel()
@@ -561,6 +565,9 @@ public actor HydrationJob {
             await discarder.drain(published: await committer.publishedCount)
         }
 
+        // A remote source's release given up (its connection was down at a pause or close): it
+        // counts as done in this instance, so the job is reopened to make it again.
+        if source.info.identity.kind == .remote && progress.snapshot.discardFailures > 0 { needsReopen = true }
         if let commitError {
             self.error = commitError
             if commitError.code == .noSpace {
@@ -586,13 +593,17 @@ public actor HydrationJob {
             logger.error("destination out of space; job paused until space is freed", metadata: ["error": "\(e)"])
             self.error = e
             setState(.paused)
-        case .failed(let e) where e.code == .sourceUnavailable && !closing:
-            // A remote source went away: paused until it is back, then resumed (RemoteSourceJob.swift).
+        case .failed(let e) where e.code == .sourceUnavailable:
+            // A remote source went away: paused until it is back, then resumed (RemoteSourceJob.swift),
+            // unless the user paused meanwhile, or a release had to be given up (then `resume`
+            // reopens the job, which makes the metadata's pending releases again).
             source.waitForConnection(false)
-            logger.warning("source unavailable; job paused until it is reachable again", metadata: ["error": "\(e)"])
             self.error = e
             setState(.paused)
-            sourceWatch = Self.watchSource(source, io: io, logger: logger) { [weak self] in await self?.sourceIsBack() }
+            if !closing && !pauseRequested && !needsReopen {
+                logger.warning("source unavailable; job paused until it is reachable again", metadata: ["error": "\(e)"])
+                sourceWatch = Self.watchSource(source, io: io, logger: logger) { [weak self] in await self?.sourceIsBack() }
+            }
         case .failed(let e):
             source.waitForConnection(false)
             logger.error("hydration failed", metadata: ["error": "\(e)"])
