@@ -236,8 +236,6 @@ actor Copier {
                 // A writeback error (BatchJob.startWriteback): final for the metadata.
                 await committer.writebackFailed(e)
                 if batchFailure == nil { batchFailure = .halted }
-            } else if e.code == .sourceUnavailable && stopRequested {
-                // A pause withdrew the wait for a remote source: not a failure.
             } else if batchFailure == nil {
                 batchFailure = e.code == .noSpace ? .noSpace(e) : .failed(e)
             }
@@ -449,7 +447,7 @@ struct BatchJob: Sendable {
                 try source.read(into: buffer, at: bytes.lowerBound)
             } catch {
                 let region = regionOf(error.offset, default: regions.lowerBound)
-                // A remote source that gave up waiting for its connection (pause, close).
+                // A remote source whose connection is down: the job pauses itself (HydrationJob).
                 let code: HydrationError.Code = error.isConnectionLost ? .sourceUnavailable : .sourceReadFailed
                 throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
             }

@@ -408,8 +408,7 @@ public actor HydrationJob {
         case .hydrating:
             pauseRequested = true
             await copier.requestStop(run: runID)
-            // Calls waiting for a remote source's connection give up (the copier leaves their
-            // regions unhydrated; releases stay pending).
+            // A remote source's releases waiting for the connection give up (they stay pending).
             source.waitForConnection(false)
             await runTask?.value
         case .idle:
@@ -605,7 +604,6 @@ public actor HydrationJob {
                 sourceWatch = Self.watchSource(source, io: io, logger: logger) { [weak self] in await self?.sourceIsBack() }
             }
         case .failed(let e):
-            source.waitForConnection(false)
             logger.error("hydration failed", metadata: ["error": "\(e)"])
             self.error = e
             setState(.failed)
