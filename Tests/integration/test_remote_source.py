@@ -353,3 +353,25 @@ def test_pause_while_the_server_is_down_stays_paused(tmp_path, cleanup):
     assert st["state"] == "complete", st
     assert sha256_of(tmp_path / "dst.img") == want
     assert allocated(img) == 0
+
+
+@pytest.mark.parametrize("filters,params", [
+    (["--filter=multi-conn"], ["multi-conn-mode=disable"]),   # one connection, requests pipelined on it
+    (["--filter=noextents"], []),                             # BLOCK_STATUS says all data: zeros found by reading
+])
+def test_servers_without_multi_conn_or_block_status(tmp_path, cleanup, filters, params):
+    size = 16 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=12)
+    srv = NBDKit(tmp_path, [*filters, "file", str(img), *params], port=free_port()).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "f", srv.uri, tmp_path / "dst.img", discard_source=True)
+    st = d.wait_state("f", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert st["bytes"]["skipped_zero"] >= size // 2 - (1 << 20)
+    assert allocated(img) == 0
+    # The destination holds only the data.
+    assert allocated(tmp_path / "dst.img") <= size // 2 + (1 << 20)
