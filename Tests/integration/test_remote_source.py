@@ -375,3 +375,17 @@ def test_servers_without_multi_conn_or_block_status(tmp_path, cleanup, filters, 
     assert allocated(img) == 0
     # The destination holds only the data.
     assert allocated(tmp_path / "dst.img") <= size // 2 + (1 << 20)
+
+
+def test_second_job_on_a_uri_being_released_is_refused(tmp_path, cleanup):
+    img = tmp_path / "src.img"
+    make_image(img, 8 << 20, seed=13)
+    srv = NBDKit(tmp_path, ["file", str(img)], port=free_port()).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "a", srv.uri, tmp_path / "a.img", discard_source=True, no_hydration=True)
+    with pytest.raises(VarlinkError) as e:
+        start_job(d, "b", srv.uri, tmp_path / "b.img")
+    assert e.value.name == "org.hydrationd.Control.DeviceInUse"
+    assert e.value.parameters["job"] == "a"
