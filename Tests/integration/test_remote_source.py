@@ -389,3 +389,38 @@ def test_second_job_on_a_uri_being_released_is_refused(tmp_path, cleanup):
         start_job(d, "b", srv.uri, tmp_path / "b.img")
     assert e.value.name == "org.hydrationd.Control.DeviceInUse"
     assert e.value.parameters["job"] == "a"
+
+
+def test_shutdown_during_an_outage_and_restart_while_the_server_is_down(tmp_path, cleanup):
+    """SIGTERM while the source is unreachable ends promptly; a restart with the server still
+    down lists the job as failed (IOError) and `resume` goes on once it is back."""
+    size = 32 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=14, chunk=256 << 10)
+    port = free_port()
+    srv = NBDKit(tmp_path, ["file", str(img)], port=port).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "s", srv.uri, tmp_path / "dst.img", discard_source=True, region_size=65536,
+              rate_limit_bytes_per_second=8 << 20)
+    while d.status("s")["bytes"]["hydrated"] < 4 << 20:
+        time.sleep(0.05)
+    srv.kill(signal.SIGKILL)
+    deadline = time.time() + 20
+    while time.time() < deadline and (d.status("s")["error"] or {}).get("code") != "SourceUnavailable":
+        time.sleep(0.05)
+    t0 = time.time()
+    assert d.stop() == 0
+    assert time.time() - t0 < 10, "shutdown waited for the source"
+    d.start()
+    st = d.status("s")
+    assert st["state"] == "failed" and st["error"]["code"] == "IOError", st
+    srv2 = NBDKit(tmp_path, ["file", str(img)], port=port, name="nbdkit2").start()
+    cleanup.append(srv2)
+    d.call("Resume", {"name": "s"})
+    d.call("Set", {"name": "s", "rate_limit_bytes_per_second": 0})
+    st = d.wait_state("s", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert allocated(img) == 0
