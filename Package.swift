@@ -23,6 +23,12 @@ let package = Package(
             pkgConfig: "libsystemd",
             providers: [.apt(["libsystemd-dev"])]
         ),
+        // libnbd (remote sources over NBD: nbd://, nbds://, nbd+unix://), Debian package libnbd-dev.
+        .systemLibrary(
+            name: "CNBD",
+            pkgConfig: "libnbd",
+            providers: [.apt(["libnbd-dev"])]
+        ),
         // Fixed-signature wrappers for the Linux calls Swift cannot reach directly (ioctl is variadic).
         .target(name: "CLinux"),
         // Wire types shared by the daemon and clonectl: Varlink framing, interface, requests, replies, errors.
@@ -33,6 +39,7 @@ let package = Package(
             dependencies: [
                 "ControlProtocol",
                 "CSystemd",
+                "CNBD",
                 "CLinux",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

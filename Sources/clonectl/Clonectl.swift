@@ -121,7 +121,8 @@ extension DaemonCommand {
 
 /// Absolute paths for the daemon (which refuses relative ones), resolved against the current directory.
 func absolutePath(_ p: String) -> String {
-    if p.hasPrefix("/") { return p }
+    // A remote source (nbd://, nbds://, nbd+unix://…) is passed on as given.
+    if p.hasPrefix("/") || p.hasPrefix("nbd") && p.contains("://") { return p }
     let cwd = FileManager.default.currentDirectoryPath
     return URL(fileURLWithPath: p, relativeTo: URL(fileURLWithPath: cwd + "/")).standardizedFileURL.path
 }

@@ -18,7 +18,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     @Argument(help: ArgumentHelp("Job name (letters, digits and - _ . : @; up to 64 characters).", valueName: "name"))
     var name: String
 
-    @Option(help: ArgumentHelp("Source image or block device.", valueName: "path"), completion: .file())
+    @Option(help: ArgumentHelp("Source image or block device, or an NBD URI: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://… (TLS; ?tls-psk-file=FILE).", valueName: "path|uri"), completion: .file())
     var source: String?
 
     @Option(help: ArgumentHelp("Destination image or block device (at least as large as the source).", valueName: "path"), completion: .file())

@@ -32,7 +32,9 @@ public struct DaemonControlHandler: ControlHandler {
         case .deviceUnconfirmed:
             return .deviceUnconfirmed(path: e.path ?? path ?? "", message: e.message)
         case .permissionDenied: return .permissionDenied(method: "", reason: e.message)
-        case .sourceReadFailed, .destWriteFailed, .noSpace, .commitFailed:
+        case .discardUnsupported:
+            return .invalidParameter("discard_source", reason: "DiscardUnsupported: " + e.message)
+        case .sourceReadFailed, .sourceUnavailable, .destWriteFailed, .noSpace, .commitFailed:
             return .jobFailed(job ?? "", code: e.code.rawValue, message: e.message)
         case .ioError: return .ioError(path: path, errno: e.errno, message: e.message)
         case .dataAtRisk: return .dataAtRisk(job ?? "", message: e.message)

@@ -63,7 +63,7 @@ actor Copier {
         self.source = source; self.dest = dest; self.io = io; self.committer = committer
         self.discarder = discarder; self.progress = progress; self.geometry = geometry; self.ownership = ownership
         self.tunables = tunables; self.logger = logger
-        self.sparseAware = source.info.identity.kind == .regularFile
+        self.sparseAware = source.reportsHoles
         self.retryDelaysMs = retryDelaysMs
     }
 
@@ -390,8 +390,9 @@ actor Copier {
                     extents = found
                     noMoreData = exhausted
                 } catch {
-                    throw HydrationError(.sourceReadFailed, "finding data in the source: \(error)",
-                                         errno: (error as? StorageError)?.errno, region: r)
+                    let s = error as? StorageError
+                    throw HydrationError(s?.isConnectionLost == true ? .sourceUnavailable : .sourceReadFailed,
+                                         "finding data in the source: \(error)", errno: s?.errno, region: r)
                 }
                 while let first = extents.first, first.upperBound <= regionStart { extents.removeFirst() }
             }
@@ -464,7 +465,7 @@ struct BatchJob: Sendable {
             } catch let e as BatchFailure {
                 // Out of space is not retried: the job pauses until space is freed. Nor is a
                 // writeback error: it is final, like a failed fdatasync.
-                if e.error.code == .noSpace || e.error.code == .commitFailed || attempt >= retryDelaysMs.count {
+                if e.error.code == .noSpace || e.error.code == .commitFailed || e.error.code == .sourceUnavailable || attempt >= retryDelaysMs.count {
                     if attempt > 0 { logger.error("giving up after \(attempt) retries", metadata: ["error": "\(e.error)"]) }
                     return .failure(e.error)
                 }
@@ -496,7 +497,9 @@ struct BatchJob: Sendable {
                 try source.read(into: buffer, at: bytes.lowerBound)
             } catch {
                 let region = regionOf(error.offset, default: regions.lowerBound)
-                throw BatchFailure(error: HydrationError(.sourceReadFailed, "region \(region): \(error)", errno: error.errno, region: region))
+                // A remote source whose connection is down: the job pauses itself (HydrationJob).
+                let code: HydrationError.Code = error.isConnectionLost ? .sourceUnavailable : .sourceReadFailed
+                throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
             }
 
             // Split the batch into runs of data regions (written) and zero regions (not written).

@@ -15,6 +15,10 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
         /// The request would destroy the only record of data (see the message).
         case dataAtRisk = "DataAtRisk"
         case sourceReadFailed = "SourceReadFailed"
+        /// A remote source's connection is down (status, while the job waits for it).
+        case sourceUnavailable = "SourceUnavailable"
+        /// discard_source on a remote export whose server does not offer TRIM.
+        case discardUnsupported = "DiscardUnsupported"
         case destWriteFailed = "DestWriteFailed"
         case noSpace = "NoSpace"
         case commitFailed = "CommitFailed"

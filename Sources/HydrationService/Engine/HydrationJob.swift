@@ -152,6 +152,11 @@ public actor HydrationJob {
 
     static func validateCommon(_ config: JobConfiguration) throws(HydrationError) {
         for (label, p) in [("source", config.sourcePath), ("dest", config.destPath), ("metadata", config.metadataPath)] {
+            // Only the source may be remote (an NBD URI, `RemoteSource`).
+            if label == "source" && RemoteSource.isURI(p) { continue }
+            if label != "source" && RemoteSource.isURI(p) {
+                throw HydrationError(.invalidParameter, "\(label) must be a local path: only the source may be an NBD URI (got '\(p)')")
+            }
             guard p.hasPrefix("/") else { throw HydrationError(.invalidParameter, "\(label) path must be absolute: '\(p)'") }
         }
         guard Set([config.sourcePath, config.destPath, config.metadataPath]).count == 3 else {
@@ -185,6 +190,11 @@ public actor HydrationJob {
                 throw e
             case ENOENT:
                 throw HydrationError(.notFound, "\(what) \(path) does not exist", errno: error.errno)
+            case EOPNOTSUPP where mode == .source(discard: true) && RemoteSource.isURI(path):
+                // A remote export without TRIM: its space could never be released.
+                var e = HydrationError(.discardUnsupported, "\(what) \(path) cannot release space: \(error.detail ?? error.errnoName); create the job without discard_source (--discard-source)", errno: error.errno)
+                e.path = path
+                throw e
             case EACCES, EPERM, EROFS:
                 throw HydrationError(.invalidParameter, "\(what) \(path): permission denied (\(error.errnoName))", errno: error.errno)
             default:
@@ -265,7 +275,7 @@ public actor HydrationJob {
             // otherwise a crash before the first commit leaves a job that never reopens.
             do { try dest.sync() } catch { throw HydrationError(.ioError, "destination: \(error)", errno: error.errno) }
         }
-        let options = MetadataCreateOptions(regionSize: config.regionSize, source: DeviceRecord(source.info), dest: DeviceRecord(dest.info),
+        let options = MetadataCreateOptions(regionSize: config.regionSize, source: try sourceRecord(source, mayRead: { _ in true }), dest: DeviceRecord(dest.info),
                                             discardSource: config.discardSource, destZeroed: config.destZeroed || freshDest)
         do {
             let store = try MetadataStore.create(path: config.metadataPath, options: options, storage: storage, nowMs: wallClockMillis())
@@ -301,8 +311,10 @@ public actor HydrationJob {
                 throw e
             }
         }
+        // A remote source: export name, size and description here; its sampled blocks once open.
+        let mayRead = unreleased(opened.0.committedMap, regionSize: h.regionSize, discardSource: h.discardSource)
         if let s = foundSource {
-            try confirm(s, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
+            try confirm(confirmedRemote(s, recorded: h.source, device: nil, mayRead: mayRead), is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
         }
         if let d = foundDest {
             try confirm(d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
@@ -311,15 +323,17 @@ public actor HydrationJob {
         let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source")
         let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination")
         // Again on the open descriptors: the path may have been switched in between.
-        try confirm(source.info, is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
+        try confirm(confirmedRemote(source.info, recorded: h.source, device: source, mayRead: mayRead), is: h.source, what: "source",
+                    metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
         try confirm(dest.info, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
         if dest.info.size < h.targetSize {
             throw HydrationError(.metadataMismatch, "destination \(config.destPath) has \(dest.info.size) bytes, fewer than the \(h.targetSize) that metadata \(config.metadataPath) was created for")
         }
         try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
         if acceptDevices && (DeviceRecord(source.info) != h.source || DeviceRecord(dest.info) != h.dest) {
+            let sourceRecord = try sourceRecord(source, mayRead: mayRead)
             do {
-                try opened.0.recordDevices(source: DeviceRecord(source.info), dest: DeviceRecord(dest.info), nowMs: wallClockMillis())
+                try opened.0.recordDevices(source: sourceRecord, dest: DeviceRecord(dest.info), nowMs: wallClockMillis())
             } catch {
                 throw HydrationError.from(error)
             }
@@ -355,7 +369,7 @@ public actor HydrationJob {
             return
         case .regularFile:
             throw HydrationError(.metadataMismatch, "\(what) \(found.path) (\(found.identity)) is not the file metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity))")
-        case .blockDevice:
+        case .blockDevice, .remote:
             var e = HydrationError(.deviceUnconfirmed, "\(what) \(found.path) cannot be confirmed to be the device the job was created for (its metadata records no stable identity, and device numbers are reused). Nothing is written or released; check the device and re-create the job")
             e.path = found.path
             throw e
@@ -389,7 +403,11 @@ public actor HydrationJob {
             break
         }
         error = nil
+        pauseRequested = false
+        stopSourceWatch()
         setState(.hydrating)
+        // A remote source's releases wait for its connection while the job hydrates (RemoteNBDDevice).
+        source.waitForConnection(true)
         logger.info("hydration started")
         runID += 1
         let id = runID
@@ -399,9 +417,13 @@ public actor HydrationJob {
     /// Stops issuing copies, finishes those in flight, commits, and waits for the discards of
     /// what was committed. A job that is not hydrating becomes (or stays) paused.
     public func pause() async {
+        stopSourceWatch()
         switch state {
         case .hydrating:
+            pauseRequested = true
             await copier.requestStop(run: runID)
+            // A remote source's releases waiting for the connection give up (they stay pending).
+            source.waitForConnection(false)
             await runTask?.value
         case .idle:
             setState(.paused)
@@ -444,6 +466,8 @@ public actor HydrationJob {
         // Clients first: no request may land after the final commit below.
         await export?.shutdown()
         liveTicker?.cancel()
+        source.waitForConnection(false)
+        stopSourceWatch()
         await settleTask?.value
         await pause()
         closed = true
@@ -539,6 +563,26 @@ public actor HydrationJob {
     /// Whether the clone is served (`liveExport` was called).
     public var isExported: Bool { export != nil }
 
+    // MARK: a remote source that went away
+
+    /// Probes a remote source that went away until it answers (`watchSource`); nil otherwise.
+    private var sourceWatch: Task<Void, Never>?
+    /// The user paused this run: a source outage that ends it does not resume it by itself.
+    private var pauseRequested = false
+
+    private func stopSourceWatch() {
+        sourceWatch?.cancel()
+        sourceWatch = nil
+    }
+
+    /// The watcher reached the source again: resume, unless something else happened meanwhile.
+    private func sourceIsBack() {
+        guard state == .paused, error?.code == .sourceUnavailable, !closing, !closed else { return }
+        sourceWatch = nil
+        logger.info("source reachable again; resuming")
+        do { try start() } catch { logger.error("could not resume after the source came back", metadata: ["error": "\(error)"]) }
+    }
+
     // MARK: the run
 
     private func setState(_ s: JobStatus.State) {
@@ -582,6 +626,9 @@ public actor HydrationJob {
             await discarder.drain(published: await committer.publishedCount)
         }
 
+        // A remote source's release given up (its connection was down at a pause or close): it
+        // counts as done in this instance, so the job is reopened to make it again.
+        if source.info.identity.kind == .remote && progress.snapshot.discardFailures > 0 { needsReopen = true }
         if let commitError {
             self.error = commitError
             if commitError.code == .noSpace {
@@ -607,6 +654,17 @@ public actor HydrationJob {
             logger.error("destination out of space; job paused until space is freed", metadata: ["error": "\(e)"])
             self.error = e
             setState(.paused)
+        case .failed(let e) where e.code == .sourceUnavailable:
+            // A remote source went away: paused until it is back, then resumed (RemoteSourceJob.swift),
+            // unless the user paused meanwhile, or a release had to be given up (then `resume`
+            // reopens the job, which makes the metadata's pending releases again).
+            source.waitForConnection(false)
+            self.error = e
+            setState(.paused)
+            if !closing && !pauseRequested && !needsReopen {
+                logger.warning("source unavailable; job paused until it is reachable again", metadata: ["error": "\(e)"])
+                sourceWatch = Self.watchSource(source, io: io, logger: logger) { [weak self] in await self?.sourceIsBack() }
+            }
         case .failed(let e):
             logger.error("hydration failed", metadata: ["error": "\(e)"])
             self.error = e
@@ -626,6 +684,9 @@ public actor HydrationJob {
     // MARK: status
 
     public func status() -> JobStatus {
+        // A remote source whose connection is down: the job is held until it is back.
+        let sourceWait = state == .hydrating || error?.code == .sourceUnavailable ? source.availability : nil
+        let state = sourceWait == nil ? self.state : .paused
         let c = progress.snapshot
         let throughput = state == .hydrating ? progress.throughput() : 0
         let total = geometry.targetSize
@@ -647,7 +708,8 @@ public actor HydrationJob {
             settings: .init(threshold: tunables.threshold, batchSize: tunables.batchSize,
                             rateLimitBytesPerSecond: tunables.rateLimitBytesPerSecond, commitIntervalMs: tunables.commitIntervalMs),
             metadata: .init(path: store.path, mode: c.metadataMode),
-            error: error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region) },
+            error: sourceWait.map { Self.sourceUnavailableInfo($0, path: configuration.sourcePath) }
+                ?? error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region) },
             // The URI and clients are the daemon's to fill in (JobManager.status).
             export: export.map { _ in
                 JobStatus.Export(uri: "", clients: 0, io: .init(readBytes: c.liveReadBytes, writtenBytes: c.liveWrittenBytes,

@@ -165,7 +165,7 @@ extension MetadataHeader {
         if complete { flags |= MetadataFormat.flagComplete }
         w.put(flags, at: MetadataFormat.sbFlags)
         for (rec, o) in [(source, MetadataFormat.sbSource), (dest, MetadataFormat.sbDest)] {
-            w.put(UInt32(rec.identity.kind == .blockDevice ? 2 : 1), at: o)
+            w.put(UInt32(rec.identity.kind == .blockDevice ? 2 : rec.identity.kind == .remote ? 3 : 1), at: o)
             w.put(rec.identity.device, at: o + 8)
             w.put(rec.identity.inode, at: o + 16)
             w.put(rec.identity.rdev, at: o + 24)
@@ -213,14 +213,14 @@ extension MetadataHeader {
         let flags = r.get(UInt32.self, at: MetadataFormat.sbFlags)
         func record(_ o: Int, pathAt po: Int, lenAt lo: Int, stableAt so: Int) -> DeviceRecord? {
             let kindRaw = r.get(UInt32.self, at: o)
-            guard kindRaw == 1 || kindRaw == 2 else { return nil }
+            guard kindRaw == 1 || kindRaw == 2 || kindRaw == 3 else { return nil }
             let len = Int(r.get(UInt16.self, at: lo))
             guard len <= MetadataFormat.maxPathBytes else { return nil }
             let stable = version >= 2 ? r.slice(so, MetadataFormat.maxStableIDBytes).prefix { $0 != 0 } : []
             return DeviceRecord(
                 path: String(decoding: r.slice(po, len), as: UTF8.self),
                 identity: DeviceIdentity(
-                    kind: kindRaw == 2 ? .blockDevice : .regularFile,
+                    kind: kindRaw == 2 ? .blockDevice : kindRaw == 3 ? .remote : .regularFile,
                     device: r.get(UInt64.self, at: o + 8), inode: r.get(UInt64.self, at: o + 16),
                     rdev: r.get(UInt64.self, at: o + 24)),
                 size: r.get(UInt64.self, at: o + 32),

@@ -11,18 +11,24 @@ public struct PosixStorage: StorageProvider {
     public init(topology: DeviceTopology = DeviceTopology()) { self.topology = topology }
 
     public func stack(of path: String) throws(StorageError) -> StorageStack? {
-        try topology.stack(of: path)
+        // A remote export lives on another machine: it shares no local storage with anything.
+        if RemoteSource.isURI(path) { return nil }
+        return try topology.stack(of: path)
     }
 
     public func usage(of path: String) throws(StorageError) -> DeviceUsage? {
-        try topology.usage(of: path)
+        // Who else uses a remote export is the server's business (its own clients).
+        if RemoteSource.isURI(path) { return nil }
+        return try topology.usage(of: path)
     }
 
     public func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
-        try PosixDevice.open(path, mode: mode, topology: topology)
+        if RemoteSource.isURI(path) { return try RemoteNBDDevice.open(path, mode: mode) }
+        return try PosixDevice.open(path, mode: mode, topology: topology)
     }
 
     public func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
+        if RemoteSource.isURI(path) { return try RemoteNBDDevice.identify(path) }
         var st = stat()
         if stat(path, &st) != 0 {
             if errno == ENOENT { return nil }

@@ -6,6 +6,8 @@ import Glibc
 public enum DeviceKind: String, Sendable, Codable {
     case regularFile = "file"
     case blockDevice = "block"
+    /// An export of an NBD server, named by a URI (`RemoteSource`): only ever a source.
+    case remote = "remote"
 }
 
 /// Enough to recognise the same file or device again, and to refuse two jobs (or source and
@@ -27,6 +29,7 @@ public struct DeviceIdentity: Sendable, Equatable, Hashable, Codable, CustomStri
         switch kind {
         case .regularFile: return "file dev=\(device) ino=\(inode)"
         case .blockDevice: return "block device \(rdev >> 8 & 0xfff):\(rdev & 0xff | (rdev >> 12 & 0xfff00))"
+        case .remote: return "NBD export"
         }
     }
 }
@@ -58,9 +61,12 @@ public struct StorageError: Error, Sendable, Equatable, CustomStringConvertible 
     public var errno: Int32
     public var offset: UInt64?
     public var length: UInt64?
+    /// What the library behind the call said (libnbd's error string for a remote source).
+    public var detail: String?
 
-    public init(_ operation: Operation, path: String, errno: Int32, offset: UInt64? = nil, length: UInt64? = nil) {
+    public init(_ operation: Operation, path: String, errno: Int32, offset: UInt64? = nil, length: UInt64? = nil, detail: String? = nil) {
         self.operation = operation; self.path = path; self.errno = errno; self.offset = offset; self.length = length
+        self.detail = detail
     }
 
     public var errnoName: String { errnoSymbol(errno) }
@@ -69,10 +75,15 @@ public struct StorageError: Error, Sendable, Equatable, CustomStringConvertible 
         var s = "\(operation.rawValue) \(path)"
         if let offset { s += " at offset \(offset)" }
         if let length { s += " length \(length)" }
-        return s + ": \(errnoName) (\(String(cString: strerror(errno))))"
+        s += ": \(errnoName) (\(String(cString: strerror(errno))))"
+        if let detail, !detail.isEmpty { s += ": \(detail)" }
+        return s
     }
 
     public var isNoSpace: Bool { errno == ENOSPC || errno == EDQUOT }
+    /// A remote source's connection is down (the server is unreachable, or it went away): not an
+    /// error of the data. Local devices never report ENOTCONN.
+    public var isConnectionLost: Bool { errno == ENOTCONN }
     public var isUnsupported: Bool { errno == EOPNOTSUPP || errno == ENOTTY || errno == ENOSYS || errno == EINVAL }
 }
 
@@ -96,6 +107,9 @@ func errnoSymbol(_ e: Int32) -> String {
     case ENXIO: return "ENXIO"
     case EBADF: return "EBADF"
     case EFBIG: return "EFBIG"
+    case ENOTCONN: return "ENOTCONN"
+    case ECONNREFUSED: return "ECONNREFUSED"
+    case ECANCELED: return "ECANCELED"
     default: return "errno \(e)"
     }
 }
@@ -146,6 +160,32 @@ public protocol StorageDevice: AnyObject, Sendable {
     /// Releases the device now (its lock, or O_EXCL on a block device) rather than when the last
     /// reference goes. Every later call fails. Call only once no I/O is in flight.
     func close()
+
+    /// Whether the device reports holes itself (`nextData` finds them): regular files
+    /// (SEEK_DATA) and remote exports (NBD BLOCK_STATUS). Default: not a block device.
+    var reportsHoles: Bool { get }
+    /// Remote sources only: nil while the connection is up (or for a local device); otherwise
+    /// since when it is down and why (status shows it as `SourceUnavailable`).
+    var availability: SourceAvailability? { get }
+    /// Remote sources only: while `true` (the job is hydrating) a release or sync that finds the
+    /// connection down waits and reconnects with backoff, then carries on; while `false` (idle,
+    /// paused, closing) it fails with ENOTCONN after one reconnection attempt, and calls waiting
+    /// now give up. Reads never wait (the job pauses itself instead). Not blocking.
+    func waitForConnection(_ wait: Bool)
+    /// Remote sources only: one attempt at a working connection (blocking, short); throws while
+    /// the source is still unreachable. Local devices: nothing to do.
+    func probeConnection() throws(StorageError)
+}
+
+/// A remote source's connection is down: since when, what the last attempt said.
+public struct SourceAvailability: Sendable, Equatable {
+    public var sinceUnixMs: Int64
+    public var lastError: String
+    /// Reconnection attempts so far.
+    public var attempts: Int
+    public init(sinceUnixMs: Int64, lastError: String, attempts: Int) {
+        self.sinceUnixMs = sinceUnixMs; self.lastError = lastError; self.attempts = attempts
+    }
 }
 
 /// How a device is opened.
@@ -191,6 +231,11 @@ extension StorageProvider {
 }
 
 extension StorageDevice {
+    public var reportsHoles: Bool { info.identity.kind != .blockDevice }
+    public var availability: SourceAvailability? { nil }
+    public func waitForConnection(_ wait: Bool) {}
+    public func probeConnection() throws(StorageError) {}
+
     /// Page-cache hints mean nothing to a simulated disk.
     public func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {}
     public func evict(offset: UInt64, length: UInt64) throws(StorageError) {}

@@ -25,6 +25,10 @@ struct CrashScenario: Sendable {
         case garbageFileNoZeroOut
         /// A garbage file, and a source on a filesystem without SEEK_DATA (holes read as data).
         case garbageFileSourceWithoutSeekData
+        /// A garbage file, and a remote (NBD) source: holes from BLOCK_STATUS, releases are TRIMs
+        /// (just as irreversible), and its identity's fingerprint is read at creation and
+        /// compared at every recovery, only where nothing may have been released.
+        case garbageFileRemoteSource
     }
 
     let seed: UInt64
@@ -35,7 +39,7 @@ struct CrashScenario: Sendable {
 
     /// Adds the source (and, for a garbage variant, the pre-existing destination) to a new disk.
     func populate(_ storage: CrashableStorage) {
-        storage.addFile(Self.sourcePath, data: image, holes: holes)
+        storage.addFile(Self.sourcePath, data: image, kind: variant == .garbageFileRemoteSource ? .remote : .regularFile, holes: holes)
         guard variant != .fresh else { return }
         var rng = SeededRandom(seed: seed &* 31 &+ 5)
         var garbage = [UInt8](repeating: 0, count: image.count)

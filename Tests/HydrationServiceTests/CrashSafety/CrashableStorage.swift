@@ -407,6 +407,9 @@ final class CrashableStorage: StorageProvider {
         DeviceInfo(path: path,
                    identity: f.kind == .regularFile
                        ? DeviceIdentity(kind: .regularFile, device: 1, inode: f.inode, rdev: 0)
+                       : f.kind == .remote
+                       // A remote export (issue 15): no local identity; BLOCK_STATUS finds holes.
+                       ? DeviceIdentity(kind: .remote, device: 0, inode: 0, rdev: 0)
                        : DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: f.inode),
                    // Simulated devices keep their inode through a crash and a reopen: a stable identity.
                    size: UInt64(f.data.count), logicalBlockSize: 512, stableID: "sim:\(f.inode)")
@@ -645,7 +648,7 @@ final class CrashableDevice: StorageDevice {
                 s.violations.append("op #\(seq): SEEK_DATA of \(path) from \(offset), inside released sector \(sector) (4 KiB region #\(sector * CrashFile.sector / 4096)): a released range would be taken for a hole")
             }
             guard offset < UInt64(f.data.count) else { return nil }
-            guard f.kind == .regularFile, !s.noSeekData.contains(path) else { return offset..<UInt64(f.data.count) }
+            guard f.kind != .blockDevice, !s.noSeekData.contains(path) else { return offset..<UInt64(f.data.count) }
             let b0 = Int(offset) / CrashFile.block
             guard let first = (b0..<f.allocated.count).first(where: { f.allocated[$0] }) else { return nil }
             let end = (first..<f.allocated.count).first(where: { !f.allocated[$0] }) ?? f.allocated.count

@@ -1,0 +1,116 @@
+import ControlProtocol
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A job whose source is an NBD export (issue 15): identity with a fingerprint, confirmation at
+/// reopen, and the status of a source whose connection is down. The storage layer does the I/O
+/// (`RemoteNBDDevice`); these are the job's hooks into it.
+extension HydrationJob {
+    /// The source's metadata record. A remote source's stable ID gets a fingerprint of sampled
+    /// blocks (`RemoteIdentity`), read only where `mayRead` allows: everywhere for a new job, only
+    /// outside committed regions when a discard_source job's devices are accepted anew.
+    static func sourceRecord(_ source: any StorageDevice, mayRead: (Range<UInt64>) -> Bool) throws(HydrationError) -> DeviceRecord {
+        var record = DeviceRecord(source.info)
+        guard source.info.identity.kind == .remote else { return record }
+        do {
+            let samples = try RemoteIdentity.chooseSamples(source, mayRead: mayRead)
+            var id = RemoteIdentity.format(base: source.info.stableID, samples: samples)
+            var kept = samples
+            while id.utf8.count > MetadataFormat.maxStableIDBytes && !kept.isEmpty {
+                kept.removeLast()
+                id = RemoteIdentity.format(base: source.info.stableID, samples: kept)
+            }
+            record.stableID = id
+        } catch {
+            throw HydrationError(.ioError, "source: reading samples of \(source.info.path) for its identity: \(error)", errno: error.errno)
+        }
+        return record
+    }
+
+    /// Which source bytes may still be read: all of them, except (with discard_source) the
+    /// committed regions, whose source range may be released already.
+    static func unreleased(_ committed: RegionMap, regionSize: UInt64, discardSource: Bool) -> @Sendable (Range<UInt64>) -> Bool {
+        guard discardSource else { return { _ in true } }
+        return { range in
+            guard !range.isEmpty else { return true }
+            let first = Int(range.lowerBound / regionSize)
+            let last = Int((range.upperBound - 1) / regionSize)
+            return committed.count(in: first..<min(last + 1, committed.count)) == 0
+        }
+    }
+
+    /// A remote source found at a reopen, compared with the recorded one. Non-remote devices are
+    /// returned unchanged (`confirm` decides). For a remote export: the base identity (export
+    /// name, size, description) must match; with `device`, every recorded sample that may still
+    /// be read (`mayRead`) is read again and must have the same checksum. When all of that holds
+    /// the result carries the recorded stable ID (so `confirm` accepts it); otherwise it carries
+    /// what was found, and `confirm` refuses with `DeviceUnconfirmed`, naming both.
+    static func confirmedRemote(_ found: DeviceInfo, recorded: DeviceRecord, device: (any StorageDevice)?,
+                                mayRead: (Range<UInt64>) -> Bool) throws(HydrationError) -> DeviceInfo {
+        guard found.identity.kind == .remote, recorded.identity.kind == .remote else { return found }
+        let (recordedBase, samples) = RemoteIdentity.parse(recorded.stableID)
+        guard found.stableID == recordedBase else { return found }
+        var confirmed = found
+        if let device {
+            var mismatched: [RemoteIdentity.Sample] = []
+            for s in samples where s.offset + UInt64(RemoteIdentity.sampleSize) <= found.size {
+                guard mayRead(s.offset..<s.offset + UInt64(RemoteIdentity.sampleSize)) else { continue }
+                let crc: UInt32
+                do { crc = try RemoteIdentity.crc(device, s.offset) } catch {
+                    throw HydrationError(.ioError, "source: reading \(found.path) to confirm its identity: \(error)", errno: error.errno)
+                }
+                if crc != s.crc { mismatched.append(RemoteIdentity.Sample(offset: s.offset, crc: crc)) }
+            }
+            if !mismatched.isEmpty {
+                confirmed.stableID = RemoteIdentity.format(base: found.stableID, samples: mismatched)
+                return confirmed
+            }
+        }
+        confirmed.stableID = recorded.stableID
+        return confirmed
+    }
+
+    /// What status shows while a remote source's connection is down and the job waits for it:
+    /// `paused`, with a `SourceUnavailable` error saying since when and the last error.
+    static func sourceUnavailableInfo(_ a: SourceAvailability, path: String) -> JobStatus.ErrorInfo {
+        JobStatus.ErrorInfo(
+            code: HydrationError.Code.sourceUnavailable.rawValue,
+            message: "source \(path) unavailable since \(isoTime(a.sinceUnixMs)): \(a.lastError); reconnecting (\(a.attempts) attempt\(a.attempts == 1 ? "" : "s") so far), the job resumes by itself",
+            errno: ENOTCONN)
+    }
+
+    static func isoTime(_ ms: Int64) -> String {
+        var t = time_t(ms / 1000)
+        var tmv = tm()
+        gmtime_r(&t, &tmv)
+        func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
+        return "\(tmv.tm_year + 1900)-\(two(tmv.tm_mon + 1))-\(two(tmv.tm_mday))T\(two(tmv.tm_hour)):\(two(tmv.tm_min)):\(two(tmv.tm_sec))Z"
+    }
+}
+
+extension HydrationJob {
+    /// While a remote source is unreachable: probes it (one connection attempt on an I/O
+    /// thread) with backoff, 100 ms doubling to 2 s, and calls `back` once it answers. Cancelled
+    /// by a pause, a start or close. Occupies no I/O thread between attempts.
+    static func watchSource(_ source: any StorageDevice, io: IOExecutor, logger: Logger,
+                            back: @escaping @Sendable () async -> Void) -> Task<Void, Never> {
+        Task {
+            var delayMs: UInt64 = 100
+            while !Task.isCancelled {
+                try? await Task.sleep(nanoseconds: delayMs * 1_000_000)
+                if Task.isCancelled { return }
+                do {
+                    try await io.run { try source.probeConnection() }
+                    if Task.isCancelled { return }
+                    await back()
+                    return
+                } catch {
+                    delayMs = min(delayMs * 2, 2000)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,426 @@
+"""A job whose source is an NBD export served by nbdkit (issue 15), loopback only: 127.0.0.1 and
+Unix sockets. Every nbdkit and hydrationd started here is stopped by PID."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hydtest import (CLONECTL, HYDRATIOND, Daemon, VarlinkError, allocated, make_image,  # noqa: E402
+                     sha256_of)
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(HYDRATIOND), reason=f"{HYDRATIOND} not built"),
+    pytest.mark.skipif(shutil.which("nbdkit") is None, reason="nbdkit not installed (Scripts/install-deps.sh --test)"),
+]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class NBDKit:
+    """nbdkit in the foreground (-f), serving `args`; stopped by PID."""
+
+    def __init__(self, tmp, args, port=None, unix=None, extra=(), name="nbdkit"):
+        self.tmp = str(tmp)
+        self.args = list(args)
+        self.port = port
+        self.unix = unix
+        self.extra = list(extra)
+        self.log_path = os.path.join(self.tmp, f"{name}.log")
+        self.proc = None
+
+    @property
+    def uri(self):
+        if self.unix:
+            return f"nbd+unix:///?socket={self.unix}"
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    def start(self, timeout=10.0):
+        cmd = ["nbdkit", "-f", "--exit-with-parent"]
+        if self.unix:
+            cmd += ["-U", self.unix]
+        else:
+            cmd += ["-i", "127.0.0.1", "-p", str(self.port)]
+        cmd += self.extra + self.args
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nbdkit exited: {open(self.log_path).read()}")
+            try:
+                if self.unix:
+                    s = socket.socket(socket.AF_UNIX)
+                    s.connect(self.unix)
+                else:
+                    s = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+                s.close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nbdkit did not start")
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def cleanup():
+    things = []
+    yield things
+    for t in reversed(things):
+        t.kill()
+
+
+def start_job(d, name, source, dest, **extra):
+    params = {"name": name, "source": source, "dest": str(dest)}
+    params.update(extra)
+    return d.call("Start", params)["job"]
+
+
+def test_tcp_clone_equal_and_status_shows_uri(tmp_path, cleanup):
+    size = 24 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=1)
+    srv = NBDKit(tmp_path, ["file", str(img)], port=free_port()).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    st = start_job(d, "r", srv.uri, tmp_path / "dst.img")
+    assert st["source"]["path"] == srv.uri
+    st = d.wait_state("r", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    # Holes and zero runs were found by BLOCK_STATUS or by reading zeros: not written.
+    assert st["bytes"]["skipped_zero"] >= size // 2 - (1 << 20)
+    out = subprocess.run([CLONECTL, "--socket", d.sock, "status", "r"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert srv.uri in out.stdout
+
+
+def clonectl(d, *args, timeout=60):
+    return subprocess.run([CLONECTL, "--socket", d.sock, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_unix_socket_discard_source_releases_as_it_goes(tmp_path, cleanup):
+    """clonectl --source nbd+unix://…, --discard-source: the served file's allocation falls while copying."""
+    size = 64 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=2, chunk=256 << 10)
+    full = allocated(img)
+    sock = str(tmp_path / "nbd.sock")
+    srv = NBDKit(tmp_path, ["file", str(img)], unix=sock).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    r = clonectl(d, "start", "u", "--source", srv.uri, "--dest", str(tmp_path / "dst.img"), "--discard-source",
+                 "--space-budget", "8M", "--region-size", "64K", "--rate-limit", "32M")
+    assert r.returncode == 0, r.stderr
+    seen = []
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        st = d.status("u")
+        seen.append((st["bytes"]["hydrated"], allocated(img)))
+        if st["state"] != "hydrating":
+            break
+        time.sleep(0.1)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert allocated(img) == 0, "every region was trimmed (nbdkit file punches on TRIM)"
+    # While copying, the source shrank: some sample shows part released and part still there.
+    middle = [a for h, a in seen if 0 < h < size]
+    assert any(0 < a < full for a in middle), seen
+    assert st["discard"]["failed"] == 0
+
+
+def test_server_without_trim_refuses_discard_source(tmp_path, cleanup):
+    img = tmp_path / "src.img"
+    make_image(img, 4 << 20, seed=3)
+    srv = NBDKit(tmp_path, ["file", str(img)], port=free_port(), extra=["--readonly"]).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    with pytest.raises(VarlinkError) as e:
+        start_job(d, "nt", srv.uri, tmp_path / "dst.img", discard_source=True)
+    assert e.value.name == "org.hydrationd.Control.InvalidParameter"
+    assert e.value.parameters["parameter"] == "discard_source"
+    assert "DiscardUnsupported" in e.value.parameters["reason"] and "TRIM" in e.value.parameters["reason"]
+    assert not (tmp_path / "dst.img").exists(), "nothing was created"
+    # Without release the same server is fine.
+    start_job(d, "nt", srv.uri, tmp_path / "dst.img")
+    assert d.wait_state("nt", ["complete", "failed"])["state"] == "complete"
+
+
+def test_delay_filter_distant_host(tmp_path, cleanup):
+    size = 16 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=4)
+    srv = NBDKit(tmp_path, ["--filter=delay", "file", str(img), "rdelay=5ms", "delay-trim=5ms"], port=free_port()).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "dl", srv.uri, tmp_path / "dst.img", discard_source=True)
+    st = d.wait_state("dl", ["complete", "failed"], timeout=120)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert allocated(img) == 0
+
+
+def test_read_errors_fail_with_errno_and_region_then_resume(tmp_path, cleanup):
+    """nbdkit --filter=error: an NBD EIO reply is a read error (retried, then failed, resumable)."""
+    size = 8 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=5)
+    trigger = tmp_path / "inject"
+    srv = NBDKit(tmp_path, ["--filter=error", "file", str(img), "error-pread=EIO", "error-pread-rate=100%",
+                            f"error-pread-file={trigger}"], port=free_port()).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    # Created healthy (its identity samples are read at creation), then every read fails.
+    start_job(d, "er", srv.uri, tmp_path / "dst.img", no_hydration=True)
+    trigger.write_text("")
+    d.call("Resume", {"name": "er"})
+    st = d.wait_state("er", ["failed", "complete"], timeout=60)
+    assert st["state"] == "failed", st
+    assert st["error"]["code"] == "SourceReadFailed"
+    assert st["error"]["errno"] == 5
+    assert st["error"]["region"] is not None
+    trigger.unlink()
+    d.call("Resume", {"name": "er"})
+    st = d.wait_state("er", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+
+
+def test_server_killed_and_restarted_mid_copy(tmp_path, cleanup):
+    """The job pauses itself with SourceUnavailable, reconnects, resumes by itself, ends equal."""
+    size = 48 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=6, chunk=256 << 10)
+    port = free_port()
+    srv = NBDKit(tmp_path, ["file", str(img)], port=port).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "kr", srv.uri, tmp_path / "dst.img", discard_source=True, region_size=65536,
+              rate_limit_bytes_per_second=16 << 20)
+    while d.status("kr")["bytes"]["hydrated"] < 8 << 20:
+        time.sleep(0.05)
+    srv.kill(signal.SIGKILL)
+    deadline = time.time() + 20
+    st = d.status("kr")
+    while time.time() < deadline and not (st["error"] and st["error"]["code"] == "SourceUnavailable"):
+        time.sleep(0.05)
+        st = d.status("kr")
+    assert st["state"] == "paused", st
+    assert st["error"]["code"] == "SourceUnavailable", st
+    assert "since" in st["error"]["message"]
+    print("while the server is down:", st["state"], st["error"])
+    time.sleep(1.0)
+    srv2 = NBDKit(tmp_path, ["file", str(img)], port=port, name="nbdkit2").start()
+    cleanup.append(srv2)
+    d.call("Set", {"name": "kr", "rate_limit_bytes_per_second": 0})
+    st = d.wait_state("kr", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert st["error"] is None
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert allocated(img) == 0
+
+
+def test_daemon_sigkilled_mid_copy_and_restarted(tmp_path, cleanup):
+    size = 48 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=7, chunk=256 << 10)
+    srv = NBDKit(tmp_path, ["file", str(img)], port=free_port()).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "k9", srv.uri, tmp_path / "dst.img", discard_source=True, region_size=65536,
+              commit_interval_ms=50, rate_limit_bytes_per_second=24 << 20)
+    for _ in range(3):
+        time.sleep(0.4)
+        d.kill(signal.SIGKILL)
+        d.start()
+        st = d.status("k9")
+        assert st["state"] in ("hydrating", "complete"), st
+    d.call("Set", {"name": "k9", "rate_limit_bytes_per_second": 0})
+    st = d.wait_state("k9", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert allocated(img) == 0
+
+
+def test_another_disk_at_the_same_uri_is_not_confirmed(tmp_path, cleanup):
+    """Same export name, size and description, other content: DeviceUnconfirmed, nothing written."""
+    size = 8 << 20
+    img = tmp_path / "src.img"
+    other = tmp_path / "other.img"
+    make_image(img, size, seed=8)
+    make_image(other, size, seed=9)
+    port = free_port()
+    srv = NBDKit(tmp_path, ["file", str(img)], port=port).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "id", srv.uri, tmp_path / "dst.img", discard_source=True, no_hydration=True)
+    d.stop()
+    srv.kill()
+    srv2 = NBDKit(tmp_path, ["file", str(other)], port=port, name="nbdkit2").start()
+    cleanup.append(srv2)
+    before = allocated(other)
+    d.start()
+    st = d.status("id")
+    assert st["state"] == "failed", st
+    assert st["error"]["code"] == "DeviceUnconfirmed", st
+    assert allocated(other) == before, "nothing was released on the other disk"
+    # The right disk back: the job resumes.
+    srv2.kill()
+    srv3 = NBDKit(tmp_path, ["file", str(img)], port=port, name="nbdkit3").start()
+    cleanup.append(srv3)
+    d.call("Resume", {"name": "id"})
+    assert d.wait_state("id", ["complete", "failed"], timeout=60)["state"] == "complete"
+
+
+@pytest.mark.skipif(shutil.which("psktool") is None, reason="psktool (gnutls-bin) not installed")
+def test_tls_with_psk(tmp_path, cleanup):
+    size = 8 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=10)
+    keys = tmp_path / "keys.psk"
+    subprocess.run(["psktool", "-u", "hyd", "-p", str(keys)], check=True, capture_output=True)
+    port = free_port()
+    srv = NBDKit(tmp_path, ["file", str(img)], port=port, extra=["--tls=require", f"--tls-psk={keys}"]).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    # Without TLS the server refuses.
+    with pytest.raises(VarlinkError):
+        start_job(d, "plain", srv.uri, tmp_path / "plain.img")
+    uri = f"nbds://hyd@127.0.0.1:{port}/?tls-psk-file={keys}"
+    start_job(d, "tls", uri, tmp_path / "dst.img", discard_source=True)
+    st = d.wait_state("tls", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert allocated(img) == 0
+
+
+def test_pause_while_the_server_is_down_stays_paused(tmp_path, cleanup):
+    """A user pause during an outage stops the automatic resume; `resume` goes on."""
+    size = 32 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=11, chunk=256 << 10)
+    sock = str(tmp_path / "nbd.sock")
+    srv = NBDKit(tmp_path, ["file", str(img)], unix=sock).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "p", srv.uri, tmp_path / "dst.img", discard_source=True, region_size=65536,
+              rate_limit_bytes_per_second=8 << 20)
+    while d.status("p")["bytes"]["hydrated"] < 4 << 20:
+        time.sleep(0.05)
+    srv.kill(signal.SIGKILL)
+    os.unlink(sock)
+    deadline = time.time() + 20
+    while time.time() < deadline and (d.status("p")["error"] or {}).get("code") != "SourceUnavailable":
+        time.sleep(0.05)
+    out = clonectl(d, "status", "p")
+    assert "SourceUnavailable" in out.stdout and "unavailable since" in out.stdout, out.stdout
+    r = clonectl(d, "pause", "p")
+    assert r.returncode == 0, r.stderr
+    srv2 = NBDKit(tmp_path, ["file", str(img)], unix=sock, name="nbdkit2").start()
+    cleanup.append(srv2)
+    time.sleep(3)
+    st = d.status("p")
+    assert st["state"] == "paused", st
+    d.call("Set", {"name": "p", "rate_limit_bytes_per_second": 0})
+    r = clonectl(d, "resume", "p")
+    assert r.returncode == 0, r.stderr
+    st = d.wait_state("p", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert allocated(img) == 0
+
+
+@pytest.mark.parametrize("filters,params", [
+    (["--filter=multi-conn"], ["multi-conn-mode=disable"]),   # one connection, requests pipelined on it
+    (["--filter=noextents"], []),                             # BLOCK_STATUS says all data: zeros found by reading
+])
+def test_servers_without_multi_conn_or_block_status(tmp_path, cleanup, filters, params):
+    size = 16 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=12)
+    srv = NBDKit(tmp_path, [*filters, "file", str(img), *params], port=free_port()).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "f", srv.uri, tmp_path / "dst.img", discard_source=True)
+    st = d.wait_state("f", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert st["bytes"]["skipped_zero"] >= size // 2 - (1 << 20)
+    assert allocated(img) == 0
+    # The destination holds only the data.
+    assert allocated(tmp_path / "dst.img") <= size // 2 + (1 << 20)
+
+
+def test_second_job_on_a_uri_being_released_is_refused(tmp_path, cleanup):
+    img = tmp_path / "src.img"
+    make_image(img, 8 << 20, seed=13)
+    srv = NBDKit(tmp_path, ["file", str(img)], port=free_port()).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "a", srv.uri, tmp_path / "a.img", discard_source=True, no_hydration=True)
+    with pytest.raises(VarlinkError) as e:
+        start_job(d, "b", srv.uri, tmp_path / "b.img")
+    assert e.value.name == "org.hydrationd.Control.DeviceInUse"
+    assert e.value.parameters["job"] == "a"
+
+
+def test_shutdown_during_an_outage_and_restart_while_the_server_is_down(tmp_path, cleanup):
+    """SIGTERM while the source is unreachable ends promptly; a restart with the server still
+    down lists the job as failed (IOError) and `resume` goes on once it is back."""
+    size = 32 << 20
+    img = tmp_path / "src.img"
+    want = make_image(img, size, seed=14, chunk=256 << 10)
+    port = free_port()
+    srv = NBDKit(tmp_path, ["file", str(img)], port=port).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "s", srv.uri, tmp_path / "dst.img", discard_source=True, region_size=65536,
+              rate_limit_bytes_per_second=8 << 20)
+    while d.status("s")["bytes"]["hydrated"] < 4 << 20:
+        time.sleep(0.05)
+    srv.kill(signal.SIGKILL)
+    deadline = time.time() + 20
+    while time.time() < deadline and (d.status("s")["error"] or {}).get("code") != "SourceUnavailable":
+        time.sleep(0.05)
+    t0 = time.time()
+    assert d.stop() == 0
+    assert time.time() - t0 < 10, "shutdown waited for the source"
+    d.start()
+    st = d.status("s")
+    assert st["state"] == "failed" and st["error"]["code"] == "IOError", st
+    srv2 = NBDKit(tmp_path, ["file", str(img)], port=port, name="nbdkit2").start()
+    cleanup.append(srv2)
+    d.call("Resume", {"name": "s"})
+    d.call("Set", {"name": "s", "rate_limit_bytes_per_second": 0})
+    st = d.wait_state("s", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+    assert allocated(img) == 0
