@@ -424,3 +424,45 @@ def test_shutdown_during_an_outage_and_restart_while_the_server_is_down(tmp_path
     assert st["state"] == "complete", st
     assert sha256_of(tmp_path / "dst.img") == want
     assert allocated(img) == 0
+
+
+@pytest.mark.skipif(shutil.which("nbdcopy") is None or shutil.which("qemu-io") is None,
+                    reason="nbdcopy (libnbd-bin) or qemu-io (qemu-utils) missing")
+def test_live_clone_of_a_remote_source_is_a_migration(tmp_path, cleanup):
+    """The whole move between hosts: the disk on the old host (nbdkit over TCP), the clone
+    served on the new host from its first second (--export), client writes landing there while
+    the old host's space comes back (--discard-source, TRIM after each commit)."""
+    size = 16 << 20
+    img = tmp_path / "old-host.img"
+    make_image(img, size, seed=6, chunk=256 << 10)
+    with open(img, "rb") as f:
+        original = f.read()
+    full = allocated(img)
+    srv = NBDKit(tmp_path, ["file", str(img)], port=free_port()).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    r = clonectl(d, "start", "vm", "--source", srv.uri, "--dest", str(tmp_path / "new-host.img"), "--discard-source",
+                 "--export", "--rate-limit", "4M", "--commit-interval", "200ms")
+    assert r.returncode == 0, r.stderr
+    export = d.status("vm")["export"]["uri"]
+    # The workload reads the whole disk on the new host while most of it is still on the old one.
+    out = tmp_path / "read.img"
+    subprocess.run(["nbdcopy", export, str(out)], check=True, timeout=120)
+    with open(out, "rb") as f:
+        assert f.read() == original, "the clone read mid-migration differs from the disk"
+    st = d.status("vm")
+    assert st["state"] == "hydrating" and st["regions"]["hydrated"] < st["regions"]["total"], st["regions"]
+    # It writes (across region boundaries, into regions still remote) and flushes.
+    q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 1000000 300000", "-c", "flush", export],
+                       capture_output=True, text=True, timeout=60)
+    assert q.returncode == 0, q.stderr
+    expected = bytearray(original)
+    expected[1000000:1300000] = b"\x3c" * 300000
+    assert clonectl(d, "set", "vm", "--rate-limit", "0").returncode == 0
+    st = d.wait_state("vm", ["complete", "failed"], timeout=120)
+    assert st["state"] == "complete", st
+    with open(tmp_path / "new-host.img", "rb") as f:
+        assert f.read() == bytes(expected), "the new host's disk is not the clone with the client's write"
+    # The old host's space came back (nbdkit file punches on TRIM).
+    assert allocated(img) < full // 20, f"old host still holds {allocated(img)} of {full} bytes"
