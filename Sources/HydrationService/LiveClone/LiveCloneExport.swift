@@ -143,17 +143,7 @@ public final class LiveCloneExport: NBDExport {
     }
 
     private func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws(NBDError) -> T {
-        do {
-            return try await io.run(body)
-        } catch let e as StorageError {
-            throw NBDError(e)
-        } catch let e as NBDError {
-            throw e
-        } catch is IOExecutor.ShutDown {
-            throw NBDError(.ESHUTDOWN, "the I/O executor is shut down")
-        } catch {
-            throw NBDError.io("\(error)")
-        }
+        try await io.runForNBD(body)
     }
 
     private func regions(covering bytes: Range<UInt64>) -> Range<Int> {

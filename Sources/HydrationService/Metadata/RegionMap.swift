@@ -42,15 +42,9 @@ public struct RegionMap: Sendable, Equatable {
     /// Sets every bit of `range`, a word at a time.
     public mutating func set(_ range: Range<Int>) {
         precondition(range.lowerBound >= 0 && range.upperBound <= count)
-        var i = range.lowerBound
-        while i < range.upperBound {
-            let w = i >> 6
-            let first = i & 63
-            let last = min(64, first + (range.upperBound - i))
-            let mask: UInt64 = last - first == 64 ? ~0 : ((UInt64(1) << UInt64(last - first)) - 1) << UInt64(first)
+        Self.forEachWordMask(range) { w, mask in
             setCount += (mask & ~words[w]).nonzeroBitCount
             words[w] |= mask
-            i += last - first
         }
     }
 
@@ -58,31 +52,29 @@ public struct RegionMap: Sendable, Equatable {
     /// state (regions under a claim, see `RegionOwnership`).
     mutating func clear(_ range: Range<Int>) {
         precondition(range.lowerBound >= 0 && range.upperBound <= count)
-        var i = range.lowerBound
-        while i < range.upperBound {
-            let w = i >> 6
-            let first = i & 63
-            let last = min(64, first + (range.upperBound - i))
-            let mask: UInt64 = last - first == 64 ? ~0 : ((UInt64(1) << UInt64(last - first)) - 1) << UInt64(first)
+        Self.forEachWordMask(range) { w, mask in
             setCount -= (mask & words[w]).nonzeroBitCount
             words[w] &= ~mask
-            i += last - first
         }
     }
 
     /// Number of set bits in `range`.
     public func count(in range: Range<Int>) -> Int {
         var n = 0
+        Self.forEachWordMask(range) { w, mask in n += (words[w] & mask).nonzeroBitCount }
+        return n
+    }
+
+    /// Calls `body` with each word index `range` touches and the mask of its bits in that word.
+    private static func forEachWordMask(_ range: Range<Int>, _ body: (Int, UInt64) -> Void) {
         var i = range.lowerBound
         while i < range.upperBound {
-            let w = i >> 6
             let first = i & 63
             let last = min(64, first + (range.upperBound - i))
             let mask: UInt64 = last - first == 64 ? ~0 : ((UInt64(1) << UInt64(last - first)) - 1) << UInt64(first)
-            n += (words[w] & mask).nonzeroBitCount
+            body(i >> 6, mask)
             i += last - first
         }
-        return n
     }
 
     /// The first index at or after `start` whose bit equals `value`, or nil.

@@ -42,17 +42,7 @@ public final class FileNBDExport: NBDExport {
     }
 
     private func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws(NBDError) -> T {
-        do {
-            return try await io.run(body)
-        } catch let e as StorageError {
-            throw NBDError(e)
-        } catch let e as NBDError {
-            throw e
-        } catch is IOExecutor.ShutDown {
-            throw NBDError(.ESHUTDOWN, "the I/O executor is shut down")
-        } catch {
-            throw NBDError.io("\(error)")
-        }
+        try await io.runForNBD(body)
     }
 
     public func read(offset: UInt64, length: UInt32) async throws(NBDError) -> ByteBuffer {
