@@ -393,7 +393,8 @@ def test_second_job_on_a_uri_being_released_is_refused(tmp_path, cleanup):
 
 def test_shutdown_during_an_outage_and_restart_while_the_server_is_down(tmp_path, cleanup):
     """SIGTERM while the source is unreachable ends promptly; a restart with the server still
-    down lists the job as failed (IOError) and `resume` goes on once it is back."""
+    down lists the job as failed (IOError, the open error) and reopens it by itself once the
+    server answers (retried with backoff, 1 s doubling to 30 s): no operator needed."""
     size = 32 << 20
     img = tmp_path / "src.img"
     want = make_image(img, size, seed=14, chunk=256 << 10)
@@ -416,9 +417,12 @@ def test_shutdown_during_an_outage_and_restart_while_the_server_is_down(tmp_path
     d.start()
     st = d.status("s")
     assert st["state"] == "failed" and st["error"]["code"] == "IOError", st
+    time.sleep(2.5)
+    st = d.status("s")
+    assert st["state"] == "failed" and st["error"]["code"] == "IOError", "still down: still failed, nothing touched"
     srv2 = NBDKit(tmp_path, ["file", str(img)], port=port, name="nbdkit2").start()
     cleanup.append(srv2)
-    d.call("Resume", {"name": "s"})
+    st = d.wait_state("s", ["hydrating", "complete"], timeout=40)
     d.call("Set", {"name": "s", "rate_limit_bytes_per_second": 0})
     st = d.wait_state("s", ["complete", "failed"], timeout=60)
     assert st["state"] == "complete", st

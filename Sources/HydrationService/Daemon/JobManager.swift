@@ -150,6 +150,9 @@ public actor JobManager {
     /// the definition back, so interleaving them would lose updates (a pause undone by a
     /// concurrent set, a removed job resurrected by a concurrent persist).
     private var operationQueues: [String: [CheckedContinuation<Void, Never>]] = [:]
+    /// Jobs with a remote source that could not be reached when they were opened: retried in
+    /// the background until the server answers (`retryUnreachableSource`).
+    private var reopenTasks: [String: Task<Void, Never>] = [:]
     private var stateLock: StateDirectoryLock?
     /// Where exported jobs are served (nil: this manager serves none, and refuses `export`).
     public nonisolated let exportHost: JobExportHost?
@@ -198,6 +201,7 @@ public actor JobManager {
             }
             jobs[def.name] = await openEntry(def)
             await publishExport(def.name)
+            scheduleReopenIfSourceUnreachable(def.name)
         }
     }
 
@@ -289,6 +293,59 @@ public actor JobManager {
             }
             return .broken(def, error, header)
         }
+    }
+
+    // MARK: a remote source down at restart
+
+    /// Whether a job failed to open only because its remote source did not answer (the server is
+    /// down or restarting): a migration's old host rebooting must not need an operator.
+    static func sourceUnreachable(_ def: JobDefinition, _ e: HydrationError) -> Bool {
+        guard RemoteSource.isURI(def.source), e.message.hasPrefix("source") || e.code == .sourceUnavailable else { return false }
+        switch e.errno {
+        case ECONNREFUSED?, ENOENT?, ENOTCONN?, ECONNRESET?, EHOSTUNREACH?, ENETUNREACH?, ETIMEDOUT?, EPIPE?: return true
+        default: return e.code == .sourceUnavailable
+        }
+    }
+
+    /// A job that was hydrating and could not be reopened because its remote source is down is
+    /// reopened in the background, with backoff (1 s doubling to 30 s), once the server answers:
+    /// as the engine does for an outage while it runs. Its status meanwhile is the open error. A
+    /// resume, pause or remove by the operator takes over (the retry stops when the entry changes).
+    private func scheduleReopenIfSourceUnreachable(_ name: String) {
+        guard reopenTasks[name] == nil, case .broken(let def, let e, _)? = jobs[name], def.desired == .hydrating,
+              Self.sourceUnreachable(def, e) else { return }
+        logger.notice("remote source unreachable; the job is reopened once it answers", metadata: ["job": "\(name)", "error": "\(e.message)"])
+        reopenTasks[name] = Task { [weak self] in
+            var delay: UInt64 = 1_000_000_000
+            while !Task.isCancelled {
+                try? await Task.sleep(nanoseconds: delay)
+                if Task.isCancelled { return }
+                guard let self, await self.retryReopen(name) else { return }
+                delay = min(delay * 2, 30_000_000_000)
+            }
+        }
+    }
+
+    /// One attempt; returns whether to go on trying.
+    private func retryReopen(_ name: String) async -> Bool {
+        await acquire(name)
+        defer { release(name) }
+        guard case .broken(let def, let e, _)? = jobs[name], def.desired == .hydrating, Self.sourceUnreachable(def, e) else {
+            reopenTasks[name] = nil
+            return false
+        }
+        let entry = await openEntry(def)
+        if case .broken(_, let e2, _) = entry, Self.sourceUnreachable(def, e2) {
+            jobs[name] = entry
+            return true
+        }
+        jobs[name] = entry
+        reopenTasks[name] = nil
+        if case .live = entry {
+            logger.info("remote source reachable again; job reopened", metadata: ["job": "\(name)"])
+            await publishExport(name)
+        }
+        return false
     }
 
     // MARK: one operation at a time per job
@@ -579,7 +636,11 @@ public actor JobManager {
                 if acceptDevices { try await checkReservations(def, except: nil, job: name) }
                 def.desired = .hydrating
                 let entry = await openEntry(def, acceptDevices: acceptDevices)
-                if case .broken(_, let e, _) = entry { jobs[name] = entry; throw e }
+                if case .broken(_, let e, _) = entry {
+                    jobs[name] = entry
+                    scheduleReopenIfSourceUnreachable(name)
+                    throw e
+                }
                 try await persist(def)
                 jobs[name] = entry
                 await publishExport(name)
@@ -739,6 +800,8 @@ public actor JobManager {
     /// Pauses every job with a final commit (graceful shutdown); definitions keep what the user
     /// asked for, so a restart resumes the hydrating ones.
     public func shutdown() async {
+        for (_, t) in reopenTasks { t.cancel() }
+        reopenTasks = [:]
         for name in published.sorted() { await withdrawExport(name) }
         for (name, entry) in jobs {
             if case .live(let job, _) = entry {
