@@ -418,4 +418,27 @@ import ControlProtocol
         f.sim.setFault(nil)
         await f.close()
     }
+
+    /// After a failed destination sync, what was written since the last commit may be gone from
+    /// the destination: those regions are no longer served (EIO), instead of whatever the disk
+    /// now holds; committed regions and the source still are.
+    @Test func regionsNotCommittedBeforeADestinationSyncFailureAreNotServed() async throws {
+        let f = try await Self.fixture()
+        try await f.write(2 * Self.rs, [UInt8](repeating: 1, count: Int(Self.rs)))
+        try await f.export.flush()
+        try await f.write(4 * Self.rs, [UInt8](repeating: 2, count: Int(Self.rs)))
+        #expect(try await f.read(4 * Self.rs, 10) == [UInt8](repeating: 2, count: 10), "served while the commits work")
+        f.sim.setFault { op in op.path == "/dst" && op.kind == .sync ? EIO : nil }
+        await #expect(throws: NBDError.self) { try await f.export.flush() }
+        f.sim.setFault(nil)
+        do {
+            _ = try await f.read(4 * Self.rs, 10)
+            Issue.record("a region hydrated after the last commit was served after a failed destination sync")
+        } catch {
+            #expect((error as? NBDError)?.code == .EIO)
+        }
+        #expect(try await f.read(2 * Self.rs, 10) == [UInt8](repeating: 1, count: 10), "committed: still served")
+        #expect(try await f.read(8 * Self.rs, 10) == Array(f.image[8 * Int(Self.rs)..<8 * Int(Self.rs) + 10]), "from the source: still served")
+        await f.close()
+    }
 }

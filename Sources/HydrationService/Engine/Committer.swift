@@ -335,6 +335,7 @@ actor Committer {
         guard failure == nil else { return }
         failure = e
         progress.update { $0.metadataMode = mode }
+        ownership?.commitsFailed(destinationDataLost: mode == .ro)
         logger.error("commit failed; metadata is now \(mode.rawValue), copying and discarding stop", metadata: ["error": "\(e)"])
     }
 

@@ -45,6 +45,9 @@ final class RegionOwnership: Sendable {
         var changeWaiters: [CheckedContinuation<Void, Never>] = []
         /// The destination reads as zeros wherever nothing was written (see `destinationWritten`).
         var destZeroed: Bool
+        /// A destination sync or writeback failed: what was written since the last commit may be
+        /// gone from the destination (the kernel drops pages whose writeback failed).
+        var destinationDataLost = false
     }
 
     private let state: Mutex<State>
@@ -242,6 +245,21 @@ final class RegionOwnership: Sendable {
     func waitNoPins() async { await waitUnpinned(0..<regionCount) }
 
     // MARK: committer and discarder
+
+    /// The committer failed for good. With `destinationDataLost` (a failed destination sync or
+    /// writeback error), regions hydrated since the last commit are no longer served.
+    func commitsFailed(destinationDataLost: Bool) {
+        state.withLock { $0.destinationDataLost = $0.destinationDataLost || destinationDataLost }
+    }
+
+    /// The first region of `regions` that is hydrated but not committed while the destination's
+    /// uncommitted data may be lost (nil: every region can be served).
+    func lostRegion(in regions: Range<Int>) -> Int? {
+        state.withLock { st in
+            guard st.destinationDataLost else { return nil }
+            return regions.first { st.hydrated[$0] && !st.committed[$0] }
+        }
+    }
 
     func markCommitted(_ ranges: [Range<Int>]) {
         state.withLock { st in for r in ranges where !r.isEmpty { st.committed.set(r) } }

@@ -234,6 +234,15 @@ public final class LiveCloneExport: NBDExport {
         let bytes = offset..<offset + UInt64(length)
         let runs = ownership.pinForRead(regions(covering: bytes))
         defer { ownership.unpin(runs) }
+        // After a failed destination sync or writeback error the destination bytes of a region
+        // hydrated since the last commit may be gone (the kernel drops pages whose writeback
+        // failed; a read then returns what the disk holds, zeros over a sparse file): refuse them
+        // rather than serve wrong data without an error (found by Tests/attacks/l8).
+        for run in runs where !run.fromSource {
+            if let r = ownership.lostRegion(in: run.regions) {
+                throw NBDError(.EIO, "job \(name) failed to commit: region \(r) was not committed and its destination data may be lost")
+            }
+        }
         let (source, dest, geometry) = (self.source, self.dest, self.geometry)
         let buffer = try await run {
             let n = Int(length)
