@@ -307,7 +307,10 @@ final class RemoteNBDDevice: StorageDevice {
 
     private static func failure(_ at: UInt64?, default e: Int32, handle h: OpaquePointer) -> Failure {
         let (n, m) = NBDConnection.lastError(default: e)
-        if hyd_nbd_is_usable(h) != 0 { return .command(n, at, m) }
+        // ESHUTDOWN is the server saying it is going away (nbdkit replies it to every request
+        // after SIGTERM and keeps the socket open until the client leaves): the connection is as
+        // good as lost, reconnect (to the restarted server) rather than keep the handle.
+        if hyd_nbd_is_usable(h) != 0 && n != ESHUTDOWN { return .command(n, at, m) }
         return .lost(n, m)
     }
 
@@ -330,6 +333,10 @@ final class RemoteNBDDevice: StorageDevice {
             let r = hyd_nbd_pread_chunked(h, base, n, offset, chunk, depth, &err, &failAt)
             switch r {
             case HYD_NBD_OK: return
+            case HYD_NBD_COMMAND_ERROR where err == ESHUTDOWN:
+                // The server is shutting down (see `failure`): every command of the call has
+                // completed, so the handle may be closed; the pool reconnects.
+                throw .lost(err, String(cString: hyd_nbd_error()))
             case HYD_NBD_COMMAND_ERROR:
                 throw .command(err, failAt, String(cString: hyd_nbd_error()))
             default:
