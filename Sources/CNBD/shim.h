@@ -27,8 +27,12 @@ static inline int hyd_nbd_is_usable(struct nbd_handle *h) {
 // this call has completed; on HYD_NBD_CONNECTION_LOST commands may still be listed, and the
 // caller must nbd_close the handle before it reuses the buffer (nothing writes into it unless a
 // call drives the handle).
+// `timeout_ms` (> 0): when no command completes for that long the server is taken for gone
+// (ETIMEDOUT, HYD_NBD_CONNECTION_LOST): a server that stops answering without closing the
+// connection must not hold the job, its pause and its removal forever.
 static inline int hyd_nbd_pread_chunked(struct nbd_handle *h, void *buf, size_t count, uint64_t offset,
-                                        size_t chunk, unsigned max_in_flight, int *err, uint64_t *fail_offset) {
+                                        size_t chunk, unsigned max_in_flight, int timeout_ms,
+                                        int *err, uint64_t *fail_offset) {
     if (chunk == 0) chunk = count ? count : 1;
     if (max_in_flight == 0) max_in_flight = 1;
     size_t n = count ? (count + chunk - 1) / chunk : 0;
@@ -38,6 +42,7 @@ static inline int hyd_nbd_pread_chunked(struct nbd_handle *h, void *buf, size_t 
     size_t issued = 0;
     unsigned in_flight = 0;
     int result = HYD_NBD_OK;
+    int waited_ms = 0;
     for (;;) {
         while (result == HYD_NBD_OK && issued < n && in_flight < max_in_flight) {
             size_t off = issued * chunk;
@@ -53,12 +58,15 @@ static inline int hyd_nbd_pread_chunked(struct nbd_handle *h, void *buf, size_t 
             in_flight++;
         }
         if (in_flight == 0 || result == HYD_NBD_CONNECTION_LOST) break;
-        if (nbd_poll(h, -1) == -1) {
+        int slice = timeout_ms > 0 ? (timeout_ms - waited_ms < 1000 ? timeout_ms - waited_ms : 1000) : -1;
+        int polled = nbd_poll(h, slice);
+        if (polled == -1) {
             *err = nbd_get_errno() ? nbd_get_errno() : ENOTCONN;
             *fail_offset = offset;
             result = HYD_NBD_CONNECTION_LOST;
             break;
         }
+        unsigned before = in_flight;
         for (size_t i = 0; i < issued; i++) {
             if (cookies[i] == 0) continue;
             int r = nbd_aio_command_completed(h, (uint64_t)cookies[i]);
@@ -73,6 +81,18 @@ static inline int hyd_nbd_pread_chunked(struct nbd_handle *h, void *buf, size_t 
         }
         if (result == HYD_NBD_CONNECTION_LOST) break;
         if (!hyd_nbd_is_usable(h)) { *err = ENOTCONN; *fail_offset = offset; result = HYD_NBD_CONNECTION_LOST; break; }
+        // A completed command restarts the clock; a poll with traffic but no completion does not
+        // count towards the timeout.
+        if (in_flight < before) waited_ms = 0;
+        if (polled == 0 && timeout_ms > 0) {
+            waited_ms += slice;
+            if (waited_ms >= timeout_ms) {
+                *err = ETIMEDOUT;
+                *fail_offset = offset;
+                result = HYD_NBD_CONNECTION_LOST;
+                break;
+            }
+        }
     }
     if (cookies != stack_cookies) free(cookies);
     return result;

@@ -470,3 +470,74 @@ def test_live_clone_of_a_remote_source_is_a_migration(tmp_path, cleanup):
         assert f.read() == bytes(expected), "the new host's disk is not the clone with the client's write"
     # The old host's space came back (nbdkit file punches on TRIM).
     assert allocated(img) < full // 20, f"old host still holds {allocated(img)} of {full} bytes"
+
+
+NBD_READ_ONE = r"""
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pread(4096, int(sys.argv[2]))
+print("read", flush=True)
+"""
+
+
+def test_a_source_that_stops_answering_pauses_the_job_and_holds_no_other_export(tmp_path, cleanup):
+    """A remote source that stops answering without closing its socket (nbdkit delay filter, 300 s
+    per read): the job's reads time out (HYDRATION_NBD_TIMEOUT_MS, 30 s by default; 6 s here, longer than the other export may wait),
+    the job pauses with SourceUnavailable and `remove --force` returns at once. Meanwhile clients
+    stuck on that source hold only their own export's threads: another job's export is served
+    (Tests/attacks/l13, l14: pause, remove and SIGTERM hung, the other export was starved)."""
+    if not os.path.exists("/usr/bin/python3") or subprocess.run(["/usr/bin/python3", "-c", "import nbd"],
+                                                                 capture_output=True).returncode != 0:
+        pytest.skip("python3-libnbd missing")
+    img = tmp_path / "src.img"
+    make_image(img, 16 << 20, seed=21, chunk=256 << 10)
+    local = tmp_path / "local.img"
+    make_image(local, 4 << 20, seed=22)
+    sock = str(tmp_path / "slow.sock")
+    srv = NBDKit(tmp_path, ["file", str(img)], unix=sock).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path, extra_env={"HYDRATION_NBD_TIMEOUT_MS": "6000"}).start()
+    cleanup.append(d)
+    r = clonectl(d, "start", "stuck", "--source", srv.uri, "--dest", str(tmp_path / "stuck.img"), "--export",
+                 "--no-hydration")
+    assert r.returncode == 0, r.stderr
+    r = clonectl(d, "start", "other", "--source", str(local), "--dest", str(tmp_path / "other.img"), "--export",
+                 "--no-hydration")
+    assert r.returncode == 0, r.stderr
+    # The server now stops answering reads (same socket, 300 s per read, connection kept open).
+    srv.kill()
+    os.unlink(sock)
+    slow = NBDKit(tmp_path, ["--filter=delay", "file", str(img), "delay-read=300"], unix=sock, name="slow").start()
+    cleanup.append(slow)
+    stuck_uri = d.status("stuck")["export"]["uri"]
+    other_uri = d.status("other")["export"]["uri"]
+    env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
+    readers = [subprocess.Popen(["/usr/bin/python3", "-c", NBD_READ_ONE, stuck_uri, str(i << 20)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
+    try:
+        time.sleep(0.5)
+        t0 = time.time()
+        out = subprocess.run(["/usr/bin/python3", "-c", NBD_READ_ONE, other_uri, "8192"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and "read" in out.stdout, out.stderr
+        assert time.time() - t0 < 3, f"another job's export waited {time.time() - t0:.1f} s behind a stalled source"
+        # The stalled reads time out: their clients get an error, not a hang.
+        for p in readers:
+            p.wait(timeout=30)
+            assert p.returncode != 0, "a read of a source that never answered succeeded"
+        # Hydration of the stalled job: it pauses with SourceUnavailable instead of hanging.
+        assert clonectl(d, "resume", "stuck").returncode == 0
+        deadline = time.time() + 20
+        while time.time() < deadline and (d.status("stuck")["error"] or {}).get("code") != "SourceUnavailable":
+            time.sleep(0.1)
+        assert (d.status("stuck")["error"] or {}).get("code") == "SourceUnavailable", d.status("stuck")
+        t0 = time.time()
+        r = clonectl(d, "remove", "stuck", "--force", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert time.time() - t0 < 10, f"remove --force took {time.time() - t0:.1f} s"
+    finally:
+        for p in readers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

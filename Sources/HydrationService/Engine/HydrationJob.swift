@@ -544,9 +544,10 @@ public actor HydrationJob {
         guard !devicesReleased else {
             throw HydrationError(.invalidState, "job \(name) is complete and has let go of its destination; its clone is the destination itself")
         }
-        let e = LiveCloneExport(name: name, geometry: geometry, source: source, dest: dest, io: LiveCloneExport.clientIO,
+        let e = LiveCloneExport(name: name, geometry: geometry, source: source, dest: dest,
+                                io: IOExecutor(threads: LiveCloneExport.threadsPerExport),
                                 ownership: ownership, committer: committer, progress: progress, logger: logger,
-                                hydrateOnRead: hydrateOnRead)
+                                hydrateOnRead: hydrateOnRead, ownsIO: true)
         export = e
         let committer = self.committer
         liveTicker = Task { [weak self] in

@@ -75,7 +75,13 @@ public final class LiveCloneExport: NBDExport {
     }
 
     /// Client I/O has threads of its own: a request never queues behind the copier's batches.
+    /// Each job's export has its own (`threadsPerExport`): a source that stops answering holds
+    /// only its own job's clients, never another export's (Tests/attacks/l14). Complete jobs
+    /// served from their destination alone share `clientIO`.
     static let clientIO = IOExecutor(threads: 4)
+    static let threadsPerExport = 3
+    /// The executor is this export's own: shut down with it.
+    private let ownsIO: Bool
     /// Extents per block status reply at most.
     static let maxExtents = 1024
     /// Regions one CACHE step hydrates (one claim, one batch).
@@ -83,8 +89,9 @@ public final class LiveCloneExport: NBDExport {
 
     init(name: String, geometry: Geometry, source: any StorageDevice, dest: any StorageDevice, io: IOExecutor,
          ownership: RegionOwnership, committer: Committer, progress: JobProgress, logger: Logger,
-         hydrateOnRead: Bool = false) {
+         hydrateOnRead: Bool = false, ownsIO: Bool = false) {
         self.hydrateOnRead = hydrateOnRead
+        self.ownsIO = ownsIO
         self.name = name
         self.size = geometry.targetSize
         self.geometry = geometry
@@ -140,6 +147,7 @@ public final class LiveCloneExport: NBDExport {
             }
             if now { c.resume() }
         }
+        if ownsIO { await io.shutdown() }
     }
 
     private func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws(NBDError) -> T {

@@ -124,6 +124,15 @@ final class NBDConnection: @unchecked Sendable {
 ///   job's source and counts as still down. An NBD error reply (EIO from the server) is an
 ///   ordinary I/O error of that call.
 final class RemoteNBDDevice: StorageDevice {
+    /// A read with no reply for this long counts as a lost connection (the job pauses with
+    /// `SourceUnavailable` and reconnects): a server that stops answering without closing its
+    /// socket must not hold the job, its pause and its removal for ever (Tests/attacks/l13).
+    /// `HYDRATION_NBD_TIMEOUT_MS` overrides the default of 30 s (tests).
+    static let requestTimeoutMs: Int32 = {
+        if let p = getenv("HYDRATION_NBD_TIMEOUT_MS"), let n = Int32(String(cString: p)), n > 0 { return n }
+        return 30_000
+    }()
+
     let info: DeviceInfo
     let uri: String
     let offer: NBDOffer
@@ -330,7 +339,7 @@ final class RemoteNBDDevice: StorageDevice {
         try withConnection(.read, offset: offset, length: UInt64(n)) { (h) throws(Failure) in
             var err: Int32 = 0
             var failAt: UInt64 = 0
-            let r = hyd_nbd_pread_chunked(h, base, n, offset, chunk, depth, &err, &failAt)
+            let r = hyd_nbd_pread_chunked(h, base, n, offset, chunk, depth, Self.requestTimeoutMs, &err, &failAt)
             switch r {
             case HYD_NBD_OK: return
             case HYD_NBD_COMMAND_ERROR where err == ESHUTDOWN:
