@@ -218,6 +218,15 @@ def test_a_complete_job_is_served_again_after_a_restart(tmp_path):
             with open(dst, "rb") as f:
                 f.seek(4096)
                 assert f.read(65536) == b"\x5a" * 65536, "a write through the export reaches the destination"
+        # Its destination replaced while the daemon is down: not served, and the status says why.
+        d.stop()
+        os.rename(dst, dst + ".real")
+        with open(dst, "wb") as f:
+            f.write(b"\0" * (8 * MiB + 4096))
+        d.start()
+        st = d.wait_state("c", ["complete"])
+        assert st["export"] is None, "another file at the destination's path must not be served"
+        assert st["error"] and st["error"]["code"] == "DeviceUnconfirmed" and "not served" in st["error"]["message"], st["error"]
         # Removing it withdraws the export and closes the destination.
         assert clonectl(d, "remove", "c").returncode == 0
     finally:

@@ -161,6 +161,9 @@ public actor JobManager {
     /// Destinations opened only to serve a complete job restored from its metadata alone
     /// (`CompleteCloneExport`): closed when the export is withdrawn.
     private var servedDestinations: [String: any StorageDevice] = [:]
+    /// Why an exported job's clone is not served (shown as its status error): a complete job's
+    /// destination that is no longer the job's own, or gone.
+    private var exportErrors: [String: HydrationError] = [:]
 
     public static let maxNameLength = 64
 
@@ -228,6 +231,7 @@ public actor JobManager {
                 published.insert(name)
                 logger.info("complete job's destination exported over NBD", metadata: ["job": "\(name)", "uri": "\(host.uri(for: name))"])
             } catch {
+                exportErrors[name] = error as? HydrationError ?? HydrationError(.ioError, "\(error)")
                 logger.error("complete job not exported", metadata: ["job": "\(name)", "error": "\(error)"])
             }
             return
@@ -762,6 +766,7 @@ public actor JobManager {
             throw HydrationError(.ioError, "removing job definition \(definitionFile): \(error)")
         }
         jobs[name] = nil
+        exportErrors[name] = nil
         if kept == nil, def.metadata.hasPrefix(jobsDirectory + "/") {
             try? FileManager.default.removeItem(atPath: def.metadata)
         }
@@ -775,6 +780,10 @@ public actor JobManager {
         s.export = exportStatus(name)
         s.export?.io = io
         s.export?.hydrateOnRead = jobs[name]?.definition.hydrateOnRead ?? false
+        if s.export == nil, s.error == nil, let e = exportErrors[name], jobs[name]?.definition.export == true {
+            // Complete, but its clone is not served: say why (the job itself is fine).
+            s.error = JobStatus.ErrorInfo(code: e.code.rawValue, message: "the clone is not served: \(e.message)", errno: e.errno, region: e.region)
+        }
         return s
     }
 
