@@ -483,11 +483,17 @@ struct BatchJob: Sendable {
             let whole = buffers.take(length)
             defer { buffers.give(whole) }
             let buffer = UnsafeMutableRawBufferPointer(rebasing: whole[0..<length])
+            // Only the data extents are read (a batch may span small holes of a file); the
+            // regions wholly inside a hole are known zero without reading or scanning them.
+            let holes: [Range<Int>]
             do {
-                try source.read(into: buffer, at: bytes.lowerBound)
+                holes = try readData(into: buffer, bytes: bytes)
             } catch {
                 let region = regionOf(error.offset, default: regions.lowerBound)
                 throw BatchFailure(error: HydrationError(.sourceReadFailed, "region \(region): \(error)", errno: error.errno, region: region))
+            }
+            let isZero = { (r: Int) -> Bool in
+                holes.contains { $0.contains(r) } || regionIsZero(r, in: buffer, base: bytes.lowerBound)
             }
 
             // Split the batch into runs of data regions (written) and zero regions (not written).
@@ -495,13 +501,13 @@ struct BatchJob: Sendable {
             var zeroBytes: UInt64 = 0
             var i = regions.lowerBound
             while i < regions.upperBound {
-                let isZero = regionIsZero(i, in: buffer, base: bytes.lowerBound)
+                let zeroRun = isZero(i)
                 var j = i + 1
-                while j < regions.upperBound && regionIsZero(j, in: buffer, base: bytes.lowerBound) == isZero { j += 1 }
+                while j < regions.upperBound && isZero(j) == zeroRun { j += 1 }
                 let run = geometry.byteRange(of: i..<j)
                 let lo = Int(run.lowerBound - bytes.lowerBound)
                 let hi = Int(run.upperBound - bytes.lowerBound)
-                if isZero {
+                if zeroRun {
                     if zeroDestination { try zero(run.lowerBound, run.upperBound - run.lowerBound, region: i) }
                     zeroBytes += run.upperBound - run.lowerBound
                 } else {
@@ -527,6 +533,58 @@ struct BatchJob: Sendable {
             }
             return Copier.BatchResult(regions: regions, written: written, zero: zeroBytes)
         }
+    }
+
+    /// Reads the batch's bytes from the source. On a file only its data extents are read
+    /// (SEEK_DATA/SEEK_HOLE, asked only from positions inside the batch: its regions are claimed
+    /// and unhydrated, hence never released), each widened to the source's direct-I/O alignment
+    /// (at least 4 KiB) within the batch; a gap between them is zero-filled only inside regions
+    /// that also hold data. Returns the regions wholly inside gaps: their bytes in `buffer` are
+    /// not set, and they read as zeros.
+    private func readData(into buffer: UnsafeMutableRawBufferPointer, bytes: Range<UInt64>) throws(StorageError) -> [Range<Int>] {
+        guard source.info.identity.kind == .regularFile else {
+            try source.read(into: buffer, at: bytes.lowerBound)
+            return []
+        }
+        let align = UInt64(max(4096, source.directIO.alignment))
+        var reads: [Range<UInt64>] = []
+        var at = bytes.lowerBound
+        while at < bytes.upperBound, let e = try source.nextData(from: at), e.lowerBound < bytes.upperBound {
+            // bytes.lowerBound is a region boundary, hence aligned.
+            let lo = max(bytes.lowerBound, max(e.lowerBound, at) & ~(align - 1))
+            let hi = min(bytes.upperBound, (e.upperBound + align - 1) & ~(align - 1))
+            if let last = reads.last, last.upperBound >= lo {
+                reads[reads.count - 1] = last.lowerBound..<hi
+            } else {
+                reads.append(lo..<hi)
+            }
+            at = hi
+        }
+        var holes: [Range<Int>] = []
+        var gapStart = bytes.lowerBound
+        let rs = geometry.regionSize
+        for r in reads + [bytes.upperBound..<bytes.upperBound] {
+            if gapStart < r.lowerBound {
+                // A gap: its head and tail lie in regions that hold data (zero-filled), the
+                // regions between are holes. The end of the target counts as a region boundary.
+                let g = gapStart..<r.lowerBound
+                let headEnd = min(g.upperBound, (g.lowerBound + rs - 1) / rs * rs)
+                let tailStart = max(headEnd, g.upperBound == geometry.targetSize ? g.upperBound : g.upperBound / rs * rs)
+                for z in [g.lowerBound..<headEnd, tailStart..<g.upperBound] where !z.isEmpty {
+                    let lo = Int(z.lowerBound - bytes.lowerBound)
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[lo..<lo + Int(z.upperBound - z.lowerBound)])
+                        .initializeMemory(as: UInt8.self, repeating: 0)
+                }
+                if headEnd < tailStart { holes.append(Int(headEnd / rs)..<Int((tailStart + rs - 1) / rs)) }
+            }
+            if !r.isEmpty {
+                let lo = Int(r.lowerBound - bytes.lowerBound)
+                try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[lo..<lo + Int(r.upperBound - r.lowerBound)]),
+                                at: r.lowerBound)
+            }
+            gapStart = max(gapStart, r.upperBound)
+        }
+        return holes
     }
 
     private func zero(_ offset: UInt64, _ length: UInt64, region: Int) throws(BatchFailure) {
