@@ -33,9 +33,10 @@ final class RecordingPosixStorage: StorageProvider {
     /// True when `dir` is on a filesystem that does direct I/O (ext4, XFS, btrfs): there, a
     /// fallback to buffered I/O is a bug.
     static func supportsDirectIO(_ dir: String) -> Bool {
-        var s = statfs()
-        guard statfs(dir, &s) == 0 else { return false }
-        return [0xEF53, 0x5846_5342, 0x9123_683E].contains(Int(s.f_type))
+        // stat -f names ext4 "ext2/ext3" (one magic number for all three).
+        let r = LoopFS.sh(["/usr/bin/stat", "-f", "-c", "%T", dir])
+        let type = r.output.trimmingCharacters(in: .whitespacesAndNewlines)
+        return r.status == 0 && ["ext2/ext3", "xfs", "btrfs"].contains(type)
     }
 
     /// Resident page-cache pages of `path` (mincore over a mapping).
@@ -196,7 +197,7 @@ final class RecordingPosixStorage: StorageProvider {
         let src = try #require(storage.device(dir.file("src.img")))
         let dst = try #require(storage.device(dir.file("dst.img")))
         #expect(src.directIO.enabled && dst.directIO.enabled)
-        #expect(dst.directCalls.load(ordering: .relaxed) > 50)
+        #expect(dst.directCalls.load(ordering: .relaxed) >= 20)   // about one write per 1 MiB batch
         // Only the unaligned tail goes through the page cache (12345 % 4096 bytes: one call).
         #expect(dst.bufferedCalls.load(ordering: .relaxed) <= 1)
         #expect(src.directCalls.load(ordering: .relaxed) > 50)
