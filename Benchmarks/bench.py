@@ -44,8 +44,11 @@ REPO = Path(__file__).resolve().parent.parent
 PEERS = ["nbdcopy", "cp", "qemu-img", "dd"]
 HYD_TOOLS = ["hydrationd", "hydrationd-discard"]
 # Variants for A/B runs (issue 13), only with --tools: "-buffered" runs the daemon with
-# HYDRATION_DIRECT_IO=0 (no O_DIRECT), "-base" runs the binaries of --base-bin-dir (an older build).
-HYD_VARIANTS = ["hydrationd-buffered", "hydrationd-buffered-discard", "hydrationd-base", "hydrationd-base-discard"]
+# HYDRATION_DIRECT_IO=0 (no O_DIRECT), "-dsrc" / "-ddst" with O_DIRECT on the source / destination
+# only, "-base" runs the binaries of --base-bin-dir (an older build).
+HYD_VARIANTS = ["hydrationd-buffered", "hydrationd-buffered-discard", "hydrationd-base", "hydrationd-base-discard",
+                "hydrationd-dsrc", "hydrationd-dsrc-discard", "hydrationd-ddst", "hydrationd-ddst-discard",
+                "hydrationd-prealloc", "hydrationd-prealloc-discard"]
 ALL_TOOLS = HYD_TOOLS + PEERS
 IMAGE_KINDS = ["dense", "holes", "zeros", "sparse"]
 APT_PACKAGES = {"time": "time", "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit", "qemu-img": "qemu-utils", "fio": "fio",
@@ -582,7 +585,12 @@ class Daemon:
 
     def __init__(self, args, tag: str):
         self.bin = Path(args.base_bin_dir if "-base" in tag and args.base_bin_dir else args.bin_dir)
-        self.env = dict(os.environ, HYDRATION_DIRECT_IO="0") if "-buffered" in tag else None
+        self.env = None
+        for variant, value in (("-buffered", "0"), ("-dsrc", "source"), ("-ddst", "dest")):
+            if variant in tag:
+                self.env = dict(os.environ, HYDRATION_DIRECT_IO=value)
+        if "-prealloc" in tag:
+            self.env = dict(os.environ, HYDRATION_DIO_PREALLOC="1")
         self.state = Path(args.data_dir) / f"hyd-state-{tag}"
         self.sock = str(Path(args.data_dir) / "hyd.sock")
         self.log_path = Path(args.data_dir) / f"hydrationd-{tag}.log"
@@ -607,7 +615,9 @@ class Daemon:
         self.state.mkdir(parents=True)
         remove(self.sock)
         self.logf = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(self.bin / "hydrationd"), "--state-dir", str(self.state), "--socket", self.sock],
+        # Extra hydrationd options, for tuning experiments (e.g. "--io-threads 16").
+        extra = os.environ.get("HYDRATION_BENCH_DAEMON_ARGS", "").split()
+        self.proc = subprocess.Popen([str(self.bin / "hydrationd"), "--state-dir", str(self.state), "--socket", self.sock, *extra],
                                      stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.sock):

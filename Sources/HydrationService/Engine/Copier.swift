@@ -110,6 +110,7 @@ actor Copier {
         evictedUpTo = 0
         pendingEviction = nil
         inFlight = 0
+        inFlightStarts = []
         batchFailure = nil
         var outcome: Outcome? = nil
 
@@ -150,6 +151,16 @@ actor Copier {
                 let regions = work.regions
                 claimedNotIssued = regions
                 let t = tunables
+
+                if case .hole = work, !zeroDestination {
+                    // A hole of a destination that reads as zeros: no I/O at all, so it is
+                    // recorded here rather than queued behind the batches in flight. Counted
+                    // against the threshold, a 1 GiB hole drained the whole pipeline before
+                    // it, once per data extent of a sparse image (issue 13).
+                    claimedNotIssued = nil
+                    await finished(BatchResult(regions: regions, written: 0, zero: geometry.byteLength(of: regions)), reserved: 0)
+                    continue
+                }
 
                 // Threshold: regions in flight.
                 while inFlight > 0 && inFlight + regions.count > tunables.threshold && batchFailure == nil {
@@ -213,6 +224,7 @@ actor Copier {
                 }
 
                 inFlight += regions.count
+                inFlightStarts.append(regions.lowerBound)
                 let reserve: UInt64 = (discarder != nil && { if case .copy = work { return true }; return false }())
                     ? geometry.byteLength(of: regions) : 0
                 progress.update { [inFlight] in $0.hydratingRegions = inFlight; $0.budgetInFlight += reserve }
@@ -266,6 +278,7 @@ actor Copier {
             progress.update { $0.budgetInFlight -= c.reserved }
         }
         inFlight -= c.regions.count
+        if let k = inFlightStarts.firstIndex(of: c.regions.lowerBound) { inFlightStarts.remove(at: k) }
         progress.update { [inFlight] in $0.hydratingRegions = inFlight }
         let w = batchWaiters
         batchWaiters = []
@@ -283,6 +296,8 @@ actor Copier {
     private var copyFront: UInt64 = 0
     private var evictedUpTo: UInt64 = 0
     private var pendingEviction: Range<UInt64>?
+    /// First region of each batch in flight (the eviction stays behind the lowest).
+    private var inFlightStarts: [Int] = []
 
     /// The kernel reported a writeback error on the destination (starting writeback or evicting):
     /// data written since the last commit may be lost, exactly as after a failed fdatasync. The
@@ -302,9 +317,14 @@ actor Copier {
         if copyFront >= evictedUpTo + 2 * cacheWindow {
             // On a 4 MiB boundary: large folios are aligned to their size, and one straddling
             // the end of a range would be dropped by neither this call nor the next.
-            let upTo = (copyFront - cacheWindow) & ~(min(UInt64(4 << 20), cacheWindow) - 1)
+            // Never past a batch still in flight: a hole recorded without I/O, or a batch that
+            // finished early, may have moved the front well beyond it (issue 13).
+            let lowest = inFlightStarts.min().map { UInt64($0) * geometry.regionSize } ?? copyFront
+            let upTo = (min(copyFront - cacheWindow, lowest)) & ~(min(UInt64(4 << 20), cacheWindow) - 1)
+            if upTo > evictedUpTo {
             pendingEviction = (pendingEviction?.lowerBound ?? evictedUpTo)..<upTo
             evictedUpTo = upTo
+            }
         }
         let newly = ownership.finish(b.regions, hydrated: [b.regions]).reduce(0) { $0 + $1.count }
         let bytes = geometry.byteLength(of: b.regions)

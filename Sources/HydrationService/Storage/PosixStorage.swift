@@ -9,19 +9,26 @@ public struct PosixStorage: StorageProvider {
     /// Where device topology and identities are read from (sysfs, /proc).
     public var topology: DeviceTopology
     /// Whether sources and destinations are read and written with O_DIRECT where the file or
-    /// device supports it (`PosixDevice.open`). On by default; `HYDRATION_DIRECT_IO=0` in the
-    /// environment turns it off (benchmarks, or a filesystem whose direct I/O misbehaves).
-    public var directIO: Bool
+    /// device supports it (`PosixDevice.open`). `HYDRATION_DIRECT_IO` in the environment
+    /// chooses the default (benchmarks, or a filesystem whose direct I/O misbehaves).
+    public var directSource: Bool
+    public var directDestination: Bool
 
-    public init(topology: DeviceTopology = DeviceTopology(), directIO: Bool = PosixStorage.directIODefault) {
+    public init(topology: DeviceTopology = DeviceTopology(), directIO: Bool? = nil) {
         self.topology = topology
-        self.directIO = directIO
+        let d = PosixStorage.directIODefault
+        self.directSource = directIO ?? d.source
+        self.directDestination = directIO ?? d.destination
     }
 
-    /// false when the environment says `HYDRATION_DIRECT_IO=0` (or `off`, `no`, `false`).
-    public static var directIODefault: Bool {
-        guard let v = getenv("HYDRATION_DIRECT_IO").map({ String(cString: $0).lowercased() }) else { return true }
-        return !["0", "off", "no", "false"].contains(v)
+    /// From `HYDRATION_DIRECT_IO`: `0` (or off, no, false) neither, `source` or `dest` only that
+    /// side, anything else (or unset) both.
+    public static var directIODefault: (source: Bool, destination: Bool) {
+        guard let v = getenv("HYDRATION_DIRECT_IO").map({ String(cString: $0).lowercased() }) else { return (true, true) }
+        if ["0", "off", "no", "false"].contains(v) { return (false, false) }
+        if v == "source" { return (true, false) }
+        if v == "dest" || v == "destination" { return (false, true) }
+        return (true, true)
     }
 
     public func stack(of path: String) throws(StorageError) -> StorageStack? {
@@ -33,7 +40,13 @@ public struct PosixStorage: StorageProvider {
     }
 
     public func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
-        try PosixDevice.open(path, mode: mode, topology: topology, directIO: directIO)
+        let direct: Bool
+        switch mode {
+        case .source: direct = directSource
+        case .destination: direct = directDestination
+        default: direct = false
+        }
+        return try PosixDevice.open(path, mode: mode, topology: topology, directIO: direct)
     }
 
     public func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
@@ -112,6 +125,7 @@ final class PosixDevice: StorageDevice {
     let bufferedCalls = Atomic<Int>(0)
     let directRefused = Atomic<Int>(0)
     private let directBroken = Atomic<Bool>(false)
+    private let preallocate = getenv("HYDRATION_DIO_PREALLOC") != nil
     /// A destination's second, read-only open file description, on which `evict` waits for
     /// writeback: a writeback error is reported once per open file description, so a wait here
     /// consumes it for this descriptor only and the commit's fdatasync on `fd` still sees it.
@@ -133,7 +147,7 @@ final class PosixDevice: StorageDevice {
     }
 
     static func open(_ path: String, mode: OpenMode, topology: DeviceTopology = DeviceTopology(),
-                     directIO wantDirect: Bool = PosixStorage.directIODefault) throws(StorageError) -> PosixDevice {
+                     directIO wantDirect: Bool = true) throws(StorageError) -> PosixDevice {
         guard path.hasPrefix("/") else { throw StorageError(.open, path: path, errno: EINVAL) }
         var flags = O_CLOEXEC
         switch mode {
@@ -216,7 +230,7 @@ final class PosixDevice: StorageDevice {
                 (directFD, direct) = openDirect(path, writable: { if case .destination = mode { return true }; return false }(),
                                                 logicalBlockSize: info.logicalBlockSize, sameAs: st)
             } else {
-                direct = .off("turned off (HYDRATION_DIRECT_IO=0)")
+                direct = .off("turned off (HYDRATION_DIRECT_IO)")
             }
         default: break
         }
@@ -309,6 +323,9 @@ final class PosixDevice: StorageDevice {
             // until the commit's fdatasync); its failure is returned here, and only its own range
             // is affected (the caller retries it or fails; nothing records it as written).
             let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
+            if direct > 0 && preallocate && info.identity.kind == .regularFile {
+                _ = hyd_allocate(fd, offset + UInt64(done), UInt64(direct))
+            }
             let n = direct > 0
                 ? pwrite(directFD, base + done, direct, off_t(offset) + off_t(done))
                 : pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
