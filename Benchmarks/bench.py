@@ -47,8 +47,7 @@ HYD_TOOLS = ["hydrationd", "hydrationd-discard"]
 # HYDRATION_DIRECT_IO=0 (no O_DIRECT), "-dsrc" / "-ddst" with O_DIRECT on the source / destination
 # only, "-base" runs the binaries of --base-bin-dir (an older build).
 HYD_VARIANTS = ["hydrationd-buffered", "hydrationd-buffered-discard", "hydrationd-base", "hydrationd-base-discard",
-                "hydrationd-dsrc", "hydrationd-dsrc-discard", "hydrationd-ddst", "hydrationd-ddst-discard",
-                "hydrationd-prealloc", "hydrationd-prealloc-discard"]
+                "hydrationd-dsrc", "hydrationd-dsrc-discard", "hydrationd-ddst", "hydrationd-ddst-discard"]
 ALL_TOOLS = HYD_TOOLS + PEERS
 IMAGE_KINDS = ["dense", "holes", "zeros", "sparse"]
 APT_PACKAGES = {"time": "time", "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit", "qemu-img": "qemu-utils", "fio": "fio",
@@ -589,8 +588,6 @@ class Daemon:
         for variant, value in (("-buffered", "0"), ("-dsrc", "source"), ("-ddst", "dest")):
             if variant in tag:
                 self.env = dict(os.environ, HYDRATION_DIRECT_IO=value)
-        if "-prealloc" in tag:
-            self.env = dict(os.environ, HYDRATION_DIO_PREALLOC="1")
         self.state = Path(args.data_dir) / f"hyd-state-{tag}"
         self.sock = str(Path(args.data_dir) / "hyd.sock")
         self.log_path = Path(args.data_dir) / f"hydrationd-{tag}.log"

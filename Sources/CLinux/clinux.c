@@ -23,9 +23,6 @@ int hyd_blk_zeroout(int fd, uint64_t offset, uint64_t length) {
     uint64_t range[2] = { offset, length };
     return ioctl(fd, BLKZEROOUT, range);
 }
-int hyd_allocate(int fd, uint64_t offset, uint64_t length) {
-    return fallocate(fd, 0, (off_t)offset, (off_t)length);
-}
 int hyd_punch_hole(int fd, uint64_t offset, uint64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }

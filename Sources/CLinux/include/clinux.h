@@ -8,8 +8,6 @@ int hyd_blk_getsize64(int fd, uint64_t *size);
 int hyd_blk_sszget(int fd, int *size);
 int hyd_blk_discard(int fd, uint64_t offset, uint64_t length);
 int hyd_blk_zeroout(int fd, uint64_t offset, uint64_t length);
-// fallocate(0): allocate (unwritten) blocks for the range.
-int hyd_allocate(int fd, uint64_t offset, uint64_t length);
 // fallocate(PUNCH_HOLE|KEEP_SIZE).
 int hyd_punch_hole(int fd, uint64_t offset, uint64_t length);
 // sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback; posix_fadvise(DONTNEED): drop clean pages.

@@ -125,7 +125,6 @@ final class PosixDevice: StorageDevice {
     let bufferedCalls = Atomic<Int>(0)
     let directRefused = Atomic<Int>(0)
     private let directBroken = Atomic<Bool>(false)
-    private let preallocate = getenv("HYDRATION_DIO_PREALLOC") != nil
     /// A destination's second, read-only open file description, on which `evict` waits for
     /// writeback: a writeback error is reported once per open file description, so a wait here
     /// consumes it for this descriptor only and the commit's fdatasync on `fd` still sees it.
@@ -323,9 +322,6 @@ final class PosixDevice: StorageDevice {
             // until the commit's fdatasync); its failure is returned here, and only its own range
             // is affected (the caller retries it or fails; nothing records it as written).
             let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
-            if direct > 0 && preallocate && info.identity.kind == .regularFile {
-                _ = hyd_allocate(fd, offset + UInt64(done), UInt64(direct))
-            }
             let n = direct > 0
                 ? pwrite(directFD, base + done, direct, off_t(offset) + off_t(done))
                 : pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
