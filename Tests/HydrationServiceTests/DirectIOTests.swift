@@ -179,11 +179,10 @@ final class RecordingPosixStorage: StorageProvider {
         }
     }
 
-    /// Buffered (direct I/O off): a sparse image whose 1 GiB holes are recorded at once, ahead
-    /// of the batches in flight, must not make the eviction skip those batches: the page cache
-    /// of source and destination stays bounded (a front moved by the holes left 1.2 GiB cached
-    /// on a 128 GiB image). Data 2 MiB every 64 MiB over 6 GiB: 192 MiB of data.
-    @Test func bufferedSparseCopyKeepsThePageCacheBounded() async throws {
+    /// Buffered (direct I/O off), a sparse image: its large holes are recorded without I/O
+    /// while data batches are in flight (Copier.run); the data lands where it belongs.
+    /// Data 2 MiB every 64 MiB over 6 GiB: 192 MiB of data.
+    @Test func bufferedSparseCopy() async throws {
         let dir = TempDir("dio-sparse")
         let src = dir.file("src.img"), dst = dir.file("dst.img")
         let size = 6 << 30
@@ -202,24 +201,14 @@ final class RecordingPosixStorage: StorageProvider {
         #expect(ftruncate(fd, off_t(size)) == 0)
         fsync(fd)
         close(fd)
-        // Cold source: what the copy caches is all that is measured.
-        let f = open(src, O_RDONLY); posix_fadvise(f, 0, 0, POSIX_FADV_DONTNEED); close(f)
-
         let storage = RecordingPosixStorage(directIO: false)
-        var t = Tunables.defaults(regionSize: 64 << 10)
-        t.commitIntervalMs = 1000
         let cfg = JobConfiguration(name: "sparse", sourcePath: src, destPath: dst, metadataPath: dir.file("meta"),
-                                   regionSize: 64 << 10, discardSource: false, tunables: t)
+                                   regionSize: 64 << 10, discardSource: false)
         let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)
-        await job.copier.setCacheWindowForTesting(4 << 20)
         try await job.start()
         #expect(await job.waitUntilSettled() == .complete)
         #expect(storage.device(dst)?.directIO.enabled == false)
-        let cachedMiB = (Self.residentPages(src) + Self.residentPages(dst)) * 4096 >> 20
         await job.close()
-        // Window 4 MiB behind the front, the batches in flight (8 MiB) and the last drop's lag.
-        print("buffered sparse copy: \(cachedMiB) MiB of source and destination cached after the copy")
-        #expect(cachedMiB <= 40, "\(cachedMiB) MiB of source and destination still cached after the copy")
         let out = open(dst, O_RDONLY)
         defer { close(out) }
         var back = [UInt8](repeating: 0, count: 2 << 20)
