@@ -43,10 +43,11 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 REPO = Path(__file__).resolve().parent.parent
 PEERS = ["nbdcopy", "cp", "qemu-img", "dd"]
 HYD_TOOLS = ["hydrationd", "hydrationd-discard"]
-# Variants for A/B runs (issue 13), only with --tools: "-buffered" runs the daemon with
-# HYDRATION_DIRECT_IO=0 (no O_DIRECT), "-dsrc" / "-ddst" with O_DIRECT on the source / destination
-# only, "-base" runs the binaries of --base-bin-dir (an older build).
-HYD_VARIANTS = ["hydrationd-buffered", "hydrationd-buffered-discard", "hydrationd-base", "hydrationd-base-discard",
+# Variants for A/B runs (issue 13), only with --tools: "-direct" runs the daemon with
+# HYDRATION_DIRECT_IO=1 (O_DIRECT on both sides), "-buffered" with 0, "-dsrc" / "-ddst" with O_DIRECT
+# on the source / destination only, "-base" runs the binaries of --base-bin-dir (an older build).
+HYD_VARIANTS = ["hydrationd-direct", "hydrationd-direct-discard", "hydrationd-buffered", "hydrationd-buffered-discard",
+                "hydrationd-base", "hydrationd-base-discard",
                 "hydrationd-dsrc", "hydrationd-dsrc-discard", "hydrationd-ddst", "hydrationd-ddst-discard"]
 ALL_TOOLS = HYD_TOOLS + PEERS
 IMAGE_KINDS = ["dense", "holes", "zeros", "sparse"]
@@ -585,7 +586,7 @@ class Daemon:
     def __init__(self, args, tag: str):
         self.bin = Path(args.base_bin_dir if "-base" in tag and args.base_bin_dir else args.bin_dir)
         self.env = None
-        for variant, value in (("-buffered", "0"), ("-dsrc", "source"), ("-ddst", "dest")):
+        for variant, value in (("-buffered", "0"), ("-direct", "1"), ("-dsrc", "source"), ("-ddst", "dest")):
             if variant in tag:
                 self.env = dict(os.environ, HYDRATION_DIRECT_IO=value)
         self.state = Path(args.data_dir) / f"hyd-state-{tag}"

@@ -23,6 +23,8 @@ final class RecordingPosixStorage: StorageProvider {
     func syncDirectory(containing path: String) throws(StorageError) { try inner.syncDirectory(containing: path) }
     func removeCreatedFile(_ path: String) { inner.removeCreatedFile(path) }
     func device(_ path: String) -> PosixDevice? { opened.withLock { $0[path] } }
+    func stack(of path: String) throws(StorageError) -> StorageStack? { try inner.stack(of: path) }
+    func usage(of path: String) throws(StorageError) -> DeviceUsage? { try inner.usage(of: path) }
 }
 
 /// Direct I/O (issue 13): where it is used, where it falls back to buffered I/O, and that the
@@ -134,6 +136,11 @@ final class RecordingPosixStorage: StorageProvider {
         let d = try PosixDevice.open(dir.file("d.img"), mode: .destination(createSize: 1 << 20), directIO: false)
         #expect(!d.directIO.enabled)
         #expect(d.directIO.reason.contains("HYDRATION_DIRECT_IO"))
+        // The default (no HYDRATION_DIRECT_IO in the test environment): buffered.
+        if getenv("HYDRATION_DIRECT_IO") == nil {
+            let p = PosixStorage()
+            #expect(!p.directSource && !p.directDestination)
+        }
         // Metadata is never opened direct.
         let m = try PosixDevice.open(dir.file("m"), mode: .metadata(create: true), directIO: true)
         #expect(!m.directIO.enabled)
@@ -227,7 +234,7 @@ final class RecordingPosixStorage: StorageProvider {
         let size = (24 << 20) + 12345
         let image = TestImage.make(size: size, seed: discard ? 51 : 52, chunk: 20 << 10)
         try image.write(to: dir.file("src.img"))
-        let storage = RecordingPosixStorage()
+        let storage = RecordingPosixStorage(directIO: true)
         let cfg = JobConfiguration(name: "dio", sourcePath: dir.file("src.img"), destPath: dir.file("dst.img"),
                                    metadataPath: dir.file("meta"), regionSize: 64 << 10, discardSource: discard)
         let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)

@@ -111,6 +111,7 @@ actor Copier {
         pendingEviction = nil
         inFlight = 0
         inFlightStarts = []
+        evictionsInFlight = 0
         batchFailure = nil
         var outcome: Outcome? = nil
 
@@ -152,11 +153,13 @@ actor Copier {
                 claimedNotIssued = regions
                 let t = tunables
 
-                if case .hole = work, !zeroDestination {
+                if case .hole = work, !zeroDestination, evictionsInFlight == 0 {
                     // A hole of a destination that reads as zeros: no I/O at all, so it is
                     // recorded here rather than queued behind the batches in flight. Counted
                     // against the threshold, a 1 GiB hole drained the whole pipeline before
-                    // it, once per data extent of a sparse image (issue 13).
+                    // it, once per data extent of a sparse image (issue 13). Not while an
+                    // eviction runs: one that reports a writeback error must fail the job before
+                    // anything after it is recorded (the hole then waits behind it, as before).
                     claimedNotIssued = nil
                     await finished(BatchResult(regions: regions, written: 0, zero: geometry.byteLength(of: regions)), reserved: 0)
                     continue
@@ -171,7 +174,7 @@ actor Copier {
                 // Space budget (discard_source only): bytes written but not yet released.
                 if let discarder, case .copy = work {
                     let need = geometry.byteLength(of: regions)
-                    if progress.budgetOutstanding + need > t.spaceBudgetBytes / 2 && !earlyCommitInFlight {
+                    if progress.budgetOutstanding + need > t.spaceBudgetBytes / 2 && !earlyCommitInFlight && evictionsInFlight == 0 {
                         // Half full: commit early (without waiting) so the discarder can start releasing.
                         earlyCommitInFlight = true
                         let committer = self.committer
@@ -183,7 +186,10 @@ actor Copier {
                     while progress.budgetOutstanding > 0 && progress.budgetOutstanding + need > t.spaceBudgetBytes {
                         // Full: let the batches in flight finish, commit them, and wait for the
                         // discarder to release them.
-                        while inFlight > 0 { await waitForBatchEvent() }
+                        // Evictions too: one that reports a writeback error must fail the job
+                        // before this commit starts (a hole recorded at once no longer waits
+                        // behind them on an I/O thread).
+                        while inFlight > 0 || evictionsInFlight > 0 { await waitForBatchEvent() }
                         if batchFailure != nil { break }
                         do {
                             try await committer.commit()
@@ -211,6 +217,7 @@ actor Copier {
                 if let range = pendingEviction {
                     pendingEviction = nil
                     let (src, dst, io) = (source, dest, self.io)
+                    evictionsInFlight += 1
                     group.addTask {
                         do {
                             try await io.run {
@@ -220,6 +227,7 @@ actor Copier {
                         } catch {
                             await self.writebackFailed(error, range: range)
                         }
+                        await self.evictionFinished()
                     }
                 }
 
@@ -252,6 +260,13 @@ actor Copier {
     }
 
     private var inFlight = 0
+    private var evictionsInFlight = 0
+    private func evictionFinished() {
+        evictionsInFlight -= 1
+        let w = batchWaiters
+        batchWaiters = []
+        for k in w { k.resume() }
+    }
     private var batchFailure: Outcome?
     private var batchWaiters: [CheckedContinuation<Void, Never>] = []
 

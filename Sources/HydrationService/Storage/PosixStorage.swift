@@ -9,8 +9,9 @@ public struct PosixStorage: StorageProvider {
     /// Where device topology and identities are read from (sysfs, /proc).
     public var topology: DeviceTopology
     /// Whether sources and destinations are read and written with O_DIRECT where the file or
-    /// device supports it (`PosixDevice.open`). `HYDRATION_DIRECT_IO` in the environment
-    /// chooses the default (benchmarks, or a filesystem whose direct I/O misbehaves).
+    /// device supports it (`PosixDevice.open`). Off by default: on the machine of
+    /// docs/benchmarks.md ("Round 2") it cut CPU by 2-4x and the page cache to nothing, but made
+    /// copies of dense images 25-50 % slower. `HYDRATION_DIRECT_IO` in the environment turns it on.
     public var directSource: Bool
     public var directDestination: Bool
 
@@ -21,14 +22,14 @@ public struct PosixStorage: StorageProvider {
         self.directDestination = directIO ?? d.destination
     }
 
-    /// From `HYDRATION_DIRECT_IO`: `0` (or off, no, false) neither, `source` or `dest` only that
-    /// side, anything else (or unset) both.
+    /// From `HYDRATION_DIRECT_IO`: `1` (or on, yes, true, both) both sides, `source` or `dest`
+    /// only that side, anything else (or unset) neither.
     public static var directIODefault: (source: Bool, destination: Bool) {
-        guard let v = getenv("HYDRATION_DIRECT_IO").map({ String(cString: $0).lowercased() }) else { return (true, true) }
-        if ["0", "off", "no", "false"].contains(v) { return (false, false) }
+        guard let v = getenv("HYDRATION_DIRECT_IO").map({ String(cString: $0).lowercased() }) else { return (false, false) }
+        if ["1", "on", "yes", "true", "both"].contains(v) { return (true, true) }
         if v == "source" { return (true, false) }
         if v == "dest" || v == "destination" { return (false, true) }
-        return (true, true)
+        return (false, false)
     }
 
     public func stack(of path: String) throws(StorageError) -> StorageStack? {
@@ -229,7 +230,7 @@ final class PosixDevice: StorageDevice {
                 (directFD, direct) = openDirect(path, writable: { if case .destination = mode { return true }; return false }(),
                                                 logicalBlockSize: info.logicalBlockSize, sameAs: st)
             } else {
-                direct = .off("turned off (HYDRATION_DIRECT_IO)")
+                direct = .off("not enabled (HYDRATION_DIRECT_IO)")
             }
         default: break
         }
