@@ -153,13 +153,15 @@ actor Copier {
                 claimedNotIssued = regions
                 let t = tunables
 
-                if case .hole = work, !zeroDestination, evictionsInFlight == 0 {
+                if case .hole = work, !zeroDestination {
                     // A hole of a destination that reads as zeros: no I/O at all, so it is
-                    // recorded here rather than queued behind the batches in flight. Counted
-                    // against the threshold, a 1 GiB hole drained the whole pipeline before
-                    // it, once per data extent of a sparse image (issue 13). Not while an
-                    // eviction runs: one that reports a writeback error must fail the job before
-                    // anything after it is recorded (the hole then waits behind it, as before).
+                    // recorded here rather than queued against the threshold behind the batches
+                    // in flight: a 1 GiB hole drained the whole pipeline before it, once per data
+                    // extent of a sparse image (issue 13). It does wait for the evictions in
+                    // flight, as it did queued behind them: one that reports a writeback error
+                    // fails the job before anything after it is recorded.
+                    while evictionsInFlight > 0 { await waitForBatchEvent() }
+                    if let f = batchFailure { outcome = f; break }
                     claimedNotIssued = nil
                     await finished(BatchResult(regions: regions, written: 0, zero: geometry.byteLength(of: regions)), reserved: 0)
                     continue
@@ -174,7 +176,7 @@ actor Copier {
                 // Space budget (discard_source only): bytes written but not yet released.
                 if let discarder, case .copy = work {
                     let need = geometry.byteLength(of: regions)
-                    if progress.budgetOutstanding + need > t.spaceBudgetBytes / 2 && !earlyCommitInFlight && evictionsInFlight == 0 {
+                    if progress.budgetOutstanding + need > t.spaceBudgetBytes / 2 && !earlyCommitInFlight {
                         // Half full: commit early (without waiting) so the discarder can start releasing.
                         earlyCommitInFlight = true
                         let committer = self.committer
@@ -186,10 +188,7 @@ actor Copier {
                     while progress.budgetOutstanding > 0 && progress.budgetOutstanding + need > t.spaceBudgetBytes {
                         // Full: let the batches in flight finish, commit them, and wait for the
                         // discarder to release them.
-                        // Evictions too: one that reports a writeback error must fail the job
-                        // before this commit starts (a hole recorded at once no longer waits
-                        // behind them on an I/O thread).
-                        while inFlight > 0 || evictionsInFlight > 0 { await waitForBatchEvent() }
+                        while inFlight > 0 { await waitForBatchEvent() }
                         if batchFailure != nil { break }
                         do {
                             try await committer.commit()
