@@ -43,6 +43,12 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 REPO = Path(__file__).resolve().parent.parent
 PEERS = ["nbdcopy", "cp", "qemu-img", "dd"]
 HYD_TOOLS = ["hydrationd", "hydrationd-discard"]
+# Variants for A/B runs (issue 13), only with --tools: "-direct" runs the daemon with
+# HYDRATION_DIRECT_IO=1 (O_DIRECT on both sides), "-buffered" with 0, "-dsrc" / "-ddst" with O_DIRECT
+# on the source / destination only, "-base" runs the binaries of --base-bin-dir (an older build).
+HYD_VARIANTS = ["hydrationd-direct", "hydrationd-direct-discard", "hydrationd-buffered", "hydrationd-buffered-discard",
+                "hydrationd-base", "hydrationd-base-discard",
+                "hydrationd-dsrc", "hydrationd-dsrc-discard", "hydrationd-ddst", "hydrationd-ddst-discard"]
 ALL_TOOLS = HYD_TOOLS + PEERS
 IMAGE_KINDS = ["dense", "holes", "zeros", "sparse"]
 APT_PACKAGES = {"time": "time", "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit", "qemu-img": "qemu-utils", "fio": "fio",
@@ -578,7 +584,11 @@ class Daemon:
     """hydrationd started for one run: `hydrationd --state-dir DIR --socket PATH`."""
 
     def __init__(self, args, tag: str):
-        self.bin = Path(args.bin_dir)
+        self.bin = Path(args.base_bin_dir if "-base" in tag and args.base_bin_dir else args.bin_dir)
+        self.env = None
+        for variant, value in (("-buffered", "0"), ("-direct", "1"), ("-dsrc", "source"), ("-ddst", "dest")):
+            if variant in tag:
+                self.env = dict(os.environ, HYDRATION_DIRECT_IO=value)
         self.state = Path(args.data_dir) / f"hyd-state-{tag}"
         self.sock = str(Path(args.data_dir) / "hyd.sock")
         self.log_path = Path(args.data_dir) / f"hydrationd-{tag}.log"
@@ -603,8 +613,10 @@ class Daemon:
         self.state.mkdir(parents=True)
         remove(self.sock)
         self.logf = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(self.bin / "hydrationd"), "--state-dir", str(self.state), "--socket", self.sock],
-                                     stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True)
+        # Extra hydrationd options, for tuning experiments (e.g. "--io-threads 16").
+        extra = os.environ.get("HYDRATION_BENCH_DAEMON_ARGS", "").split()
+        self.proc = subprocess.Popen([str(self.bin / "hydrationd"), "--state-dir", str(self.state), "--socket", self.sock, *extra],
+                                     stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None:
@@ -638,7 +650,7 @@ def run_hydrationd(args, tool: str, img: Image) -> Result:
     if why:
         r.status, r.reason = "skipped", why
         return r
-    discard = tool == "hydrationd-discard"
+    discard = tool.endswith("-discard")
     data_dir = Path(args.data_dir)
     dst = str(data_dir / "dst.img")
     remove(dst)
@@ -937,6 +949,8 @@ def main():
     ap.add_argument("--data-dir", default="/work/bench-data", help="where images go (not in git)")
     ap.add_argument("--bin-dir", default=os.environ.get("HYDRATION_BIN_DIR", str(REPO / ".build" / "release")),
                     help="hydrationd and clonectl ($HYDRATION_BIN_DIR, default .build/release)")
+    ap.add_argument("--base-bin-dir", default=os.environ.get("HYDRATION_BASE_BIN_DIR", ""),
+                    help="binaries of the hydrationd-base* variants (an older build, for a before/after in one run)")
     ap.add_argument("--results-dir", default=str(REPO / "Benchmarks" / "results"))
     ap.add_argument("--plot", default=str(REPO / "docs" / "benchmarks-space.png"))
     ap.add_argument("--plot-image", default="dense", help="image whose runs are plotted (dense)")
@@ -968,7 +982,7 @@ def main():
         if k not in IMAGE_KINDS:
             sys.exit(f"unknown image {k}")
     for t in tools:
-        if t not in ALL_TOOLS:
+        if t not in ALL_TOOLS + HYD_VARIANTS:
             sys.exit(f"unknown tool {t}")
 
     ensure_dependencies(args.no_install)
@@ -993,7 +1007,7 @@ def main():
             img = images[kind]
             rows = []
             for tool in tools:
-                if tool in HYD_TOOLS:
+                if tool in HYD_TOOLS + HYD_VARIANTS:
                     r = run_hydrationd(args, tool, img)
                 else:
                     r = run_peer(args, tool, img)

@@ -33,6 +33,17 @@ int hyd_wait_writeback(int fd, uint64_t offset, uint64_t length) {
     return sync_file_range(fd, (off_t)offset, (off_t)length,
                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
 }
+int hyd_open_direct(const char *path, int flags) {
+    return open(path, flags | O_DIRECT | O_CLOEXEC);
+}
+int hyd_dio_align(int fd, uint32_t *mem_align, uint32_t *offset_align) {
+    struct statx sx;
+    memset(&sx, 0, sizeof sx);
+    *mem_align = 0; *offset_align = 0;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) != 0) return -1;
+    if (sx.stx_mask & STATX_DIOALIGN) { *mem_align = sx.stx_dio_mem_align; *offset_align = sx.stx_dio_offset_align; }
+    return 0;
+}
 int hyd_drop_cache(int fd, uint64_t offset, uint64_t length) {
     int rc = posix_fadvise(fd, (off_t)offset, (off_t)length, POSIX_FADV_DONTNEED);
     if (rc != 0) { errno = rc; return -1; }

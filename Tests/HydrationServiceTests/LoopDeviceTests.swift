@@ -28,7 +28,9 @@ import Testing
         return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
-    @Test func hydratesLoopToLoopWithDiscardAndZeroOut() async throws {
+    /// `direct`: source and destination opened with O_DIRECT too (issue 13; block devices do
+    /// direct I/O at their logical block size, here at least a page).
+    @Test(arguments: [false, true]) func hydratesLoopToLoopWithDiscardAndZeroOut(direct: Bool) async throws {
         if let reason = Self.skipReason {
             print("SKIP LoopDeviceTests: \(reason)")
             return
@@ -52,7 +54,8 @@ import Testing
         let io = IOExecutor(threads: 4)
         let cfg = JobConfiguration(name: "loop", sourcePath: srcLoop, destPath: dstLoop, metadataPath: dir.file("meta"),
                                    regionSize: 64 << 10, discardSource: true)
-        let job = try await HydrationJob.create(cfg, io: io, logger: testLogger)
+        let storage = RecordingPosixStorage(directIO: direct)
+        let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)
         #expect(job.sourceIdentity.kind == .blockDevice)
         // O_EXCL: a second exclusive open of the source fails while the job holds it.
         let again = open(srcLoop, O_RDONLY | O_EXCL)
@@ -61,6 +64,11 @@ import Testing
         try await job.start()
         #expect(await job.waitUntilSettled() == .complete)
         let st = await job.status()
+        for path in [srcLoop, dstLoop] {
+            let d = try #require(storage.device(path))
+            #expect(d.directIO.enabled == direct, "\(path): \(d.directIO)")
+            if direct { #expect(d.directCalls.load(ordering: .relaxed) > 0 && d.directRefused.load(ordering: .relaxed) == 0) }
+        }
         await job.close()
         #expect(st.discard.failed == 0, "BLKDISCARD failed: \(st)")
         #expect(st.bytes.discarded == UInt64(size))

@@ -18,6 +18,14 @@ int hyd_drop_cache(int fd, uint64_t offset, uint64_t length);
 // descriptor the commit fdatasyncs (see PosixDevice.evict).
 int hyd_wait_writeback(int fd, uint64_t offset, uint64_t length);
 
+// Direct I/O (PosixDevice). open(2) with O_DIRECT added to `flags` (Swift's Glibc does not
+// define O_DIRECT: it is a _GNU_SOURCE name); -1/errno like open.
+int hyd_open_direct(const char *path, int flags);
+// statx(STATX_DIOALIGN) of an open file: the memory and file-offset alignment direct I/O needs.
+// Returns 0 and sets both to 0 when the file or kernel gives none (direct I/O unsupported, e.g.
+// tmpfs, which accepts O_DIRECT at open but does not do it); -1/errno when statx fails.
+int hyd_dio_align(int fd, uint32_t *mem_align, uint32_t *offset_align);
+
 // Device identity and topology (DeviceTopology.swift).
 // statx(STATX_BTIME|STATX_INO) on an open file (path NULL) or a path: the birth time, when the
 // filesystem records one. Returns 0 and sets *has_btime (0 when the filesystem gives none).

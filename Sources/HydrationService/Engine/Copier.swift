@@ -110,6 +110,8 @@ actor Copier {
         evictedUpTo = 0
         pendingEviction = nil
         inFlight = 0
+        inFlightStarts = []
+        evictionsInFlight = 0
         batchFailure = nil
         var outcome: Outcome? = nil
 
@@ -149,6 +151,31 @@ actor Copier {
                 // (at a low rate limit, minutes), only for a copy actually under way.
                 var regions = candidate.regions
                 let t = tunables
+
+                if case .hole = candidate, !zeroDestination {
+                    // A hole of a destination that reads as zeros: no I/O at all, so it is
+                    // recorded here rather than queued against the threshold behind the batches
+                    // in flight: a 1 GiB hole drained the whole pipeline before it, once per data
+                    // extent of a sparse image (issue 13). It does wait for the evictions in
+                    // flight, as it did queued behind them: one that reports a writeback error
+                    // fails the job before anything after it is recorded.
+                    while evictionsInFlight > 0 { await waitForBatchEvent() }
+                    if let f = batchFailure { outcome = f; break }
+                    guard let claimed = ownership.tryClaim(regions) else {
+                        cursor = regions.lowerBound + 1
+                        continue
+                    }
+                    if zeroDestination {
+                        // A client wrote meanwhile (a failed write may have left data in these
+                        // very regions): they are zeroed like any hole, by a batch.
+                        ownership.finish(claimed, hydrated: [])
+                        cursor = claimed.lowerBound
+                        continue
+                    }
+                    cursor = claimed.upperBound
+                    await finished(BatchResult(regions: claimed, written: 0, zero: geometry.byteLength(of: claimed)), reserved: 0)
+                    continue
+                }
 
                 // Threshold: regions in flight.
                 while inFlight > 0 && inFlight + regions.count > tunables.threshold && batchFailure == nil {
@@ -212,6 +239,7 @@ actor Copier {
                 if let range = pendingEviction {
                     pendingEviction = nil
                     let (src, dst, io) = (source, dest, self.io)
+                    evictionsInFlight += 1
                     group.addTask {
                         do {
                             try await io.run {
@@ -221,10 +249,12 @@ actor Copier {
                         } catch {
                             await self.writebackFailed(error, range: range)
                         }
+                        await self.evictionFinished()
                     }
                 }
 
                 inFlight += regions.count
+                inFlightStarts.append(regions.lowerBound)
                 let reserve: UInt64 = (discarder != nil && { if case .copy = work { return true }; return false }())
                     ? geometry.byteLength(of: regions) : 0
                 progress.update { [inFlight] in $0.hydratingRegions = inFlight; $0.budgetInFlight += reserve }
@@ -251,6 +281,13 @@ actor Copier {
     }
 
     private var inFlight = 0
+    private var evictionsInFlight = 0
+    private func evictionFinished() {
+        evictionsInFlight -= 1
+        let w = batchWaiters
+        batchWaiters = []
+        for k in w { k.resume() }
+    }
     private var batchFailure: Outcome?
     private var batchWaiters: [CheckedContinuation<Void, Never>] = []
 
@@ -277,6 +314,7 @@ actor Copier {
             progress.update { $0.budgetInFlight -= c.reserved }
         }
         inFlight -= c.regions.count
+        if let k = inFlightStarts.firstIndex(of: c.regions.lowerBound) { inFlightStarts.remove(at: k) }
         progress.update { [inFlight] in $0.hydratingRegions = inFlight }
         let w = batchWaiters
         batchWaiters = []
@@ -294,6 +332,8 @@ actor Copier {
     private var copyFront: UInt64 = 0
     private var evictedUpTo: UInt64 = 0
     private var pendingEviction: Range<UInt64>?
+    /// First region of each batch in flight (the eviction stays behind the lowest).
+    private var inFlightStarts: [Int] = []
 
     /// The kernel reported a writeback error on the destination (starting writeback or evicting):
     /// data written since the last commit may be lost, exactly as after a failed fdatasync. The
@@ -313,9 +353,14 @@ actor Copier {
         if copyFront >= evictedUpTo + 2 * cacheWindow {
             // On a 4 MiB boundary: large folios are aligned to their size, and one straddling
             // the end of a range would be dropped by neither this call nor the next.
-            let upTo = (copyFront - cacheWindow) & ~(min(UInt64(4 << 20), cacheWindow) - 1)
+            // Never past a batch still in flight: a hole recorded without I/O, or a batch that
+            // finished early, may have moved the front well beyond it (issue 13).
+            let lowest = inFlightStarts.min().map { UInt64($0) * geometry.regionSize } ?? copyFront
+            let upTo = (min(copyFront - cacheWindow, lowest)) & ~(min(UInt64(4 << 20), cacheWindow) - 1)
+            if upTo > evictedUpTo {
             pendingEviction = (pendingEviction?.lowerBound ?? evictedUpTo)..<upTo
             evictedUpTo = upTo
+            }
         }
         // The committer hears of the regions before they are marked hydrated: from the moment they
         // are, clients write into them directly, and a FLUSH replied to after such a write must
@@ -493,13 +538,19 @@ struct BatchJob: Sendable {
             let whole = buffers.take(length)
             defer { buffers.give(whole) }
             let buffer = UnsafeMutableRawBufferPointer(rebasing: whole[0..<length])
+            // Only the data extents are read (a batch may span small holes of a file); the
+            // regions wholly inside a hole are known zero without reading or scanning them.
+            let holes: [Range<Int>]
             do {
-                try source.read(into: buffer, at: bytes.lowerBound)
+                holes = try readData(into: buffer, bytes: bytes)
             } catch {
                 let region = regionOf(error.offset, default: regions.lowerBound)
                 // A remote source whose connection is down: the job pauses itself (HydrationJob).
                 let code: HydrationError.Code = error.isConnectionLost ? .sourceUnavailable : .sourceReadFailed
                 throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
+            }
+            let isZero = { (r: Int) -> Bool in
+                holes.contains { $0.contains(r) } || regionIsZero(r, in: buffer, base: bytes.lowerBound)
             }
 
             // Split the batch into runs of data regions (written) and zero regions (not written).
@@ -507,13 +558,13 @@ struct BatchJob: Sendable {
             var zeroBytes: UInt64 = 0
             var i = regions.lowerBound
             while i < regions.upperBound {
-                let isZero = regionIsZero(i, in: buffer, base: bytes.lowerBound)
+                let zeroRun = isZero(i)
                 var j = i + 1
-                while j < regions.upperBound && regionIsZero(j, in: buffer, base: bytes.lowerBound) == isZero { j += 1 }
+                while j < regions.upperBound && isZero(j) == zeroRun { j += 1 }
                 let run = geometry.byteRange(of: i..<j)
                 let lo = Int(run.lowerBound - bytes.lowerBound)
                 let hi = Int(run.upperBound - bytes.lowerBound)
-                if isZero {
+                if zeroRun {
                     if zeroDestination { try zero(run.lowerBound, run.upperBound - run.lowerBound, region: i) }
                     zeroBytes += run.upperBound - run.lowerBound
                 } else {
@@ -539,6 +590,58 @@ struct BatchJob: Sendable {
             }
             return Copier.BatchResult(regions: regions, written: written, zero: zeroBytes)
         }
+    }
+
+    /// Reads the batch's bytes from the source. On a file only its data extents are read
+    /// (SEEK_DATA/SEEK_HOLE, asked only from positions inside the batch: its regions are claimed
+    /// and unhydrated, hence never released), each widened to the source's direct-I/O alignment
+    /// (at least 4 KiB) within the batch; a gap between them is zero-filled only inside regions
+    /// that also hold data. Returns the regions wholly inside gaps: their bytes in `buffer` are
+    /// not set, and they read as zeros.
+    private func readData(into buffer: UnsafeMutableRawBufferPointer, bytes: Range<UInt64>) throws(StorageError) -> [Range<Int>] {
+        guard source.info.identity.kind == .regularFile else {
+            try source.read(into: buffer, at: bytes.lowerBound)
+            return []
+        }
+        let align = UInt64(max(4096, source.directIO.alignment))
+        var reads: [Range<UInt64>] = []
+        var at = bytes.lowerBound
+        while at < bytes.upperBound, let e = try source.nextData(from: at), e.lowerBound < bytes.upperBound {
+            // bytes.lowerBound is a region boundary, hence aligned.
+            let lo = max(bytes.lowerBound, max(e.lowerBound, at) & ~(align - 1))
+            let hi = min(bytes.upperBound, (e.upperBound + align - 1) & ~(align - 1))
+            if let last = reads.last, last.upperBound >= lo {
+                reads[reads.count - 1] = last.lowerBound..<hi
+            } else {
+                reads.append(lo..<hi)
+            }
+            at = hi
+        }
+        var holes: [Range<Int>] = []
+        var gapStart = bytes.lowerBound
+        let rs = geometry.regionSize
+        for r in reads + [bytes.upperBound..<bytes.upperBound] {
+            if gapStart < r.lowerBound {
+                // A gap: its head and tail lie in regions that hold data (zero-filled), the
+                // regions between are holes. The end of the target counts as a region boundary.
+                let g = gapStart..<r.lowerBound
+                let headEnd = min(g.upperBound, (g.lowerBound + rs - 1) / rs * rs)
+                let tailStart = max(headEnd, g.upperBound == geometry.targetSize ? g.upperBound : g.upperBound / rs * rs)
+                for z in [g.lowerBound..<headEnd, tailStart..<g.upperBound] where !z.isEmpty {
+                    let lo = Int(z.lowerBound - bytes.lowerBound)
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[lo..<lo + Int(z.upperBound - z.lowerBound)])
+                        .initializeMemory(as: UInt8.self, repeating: 0)
+                }
+                if headEnd < tailStart { holes.append(Int(headEnd / rs)..<Int((tailStart + rs - 1) / rs)) }
+            }
+            if !r.isEmpty {
+                let lo = Int(r.lowerBound - bytes.lowerBound)
+                try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[lo..<lo + Int(r.upperBound - r.lowerBound)]),
+                                at: r.lowerBound)
+            }
+            gapStart = max(gapStart, r.upperBound)
+        }
+        return holes
     }
 
     private func zero(_ offset: UInt64, _ length: UInt64, region: Int) throws(BatchFailure) {

@@ -113,7 +113,8 @@ public actor HydrationJob {
         cfg.destZeroed = opened.2.header.destZeroed
         let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
         logger.info("job created", metadata: ["job": "\(config.name)", "source": "\(config.sourcePath)", "dest": "\(config.destPath)",
-                                              "regions": "\(opened.2.header.regionCount)"])
+                                              "regions": "\(opened.2.header.regionCount)",
+                                              "source_io": "\(opened.0.directIO)", "dest_io": "\(opened.1.directIO)"])
         return job
     }
 
@@ -146,7 +147,8 @@ public actor HydrationJob {
         if h.complete { await job.settleCompleteInBackground() }
         logger.info("job opened", metadata: ["job": "\(config.name)", "generation": "\(h.generation)",
                                              "hydrated": "\(h.hydratedCount)/\(h.regionCount)",
-                                             "adopted_regions": "\(opened.3.adoptedRegions)"])
+                                             "adopted_regions": "\(opened.3.adoptedRegions)",
+                                             "source_io": "\(opened.0.directIO)", "dest_io": "\(opened.1.directIO)"])
         return job
     }
 

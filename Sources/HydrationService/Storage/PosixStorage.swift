@@ -2,13 +2,35 @@
 import Glibc
 #endif
 import CLinux
+import Synchronization
 
 /// The real storage layer: POSIX and Linux calls on files and block devices.
 public struct PosixStorage: StorageProvider {
     /// Where device topology and identities are read from (sysfs, /proc).
     public var topology: DeviceTopology
+    /// Whether sources and destinations are read and written with O_DIRECT where the file or
+    /// device supports it (`PosixDevice.open`). Off by default: on the machine of
+    /// docs/benchmarks.md ("Round 2") it cut CPU by 2-4x and the page cache to nothing, but made
+    /// copies of dense images 25-50 % slower. `HYDRATION_DIRECT_IO` in the environment turns it on.
+    public var directSource: Bool
+    public var directDestination: Bool
 
-    public init(topology: DeviceTopology = DeviceTopology()) { self.topology = topology }
+    public init(topology: DeviceTopology = DeviceTopology(), directIO: Bool? = nil) {
+        self.topology = topology
+        let d = PosixStorage.directIODefault
+        self.directSource = directIO ?? d.source
+        self.directDestination = directIO ?? d.destination
+    }
+
+    /// From `HYDRATION_DIRECT_IO`: `1` (or on, yes, true, both) both sides, `source` or `dest`
+    /// only that side, anything else (or unset) neither.
+    public static var directIODefault: (source: Bool, destination: Bool) {
+        guard let v = getenv("HYDRATION_DIRECT_IO").map({ String(cString: $0).lowercased() }) else { return (false, false) }
+        if ["1", "on", "yes", "true", "both"].contains(v) { return (true, true) }
+        if v == "source" { return (true, false) }
+        if v == "dest" || v == "destination" { return (false, true) }
+        return (false, false)
+    }
 
     public func stack(of path: String) throws(StorageError) -> StorageStack? {
         // A remote export lives on another machine: it shares no local storage with anything.
@@ -24,7 +46,13 @@ public struct PosixStorage: StorageProvider {
 
     public func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
         if RemoteSource.isURI(path) { return try RemoteNBDDevice.open(path, mode: mode) }
-        return try PosixDevice.open(path, mode: mode, topology: topology)
+        let direct: Bool
+        switch mode {
+        case .source: direct = directSource
+        case .destination: direct = directDestination
+        default: direct = false
+        }
+        return try PosixDevice.open(path, mode: mode, topology: topology, directIO: direct)
     }
 
     public func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
@@ -79,28 +107,53 @@ func parentDirectory(of path: String) -> String {
 
 /// An open file or block device. The descriptor is immutable after open and every method is a
 /// thread-safe system call on it (pread/pwrite take explicit offsets), which is why this class
-/// can be `Sendable` with only `let` properties.
+/// can be `Sendable` with only `let` properties (the counters are atomics).
+///
+/// Direct I/O: a source or destination also gets an O_DIRECT open file description (`directFD`)
+/// when the file or device supports it (statx STATX_DIOALIGN; tmpfs accepts O_DIRECT at open but
+/// reports no alignment, and is left buffered). A `read` or `write` whose offset, length and
+/// buffer address are aligned to `directIO.alignment` (the device's, at least a page) goes
+/// through it; an unaligned call, or the unaligned tail of a call, uses `fd` (buffered). Because
+/// the alignment is at least a page and regions are whole pages, a page is written either
+/// directly or through the cache by one caller, never both at once (a concurrent buffered
+/// partial-page write and direct write to one page could leave a stale dirty page behind).
+/// `fd` stays the descriptor the commit fdatasyncs: fdatasync flushes the inode's dirty pages
+/// (whichever descriptor wrote them) and the device's write cache, which direct writes sit in
+/// until then; a direct write's own failure is returned by pwrite (no writeback error involved).
 final class PosixDevice: StorageDevice {
     let info: DeviceInfo
+    let directIO: DirectIO
     private let fd: Int32
+    /// The O_DIRECT descriptor, or -1.
+    private let directFD: Int32
+    /// Calls (or parts of calls) done directly / through the page cache, and direct calls the
+    /// kernel refused with EINVAL (redone buffered; direct I/O is then given up for good).
+    let directCalls = Atomic<Int>(0)
+    let bufferedCalls = Atomic<Int>(0)
+    let directRefused = Atomic<Int>(0)
+    private let directBroken = Atomic<Bool>(false)
     /// A destination's second, read-only open file description, on which `evict` waits for
     /// writeback: a writeback error is reported once per open file description, so a wait here
     /// consumes it for this descriptor only and the commit's fdatasync on `fd` still sees it.
     /// -1 for other devices.
     private let waitFD: Int32
 
-    private init(info: DeviceInfo, fd: Int32, waitFD: Int32) {
+    private init(info: DeviceInfo, fd: Int32, waitFD: Int32, directFD: Int32, directIO: DirectIO) {
         self.info = info
         self.fd = fd
         self.waitFD = waitFD
+        self.directFD = directFD
+        self.directIO = directIO
     }
 
     deinit {
         Glibc.close(fd)
         if waitFD >= 0 { Glibc.close(waitFD) }
+        if directFD >= 0 { Glibc.close(directFD) }
     }
 
-    static func open(_ path: String, mode: OpenMode, topology: DeviceTopology = DeviceTopology()) throws(StorageError) -> PosixDevice {
+    static func open(_ path: String, mode: OpenMode, topology: DeviceTopology = DeviceTopology(),
+                     directIO wantDirect: Bool = true) throws(StorageError) -> PosixDevice {
         guard path.hasPrefix("/") else { throw StorageError(.open, path: path, errno: EINVAL) }
         var flags = O_CLOEXEC
         switch mode {
@@ -183,17 +236,81 @@ final class PosixDevice: StorageDevice {
             _ = fdatasync(fd)
             _ = hyd_wait_writeback(waitFD, 0, 0)
         }
+        var ready = false
+        defer { if !ready && waitFD >= 0 { Glibc.close(waitFD) } }
+        var directFD: Int32 = -1
+        var direct = DirectIO.off("not a source or destination")
+        switch mode {
+        case .source, .destination:
+            if wantDirect {
+                (directFD, direct) = openDirect(path, writable: { if case .destination = mode { return true }; return false }(),
+                                                logicalBlockSize: info.logicalBlockSize, sameAs: st)
+            } else {
+                direct = .off("not enabled (HYDRATION_DIRECT_IO)")
+            }
+        default: break
+        }
         ok = true
-        return PosixDevice(info: info, fd: fd, waitFD: waitFD)
+        ready = true
+        return PosixDevice(info: info, fd: fd, waitFD: waitFD, directFD: directFD, directIO: direct)
+    }
+
+    /// A second, O_DIRECT open file description of `path` (not exclusive: `fd` holds the
+    /// device's O_EXCL claim or the file's flock), and the alignment its calls need; or -1 and
+    /// why direct I/O is not used.
+    private static func openDirect(_ path: String, writable: Bool, logicalBlockSize: Int, sameAs first: stat) -> (Int32, DirectIO) {
+        let dfd = hyd_open_direct(path, writable ? O_RDWR : O_RDONLY)
+        if dfd < 0 {
+            return (-1, .off("O_DIRECT refused at open: \(errnoSymbol(errno))"))
+        }
+        // The path is opened again: it must still name the object `fd` has open (and locked).
+        var st = stat()
+        guard fstat(dfd, &st) == 0, st.st_dev == first.st_dev, st.st_ino == first.st_ino, st.st_rdev == first.st_rdev else {
+            Glibc.close(dfd)
+            return (-1, .off("the path no longer names the opened file"))
+        }
+        var mem: UInt32 = 0, off: UInt32 = 0
+        if hyd_dio_align(dfd, &mem, &off) != 0 || off == 0 || mem == 0 {
+            // No STATX_DIOALIGN: a block device on a kernel before 6.11 does direct I/O at its
+            // logical block size; a file that gives no alignment does not do direct I/O (tmpfs).
+            if (st.st_mode & S_IFMT) == S_IFBLK && logicalBlockSize > 0 {
+                mem = UInt32(logicalBlockSize); off = UInt32(logicalBlockSize)
+            } else {
+                Glibc.close(dfd)
+                return (-1, .off("the filesystem reports no direct-I/O alignment (STATX_DIOALIGN)"))
+            }
+        }
+        let page = max(4096, Int(sysconf(Int32(_SC_PAGESIZE))))
+        let alignment = max(page, Int(mem), Int(off))
+        guard alignment & (alignment - 1) == 0 else {
+            Glibc.close(dfd)
+            return (-1, .off("direct-I/O alignment \(alignment) is not a power of two"))
+        }
+        return (dfd, DirectIO(enabled: true, alignment: alignment, reason: ""))
+    }
+
+    /// How many bytes of a call at `offset` of `count` bytes from `address` may go direct: all
+    /// whole aligned blocks from the start, 0 when the start is not aligned.
+    @inline(__always)
+    private func directLength(_ address: UnsafeRawPointer, _ offset: UInt64, _ count: Int) -> Int {
+        guard directFD >= 0 else { return 0 }
+        let a = directIO.alignment
+        guard Int(bitPattern: address) & (a - 1) == 0, Int(offset & UInt64(a - 1)) == 0 else { return 0 }
+        guard !directBroken.load(ordering: .relaxed) else { return 0 }
+        return count & ~(a - 1)
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         guard let base = buffer.baseAddress else { return }
         var done = 0
         while done < buffer.count {
-            let n = pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
+            let n = direct > 0
+                ? pread(directFD, base + done, direct, off_t(offset) + off_t(done))
+                : pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
             if n < 0 {
                 if errno == EINTR { continue }
+                if direct > 0 && errno == EINVAL { refuseDirect(); continue }
                 throw StorageError(.read, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
             }
             if n == 0 {
@@ -201,22 +318,39 @@ final class PosixDevice: StorageDevice {
                 (base + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
                 return
             }
+            if direct > 0 { directCalls.add(1, ordering: .relaxed) } else { bufferedCalls.add(1, ordering: .relaxed) }
             done += n
         }
+    }
+
+    /// The kernel refused an aligned direct call (EINVAL: a filesystem that advertises an
+    /// alignment it does not honour, or refuses direct I/O on this file after all). The call is
+    /// redone buffered, and so is every later one: nothing was transferred by the refused call.
+    private func refuseDirect() {
+        directRefused.add(1, ordering: .relaxed)
+        directBroken.store(true, ordering: .relaxed)
     }
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
         guard let base = buffer.baseAddress else { return }
         var done = 0
         while done < buffer.count {
-            let n = pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            // A direct write returns only once the data is on the device (in its write cache
+            // until the commit's fdatasync); its failure is returned here, and only its own range
+            // is affected (the caller retries it or fails; nothing records it as written).
+            let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
+            let n = direct > 0
+                ? pwrite(directFD, base + done, direct, off_t(offset) + off_t(done))
+                : pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
             if n < 0 {
                 if errno == EINTR { continue }
+                if direct > 0 && errno == EINVAL { refuseDirect(); continue }
                 throw StorageError(.write, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
             }
             if n == 0 {
                 throw StorageError(.write, path: info.path, errno: ENOSPC, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
             }
+            if direct > 0 { directCalls.add(1, ordering: .relaxed) } else { bufferedCalls.add(1, ordering: .relaxed) }
             done += n
         }
     }
@@ -263,6 +397,9 @@ final class PosixDevice: StorageDevice {
     }
 
     func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
+        // An aligned range was written directly: nothing of it is in the page cache.
+        if directFD >= 0 && !directBroken.load(ordering: .relaxed)
+            && (offset | length) & UInt64(directIO.alignment - 1) == 0 { return }
         if hyd_start_writeback(fd, offset, length) != 0 {
             throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
         }
@@ -303,6 +440,7 @@ final class PosixDevice: StorageDevice {
         if pipe(&ends) == 0 {
             _ = dup2(ends[0], fd)
             if waitFD >= 0 { _ = dup2(ends[0], waitFD); _ = fcntl(waitFD, F_SETFD, FD_CLOEXEC) }
+            if directFD >= 0 { _ = dup2(ends[0], directFD); _ = fcntl(directFD, F_SETFD, FD_CLOEXEC) }
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             Glibc.close(ends[0])
             Glibc.close(ends[1])

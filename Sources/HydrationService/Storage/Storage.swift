@@ -114,6 +114,27 @@ func errnoSymbol(_ e: Int32) -> String {
     }
 }
 
+/// Whether an open device does its data I/O with O_DIRECT (no page cache), and if not, why.
+public struct DirectIO: Sendable, Equatable, CustomStringConvertible {
+    /// True when aligned reads and writes bypass the page cache.
+    public var enabled: Bool
+    /// What a call must be aligned to (offset, length and buffer address) to go direct: the
+    /// device's direct-I/O alignment, at least a page, so a page is never written both ways.
+    public var alignment: Int
+    /// Why direct I/O is off ("" when on).
+    public var reason: String
+
+    public init(enabled: Bool, alignment: Int, reason: String) {
+        self.enabled = enabled; self.alignment = alignment; self.reason = reason
+    }
+
+    public static func off(_ reason: String) -> DirectIO { DirectIO(enabled: false, alignment: 0, reason: reason) }
+
+    public var description: String {
+        enabled ? "direct I/O (O_DIRECT, \(alignment)-byte aligned; unaligned calls buffered)" : "buffered I/O (\(reason))"
+    }
+}
+
 /// One open file or block device. This is the only place the engine's data path touches the
 /// operating system, so that tests can put a simulated disk (with a volatile write cache and
 /// injectable faults) in its place.
@@ -122,6 +143,11 @@ func errnoSymbol(_ e: Int32) -> String {
 /// from Swift's cooperative thread pool.
 public protocol StorageDevice: AnyObject, Sendable {
     var info: DeviceInfo { get }
+    /// Whether `read` and `write` bypass the page cache (O_DIRECT) for calls aligned to
+    /// `directIO.alignment`; other calls are buffered. Either way a completed `write` is durable
+    /// only after `sync` (the device has a volatile write cache), and a failed one is thrown by
+    /// the call. Simulated disks: off.
+    var directIO: DirectIO { get }
 
     /// Reads exactly `buffer.count` bytes at `offset` (pread). Bytes past the end read as zeros.
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError)
@@ -235,6 +261,8 @@ extension StorageDevice {
     public var availability: SourceAvailability? { nil }
     public func waitForConnection(_ wait: Bool) {}
     public func probeConnection() throws(StorageError) {}
+    /// Simulated disks have no page cache to bypass.
+    public var directIO: DirectIO { .off("no page cache") }
 
     /// Page-cache hints mean nothing to a simulated disk.
     public func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {}

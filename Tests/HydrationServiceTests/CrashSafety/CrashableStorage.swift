@@ -322,6 +322,10 @@ final class CrashableStorage: StorageProvider {
         var zeroOutUnsupported: Set<String> = []
         /// Paths on a filesystem without SEEK_DATA: every range may be data.
         var noSeekData: Set<String> = []
+        /// Paths written with O_DIRECT (issue 13): `directIO` says so, and a write that fails
+        /// (an injected fault) has reached the device in part, like a failed direct write: its
+        /// first half (whole sectors) is applied, pending like any write until the next sync.
+        var directWrites: Set<String> = []
     }
 
     let state = Mutex(State())
@@ -507,6 +511,17 @@ final class CrashableStorage: StorageProvider {
             op.seq = s.trace.count
         }
         if let fault = s.fault, let e = fault(op) {
+            if kind == .write, s.directWrites.contains(path), payload.count >= 2 * CrashFile.sector {
+                // The part of a failed direct write that landed before the error.
+                let half = payload.count / 2 / CrashFile.sector * CrashFile.sector
+                let landed = CrashOp(seq: s.trace.count, path: path, kind: .write, offset: offset, length: UInt64(half),
+                                     payload: Array(payload[0..<half]))
+                s.trace.append(landed)
+                s.files[path]!.apply(landed)
+                s.pending[path, default: []].append(landed)
+                s.mutations += 1
+                op.seq = s.trace.count
+            }
             op.errno = e
             op.payload = []
             s.trace.append(op)
@@ -659,6 +674,10 @@ final class CrashableDevice: StorageDevice {
     }
 
     func dropCache(offset: UInt64, length: UInt64) {}
+
+    var directIO: DirectIO {
+        storage.state.withLock { $0.directWrites.contains(path) } ? DirectIO(enabled: true, alignment: 4096, reason: "") : .off("no page cache")
+    }
 
     /// Never waits (sync_file_range WRITE), so it never consumes the errseq.
     func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {

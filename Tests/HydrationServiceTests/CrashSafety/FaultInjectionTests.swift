@@ -142,6 +142,49 @@ import Glibc
         countCrash("faults injected", s.storage.faultsInjected)
     }
 
+    /// A destination written with O_DIRECT (issue 13): the error comes from the write itself,
+    /// and part of the failed write has reached the device (CrashableStorage.directWrites).
+    /// Persistent: the job fails with DestWriteFailed after its retries, the metadata stays
+    /// writable and never records the region (which holds half-written data), its source is
+    /// kept, and once the disk heals the job finishes. Transient: a retry rewrites the whole
+    /// range and the job completes with the destination equal to the image.
+    @Test(arguments: [false, true]) func directDestWriteEIOLeavesAPartialWriteNeverRecorded(transient: Bool) async throws {
+        let s = try await setup()
+        s.storage.state.withLock { $0.directWrites = [Self.dst] }
+        let bad = dataRegion(s.sc, from: 20)
+        let at = UInt64(bad * Self.rs)
+        let failures = Counter()
+        s.storage.setFault { op in
+            guard op.path == Self.dst, op.kind == .write, op.offset <= at, at < op.offset + op.length else { return nil }
+            return !transient || failures.increment() <= 2 ? EIO : nil
+        }
+        try await s.job.start()
+        if transient {
+            #expect(await s.job.waitUntilSettled() == .complete)
+            await s.job.close()
+            #expect(failures.value == 3, "two failures, then the retry succeeded")
+            #expect(CrashHarness.check(s.storage, s.sc).isEmpty, "\(CrashHarness.check(s.storage, s.sc))")
+            return
+        }
+        #expect(await s.job.waitUntilSettled() == .failed)
+        let e = try #require(await s.job.lastError)
+        #expect(e.code == .destWriteFailed)
+        #expect(e.errno == EIO)
+        #expect(e.region == bad)
+        #expect(await s.job.status().metadata.mode == .rw)
+        let region = bad * Self.rs..<(bad + 1) * Self.rs
+        let held = Array(s.storage.file(Self.dst)!.data[region])
+        #expect(held != Array(s.sc.image[region]) && held.contains { $0 != 0 }, "the failed write landed in part")
+        let after = CrashableStorage(files: s.storage.snapshotNow.materialize(.keepAll))
+        let (store, _) = try MetadataStore.open(path: Self.meta, storage: after, readOnly: true)
+        #expect(!store.committedMap[bad], "a region whose write failed is recorded")
+        releasedOnlyCommitted(s.storage, "direct dest EIO")
+        #expect(!(s.storage.file(Self.src)!.released[bad * Self.rs / 512]))
+        s.storage.setFault(nil)
+        try await finishAndCheck(s, "after direct dest EIO")
+        countCrash("faults injected", s.storage.faultsInjected)
+    }
+
     // MARK: ENOSPC
 
     @Test func destNoSpacePausesAndResumesAfterSpaceIsFreed() async throws {
