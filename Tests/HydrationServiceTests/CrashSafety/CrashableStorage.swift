@@ -531,6 +531,15 @@ final class CrashableStorage: StorageProvider {
                 // durable, and a later sync will not bring them back.
                 s.pending[path] = []
             }
+            if kind == .evict {
+                // An eviction fails on its writeback wait: a writeback error, like any other. The
+                // pages are dropped, and the error goes into the file's errseq, so the next
+                // fdatasync of the commit's descriptor reports it too (as on Linux, where the
+                // eviction waits on a descriptor of its own).
+                s.pending[path] = []
+                let q = s.errseq[path] ?? (0, true)
+                s.errseq[path] = (q.count + 1, false)
+            }
             throw StorageError(operation, path: path, errno: e, offset: offset, length: length)
         }
         if kind.isMutation { s.mutations += 1 }
