@@ -153,21 +153,7 @@ public final class ControlServer: Service, Sendable {
         logger.info("control socket listening", metadata: ["path": "\(boundPath ?? listenerPathForLogs ?? "fd")"])
         await onListening(ListeningInfo(path: boundPath ?? listenerPathForLogs))
 
-        try await withTaskCancellationHandler {
-            try await withGracefulShutdownHandler {
-                try await serverChannel.executeThenClose { inbound in
-                    try await withThrowingDiscardingTaskGroup { group in
-                        for try await connection in inbound {
-                            group.addTask { await self.serve(connection) }
-                        }
-                    }
-                }
-            } onGracefulShutdown: {
-                self.shutdown()
-            }
-        } onCancel: {
-            self.shutdown()
-        }
+        try await Self.acceptLoop(serverChannel, serve: { await self.serve($0) }, shutdown: { self.shutdown() })
         logger.info("control socket closed")
     }
 
@@ -181,24 +167,57 @@ public final class ControlServer: Service, Sendable {
     private func bind() async throws -> (NIOAsyncChannel<Connection, Never>, String?, ino_t) {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 128)
-        let initializer: @Sendable (any Channel) -> EventLoopFuture<Connection> = { channel in
+        return try await Self.bindUnixListener(bootstrap, listener: configuration.listener, mode: configuration.socketMode,
+                                               group: configuration.socketGroup) { channel in
             channel.eventLoop.makeCompletedFuture { try self.initializeConnection(channel) }
         }
-        switch configuration.listener {
+    }
+
+    /// Binds `listener` (an adopted descriptor, or a path: stale socket replaced, `mode` and
+    /// `group` applied) for a server whose connections `initializer` sets up. Shared by the
+    /// control and NBD servers. Returns the channel, the path this process bound (nil for an
+    /// adopted descriptor) and its inode, so that shutdown removes only that file.
+    static func bindUnixListener<Accepted: Sendable>(
+        _ bootstrap: ServerBootstrap, listener: ControlServerConfiguration.Listener, mode: UInt32, group: UInt32?,
+        initializer: @escaping @Sendable (any Channel) -> EventLoopFuture<Accepted>
+    ) async throws -> (NIOAsyncChannel<Accepted, Never>, String?, ino_t) {
+        switch listener {
         case .descriptor(let fd, _):
-            let ch = try await bootstrap.bind(fd, childChannelInitializer: initializer)
-            return (ch, nil, 0)
+            return (try await bootstrap.bind(fd, childChannelInitializer: initializer), nil, 0)
         case .path(let path):
-            try Self.prepareSocketPath(path)
+            try prepareSocketPath(path)
             let ch = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
             do {
-                try Self.applySocketAccess(path, mode: configuration.socketMode, group: configuration.socketGroup)
+                try applySocketAccess(path, mode: mode, group: group)
             } catch {
                 try? await ch.channel.close()
-                Self.removeSocketFile(path, inode: nil)
+                removeSocketFile(path, inode: nil)
                 throw error
             }
-            return (ch, path, Self.socketInode(path))
+            return (ch, path, socketInode(path))
+        }
+    }
+
+    /// Accepts connections until the listener closes, each served in a task of its own; a
+    /// graceful shutdown (swift-service-lifecycle) or a cancellation calls `shutdown`.
+    static func acceptLoop<Accepted: Sendable>(
+        _ serverChannel: NIOAsyncChannel<Accepted, Never>, serve: @escaping @Sendable (Accepted) async -> Void,
+        shutdown: @escaping @Sendable () -> Void
+    ) async throws {
+        try await withTaskCancellationHandler {
+            try await withGracefulShutdownHandler {
+                try await serverChannel.executeThenClose { inbound in
+                    try await withThrowingDiscardingTaskGroup { group in
+                        for try await connection in inbound {
+                            group.addTask { await serve(connection) }
+                        }
+                    }
+                }
+            } onGracefulShutdown: {
+                shutdown()
+            }
+        } onCancel: {
+            shutdown()
         }
     }
 

@@ -150,21 +150,7 @@ public final class NBDServer: Service, Sendable {
         logger.info("NBD socket listening", metadata: ["path": "\(shownPath ?? "fd")"])
         await onListening(ControlServer.ListeningInfo(path: shownPath))
 
-        try await withTaskCancellationHandler {
-            try await withGracefulShutdownHandler {
-                try await serverChannel.executeThenClose { inbound in
-                    try await withThrowingDiscardingTaskGroup { group in
-                        for try await connection in inbound {
-                            group.addTask { await self.serve(connection) }
-                        }
-                    }
-                }
-            } onGracefulShutdown: {
-                self.shutdown()
-            }
-        } onCancel: {
-            self.shutdown()
-        }
+        try await ControlServer.acceptLoop(serverChannel, serve: { await self.serve($0) }, shutdown: { self.shutdown() })
         logger.info("NBD socket closed")
     }
 
@@ -181,23 +167,9 @@ public final class NBDServer: Service, Sendable {
             .serverChannelOption(.backlog, value: 128)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20))
-        let initializer: @Sendable (any Channel) -> EventLoopFuture<Accepted> = { channel in
+        return try await ControlServer.bindUnixListener(bootstrap, listener: configuration.listener, mode: configuration.socketMode,
+                                                        group: configuration.socketGroup) { channel in
             channel.eventLoop.makeCompletedFuture { try self.initializeConnection(channel) }
-        }
-        switch configuration.listener {
-        case .descriptor(let fd, _):
-            return (try await bootstrap.bind(fd, childChannelInitializer: initializer), nil, 0)
-        case .path(let path):
-            try ControlServer.prepareSocketPath(path)
-            let ch = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
-            do {
-                try ControlServer.applySocketAccess(path, mode: configuration.socketMode, group: configuration.socketGroup)
-            } catch {
-                try? await ch.channel.close()
-                ControlServer.removeSocketFile(path, inode: nil)
-                throw error
-            }
-            return (ch, path, ControlServer.socketInode(path))
         }
     }
 
