@@ -153,6 +153,8 @@ public actor JobManager {
     /// Jobs with a remote source that could not be reached when they were opened: retried in
     /// the background until the server answers (`retryUnreachableSource`).
     private var reopenTasks: [String: Task<Void, Never>] = [:]
+    /// Set by `shutdown`: a background reopen that finishes after it must not leave a job open.
+    private var shuttingDown = false
     private var stateLock: StateDirectoryLock?
     /// Where exported jobs are served (nil: this manager serves none, and refuses `export`).
     public nonisolated let exportHost: JobExportHost?
@@ -338,7 +340,15 @@ public actor JobManager {
             reopenTasks[name] = nil
             return false
         }
+        guard !shuttingDown else { return false }
         let entry = await openEntry(def)
+        if shuttingDown {
+            // The daemon stopped while this open ran: close what it opened (the jobs were
+            // closed already), keeping the definition as it is for the next start.
+            if case .live(let job, _) = entry { await job.close() }
+            reopenTasks[name] = nil
+            return false
+        }
         if case .broken(_, let e2, _) = entry, Self.sourceUnreachable(def, e2) {
             jobs[name] = entry
             return true
@@ -809,6 +819,7 @@ public actor JobManager {
     /// Pauses every job with a final commit (graceful shutdown); definitions keep what the user
     /// asked for, so a restart resumes the hydrating ones.
     public func shutdown() async {
+        shuttingDown = true
         for (_, t) in reopenTasks { t.cancel() }
         reopenTasks = [:]
         for name in published.sorted() { await withdrawExport(name) }

@@ -490,6 +490,9 @@ public final class LiveCloneExport: NBDExport {
         let covered = regions(covering: capped)
         switch context {
         case Self.stateContext:
+            // At most 65536 regions per reply (the client asks again from where it ends): one
+            // bit array per call, not half a million entries for 2 GiB of 4 KiB regions.
+            let covered = covered.lowerBound..<min(covered.upperBound, covered.lowerBound + 65536)
             let bits = ownership.stateBits(covered)
             var extents: [NBDExtent] = []
             var i = 0
