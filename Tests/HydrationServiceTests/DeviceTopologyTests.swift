@@ -186,4 +186,37 @@ import Testing
         print("leaseProbeSurvivesConcurrentOpeners: \(probes) probes, \(busy) saw the opener")
         #expect(probes > 0 && busy > 0, "the opener was seen at least once")
     }
+
+    /// A child of this process between fork and exec holds copies of this process's descriptors:
+    /// it is not another user of the file (the in-use check refused a file only this process had
+    /// open when another thread spawned a program: a full test run failed on it once). Any other
+    /// process holding it still is one.
+    @Test func aForkedChildNotYetExecedIsNotAHolder() throws {
+        let dir = TempDir()
+        let fm = FileManager.default
+        let target = dir.file("disk")
+        _ = fm.createFile(atPath: target, contents: Data([1]))
+        let exe = dir.file("hydrationd"), other = dir.file("losetup")
+        _ = fm.createFile(atPath: exe, contents: Data())
+        _ = fm.createFile(atPath: other, contents: Data())
+        let proc = dir.file("proc")
+        try fm.createDirectory(atPath: proc + "/self", withIntermediateDirectories: true)
+        try fm.createSymbolicLink(atPath: proc + "/self/exe", withDestinationPath: exe)
+        func process(_ pid: Int, ppid: Int32, exe: String) throws {
+            try fm.createDirectory(atPath: proc + "/\(pid)/fd", withIntermediateDirectories: true)
+            try "Name:\tx\nPPid:\t\(ppid)\n".write(toFile: proc + "/\(pid)/status", atomically: true, encoding: .utf8)
+            try "x\n".write(toFile: proc + "/\(pid)/comm", atomically: true, encoding: .utf8)
+            try fm.createSymbolicLink(atPath: proc + "/\(pid)/exe", withDestinationPath: exe)
+            try fm.createSymbolicLink(atPath: proc + "/\(pid)/fd/3", withDestinationPath: target)
+        }
+        var st = stat()
+        #expect(stat(target, &st) == 0)
+        let file = StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+        try process(900001, ppid: getpid(), exe: exe)      // our child, not exec'd yet
+        let topo = DeviceTopology(sysfs: dir.file("sys"), proc: proc)
+        #expect(topo.processesHolding(file).isEmpty)
+        try process(900002, ppid: getpid(), exe: other)    // our child, exec'd into another program
+        try process(900003, ppid: 1, exe: exe)              // another daemon's process
+        #expect(topo.processesHolding(file) == ["pid 900002 (x)", "pid 900003 (x)"])
+    }
 }

@@ -350,6 +350,7 @@ public struct DeviceTopology: Sendable {
     func processesHolding(_ file: StorageObject) -> [String] {
         var out: [String] = []
         let selfPid = getpid()
+        let selfExe = realPath("\(proc)/self/exe")
         for p in list(proc).sorted(by: natural) {
             guard let pid = Int32(p) else { continue }
             let fdDir = "\(proc)/\(p)/fd"
@@ -357,12 +358,26 @@ public struct DeviceTopology: Sendable {
                 var st = stat()
                 guard stat(fdDir + "/" + f, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG,
                       StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == file else { continue }
+                // A child of this process between fork and exec holds copies of this process's
+                // own descriptors (the probe's among them; close-on-exec drops them at its exec):
+                // not another user. It made the in-use check refuse a file only this process had
+                // open, when another thread spawned a program at that moment.
+                if pid != selfPid, let selfExe, isUnexecedChild(p, of: selfPid, exe: selfExe) { break }
                 let comm = read("\(proc)/\(p)/comm") ?? "?"
                 out.append(pid == selfPid ? "this process (pid \(pid), \(comm))" : "pid \(pid) (\(comm))")
                 break
             }
         }
         return out
+    }
+
+    /// Whether process `p` is a child of `parent` still running `parent`'s executable (forked, not
+    /// yet exec'd).
+    func isUnexecedChild(_ p: String, of parent: Int32, exe: String) -> Bool {
+        guard let status = read("\(proc)/\(p)/status"),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("PPid:") }),
+              Int32(line.dropFirst(5).trimmingCharacters(in: .whitespaces)) == parent else { return false }
+        return realPath("\(proc)/\(p)/exe") == exe
     }
 
     /// Devices stacked on a block device or its partitions, and its mount points.
