@@ -42,6 +42,9 @@ from pathlib import Path
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 REPO = Path(__file__).resolve().parent.parent
 PEERS = ["nbdcopy", "cp", "qemu-img", "dd"]
+# The end state of --discard-source by another route (issue 13): nbdcopy, then rm of the source
+# and sync (twice the peak space). Compared with the -discard rows, not counted as a best peer.
+DISCARD_PEERS = ["nbdcopy-rm"]
 HYD_TOOLS = ["hydrationd", "hydrationd-discard"]
 # Variants for A/B runs (issue 13), only with --tools: "-direct" runs the daemon with
 # HYDRATION_DIRECT_IO=1 (O_DIRECT on both sides), "-buffered" with 0, "-dsrc" / "-ddst" with O_DIRECT
@@ -49,7 +52,10 @@ HYD_TOOLS = ["hydrationd", "hydrationd-discard"]
 HYD_VARIANTS = ["hydrationd-direct", "hydrationd-direct-discard", "hydrationd-buffered", "hydrationd-buffered-discard",
                 "hydrationd-base", "hydrationd-base-discard",
                 "hydrationd-dsrc", "hydrationd-dsrc-discard", "hydrationd-ddst", "hydrationd-ddst-discard"]
-ALL_TOOLS = HYD_TOOLS + PEERS
+ALL_TOOLS = HYD_TOOLS + PEERS + DISCARD_PEERS
+# --variant NAME=ARGS adds the tools "hydrationd@NAME" and "hydrationd-discard@NAME", started with
+# these extra `clonectl start` options (e.g. b4="--batch-size 4"), for A/B runs in one run.
+VARIANT_ARGS: dict[str, list[str]] = {}
 IMAGE_KINDS = ["dense", "holes", "zeros", "sparse"]
 APT_PACKAGES = {"time": "time", "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit", "qemu-img": "qemu-utils", "fio": "fio",
                 "fincore": "util-linux"}
@@ -525,6 +531,10 @@ def peer_command(tool: str, src: str, dst: str) -> list[str]:
         return ["qemu-img", "convert", "-f", "raw", "-O", "raw", "-t", "none", "-T", "none", "-W", "-m", "8", src, dst]
     if tool == "dd":
         return ["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fsync,sparse", "status=none"]
+    if tool == "nbdcopy-rm":
+        # sync -f: the filesystem holding the removed source (its blocks freed and, on ext4
+        # -o discard, trimmed at the journal commit this waits for).
+        return ["sh", "-c", 'nbdcopy --flush "$1" "$2" && rm -f "$1" && sync -f "$2"', "sh", src, dst]
     raise ValueError(tool)
 
 
@@ -532,12 +542,18 @@ def run_peer(args, tool: str, img: Image) -> Result:
     r = Result(img.kind, tool)
     dst = str(Path(args.data_dir) / "dst.img")
     remove(dst)
-    if tool == "nbdcopy":
+    src = img.path
+    if tool in DISCARD_PEERS:
+        # It removes its source: run on a copy made outside the timed region.
+        src = str(Path(args.data_dir) / "src-work.img")
+        remove(src)
+        subprocess.run(["cp", "--sparse=always", img.path, src], check=True)
+    if tool in ("nbdcopy", "nbdcopy-rm"):
         # nbdcopy writes into an existing destination of at least the source's size.
         with open(dst, "wb") as f:
             f.truncate(img.size)
-    r.cache_drop = drop_caches([img.path, dst])
-    sampler = Sampler(img.path, dst, args.interval)
+    r.cache_drop = drop_caches([src, dst] + ([img.path] if src != img.path else []))
+    sampler = Sampler(src, dst, args.interval)
     errf = open(Path(args.data_dir) / f"{tool}.stderr", "w+")
     sampler.start()
     t0 = time.monotonic()
@@ -546,7 +562,7 @@ def run_peer(args, tool: str, img: Image) -> Result:
     # ru_maxrss would read ~40-80 MiB whatever it does. time(1) forks the copier from a 1 MiB process.
     timef = Path(args.data_dir) / f"{tool}.time"
     proc = subprocess.Popen(["/usr/bin/time", "-f", "%U %S %M", "-o", str(timef),
-                             *peer_command(tool, img.path, dst)],
+                             *peer_command(tool, src, dst)],
                             stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True)
     ru = _wait4_with_timeout(proc, args.timeout)
     r.wall_s = time.monotonic() - t0
@@ -565,6 +581,9 @@ def run_peer(args, tool: str, img: Image) -> Result:
             r.status, r.reason = "failed", f"exit {proc.returncode}: {errf.read()[-300:].strip()}"
     errf.close()
     remove(str(timef))
+    if src != img.path:
+        r.src_allocated_after = allocated(src) if os.path.exists(src) else 0
+        remove(src)
     finish_result(r, img, sampler, dst, img.digest, verify=not args.no_verify)
     remove(dst)
     return r
@@ -650,7 +669,7 @@ def run_hydrationd(args, tool: str, img: Image) -> Result:
     if why:
         r.status, r.reason = "skipped", why
         return r
-    discard = tool.endswith("-discard")
+    discard = tool.split("@", 1)[0].endswith("-discard")
     data_dir = Path(args.data_dir)
     dst = str(data_dir / "dst.img")
     remove(dst)
@@ -673,6 +692,8 @@ def run_hydrationd(args, tool: str, img: Image) -> Result:
         start = ["start", name, "--source", src, "--dest", dst, "--commit-interval", "1s"]
         # Extra clonectl start options, for tuning experiments (e.g. "--threshold 512").
         start += os.environ.get("HYDRATION_BENCH_START_ARGS", "").split()
+        if "@" in tool:
+            start += VARIANT_ARGS[tool.split("@", 1)[1]]
         if discard:
             start.insert(6, "--discard-source")
         out = d.ctl(*start)
@@ -965,6 +986,9 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the images")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--label", default="", help="suffix of the results file name")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help='hydrationd with extra start options, as tools hydrationd@NAME and hydrationd-discard@NAME '
+                         '(e.g. --variant b4="--batch-size 4"); repeatable')
     ap.add_argument("--smoke", action="store_true", help="16 MiB images and a 1 GiB sparse one; under a minute")
     args = ap.parse_args()
     if args.smoke:
@@ -981,8 +1005,14 @@ def main():
     for k in kinds:
         if k not in IMAGE_KINDS:
             sys.exit(f"unknown image {k}")
+    for v in args.variant:
+        name, sep, value = v.partition("=")
+        if not sep or not name:
+            sys.exit(f"--variant wants NAME=ARGS, got {v!r}")
+        VARIANT_ARGS[name] = value.split()
     for t in tools:
-        if t not in ALL_TOOLS + HYD_VARIANTS:
+        base, _, variant = t.partition("@")
+        if base not in ALL_TOOLS + HYD_VARIANTS or (variant and (variant not in VARIANT_ARGS or base not in HYD_TOOLS + HYD_VARIANTS)):
             sys.exit(f"unknown tool {t}")
 
     ensure_dependencies(args.no_install)
@@ -1007,7 +1037,7 @@ def main():
             img = images[kind]
             rows = []
             for tool in tools:
-                if tool in HYD_TOOLS + HYD_VARIANTS:
+                if tool.partition("@")[0] in HYD_TOOLS + HYD_VARIANTS:
                     r = run_hydrationd(args, tool, img)
                 else:
                     r = run_peer(args, tool, img)

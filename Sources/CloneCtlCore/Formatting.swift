@@ -103,8 +103,12 @@ public enum StatusFormatter {
         func row(_ label: String, _ value: String) {
             lines.append("  " + label.padding(toLength: 12, withPad: " ", startingAt: 0) + value)
         }
-        row("source", "\(s.source.path) (\(Human.bytes(s.source.sizeBytes)))")
-        row("dest", s.dest.path)
+        func io(_ mode: String?, _ why: String?) -> String {
+            guard let mode else { return "" }
+            return ", \(mode) I/O" + (why.map { " (\($0))" } ?? "")
+        }
+        row("source", "\(s.source.path) (\(Human.bytes(s.source.sizeBytes))\(io(s.source.io, s.source.ioReason)))")
+        row("dest", s.dest.path + (s.dest.io == nil ? "" : " (\(io(s.dest.io, s.dest.ioReason).dropFirst(2)))"))
         let inFlight = s.regions.hydrating > 0 ? ", \(s.regions.hydrating) in flight" : ""
         row("regions", "\(s.regions.hydrated) of \(s.regions.total) hydrated\(inFlight), \(Human.bytes(s.regionSize)) each")
         var committed = "\(Human.bytes(s.bytes.committed))"

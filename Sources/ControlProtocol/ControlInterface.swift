@@ -12,15 +12,20 @@ public enum ControlInterface {
         # metadata, and can release (discard) source regions once their copy is durably committed.
         interface org.hydrationd.Control
 
-        # Source of a job.
+        # Source of a job. io: how it is read while the job has it open (direct: O_DIRECT
+        # for aligned calls; absent for a remote source or a job not open), io_reason: why.
         type JobSource (
           path: string,
-          size_bytes: int
+          size_bytes: int,
+          io: ?(direct, buffered),
+          io_reason: ?string
         )
 
-        # Destination of a job.
+        # Destination of a job; io and io_reason as for the source.
         type JobDest (
-          path: string
+          path: string,
+          io: ?(direct, buffered),
+          io_reason: ?string
         )
 
         # Region counts.
@@ -154,7 +159,9 @@ public enum ControlInterface {
         # space_budget_bytes without discard_source: true, or tunables without source and dest.
         # export serves the job's clone as NBD export name on the daemon's NBD socket, also
         # after a restart, until the job is removed. hydrate_on_read (with export): a read the
-        # source serves also hydrates the regions it read, in the background.
+        # source serves also hydrates the regions it read, in the background. io: auto (the
+        # default: direct I/O for a file source at most a third allocated, else buffered),
+        # buffered or direct.
         method Start(
           name: string,
           source: ?string,
@@ -170,7 +177,8 @@ public enum ControlInterface {
           space_budget_bytes: ?int,
           rate_limit_bytes_per_second: ?int,
           export: ?bool,
-          hydrate_on_read: ?bool
+          hydrate_on_read: ?bool,
+          io: ?(auto, buffered, direct)
         ) -> (job: JobStatus, created: bool)
 
         # Stop copying after the regions in flight, with a final commit.

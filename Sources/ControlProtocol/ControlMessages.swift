@@ -74,14 +74,18 @@ public struct StartParameters: VarlinkParameters, Equatable {
     /// With `export`: a read served by the source also hydrates the regions it read, in the
     /// background (dm-clone lacks this).
     public var hydrateOnRead: Bool?
+    /// `auto` (the default), `buffered` or `direct`: how the source is read and the destination
+    /// written (docs/design.md, "Direct I/O").
+    public var io: String?
 
     public init(
         name: String, source: String? = nil, dest: String? = nil, metadata: String? = nil,
         regionSize: UInt64? = nil, discardSource: Bool? = nil, destZeroed: Bool? = nil, noHydration: Bool? = nil,
         threshold: Int? = nil, batchSize: Int? = nil, commitIntervalMs: Int? = nil,
         spaceBudgetBytes: UInt64? = nil, rateLimitBytesPerSecond: UInt64? = nil, export: Bool? = nil,
-        hydrateOnRead: Bool? = nil
+        hydrateOnRead: Bool? = nil, io: String? = nil
     ) {
+        self.io = io
         self.name = name; self.source = source; self.dest = dest; self.metadata = metadata
         self.regionSize = regionSize; self.discardSource = discardSource; self.destZeroed = destZeroed
         self.noHydration = noHydration; self.threshold = threshold; self.batchSize = batchSize
@@ -96,11 +100,11 @@ public struct StartParameters: VarlinkParameters, Equatable {
         source == nil && dest == nil && metadata == nil && regionSize == nil && discardSource == nil
             && destZeroed == nil && noHydration == nil && threshold == nil && batchSize == nil
             && commitIntervalMs == nil && spaceBudgetBytes == nil && rateLimitBytesPerSecond == nil && export == nil
-            && hydrateOnRead == nil
+            && hydrateOnRead == nil && io == nil
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case name, source, dest, metadata, threshold, export
+        case name, source, dest, metadata, threshold, export, io
         case regionSize = "region_size"
         case discardSource = "discard_source"
         case destZeroed = "dest_zeroed"

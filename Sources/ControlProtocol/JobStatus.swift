@@ -12,13 +12,25 @@ public struct JobStatus: Codable, Sendable, Equatable {
     public struct Source: Codable, Sendable, Equatable {
         public var path: String
         public var sizeBytes: UInt64
-        public init(path: String, sizeBytes: UInt64) { self.path = path; self.sizeBytes = sizeBytes }
-        enum CodingKeys: String, CodingKey { case path; case sizeBytes = "size_bytes" }
+        /// "direct" or "buffered" while the job has the source open (nil for a remote source).
+        public var io: String?
+        /// What chose `io` (the job's `io` setting, `auto`'s reason, or why direct I/O fell back).
+        public var ioReason: String?
+        public init(path: String, sizeBytes: UInt64, io: String? = nil, ioReason: String? = nil) {
+            self.path = path; self.sizeBytes = sizeBytes; self.io = io; self.ioReason = ioReason
+        }
+        enum CodingKeys: String, CodingKey { case path, io; case sizeBytes = "size_bytes"; case ioReason = "io_reason" }
     }
 
     public struct Dest: Codable, Sendable, Equatable {
         public var path: String
-        public init(path: String) { self.path = path }
+        /// As `Source.io`.
+        public var io: String?
+        public var ioReason: String?
+        public init(path: String, io: String? = nil, ioReason: String? = nil) {
+            self.path = path; self.io = io; self.ioReason = ioReason
+        }
+        enum CodingKeys: String, CodingKey { case path, io; case ioReason = "io_reason" }
     }
 
     public struct Regions: Codable, Sendable, Equatable {

@@ -47,6 +47,9 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     @Flag(help: "With --export: a read served by the source also hydrates the regions it read, in the background (dm-clone lacks this).")
     var hydrateOnRead = false
 
+    @Option(help: ArgumentHelp("auto (default: direct I/O for a sparse file source, at most a third allocated), buffered, or direct (O_DIRECT where supported).", valueName: "mode"))
+    var io: String?
+
     @OptionGroup(title: "Tunables") var tunables: TunableOptions
 
     @Flag(help: "Print the new job's status as JSON (the JobStatus object).")
@@ -62,6 +65,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
         if noHydration { o.append("--no-hydration") }
         if export { o.append("--export") }
         if hydrateOnRead { o.append("--hydrate-on-read") }
+        if io != nil { o.append("--io") }
         return o + tunables.givenOptions
     }
 
@@ -73,6 +77,9 @@ struct Start: AsyncParsableCommand, DaemonCommand {
             discardSource: discardSource, spaceBudget: tunables.spaceBudget != nil,
             export: export, hydrateOnRead: hydrateOnRead) {
             throw ValidationError(problem)
+        }
+        if let m = io, !["auto", "buffered", "direct"].contains(m) {
+            throw ValidationError("--io must be auto, buffered or direct (got '\(m)')")
         }
         if let r = regionSize, r < 4096 || r > 1 << 30 || r & (r - 1) != 0 {
             throw ValidationError("--region-size must be a power of two from 4K to 1G (got \(r) bytes)")
@@ -89,7 +96,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
                 noHydration: noHydration ? true : nil, threshold: tunables.threshold, batchSize: tunables.batchSize,
                 commitIntervalMs: tunables.commitInterval, spaceBudgetBytes: tunables.spaceBudget,
                 rateLimitBytesPerSecond: tunables.rateLimit, export: export ? true : nil,
-                hydrateOnRead: hydrateOnRead ? true : nil)
+                hydrateOnRead: hydrateOnRead ? true : nil, io: io)
         } else {
             params = StartParameters(name: name)
         }

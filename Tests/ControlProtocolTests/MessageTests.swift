@@ -76,12 +76,12 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
             name: "vm1", source: "/src.img", dest: "/dev/sdb", metadata: "/m", regionSize: 65536,
             discardSource: true, destZeroed: false, noHydration: true, threshold: 2, batchSize: 4,
             commitIntervalMs: 500, spaceBudgetBytes: 1 << 30, rateLimitBytesPerSecond: 1 << 20, export: true,
-            hydrateOnRead: true)
+            hydrateOnRead: true, io: "direct")
         let keys = Set(try json(p).keys)
         #expect(keys == [
             "name", "source", "dest", "metadata", "region_size", "discard_source", "dest_zeroed", "no_hydration",
             "threshold", "batch_size", "commit_interval_ms", "space_budget_bytes", "rate_limit_bytes_per_second",
-            "export", "hydrate_on_read",
+            "export", "hydrate_on_read", "io",
         ])
         #expect(keys == StartParameters.parameterNames)
         #expect(try roundTrip(p) == p)

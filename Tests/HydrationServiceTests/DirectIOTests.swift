@@ -12,13 +12,20 @@ import Glibc
 final class RecordingPosixStorage: StorageProvider {
     let inner: PosixStorage
     let opened = Mutex<[String: PosixDevice]>([:])
-    init(directIO: Bool = true) { inner = PosixStorage(directIO: directIO) }
+    /// `directIO` nil: each job's choice (`IOMode`), as in the daemon.
+    init(directIO: Bool? = true) { inner = PosixStorage(directIO: directIO) }
 
     func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
         let d = try inner.open(path, mode: mode)
         if let p = d as? PosixDevice { opened.withLock { $0[path] = p } }
         return d
     }
+    func open(_ path: String, mode: OpenMode, directIO: Bool, why: String) throws(StorageError) -> any StorageDevice {
+        let d = try inner.open(path, mode: mode, directIO: directIO, why: why)
+        if let p = d as? PosixDevice { opened.withLock { $0[path] = p } }
+        return d
+    }
+    func allocatedBytes(of path: String) -> UInt64? { inner.allocatedBytes(of: path) }
     func identify(_ path: String) throws(StorageError) -> DeviceInfo? { try inner.identify(path) }
     func syncDirectory(containing path: String) throws(StorageError) { try inner.syncDirectory(containing: path) }
     func removeCreatedFile(_ path: String) { inner.removeCreatedFile(path) }
@@ -133,13 +140,18 @@ final class RecordingPosixStorage: StorageProvider {
 
     @Test func turnedOffMeansBuffered() throws {
         let dir = TempDir("dio-off")
-        let d = try PosixDevice.open(dir.file("d.img"), mode: .destination(createSize: 1 << 20), directIO: false)
+        let d = try PosixDevice.open(dir.file("d.img"), mode: .destination(createSize: 1 << 20), directIO: false,
+                                     why: "io=buffered")
         #expect(!d.directIO.enabled)
-        #expect(d.directIO.reason.contains("HYDRATION_DIRECT_IO"))
-        // The default (no HYDRATION_DIRECT_IO in the test environment): buffered.
+        #expect(d.directIO.reason == "io=buffered")
+        // No HYDRATION_DIRECT_IO in the test environment: each job chooses, and a caller that does
+        // not choose gets buffered I/O.
         if getenv("HYDRATION_DIRECT_IO") == nil {
             let p = PosixStorage()
-            #expect(!p.directSource && !p.directDestination)
+            #expect(p.directOverride == nil)
+            let e = try p.open(dir.file("e.img"), mode: .destination(createSize: 1 << 20))
+            #expect(!e.directIO.enabled)
+            e.close()
         }
         // Metadata is never opened direct.
         let m = try PosixDevice.open(dir.file("m"), mode: .metadata(create: true), directIO: true)
@@ -252,5 +264,76 @@ final class RecordingPosixStorage: StorageProvider {
         await job.close()
         #expect(byteDifference(readFile(dir.file("dst.img")), image.bytes) == nil)
         if discard { #expect(allocatedBytes(dir.file("src.img")) == 0) }
+    }
+
+    /// IOMode.auto: direct for a file source at most a third allocated, buffered otherwise and
+    /// when the allocation is unknown; buffered and direct as asked.
+    @Test func autoRule() {
+        let G: UInt64 = 1 << 30
+        #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: G).direct)
+        #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: 33 * G).direct)
+        #expect(!IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: 34 * G).direct)
+        #expect(!IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: 2 * G).direct)
+        #expect(!IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: nil).direct)
+        #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: G).why == "io=auto: sparse source, 1.0 % allocated")
+        #expect(IOMode.direct.choice(sourceSize: 2 * G, sourceAllocated: 2 * G) == (true, "io=direct"))
+        #expect(IOMode.buffered.choice(sourceSize: 100 * G, sourceAllocated: 0) == (false, "io=buffered"))
+    }
+
+    /// A job's `io` on real files: `auto` copies a sparse source (3 % data) direct and a dense one
+    /// buffered, `direct` and `buffered` override it, a reopened job chooses again from its own
+    /// setting; status says which and why, and every copy is exact.
+    @Test func jobIOModeChoosesDirectOrBuffered() async throws {
+        let dir = TempDir("dio-mode")
+        try #require(Self.supportsDirectIO(dir.path), "\(dir.path) is not on ext4/XFS/btrfs")
+        // Sparse: 2 MiB of data in 64 MiB. Dense: 4 MiB of random bytes.
+        let sparse = dir.file("sparse.img"), dense = dir.file("dense.img")
+        var rng = SeededRandom(seed: 71)
+        var data = [UInt8](repeating: 0, count: 2 << 20)
+        rng.fill(&data, 0..<data.count)
+        var fd = open(sparse, O_RDWR | O_CREAT, 0o600)
+        #expect(pwrite(fd, data, data.count, off_t(20 << 20)) == data.count)
+        #expect(ftruncate(fd, off_t(64 << 20)) == 0)
+        fsync(fd); close(fd)
+        var denseBytes = [UInt8](repeating: 0, count: 4 << 20)
+        rng.fill(&denseBytes, 0..<denseBytes.count)
+        fd = open(dense, O_RDWR | O_CREAT, 0o600)
+        #expect(pwrite(fd, denseBytes, denseBytes.count, 0) == denseBytes.count)
+        fsync(fd); close(fd)
+        var expectedSparse = [UInt8](repeating: 0, count: 64 << 20)
+        expectedSparse.replaceSubrange((20 << 20)..<(22 << 20), with: data)
+
+        let cases: [(String, String, IOMode, Bool, String)] = [
+            ("a", sparse, .auto, true, "io=auto: sparse source"),
+            ("b", dense, .auto, false, "io=auto: source 100.0 % allocated"),
+            ("c", dense, .direct, true, "io=direct"),
+            ("d", sparse, .buffered, false, "io=buffered"),
+        ]
+        for (name, src, mode, direct, why) in cases {
+            let storage = RecordingPosixStorage(directIO: nil)
+            let dst = dir.file("\(name).dst"), meta = dir.file("\(name).meta")
+            let cfg = JobConfiguration(name: name, sourcePath: src, destPath: dst, metadataPath: meta,
+                                       regionSize: 64 << 10, ioMode: mode)
+            let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)
+            let st = await job.status()
+            #expect(st.source.io == (direct ? "direct" : "buffered"), "\(name): \(st.source)")
+            #expect(st.dest.io == (direct ? "direct" : "buffered"), "\(name): \(st.dest)")
+            #expect(st.source.ioReason?.hasPrefix(why) == true, "\(name): \(st.source)")
+            try await job.start()
+            #expect(await job.waitUntilSettled() == .complete)
+            let d = try #require(storage.device(dst))
+            #expect(d.directIO.enabled == direct)
+            #expect((d.directCalls.load(ordering: .relaxed) > 0) == direct, "\(name): \(d.directCalls.load(ordering: .relaxed)) direct writes")
+            await job.close()
+            #expect(byteDifference(readFile(dst), src == sparse ? expectedSparse : denseBytes) == nil, "\(name)")
+        }
+        // Reopened with another setting: chosen again.
+        let storage = RecordingPosixStorage(directIO: nil)
+        let again = JobConfiguration(name: "a", sourcePath: sparse, destPath: dir.file("a.dst"), metadataPath: dir.file("a.meta"),
+                                     regionSize: 64 << 10, ioMode: .buffered)
+        let job = try await HydrationJob.open(again, storage: storage, io: io, logger: testLogger)
+        let st = await job.status()
+        #expect(st.source.io == "buffered" && st.source.ioReason == "io=buffered")
+        await job.close()
     }
 }

@@ -12,10 +12,14 @@ import re
 import select
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hydtest import VarlinkError, call as varlink_call  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("HYDRATION_BIN_DIR", REPO / ".build" / "debug"))
@@ -32,7 +36,7 @@ JOB_STATUS_KEYS = {
     "version": None,
     "name": None,
     "state": None,
-    "source": {"path", "size_bytes"},
+    "source": {"path", "size_bytes"},   # + "io", "io_reason" while the job has it open (OPTIONAL)
     "dest": {"path"},
     "region_size": None,
     "regions": {"total", "hydrated", "hydrating"},
@@ -48,6 +52,8 @@ JOB_STATUS_KEYS = {
     "export": None,   # null, or {"uri", "clients"} for an exported job (test_export_wiring.py)
 }
 STATES = {"idle", "hydrating", "paused", "complete", "failed"}
+# Keys a JobStatus object may also have: how the job reads and writes (Start io).
+OPTIONAL = {"source": {"io", "io_reason"}, "dest": {"io", "io_reason"}}
 
 
 def assert_job_status(obj):
@@ -56,7 +62,10 @@ def assert_job_status(obj):
     assert set(obj) == set(JOB_STATUS_KEYS), set(obj) ^ set(JOB_STATUS_KEYS)
     for key, sub in JOB_STATUS_KEYS.items():
         if sub is not None:
-            assert set(obj[key]) == sub, (key, obj[key])
+            assert set(obj[key]) - OPTIONAL.get(key, set()) == sub, (key, obj[key])
+    for side in ("source", "dest"):
+        if "io" in obj[side]:
+            assert obj[side]["io"] in ("direct", "buffered") and isinstance(obj[side]["io_reason"], str), obj[side]
     assert obj["version"] == 1
     assert obj["state"] in STATES
     assert isinstance(obj["name"], str)
@@ -186,7 +195,8 @@ def test_start_pause_resume_set_commit_remove(daemon, tmp_path):
     s = daemon.status("vm1")
     assert s["state"] == "hydrating"
     assert s["region_size"] == 65536
-    assert s["source"] == {"path": src, "size_bytes": 32 * MiB}
+    assert s["source"] == {"path": src, "size_bytes": 32 * MiB, "io": "buffered",
+                           "io_reason": "io=auto: source 100.0 % allocated"}
     assert s["settings"] == {"threshold": 8, "batch_size": 4, "rate_limit_bytes_per_second": 2 * MiB,
                              "commit_interval_ms": 200}
 
@@ -275,7 +285,7 @@ def test_status_human_and_json(daemon, tmp_path):
     assert human.startswith("a: paused, 0.0% (0 B of 4 MiB)"), human
     for label in ("source", "dest", "regions", "committed", "discard", "settings", "metadata"):
         assert re.search(rf"^  {label}\s", human, re.M), (label, human)
-    assert "(4 MiB)" in human and "64 KiB each" in human
+    assert "(4 MiB, buffered I/O (io=auto: source 100.0 % allocated))" in human and "64 KiB each" in human
     table = daemon.ok("status").stdout.splitlines()
     assert table[0].split() == ["NAME", "STATE", "PROGRESS", "SIZE", "RATE", "ETA", "DISCARDED"]
     assert [l.split()[0] for l in table[1:]] == ["a", "b"]
@@ -286,6 +296,66 @@ def test_status_human_and_json(daemon, tmp_path):
     time.sleep(2)
     human = daemon.ok("status", "c").stdout
     assert re.search(r"throughput  \d+(\.\d)? (KiB|MiB)/s, ETA (\d+s|<1s|\dm\d\ds)", human), human
+
+
+def direct_io_capable(path):
+    """ext4, XFS and btrfs do direct I/O; tmpfs (a CI machine's /tmp, perhaps) does not."""
+    r = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
+    return r.stdout.strip() in ("ext2/ext3", "xfs", "btrfs")
+
+
+def test_io_mode(daemon, tmp_path):
+    """Start's io (issue 13): auto reads a sparse file source direct and a dense one buffered,
+    --io overrides it and survives a restart, a bad value is refused by clonectl (64) and by the
+    daemon (InvalidParameter io) with nothing created; every copy is exact."""
+    capable = direct_io_capable(tmp_path)
+    sparse = tmp_path / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(20 * MiB)
+        f.write(os.urandom(2 * MiB))
+    dense = write_image(tmp_path / "dense.img", 8 * MiB, seed=5)
+    cases = [("sp", str(sparse), [], "io=auto: sparse source, 3.1 % allocated"),
+             ("de", dense, [], "io=auto: source 100.0 % allocated"),
+             ("dd", dense, ["--io", "direct"], "io=direct"),
+             ("sb", str(sparse), ["--io", "buffered"], "io=buffered")]
+    for name, src, opts, why in cases:
+        dst = str(tmp_path / f"{name}.dst")
+        # Paused first: status shows io while the job has its devices open.
+        daemon.ok("start", name, "--source", src, "--dest", dst, "--no-hydration", *opts)
+        st = json.loads(daemon.ok("status", name, "--json").stdout)
+        assert_job_status(st)
+        want_direct = why.startswith("io=direct") or "sparse source" in why
+        for side in ("source", "dest"):
+            assert st[side]["io_reason"].startswith(why), (name, st[side])
+            assert st[side]["io"] == ("direct" if want_direct and capable else "buffered"), (name, st[side])
+        if name == "dd":
+            human = daemon.ok("status", "dd").stdout
+            assert re.search(r"^  source\s.*, (direct|buffered) I/O \(io=direct", human, re.M), human
+            continue
+        daemon.ok("resume", name)
+        daemon.ok("wait", name)
+        with open(src, "rb") as a, open(dst, "rb") as b:
+            assert a.read() == b.read(), name
+
+    # The job's setting is persisted: a restarted daemon opens "dd" direct again, and copies it.
+    daemon.stop()
+    daemon.start()
+    st = json.loads(daemon.ok("status", "dd", "--json").stdout)
+    assert st["source"]["io_reason"].startswith("io=direct"), st["source"]
+    daemon.ok("resume", "dd")
+    daemon.ok("wait", "dd")
+    with open(dense, "rb") as a, open(tmp_path / "dd.dst", "rb") as b:
+        assert a.read() == b.read()
+
+    r = daemon.run("start", "bad", "--source", dense, "--dest", str(tmp_path / "bad.dst"), "--io", "fast")
+    assert r.returncode == 64 and "--io must be auto, buffered or direct" in r.stderr, r.stderr
+    with pytest.raises(VarlinkError) as e:
+        varlink_call(daemon.socket, "Start", {"name": "bad", "source": dense, "dest": str(tmp_path / "bad.dst"), "io": "fast"})
+    assert e.value.name == "org.hydrationd.Control.InvalidParameter", e.value
+    assert e.value.parameters["parameter"] == "io" and "auto, buffered, direct" in e.value.parameters["reason"], e.value
+    assert [j["name"] for j in json.loads(daemon.ok("list", "--json").stdout)] == ["dd", "de", "sb", "sp"]
+    assert not (tmp_path / "bad.dst").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,6 +529,8 @@ def test_check_and_dump_offline(daemon, tmp_path):
     (["--socket", "/tmp/x.sock", "check", "/tmp/x.meta"], "--socket does not apply to 'check'"),
     (["--socket", "/tmp/x.sock", "dump", "/tmp/x.meta"], "--socket does not apply to 'dump'"),
     (["frobnicate"], "Unexpected argument"),
+    (["start", "x", "--source", "/a", "--dest", "/b", "--io", "fast"], "--io must be auto, buffered or direct (got 'fast')"),
+    (["start", "x", "--io", "direct"], "--io applies only when creating a job"),
     (["pause"], "Missing expected argument"),
 ])
 def test_exit_64_usage(daemon, args, needle):

@@ -75,13 +75,20 @@ public struct DaemonControlHandler: ControlHandler {
         guard let source = p.source else { throw VarlinkError.invalidParameter("source", reason: creating) }
         guard let dest = p.dest else { throw VarlinkError.invalidParameter("dest", reason: creating) }
         if let (name, reason) = p.inapplicableParameter { throw VarlinkError.invalidParameter(name, reason: reason) }
+        var io = IOMode.auto
+        if let v = p.io {
+            guard let m = IOMode(rawValue: v) else {
+                throw VarlinkError.invalidParameter("io", reason: "must be one of \(IOMode.allCases.map(\.rawValue).joined(separator: ", ")) (got '\(v)')")
+            }
+            io = m
+        }
         let req = CreateJobRequest(
             name: p.name, source: source, dest: dest, metadata: p.metadata, regionSize: p.regionSize,
             discardSource: p.discardSource ?? false, destZeroed: p.destZeroed ?? false, noHydration: p.noHydration ?? false,
             tunables: TunablesUpdate(threshold: p.threshold, batchSize: p.batchSize,
                                      rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
                                      spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs),
-            export: p.export ?? false, hydrateOnRead: p.hydrateOnRead ?? false)
+            export: p.export ?? false, hydrateOnRead: p.hydrateOnRead ?? false, io: io)
         return try await mapped(job: p.name) { () async throws(HydrationError) in
             StartReply(job: try await manager.create(req), created: true)
         }

@@ -21,10 +21,12 @@ public struct JobDefinition: Codable, Sendable, Equatable {
     public var export: Bool = false
     /// With `export`: reads served by the source hydrate what they read (Start `hydrate_on_read`).
     public var hydrateOnRead: Bool = false
+    /// Direct or buffered I/O (Start `io`); records from before it read as `auto`.
+    public var io: IOMode = .auto
 
     var configuration: JobConfiguration {
         JobConfiguration(name: name, sourcePath: source, destPath: dest, metadataPath: metadata, regionSize: regionSize,
-                         discardSource: discardSource, destZeroed: destZeroed, tunables: tunables)
+                         discardSource: discardSource, destZeroed: destZeroed, tunables: tunables, ioMode: io)
     }
 }
 
@@ -32,7 +34,7 @@ extension JobDefinition {
     // Written by hand (in an extension, so the memberwise initialiser stays) only so that a record
     // without `export` — from before exports — still reads.
     enum CodingKeys: String, CodingKey {
-        case name, source, dest, metadata, regionSize, discardSource, destZeroed, tunables, desired, export, hydrateOnRead
+        case name, source, dest, metadata, regionSize, discardSource, destZeroed, tunables, desired, export, hydrateOnRead, io
     }
 
     public init(from decoder: any Decoder) throws {
@@ -45,7 +47,8 @@ extension JobDefinition {
                   tunables: try c.decode(Tunables.self, forKey: .tunables),
                   desired: try c.decode(Desired.self, forKey: .desired),
                   export: try c.decodeIfPresent(Bool.self, forKey: .export) ?? false,
-                  hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false)
+                  hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false,
+                  io: try c.decodeIfPresent(IOMode.self, forKey: .io) ?? .auto)
     }
 }
 
@@ -64,10 +67,14 @@ public struct CreateJobRequest: Sendable, Equatable {
     public var export: Bool
     /// With `export`: reads served by the source hydrate what they read.
     public var hydrateOnRead: Bool
+    /// Direct or buffered I/O.
+    public var io: IOMode
 
     public init(name: String, source: String, dest: String, metadata: String? = nil, regionSize: UInt64? = nil,
                 discardSource: Bool = false, destZeroed: Bool = false, noHydration: Bool = false,
-                tunables: TunablesUpdate = TunablesUpdate(), export: Bool = false, hydrateOnRead: Bool = false) {
+                tunables: TunablesUpdate = TunablesUpdate(), export: Bool = false, hydrateOnRead: Bool = false,
+                io: IOMode = .auto) {
+        self.io = io
         self.name = name; self.source = source; self.dest = dest; self.metadata = metadata; self.regionSize = regionSize
         self.discardSource = discardSource; self.destZeroed = destZeroed; self.noHydration = noHydration; self.tunables = tunables
         self.export = export
@@ -432,7 +439,7 @@ public actor JobManager {
                                 metadata: req.metadata ?? defaultMetadata,
                                 regionSize: regionSize, discardSource: req.discardSource, destZeroed: req.destZeroed,
                                 tunables: tunables, desired: req.noHydration ? .paused : .hydrating, export: req.export,
-                                hydrateOnRead: req.hydrateOnRead)
+                                hydrateOnRead: req.hydrateOnRead, io: req.io)
         // Another job's metadata must not be touched by this one.
         for entry in jobs.values {
             let other = entry.definition

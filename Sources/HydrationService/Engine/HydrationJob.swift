@@ -181,9 +181,12 @@ public actor HydrationJob {
         }
     }
 
-    static func openDevice(_ storage: any StorageProvider, _ path: String, _ mode: OpenMode, what: String) throws(HydrationError) -> any StorageDevice {
+    static func ioName(_ d: DirectIO) -> String { d.enabled ? "direct" : "buffered" }
+
+    static func openDevice(_ storage: any StorageProvider, _ path: String, _ mode: OpenMode, what: String,
+                           io: (direct: Bool, why: String) = (false, "not chosen")) throws(HydrationError) -> any StorageDevice {
         do {
-            return try storage.open(path, mode: mode)
+            return try storage.open(path, mode: mode, directIO: io.direct, why: io.why)
         } catch {
             switch error.errno {
             case EBUSY, EWOULDBLOCK:
@@ -240,8 +243,9 @@ public actor HydrationJob {
             e.sourceBytes = srcInfo.size; e.destBytes = d.size
             throw e
         }
-        let source = try openDevice(storage, config.sourcePath, .source(discard: config.discardSource), what: "source")
-        let dest = try openDevice(storage, config.destPath, .destination(createSize: srcInfo.size), what: "destination")
+        let io = config.ioMode.choice(sourceSize: srcInfo.size, sourceAllocated: storage.allocatedBytes(of: config.sourcePath))
+        let source = try openDevice(storage, config.sourcePath, .source(discard: config.discardSource), what: "source", io: io)
+        let dest = try openDevice(storage, config.destPath, .destination(createSize: srcInfo.size), what: "destination", io: io)
         // A destination file this call created is removed again if the job is not created.
         var created = false
         defer {
@@ -322,8 +326,9 @@ public actor HydrationJob {
             try confirm(d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
         }
         try checkPlacement(source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
-        let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source")
-        let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination")
+        let io = config.ioMode.choice(sourceSize: h.targetSize, sourceAllocated: storage.allocatedBytes(of: config.sourcePath))
+        let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source", io: io)
+        let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination", io: io)
         // Again on the open descriptors: the path may have been switched in between.
         try confirm(confirmedRemote(source.info, recorded: h.source, device: source, mayRead: mayRead), is: h.source, what: "source",
                     metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
@@ -698,8 +703,10 @@ public actor HydrationJob {
         let discardOn = discarder != nil
         return JobStatus(
             name: name, state: state,
-            source: .init(path: configuration.sourcePath, sizeBytes: geometry.targetSize),
-            dest: .init(path: configuration.destPath),
+            source: .init(path: configuration.sourcePath, sizeBytes: geometry.targetSize,
+                          io: RemoteSource.isURI(configuration.sourcePath) ? nil : Self.ioName(source.directIO),
+                          ioReason: RemoteSource.isURI(configuration.sourcePath) ? nil : source.directIO.reason),
+            dest: .init(path: configuration.destPath, io: Self.ioName(dest.directIO), ioReason: dest.directIO.reason),
             regionSize: geometry.regionSize,
             regions: .init(total: UInt64(geometry.regionCount), hydrated: UInt64(c.hydratedRegions), hydrating: UInt64(c.hydratingRegions)),
             bytes: .init(total: total, hydrated: c.hydratedBytes, committed: c.committedBytes,

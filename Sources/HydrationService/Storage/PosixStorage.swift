@@ -8,28 +8,31 @@ import Synchronization
 public struct PosixStorage: StorageProvider {
     /// Where device topology and identities are read from (sysfs, /proc).
     public var topology: DeviceTopology
-    /// Whether sources and destinations are read and written with O_DIRECT where the file or
-    /// device supports it (`PosixDevice.open`). Off by default: on the machine of
-    /// docs/benchmarks.md ("Round 2") it cut CPU by 2-4x and the page cache to nothing, but made
-    /// copies of dense images 25-50 % slower. `HYDRATION_DIRECT_IO` in the environment turns it on.
-    public var directSource: Bool
-    public var directDestination: Bool
+    /// Direct I/O for sources and destinations, when set, whatever the job chose (`IOMode`):
+    /// from the constructor (tests) or `HYDRATION_DIRECT_IO` (experiments, the benchmark's
+    /// variants). Nil: each job's choice (`open(_:mode:directIO:why:)`), buffered for callers
+    /// that do not choose.
+    public var directOverride: (source: Bool, destination: Bool, why: String)?
 
     public init(topology: DeviceTopology = DeviceTopology(), directIO: Bool? = nil) {
         self.topology = topology
-        let d = PosixStorage.directIODefault
-        self.directSource = directIO ?? d.source
-        self.directDestination = directIO ?? d.destination
+        if let directIO {
+            self.directOverride = (directIO, directIO, "set by the storage provider")
+        } else {
+            self.directOverride = PosixStorage.directIOFromEnvironment
+        }
     }
 
     /// From `HYDRATION_DIRECT_IO`: `1` (or on, yes, true, both) both sides, `source` or `dest`
-    /// only that side, anything else (or unset) neither.
-    public static var directIODefault: (source: Bool, destination: Bool) {
-        guard let v = getenv("HYDRATION_DIRECT_IO").map({ String(cString: $0).lowercased() }) else { return (false, false) }
-        if ["1", "on", "yes", "true", "both"].contains(v) { return (true, true) }
-        if v == "source" { return (true, false) }
-        if v == "dest" || v == "destination" { return (false, true) }
-        return (false, false)
+    /// only that side, `0` (or anything else) neither; unset: nil, each job decides.
+    public static var directIOFromEnvironment: (source: Bool, destination: Bool, why: String)? {
+        guard let raw = getenv("HYDRATION_DIRECT_IO").map({ String(cString: $0) }) else { return nil }
+        let v = raw.lowercased()
+        let why = "HYDRATION_DIRECT_IO=\(raw)"
+        if ["1", "on", "yes", "true", "both"].contains(v) { return (true, true, why) }
+        if v == "source" { return (true, false, why) }
+        if v == "dest" || v == "destination" { return (false, true, why) }
+        return (false, false, why)
     }
 
     public func stack(of path: String) throws(StorageError) -> StorageStack? {
@@ -45,14 +48,31 @@ public struct PosixStorage: StorageProvider {
     }
 
     public func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
+        try open(path, mode: mode, directIO: false, why: "not chosen by the caller")
+    }
+
+    public func open(_ path: String, mode: OpenMode, directIO: Bool, why: String) throws(StorageError) -> any StorageDevice {
         if RemoteSource.isURI(path) { return try RemoteNBDDevice.open(path, mode: mode) }
-        let direct: Bool
+        var direct = false
+        var reason = why
         switch mode {
-        case .source: direct = directSource
-        case .destination: direct = directDestination
-        default: direct = false
+        case .source, .destination:
+            direct = directIO
+            if let o = directOverride {
+                if case .source = mode { direct = o.source } else { direct = o.destination }
+                reason = o.why
+            }
+        default: break
         }
-        return try PosixDevice.open(path, mode: mode, topology: topology, directIO: direct)
+        return try PosixDevice.open(path, mode: mode, topology: topology, directIO: direct, why: reason)
+    }
+
+    /// Bytes a regular file has allocated (st_blocks), nil for anything else.
+    public func allocatedBytes(of path: String) -> UInt64? {
+        if RemoteSource.isURI(path) { return nil }
+        var st = stat()
+        guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return nil }
+        return UInt64(st.st_blocks) * 512
     }
 
     public func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
@@ -153,7 +173,7 @@ final class PosixDevice: StorageDevice {
     }
 
     static func open(_ path: String, mode: OpenMode, topology: DeviceTopology = DeviceTopology(),
-                     directIO wantDirect: Bool = true) throws(StorageError) -> PosixDevice {
+                     directIO wantDirect: Bool = true, why: String = "not chosen") throws(StorageError) -> PosixDevice {
         guard path.hasPrefix("/") else { throw StorageError(.open, path: path, errno: EINVAL) }
         var flags = O_CLOEXEC
         switch mode {
@@ -244,9 +264,9 @@ final class PosixDevice: StorageDevice {
         case .source, .destination:
             if wantDirect {
                 (directFD, direct) = openDirect(path, writable: { if case .destination = mode { return true }; return false }(),
-                                                logicalBlockSize: info.logicalBlockSize, sameAs: st)
+                                                logicalBlockSize: info.logicalBlockSize, sameAs: st, why: why)
             } else {
-                direct = .off("not enabled (HYDRATION_DIRECT_IO)")
+                direct = .off(why)
             }
         default: break
         }
@@ -258,16 +278,16 @@ final class PosixDevice: StorageDevice {
     /// A second, O_DIRECT open file description of `path` (not exclusive: `fd` holds the
     /// device's O_EXCL claim or the file's flock), and the alignment its calls need; or -1 and
     /// why direct I/O is not used.
-    private static func openDirect(_ path: String, writable: Bool, logicalBlockSize: Int, sameAs first: stat) -> (Int32, DirectIO) {
+    private static func openDirect(_ path: String, writable: Bool, logicalBlockSize: Int, sameAs first: stat, why: String) -> (Int32, DirectIO) {
         let dfd = hyd_open_direct(path, writable ? O_RDWR : O_RDONLY)
         if dfd < 0 {
-            return (-1, .off("O_DIRECT refused at open: \(errnoSymbol(errno))"))
+            return (-1, .off("\(why), but O_DIRECT refused at open: \(errnoSymbol(errno))"))
         }
         // The path is opened again: it must still name the object `fd` has open (and locked).
         var st = stat()
         guard fstat(dfd, &st) == 0, st.st_dev == first.st_dev, st.st_ino == first.st_ino, st.st_rdev == first.st_rdev else {
             Glibc.close(dfd)
-            return (-1, .off("the path no longer names the opened file"))
+            return (-1, .off("\(why), but the path no longer names the opened file"))
         }
         var mem: UInt32 = 0, off: UInt32 = 0
         if hyd_dio_align(dfd, &mem, &off) != 0 || off == 0 || mem == 0 {
@@ -277,16 +297,16 @@ final class PosixDevice: StorageDevice {
                 mem = UInt32(logicalBlockSize); off = UInt32(logicalBlockSize)
             } else {
                 Glibc.close(dfd)
-                return (-1, .off("the filesystem reports no direct-I/O alignment (STATX_DIOALIGN)"))
+                return (-1, .off("\(why), but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN)"))
             }
         }
         let page = max(4096, Int(sysconf(Int32(_SC_PAGESIZE))))
         let alignment = max(page, Int(mem), Int(off))
         guard alignment & (alignment - 1) == 0 else {
             Glibc.close(dfd)
-            return (-1, .off("direct-I/O alignment \(alignment) is not a power of two"))
+            return (-1, .off("\(why), but direct-I/O alignment \(alignment) is not a power of two"))
         }
-        return (dfd, DirectIO(enabled: true, alignment: alignment, reason: ""))
+        return (dfd, DirectIO(enabled: true, alignment: alignment, reason: why))
     }
 
     /// How many bytes of a call at `offset` of `count` bytes from `address` may go direct: all

@@ -121,7 +121,7 @@ public struct DirectIO: Sendable, Equatable, CustomStringConvertible {
     /// What a call must be aligned to (offset, length and buffer address) to go direct: the
     /// device's direct-I/O alignment, at least a page, so a page is never written both ways.
     public var alignment: Int
-    /// Why direct I/O is off ("" when on).
+    /// Why direct I/O is on or off: what chose it, or why the device could not do it.
     public var reason: String
 
     public init(enabled: Bool, alignment: Int, reason: String) {
@@ -131,7 +131,7 @@ public struct DirectIO: Sendable, Equatable, CustomStringConvertible {
     public static func off(_ reason: String) -> DirectIO { DirectIO(enabled: false, alignment: 0, reason: reason) }
 
     public var description: String {
-        enabled ? "direct I/O (O_DIRECT, \(alignment)-byte aligned; unaligned calls buffered)" : "buffered I/O (\(reason))"
+        enabled ? "direct I/O (O_DIRECT, \(alignment)-byte aligned; unaligned calls buffered; \(reason))" : "buffered I/O (\(reason))"
     }
 }
 
@@ -232,6 +232,11 @@ public enum OpenMode: Sendable, Equatable {
 /// `PosixStorage`; tests use `SimulatedStorage`.
 public protocol StorageProvider: Sendable {
     func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice
+    /// Opens a source or destination with the job's choice of direct I/O (`IOMode`); `why` says
+    /// what chose it (for status). Providers without a page cache ignore both.
+    func open(_ path: String, mode: OpenMode, directIO: Bool, why: String) throws(StorageError) -> any StorageDevice
+    /// Bytes `path` has allocated when it is a regular file (for `IOMode.auto`), nil when unknown.
+    func allocatedBytes(of path: String) -> UInt64?
     /// The identity of whatever `path` names, or nil when nothing is there.
     func identify(_ path: String) throws(StorageError) -> DeviceInfo?
     /// fsync of the directory that holds `path`, so a newly created file survives a crash.
@@ -248,6 +253,10 @@ public protocol StorageProvider: Sendable {
 }
 
 extension StorageProvider {
+    public func open(_ path: String, mode: OpenMode, directIO: Bool, why: String) throws(StorageError) -> any StorageDevice {
+        try open(path, mode: mode)
+    }
+    public func allocatedBytes(of path: String) -> UInt64? { nil }
     /// Simulated disks forget nothing they did not create; the default does nothing.
     public func removeCreatedFile(_ path: String) {}
     /// Simulated disks have no topology: nothing overlaps.

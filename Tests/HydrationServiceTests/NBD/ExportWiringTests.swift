@@ -108,8 +108,10 @@ import Testing
             """
         let def = try JSONDecoder().decode(JobDefinition.self, from: Data(old.utf8))
         #expect(def.export == false)
+        #expect(def.io == .auto, "a record from before Start's io reads as auto")
         var exported = def
         exported.export = true
+        exported.io = .direct
         let back = try JSONDecoder().decode(JobDefinition.self, from: JSONEncoder().encode(exported))
         #expect(back == exported)
     }
