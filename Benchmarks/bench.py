@@ -54,8 +54,10 @@ HYD_VARIANTS = ["hydrationd-direct", "hydrationd-direct-discard", "hydrationd-bu
                 "hydrationd-dsrc", "hydrationd-dsrc-discard", "hydrationd-ddst", "hydrationd-ddst-discard"]
 ALL_TOOLS = HYD_TOOLS + PEERS + DISCARD_PEERS
 # --variant NAME=ARGS adds the tools "hydrationd@NAME" and "hydrationd-discard@NAME", started with
-# these extra `clonectl start` options (e.g. b4="--batch-size 4"), for A/B runs in one run.
+# these extra `clonectl start` options (e.g. b4="--batch-size 4"), for A/B runs in one run;
+# NAME=START_ARGS|DAEMON_ARGS also passes options to hydrationd (e.g. t4="|--io-threads 4").
 VARIANT_ARGS: dict[str, list[str]] = {}
+VARIANT_DAEMON_ARGS: dict[str, list[str]] = {}
 IMAGE_KINDS = ["dense", "holes", "zeros", "sparse"]
 APT_PACKAGES = {"time": "time", "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit", "qemu-img": "qemu-utils", "fio": "fio",
                 "fincore": "util-linux"}
@@ -543,11 +545,10 @@ def run_peer(args, tool: str, img: Image) -> Result:
     dst = str(Path(args.data_dir) / "dst.img")
     remove(dst)
     src = img.path
-    if tool in DISCARD_PEERS:
+    if tool in DISCARD_PEERS or args.fresh_source:
         # It removes its source: run on a copy made outside the timed region.
         src = str(Path(args.data_dir) / "src-work.img")
-        remove(src)
-        subprocess.run(["cp", "--sparse=always", img.path, src], check=True)
+        work_copy(img, src)
     if tool in ("nbdcopy", "nbdcopy-rm"):
         # nbdcopy writes into an existing destination of at least the source's size.
         with open(dst, "wb") as f:
@@ -589,6 +590,17 @@ def run_peer(args, tool: str, img: Image) -> Result:
     return r
 
 
+def work_copy(img: Image, dst: str):
+    """A copy of the image for a run that destroys its source, allocated as the image is: holes
+    stay holes and written zeros stay written (`--sparse=auto`; `--sparse=always` turned the zeros
+    image into the holes image, and the -discard rows of runs before 2026-11-29 19:50 measured that)."""
+    remove(dst)
+    subprocess.run(["cp", "--sparse=auto", img.path, dst], check=True)
+    got, want = allocated(dst), allocated(img.path)
+    if abs(got - want) > 4 * MiB:
+        raise RuntimeError(f"work copy of {img.path} has {got} bytes allocated, the image {want}")
+
+
 def remove(path: str):
     try:
         os.unlink(path)
@@ -608,6 +620,7 @@ class Daemon:
         for variant, value in (("-buffered", "0"), ("-direct", "1"), ("-dsrc", "source"), ("-ddst", "dest")):
             if variant in tag:
                 self.env = dict(os.environ, HYDRATION_DIRECT_IO=value)
+        self.tag = tag
         self.state = Path(args.data_dir) / f"hyd-state-{tag}"
         self.sock = str(Path(args.data_dir) / "hyd.sock")
         self.log_path = Path(args.data_dir) / f"hydrationd-{tag}.log"
@@ -634,6 +647,8 @@ class Daemon:
         self.logf = open(self.log_path, "w")
         # Extra hydrationd options, for tuning experiments (e.g. "--io-threads 16").
         extra = os.environ.get("HYDRATION_BENCH_DAEMON_ARGS", "").split()
+        if "@" in self.tag:
+            extra += VARIANT_DAEMON_ARGS[self.tag.split("@", 1)[1]]
         self.proc = subprocess.Popen([str(self.bin / "hydrationd"), "--state-dir", str(self.state), "--socket", self.sock, *extra],
                                      stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         deadline = time.monotonic() + timeout
@@ -674,12 +689,11 @@ def run_hydrationd(args, tool: str, img: Image) -> Result:
     dst = str(data_dir / "dst.img")
     remove(dst)
     src = img.path
-    if discard:
+    if discard or args.fresh_source:
         # The job destroys its source: run on a copy, outside the timed region, and verify the
         # destination against the pristine image's digest.
         src = str(data_dir / "src-work.img")
-        remove(src)
-        subprocess.run(["cp", "--sparse=always", img.path, src], check=True)
+        work_copy(img, src)
     d = Daemon(args, tool)
     try:
         d.start()
@@ -725,7 +739,7 @@ def run_hydrationd(args, tool: str, img: Image) -> Result:
     finally:
         d.stop()
         remove(dst)
-        if discard:
+        if src != img.path:
             remove(src)
     return r
 
@@ -989,6 +1003,10 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help='hydrationd with extra start options, as tools hydrationd@NAME and hydrationd-discard@NAME '
                          '(e.g. --variant b4="--batch-size 4"); repeatable')
+    ap.add_argument("--fresh-source", action="store_true",
+                    help="every run reads a fresh copy of the image, as the -discard and nbdcopy-rm runs must: on a "
+                         "virtual disk backed by the host's page cache a just-written source reads faster, which "
+                         "otherwise favours those runs")
     ap.add_argument("--smoke", action="store_true", help="16 MiB images and a 1 GiB sparse one; under a minute")
     args = ap.parse_args()
     if args.smoke:
@@ -1009,7 +1027,9 @@ def main():
         name, sep, value = v.partition("=")
         if not sep or not name:
             sys.exit(f"--variant wants NAME=ARGS, got {v!r}")
-        VARIANT_ARGS[name] = value.split()
+        start_args, _, daemon_args = value.partition("|")
+        VARIANT_ARGS[name] = start_args.split()
+        VARIANT_DAEMON_ARGS[name] = daemon_args.split()
     for t in tools:
         base, _, variant = t.partition("@")
         if base not in ALL_TOOLS + HYD_VARIANTS or (variant and (variant not in VARIANT_ARGS or base not in HYD_TOOLS + HYD_VARIANTS)):
