@@ -127,7 +127,12 @@ def test_ext4_on_the_live_clone_survives_sigkill(tmp_path):
         r = clonectl(d, "start", "fs", "--source", src, "--dest", dst, "--discard-source", "--export",
                      "--rate-limit", "4M", "--commit-interval", "1h")
         assert r.returncode == 0, r.stderr
-        uri = d.status("fs")["export"]["uri"]
+        st = d.status("fs")
+        uri = st["export"]["uri"]
+        # A mostly empty filesystem image: io=auto takes the direct-I/O path (docs/live-clone.md),
+        # where the filesystem holding it can do direct I/O.
+        assert st["source"]["io_reason"].startswith("io=auto: sparse source"), st["source"]
+        assert st["dest"]["io_reason"].startswith("io=auto: sparse source"), st["dest"]
 
         a = Attached(tmp, uri, "1")
         attached.append(a)
