@@ -103,12 +103,18 @@ public enum StatusFormatter {
         func row(_ label: String, _ value: String) {
             lines.append("  " + label.padding(toLength: 12, withPad: " ", startingAt: 0) + value)
         }
-        func io(_ mode: String?, _ why: String?) -> String {
-            guard let mode else { return "" }
-            return ", \(mode) I/O" + (why.map { " (\($0))" } ?? "")
+        row("source", "\(s.source.path) (\(Human.bytes(s.source.sizeBytes)))")
+        row("dest", s.dest.path)
+        // How the job reads and writes (Start io): one line when both sides agree.
+        func io(_ mode: String, _ why: String?) -> String { mode + (why.map { " (\($0))" } ?? "") }
+        switch (s.source.io, s.dest.io) {
+        case let (src?, dst?) where src == dst && s.source.ioReason == s.dest.ioReason:
+            row("i/o", io(src, s.source.ioReason))
+        case let (src, dst) where src != nil || dst != nil:
+            row("i/o", [src.map { "source " + io($0, s.source.ioReason) }, dst.map { "dest " + io($0, s.dest.ioReason) }]
+                .compactMap { $0 }.joined(separator: ", "))
+        default: break
         }
-        row("source", "\(s.source.path) (\(Human.bytes(s.source.sizeBytes))\(io(s.source.io, s.source.ioReason)))")
-        row("dest", s.dest.path + (s.dest.io == nil ? "" : " (\(io(s.dest.io, s.dest.ioReason).dropFirst(2)))"))
         let inFlight = s.regions.hydrating > 0 ? ", \(s.regions.hydrating) in flight" : ""
         row("regions", "\(s.regions.hydrated) of \(s.regions.total) hydrated\(inFlight), \(Human.bytes(s.regionSize)) each")
         var committed = "\(Human.bytes(s.bytes.committed))"

@@ -76,6 +76,22 @@ let etaCases: [(Double?, String)] = [
         #expect(!text.contains("error"))
     }
 
+    /// The i/o row: one line when source and destination agree, one entry per side otherwise,
+    /// none when status has no io (a job whose devices are not open).
+    @Test func detailedShowsIOMode() {
+        var s = sampleStatus()
+        #expect(!StatusFormatter.detailed(s).contains("i/o"))
+        s.source.io = "direct"; s.source.ioReason = "io=auto: sparse source, 1.0 % allocated"
+        s.dest.io = "direct"; s.dest.ioReason = "io=auto: sparse source, 1.0 % allocated"
+        #expect(StatusFormatter.detailed(s).contains("\n  i/o         direct (io=auto: sparse source, 1.0 % allocated)\n"))
+        s.dest.io = "buffered"
+        s.dest.ioReason = "io=auto: sparse source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN)"
+        #expect(StatusFormatter.detailed(s).contains(
+            "\n  i/o         source direct (io=auto: sparse source, 1.0 % allocated), dest buffered (io=auto: sparse source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN))\n"))
+        s.source.io = nil; s.source.ioReason = nil
+        #expect(StatusFormatter.detailed(s).contains("\n  i/o         dest buffered ("))
+    }
+
     @Test func detailedShowsError() {
         let s = sampleStatus(state: .failed, error: .init(code: "SourceReadFailed", message: "read /dev/vg/src: EIO"))
         let text = StatusFormatter.detailed(s)
