@@ -336,4 +336,88 @@ final class RecordingPosixStorage: StorageProvider {
         #expect(st.source.io == "buffered" && st.source.ioReason == "io=buffered")
         await job.close()
     }
+
+    /// A source or destination that shrinks under the job (`truncate`) reads as an error before
+    /// its size at open, never as zeros; SEEK_DATA finding no more data checks the size too. A
+    /// metadata file still reads past its end as zeros.
+    @Test func shrunkSourceOrDestinationIsAnErrorNotZeros() throws {
+        let dir = TempDir("dio-shrink")
+        var rng = SeededRandom(seed: 81)
+        var data = [UInt8](repeating: 0, count: 4 << 20)
+        rng.fill(&data, 0..<data.count)
+        for (mode, direct) in [(OpenMode.source(discard: false), false), (.source(discard: false), true),
+                               (.destination(createSize: nil), false)] {
+            let path = dir.file("f-\(direct)-\(mode == .source(discard: false)).img")
+            var fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
+            #expect(pwrite(fd, data, data.count, 0) == data.count)
+            #expect(ftruncate(fd, 8 << 20) == 0)   // 4 MiB data, then a 4 MiB hole
+            close(fd)
+            let d = try PosixDevice.open(path, mode: mode, directIO: direct)
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+            defer { buffer.deallocate(); d.close() }
+            try d.read(into: buffer, at: 1 << 20)
+            #expect(try d.nextData(from: 5 << 20) == nil, "the trailing hole")
+            fd = open(path, O_RDWR)
+            #expect(ftruncate(fd, 2 << 20) == 0)
+            close(fd)
+            do {
+                try d.read(into: buffer, at: 3 << 20)
+                Issue.record("a read past the new end of a shrunk \(mode) returned zeros")
+            } catch {
+                #expect(error.errno == EIO && error.detail?.contains("truncated or resized under the job") == true, "\(error)")
+                #expect(error.detail?.contains("ends at 2097152 bytes, before the 8388608") == true, "\(error)")
+            }
+            do {
+                _ = try d.nextData(from: 3 << 20)
+                Issue.record("SEEK_DATA past the new end of a shrunk \(mode) reported a hole")
+            } catch {
+                #expect(error.operation == .seek && error.errno == EIO, "\(error)")
+            }
+            try d.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<4096]), at: 4096)   // before the new end: fine
+        }
+        // Metadata: past its end reads as zeros, as before.
+        let m = try PosixDevice.open(dir.file("m"), mode: .metadata(create: true), directIO: false)
+        defer { m.close() }
+        var page = [UInt8](repeating: 0xff, count: 4096)
+        try page.withUnsafeMutableBytes { try m.read(into: $0, at: 0) }
+        #expect(page.allSatisfy { $0 == 0 })
+    }
+
+    /// The attack of round 3 (6a) on the engine: the source is truncated while the job copies it.
+    /// The job fails with SourceReadFailed naming the truncation, is never recorded complete, and
+    /// the metadata records nothing past the new end as hydrated from zeros.
+    @Test(arguments: [IOMode.buffered, .direct]) func sourceTruncatedMidJobFailsTheJob(io mode: IOMode) async throws {
+        let dir = TempDir("dio-trunc")
+        try #require(Self.supportsDirectIO(dir.path), "\(dir.path) is not on ext4/XFS/btrfs")
+        let src = dir.file("src.img"), dst = dir.file("dst.img")
+        var rng = SeededRandom(seed: 83)
+        var chunk = [UInt8](repeating: 0, count: 1 << 20)
+        let fd = open(src, O_RDWR | O_CREAT, 0o600)
+        for at in stride(from: 0, to: 64 << 20, by: 4 << 20) {   // 1 MiB of data every 4 MiB
+            rng.fill(&chunk, 0..<chunk.count)
+            #expect(pwrite(fd, chunk, chunk.count, off_t(at)) == chunk.count)
+        }
+        #expect(ftruncate(fd, 64 << 20) == 0)
+        fsync(fd)
+        close(fd)   // nothing else may hold it open (DeviceInUse): truncated by path below, as truncate(1) does
+        let storage = RecordingPosixStorage(directIO: nil)
+        var t = Tunables.defaults(regionSize: 64 << 10)
+        t.rateLimitBytesPerSecond = 8 << 20
+        let cfg = JobConfiguration(name: "trunc", sourcePath: src, destPath: dst, metadataPath: dir.file("meta"),
+                                   regionSize: 64 << 10, tunables: t, ioMode: mode)
+        let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)
+        try await job.start()
+        try await Task.sleep(for: .milliseconds(400))
+        #expect(truncate(src, 16 << 20) == 0)
+        t.rateLimitBytesPerSecond = nil
+        try await job.update(t)
+        #expect(await job.waitUntilSettled() == .failed)
+        let st = await job.status()
+        #expect(st.error?.code == "SourceReadFailed", "\(String(describing: st.error))")
+        #expect(st.error?.message.contains("truncated or resized under the job") == true, "\(String(describing: st.error))")
+        #expect(st.regions.hydrated < st.regions.total)
+        await job.close()
+        let (store, _) = try MetadataStore.open(path: dir.file("meta"), storage: PosixStorage(), readOnly: true)
+        #expect(!store.header.complete)
+    }
 }

@@ -52,6 +52,26 @@ import ControlProtocol
         return Fixture(sim: sim, io: io, job: job, export: export, image: image)
     }
 
+    /// On a block-device destination the export's minimum block size is its sector, unless the
+    /// export (the source's size) is not a multiple of it: the last partial block must stay
+    /// reachable for a client that honours the minimum (libnbd's strict mode; round 3's attack).
+    @Test(arguments: [(1 << 20, UInt32(512)), ((1 << 20) + 100, UInt32(1))])
+    func minimumBlockSizeKeepsTheTailReachable(size: Int, minimum: UInt32) async throws {
+        let sim = SimulatedStorage()
+        sim.addFile("/src", data: TestImage.make(size: size, seed: 3, chunk: 4096).bytes)
+        sim.addFile("/dst", data: [UInt8](repeating: 0, count: 2 << 20), kind: .blockDevice, holesWhereZero: false)
+        let cfg = JobConfiguration(name: "bs", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta", regionSize: Self.rs)
+        let io = IOExecutor(threads: 2)
+        let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
+        let export = try await job.liveExport()
+        #expect(export.size == UInt64(size))
+        #expect(export.blockSize.minimum == minimum)
+        #expect(export.size % UInt64(export.blockSize.minimum) == 0)
+        await export.shutdown()
+        await job.close()
+        await io.shutdown()
+    }
+
     @Test func readsBeforeHydrationComeFromTheSource() async throws {
         let f = try await Self.fixture()
         // Nothing hydrated: the destination is all zeros, the export reads the source.

@@ -241,3 +241,31 @@ def test_a_loop_alias_of_a_kept_destination_is_refused(tmp_path, loops):
         assert sha256_of(tmp_path / "d.img") == before
     finally:
         d.kill()
+
+
+@pytest.mark.parametrize("kind", ["file", "loop"])
+def test_a_source_shrunk_under_the_job_fails_it(tmp_path, loops, kind):
+    """The source is truncated (a file) or its loop device resized (`losetup -c` after truncating
+    the backing file) while the job copies it. Before the fix the copier read the missing end as
+    zeros (and SEEK_DATA's "no more data" as a hole) and the job completed without it (round 3's
+    attack 6a). Now the job fails with SourceReadFailed naming the change, and is not complete."""
+    size = 64 * MiB
+    backing = tmp_path / "src.img"
+    make_image(backing, size, seed=9)
+    src = str(backing) if kind == "file" else loops(backing)
+    d = Daemon(tmp_path, f"shrink-{kind}").start()
+    try:
+        d.call("Start", {"name": "j", "source": src, "dest": str(tmp_path / "dst.img"),
+                         "commit_interval_ms": 50, "rate_limit_bytes_per_second": 8 * MiB})
+        wait_bytes(d, "j", "committed", 4 * MiB)
+        os.truncate(backing, 16 * MiB)
+        if kind == "loop":
+            subprocess.run(["losetup", "-c", src], check=True)
+        d.call("Set", {"name": "j", "rate_limit_bytes_per_second": 0})
+        st = d.wait_state("j", {"failed", "complete"})
+        assert st["state"] == "failed", st
+        assert st["error"]["code"] == "SourceReadFailed", st["error"]
+        assert "truncated or resized under the job" in st["error"]["message"], st["error"]
+        assert st["regions"]["hydrated"] < st["regions"]["total"]
+    finally:
+        d.kill()

@@ -106,6 +106,11 @@ public final class LiveCloneExport: NBDExport {
         for d in [source, dest] where d.info.identity.kind == .blockDevice {
             minimum = max(minimum, UInt32(max(1, d.info.logicalBlockSize)))
         }
+        // The export has the source's size, which need not be a multiple of a block device's
+        // sector: a client that honours the minimum could then not reach the last partial block
+        // (libnbd's strict mode refuses it as unaligned). Any alignment is served (unaligned calls
+        // go through the page cache), so the minimum drops to 1 then.
+        if geometry.targetSize % UInt64(minimum) != 0 { minimum = 1 }
         let preferred = UInt32(min(geometry.regionSize, UInt64(NBDProtocol.defaultMaxPayload)))
         self.blockSize = NBDBlockSize(minimum: minimum, preferred: max(preferred, minimum, 512), maximum: NBDProtocol.defaultMaxPayload)
     }

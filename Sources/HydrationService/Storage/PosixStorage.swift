@@ -157,13 +157,45 @@ final class PosixDevice: StorageDevice {
     /// consumes it for this descriptor only and the commit's fdatasync on `fd` still sees it.
     /// -1 for other devices.
     private let waitFD: Int32
+    /// A source or destination: its size at open is the job's, and an end of file before it means
+    /// the file or device shrank under the job (`truncate`, `losetup -c`), never zeros to copy or
+    /// serve. Metadata files keep reading past their end as zeros.
+    private let sizeIsFixed: Bool
 
-    private init(info: DeviceInfo, fd: Int32, waitFD: Int32, directFD: Int32, directIO: DirectIO) {
+    private init(info: DeviceInfo, fd: Int32, waitFD: Int32, directFD: Int32, directIO: DirectIO, sizeIsFixed: Bool) {
         self.info = info
         self.fd = fd
         self.waitFD = waitFD
         self.directFD = directFD
         self.directIO = directIO
+        self.sizeIsFixed = sizeIsFixed
+    }
+
+    /// The error for a source or destination found shorter than when it was opened.
+    private func shrank(at offset: UInt64, length: UInt64, operation: StorageError.Operation) -> StorageError {
+        var now: UInt64? = nil
+        var st = stat()
+        if fstat(fd, &st) == 0 {
+            if (st.st_mode & S_IFMT) == S_IFBLK {
+                var size: UInt64 = 0
+                if hyd_blk_getsize64(fd, &size) == 0 { now = size }
+            } else {
+                now = UInt64(st.st_size)
+            }
+        }
+        return StorageError(operation, path: info.path, errno: EIO, offset: offset, length: length,
+                            detail: "it ends at \(now.map { "\($0)" } ?? "an unknown size") bytes, before the \(info.size) it had when the job opened it: it was truncated or resized under the job")
+    }
+
+    /// Whether the file or device is now shorter than when it was opened.
+    private func isShorterThanAtOpen() -> Bool {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return false }
+        if (st.st_mode & S_IFMT) == S_IFBLK {
+            var size: UInt64 = 0
+            return hyd_blk_getsize64(fd, &size) == 0 && size < info.size
+        }
+        return UInt64(st.st_size) < info.size
     }
 
     deinit {
@@ -272,7 +304,12 @@ final class PosixDevice: StorageDevice {
         }
         ok = true
         ready = true
-        return PosixDevice(info: info, fd: fd, waitFD: waitFD, directFD: directFD, directIO: direct)
+        let sizeIsFixed: Bool
+        switch mode {
+        case .source, .destination: sizeIsFixed = true
+        default: sizeIsFixed = false
+        }
+        return PosixDevice(info: info, fd: fd, waitFD: waitFD, directFD: directFD, directIO: direct, sizeIsFixed: sizeIsFixed)
     }
 
     /// A second, O_DIRECT open file description of `path` (not exclusive: `fd` holds the
@@ -334,7 +371,14 @@ final class PosixDevice: StorageDevice {
                 throw StorageError(.read, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
             }
             if n == 0 {
-                // End of file: the rest reads as zeros (a short last region).
+                let at = offset + UInt64(done)
+                // An end of file before the size the job opened: the source or destination shrank
+                // under the job. Zeros here would be copied (or served) as its data and the job
+                // completed without it (Tests/attacks, attack 6a of round 3).
+                if sizeIsFixed && at < info.size {
+                    throw shrank(at: at, length: UInt64(buffer.count - done), operation: .read)
+                }
+                // End of file: the rest reads as zeros (past the end of a metadata file).
                 (base + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
                 return
             }
@@ -400,7 +444,12 @@ final class PosixDevice: StorageDevice {
         guard info.identity.kind == .regularFile else { return offset..<info.size }
         let data = lseek(fd, off_t(offset), seekData)
         if data < 0 {
-            if errno == ENXIO { return nil }
+            if errno == ENXIO {
+                // No data after `offset` up to the end of the file, wherever that is now: the rest
+                // counts as a hole only if the file still has the size the job opened.
+                if sizeIsFixed && isShorterThanAtOpen() { throw shrank(at: offset, length: info.size - offset, operation: .seek) }
+                return nil
+            }
             // A filesystem without SEEK_DATA: everything may be data.
             if errno == EINVAL || errno == EOPNOTSUPP { return offset..<info.size }
             throw StorageError(.seek, path: info.path, errno: errno, offset: offset)
