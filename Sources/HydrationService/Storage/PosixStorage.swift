@@ -171,31 +171,21 @@ final class PosixDevice: StorageDevice {
         self.sizeIsFixed = sizeIsFixed
     }
 
-    /// The error for a source or destination found shorter than when it was opened.
-    private func shrank(at offset: UInt64, length: UInt64, operation: StorageError.Operation) -> StorageError {
-        var now: UInt64? = nil
+    /// The file's or device's size now (nil when it cannot be read).
+    private func currentSize() -> UInt64? {
         var st = stat()
-        if fstat(fd, &st) == 0 {
-            if (st.st_mode & S_IFMT) == S_IFBLK {
-                var size: UInt64 = 0
-                if hyd_blk_getsize64(fd, &size) == 0 { now = size }
-            } else {
-                now = UInt64(st.st_size)
-            }
-        }
-        return StorageError(operation, path: info.path, errno: EIO, offset: offset, length: length,
-                            detail: "it ends at \(now.map { "\($0)" } ?? "an unknown size") bytes, before the \(info.size) it had when the job opened it: it was truncated or resized under the job")
-    }
-
-    /// Whether the file or device is now shorter than when it was opened.
-    private func isShorterThanAtOpen() -> Bool {
-        var st = stat()
-        guard fstat(fd, &st) == 0 else { return false }
+        guard fstat(fd, &st) == 0 else { return nil }
         if (st.st_mode & S_IFMT) == S_IFBLK {
             var size: UInt64 = 0
-            return hyd_blk_getsize64(fd, &size) == 0 && size < info.size
+            return hyd_blk_getsize64(fd, &size) == 0 ? size : nil
         }
-        return UInt64(st.st_size) < info.size
+        return UInt64(st.st_size)
+    }
+
+    /// The error for a source or destination found shorter than when it was opened.
+    private func shrank(at offset: UInt64, length: UInt64, operation: StorageError.Operation) -> StorageError {
+        StorageError(operation, path: info.path, errno: EIO, offset: offset, length: length,
+                     detail: "it ends at \(currentSize().map { "\($0)" } ?? "an unknown size") bytes, before the \(info.size) it had when the job opened it: it was truncated or resized under the job")
     }
 
     deinit {
@@ -447,7 +437,9 @@ final class PosixDevice: StorageDevice {
             if errno == ENXIO {
                 // No data after `offset` up to the end of the file, wherever that is now: the rest
                 // counts as a hole only if the file still has the size the job opened.
-                if sizeIsFixed && isShorterThanAtOpen() { throw shrank(at: offset, length: info.size - offset, operation: .seek) }
+                if sizeIsFixed, let now = currentSize(), now < info.size {
+                    throw shrank(at: offset, length: info.size - offset, operation: .seek)
+                }
                 return nil
             }
             // A filesystem without SEEK_DATA: everything may be data.
