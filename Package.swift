@@ -33,10 +33,19 @@ let package = Package(
         .target(name: "CLinux"),
         // Wire types shared by the daemon and clonectl: Varlink framing, interface, requests, replies, errors.
         .target(name: "ControlProtocol"),
-        // The engine (storage layer, metadata, copier, committer, discarder) and the daemon's service code.
+        // The storage layer (the one owner of pread/pwrite/fdatasync/fallocate/ioctl/lseek) and the
+        // metadata format on it. A target of its own so that clonectl's offline `check`/`dump` read
+        // metadata with the engine's code without linking the engine's NIO, libnbd and libsystemd:
+        // those made a cold `clonectl` start take 80 ms instead of about 25.
+        .target(
+            name: "HydrationStorage",
+            dependencies: ["ControlProtocol", "CLinux"]
+        ),
+        // The engine (copier, committer, discarder, live clone) and the daemon's service code.
         .target(
             name: "HydrationService",
             dependencies: [
+                "HydrationStorage",
                 "ControlProtocol",
                 "CSystemd",
                 "CNBD",
@@ -66,7 +75,7 @@ let package = Package(
                 "CloneCtlCore",
                 "ControlProtocol",
                 // Offline `check` and `dump` read metadata files with the engine's own reader.
-                "HydrationService",
+                "HydrationStorage",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

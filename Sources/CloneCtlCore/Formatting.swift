@@ -1,5 +1,5 @@
 import ControlProtocol
-import Foundation
+import FoundationEssentials
 
 /// Human-readable numbers: binary sizes (`1.5 GiB`), rates (`120.3 MiB/s`), and durations (`2m05s`).
 public enum Human {
@@ -31,7 +31,7 @@ public enum Human {
     static func number(_ v: Double) -> String {
         let tenths = (v * 10).rounded()
         if tenths.truncatingRemainder(dividingBy: 10) == 0 { return String(Int(tenths / 10)) }
-        return String(format: "%.1f", tenths / 10)
+        return Text.oneDecimal(tenths / 10)
     }
 
     /// `45s`, `2m05s`, `1h02m`, `3d04h`; `<1s` under a second; nil or non-finite gives `unknown`.
@@ -61,7 +61,7 @@ public enum Human {
 
     /// `42.3%`, using hydrated regions over total (a job with no regions is 100%).
     public static func percent(_ done: UInt64, of total: UInt64) -> String {
-        String(format: "%.1f%%", fraction(done, of: total) * 100)
+        Text.oneDecimal(fraction(done, of: total) * 100) + "%"
     }
 
     public static func fraction(_ done: UInt64, of total: UInt64) -> Double {
@@ -101,7 +101,7 @@ public enum StatusFormatter {
         var lines: [String] = []
         lines.append("\(s.name): \(s.state.rawValue), \(progressText(s))")
         func row(_ label: String, _ value: String) {
-            lines.append("  " + label.padding(toLength: 12, withPad: " ", startingAt: 0) + value)
+            lines.append("  " + Text.padded(label, to: 12) + value)
         }
         row("source", "\(s.source.path) (\(Human.bytes(s.source.sizeBytes)))")
         row("dest", s.dest.path)
@@ -124,7 +124,7 @@ public enum StatusFormatter {
                 let ago = now.timeIntervalSince1970 - Double(last) / 1000
                 committed += ", last \(Human.duration(seconds: max(0, ago))) ago"
             }
-            if let d = s.commits.lastDurationMs { committed += String(format: ", took %.1f ms", d) }
+            if let d = s.commits.lastDurationMs { committed += ", took \(Text.oneDecimal(d)) ms" }
             committed += ")"
         }
         row("committed", committed)
@@ -234,8 +234,39 @@ public enum StatusFormatter {
         var widths = [Int](repeating: 0, count: n)
         for r in rows { for (i, c) in r.enumerated() { widths[i] = max(widths[i], c.count) } }
         return rows.map { r in
-            r.enumerated().map { i, c in i == r.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
+            r.enumerated().map { i, c in i == r.count - 1 ? c : Text.padded(c, to: widths[i]) }
                 .joined(separator: "  ")
         }.joined(separator: "\n")
+    }
+}
+
+/// The two pieces of `String(format:)` and NSString clonectl used, so that it links
+/// FoundationEssentials only (full Foundation's ICU tripled a cold start).
+public enum Text {
+    /// `x` with one decimal, exactly as `%.1f` prints it: the exact binary value is rounded, so
+    /// 0.15 (stored as 0.1499…) prints 0.1, an exact tie goes to even (3.25 → 3.2), and a negative
+    /// value that rounds to zero keeps its sign (-0.0).
+    public static func oneDecimal(_ x: Double) -> String {
+        guard x.isFinite, abs(x) < 1e15 else { return "\(x)" }
+        let a = abs(x)
+        // a·10 = p + e exactly (fma gives the product's rounding error).
+        let p = a * 10
+        let err = fmaError(a, p)
+        var floorP = p.rounded(.down)
+        if p == floorP && err < 0 { floorP -= 1 }
+        let d = p - floorP - 0.5  // exact: all three are multiples of p's ulp
+        let above = d != 0 ? d > 0 : err != 0 ? err > 0 : Int(floorP) % 2 == 1
+        let tenths = Int(floorP) + (above ? 1 : 0)
+        return (x.sign == .minus ? "-" : "") + "\(tenths / 10).\(tenths % 10)"
+    }
+
+    /// The rounding error of `p = a * 10`: a·10 − p, exact.
+    private static func fmaError(_ a: Double, _ p: Double) -> Double {
+        (-p).addingProduct(a, 10)
+    }
+
+    /// `s` cut or space-padded to `width` characters, as NSString's `padding(toLength:withPad:" "startingAt:0)`.
+    public static func padded(_ s: String, to width: Int) -> String {
+        s.count >= width ? String(s.prefix(width)) : s + String(repeating: " ", count: width - s.count)
     }
 }

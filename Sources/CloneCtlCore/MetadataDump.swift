@@ -1,5 +1,5 @@
 import ControlProtocol
-import Foundation
+import FoundationEssentials
 
 /// What `clonectl dump` prints: the committed superblock, what recovery found, and the hydrated
 /// regions as ranges. Wire names are snake_case (`dump --json`); schema version 1.
@@ -115,15 +115,13 @@ public struct MetadataDump: Codable, Sendable, Equatable {
 
 public enum MetadataFormatter {
     static func timestamp(_ ms: Int64) -> String {
-        let f = ISO8601DateFormatter()
-        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return f.string(from: Date(timeIntervalSince1970: Double(ms) / 1000))
+        Date(timeIntervalSince1970: Double(ms) / 1000).formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))
     }
 
     /// `clonectl dump` without `--json`.
     public static func dump(_ d: MetadataDump) -> String {
         var lines: [String] = []
-        func row(_ k: String, _ v: String) { lines.append(k.padding(toLength: 18, withPad: " ", startingAt: 0) + v) }
+        func row(_ k: String, _ v: String) { lines.append(Text.padded(k, to: 18) + v) }
         row("metadata", d.path)
         row("format version", "\(d.formatVersion)")
         row("generation", "\(d.generation)")

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// An arbitrary JSON value. Varlink envelopes carry their `parameters` as a JSON object whose shape
 /// depends on the method, so the envelope is decoded first into `JSONValue` and the parameters are

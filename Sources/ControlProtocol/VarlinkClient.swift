@@ -5,7 +5,7 @@ import Musl
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import Foundation
+import FoundationEssentials
 import Synchronization
 
 /// Why a `VarlinkClient` could not talk to the daemon (as opposed to a `VarlinkError`, which is the
@@ -284,7 +284,7 @@ public final class VarlinkClient: Sendable {
         continuation.onTermination = { [self] termination in
             if case .cancelled = termination { self.close() }
         }
-        let thread = Thread { [self] in
+        let e = DedicatedThread.start { [self] in
             do {
                 try self.watchStatus(name: name) { jobs in
                     if case .terminated = continuation.yield(jobs) { return false }
@@ -295,16 +295,14 @@ public final class VarlinkClient: Sendable {
                 continuation.finish(throwing: error)
             }
         }
-        thread.name = "varlink-client-stream"
-        thread.start()
+        if e != 0 { continuation.finish(throwing: VarlinkClientError.io(operation: "pthread_create", errno: e)) }
         return stream
     }
 
     static func onDedicatedThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (cont: CheckedContinuation<T, any Error>) in
-            let thread = Thread { cont.resume(with: Result { try body() }) }
-            thread.name = "varlink-client"
-            thread.start()
+            let e = DedicatedThread.start { cont.resume(with: Result { try body() }) }
+            if e != 0 { cont.resume(throwing: VarlinkClientError.io(operation: "pthread_create", errno: e)) }
         }
     }
 
@@ -360,5 +358,39 @@ public final class VarlinkClient: Sendable {
             }
             st.decoder.append(chunk[0..<n])
         }
+    }
+}
+
+/// A detached POSIX thread for a client's blocking reads, kept off Swift's cooperative pool.
+/// pthreads rather than Foundation's `Thread` so that clonectl links FoundationEssentials only
+/// (full Foundation brings ICU, and a cold start three times as long).
+enum DedicatedThread {
+    private final class Body: Sendable {
+        let run: @Sendable () -> Void
+        init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+    }
+
+    /// Starts `body` on a new detached thread; 0, or pthread_create's error (then `body` never runs).
+    static func start(_ body: @escaping @Sendable () -> Void) -> Int32 {
+        let box = Unmanaged.passRetained(Body(body)).toOpaque()
+        #if canImport(Darwin)
+        var tid: pthread_t?
+        #else
+        var tid = pthread_t()
+        #endif
+        let rc = pthread_create(&tid, nil, { arg in
+            Unmanaged<Body>.fromOpaque(arg!).takeRetainedValue().run()
+            return nil
+        }, box)
+        if rc != 0 {
+            Unmanaged<Body>.fromOpaque(box).release()
+            return rc
+        }
+        #if canImport(Darwin)
+        if let tid { pthread_detach(tid) }
+        #else
+        pthread_detach(tid)
+        #endif
+        return 0
     }
 }

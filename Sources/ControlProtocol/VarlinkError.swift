@@ -254,4 +254,4 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     }
 }
 
-import struct Foundation.Data
+import struct FoundationEssentials.Data

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// Varlink framing: each message is one JSON object followed by a single NUL byte, on a stream socket.
 public enum VarlinkFraming {

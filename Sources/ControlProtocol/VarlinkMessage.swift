@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// A Varlink method call: `{"method": "iface.Method", "parameters": {...}, "more": true, "oneway": true}`.
 ///

@@ -1,7 +1,7 @@
 import ArgumentParser
 import CloneCtlCore
 import ControlProtocol
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
 import Glibc
@@ -67,7 +67,19 @@ enum Output {
     }
 
     static func err(_ s: String) {
-        FileHandle.standardError.write(Data(("clonectl: " + s + "\n").utf8))
+        write(STDERR_FILENO, "clonectl: " + s + "\n")
+    }
+
+    /// All of `s` to `fd` (a short write to a pipe or terminal is continued, EINTR retried).
+    static func write(_ fd: Int32, _ s: String) {
+        let bytes = Array(s.utf8)
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, $0.count - done) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return }
+            done += n
+        }
     }
 
     static func fail(_ f: CloneFailure) -> Never {

@@ -1,7 +1,7 @@
 import ArgumentParser
 import CloneCtlCore
 import ControlProtocol
-import Foundation
+import FoundationEssentials
 
 struct Start: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
@@ -10,7 +10,8 @@ struct Start: AsyncParsableCommand, DaemonCommand {
             With --source and --dest, creates job NAME and starts copying (created paused with --no-hydration). \
             With NAME alone, resumes the existing job of that name; any other option then is a usage error \
             (change an existing job's tunables with 'clonectl set'). --space-budget needs --discard-source. \
-            Relative paths are resolved against the current directory.
+            Relative paths are resolved against the current directory. With --wait, stays until the job is \
+            complete (exit 0) or failed (exit 1), as 'clonectl wait NAME' does.
             """)
 
     @OptionGroup var daemon: DaemonOptions
@@ -52,8 +53,11 @@ struct Start: AsyncParsableCommand, DaemonCommand {
 
     @OptionGroup(title: "Tunables") var tunables: TunableOptions
 
-    @Flag(help: "Print the new job's status as JSON (the JobStatus object).")
+    @Flag(help: "Print the new job's status as JSON (the JobStatus object); with --wait, the status it ended with.")
     var json = false
+
+    @Flag(help: "Then wait until the job is complete (exit 0) or failed (exit 1), as 'clonectl wait' (one command for a one-off copy).")
+    var wait = false
 
     /// The options given besides --source, --dest and --json: each one means "create a job".
     var creationOptions: [String] {
@@ -78,6 +82,9 @@ struct Start: AsyncParsableCommand, DaemonCommand {
             export: export, hydrateOnRead: hydrateOnRead) {
             throw ValidationError(problem)
         }
+        if wait && noHydration {
+            throw ValidationError("--wait with --no-hydration would wait for ever: the job is created paused (leave out one of them)")
+        }
         if let m = io, !["auto", "buffered", "direct"].contains(m) {
             throw ValidationError("--io must be auto, buffered or direct (got '\(m)')")
         }
@@ -101,12 +108,17 @@ struct Start: AsyncParsableCommand, DaemonCommand {
             params = StartParameters(name: name)
         }
         let reply = try call { try $0.start(params) }
-        if json {
+        if json && !wait {
             Output.line(try CloneJSON.string(reply.job))
-        } else {
+        } else if !json {
             let verb = reply.created ? "created" : "resumed"
             Output.line("\(verb) job \(reply.job.name): \(reply.job.state.rawValue), \(StatusFormatter.progressText(reply.job))")
         }
+        guard wait else { return }
+        let ended = try await JobWaiter.wait(for: reply.job.name, timeoutMs: nil, command: self)
+        if json { Output.line(try CloneJSON.string(ended)) }
+        let s = try JobWaiter.requireComplete(ended)
+        if !json { Output.line("job \(s.name) complete: \(Human.bytes(s.bytes.hydrated)) hydrated") }
     }
 }
 

@@ -1,8 +1,11 @@
 import ArgumentParser
 import CloneCtlCore
 import ControlProtocol
-import Foundation
-import HydrationService
+import FoundationEssentials
+import HydrationStorage
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Reads a metadata file read-only with the engine's recovery code; no daemon involved.
 enum OfflineMetadata {
@@ -14,7 +17,7 @@ enum OfflineMetadata {
 
     static func open(_ path: String) -> Outcome {
         do {
-            let (store, report) = try MetadataStore.open(path: path, storage: PosixStorage(), readOnly: true)
+            let (store, report) = try MetadataStore.open(path: path, storage: PosixStorage(remote: nil), readOnly: true)
             return .valid(store, report)
         } catch {
             if case .io(let s) = error.reason {

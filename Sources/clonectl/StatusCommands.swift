@@ -1,7 +1,7 @@
 import ArgumentParser
 import CloneCtlCore
 import ControlProtocol
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
 import Glibc
@@ -94,7 +94,8 @@ struct Status: AsyncParsableCommand, DaemonCommand {
                         out += "\u{1B}[\(drawnLines - lines.count)A"
                     }
                     drawnLines = max(lines.count, drawnLines)
-                    FileHandle.standardOutput.write(Data(out.utf8))
+                    fflush(nil)
+                    Output.write(STDOUT_FILENO, out)
                 } else {
                     for s in jobs { print(StatusFormatter.line(s)) }
                     fflush(nil)
@@ -133,17 +134,25 @@ struct Wait: AsyncParsableCommand, DaemonCommand {
         if let problem = OptionRules.waitProblem(timeoutMs: timeout) { throw ValidationError(problem) }
     }
 
+    func run() async throws {
+        let s = try JobWaiter.requireComplete(try await JobWaiter.wait(for: job.name, timeoutMs: timeout, command: self))
+        if !quiet { Output.line("job \(s.name) complete: \(Human.bytes(s.bytes.hydrated)) hydrated") }
+    }
+}
+
+/// Follows a job's status stream until it is complete or failed, and returns the status it ended
+/// with: `wait`, and `start --wait`. The stream's first update is the job's state now, so a job that ended before
+/// the subscription is seen at once.
+enum JobWaiter {
     enum Outcome: Sendable {
         case ended(JobStatus)
         case streamEnded(JobStatus?)
         case timedOut
     }
 
-    func run() async throws {
-        let client = try connect()
-        let updates = client.statusUpdates(name: job.name)
-        let name = job.name
-        let timeoutMs = timeout
+    static func wait(for name: String, timeoutMs: Int?, command: some DaemonCommand) async throws -> JobStatus {
+        let client = try command.connect()
+        let updates = client.statusUpdates(name: name)
         let outcome: Outcome
         do {
             outcome = try await withThrowingTaskGroup(of: Outcome.self) { group in
@@ -172,15 +181,12 @@ struct Wait: AsyncParsableCommand, DaemonCommand {
                 return first
             }
         } catch {
-            throw CloneFailure.from(error, socketPath: socketPath)
+            throw CloneFailure.from(error, socketPath: command.socketPath)
         }
         client.close()
         switch outcome {
-        case .ended(let s) where s.state == .complete:
-            if !quiet { Output.line("job \(s.name) complete: \(Human.bytes(s.bytes.hydrated)) hydrated") }
         case .ended(let s):
-            let why = s.error.map { "\($0.code): \($0.message)" } ?? "no reason given"
-            throw CloneFailure("job \(s.name) failed: \(why)", exit: .jobFailed)
+            return s
         case .streamEnded:
             throw CloneFailure("hydrationd ended the status stream of job \(name) before it finished", exit: .unavailable)
         case .timedOut:
@@ -188,5 +194,12 @@ struct Wait: AsyncParsableCommand, DaemonCommand {
                 "timed out after \(Human.milliseconds(timeoutMs ?? 0)) waiting for job \(name); see 'clonectl status \(name)'",
                 exit: .timeout)
         }
+    }
+
+    /// A complete job's status; a failed one is exit 1 with its error.
+    static func requireComplete(_ s: JobStatus) throws(CloneFailure) -> JobStatus {
+        if s.state == .complete { return s }
+        let why = s.error.map { "\($0.code): \($0.message)" } ?? "no reason given"
+        throw CloneFailure("job \(s.name) failed: \(why)", exit: .jobFailed)
     }
 }

@@ -224,3 +224,40 @@ let etaCases: [(Double?, String)] = [
         #expect(CloneFailure.from(inUse, socketPath: "/s").message.hasPrefix("source /a is in use (locked); "))
     }
 }
+
+/// clonectl formats without Foundation's `String(format:)` (it links FoundationEssentials only);
+/// its replacement must print what `%.1f` prints.
+@Suite struct TextWithoutFoundationTests {
+    @Test func oneDecimalMatchesPrintf() {
+        var values: [Double] = [0, -0.0, 0.04, 0.05, 0.15, 0.25, 0.35, 0.45, 1.25, 2.5, 3.25, 3.35, 99.95, 99.96, 100, -1.25, -0.04, 1e6 + 0.05, 12345.67]
+        var x = 0.0
+        while x < 200 { values.append(x); x += 0.0125 }
+        var rng = SplitMix(seed: 20261129)
+        for _ in 0..<5000 {
+            values.append(Double(rng.next() % 10_000_000) / 1000)  // three decimals, many near-ties
+            values.append(Double(bitPattern: rng.next() >> 2 | 0x3F00_0000_0000_0000) * 1000)  // arbitrary bits
+        }
+        for v in values {
+            #expect(Text.oneDecimal(v) == String(format: "%.1f", v), "value \(v)")
+        }
+    }
+
+    @Test func paddedCutsOrPads() {
+        #expect(Text.padded("abc", to: 5) == "abc  ")
+        #expect(Text.padded("abcdef", to: 4) == "abcd")
+        #expect(Text.padded("", to: 0) == "")
+    }
+}
+
+/// A seeded generator, so a failure names a value that can be reproduced.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

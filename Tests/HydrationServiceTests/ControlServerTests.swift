@@ -4,6 +4,7 @@ import Glibc
 import ControlProtocol
 import Foundation
 @testable import HydrationService
+@testable import HydrationStorage
 import Logging
 import ServiceLifecycle
 import Testing

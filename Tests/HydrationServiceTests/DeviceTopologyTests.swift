@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// DeviceTopology's parsing against a fake sysfs tree (dm, md, partitions, disks with a WWN or a
 /// serial: this machine's kernel has none of them), and its overlap rule. New API: these tests

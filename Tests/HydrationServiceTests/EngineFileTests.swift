@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// The engine end to end on real files in a temporary directory.
 @Suite(.serialized) struct EngineFileTests {

@@ -2,6 +2,7 @@ import Foundation
 import Synchronization
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// A job's whole life at the daemon's level, against the data the user still needs (issue 11,
 /// parts 2, 4 and 5): restarts, reused devices, removal, concurrent control calls. Each test

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 @Suite(.serialized) struct JobManagerTests {
     @Test func twoJobsPauseResumeRestartRemove() async throws {

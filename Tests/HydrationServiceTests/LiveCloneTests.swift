@@ -4,6 +4,7 @@ import Synchronization
 import Testing
 import ControlProtocol
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// The live clone's I/O semantics (LiveCloneExport), called directly on a simulated disk: what
 /// each command does to the destination, the hydrated bits, the metadata and the source.

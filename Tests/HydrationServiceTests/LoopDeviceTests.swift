@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// Source and destination as real block devices (loop devices over sparse files): exercises
 /// BLKDISCARD on the source, BLKZEROOUT on the destination, O_EXCL, BLKGETSIZE64/BLKSSZGET.

@@ -1,6 +1,7 @@
 import ControlProtocol
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 @Suite struct MetadataStoreTests {
     static let regionSize: UInt64 = 4096

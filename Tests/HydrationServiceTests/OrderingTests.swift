@@ -3,6 +3,7 @@ import Synchronization
 import Testing
 import ControlProtocol
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// The two orderings the whole design rests on, asserted on every operation of a real engine run
 /// through an instrumented storage layer:

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// Issue 11, part 3: aliases and devices in use, on real loop devices, filesystems, processes
 /// (and, where the kernel has them, partitions and dm devices). Every refusal test here was run

@@ -1,5 +1,6 @@
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 @Suite struct RegionMapTests {
     @Test func setAndCountRanges() {

@@ -4,6 +4,7 @@ import Glibc
 import Foundation
 import Logging
 @testable import HydrationService
+@testable import HydrationStorage
 import Testing
 
 /// nbdkit serving a file on a Unix socket, for the remote-source tests; stopped by PID (SIGKILL:

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// Issue 11, part 2: DeviceInfo.stableID, filled by PosixStorage.identify and PosixDevice.open,
 /// on real files and loop devices. On the old code stableID was always "": every test here

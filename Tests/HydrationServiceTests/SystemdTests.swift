@@ -2,6 +2,7 @@ import ControlProtocol
 import Testing
 
 @testable import HydrationService
+@testable import HydrationStorage
 
 #if canImport(Glibc)
 import Glibc

@@ -5,16 +5,23 @@ import CNBD
 import Dispatch
 import Synchronization
 
-/// A source named by an NBD URI instead of a path: `nbd://HOST[:PORT]/EXPORT`,
-/// `nbd+unix:///EXPORT?socket=PATH`, and with TLS `nbds://…` / `nbds+unix://…` (certificates, or a
-/// PSK file with `?tls-psk-file=FILE`), as libnbd parses them (`nbd_connect_uri`). The client is
-/// libnbd's; nothing here speaks the protocol.
-public enum RemoteSource {
-    public static let schemes = ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://"]
+/// The storage layer's way to NBD exports (`RemoteSource` URIs): libnbd's client, plugged into
+/// `PosixStorage` by the engine. It lives here, not in HydrationStorage, so that only what
+/// links the engine links libnbd.
+public struct NBDRemoteDevices: RemoteDevices {
+    public init() {}
+    public func open(_ uri: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
+        try RemoteNBDDevice.open(uri, mode: mode)
+    }
+    public func identify(_ uri: String) throws(StorageError) -> DeviceInfo? {
+        try RemoteNBDDevice.identify(uri)
+    }
+}
 
-    /// Whether `path` is an NBD URI (the storage layer then opens a `RemoteNBDDevice`).
-    public static func isURI(_ path: String) -> Bool {
-        schemes.contains { path.hasPrefix($0) }
+extension PosixStorage {
+    /// The engine's storage: local files and block devices, and NBD exports through libnbd.
+    public init(topology: DeviceTopology = DeviceTopology(), directIO: Bool? = nil) {
+        self.init(topology: topology, directIO: directIO, remote: NBDRemoteDevices())
     }
 }
 

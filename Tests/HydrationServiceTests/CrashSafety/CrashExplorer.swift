@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Synchronization
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// A small hydration job and the image it moves: 256 regions of 4 KiB (sometimes a short last
 /// one) of random data, holes and zero runs, all derived from one seed.

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// Simulated power loss at every step of a hydration with discard_source: record a run, crash it
 /// at every mutation boundary under several survival policies (plus seeded second crashes during

@@ -3,6 +3,7 @@ import Synchronization
 import Testing
 import ControlProtocol
 @testable import HydrationService
+@testable import HydrationStorage
 
 #if canImport(Glibc)
 import Glibc

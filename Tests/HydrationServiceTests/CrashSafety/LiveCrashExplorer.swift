@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import Synchronization
 @testable import HydrationService
+@testable import HydrationStorage
 
 // The crash explorer with a live clone: while the job hydrates, a client drives the job's
 // LiveCloneExport with a seeded random sequence of writes, write-zeroes, trims, flushes, FUA

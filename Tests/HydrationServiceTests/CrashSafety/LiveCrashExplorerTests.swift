@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// The crash explorer with a live clone (issue 12): a client writes, zeroes, trims, flushes and
 /// reads through the LiveCloneExport while the job hydrates with discard_source; every crash

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// A metadata file with four committed generations over two bitmap pages, and the exact map of
 /// every generation, so that any successful open can be checked against a real committed state.

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// Fuzzing of `MetadataStore.open`. A trap in the parser would kill the test process, so the
 /// fuzz loop runs in a child process (a Swift Testing exit test): the parent sees a crash as a

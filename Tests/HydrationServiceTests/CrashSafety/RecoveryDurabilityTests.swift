@@ -1,5 +1,6 @@
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 #if canImport(Glibc)
 import Glibc

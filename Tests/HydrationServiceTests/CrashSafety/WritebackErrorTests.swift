@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 #if canImport(Glibc)
 import Glibc

@@ -2,6 +2,7 @@ import ControlProtocol
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// The daemon-side wiring of issue 12: jobs started with `export` are published in the NBD
 /// server's registry (also after a restart), their status shows the URI and the connected

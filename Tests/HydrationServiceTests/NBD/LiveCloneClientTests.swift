@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 @testable import HydrationService
+@testable import HydrationStorage
 import Testing
 
 /// The live clone (a job's `LiveCloneExport` served by an in-process `NBDServer`) attacked from

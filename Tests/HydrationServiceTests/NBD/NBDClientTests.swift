@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 @testable import HydrationService
+@testable import HydrationStorage
 import Testing
 
 /// The server against real NBD clients (libnbd's nbdinfo, nbdcopy and nbdsh; qemu-img, qemu-io),

@@ -1,4 +1,5 @@
 @testable import HydrationService
+@testable import HydrationStorage
 import NIOCore
 import Testing
 

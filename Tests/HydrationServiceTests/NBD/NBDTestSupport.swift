@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 @testable import HydrationService
+@testable import HydrationStorage
 import NIOCore
 import Synchronization
 import Testing

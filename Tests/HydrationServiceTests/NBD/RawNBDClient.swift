@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 @testable import HydrationService
+@testable import HydrationStorage
 import NIOCore
 
 /// A blocking NBD client that sends exactly the bytes a test wants (run it off the cooperative

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// Real devices for a test: files in a temp dir, loop devices, mounts, dm devices and helper
 /// processes, all undone by `teardown()` (also run on deinit) in reverse order, whatever the

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 @testable import HydrationService
+@testable import HydrationStorage
 
 /// A temporary directory removed when the value is dropped.
 final class TempDir {

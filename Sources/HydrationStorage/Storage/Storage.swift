@@ -87,7 +87,7 @@ public struct StorageError: Error, Sendable, Equatable, CustomStringConvertible 
     public var isUnsupported: Bool { errno == EOPNOTSUPP || errno == ENOTTY || errno == ENOSYS || errno == EINVAL }
 }
 
-func errnoSymbol(_ e: Int32) -> String {
+package func errnoSymbol(_ e: Int32) -> String {
     switch e {
     case EIO: return "EIO"
     case ENOSPC: return "ENOSPC"

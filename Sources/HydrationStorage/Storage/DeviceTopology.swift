@@ -376,7 +376,7 @@ public struct DeviceTopology: Sendable {
     func isUnexecedChild(_ p: String, of parent: Int32, exe: String) -> Bool {
         guard let status = read("\(proc)/\(p)/status"),
               let line = status.split(separator: "\n").first(where: { $0.hasPrefix("PPid:") }),
-              Int32(line.dropFirst(5).trimmingCharacters(in: .whitespaces)) == parent else { return false }
+              Int32(line.dropFirst(5).filter { $0 != " " && $0 != "\t" }) == parent else { return false }
         return realPath("\(proc)/\(p)/exe") == exe
     }
 

@@ -13,9 +13,13 @@ public struct PosixStorage: StorageProvider {
     /// variants). Nil: each job's choice (`open(_:mode:directIO:why:)`), buffered for callers
     /// that do not choose.
     public var directOverride: (source: Bool, destination: Bool, why: String)?
+    /// How `RemoteSource` URIs are opened; nil: they are refused (EPROTONOSUPPORT). The engine's
+    /// `PosixStorage()` (HydrationService) plugs in libnbd's client.
+    public var remote: (any RemoteDevices)?
 
-    public init(topology: DeviceTopology = DeviceTopology(), directIO: Bool? = nil) {
+    public init(topology: DeviceTopology = DeviceTopology(), directIO: Bool? = nil, remote: (any RemoteDevices)?) {
         self.topology = topology
+        self.remote = remote
         if let directIO {
             self.directOverride = (directIO, directIO, "set by the storage provider")
         } else {
@@ -52,7 +56,7 @@ public struct PosixStorage: StorageProvider {
     }
 
     public func open(_ path: String, mode: OpenMode, directIO: Bool, why: String) throws(StorageError) -> any StorageDevice {
-        if RemoteSource.isURI(path) { return try RemoteNBDDevice.open(path, mode: mode) }
+        if RemoteSource.isURI(path) { return try remoteDevices(for: path).open(path, mode: mode) }
         var direct = false
         var reason = why
         switch mode {
@@ -76,7 +80,7 @@ public struct PosixStorage: StorageProvider {
     }
 
     public func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
-        if RemoteSource.isURI(path) { return try RemoteNBDDevice.identify(path) }
+        if RemoteSource.isURI(path) { return try remoteDevices(for: path).identify(path) }
         var st = stat()
         if stat(path, &st) != 0 {
             if errno == ENOENT { return nil }
@@ -104,6 +108,13 @@ public struct PosixStorage: StorageProvider {
         default:
             throw StorageError(.stat, path: path, errno: EINVAL)
         }
+    }
+
+    private func remoteDevices(for uri: String) throws(StorageError) -> any RemoteDevices {
+        guard let remote else {
+            throw StorageError(.open, path: uri, errno: EPROTONOSUPPORT, detail: "this program has no NBD client; only the daemon opens NBD sources")
+        }
+        return remote
     }
 
     public func removeCreatedFile(_ path: String) {

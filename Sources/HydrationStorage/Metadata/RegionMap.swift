@@ -50,7 +50,7 @@ public struct RegionMap: Sendable, Equatable {
 
     /// Clears every bit of `range`. Hydration never clears bits; this is for maps of transient
     /// state (regions under a claim, see `RegionOwnership`).
-    mutating func clear(_ range: Range<Int>) {
+    package mutating func clear(_ range: Range<Int>) {
         precondition(range.lowerBound >= 0 && range.upperBound <= count)
         Self.forEachWordMask(range) { w, mask in
             setCount -= (mask & words[w]).nonzeroBitCount

@@ -1,0 +1,3 @@
+// The storage layer and metadata format are a target of their own (so clonectl can read metadata
+// without linking the engine); everything that imports the engine sees them as before.
+@_exported import HydrationStorage
