@@ -660,6 +660,13 @@ class Daemon:
                 raise RuntimeError(f"hydrationd created no socket within {timeout:.0f} s")
             time.sleep(0.02)
 
+    def start_waits(self) -> bool:
+        """Whether this build's `clonectl start` has --wait (asked outside the timed region)."""
+        if not hasattr(self, "_start_waits"):
+            out = subprocess.run([str(self.bin / "clonectl"), "start", "--help"], capture_output=True, text=True, timeout=10)
+            self._start_waits = "--wait" in out.stdout
+        return self._start_waits
+
     def ctl(self, *a, timeout: float | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.bin / "clonectl"), "--socket", self.sock, *a], capture_output=True, text=True,
                               timeout=timeout)
@@ -697,6 +704,7 @@ def run_hydrationd(args, tool: str, img: Image) -> Result:
     d = Daemon(args, tool)
     try:
         d.start()
+        d.start_waits()
         r.cache_drop = drop_caches([src, img.path, dst])
         name = f"bench-{img.kind}"
         sampler = Sampler(src, dst, args.interval, pid=d.proc.pid)
@@ -710,17 +718,21 @@ def run_hydrationd(args, tool: str, img: Image) -> Result:
             start += VARIANT_ARGS[tool.split("@", 1)[1]]
         if discard:
             start.insert(6, "--discard-source")
-        out = d.ctl(*start)
-        if out.returncode == 0:
-            try:
-                out = d.ctl("wait", name, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                out = None
+        try:
+            if d.start_waits():
+                # One command, as a user runs a one-off copy (`clonectl start … --wait`), like the peers.
+                out = d.ctl(*start, "--wait", timeout=args.timeout)
+            else:  # an older build (--base-bin-dir) without `start --wait`
+                out = d.ctl(*start)
+                if out.returncode == 0:
+                    out = d.ctl("wait", name, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            out = None
         r.wall_s = time.monotonic() - t0
         cpu1 = proc_cpu_seconds(d.proc.pid)
         sampler.finish()
         if out is None:
-            r.status, r.reason = "timeout", f"clonectl wait exceeded {args.timeout:.0f} s"
+            r.status, r.reason = "timeout", f"clonectl start --wait exceeded {args.timeout:.0f} s"
         elif out.returncode != 0:
             r.status, r.reason = "failed", f"clonectl exit {out.returncode}: {(out.stderr or out.stdout)[-300:].strip()}"
         if cpu0 is not None and cpu1 is not None:

@@ -188,6 +188,59 @@ import Testing
         #expect(probes > 0 && busy > 0, "the opener was seen at least once")
     }
 
+    /// The in-use check asks the kernel first and skips the scans of sysfs and /proc when it
+    /// grants a write lease. That is sound only if every kind of holder makes the kernel refuse
+    /// the lease: each one here must be refused, and `usage` must then report the file in use.
+    /// (A descriptor opened with O_PATH can neither read nor write: it does not count, and the
+    /// file is free, as the last case shows.)
+    @Test func everyKindOfHolderIsRefusedTheLease() throws {
+        let t = DeviceTopology()
+        let holders: [(String, String)] = [
+            ("reader", "f = open(p, 'rb')"),
+            ("reader and writer", "f = open(p, 'r+b')"),
+            ("writer only", "fd = os.open(p, os.O_WRONLY)"),
+            ("shared mapping, descriptor closed", "f = open(p, 'r+b'); m = mmap.mmap(f.fileno(), 0); f.close()"),
+            ("read-only mapping, descriptor closed", "f = open(p, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); f.close()"),
+            ("another name (hard link)", "os.link(p, p + '.link'); f = open(p + '.link', 'rb'); os.unlink(p + '.link')"),
+        ]
+        for (kind, setup) in holders {
+            let s = DeviceScratch("lease-holder")
+            defer { s.teardown() }
+            let f = try s.makeFile("disk.img", size: 1 << 20)
+            #expect(t.leaseProbe(f) == .granted, "\(kind): free before the holder starts")
+            _ = try s.hold(f, setup)
+            #expect(t.leaseProbe(f) == .refused, "\(kind)")
+            #expect(try t.usage(of: f) != nil, "\(kind)")
+        }
+
+        // This process's own second descriptor (another job's, say).
+        let s = DeviceScratch("lease-self")
+        defer { s.teardown() }
+        let f = try s.makeFile("disk.img", size: 1 << 20)
+        let fd = open(f, O_RDONLY)
+        #expect(fd >= 0)
+        #expect(t.leaseProbe(f) == .refused)
+        #expect(try t.usage(of: f)?.holders.first?.hasPrefix("this process") == true)
+        close(fd)
+        #expect(try t.usage(of: f) == nil)
+
+        // A loop device over the file.
+        if DeviceScratch.loopSkip == nil {
+            let loop = try s.attachLoop(f)
+            #expect(t.leaseProbe(f) == .refused)
+            #expect(try t.usage(of: f)?.holders == [loop])
+            try s.detach(loop)
+        }
+
+        // O_PATH: not a holder.
+        let o = DeviceScratch("lease-opath")
+        defer { o.teardown() }
+        let g = try o.makeFile("disk.img", size: 1 << 20)
+        _ = try o.hold(g, "fd = os.open(p, os.O_PATH)")
+        #expect(t.leaseProbe(g) == .granted)
+        #expect(try t.usage(of: g) == nil)
+    }
+
     /// A child of this process between fork and exec holds copies of this process's descriptors:
     /// it is not another user of the file (the in-use check refused a file only this process had
     /// open when another thread spawned a program: a full test run failed on it once). Any other

@@ -119,6 +119,27 @@ final class DeviceScratch {
         return pid
     }
 
+    /// A python3 process that runs `setup` (with `p` the path) and keeps what it opened or mapped
+    /// until killed by PID at teardown; returns once `setup` has run.
+    func hold(_ path: String, _ setup: String) throws -> Int32 {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        p.arguments = ["-I", "-c", "import os, sys, mmap, time\np = sys.argv[1]\n\(setup)\nprint('ready', flush=True)\ntime.sleep(120)", path]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        let pid = p.processIdentifier
+        undo.append {
+            kill(pid, SIGKILL)
+            p.waitUntilExit()
+        }
+        let line = String(decoding: out.fileHandleForReading.availableData, as: UTF8.self)
+        guard line.hasPrefix("ready") else {
+            throw NSError(domain: "hold", code: 1, userInfo: [NSLocalizedDescriptionKey: "holder '\(setup)' did not start: \(line)"])
+        }
+        return pid
+    }
+
     /// A dm device; removed at teardown.
     func dmCreate(_ suffix: String, table: String) throws -> String {
         let name = "hydtest-\(getpid())-\(UInt16.random(in: 0...UInt16.max))-\(suffix)"
