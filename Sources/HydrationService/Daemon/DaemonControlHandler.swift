@@ -114,6 +114,9 @@ public struct DaemonControlHandler: ControlHandler {
     }
 
     public func watchStatus(_ p: GetStatusParameters, peer: PeerCredentials) async throws -> AsyncThrowingStream<StatusUpdate, any Error> {
+        let changes = manager.stateChanges
+        // Taken before the first status: a change after it wakes the first wait.
+        let firstSeen = changes.generation
         let first = try await statuses(p.name)
         let name = p.name
         let interval = watchInterval
@@ -121,6 +124,7 @@ public struct DaemonControlHandler: ControlHandler {
         return AsyncThrowingStream { continuation in
             let task = Task {
                 var jobs = first
+                var seen = firstSeen
                 while !Task.isCancelled {
                     // Named job: ends when it completes or fails. All jobs: runs until the client leaves.
                     let update = name != nil ? StatusUpdate(jobs: jobs) : StatusUpdate(jobs: jobs, isFinal: false)
@@ -131,7 +135,8 @@ public struct DaemonControlHandler: ControlHandler {
                     let states = jobs.map(\.state)
                     let due = ContinuousClock.now + interval
                     repeat {
-                        try? await Task.sleep(for: .milliseconds(20))
+                        await changes.wait(past: seen, until: due)
+                        seen = changes.generation
                         do { jobs = try await handler.statuses(name) } catch {
                             continuation.finish(throwing: error)
                             return

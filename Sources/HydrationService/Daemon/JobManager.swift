@@ -149,7 +149,11 @@ public actor JobManager {
     private let storage: any StorageProvider
     private let io: IOExecutor
     private let logger: Logger
-    private var jobs: [String: Entry] = [:]
+    private var jobs: [String: Entry] = [:] {
+        didSet { stateChanges.signal() }
+    }
+    /// Bumped by every job's state change and every change to `jobs`: status watchers wait on it.
+    public nonisolated let stateChanges = StateChangeSignal()
     /// Names being created right now (creation awaits I/O; actor reentrancy must not let two
     /// Starts of one name both proceed).
     private var creating: Set<String> = []
@@ -290,6 +294,7 @@ public actor JobManager {
         do {
             let job = try await HydrationJob.open(def.configuration, storage: storage, io: io, logger: logger,
                                                   acceptDevices: acceptDevices)
+            job.reportStateChanges(to: stateChanges)
             if def.desired == .hydrating, await job.currentState != .complete {
                 try await job.start()
             } else if def.desired == .paused {
@@ -468,6 +473,7 @@ public actor JobManager {
             } else {
                 job = try await HydrationJob.create(def.configuration, storage: storage, io: io, logger: logger)
             }
+            job.reportStateChanges(to: stateChanges)
         } catch {
             var e = error
             if e.code == .deviceInUse, let path = e.path {

@@ -1,5 +1,6 @@
 import ControlProtocol
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -40,6 +41,8 @@ public actor HydrationJob {
     private var tickerTask: Task<Void, Never>?
     private var discardTask: Task<Void, Never>?
     private var stateWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Told of every state change (the daemon's status watchers); set once, after open.
+    private nonisolated let stateSignal = Mutex<StateChangeSignal?>(nil)
     private var closed = false
     private var closing = false
     private var runID = 0
@@ -594,11 +597,18 @@ public actor HydrationJob {
     // MARK: the run
 
     private func setState(_ s: JobStatus.State) {
-        if s != state { logger.info("state \(state.rawValue) -> \(s.rawValue)") }
+        let changed = s != state
+        if changed { logger.info("state \(state.rawValue) -> \(s.rawValue)") }
         state = s
         let w = stateWaiters
         stateWaiters = []
         for c in w { c.resume() }
+        if changed { stateSignal.withLock { $0 }?.signal() }
+    }
+
+    /// Bumps `signal` at every change of state from now on.
+    public nonisolated func reportStateChanges(to signal: StateChangeSignal) {
+        stateSignal.withLock { $0 = signal }
     }
 
     private func runHydration(id: Int) async {
