@@ -267,6 +267,55 @@ def test_wait_complete_and_list(daemon, tmp_path):
     assert daemon.run("wait", "small", "-q").returncode == 0
 
 
+def test_start_wait(daemon, tmp_path):
+    """`start --wait`: one command that creates the job and returns when it ends, with wait's
+    exit statuses; --json prints the status it ended with."""
+    src = write_image(tmp_path / "src.img", 8 * MiB)
+    dst = blank(tmp_path / "dst.img", 8 * MiB)
+    r = daemon.ok("start", "sw", "--source", src, "--dest", dst, "--wait", timeout=120)
+    assert r.stdout.splitlines()[0].startswith("created job sw: ")
+    assert r.stdout.splitlines()[-1] == "job sw complete: 8 MiB hydrated"
+    assert Path(src).read_bytes() == Path(dst).read_bytes()
+    assert daemon.status("sw")["state"] == "complete"
+
+    dst2 = blank(tmp_path / "dst2.img", 8 * MiB)
+    r = daemon.ok("start", "swj", "--source", src, "--dest", dst2, "--wait", "--json", timeout=120)
+    ended = json.loads(r.stdout)
+    assert_job_status(ended)
+    assert ended["state"] == "complete" and ended["bytes"]["hydrated"] == 8 * MiB
+
+    # Created paused, it would wait for ever: a usage error, and no job.
+    r = daemon.run("start", "swp", "--source", src, "--dest", blank(tmp_path / "dst3.img", 8 * MiB),
+                   "--no-hydration", "--wait")
+    assert r.returncode == 64, r
+    assert "--wait with --no-hydration would wait for ever" in r.stderr, r.stderr
+    assert daemon.run("status", "swp").returncode == 65
+
+    # A job that fails while it is waited for: exit 1 with the reason. The source shrinks under a
+    # rate-limited job (a read error, SourceReadFailed).
+    src4 = write_image(tmp_path / "src4.img", 8 * MiB, seed=4)
+    p = subprocess.Popen([str(CLONECTL), "start", "swf", "--source", src4, "--dest", blank(tmp_path / "dst4.img", 8 * MiB),
+                          "--rate-limit", "1M", *STEADY, "--wait"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env())
+    try:
+        deadline = time.monotonic() + 30
+        while daemon.run("status", "swf").returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daemon.wait_state("swf", ["hydrating"])
+        os.truncate(src4, 4 * MiB)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, (out, err)
+    assert "job swf failed: SourceReadFailed" in err, err
+
+    # Resuming a complete job with --wait returns at once.
+    r = daemon.ok("start", "sw", "--wait")
+    assert r.stdout.splitlines()[-1] == "job sw complete: 8 MiB hydrated"
+
+
 def test_status_human_and_json(daemon, tmp_path):
     for name in ("a", "b"):
         daemon.ok("start", name, "--source", write_image(tmp_path / f"{name}.src", 4 * MiB),
