@@ -114,8 +114,14 @@ public struct MetadataDump: Codable, Sendable, Equatable {
 }
 
 public enum MetadataFormatter {
+    /// `2026-11-29T21:56:54.737Z`. The milliseconds are printed from the integer: through a
+    /// Double, …414.737 s is …414.73699 and the format style printed .736.
     static func timestamp(_ ms: Int64) -> String {
-        Date(timeIntervalSince1970: Double(ms) / 1000).formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))
+        let (seconds, milli) = (ms.quotientAndRemainder(dividingBy: 1000))
+        let (s, m) = milli < 0 ? (seconds - 1, milli + 1000) : (seconds, milli)
+        let base = Date(timeIntervalSince1970: Double(s)).formatted(Date.ISO8601FormatStyle())  // …:54Z
+        let digits = String(m)
+        return base.dropLast() + "." + String(repeating: "0", count: 3 - digits.count) + digits + "Z"
     }
 
     /// `clonectl dump` without `--json`.

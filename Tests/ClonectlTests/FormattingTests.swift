@@ -261,3 +261,23 @@ struct SplitMix {
         return z ^ (z >> 31)
     }
 }
+
+/// `clonectl dump` prints metadata timestamps (integer milliseconds) exactly.
+@Suite struct MetadataTimestampTests {
+    @Test func millisecondsAreExact() {
+        // Through a Double this one printed .736 (found comparing dumps of one file by two builds).
+        #expect(MetadataFormatter.timestamp(1_795_989_414_737) == "2026-11-29T21:56:54.737Z")
+        #expect(MetadataFormatter.timestamp(0) == "1970-01-01T00:00:00.000Z")
+        #expect(MetadataFormatter.timestamp(1_795_989_414_999) == "2026-11-29T21:56:54.999Z")
+        #expect(MetadataFormatter.timestamp(1_795_989_415_005) == "2026-11-29T21:56:55.005Z")
+        #expect(MetadataFormatter.timestamp(-1) == "1969-12-31T23:59:59.999Z")
+        // Every millisecond of a second, against Foundation's own formatter.
+        let f = ISO8601DateFormatter()
+        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        for ms in Int64(1_795_989_414_000)..<1_795_989_415_000 {
+            let want = f.string(from: Date(timeIntervalSince1970: TimeInterval(ms / 1000)))
+                .replacingOccurrences(of: ".000Z", with: String(format: ".%03dZ", Int(ms % 1000)))
+            #expect(MetadataFormatter.timestamp(ms) == want)
+        }
+    }
+}
