@@ -306,13 +306,17 @@ public struct DeviceTopology: Sendable {
         var holders = loopsBacked(by: me)
         holders += processesHolding(me)
         if !holders.isEmpty { return DeviceUsage(path: path, holders: holders) }
-        // Nothing found holding it: ask the kernel a few times. A reference the kernel still
-        // holds for a moment after a close (the deferred release of a file a moment ago in use,
-        // e.g. by this daemon's previous job on it) refuses the lease too, and goes away; a
-        // real opener does not. Runs on an I/O thread: the short sleeps block nothing else.
-        for attempt in 0..<5 {
+        // Nothing found holding it: ask the kernel again for about a second. A reference the
+        // kernel still holds for a moment after a close (the deferred release of a file a moment
+        // ago in use, e.g. by this daemon's previous job on it) refuses the lease too, and goes
+        // away; so does a child of this process between fork and exec, which the scan skips but
+        // whose copies of our descriptors and mappings count until its exec (on a loaded 2-core
+        // machine that took longer than the 80 ms this loop used to wait: a full test run failed
+        // on it). A real opener does not go away. Runs on an I/O thread: the sleeps block
+        // nothing else, and only a refusal nobody could be named for waits at all.
+        for delayMs in [20, 40, 80, 160, 320, 400, 0] {
             if !writeLeaseRefused(path) { return nil }
-            if attempt < 4 { usleep(20_000) }
+            if delayMs > 0 { usleep(UInt32(delayMs) * 1000) }
         }
         return DeviceUsage(path: path, holders: [])
     }
