@@ -165,7 +165,9 @@ enum JobWaiter {
                         if s.state == .complete || s.state == .failed { return .ended(s) }
                         if s.state == .paused && !toldPaused {
                             toldPaused = true
-                            Output.err("job \(name) is paused; waiting for it to be resumed ('clonectl resume \(name)')")
+                            // Paused by the daemon (NoSpace, say): say why, or the wait looks hung.
+                            let why = s.error.map { " (\($0.code): \($0.message))" } ?? ""
+                            Output.err("job \(name) is paused\(why); waiting for it to be resumed ('clonectl resume \(name)')")
                         }
                     }
                     return .streamEnded(last)

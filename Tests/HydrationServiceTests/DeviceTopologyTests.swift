@@ -188,11 +188,12 @@ import Testing
         #expect(probes > 0 && busy > 0, "the opener was seen at least once")
     }
 
-    /// The in-use check asks the kernel first and skips the scans of sysfs and /proc when it
-    /// grants a write lease. That is sound only if every kind of holder makes the kernel refuse
-    /// the lease: each one here must be refused, and `usage` must then report the file in use.
-    /// (A descriptor opened with O_PATH can neither read nor write: it does not count, and the
-    /// file is free, as the last case shows.)
+    /// The in-use check's two witnesses: the kernel's write lease and the scans of sysfs and
+    /// /proc. Each kind of holder here must be refused the lease, and `usage` must report the
+    /// file in use. The last cases are why the scans run even when the lease is granted: a
+    /// descriptor opened with O_PATH, or with no access mode (flags 3), does not count for the
+    /// lease, yet its holder can open the file again through /proc/PID/fd whenever it likes
+    /// (an attack had a job accepted, and its source released, under such a holder).
     @Test func everyKindOfHolderIsRefusedTheLease() throws {
         let t = DeviceTopology()
         let holders: [(String, String)] = [
@@ -232,13 +233,15 @@ import Testing
             try s.detach(loop)
         }
 
-        // O_PATH: not a holder.
-        let o = DeviceScratch("lease-opath")
-        defer { o.teardown() }
-        let g = try o.makeFile("disk.img", size: 1 << 20)
-        _ = try o.hold(g, "fd = os.open(p, os.O_PATH)")
-        #expect(t.leaseProbe(g) == .granted)
-        #expect(try t.usage(of: g) == nil)
+        // O_PATH and no access mode: the lease is granted, the scan names the holder.
+        for (kind, setup) in [("O_PATH", "fd = os.open(p, os.O_PATH)"), ("flags 3", "fd = os.open(p, 3)")] {
+            let o = DeviceScratch("lease-opath")
+            defer { o.teardown() }
+            let g = try o.makeFile("disk.img", size: 1 << 20)
+            let pid = try o.hold(g, setup)
+            #expect(t.leaseProbe(g) == .granted, "\(kind)")
+            #expect(try t.usage(of: g)?.holders == ["pid \(pid) (python3)"], "\(kind)")
+        }
     }
 
     /// A child of this process between fork and exec holds copies of this process's descriptors:
