@@ -190,7 +190,16 @@ public struct DeviceTopology: Sendable {
         mutating func addFile(_ o: StorageObject, name: String, parent: Int?, relation: String) {
             guard index(of: o) == nil else { return }
             layers.append(StorageLayer(object: o, name: name, parent: parent, relation: relation))
-            if case .file(let dev, _) = o { addFilesystem(of: dev, path: name, parent: layers.count - 1) }
+            let me = layers.count - 1
+            guard case .file(let dev, _) = o else { return }
+            addFilesystem(of: dev, path: name, parent: me)
+            // An overlay file lives on its upper and lower files (an attack had a job copy
+            // /upper/f onto /merged/f, the same file under another device number, and zero it).
+            for real in topo.overlayLayers(of: name, device: dev) {
+                var st = stat()
+                guard stat(real, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
+                addFile(.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)), name: real, parent: me, relation: "overlay layer")
+            }
         }
 
         mutating func addFilesystem(of dev: UInt64, path: String, parent: Int) {
@@ -303,6 +312,14 @@ public struct DeviceTopology: Sendable {
         let me = StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
         var holders = loopsBacked(by: me)
         holders += processesHolding(me)
+        // An overlay file's upper and lower files, opened by their own paths, are the same bytes.
+        let layers = overlayLayers(of: path, device: UInt64(st.st_dev))
+        for real in layers {
+            var rst = stat()
+            guard stat(real, &rst) == 0 else { continue }
+            let o = StorageObject.file(device: UInt64(rst.st_dev), inode: UInt64(rst.st_ino))
+            holders += (loopsBacked(by: o) + processesHolding(o)).map { "\($0) (has \(real) open, a layer of the overlay file)" }
+        }
         if !holders.isEmpty { return DeviceUsage(path: path, holders: holders) }
         // Nothing found holding it: ask the kernel again for about a second. A reference the
         // kernel still holds for a moment after a close (the deferred release of a file a moment
@@ -313,7 +330,7 @@ public struct DeviceTopology: Sendable {
         // on it). A real opener does not go away. Runs on an I/O thread: the sleeps block
         // nothing else, and only a refusal nobody could be named for waits at all.
         for delayMs in [20, 40, 80, 160, 320, 400, 0] {
-            if !writeLeaseRefused(path) { return nil }
+            if !([path] + layers).contains(where: writeLeaseRefused) { return nil }
             if delayMs > 0 { usleep(UInt32(delayMs) * 1000) }
         }
         return DeviceUsage(path: path, holders: [])
@@ -430,6 +447,10 @@ public struct DeviceTopology: Sendable {
         var mountPoint: String
         var fsType: String
         var source: String
+        /// The directory of the filesystem mounted there ("/" unless a bind mount of a subtree).
+        var root: String = "/"
+        /// Filesystem-specific options (overlay: lowerdir=…,upperdir=…).
+        var superOptions: String = ""
     }
 
     /// /proc/self/mountinfo.
@@ -439,12 +460,14 @@ public struct DeviceTopology: Sendable {
         for line in text.split(separator: "\n") {
             let f = line.split(separator: " ", omittingEmptySubsequences: true)
             guard f.count > 4 else { continue }
-            var fsType = "", source = ""
+            var fsType = "", source = "", superOptions = ""
             if let dash = f.firstIndex(of: "-"), dash + 2 < f.count {
                 fsType = String(f[dash + 1])
                 source = unescapeMount(String(f[dash + 2]))
+                if dash + 3 < f.count { superOptions = String(f[dash + 3]) }
             }
-            out.append(Mount(device: String(f[2]), mountPoint: unescapeMount(String(f[4])), fsType: fsType, source: source))
+            out.append(Mount(device: String(f[2]), mountPoint: unescapeMount(String(f[4])), fsType: fsType, source: source,
+                             root: unescapeMount(String(f[3])), superOptions: superOptions))
         }
         return out
     }
@@ -487,6 +510,71 @@ public struct DeviceTopology: Sendable {
         var st = stat()
         guard stat(m.source, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK else { return [] }
         return [UInt64(st.st_rdev)]
+    }
+
+    // MARK: overlayfs
+
+    /// The real files behind a file of an overlay filesystem: its upper file and the lower
+    /// files of the same name that exist (`upperdir`/`lowerdir`/`lowerdir+`/`datadir+` of the
+    /// mount, from /proc/self/mountinfo). The merged file and its upper file are one file under
+    /// two device numbers; a lower file is what the merged file reads until it is copied up.
+    /// Empty for a file on any other filesystem.
+    func overlayLayers(of path: String, device dev: UInt64) -> [String] {
+        guard majorOf(dev) == 0 else { return [] }
+        let key = "\(majorOf(dev)):\(minorOf(dev))"
+        guard let real = realPath(path) else { return [] }
+        var out: [String] = []
+        for m in mounts() where m.device == key && m.fsType == "overlay" {
+            guard real == m.mountPoint || real.hasPrefix(m.mountPoint == "/" ? "/" : m.mountPoint + "/") else { continue }
+            let inMount = String(real.dropFirst(m.mountPoint == "/" ? 0 : m.mountPoint.count))
+            let rel = (m.root == "/" ? "" : m.root) + inMount
+            for dir in Self.overlayDirectories(m.superOptions) {
+                let candidate = dir + rel
+                if exists(candidate), !out.contains(candidate) { out.append(candidate) }
+            }
+        }
+        return out
+    }
+
+    /// upperdir, then every lower and data directory, from an overlay mount's super options
+    /// (`lowerdir=a:b`, or one `lowerdir+=`/`datadir+=` per directory on newer kernels). A
+    /// backslash escapes: `\ooo` (octal, as mountinfo writes space, comma, backslash) or the next
+    /// character (`\:` in a lower directory's name).
+    static func overlayDirectories(_ options: String) -> [String] {
+        // Split on unescaped separators, then unescape each piece.
+        func split(_ s: [Character], on sep: Character) -> [[Character]] {
+            var out: [[Character]] = [], cur: [Character] = [], i = 0
+            while i < s.count {
+                if s[i] == "\\", i + 1 < s.count { cur += [s[i], s[i + 1]]; i += 2; continue }
+                if s[i] == sep { out.append(cur); cur = [] } else { cur.append(s[i]) }
+                i += 1
+            }
+            out.append(cur)
+            return out
+        }
+        func unescape(_ s: [Character]) -> String {
+            var out = "", i = 0
+            while i < s.count {
+                if s[i] == "\\", i + 3 < s.count, let v = UInt8(String(s[(i + 1)...(i + 3)]), radix: 8) {
+                    out.append(Character(UnicodeScalar(v))); i += 4; continue
+                }
+                if s[i] == "\\", i + 1 < s.count { out.append(s[i + 1]); i += 2; continue }
+                out.append(s[i]); i += 1
+            }
+            return out
+        }
+        var upper: [String] = [], lower: [String] = []
+        for field in split(Array(options), on: ",") {
+            guard let eq = field.firstIndex(of: "=") else { continue }
+            let key = String(field[..<eq])
+            let dirs = split(Array(field[(eq + 1)...]), on: ":").map(unescape).filter { !$0.isEmpty }
+            switch key {
+            case "upperdir": upper = dirs
+            case "lowerdir", "lowerdir+", "datadir+": lower += dirs
+            default: break
+            }
+        }
+        return upper + lower
     }
 
     // MARK: stable identity

@@ -140,6 +140,21 @@ final class DeviceScratch {
         return pid
     }
 
+    /// An overlay filesystem over new `lower`, `upper` and `work` directories, mounted on
+    /// `merged`; unmounted at teardown. Nil when this kernel cannot mount one.
+    func mountOverlay() -> (lower: String, upper: String, merged: String)? {
+        let (l, u, w, m) = (file("ovl-lower"), file("ovl-upper"), file("ovl-work"), file("ovl-merged"))
+        for d in [l, u, w, m] { try? FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        do {
+            try Self.sh(["mount", "-t", "overlay", "overlay", "-o", "lowerdir=\(l),upperdir=\(u),workdir=\(w)", m])
+        } catch {
+            print("overlay mount failed: \(error)")
+            return nil
+        }
+        undo.append { if (try? DeviceScratch.sh(["umount", m])) == nil { _ = try? DeviceScratch.sh(["umount", "-l", m]) } }
+        return (l, u, m)
+    }
+
     /// A dm device; removed at teardown.
     func dmCreate(_ suffix: String, table: String) throws -> String {
         let name = "hydtest-\(getpid())-\(UInt16.random(in: 0...UInt16.max))-\(suffix)"
