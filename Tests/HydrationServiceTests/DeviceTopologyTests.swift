@@ -244,6 +244,31 @@ import Testing
         }
     }
 
+    /// Holders without a descriptor (refused by the lease, invisible in /proc/PID/fd) are named
+    /// from /proc/PID/maps and /proc/PID/exe rather than as "another process or the kernel"
+    /// after a second of retries (the round-4 attack: an mmap-only holder, a running binary).
+    @Test func holdersWithoutDescriptorsAreNamed() async throws {
+        if getuid() != 0 { return }
+        let t = DeviceTopology()
+        let s = DeviceScratch("nodesc")
+        defer { s.teardown() }
+        let f = try s.makeFile("disk.img", size: 1 << 20)
+        // mmap(2) through ctypes, then close: no descriptor left, only the mapping.
+        let pid = try s.hold(f, "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.mmap.restype = ctypes.c_void_p\nfd = os.open(p, os.O_RDONLY)\naddr = libc.mmap(None, 4096, 1, 1, fd, 0)\nassert addr not in (None, ctypes.c_void_p(-1).value)\nos.close(fd)")
+        #expect(t.processesHolding(.file(device: 0, inode: 0)).isEmpty)
+        #expect(try t.usage(of: f)?.holders == ["pid \(pid) (python3) maps it"])
+
+        let exe = s.file("sl")
+        try FileManager.default.copyItem(atPath: "/bin/sleep", toPath: exe)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = ["60"]
+        try p.run()
+        defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+        let want = ["pid \(p.processIdentifier) (sl) runs it"]
+        #expect(await eventually { (try? t.usage(of: exe))?.holders == want }, "\(String(describing: try? t.usage(of: exe)))")
+    }
+
     /// A child of this process between fork and exec holds copies of this process's descriptors:
     /// it is not another user of the file (the in-use check refused a file only this process had
     /// open when another thread spawned a program: a full test run failed on it once). Any other

@@ -329,8 +329,14 @@ public struct DeviceTopology: Sendable {
         // machine that took longer than the 80 ms this loop used to wait: a full test run failed
         // on it). A real opener does not go away. Runs on an I/O thread: the sleeps block
         // nothing else, and only a refusal nobody could be named for waits at all.
+        var namedWithoutDescriptors = false
         for delayMs in [20, 40, 80, 160, 320, 400, 0] {
             if !([path] + layers).contains(where: writeLeaseRefused) { return nil }
+            if !namedWithoutDescriptors {
+                namedWithoutDescriptors = true
+                let named = holdersWithoutDescriptors(me)
+                if !named.isEmpty { return DeviceUsage(path: path, holders: named) }
+            }
             if delayMs > 0 { usleep(UInt32(delayMs) * 1000) }
         }
         return DeviceUsage(path: path, holders: [])
@@ -382,6 +388,49 @@ public struct DeviceTopology: Sendable {
             if !named && !useDeviceNodes { continue }
             guard let lb = loopBacking(dir: dir), lb.file == file else { continue }
             out.append((name: "/dev/\(name)", rdev: rdev, backing: LoopBacking(file: lb.file, offset: lb.offset, sizeLimit: lb.sizeLimit)))
+        }
+        return out
+    }
+
+    /// Holders without a descriptor, which the kernel counts but `processesHolding` cannot see:
+    /// "pid N (comm) maps it" (/proc/PID/maps: a mapping whose descriptor was closed), "pid N
+    /// (comm) runs it" (/proc/PID/exe), "swap" (/proc/swaps). Read only after a refused lease
+    /// that nobody was named for: they are real holders, not a moment's reference, so the check
+    /// names them instead of waiting for them to go away.
+    func holdersWithoutDescriptors(_ file: StorageObject) -> [String] {
+        guard case .file(let dev, let ino) = file else { return [] }
+        var out: [String] = []
+        let selfPid = getpid()
+        let selfExe = realPath("\(proc)/self/exe")
+        let mapsDev = String(majorOf(dev), radix: 16, uppercase: false).leftPadded(2) + ":" + String(minorOf(dev), radix: 16).leftPadded(2)
+        for p in list(proc).sorted(by: natural) {
+            guard let pid = Int32(p) else { continue }
+            // A child of this process not yet exec'd shares our mappings: not another user.
+            if pid != selfPid, let selfExe, isUnexecedChild(p, of: selfPid, exe: selfExe) { continue }
+            let name = pid == selfPid ? "this process (pid \(pid), \(read("\(proc)/\(p)/comm") ?? "?"))" : "pid \(pid) (\(read("\(proc)/\(p)/comm") ?? "?"))"
+            var st = stat()
+            if stat("\(proc)/\(p)/exe", &st) == 0, StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == file {
+                out.append("\(name) runs it")
+                continue
+            }
+            guard let maps = read("\(proc)/\(p)/maps", limit: 1 << 24) else { continue }
+            for line in maps.split(separator: "\n") {
+                // address perms offset dev inode path
+                let f = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+                if f.count >= 5, f[3] == mapsDev, UInt64(f[4]) == ino {
+                    out.append("\(name) maps it")
+                    break
+                }
+            }
+        }
+        if let swaps = read("\(proc)/swaps") {
+            for line in swaps.split(separator: "\n").dropFirst() {
+                guard let first = line.split(separator: " ", omittingEmptySubsequences: true).first else { continue }
+                var st = stat()
+                if stat(unescapeMount(String(first)), &st) == 0, StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == file {
+                    out.append("swap (swapon \(first))")
+                }
+            }
         }
         return out
     }
@@ -767,6 +816,11 @@ private func natural(_ a: String, _ b: String) -> Bool {
     if pa != pb { return a < b }
     if let x = Int(a.dropFirst(pa.count)), let y = Int(b.dropFirst(pb.count)) { return x < y }
     return a < b
+}
+
+extension String {
+    /// At least `n` characters, zeros in front (maps' "fd:00").
+    func leftPadded(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
 }
 
 /// mountinfo escapes space, tab, newline and backslash as \ooo.
