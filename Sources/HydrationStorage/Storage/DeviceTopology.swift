@@ -314,10 +314,12 @@ public struct DeviceTopology: Sendable {
         holders += processesHolding(me)
         // An overlay file's upper and lower files, opened by their own paths, are the same bytes.
         let layers = overlayLayers(of: path, device: UInt64(st.st_dev))
+        var layerObjects: [(path: String, object: StorageObject)] = []
         for real in layers {
             var rst = stat()
             guard stat(real, &rst) == 0 else { continue }
             let o = StorageObject.file(device: UInt64(rst.st_dev), inode: UInt64(rst.st_ino))
+            layerObjects.append((real, o))
             holders += (loopsBacked(by: o) + processesHolding(o)).map { "\($0) (has \(real) open, a layer of the overlay file)" }
         }
         if !holders.isEmpty { return DeviceUsage(path: path, holders: holders) }
@@ -334,7 +336,10 @@ public struct DeviceTopology: Sendable {
             if !([path] + layers).contains(where: writeLeaseRefused) { return nil }
             if !namedWithoutDescriptors {
                 namedWithoutDescriptors = true
+                // A mapping of an overlay file shows the overlay's device and inode here (checked on
+                // this kernel); a holder that mapped the upper or lower file directly shows that one.
                 let named = holdersWithoutDescriptors(me)
+                    + layerObjects.flatMap { l in holdersWithoutDescriptors(l.object).map { "\($0) (\(l.path), a layer of the overlay file)" } }
                 if !named.isEmpty { return DeviceUsage(path: path, holders: named) }
             }
             if delayMs > 0 { usleep(UInt32(delayMs) * 1000) }
