@@ -160,7 +160,7 @@ public enum ControlInterface {
         # export serves the job's clone as NBD export name on the daemon's NBD socket, also
         # after a restart, until the job is removed. hydrate_on_read (with export): a read the
         # source serves also hydrates the regions it read, in the background. io: auto (the
-        # default: direct I/O for a file source at most a third allocated, else buffered),
+        # default: direct I/O for a regular-file source, else buffered),
         # buffered or direct.
         method Start(
           name: string,

@@ -48,7 +48,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     @Flag(help: "With --export: a read served by the source also hydrates the regions it read, in the background (dm-clone lacks this).")
     var hydrateOnRead = false
 
-    @Option(help: ArgumentHelp("auto (default: direct I/O for a sparse file source, at most a third allocated), buffered, or direct (O_DIRECT where supported).", valueName: "mode"))
+    @Option(help: ArgumentHelp("auto (default: direct I/O for a regular-file source, buffered for a block device or NBD), buffered, or direct (O_DIRECT where supported).", valueName: "mode"))
     var io: String?
 
     @OptionGroup(title: "Tunables") var tunables: TunableOptions

@@ -81,13 +81,13 @@ let etaCases: [(Double?, String)] = [
     @Test func detailedShowsIOMode() {
         var s = sampleStatus()
         #expect(!StatusFormatter.detailed(s).contains("i/o"))
-        s.source.io = "direct"; s.source.ioReason = "io=auto: sparse source, 1.0 % allocated"
-        s.dest.io = "direct"; s.dest.ioReason = "io=auto: sparse source, 1.0 % allocated"
-        #expect(StatusFormatter.detailed(s).contains("\n  i/o         direct (io=auto: sparse source, 1.0 % allocated)\n"))
+        s.source.io = "direct"; s.source.ioReason = "io=auto: file source, 1.0 % allocated"
+        s.dest.io = "direct"; s.dest.ioReason = "io=auto: file source, 1.0 % allocated"
+        #expect(StatusFormatter.detailed(s).contains("\n  i/o         direct (io=auto: file source, 1.0 % allocated)\n"))
         s.dest.io = "buffered"
-        s.dest.ioReason = "io=auto: sparse source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN)"
+        s.dest.ioReason = "io=auto: file source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN)"
         #expect(StatusFormatter.detailed(s).contains(
-            "\n  i/o         source direct (io=auto: sparse source, 1.0 % allocated), dest buffered (io=auto: sparse source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN))\n"))
+            "\n  i/o         source direct (io=auto: file source, 1.0 % allocated), dest buffered (io=auto: file source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN))\n"))
         s.source.io = nil; s.source.ioReason = nil
         #expect(StatusFormatter.detailed(s).contains("\n  i/o         dest buffered ("))
     }

@@ -267,22 +267,25 @@ final class RecordingPosixStorage: StorageProvider {
         if discard { #expect(allocatedBytes(dir.file("src.img")) == 0) }
     }
 
-    /// IOMode.auto: direct for a file source at most a third allocated, buffered otherwise and
-    /// when the allocation is unknown; buffered and direct as asked.
+    /// IOMode.auto: direct for a regular-file source however much of it is allocated (round 5),
+    /// buffered when the allocation is unknown (a block device, NBD); buffered and direct as asked.
     @Test func autoRule() {
         let G: UInt64 = 1 << 30
+        // A regular file (its allocation known): direct, however much of it is allocated.
         #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: G).direct)
-        #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: 33 * G).direct)
-        #expect(!IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: 34 * G).direct)
-        #expect(!IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: 2 * G).direct)
+        #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: 50 * G).direct)
+        #expect(IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: 2 * G).direct)
+        #expect(IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: 0).direct)
+        // A block device or NBD source: buffered.
         #expect(!IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: nil).direct)
-        #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: G).why == "io=auto: sparse source, 1.0 % allocated")
+        #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: G).why == "io=auto: file source, 1.0 % allocated")
+        #expect(IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: 2 * G).why == "io=auto: file source, 100.0 % allocated")
         #expect(IOMode.direct.choice(sourceSize: 2 * G, sourceAllocated: 2 * G) == (true, "io=direct"))
         #expect(IOMode.buffered.choice(sourceSize: 100 * G, sourceAllocated: 0) == (false, "io=buffered"))
     }
 
-    /// A job's `io` on real files: `auto` copies a sparse source (3 % data) direct and a dense one
-    /// buffered, `direct` and `buffered` override it, a reopened job chooses again from its own
+    /// A job's `io` on real files: `auto` copies a sparse source (3 % data) and a dense one direct,
+    /// `direct` and `buffered` override it, a reopened job chooses again from its own
     /// setting; status says which and why, and every copy is exact.
     @Test func jobIOModeChoosesDirectOrBuffered() async throws {
         let dir = TempDir("dio-mode")
@@ -305,10 +308,11 @@ final class RecordingPosixStorage: StorageProvider {
         expectedSparse.replaceSubrange((20 << 20)..<(22 << 20), with: data)
 
         let cases: [(String, String, IOMode, Bool, String)] = [
-            ("a", sparse, .auto, true, "io=auto: sparse source"),
-            ("b", dense, .auto, false, "io=auto: source 100.0 % allocated"),
+            ("a", sparse, .auto, true, "io=auto: file source, 3.1 % allocated"),
+            ("b", dense, .auto, true, "io=auto: file source, 100.0 % allocated"),
             ("c", dense, .direct, true, "io=direct"),
             ("d", sparse, .buffered, false, "io=buffered"),
+            ("e", dense, .buffered, false, "io=buffered"),
         ]
         for (name, src, mode, direct, why) in cases {
             let storage = RecordingPosixStorage(directIO: nil)

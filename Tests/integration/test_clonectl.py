@@ -195,8 +195,11 @@ def test_start_pause_resume_set_commit_remove(daemon, tmp_path):
     s = daemon.status("vm1")
     assert s["state"] == "hydrating"
     assert s["region_size"] == 65536
-    assert s["source"] == {"path": src, "size_bytes": 32 * MiB, "io": "buffered",
-                           "io_reason": "io=auto: source 100.0 % allocated"}
+    assert set(s["source"]) == {"path", "size_bytes", "io", "io_reason"}, s["source"]
+    assert (s["source"]["path"], s["source"]["size_bytes"]) == (src, 32 * MiB), s["source"]
+    # A file source is read direct (io=auto), where the filesystem can do direct I/O.
+    assert s["source"]["io"] == ("direct" if direct_io_capable(tmp_path) else "buffered"), s["source"]
+    assert s["source"]["io_reason"].startswith("io=auto: file source, 100.0 % allocated"), s["source"]
     assert s["settings"] == {"threshold": 8, "batch_size": 4, "rate_limit_bytes_per_second": 2 * MiB,
                              "commit_interval_ms": 200}
 
@@ -335,7 +338,7 @@ def test_status_human_and_json(daemon, tmp_path):
     for label in ("source", "dest", "regions", "committed", "discard", "settings", "metadata"):
         assert re.search(rf"^  {label}\s", human, re.M), (label, human)
     assert "(4 MiB)" in human and "64 KiB each" in human
-    assert re.search(r"^  i/o\s+buffered \(io=auto: source 100\.0 % allocated\)$", human, re.M), human
+    assert re.search(r"^  i/o\s+(direct|buffered) \(io=auto: file source, 100\.0 % allocated", human, re.M), human
     table = daemon.ok("status").stdout.splitlines()
     assert table[0].split() == ["NAME", "STATE", "PROGRESS", "SIZE", "RATE", "ETA", "DISCARDED"]
     assert [l.split()[0] for l in table[1:]] == ["a", "b"]
@@ -355,7 +358,7 @@ def direct_io_capable(path):
 
 
 def test_io_mode(daemon, tmp_path):
-    """Start's io (issue 13): auto reads a sparse file source direct and a dense one buffered,
+    """Start's io (issue 13): auto reads a file source direct, sparse or dense (round 5),
     --io overrides it and survives a restart, a bad value is refused by clonectl (64) and by the
     daemon (InvalidParameter io) with nothing created; every copy is exact."""
     capable = direct_io_capable(tmp_path)
@@ -365,8 +368,8 @@ def test_io_mode(daemon, tmp_path):
         f.seek(20 * MiB)
         f.write(os.urandom(2 * MiB))
     dense = write_image(tmp_path / "dense.img", 8 * MiB, seed=5)
-    cases = [("sp", str(sparse), [], "io=auto: sparse source, 3.1 % allocated"),
-             ("de", dense, [], "io=auto: source 100.0 % allocated"),
+    cases = [("sp", str(sparse), [], "io=auto: file source, 3.1 % allocated"),
+             ("de", dense, [], "io=auto: file source, 100.0 % allocated"),
              ("dd", dense, ["--io", "direct"], "io=direct"),
              ("sb", str(sparse), ["--io", "buffered"], "io=buffered")]
     for name, src, opts, why in cases:
@@ -375,7 +378,7 @@ def test_io_mode(daemon, tmp_path):
         daemon.ok("start", name, "--source", src, "--dest", dst, "--no-hydration", *opts)
         st = json.loads(daemon.ok("status", name, "--json").stdout)
         assert_job_status(st)
-        want_direct = why.startswith("io=direct") or "sparse source" in why
+        want_direct = why.startswith("io=direct") or "file source" in why
         for side in ("source", "dest"):
             assert st[side]["io_reason"].startswith(why), (name, st[side])
             assert st[side]["io"] == ("direct" if want_direct and capable else "buffered"), (name, st[side])

@@ -131,8 +131,8 @@ def test_ext4_on_the_live_clone_survives_sigkill(tmp_path):
         uri = st["export"]["uri"]
         # A mostly empty filesystem image: io=auto takes the direct-I/O path (docs/live-clone.md),
         # where the filesystem holding it can do direct I/O.
-        assert st["source"]["io_reason"].startswith("io=auto: sparse source"), st["source"]
-        assert st["dest"]["io_reason"].startswith("io=auto: sparse source"), st["dest"]
+        assert st["source"]["io_reason"].startswith("io=auto: file source"), st["source"]
+        assert st["dest"]["io_reason"].startswith("io=auto: file source"), st["dest"]
 
         a = Attached(tmp, uri, "1")
         attached.append(a)
