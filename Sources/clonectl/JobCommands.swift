@@ -29,7 +29,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     var metadata: String?
 
     @Option(
-        help: ArgumentHelp("Region size: a power of two from 4K to 1G (default 64K).", valueName: "size"),
+        help: ArgumentHelp("Region size: a power of two from 4K to 64M (default 64K).", valueName: "size"),
         transform: parseSize)
     var regionSize: UInt64?
 
@@ -88,8 +88,8 @@ struct Start: AsyncParsableCommand, DaemonCommand {
         if let m = io, !["auto", "buffered", "direct"].contains(m) {
             throw ValidationError("--io must be auto, buffered or direct (got '\(m)')")
         }
-        if let r = regionSize, r < 4096 || r > 1 << 30 || r & (r - 1) != 0 {
-            throw ValidationError("--region-size must be a power of two from 4K to 1G (got \(r) bytes)")
+        if let r = regionSize, r < 4096 || r > 64 << 20 || r & (r - 1) != 0 {
+            throw ValidationError("--region-size must be a power of two from 4K to 64M (got \(r) bytes)")
         }
     }
 

@@ -280,6 +280,10 @@ final class RecordingPosixStorage: StorageProvider {
         #expect(!IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: nil).direct)
         #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: G).why == "io=auto: file source, 1.0 % allocated")
         #expect(IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: 2 * G).why == "io=auto: file source, 100.0 % allocated")
+        // A file smaller than a block has a whole block allocated: still 100 % (the round-5
+        // attack saw "409600.0 % allocated" for a 1-byte file).
+        #expect(IOMode.auto.choice(sourceSize: 1, sourceAllocated: 4096).why == "io=auto: file source, 100.0 % allocated")
+        #expect(IOMode.auto.choice(sourceSize: 4097, sourceAllocated: 8192).why == "io=auto: file source, 100.0 % allocated")
         #expect(IOMode.direct.choice(sourceSize: 2 * G, sourceAllocated: 2 * G) == (true, "io=direct"))
         #expect(IOMode.buffered.choice(sourceSize: 100 * G, sourceAllocated: 0) == (false, "io=buffered"))
     }

@@ -567,6 +567,7 @@ def test_check_and_dump_offline(daemon, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["start", "x", "--source", "/a", "--dest", "/b", "--region-size", "12X"], "invalid size '12X'"),
     (["start", "x", "--source", "/a", "--dest", "/b", "--region-size", "3000"], "power of two"),
+    (["start", "x", "--source", "/a", "--dest", "/b", "--region-size", "128M"], "--region-size must be a power of two from 4K to 64M"),
     (["start", "x", "--source", "/a", "--dest", "/b", "--commit-interval", "5"], "invalid duration '5'"),
     (["start", "x", "--source", "/a", "--dest", "/b", "--rate-limit", "fast"], "invalid rate 'fast'"),
     (["start", "x", "--source", "/a"], "needs both --source and --dest"),

@@ -431,8 +431,8 @@ public actor JobManager {
             throw HydrationError(.invalidParameter, "export: this daemon serves no NBD socket")
         }
         let regionSize = req.regionSize ?? RegionGeometry.defaultRegionSize
-        guard RegionGeometry.isValidRegionSize(regionSize) else {
-            throw HydrationError(.invalidParameter, "region_size must be a power of two from 4 KiB to 1 GiB (got \(regionSize))")
+        guard JobConfiguration.isValidRegionSize(regionSize) else {
+            throw JobConfiguration.regionSizeError(regionSize)
         }
         let tunables = req.tunables.applied(to: .defaults(regionSize: regionSize))
         var defaultMetadata = jobsDirectory + "/\(req.name).meta"

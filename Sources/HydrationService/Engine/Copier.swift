@@ -273,6 +273,8 @@ actor Copier {
         // What the lagging drops left behind at the end of the source.
         let sourceDevice = self.source
         _ = try? await io.run { sourceDevice.dropCache(offset: 0, length: 0) }
+        // Every batch has given its buffer back: a finished or paused job keeps none.
+        buffers.drain()
         progress.update { $0.hydratingRegions = 0 }
         if let outcome { return outcome }
         if let f = batchFailure { return f }

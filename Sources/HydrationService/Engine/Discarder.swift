@@ -108,8 +108,19 @@ actor Discarder {
                 let length = min(Self.maxChunk, bytes.upperBound - offset)
                 let source = self.source
                 let at = offset
+                let inBounds = geometry.targetSize > at ? min(length, geometry.targetSize - at) : 0
                 do {
-                    try await io.run { try source.release(offset: at, length: length) }
+                    try await io.run {
+                        do {
+                            try source.release(offset: at, length: length)
+                        } catch {
+                            // Some filesystems refuse a punch past the end of the file (a FUSE
+                            // file over NBD: "request out of bounds"): then only up to the end,
+                            // which may leave the last partial block allocated, and nothing more.
+                            guard inBounds > 0 && inBounds < length else { throw error }
+                            try source.release(offset: at, length: inBounds)
+                        }
+                    }
                     let counted = min(length, geometry.targetSize > at ? geometry.targetSize - at : 0)
                     progress.update { $0.discardedBytes += counted; $0.discardPendingBytes -= min($0.discardPendingBytes, counted) }
                 } catch {

@@ -223,10 +223,10 @@ public actor HydrationJob {
     }
 
     static func prepareNew(_ config: JobConfiguration, storage: any StorageProvider) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore) {
-        try validateCommon(config)
-        guard RegionGeometry.isValidRegionSize(config.regionSize) else {
-            throw HydrationError(.invalidParameter, "region size must be a power of two from 4 KiB to 1 GiB (got \(config.regionSize))")
+        guard JobConfiguration.isValidRegionSize(config.regionSize) else {
+            throw JobConfiguration.regionSizeError(config.regionSize)
         }
+        try validateCommon(config)
         guard let srcInfo = try identify(storage, config.sourcePath, what: "source") else {
             throw HydrationError(.notFound, "source \(config.sourcePath) does not exist")
         }

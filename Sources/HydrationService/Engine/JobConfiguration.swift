@@ -72,7 +72,8 @@ public enum IOMode: String, Sendable, Equatable, Codable, CaseIterable {
             guard let a = sourceAllocated, sourceSize > 0 else {
                 return (false, "io=auto: the source's allocation is unknown (not a regular file)")
             }
-            let pct = (Double(a) / Double(sourceSize) * 1000).rounded() / 10
+            // Allocation is in whole blocks: a file smaller than a block is "100 %", not 409600.
+            let pct = (min(1, Double(a) / Double(sourceSize)) * 1000).rounded() / 10
             return (true, "io=auto: file source, \(pct) % allocated")
         }
     }
@@ -80,6 +81,18 @@ public enum IOMode: String, Sendable, Equatable, Codable, CaseIterable {
 
 /// Everything needed to create a job.
 public struct JobConfiguration: Sendable, Equatable, Codable {
+    /// The largest region a job may have. The metadata format allows 1 GiB, but a batch reads at
+    /// least one whole region into memory and batches are limited to 64 MiB (Tunables.validate),
+    /// so a larger region could never be copied.
+    public static let maxRegionSize: UInt64 = 64 << 20
+    /// A region size a job can be created with: a power of two from 4 KiB to 64 MiB.
+    public static func isValidRegionSize(_ s: UInt64) -> Bool {
+        RegionGeometry.isValidRegionSize(s) && s <= maxRegionSize
+    }
+    static func regionSizeError(_ s: UInt64) -> HydrationError {
+        HydrationError(.invalidParameter, "region_size must be a power of two from 4 KiB to 64 MiB (a batch reads at least one whole region into memory; got \(s))")
+    }
+
     public var name: String
     public var sourcePath: String
     public var destPath: String
