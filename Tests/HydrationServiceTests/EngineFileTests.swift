@@ -188,6 +188,17 @@ import Testing
         #expect(byteDifference(readFile(dir.file("dst.img")), bytes) == nil)
     }
 
+    /// Default tunables: 1 MiB per batch and 8 MiB in flight, at least one region each (with
+    /// 64 MiB regions the old threshold, eight batches, meant 512 MiB of buffers: round-5 attack).
+    @Test func defaultTunablesKeepEightMiBInFlight() {
+        for (rs, batch, threshold) in [(UInt64(4 << 10), 256, 2048), (64 << 10, 16, 128), (1 << 20, 1, 8),
+                                       (4 << 20, 1, 2), (64 << 20, 1, 1)] {
+            let t = Tunables.defaults(regionSize: rs)
+            #expect(t.batchSize == batch && t.threshold == threshold, "region size \(rs): \(t)")
+            #expect((try? t.validate(regionSize: rs)) != nil)
+        }
+    }
+
     @Test func badInputIsRefusedWithNamedErrors() async throws {
         let dir = TempDir("bad")
         let image = TestImage.make(size: 1 << 20, seed: 1)

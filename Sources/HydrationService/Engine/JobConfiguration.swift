@@ -15,10 +15,12 @@ public struct Tunables: Sendable, Equatable, Codable {
     public static let defaultCommitIntervalMs = 1000
 
     /// Defaults for throughput: 1 MiB per I/O and 8 MiB in flight, whatever the region size
-    /// (dm-clone's 1/1 keeps a disk mostly idle).
+    /// (dm-clone's 1/1 keeps a disk mostly idle); at least one region each. (Eight batches in
+    /// flight, the old threshold, was 512 MiB of buffers with 64 MiB regions.)
     public static func defaults(regionSize: UInt64) -> Tunables {
         let batch = max(1, Int((1 << 20) / regionSize))
-        return Tunables(batchSize: batch, threshold: batch * 8, rateLimitBytesPerSecond: nil,
+        let threshold = max(batch, Int((8 << 20) / regionSize))
+        return Tunables(batchSize: batch, threshold: threshold, rateLimitBytesPerSecond: nil,
                         spaceBudgetBytes: defaultSpaceBudget, commitIntervalMs: defaultCommitIntervalMs)
     }
 
