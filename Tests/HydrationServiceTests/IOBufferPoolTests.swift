@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HydrationService
+@testable import HydrationStorage
 
 #if canImport(Glibc)
 import Glibc
@@ -52,7 +53,9 @@ import Glibc
         defer { pool.give(b) }
         b.initializeMemory(as: UInt8.self, repeating: 1)
         let address = UInt(bitPattern: b.baseAddress!)
-        let smaps = readProcFile("/proc/self/smaps")
+        // Read in full (Foundation's String(contentsOfFile:) stops after the first 4 KiB of a
+        // /proc file, whose size reads as 0), with the topology's reader of /proc.
+        let smaps = DeviceTopology().read("/proc/self/smaps", limit: 1 << 26) ?? ""
         var inside = false
         var eligible: String?
         for line in smaps.split(separator: "\n") {
@@ -111,18 +114,3 @@ import Glibc
     }
 }
 
-/// The whole of a /proc file. (Foundation's String(contentsOfFile:) stops after the first 4 KiB
-/// of a file whose size reads as 0, which is all of them in /proc.)
-func readProcFile(_ path: String) -> String {
-    let fd = open(path, O_RDONLY)
-    guard fd >= 0 else { return "" }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n <= 0 { break }
-        bytes += chunk[0..<n]
-    }
-    return String(decoding: bytes, as: UTF8.self)
-}
