@@ -273,8 +273,10 @@ actor Copier {
         // What the lagging drops left behind at the end of the source.
         let sourceDevice = self.source
         _ = try? await io.run { sourceDevice.dropCache(offset: 0, length: 0) }
-        // Every batch has given its buffer back: a finished or paused job keeps none.
-        buffers.drain()
+        // Every batch has given its buffer back: a finished or paused job keeps none (munmap,
+        // so on an I/O thread, not the actor's).
+        let pool = buffers
+        _ = try? await io.run { pool.drain() }
         progress.update { $0.hydratingRegions = 0 }
         if let outcome { return outcome }
         if let f = batchFailure { return f }
