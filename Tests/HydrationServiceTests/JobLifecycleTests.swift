@@ -393,6 +393,18 @@ import Testing
         await m1.shutdown()
         try await m2.restore()
         await m2.shutdown()
+
+        // A lock held a moment longer (here by another open file of the lock, as a child forked
+        // before the shutdown holds it until it execs) delays the restore instead of failing it.
+        let held = open(dir.file("state") + "/lock", O_RDWR | O_CLOEXEC)
+        #expect(held >= 0 && flock(held, LOCK_EX | LOCK_NB) == 0)
+        let release = Task { try? await Task.sleep(for: .milliseconds(150)); close(held) }
+        let m3 = JobManager(stateDirectory: dir.file("state"), io: io, logger: testLogger)
+        let started = ContinuousClock.now
+        try await m3.restore()
+        #expect(ContinuousClock.now - started >= .milliseconds(100), "restored while the lock was held")
+        await release.value
+        await m3.shutdown()
         await io.shutdown()
     }
 }

@@ -202,7 +202,20 @@ public actor JobManager {
         try FileManager.default.createDirectory(atPath: jobsDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
         // Two daemons on one state directory would both open every job's metadata read-write.
-        stateLock = try StateDirectoryLock(directory: stateDirectory)
+        // A refusal is retried for about a second: a process forked elsewhere in this program
+        // (or a previous daemon's) holds the lock's open file until it execs or exits, so the
+        // lock of a manager that has just shut down can outlive its close by a moment (a full
+        // test run once failed a restart on this). A real second daemon holds it for good.
+        var delaysMs: [UInt64] = [20, 40, 80, 160, 320, 400]
+        while true {
+            do {
+                stateLock = try StateDirectoryLock(directory: stateDirectory)
+                break
+            } catch {
+                guard error.code == .deviceInUse, !delaysMs.isEmpty else { throw error }
+                try? await Task.sleep(nanoseconds: delaysMs.removeFirst() * 1_000_000)
+            }
+        }
         let names = try FileManager.default.contentsOfDirectory(atPath: jobsDirectory)
             .filter { $0.hasSuffix(".json") && !$0.hasPrefix(".") }
             .sorted()
