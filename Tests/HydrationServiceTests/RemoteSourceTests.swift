@@ -16,15 +16,20 @@ final class NBDKitServer {
     init(file: String, socket: String, extra: [String] = []) throws {
         self.socket = socket
         unlink(socket)
+        // Ready when nbdkit writes its PID file (after listen), not when the socket file appears
+        // (after bind, before listen: a connect in between is refused; a fresh-clone CI run saw
+        // ECONNREFUSED from a server restarted by reconnectRefusesAnotherExport).
+        let pidFile = socket + ".pid"
+        unlink(pidFile)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: NBDTools.path("nbdkit") ?? "/usr/sbin/nbdkit")
-        p.arguments = ["-f", "--exit-with-parent", "-U", socket] + extra + ["file", file]
+        p.arguments = ["-f", "--exit-with-parent", "-U", socket, "-P", pidFile] + extra + ["file", file]
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
         try p.run()
         process = p
         let deadline = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(10_000) }
+        while !FileManager.default.fileExists(atPath: pidFile) && Date() < deadline { usleep(10_000) }
     }
 
     var uri: String { "nbd+unix:///?socket=\(socket)" }
@@ -39,6 +44,7 @@ final class NBDKitServer {
             process.waitUntilExit()
         }
         unlink(socket)
+        unlink(socket + ".pid")
     }
 
     deinit { stop() }
