@@ -55,7 +55,7 @@ public enum IOMode: String, Sendable, Equatable, Codable, CaseIterable {
     /// Direct I/O for a regular-file source, buffered otherwise (a block device or NBD source,
     /// whose allocation is unknown). On the benchmark machine, with I/O buffers of huge pages
     /// (IOBufferPool), direct I/O copied the dense and the zeros images as fast as buffered I/O
-    /// and the holes image in 0.80x the time, for a third to a fifth of the CPU and no page cache.
+    /// and the holes image in 0.80x the time, for 0.17-0.42x the CPU and no page cache.
     /// (Round 3's rule, direct only up to a third allocated, was measured with buffers of 4 KiB
     /// pages, which a virtio-blk ring without indirect descriptors turned into requeues.)
     case auto
