@@ -15,6 +15,16 @@ import Glibc
 ///
 /// Every blocking call runs on the I/O executor. Finished batches go to the committer; nothing
 /// here ever talks to the discarder except to wait for it when the space budget is exhausted.
+/// A hold on the copier, asked before it claims regions: the copier goes on only with the prefix
+/// of a batch that the gate admits, and waits (polling, until the run is stopped) while it admits
+/// none. Tests use it to keep a job hydrating at an exact region while clients act on the live
+/// clone, instead of racing a rate-limited copier against the machine's speed. Production jobs
+/// have no gate.
+public protocol CopierGate: Sendable {
+    /// The prefix of `regions` the copier may claim now (empty: not yet).
+    func admit(_ regions: Range<Int>) -> Range<Int>
+}
+
 actor Copier {
     enum Outcome: Sendable, Equatable {
         case complete
@@ -68,6 +78,8 @@ actor Copier {
     }
 
     func update(_ t: Tunables) { tunables = t }
+    private var gate: (any CopierGate)?
+    func setGate(_ g: (any CopierGate)?) { gate = g }
     func requestStop(run: Int) { stoppedUpTo = max(stoppedUpTo, run) }
     var hydratedMap: RegionMap { ownership.hydratedSnapshot }
 
@@ -131,7 +143,7 @@ actor Copier {
                     outcome = .failed(error)
                     break
                 }
-                guard let candidate else {
+                guard var candidate else {
                     // The end of a pass. Regions a client held were stepped over, and a client
                     // operation that failed leaves its regions unhydrated behind the cursor: once
                     // this run's own batches and the clients' claims end, go round again.
@@ -149,6 +161,17 @@ actor Copier {
                 // The batch is claimed only after every wait below (threshold, budget, rate limit):
                 // a client writing to these regions meanwhile must not wait for the copier's pacing
                 // (at a low rate limit, minutes), only for a copy actually under way.
+                if let gate {
+                    let admitted = gate.admit(candidate.regions)
+                    if admitted.isEmpty {
+                        try? await Task.sleep(nanoseconds: 10_000_000)
+                        continue  // the candidate is looked up again: clients may have taken it meanwhile
+                    }
+                    switch candidate {
+                    case .hole: candidate = .hole(admitted)
+                    case .copy: candidate = .copy(admitted)
+                    }
+                }
                 var regions = candidate.regions
                 let t = tunables
 

@@ -398,6 +398,11 @@ public actor HydrationJob {
     public var lastError: HydrationError? { error }
 
     /// Starts or resumes hydration. A complete job stays complete.
+    /// Holds the copier at the regions the gate does not admit yet (see `CopierGate`).
+    public func setCopierGate(_ gate: (any CopierGate)?) async {
+        await copier.setGate(gate)
+    }
+
     public func start() throws(HydrationError) {
         guard !closed && !closing else { throw HydrationError(.invalidState, "job \(name) is closed") }
         switch state {

@@ -24,6 +24,8 @@ import Testing
         let export: LiveCloneExport
         let image: TestImage
         let config: JobConfiguration
+        /// The copier's hold, when the test keeps the job hydrating at an exact region.
+        let gate: HoldGate?
 
         func close() async {
             await job.close()
@@ -41,7 +43,7 @@ import Testing
     }
 
     static func makeJob(_ tag: String, size: Int, seed: UInt64, discard: Bool = true, rate: UInt64?, commitMs: Int = 3_600_000,
-                        name: String = "live", garbageDest: Bool = false) async throws -> LiveJob {
+                        name: String = "live", garbageDest: Bool = false, hold: Int? = nil) async throws -> LiveJob {
         let dir = TempDir("live-" + tag)
         let image = TestImage.make(size: size, seed: seed)
         try image.write(to: dir.file("src.img"))
@@ -58,7 +60,9 @@ import Testing
         let io = IOExecutor(threads: 4)
         let job = try await HydrationJob.create(cfg, io: io, logger: testLogger)
         let export = try await job.liveExport()
-        return LiveJob(dir: dir, io: io, job: job, export: export, image: image, config: cfg)
+        let gate = hold.map { HoldGate(at: $0) }
+        await job.setCopierGate(gate)
+        return LiveJob(dir: dir, io: io, job: job, export: export, image: image, config: cfg, gate: gate)
     }
 
     private func json(_ r: ToolResult) throws -> Any {
@@ -91,13 +95,13 @@ import Testing
     @Test(.enabled(if: NBDTools.hasNbdinfo, "nbdinfo (libnbd-bin) is not installed"))
     func nbdinfoShowsFlagsBlockSizesAllocationAndHydrationStateMidway() async throws {
         let size = 16 * Self.mib + 12288  // a short last region
-        let lj = try await Self.makeJob("info", size: size, seed: 11, rate: 16 << 20)
+        let lj = try await Self.makeJob("info", size: size, seed: 11, rate: nil, hold: 80)  // 5 MiB
         let regions = (size + Int(Self.rs) - 1) / Int(Self.rs)
         try await withNBDServer { f in
             try f.registry.add(lj.export)
             let uri = f.uri("live")
             try await lj.job.start()
-            #expect(await eventually { await lj.job.status().bytes.hydrated >= 5 << 20 })
+            await lj.gate!.waitHeld(lj.job)
             await lj.job.pause()
             let st = await lj.job.status()
             #expect(st.bytes.hydrated < UInt64(size), "paused mid-way")
@@ -171,31 +175,32 @@ import Testing
     @Test(.enabled(if: NBDTools.hasNbdcopy, "nbdcopy (libnbd-bin) is not installed"))
     func nbdcopyReadsTheSourceImageWhileHydrationReleasesIt() async throws {
         let size = 24 * Self.mib + 12288
-        let lj = try await Self.makeJob("copyread", size: size, seed: 12, rate: 12 << 20, commitMs: 100)
-        var copies = 0
-        var releasedDuring: [UInt64] = []
+        let regions = (size + Int(Self.rs) - 1) / Int(Self.rs)
+        let lj = try await Self.makeJob("copyread", size: size, seed: 12, rate: nil, commitMs: 100, hold: regions / 4)
+        var released: [UInt64] = []
         try await withNBDServer { f in
             try f.registry.add(lj.export)
             try await lj.job.start()
             let out = lj.dir.file("out.img")
-            // Read the whole export again and again while the copier hydrates and the discarder releases.
-            while await lj.job.status().state == .hydrating || copies < 2 {
+            // Three full reads of the export, each while the copier hydrates the next quarter and
+            // the discarder releases it, each after a part of the source was released.
+            for quarter in 1...3 {
+                await lj.gate!.waitHeld(lj.job)
+                try await lj.job.commit()
+                let before = released.last ?? 0
+                #expect(await eventually { await lj.job.status().bytes.discarded > before },
+                        "quarter \(quarter): the hydrated part of the source is released before the read")
+                released.append(await lj.job.status().bytes.discarded)
+                lj.gate!.move(to: quarter == 3 ? nil : regions * (quarter + 1) / 4)
                 unlink(out)
-                let before = await lj.job.status().bytes.discarded
-                let r = try await runTool("nbdcopy", [f.uri("live"), out], timeout: 60)
+                let r = try await runTool("nbdcopy", [f.uri("live"), out], timeout: 120)
                 #expect(r.status == 0, "\(r.stderr)")
-                let after = await lj.job.status().bytes.discarded
-                releasedDuring.append(after - before)
-                copies += 1
-                #expect(byteDifference(readFile(out), lj.image.bytes) == nil, "nbdcopy pass \(copies)")
-                if copies > 50 { break }
+                #expect(byteDifference(readFile(out), lj.image.bytes) == nil, "nbdcopy read \(quarter)")
             }
             #expect(await lj.job.waitUntilSettled() == .complete)
             unlink(out)
         }
-        print("nbdcopy: \(copies) full reads, released during each: \(releasedDuring)")
-        #expect(copies >= 2, "several full reads during hydration: \(copies)")
-        #expect(releasedDuring.contains { $0 > 0 }, "source released during reads: \(releasedDuring)")
+        print("nbdcopy: three full reads; source bytes released before each: \(released)")
         #expect(allocatedBytes(lj.dir.file("src.img")) == 0)
         #expect(byteDifference(readFile(lj.dir.file("dst.img")), lj.image.bytes) == nil)
         await lj.close()
@@ -204,14 +209,14 @@ import Testing
     @Test(.enabled(if: NBDTools.hasNbdcopy, "nbdcopy (libnbd-bin) is not installed"))
     func nbdcopyWritesAnImageIntoTheCloneMidway() async throws {
         let size = 16 * Self.mib + 12288
-        let lj = try await Self.makeJob("copywrite", size: size, seed: 13, rate: 8 << 20)
+        let lj = try await Self.makeJob("copywrite", size: size, seed: 13, rate: nil, hold: 48)  // 3 MiB
         // Another image: its holes and zero runs fall where the source has data (chunk 512 KiB).
         let other = TestImage.make(size: size, seed: 99, chunk: 512 << 10)
         try other.write(to: lj.dir.file("other.img"))
         try await withNBDServer { f in
             try f.registry.add(lj.export)
             try await lj.job.start()
-            #expect(await eventually { await lj.job.status().bytes.hydrated >= 3 << 20 })
+            await lj.gate!.waitHeld(lj.job)
             let r = try await runTool("nbdcopy", [lj.dir.file("other.img"), f.uri("live")], timeout: 60)
             #expect(r.status == 0, "\(r.stderr)")
             #expect(await lj.job.status().state == .hydrating, "still hydrating after the write")
@@ -220,6 +225,7 @@ import Testing
             #expect(rb.status == 0, "\(rb.stderr)")
             #expect(byteDifference(readFile(back), other.bytes) == nil, "export after nbdcopy, mid-hydration")
             unlink(back)
+            lj.gate!.open()
             #expect(await lj.job.waitUntilSettled() == .complete)
         }
         #expect(byteDifference(readFile(lj.dir.file("dst.img")), other.bytes) == nil, "destination == written image")
@@ -232,7 +238,7 @@ import Testing
     @Test(.enabled(if: NBDTools.hasQemu, "qemu-utils is not installed"))
     func qemuIoWritesZeroesDiscardsAndReadsBackMidway() async throws {
         let size = 16 * Self.mib
-        let lj = try await Self.makeJob("qemu", size: size, seed: 14, rate: 4 << 20)
+        let lj = try await Self.makeJob("qemu", size: size, seed: 14, rate: nil, hold: 16)  // 1 MiB
         let rs = Int(Self.rs)
         var model = lj.image.bytes
         func set(_ off: Int, _ len: Int, _ v: UInt8) { for i in off..<off + len { model[i] = v } }
@@ -259,7 +265,7 @@ import Testing
         try await withNBDServer { f in
             try f.registry.add(lj.export)
             try await lj.job.start()
-            #expect(await eventually { await lj.job.status().bytes.hydrated >= 1 << 20 })
+            await lj.gate!.waitHeld(lj.job)
             var args = ["-f", "raw", "-d", "unmap"]
             for c in cmds { args += ["-c", c] }
             args.append(f.uri("live"))
@@ -273,6 +279,7 @@ import Testing
             #expect(c.status == 0, "\(c.stderr)")
             #expect(byteDifference(readFile(out), model) == nil, "export mid-hydration")
             unlink(out)
+            lj.gate!.open()
             #expect(await lj.job.waitUntilSettled() == .complete)
         }
         #expect(byteDifference(readFile(lj.dir.file("dst.img")), model) == nil, "destination after hydration")
@@ -391,7 +398,7 @@ live.shutdown(); cow.shutdown()
         let seed: UInt64 = UInt64(ProcessInfo.processInfo.environment["LIVE_ORACLE_SEED"] ?? "") ?? 20261129
         let ops = 300
         let size = 32 * Self.mib + 12288
-        let lj = try await Self.makeJob("oracle", size: size, seed: seed, rate: 1 << 20, commitMs: 200)
+        let lj = try await Self.makeJob("oracle", size: size, seed: seed, rate: nil, commitMs: 200, hold: 8)  // 512 KiB
         try FileManager.default.copyItem(atPath: lj.dir.file("src.img"), toPath: lj.dir.file("cow-src.img"))
         let script = lj.dir.file("oracle.py")
         try Self.oracleScript.write(toFile: script, atomically: true, encoding: .utf8)
@@ -402,14 +409,14 @@ live.shutdown(); cow.shutdown()
         try await withNBDServer { f in
             try f.registry.add(lj.export)
             try await lj.job.start()
-            #expect(await eventually { await lj.job.status().bytes.hydrated >= 512 << 10 })
+            await lj.gate!.waitHeld(lj.job)
             let r = try await runTool("python3", [script, f.uri("live"), nbdURI("", socket: nbdkit.socket), "\(seed)", "\(ops)", "\(Self.rs)", model], timeout: 60)
             #expect(r.status == 0, "oracle seed \(seed): \(r.stderr)")
             print("oracle seed \(seed), \(ops) ops: \(r.stdout)")
             let st = await lj.job.status()
             print("oracle: after the sequence \(st.regions.hydrated) of \(st.regions.total) regions hydrated, \(st.bytes.discarded) bytes released")
             #expect(st.state == .hydrating, "the sequence ran mid-hydration (seed \(seed))")
-            try await lj.job.update(Self.tunables(rate: nil))
+            lj.gate!.open()
             #expect(await lj.job.waitUntilSettled() == .complete)
             // After hydration: the export and the destination are still exactly the model.
             let out = lj.dir.file("out.img")
@@ -532,7 +539,7 @@ os._exit(0)  # no disconnect, no flush from A
     func flushOnAnotherConnectionMakesWritesDurable() async throws {
         let size = 8 * Self.mib
         let rs = Int(Self.rs)
-        let lj = try await Self.makeJob("multiconn", size: size, seed: 16, rate: 8 << 20)
+        let lj = try await Self.makeJob("multiconn", size: size, seed: 16, rate: nil, hold: 16)  // 1 MiB
         let writes: [(Int, Int)] = [(2 * rs, 2 * rs), (5 * rs + 77, 300), (70 * rs - 1000, 2000), (100 * rs, rs),
                                     (120 * rs + 1, rs), (127 * rs - 10, 10)]
         var expected = lj.image.bytes
@@ -542,7 +549,7 @@ os._exit(0)  # no disconnect, no flush from A
         try await withNBDServer { f in
             try f.registry.add(lj.export)
             try await lj.job.start()
-            #expect(await eventually { await lj.job.status().bytes.hydrated >= 1 << 20 })
+            await lj.gate!.waitHeld(lj.job)
             await lj.job.pause()  // no copier commits from here on: only B's flush can commit A's writes
             let hydratedBefore = lj.job.ownership.hydratedSnapshot
             #expect(hydratedBefore[2] && !hydratedBefore[100], "some written regions hydrated before, some not")
@@ -681,7 +688,8 @@ for h in hs: h.shutdown()
         let seed: UInt64 = UInt64(ProcessInfo.processInfo.environment["LIVE_CONCURRENT_SEED"] ?? "") ?? 777
         let (rounds, perRound) = (40, 24)
         let size = 16 * Self.mib + 12288
-        let lj = try await Self.makeJob("concurrent", size: size, seed: seed, rate: 1 << 20, commitMs: 100, garbageDest: garbageDest)
+        let lj = try await Self.makeJob("concurrent", size: size, seed: seed, rate: nil, commitMs: 100, garbageDest: garbageDest,
+                                        hold: 16)  // 1 MiB
         #expect(lj.job.configuration.destZeroed == !garbageDest)
         try Data(lj.image.bytes).write(to: URL(fileURLWithPath: lj.dir.file("source-bytes.img")))
         let script = lj.dir.file("concurrent.py")
@@ -696,7 +704,7 @@ for h in hs: h.shutdown()
             let st = await lj.job.status()
             print("concurrent seed \(seed), garbage destination \(garbageDest), \(rounds)x\(perRound): \(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)); hydrated \(st.regions.hydrated)/\(st.regions.total), released \(st.bytes.discarded)")
             #expect(st.state == .hydrating, "ran mid-hydration (seed \(seed))")
-            try await lj.job.update(Self.tunables(rate: nil))
+            lj.gate!.open()
             #expect(await lj.job.waitUntilSettled() == .complete)
         }
         #expect(byteDifference(readFile(lj.dir.file("dst.img")), readFile(model)) == nil, "destination after hydration, seed \(seed)")
@@ -710,7 +718,7 @@ for h in hs: h.shutdown()
     func aCompleteJobKeepsServingAndAClosedOneRefusesWithoutStoppingTheServer() async throws {
         let size = 4 * Self.mib
         let lj = try await Self.makeJob("complete", size: size, seed: 17, rate: nil)
-        let other = try await Self.makeJob("other", size: Self.mib, seed: 18, rate: 1 << 20, name: "other")
+        let other = try await Self.makeJob("other", size: Self.mib, seed: 18, rate: nil, name: "other", hold: 4)
         let script = lj.dir.file("closed.py")
         try """
         import nbd, sys, os, time
@@ -769,7 +777,7 @@ for h in hs: h.shutdown()
             #expect(lines.last == "other write ok", "\(c.stdout)")
             print("requests to a closed job's export: \(lines.prefix(3))")
             #expect(await other.job.status().state == .hydrating)
-            try await other.job.update(Self.tunables(rate: nil))
+            other.gate!.open()
             #expect(await other.job.waitUntilSettled() == .complete)
         }
         var otherExpected = other.image.bytes
@@ -790,17 +798,17 @@ for h in hs: h.shutdown()
     @Test(.enabled(if: NBDTools.hasNbdsh && NBDTools.hasNbdinfo, "nbdsh/nbdinfo is not installed"))
     func aClientWriteDoesNotWaitForTheCopiersRateLimit() async throws {
         let size = 8 * Self.mib
-        let lj = try await Self.makeJob("starve", size: size, seed: 19, rate: 256 << 10)
-        var t = Self.tunables(rate: 256 << 10)
-        t.batchSize = 16  // 1 MiB batches: 4 s apart at 256 KiB/s
+        let lj = try await Self.makeJob("starve", size: size, seed: 19, rate: 4096)
+        var t = Self.tunables(rate: 4096)
+        t.batchSize = 16  // 1 MiB batches: 256 s apart at the minimum rate, 4 KiB/s
         t.threshold = 16
         try await lj.job.update(t)
         try await withNBDServer { f in
             try f.registry.add(lj.export)
             try await lj.job.start()
             let regions = size / Int(Self.rs)
-            // The first batch went at once; the second is being paced for about 4 s.
-            let paced = await eventually(10) {
+            // The first batch went at once; the second is being paced for 256 s.
+            let paced = await eventually {
                 lj.job.ownership.hydratedCount >= 16 && !lj.job.ownership.anyClaimed
             }
             #expect(paced, "the copier paces its second batch without holding it")
@@ -816,7 +824,8 @@ for h in hs: h.shutdown()
             let nearTime = ContinuousClock.now - near
             #expect(r2.status == 0, "\(r2.stderr)")
             print("starvation: a write into an idle region took \(farTime), into the batch the copier paces next \(nearTime)")
-            #expect(nearTime < .seconds(1) + farTime, "a client write waited \(nearTime) for the copier's rate limit")
+            // Waiting for the pacing would take 256 s; the bound is far from both, so load cannot flip it.
+            #expect(nearTime < .seconds(100), "a client write waited \(nearTime) for the copier's rate limit")
             await lj.job.pause()
         }
         await lj.close()

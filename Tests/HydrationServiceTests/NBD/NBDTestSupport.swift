@@ -32,7 +32,7 @@ struct ToolResult: Sendable {
 }
 
 /// Runs a program to completion on its own thread (never the cooperative pool), with a deadline.
-func runTool(_ tool: String, _ arguments: [String], stdin: String? = nil, environment: [String: String] = [:], timeout: Double = 30) async throws -> ToolResult {
+func runTool(_ tool: String, _ arguments: [String], stdin: String? = nil, environment: [String: String] = [:], timeout: Double = 120) async throws -> ToolResult {
     guard let exe = NBDTools.path(tool) else { throw POSIXError(.ENOENT) }
     return try await offPool {
         let p = Process()

@@ -1,5 +1,7 @@
 import Foundation
 import Logging
+import Synchronization
+import Testing
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -99,8 +101,10 @@ let testLogger: Logger = {
     return l
 }()
 
-/// Polls `condition` until it holds or `seconds` pass.
-func eventually(_ seconds: Double = 10, _ condition: () async -> Bool) async -> Bool {
+/// Polls `condition` until it holds or `seconds` pass. The deadline is a liveness guard for a
+/// state the test holds deterministically, never a timing claim: generous, so that a slow or
+/// busy machine changes how long a test takes, not its verdict.
+func eventually(_ seconds: Double = 120, _ condition: () async -> Bool) async -> Bool {
     let deadline = Date().addingTimeInterval(seconds)
     while Date() < deadline {
         if await condition() { return true }
@@ -119,4 +123,32 @@ func byteDifference(_ a: [UInt8]?, _ b: [UInt8]?) -> String? {
     if a.count != b.count { return "sizes differ: \(a.count) and \(b.count) bytes" }
     let i = a.indices.first { a[$0] != b[$0] } ?? 0
     return "first difference at byte \(i) (4 KiB block \(i / 4096))"
+}
+
+/// Holds a job's copier before region `at` (a `CopierGate`): the job stays `hydrating`, with
+/// exactly the regions before the hold hydrated, for as long as a test needs, however fast or
+/// busy the machine is. `move(to:)` lets it go on to another region, `open()` to the end.
+final class HoldGate: CopierGate {
+    private let limit: Mutex<Int?>
+    init(at region: Int?) { limit = Mutex(region) }
+
+    func admit(_ regions: Range<Int>) -> Range<Int> {
+        guard let l = limit.withLock({ $0 }) else { return regions }
+        return regions.lowerBound..<max(regions.lowerBound, min(regions.upperBound, l))
+    }
+
+    func move(to region: Int?) { limit.withLock { $0 = region } }
+    func open() { move(to: nil) }
+    var region: Int? { limit.withLock { $0 } }
+
+    /// Waits (a liveness guard, not a timing claim) until every region before the hold is
+    /// hydrated and no copy is in flight: the copier is waiting at the gate.
+    func waitHeld(_ job: HydrationJob, sourceLocation: SourceLocation = #_sourceLocation) async {
+        guard let l = region else { return }
+        let held = await eventually {
+            job.ownership.allHydrated(0..<min(l, job.ownership.regionCount)) && !job.ownership.anyClaimed
+        }
+        #expect(held, "the copier did not reach its hold at region \(l): \(job.ownership.hydratedCount) hydrated",
+                sourceLocation: sourceLocation)
+    }
 }
