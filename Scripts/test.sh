@@ -1,11 +1,33 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need first, so it works on a fresh machine.
-set -euo pipefail
+#
+# Three phases, so that the CPU-bound crash explorers never share the two cooperative threads of
+# a small machine with tests that talk to servers: (1) every Swift test but the explorers, (2) the
+# explorers alone, (3) the integration tests (pytest) against the built binaries. Each phase runs
+# even when an earlier one failed; the exit status is non-zero if any did. Logs and reports go to
+# a private directory (HYDRATION_TEST_OUT to choose it), so two runs on one machine don't collide.
+# The last line sums all phases: "total: N passed, N failed, N skipped".
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
-Scripts/install-deps.sh --test
+Scripts/install-deps.sh --test || exit 1
 
-swift build --build-tests
-swift test --skip-build 2>&1 | tee /tmp/hydration-test.log
+out=${HYDRATION_TEST_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/hydration-test.XXXXXX")}
+mkdir -p "$out"
+echo "logs and reports: $out"
+
+swift build --build-tests 2>&1 | tee "$out/build.log"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "total: 0 passed, 1 failed, 0 skipped"; exit 1; }
+
+explorers='CrashSafetyExplorerTests|LiveCrashExplorerTests|CrashSafetyMetadataFuzzTests'
+rc=0
+swift test --skip-build --skip "$explorers" --xunit-output "$out/swift.xml" 2>&1 | tee "$out/swift.log"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+swift test --skip-build --filter "$explorers" --xunit-output "$out/explorers.xml" 2>&1 | tee "$out/explorers.log"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
 # Integration tests (systemd user manager, ...) against .build/debug binaries (HYDRATION_BIN_DIR overrides).
-python3 -m pytest Tests/integration -rs -s 2>&1 | tee /tmp/hydration-integration.log
+python3 -m pytest Tests/integration -rs -s --junitxml "$out/integration.xml" 2>&1 | tee "$out/integration.log"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+
+python3 Scripts/test-summary.py "$out"/swift-swift-testing.xml "$out"/explorers-swift-testing.xml "$out"/integration.xml || rc=1
+exit $rc

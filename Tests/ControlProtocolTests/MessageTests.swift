@@ -307,11 +307,8 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
     }
 
     /// The independent Python implementation must parse both interface texts.
-    @Test func pythonVarlinkParsesTheInterfaces() throws {
-        guard pythonHasVarlink() else {
-            print("skipped: python3 'varlink' module not installed (python3 -m pip install varlink)")
-            return
-        }
+    @Test(.enabled(if: pythonHasVarlink(), "python3's varlink module is not installed (python3 -m pip install varlink)"))
+    func pythonVarlinkParsesTheInterfaces() throws {
         for text in [ControlInterface.description, ControlInterface.serviceDescription] {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/usr/bin/env")

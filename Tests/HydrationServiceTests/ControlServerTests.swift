@@ -318,12 +318,10 @@ import Testing
 
     /// A real unprivileged client (uid/gid 65534 via setpriv) may read but not mutate; the same user
     /// with the socket group as a supplementary or primary group may mutate.
-    @Test func unprivilegedPeersOverTheSocket() async throws {
-        guard getuid() == 0, FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"),
-              FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") else {
-            print("skipped: needs root, /usr/bin/setpriv and /usr/bin/python3")
-            return
-        }
+    @Test(.enabled(if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+                   && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"),
+                   "needs root, /usr/bin/setpriv and /usr/bin/python3"))
+    func unprivilegedPeersOverTheSocket() async throws {
         try await withServer(configure: { $0.socketMode = 0o666; $0.socketGroup = 4242 }) { path, _, handler in
             chmod((path as NSString).deletingLastPathComponent, 0o755)
             chmod(((path as NSString).deletingLastPathComponent as NSString).deletingLastPathComponent, 0o755)
@@ -455,11 +453,8 @@ import Testing
 
     // MARK: interop
 
-    @Test func pythonVarlinkClientInterop() async throws {
-        guard Self.pythonHasVarlink() else {
-            print("skipped: python3 'varlink' module not installed (python3 -m pip install varlink)")
-            return
-        }
+    @Test(.enabled(if: Self.pythonHasVarlink(), "python3's varlink module is not installed (python3 -m pip install varlink)"))
+    func pythonVarlinkClientInterop() async throws {
         try await withServer(handler: FakeHandler(watchUpdates: 2)) { path, _, _ in
             try await offPool {
                 let c = try VarlinkClient(socketPath: path)

@@ -247,8 +247,8 @@ import Testing
     /// Holders without a descriptor (refused by the lease, invisible in /proc/PID/fd) are named
     /// from /proc/PID/maps and /proc/PID/exe rather than as "another process or the kernel"
     /// after a second of retries (the round-4 attack: an mmap-only holder, a running binary).
-    @Test func holdersWithoutDescriptorsAreNamed() async throws {
-        if getuid() != 0 { return }
+    @Test(.enabled(if: getuid() == 0, "needs root"))
+    func holdersWithoutDescriptorsAreNamed() async throws {
         let t = DeviceTopology()
         let s = DeviceScratch("nodesc")
         defer { s.teardown() }

@@ -31,11 +31,8 @@ import Testing
 
     /// `direct`: source and destination opened with O_DIRECT too (issue 13; block devices do
     /// direct I/O at their logical block size, here at least a page).
-    @Test(arguments: [false, true]) func hydratesLoopToLoopWithDiscardAndZeroOut(direct: Bool) async throws {
-        if let reason = Self.skipReason {
-            print("SKIP LoopDeviceTests: \(reason)")
-            return
-        }
+    @Test(.enabled(if: Self.skipReason == nil, "needs root and loop devices"), arguments: [false, true])
+    func hydratesLoopToLoopWithDiscardAndZeroOut(direct: Bool) async throws {
         let dir = TempDir("loop")
         let size = 64 << 20
         let image = TestImage.make(size: size, seed: 77)

@@ -10,11 +10,6 @@ import Testing
 /// of this work), DeviceTopologyTests.swift set aside (new API), `swift test --filter
 /// 'PlacementTests|StableIDTests'`.
 @Suite(.serialized) struct PlacementTests {
-    static func skip(_ reason: String?, _ test: String) -> Bool {
-        if let reason { print("SKIP PlacementTests.\(test): \(reason)"); return true }
-        return false
-    }
-
     static let regionSize: UInt64 = 64 << 10
 
     static func config(_ s: DeviceScratch, _ source: String, _ dest: String, metadata: String? = nil, discard: Bool = false) -> JobConfiguration {
@@ -26,8 +21,8 @@ import Testing
 
     /// Old code: accepted (different DeviceIdentity: a file and a block device); with
     /// discard_source the release destroyed the destination.
-    @Test func fileSourceAndLoopOverItAsDestinationRefused() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func fileSourceAndLoopOverItAsDestinationRefused() async throws {
         let s = DeviceScratch("alias-f2l")
         defer { s.teardown() }
         let img = try s.makeFile("vm.raw", size: 16 << 20)
@@ -38,8 +33,8 @@ import Testing
     }
 
     /// Old code: accepted.
-    @Test func loopSourceAndItsBackingFileAsDestinationRefused() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func loopSourceAndItsBackingFileAsDestinationRefused() async throws {
         let s = DeviceScratch("alias-l2f")
         defer { s.teardown() }
         let img = try s.makeFile("vm.raw", size: 16 << 20)
@@ -50,8 +45,8 @@ import Testing
 
     /// Two loop devices over the same bytes of one file are one device. Old code: accepted.
     /// Over disjoint ranges of the file they are not, and are accepted.
-    @Test func twoLoopsOverOneFile() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func twoLoopsOverOneFile() async throws {
         let s = DeviceScratch("alias-2l")
         defer { s.teardown() }
         let img = try s.makeFile("disk.raw", size: 32 << 20)
@@ -72,8 +67,8 @@ import Testing
     /// The second report: a source file backing a loop device with a mounted ext4 is
     /// refused with discard_source (and without). Old code: accepted, and the job punched the
     /// whole file under the mounted filesystem.
-    @Test func sourceFileBackingMountedLoopRefused() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func sourceFileBackingMountedLoopRefused() async throws {
         let s = DeviceScratch("inuse-mnt")
         defer { s.teardown() }
         let img = try s.makeFile("fs.img", size: 32 << 20)
@@ -91,8 +86,8 @@ import Testing
     /// A source loop device whose backing file also backs another loop device with a mounted
     /// filesystem (the report, one level down): discarding the source would punch the
     /// file under that filesystem. Old code: accepted.
-    @Test func sourceLoopWhoseFileBacksAMountedLoopRefused() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func sourceLoopWhoseFileBacksAMountedLoopRefused() async throws {
         let s = DeviceScratch("inuse-alias")
         defer { s.teardown() }
         let img = try s.makeFile("fs.img", size: 32 << 20)
@@ -106,8 +101,8 @@ import Testing
 
     /// A source or destination file another process has open. Old code: accepted (flock is
     /// advisory; the other process took none).
-    @Test func fileHeldOpenByAnotherProcessRefused() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func fileHeldOpenByAnotherProcessRefused() async throws {
         let s = DeviceScratch("inuse-pid")
         defer { s.teardown() }
         let src = try s.makeFile("src.img", size: 8 << 20)
@@ -130,8 +125,8 @@ import Testing
 
     /// A destination loop device with a mounted filesystem: refused, naming the mount. Old code:
     /// refused by O_EXCL (EBUSY) but without saying by what (holder nil).
-    @Test func mountedBlockDeviceNamesTheMount() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func mountedBlockDeviceNamesTheMount() async throws {
         let s = DeviceScratch("inuse-blk")
         defer { s.teardown() }
         let src = try s.makeFile("src.img", size: 8 << 20)
@@ -145,8 +140,8 @@ import Testing
 
     /// A job reopened after a loop device was attached to its source: refused at open too.
     /// Old code: reopened.
-    @Test func reopenRefusesASourceNowInUse() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func reopenRefusesASourceNowInUse() async throws {
         let s = DeviceScratch("inuse-reopen")
         defer { s.teardown() }
         let src = try s.makeFile("src.img", size: 8 << 20)
@@ -162,8 +157,8 @@ import Testing
     /// Metadata on a filesystem that lives on the destination file (mounted through a loop
     /// device over it). Old code: accepted; hydration would overwrite the filesystem holding
     /// the metadata.
-    @Test func metadataOnTheDestinationsStackRefused() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func metadataOnTheDestinationsStackRefused() async throws {
         let s = DeviceScratch("meta-dst")
         defer { s.teardown() }
         let src = try s.makeFile("src.img", size: 4 << 20)
@@ -178,8 +173,8 @@ import Testing
 
     /// Metadata on a filesystem on a second loop device over the source loop's backing file.
     /// Old code: accepted.
-    @Test func metadataOnAnAliasOfTheSourceRefused() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func metadataOnAnAliasOfTheSourceRefused() async throws {
         let s = DeviceScratch("meta-src")
         defer { s.teardown() }
         let img = try s.makeFile("src.raw", size: 32 << 20)
@@ -194,9 +189,9 @@ import Testing
     /// Metadata on a btrfs spread over two loop devices; the destination is the backing file of
     /// the second device (not the one the mount names). btrfs files have an anonymous st_dev:
     /// the filesystem's devices come from the mount and /sys/fs/btrfs. Old code: accepted.
-    @Test func metadataOnMultiDeviceBtrfsOverTheDestinationRefused() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
-        if (try? DeviceScratch.sh(["which", "mkfs.btrfs"])) == nil { print("SKIP PlacementTests.\(#function): mkfs.btrfs is missing"); return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"),
+          .enabled(if: (try? DeviceScratch.sh(["which", "mkfs.btrfs"])) != nil, "needs mkfs.btrfs (btrfs-progs)"))
+    func metadataOnMultiDeviceBtrfsOverTheDestinationRefused() async throws {
         let s = DeviceScratch("meta-btrfs")
         defer { s.teardown() }
         let src = try s.makeFile("src.img", size: 4 << 20)
@@ -221,8 +216,8 @@ import Testing
 
     /// A partition and its disk overlap (old code: refused only by O_EXCL as DeviceInUse, not
     /// SameDevice); two partitions of one disk do not.
-    @Test func partitionAndItsDisk() async throws {
-        if Self.skip(DeviceScratch.partitionSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.partitionSkip == nil, "needs root, loop devices and sfdisk"))
+    func partitionAndItsDisk() async throws {
         let s = DeviceScratch("part")
         defer { s.teardown() }
         let img = try s.makePartitionedImage("disk.img")
@@ -238,8 +233,8 @@ import Testing
     /// dm linear over a loop vs that loop, and vs the loop's backing file: refused (old code: the
     /// loop vs dm refused by O_EXCL as DeviceInUse, the file vs dm accepted). Two dm linears on
     /// one loop at disjoint extents (two LVs on one PV): accepted.
-    @Test func dmLinearStacks() async throws {
-        if Self.skip(DeviceScratch.dmSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.dmSkip == nil, "needs root, loop devices and dmsetup"))
+    func dmLinearStacks() async throws {
         let s = DeviceScratch("dm")
         defer { s.teardown() }
         let img = try s.makeFile("pv.img", size: 64 << 20)
@@ -261,11 +256,11 @@ import Testing
     /// `--discard-source` the job copied /upper/u onto /merged/u, the same file, and zeroed it
     /// (found by the round-4 attack). A process holding the upper file keeps the merged file in
     /// use. Two different files of the overlay: accepted.
-    @Test func overlayMergedFileAndItsLayersAreOneFile() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func overlayMergedFileAndItsLayersAreOneFile() async throws {
         let s = DeviceScratch("ovl")
         defer { s.teardown() }
-        guard let o = s.mountOverlay() else { _ = Self.skip("cannot mount overlayfs", #function); return }
+        let o = try #require(s.mountOverlay(), "cannot mount overlayfs")
         func fill(_ path: String, seed: UInt8) throws {
             try Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7) &+ seed }).write(to: URL(fileURLWithPath: path))
             try DeviceScratch.sh(["truncate", "-s", "\(4 << 20)", path])
@@ -299,8 +294,8 @@ import Testing
 
     /// Plain file to file (with the metadata beside them), loop to loop, file to a different
     /// loop: accepted as before.
-    @Test func legitimatePlacementsAccepted() async throws {
-        if Self.skip(DeviceScratch.loopSkip, #function) { return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func legitimatePlacementsAccepted() async throws {
         let s = DeviceScratch("legit")
         defer { s.teardown() }
         let src = try s.makeFile("src.img", size: 8 << 20)

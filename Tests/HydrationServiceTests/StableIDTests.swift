@@ -58,8 +58,8 @@ import Testing
     /// The same backing file on two loop numbers at once, and again after a detach and
     /// re-attach: the same id; a different file of the same size on the same loop number: a
     /// different id; a different offset: a different id.
-    @Test func loopDevice() throws {
-        if let r = DeviceScratch.loopSkip { print("SKIP StableIDTests.loopDevice: \(r)"); return }
+    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"))
+    func loopDevice() throws {
         let s = DeviceScratch("sid-loop")
         defer { s.teardown() }
         let f = try s.makeFile("f.img", size: 8 << 20)
@@ -89,8 +89,8 @@ import Testing
 
     /// Partitions: the disk's id + number + start; the same after re-attaching the image on
     /// another loop number; two partitions differ.
-    @Test func partitions() throws {
-        if let r = DeviceScratch.partitionSkip { print("SKIP StableIDTests.partitions: \(r)"); return }
+    @Test(.enabled(if: DeviceScratch.partitionSkip == nil, "needs root, loop devices and sfdisk"))
+    func partitions() throws {
         let s = DeviceScratch("sid-part")
         defer { s.teardown() }
         let img = try s.makePartitionedImage("disk.img")

@@ -7,8 +7,11 @@ import Testing
 /// fuzz loop runs in a child process (a Swift Testing exit test): the parent sees a crash as a
 /// failed expectation, and the child leaves the case it was running in a file.
 enum MetadataFuzz {
-    static let progressFile = "/tmp/hydration-metadata-fuzz-\(getuid()).current"
-    static let summaryFile = "/tmp/hydration-metadata-fuzz-\(getuid()).summary"
+    /// The parent's private directory, passed to the child in the environment: two test runs on
+    /// one machine must not read each other's progress.
+    static var directory: String { ProcessInfo.processInfo.environment["HYDRATION_FUZZ_DIR"] ?? "/tmp" }
+    static var progressFile: String { directory + "/metadata-fuzz.current" }
+    static var summaryFile: String { directory + "/metadata-fuzz.summary" }
     static let cases = (random: 1000, flips: 1000, pages: 500, fields: 1500)
 
     /// Superblock fields (offset, width) for structure-aware mutations.
@@ -183,7 +186,9 @@ enum MetadataFuzz {
     /// a clean MetadataError or a self-consistent state; none crashes the process.
     @Test func fuzzMetadataParser() async throws {
         var crashed: [Int] = []
-        defer { unsetenv("HYDRATION_FUZZ_SKIP") }
+        let dir = TempDir("fuzz")
+        setenv("HYDRATION_FUZZ_DIR", dir.path, 1)
+        defer { unsetenv("HYDRATION_FUZZ_SKIP"); unsetenv("HYDRATION_FUZZ_DIR") }
         while true {
             try? FileManager.default.removeItem(atPath: MetadataFuzz.summaryFile)
             setenv("HYDRATION_FUZZ_SKIP", crashed.map(String.init).joined(separator: ","), 1)
