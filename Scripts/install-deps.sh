@@ -2,7 +2,7 @@
 # Installs what building and testing need, when missing: libsystemd-dev (the CSystemd target),
 # libnbd-dev (the CNBD target: remote sources over NBD);
 # with --test also util-linux/e2fsprogs (loop devices, mkfs for the full-disk test), fdisk and
-# btrfs-progs (partitions and a two-device btrfs for the alias tests), nbdkit and libnbd-bin
+# btrfs-progs (partitions and a two-device btrfs for the alias tests), dmsetup (a dm-linear stack), nbdkit and libnbd-bin
 # (nbdfuse, nbdcopy, nbdinfo, nbdsh: the real writeback-error test serves an nbdkit error-filter
 # export as a FUSE file under a loop device; the NBD server's tests drive the clients),
 # python3-libnbd (for nbdsh) and qemu-utils (qemu-img, qemu-io), and python's varlink and pytest
@@ -13,7 +13,7 @@ need_apt=()
 packages=(libsystemd-dev libnbd-dev pkg-config)
 if [ "${1:-}" = "--test" ]; then
   # Tests only: real devices and real peers (loop devices, partitions, filesystems, NBD).
-  packages+=(util-linux e2fsprogs fdisk btrfs-progs nbdkit libnbd-bin python3-libnbd qemu-utils gnutls-bin)
+  packages+=(util-linux e2fsprogs fdisk btrfs-progs dmsetup nbdkit libnbd-bin python3-libnbd qemu-utils gnutls-bin)
 fi
 for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")

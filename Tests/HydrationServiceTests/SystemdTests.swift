@@ -373,3 +373,23 @@ struct SystemdNotifierTests {
         }
     }
 }
+
+/// READY=1 waits for every listener; the wait suspends (no polling) and ends early when cancelled.
+@Suite struct ReadinessTests {
+    @Test func waitEndsWhenEveryPartIsDone() async {
+        let r = Readiness(parts: 2)
+        let waiter = Task { await r.wait(); return r.isReady }
+        r.done()
+        #expect(!r.isReady)
+        r.done()
+        #expect(await waiter.value, "the wait ended with both parts done")
+        await r.wait()  // already ready: returns at once
+    }
+
+    @Test func waitEndsOnCancellation() async {
+        let r = Readiness(parts: 1)
+        let waiter = Task { await r.wait(); return r.isReady }
+        waiter.cancel()
+        #expect(await waiter.value == false, "cancelled before ready")
+    }
+}

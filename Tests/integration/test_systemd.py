@@ -539,11 +539,11 @@ def test_socket_activation(units, impl):
     assert all(r[0] == "success" for r in units.run_results()), units.run_results()
 
 
+# Only the real daemon: the stand-in has no NBD server.
+@pytest.mark.parametrize("impl", ["hydrationd"], indirect=True)
 def test_nbd_socket_activation(units, impl):
     """hydrationd-nbd.socket (FileDescriptorName=nbd): an NBD client starts the service, which adopts
     that socket by name and serves exported jobs on it; the control socket it binds itself."""
-    if impl.is_standin:
-        pytest.skip("the stand-in has no NBD server")
     if not shutil.which("nbdinfo"):
         pytest.skip("nbdinfo not installed (libnbd-bin)")
     units.install()
@@ -633,9 +633,9 @@ def test_watchdog_miss_restarts_and_resumes(units, impl):
 # Negative controls (stand-in only): the checks above can fail.
 # --------------------------------------------------------------------------------------------
 
+# The stand-in only: it has the FAKE_HYDRATIOND_NO_READY knob.
+@pytest.mark.parametrize("impl", ["standin"], indirect=True)
 def test_negative_control_start_without_ready_fails(units, impl):
-    if not impl.is_standin:
-        pytest.skip("negative control needs the stand-in's FAKE_HYDRATIOND_NO_READY knob")
     units.install(environment={"FAKE_HYDRATIOND_NO_READY": 1}, extra="TimeoutStartSec=3s\nRestart=no\n")
     t0 = time.monotonic()
     r = units.m.systemctl("start", SERVICE, check=False)
@@ -644,10 +644,10 @@ def test_negative_control_start_without_ready_fails(units, impl):
     assert units.run_results()[-1][0] == "timeout", units.run_results()
 
 
+# A negative control of the harness: the stand-in suffices.
+@pytest.mark.parametrize("impl", ["standin"], indirect=True)
 def test_negative_control_watchdog_detector(units, impl):
     """Without WatchdogSec= the stall hook does nothing: no 'watchdog' result, no restart."""
-    if not impl.is_standin:
-        pytest.skip("negative control of the harness; the stand-in suffices")
     units.install(environment={"HYDRATIOND_TEST_WATCHDOG_STALL_AFTER_MS": 200}, watchdog_sec="0")
     units.m.systemctl("start", SERVICE)
     time.sleep(4)

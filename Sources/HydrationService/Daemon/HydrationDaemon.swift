@@ -181,19 +181,55 @@ final class JobSupervisor: Service, Sendable {
 
 /// Counts listeners that have reported: the daemon is ready only when every socket listens.
 final class Readiness: Sendable {
-    private let left: Mutex<Int>
+    private struct State {
+        var left: Int
+        /// Set on cancellation or graceful shutdown: waiting is over, ready or not.
+        var abandoned = false
+        var waiters: [CheckedContinuation<Void, Never>] = []
+    }
+    private let state: Mutex<State>
 
-    init(parts: Int) { left = Mutex(parts) }
+    init(parts: Int) { state = Mutex(State(left: parts)) }
 
-    func done() { left.withLock { $0 -= 1 } }
+    func done() {
+        let waiters = state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            s.left -= 1
+            guard s.left <= 0 else { return [] }
+            defer { s.waiters = [] }
+            return s.waiters
+        }
+        for w in waiters { w.resume() }
+    }
 
-    var isReady: Bool { left.withLock { $0 <= 0 } }
+    var isReady: Bool { state.withLock { $0.left <= 0 } }
+
+    private func abandon() {
+        let waiters = state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            s.abandoned = true
+            defer { s.waiters = [] }
+            return s.waiters
+        }
+        for w in waiters { w.resume() }
+    }
 
     /// Returns once ready, or early on cancellation or graceful shutdown (a socket that failed to
-    /// bind ends the service group, which cancels this wait).
+    /// bind ends the service group, which cancels this wait). Suspends without polling.
     func wait() async {
-        while !isReady && !Task.isCancelled && !Task.isShuttingDownGracefully {
-            try? await Task.sleep(for: .milliseconds(5))
+        await withTaskCancellationHandler {
+            await withGracefulShutdownHandler {
+                await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                    let now = state.withLock { s -> Bool in
+                        if s.left <= 0 || s.abandoned { return true }
+                        s.waiters.append(c)
+                        return false
+                    }
+                    if now { c.resume() }
+                }
+            } onGracefulShutdown: {
+                self.abandon()
+            }
+        } onCancel: {
+            self.abandon()
         }
     }
 }
