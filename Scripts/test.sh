@@ -26,7 +26,7 @@ swift test --skip-build --skip "$explorers" --xunit-output "$out/swift.xml" 2>&1
 swift test --skip-build --filter "$explorers" --xunit-output "$out/explorers.xml" 2>&1 | tee "$out/explorers.log"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 # Integration tests (systemd user manager, ...) against .build/debug binaries (HYDRATION_BIN_DIR overrides).
-python3 -m pytest Tests/integration -rs -s --junitxml "$out/integration.xml" 2>&1 | tee "$out/integration.log"
+python3 -m pytest Tests/integration -rs -s --basetemp "$out/pytest" --junitxml "$out/integration.xml" 2>&1 | tee "$out/integration.log"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 
 python3 Scripts/test-summary.py "$out"/swift-swift-testing.xml "$out"/explorers-swift-testing.xml "$out"/integration.xml || rc=1
