@@ -106,3 +106,30 @@ import Testing
         #expect(try Self.openedID(d2 + "p2") == p2)
     }
 }
+
+/// The metadata keeps the first 256 bytes of a stable ID; a device whose ID is longer must still
+/// confirm after a restart (it was compared uncut with the cut record and never matched).
+@Suite struct LongStableIDTests {
+    func info(_ id: String) -> DeviceInfo {
+        DeviceInfo(path: "/dev/x", identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: 7),
+                   size: 1 << 20, logicalBlockSize: 512, stableID: id)
+    }
+
+    @Test func anIDLongerThanTheRecordConfirmsItsOwnDevice() throws {
+        // 255 ASCII bytes then a 3-byte character: the cut falls inside it.
+        let long = String(repeating: "w", count: 255) + "€" + String(repeating: "z", count: 60)
+        #expect(long.utf8.count > MetadataFormat.maxStableIDBytes)
+        let record = DeviceRecord(info(long))
+        #expect(record.stableID.utf8.count <= MetadataFormat.maxStableIDBytes + 2)
+        #expect(record.hasStableID(of: info(long)))
+        try HydrationJob.confirm(info(long), is: record, what: "destination", metadataPath: "/m", exactSize: true)
+        // Another ID that differs inside the recorded part is still refused.
+        let other = "v" + long.dropFirst()
+        #expect(!record.hasStableID(of: info(String(other))))
+        #expect(throws: HydrationError.self) {
+            try HydrationJob.confirm(info(String(other)), is: record, what: "destination", metadataPath: "/m", exactSize: true)
+        }
+        // An empty record confirms nothing by ID.
+        #expect(!DeviceRecord(info("")).hasStableID(of: info("")))
+    }
+}

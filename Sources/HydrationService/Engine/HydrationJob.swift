@@ -314,7 +314,7 @@ public actor HydrationJob {
         // Swapped (loop devices attached in the other order): refused even when the operator
         // accepts the devices, since releasing the "source" would then punch the clone.
         for (found, label, other, otherLabel) in [(foundSource, "source", h.dest, "destination"), (foundDest, "destination", h.source, "source")] {
-            if let found, !found.stableID.isEmpty, found.stableID == other.stableID {
+            if let found, !found.stableID.isEmpty, other.hasStableID(of: found) {
                 var e = HydrationError(.deviceUnconfirmed, "\(label) \(found.path) is the job's \(otherLabel) (\(found.stableID)): source and destination are swapped; attach them at their own paths")
                 e.path = found.path
                 throw e
@@ -367,7 +367,7 @@ public actor HydrationJob {
         // The operator has vouched for the device: kind and size were the checks left.
         if accept { return }
         if !recorded.stableID.isEmpty {
-            guard found.stableID == recorded.stableID else {
+            guard recorded.hasStableID(of: found) else {
                 var e = HydrationError(.deviceUnconfirmed, "\(what) \(found.path) is not the device the job was created for: it was \(recorded.stableID), it is now \(found.stableID.isEmpty ? "a device without a stable identity" : found.stableID). Nothing is written or released; put the right device at \(found.path) and resume, or remove the job")
                 e.path = found.path
                 throw e

@@ -66,8 +66,20 @@ public struct DeviceRecord: Sendable, Equatable, Codable {
         self.path = path; self.identity = identity; self.size = size; self.stableID = stableID
     }
     public init(_ info: DeviceInfo) {
-        self.init(path: info.path, identity: info.identity, size: info.size,
-                  stableID: String(decoding: Array(info.stableID.utf8.prefix(MetadataFormat.maxStableIDBytes)), as: UTF8.self))
+        self.init(path: info.path, identity: info.identity, size: info.size, stableID: Self.recordedForm(of: info.stableID))
+    }
+
+    /// A stable ID as the metadata keeps it: its first `maxStableIDBytes` bytes of UTF-8 (a cut
+    /// inside a character decodes as U+FFFD, exactly as the superblock reads it back).
+    public static func recordedForm(of stableID: String) -> String {
+        String(decoding: Array(stableID.utf8.prefix(MetadataFormat.maxStableIDBytes)), as: UTF8.self)
+    }
+
+    /// Whether a device found now has this record's stable ID. The found ID is compared in the
+    /// form the record keeps: an ID longer than the record's limit must still confirm its own
+    /// device after a restart.
+    public func hasStableID(of found: DeviceInfo) -> Bool {
+        !stableID.isEmpty && Self.recordedForm(of: found.stableID) == stableID
     }
 }
 
