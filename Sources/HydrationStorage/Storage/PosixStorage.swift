@@ -91,7 +91,7 @@ public struct PosixStorage: StorageProvider {
             return DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
-                size: UInt64(st.st_size), logicalBlockSize: 512, stableID: topology.stableID(ofFileAt: path))
+                size: UInt64(st.st_size), logicalBlockSize: 512, stableID: try topology.checkedStableID(ofFileAt: path))
         case S_IFBLK:
             // The size of a block device needs an open descriptor.
             let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
@@ -104,7 +104,7 @@ public struct PosixStorage: StorageProvider {
             return DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
-                size: size, logicalBlockSize: Int(lbs), stableID: topology.stableID(ofBlock: UInt64(st.st_rdev)))
+                size: size, logicalBlockSize: Int(lbs), stableID: try topology.checkedStableID(ofBlock: UInt64(st.st_rdev), path: path))
         default:
             throw StorageError(.stat, path: path, errno: EINVAL)
         }
@@ -254,7 +254,7 @@ final class PosixDevice: StorageDevice {
             info = DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
-                size: size, logicalBlockSize: Int(lbs), stableID: topology.stableID(ofBlock: UInt64(st.st_rdev)))
+                size: size, logicalBlockSize: Int(lbs), stableID: try topology.checkedStableID(ofBlock: UInt64(st.st_rdev), path: path))
         } else {
             if exclusive {
                 // Files have no O_EXCL semantics; an advisory lock keeps two jobs (or two daemons)
