@@ -310,3 +310,74 @@ def test_status_answers_fast_during_full_speed_copy(tmp_path, daemon):
     assert st["state"] == "complete"
     # A generous bound for a debug build on 2 shared cores: proves no call waited for the copy.
     assert p99 < 0.5
+
+
+class _LimitedDaemon(Daemon):
+    """A hydrationd started under `prlimit --nofile=N:N` (RLIMIT_NOFILE of the daemon only)."""
+
+    def __init__(self, tmp, nofile, name):
+        super().__init__(tmp, name=name)
+        self.nofile = nofile
+
+    def start(self, timeout=20.0):
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--",
+             HYDRATIOND, "--state-dir", self.state, "--socket", self.sock, "--nbd-socket", self.nbd_sock,
+             "--log-level", "info", *self.extra_args],
+            stdout=log, stderr=log, env=self.env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hydrationd exited with {self.proc.returncode}: {self.log()}")
+            try:
+                call(self.sock, "org.varlink.service.GetInfo", {}, timeout=2)
+                return self
+            except (OSError, EOFError, VarlinkError):
+                time.sleep(0.05)
+        raise RuntimeError("hydrationd did not start: " + self.log())
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+def test_creates_past_the_fd_limit_leave_nothing_and_say_emfile(tmp_path):
+    """Jobs created until the daemon runs out of descriptors, under six consecutive limits (so
+    that the limit falls at every step of a create): every refused create leaves nothing (no
+    failed ghost after a restart, no metadata, no destination file), its error says EMFILE
+    (ResourceExhausted), never DeviceUnconfirmed (which would invite --accept-devices)."""
+    attempts = 10
+    for i in range(attempts):
+        make_image(tmp_path / f"s{i}.img", 1 << 20, seed=i)
+    for limit in range(44, 50):
+        name = f"lim{limit}"
+        d = _LimitedDaemon(tmp_path, limit, name).start()
+        created, refused = [], []
+        try:
+            for i in range(attempts):
+                try:
+                    d.call("Start", {"name": f"j{i}", "source": str(tmp_path / f"s{i}.img"),
+                                     "dest": str(tmp_path / f"{name}-j{i}.out"), "no_hydration": True})
+                    created.append(f"j{i}")
+                except VarlinkError as e:
+                    refused.append((f"j{i}", e))
+            assert refused, f"limit {limit}: {attempts} jobs were created; the limit was never reached"
+            for job, e in refused:
+                assert e.name != "org.hydrationd.Control.DeviceUnconfirmed", f"limit {limit}, {job}: {e}"
+                if e.name == "org.hydrationd.Control.IOError" and e.parameters.get("errno") in (23, 24):
+                    assert e.parameters["message"].startswith("ResourceExhausted"), f"limit {limit}, {job}: {e}"
+            listed = {j["name"] for j in d.call("List", {})["jobs"]}
+            assert listed == set(created), f"limit {limit}: listed {listed}, created {created}"
+        finally:
+            d.stop()
+        # With the limit lifted: exactly the jobs the client was told were created, all paused.
+        d2 = Daemon(tmp_path, name=name).start()
+        try:
+            jobs = {j["name"]: j for j in d2.call("List", {})["jobs"]}
+            assert set(jobs) == set(created), f"limit {limit}: after a restart {sorted(jobs)}, created {created}"
+            for j in jobs.values():
+                assert j["state"] == "paused", f"limit {limit}: {j['name']} {j['state']} {j.get('error')}"
+        finally:
+            d2.stop()
+        for job, _ in refused:
+            for left in [tmp_path / f"{name}-state" / "jobs" / f"{job}.json", tmp_path / f"{name}-state" / "jobs" / f"{job}.meta",
+                         tmp_path / f"{name}-{job}.out"]:
+                assert not left.exists(), f"limit {limit}: refused create of {job} left {left}"

@@ -774,8 +774,15 @@ public actor JobManager {
                 await publishExport(name)
             }
             let (job, _) = try live(name)
+            let wasHydrating = await job.currentState == .hydrating
             try await job.start()
-            try await setDesired(name, .hydrating)
+            do throws(HydrationError) {
+                try await setDesired(name, .hydrating)
+            } catch {
+                // Its record still says paused: so does the job (as it was before this resume).
+                if !wasHydrating { await job.pause() }
+                throw error
+            }
             return try await status(name)
         }
     }

@@ -242,7 +242,14 @@ final class PosixDevice: StorageDevice {
             throw StorageError(flags & O_CREAT != 0 ? .create : .open, path: path, errno: errno)
         }
         var ok = false
-        defer { if !ok { Glibc.close(fd) } }
+        defer {
+            if !ok {
+                Glibc.close(fd)
+                // O_CREAT comes with O_EXCL: the file is this call's, and no one's if it fails
+                // (out of descriptors for the second one a destination needs, say).
+                if flags & O_CREAT != 0 { _ = unlink(path) }
+            }
+        }
         if fstat(fd, &st) != 0 { throw StorageError(.stat, path: path, errno: errno) }
 
         let info: DeviceInfo
