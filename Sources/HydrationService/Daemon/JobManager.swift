@@ -905,7 +905,7 @@ public actor JobManager {
                 let data = try JobRecords.encode(KeptRecord(definition: def, removedUnixMs: wallClockMillis()))
                 try await io.run { try Self.writeDurably(data, to: path) }
             } catch let e as StorageError {
-                var h = HydrationError(e.isNoSpace ? .noSpace : .ioError, "saving kept job record \(path): \(e)", errno: e.errno)
+                var h = HydrationError(.ioError, "saving kept job record \(path): \(e)", errno: e.errno)
                 h.path = path
                 throw h
             } catch {
@@ -1048,7 +1048,9 @@ public actor JobManager {
         do {
             try await io.run { try Self.writeDurably(data, to: path, previous: old) }
         } catch let e as StorageError {
-            var h = HydrationError(e.isNoSpace ? .noSpace : .ioError, "saving job record \(path): \(e)", errno: e.errno)
+            // IOError with its errno (ENOSPC...), not NoSpace: that code says the job failed, and
+            // it has not (its record is as it was).
+            var h = HydrationError(.ioError, "saving job record \(path): \(e)", errno: e.errno)
             h.path = path
             throw h
         } catch {
