@@ -381,3 +381,41 @@ def test_creates_past_the_fd_limit_leave_nothing_and_say_emfile(tmp_path):
             for left in [tmp_path / f"{name}-state" / "jobs" / f"{job}.json", tmp_path / f"{name}-state" / "jobs" / f"{job}.meta",
                          tmp_path / f"{name}-{job}.out"]:
                 assert not left.exists(), f"limit {limit}: refused create of {job} left {left}"
+
+
+def test_a_record_the_daemon_cannot_read_keeps_its_job_and_devices(tmp_path):
+    """A downgrade-like record (a value this version does not know) of a discard_source job: after
+    a restart the job is listed, failed with JobRecordUnreadable naming the file; a new job onto
+    its destination is refused; remove without force and resume are refused; the record
+    restored, resume opens it."""
+    make_image(tmp_path / "a.img", 4 << 20, seed=1)
+    make_image(tmp_path / "b.img", 4 << 20, seed=2)
+    d = Daemon(tmp_path).start()
+    try:
+        d.call("Start", {"name": "a", "source": str(tmp_path / "a.img"), "dest": str(tmp_path / "a.out"),
+                         "discard_source": True, "no_hydration": True})
+        d.stop()
+        record = os.path.join(d.state, "jobs", "a.json")
+        with open(record) as f:
+            original = f.read()
+        rec = json.loads(original)
+        rec["desired"] = "draining"
+        with open(record, "w") as f:
+            json.dump(rec, f)
+        d.start()
+        assert [j["name"] for j in d.call("List", {})["jobs"]] == ["a"]
+        st = d.status("a")
+        assert st["state"] == "failed" and st["error"]["code"] == "JobRecordUnreadable", st["error"]
+        assert record in st["error"]["message"] and "draining" in st["error"]["message"]
+        with pytest.raises(VarlinkError) as e:
+            d.call("Start", {"name": "b", "source": str(tmp_path / "b.img"), "dest": str(tmp_path / "a.out")})
+        assert e.value.name == "org.hydrationd.Control.JobRecordUnreadable" and e.value.parameters["path"] == record
+        for method in ["Remove", "Pause"]:
+            with pytest.raises(VarlinkError) as e:
+                d.call(method, {"name": "a"})
+            assert e.value.name == "org.hydrationd.Control.JobRecordUnreadable", (method, e.value)
+        with open(record, "w") as f:
+            f.write(original)
+        assert d.call("Start", {"name": "a"})["job"]["state"] == "hydrating"
+    finally:
+        d.kill()
