@@ -205,7 +205,7 @@ public actor JobManager {
                                                          reason: "it names job '\(def.name)', not '\(name)' as its file name says",
                                                          defaultMetadata: defaultMetadata, storage: storage))
             case .failure(let e):
-                return .failure(UnreadableRecord.examine(name: name, file: path, bytes: try? bytes.get(), reason: e.reason,
+                return .failure(UnreadableRecord.examine(name: name, file: path, bytes: try? bytes.get(), reason: e.reason, errno: e.errno,
                                                          defaultMetadata: defaultMetadata, storage: storage))
             }
         }
@@ -678,26 +678,24 @@ public actor JobManager {
         let dir = keptDirectory
         let storage = self.storage
         let read = (try? await io.run { () -> ([(KeptRecord, String)], [UnreadableRecord]) in
-            var names: [String] = []
-            do {
-                names = try FileManager.default.contentsOfDirectory(atPath: dir)
-            } catch {
-                var isDir: ObjCBool = false
-                if FileManager.default.fileExists(atPath: dir, isDirectory: &isDir) {
-                    // A kept/ that cannot be listed may hold records: refuse as for one unreadable record.
-                    return ([], [UnreadableRecord(name: "", file: dir, reason: "the directory cannot be listed: \(error)", salvaged: .init())])
-                }
+            let names: [String]
+            switch JobRecords.list(dir) {
+            case .success(let n): names = n ?? []
+            case .failure(let e):
+                // A kept/ that cannot be listed may hold records: refused as one unreadable record
+                // that names nothing.
+                return ([], [UnreadableRecord(name: "", file: dir, reason: e.reason, errno: e.errno, salvaged: .init())])
             }
             var out: [(KeptRecord, String)] = []
             var bad: [UnreadableRecord] = []
-            for file in names.sorted() where file.hasSuffix(".json") && !file.hasPrefix(".") {
+            for file in names where file.hasSuffix(".json") && !file.hasPrefix(".") {
                 let path = dir + "/" + file
                 let bytes = JobRecords.readBytes(path)
                 switch bytes.flatMap({ JobRecords.decode(KeptRecord.self, $0) }) {
                 case .success(let r): out.append((r, path))
                 case .failure(let e):
                     bad.append(UnreadableRecord.examine(name: String(file.dropLast(".json".count)), file: path, bytes: try? bytes.get(),
-                                                        reason: e.reason, defaultMetadata: nil, storage: storage))
+                                                        reason: e.reason, errno: e.errno, defaultMetadata: nil, storage: storage))
                 }
             }
             return (out, bad)

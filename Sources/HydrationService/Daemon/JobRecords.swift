@@ -44,6 +44,8 @@ public struct JobDefinition: Codable, Sendable, Equatable {
 /// Why a record could not be used; `reason` is said to the operator as it is.
 struct RecordUnreadable: Error, Sendable, Equatable {
     var reason: String
+    /// Set when the file could not be read at all (open or read failed).
+    var errno: Int32? = nil
 }
 
 extension JobDefinition {
@@ -123,7 +125,7 @@ enum JobRecords {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else {
             let e = errno
-            return .failure(RecordUnreadable(reason: "it cannot be opened: \(errnoSymbol(e)) (\(String(cString: strerror(e))))"))
+            return .failure(RecordUnreadable(reason: "it cannot be opened: \(errnoSymbol(e)) (\(String(cString: strerror(e))))", errno: e))
         }
         defer { close(fd) }
         var out = Data()
@@ -133,7 +135,7 @@ enum JobRecords {
             if n < 0 {
                 if errno == EINTR { continue }
                 let e = errno
-                return .failure(RecordUnreadable(reason: "it cannot be read: \(errnoSymbol(e)) (\(String(cString: strerror(e))))"))
+                return .failure(RecordUnreadable(reason: "it cannot be read: \(errnoSymbol(e)) (\(String(cString: strerror(e))))", errno: e))
             }
             if n == 0 { return .success(out) }
             out.append(contentsOf: buf[0..<n])
@@ -160,6 +162,24 @@ enum JobRecords {
             def.name == name ? .success(def)
                 : .failure(RecordUnreadable(reason: "it names job '\(def.name)', not '\(name)' as its file name says"))
         }
+    }
+
+    /// The names in `dir` (nil: it does not exist), or the errno of a failure to list it.
+    static func list(_ dir: String) -> Result<[String]?, RecordUnreadable> {
+        guard let d = opendir(dir) else {
+            let e = errno
+            if e == ENOENT { return .success(nil) }
+            return .failure(RecordUnreadable(reason: "the directory cannot be listed: \(errnoSymbol(e)) (\(String(cString: strerror(e))))", errno: e))
+        }
+        defer { closedir(d) }
+        var out: [String] = []
+        while let entry = readdir(d) {
+            let name = withUnsafePointer(to: &entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if name != "." && name != ".." { out.append(name) }
+        }
+        return .success(out.sorted())
     }
 
     static func describe(_ e: DecodingError) -> String {
@@ -272,6 +292,9 @@ struct UnreadableRecord: Error, Sendable {
     var name: String
     var file: String
     var reason: String
+    /// The errno when the file could not be read at all: out of descriptors (EMFILE, ENFILE)
+    /// is said as such (`ResourceExhausted`), as nothing may be wrong with the file.
+    var errno: Int32? = nil
     var salvaged: JobRecords.Salvaged
     /// The metadata file used (the record's, else the default place for a job record).
     var metadataPath: String?
@@ -303,7 +326,8 @@ struct UnreadableRecord: Error, Sendable {
         let action = kept
             ? "repair or restore the file, or move it out of kept/ once the data of the removed job it recorded is no longer needed"
             : "repair or restore the file and resume the job, or remove it with --force (its metadata is kept, and a kept record written with what was recovered)"
-        var e = HydrationError(.jobRecordUnreadable, "\(subject) cannot be read: \(what). Nothing is written or released for it; \(action)")
+        let code: HydrationError.Code = errno.map(HydrationError.isResourceExhaustion) == true ? .resourceExhausted : .jobRecordUnreadable
+        var e = HydrationError(code, "\(subject) cannot be read: \(what). Nothing is written or released for it; \(action)", errno: errno)
         e.path = file
         return e
     }
@@ -320,7 +344,7 @@ struct UnreadableRecord: Error, Sendable {
 
     /// Reads what can be read of the record at `file` (the bytes already read, or nil when they
     /// could not be) and of the metadata it names; blocks (file I/O).
-    static func examine(name: String, file: String, bytes: Data?, reason: String, defaultMetadata: String?,
+    static func examine(name: String, file: String, bytes: Data?, reason: String, errno: Int32? = nil, defaultMetadata: String?,
                         storage: any StorageProvider) -> UnreadableRecord {
         let salvaged = bytes.map(JobRecords.salvage) ?? JobRecords.Salvaged()
         var metadataPath = salvaged.metadata
@@ -334,7 +358,7 @@ struct UnreadableRecord: Error, Sendable {
                 problem = error.description
             }
         }
-        return UnreadableRecord(name: name, file: file, reason: reason, salvaged: salvaged, metadataPath: metadataPath,
+        return UnreadableRecord(name: name, file: file, reason: reason, errno: errno, salvaged: salvaged, metadataPath: metadataPath,
                                 header: header, metadataProblem: problem)
     }
 }
