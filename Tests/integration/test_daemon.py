@@ -419,3 +419,50 @@ def test_a_record_the_daemon_cannot_read_keeps_its_job_and_devices(tmp_path):
         assert d.call("Start", {"name": "a"})["job"]["state"] == "hydrating"
     finally:
         d.kill()
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+def test_reopening_a_job_out_of_descriptors_is_not_device_unconfirmed(tmp_path):
+    """A job that could not be opened (its source was away) resumed when the daemon has almost no
+    descriptor left, under six consecutive limits (so that the last one runs out at every step of
+    the open): the refusal says EMFILE (ResourceExhausted), never DeviceUnconfirmed — a stable
+    identity that could not be worked out for want of a descriptor is not "a device without a
+    stable identity", and must not invite --accept-devices."""
+    for i in range(8):
+        make_image(tmp_path / f"s{i}.img", 1 << 20, seed=i)
+    seen = []
+    for limit in range(44, 50):
+        name = f"re{limit}"
+        d = _LimitedDaemon(tmp_path, limit, name)
+        d.start()
+        try:
+            d.call("Start", {"name": "j0", "source": str(tmp_path / "s0.img"), "dest": str(tmp_path / f"{name}-j0.out"),
+                             "no_hydration": True})
+        finally:
+            d.stop()
+        os.rename(tmp_path / "s0.img", tmp_path / "s0.away")
+        d.start()
+        try:
+            assert d.status("j0")["error"]["code"] == "NotFound"
+            # Take what descriptors are left.
+            for i in range(1, 8):
+                try:
+                    d.call("Start", {"name": f"f{i}", "source": str(tmp_path / f"s{i}.img"),
+                                     "dest": str(tmp_path / f"{name}-f{i}.out"), "no_hydration": True})
+                except VarlinkError:
+                    break
+            os.rename(tmp_path / "s0.away", tmp_path / "s0.img")
+            try:
+                d.call("Start", {"name": "j0"})
+                seen.append((limit, "opened"))
+            except VarlinkError as e:
+                seen.append((limit, e.name, e.parameters.get("errno")))
+                assert e.name != "org.hydrationd.Control.DeviceUnconfirmed", f"limit {limit}: {e}"
+                if e.parameters.get("errno") in (23, 24):
+                    assert e.parameters["message"].startswith("ResourceExhausted"), f"limit {limit}: {e}"
+                st = d.status("j0")
+                assert st["error"]["code"] != "DeviceUnconfirmed", f"limit {limit}: {st['error']}"
+        finally:
+            d.stop()
+    print("reopen outcomes:", seen)
+    assert any(len(s) == 3 for s in seen), f"the limit was never reached when reopening: {seen}"
