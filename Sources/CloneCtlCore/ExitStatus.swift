@@ -90,6 +90,7 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
         case .invalidParameter where v.string("parameter") == "space_budget_bytes":
             hint = "; --space-budget needs a job started with --discard-source"
         case .metadataCorrupt: hint = "; inspect it with 'clonectl check'"
+        case .jobRecordUnreadable: hint = ""
         case .permissionDenied, .servicePermissionDenied:
             hint = "; run as root or as a member of the daemon's --socket-group"
         case .tooManyConnections: hint = "; try again later"

@@ -275,6 +275,12 @@ public enum ControlInterface {
         # Remove of an exported job while NBD clients are connected to it (pass force to
         # disconnect them).
         error ExportInUse (name: string, clients: int, message: string)
+
+        # A record in the daemon's state directory (path) cannot be read: the message says why.
+        # The job (name; empty for a removed job's kept record) stays listed, failed, and every
+        # device it names stays reserved; nothing is written or released for it until the
+        # operator repairs the file (then resumes) or removes the job with force.
+        error JobRecordUnreadable (name: string, path: string, message: string)
         """
 
     /// The standard `org.varlink.service` interface every Varlink service provides.

@@ -31,6 +31,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         public static let dataAtRisk = "org.hydrationd.Control.DataAtRisk"
         public static let deviceUnconfirmed = "org.hydrationd.Control.DeviceUnconfirmed"
         public static let exportInUse = "org.hydrationd.Control.ExportInUse"
+        public static let jobRecordUnreadable = "org.hydrationd.Control.JobRecordUnreadable"
 
         public static let serviceInterfaceNotFound = "org.varlink.service.InterfaceNotFound"
         public static let serviceMethodNotFound = "org.varlink.service.MethodNotFound"
@@ -44,7 +45,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     public enum Kind: Sendable, Equatable {
         case noSuchJob, jobExists, jobRunning, invalidParameter, deviceInUse, sizeMismatch, metadataCorrupt
         case permissionDenied, jobFailed, ioError, invalidMessage, messageTooLarge, tooManyConnections
-        case internalError, dataAtRisk, deviceUnconfirmed, exportInUse
+        case internalError, dataAtRisk, deviceUnconfirmed, exportInUse, jobRecordUnreadable
         case interfaceNotFound, methodNotFound, methodNotImplemented, serviceInvalidParameter
         case servicePermissionDenied, expectedMore
         case other
@@ -69,6 +70,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case Name.dataAtRisk: return .dataAtRisk
         case Name.deviceUnconfirmed: return .deviceUnconfirmed
         case Name.exportInUse: return .exportInUse
+        case Name.jobRecordUnreadable: return .jobRecordUnreadable
         case Name.serviceInterfaceNotFound: return .interfaceNotFound
         case Name.serviceMethodNotFound: return .methodNotFound
         case Name.serviceMethodNotImplemented: return .methodNotImplemented
@@ -85,7 +87,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         switch kind {
         case .noSuchJob, .jobExists, .jobRunning, .invalidParameter, .deviceInUse, .sizeMismatch,
             .metadataCorrupt, .permissionDenied, .serviceInvalidParameter, .servicePermissionDenied, .dataAtRisk,
-            .deviceUnconfirmed, .exportInUse:
+            .deviceUnconfirmed, .exportInUse, .jobRecordUnreadable:
             return true
         default:
             return false
@@ -170,6 +172,15 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
                      parameters: ["name": .string(name), "clients": .int(Int64(clients)), "message": .string(message)])
     }
 
+    /// A record in the daemon's state directory cannot be read (`path`, the message says why):
+    /// the job `name` stays listed, failed, with its devices reserved, and nothing is written or
+    /// released for it until the operator repairs the file or removes the job with force. An
+    /// unreadable kept record (`name` empty) refuses new jobs on what it may still need.
+    public static func jobRecordUnreadable(_ name: String, path: String, message: String) -> VarlinkError {
+        VarlinkError(name: Name.jobRecordUnreadable,
+                     parameters: ["name": .string(name), "path": .string(path), "message": .string(message)])
+    }
+
     public static func invalidMessage(_ reason: String) -> VarlinkError {
         VarlinkError(name: Name.invalidMessage, parameters: ["reason": .string(reason)])
     }
@@ -240,6 +251,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case .internalError: return "internal daemon error: \(p["message"]?.stringValue ?? "")"
         case .dataAtRisk: return "job '\(p["name"]?.stringValue ?? "?")': \(p["message"]?.stringValue ?? "")"
         case .deviceUnconfirmed: return p["message"]?.stringValue ?? "device \(p["path"]?.stringValue ?? "?") cannot be confirmed"
+        case .jobRecordUnreadable: return p["message"]?.stringValue ?? "job record \(p["path"]?.stringValue ?? "?") cannot be read"
         case .exportInUse:
             let n = p["clients"]?.int64Value ?? 0
             return "job '\(p["name"]?.stringValue ?? "?")' is exported over NBD and \(n) client\(n == 1 ? " is" : "s are") connected"

@@ -195,6 +195,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         (.dataAtRisk("a", message: "m"), "org.hydrationd.Control.DataAtRisk", ["name", "message"]),
         (.deviceUnconfirmed(path: "/dev/x", message: "m"), "org.hydrationd.Control.DeviceUnconfirmed", ["path", "message"]),
         (.exportInUse("a", clients: 2, message: "m"), "org.hydrationd.Control.ExportInUse", ["name", "clients", "message"]),
+        (.jobRecordUnreadable("a", path: "/s/jobs/a.json", message: "m"), "org.hydrationd.Control.JobRecordUnreadable", ["name", "path", "message"]),
         (.interfaceNotFound("i"), "org.varlink.service.InterfaceNotFound", ["interface"]),
         (.methodNotFound("m"), "org.varlink.service.MethodNotFound", ["method"]),
         (.methodNotImplemented("m"), "org.varlink.service.MethodNotImplemented", ["method"]),
@@ -221,7 +222,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(declared == [
             "NoSuchJob", "JobExists", "JobRunning", "InvalidParameter", "DeviceInUse", "SizeMismatch",
             "MetadataCorrupt", "PermissionDenied", "JobFailed", "IOError", "InvalidMessage", "MessageTooLarge",
-            "TooManyConnections", "InternalError", "DataAtRisk", "DeviceUnconfirmed", "ExportInUse",
+            "TooManyConnections", "InternalError", "DataAtRisk", "DeviceUnconfirmed", "ExportInUse", "JobRecordUnreadable",
         ])
     }
 

@@ -310,3 +310,159 @@ def test_status_answers_fast_during_full_speed_copy(tmp_path, daemon):
     assert st["state"] == "complete"
     # A generous bound for a debug build on 2 shared cores: proves no call waited for the copy.
     assert p99 < 0.5
+
+
+class _LimitedDaemon(Daemon):
+    """A hydrationd started under `prlimit --nofile=N:N` (RLIMIT_NOFILE of the daemon only)."""
+
+    def __init__(self, tmp, nofile, name):
+        super().__init__(tmp, name=name)
+        self.nofile = nofile
+
+    def start(self, timeout=20.0):
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--",
+             HYDRATIOND, "--state-dir", self.state, "--socket", self.sock, "--nbd-socket", self.nbd_sock,
+             "--log-level", "info", *self.extra_args],
+            stdout=log, stderr=log, env=self.env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hydrationd exited with {self.proc.returncode}: {self.log()}")
+            try:
+                call(self.sock, "org.varlink.service.GetInfo", {}, timeout=2)
+                return self
+            except (OSError, EOFError, VarlinkError):
+                time.sleep(0.05)
+        raise RuntimeError("hydrationd did not start: " + self.log())
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+def test_creates_past_the_fd_limit_leave_nothing_and_say_emfile(tmp_path):
+    """Jobs created until the daemon runs out of descriptors, under six consecutive limits (so
+    that the limit falls at every step of a create): every refused create leaves nothing (no
+    failed ghost after a restart, no metadata, no destination file), its error says EMFILE
+    (ResourceExhausted), never DeviceUnconfirmed (which would invite --accept-devices)."""
+    attempts = 10
+    for i in range(attempts):
+        make_image(tmp_path / f"s{i}.img", 1 << 20, seed=i)
+    for limit in range(44, 50):
+        name = f"lim{limit}"
+        d = _LimitedDaemon(tmp_path, limit, name).start()
+        created, refused = [], []
+        try:
+            for i in range(attempts):
+                try:
+                    d.call("Start", {"name": f"j{i}", "source": str(tmp_path / f"s{i}.img"),
+                                     "dest": str(tmp_path / f"{name}-j{i}.out"), "no_hydration": True})
+                    created.append(f"j{i}")
+                except VarlinkError as e:
+                    refused.append((f"j{i}", e))
+            assert refused, f"limit {limit}: {attempts} jobs were created; the limit was never reached"
+            for job, e in refused:
+                assert e.name != "org.hydrationd.Control.DeviceUnconfirmed", f"limit {limit}, {job}: {e}"
+                if e.name == "org.hydrationd.Control.IOError" and e.parameters.get("errno") in (23, 24):
+                    assert e.parameters["message"].startswith("ResourceExhausted"), f"limit {limit}, {job}: {e}"
+            listed = {j["name"] for j in d.call("List", {})["jobs"]}
+            assert listed == set(created), f"limit {limit}: listed {listed}, created {created}"
+        finally:
+            d.stop()
+        # With the limit lifted: exactly the jobs the client was told were created, all paused.
+        d2 = Daemon(tmp_path, name=name).start()
+        try:
+            jobs = {j["name"]: j for j in d2.call("List", {})["jobs"]}
+            assert set(jobs) == set(created), f"limit {limit}: after a restart {sorted(jobs)}, created {created}"
+            for j in jobs.values():
+                assert j["state"] == "paused", f"limit {limit}: {j['name']} {j['state']} {j.get('error')}"
+        finally:
+            d2.stop()
+        for job, _ in refused:
+            for left in [tmp_path / f"{name}-state" / "jobs" / f"{job}.json", tmp_path / f"{name}-state" / "jobs" / f"{job}.meta",
+                         tmp_path / f"{name}-{job}.out"]:
+                assert not left.exists(), f"limit {limit}: refused create of {job} left {left}"
+
+
+def test_a_record_the_daemon_cannot_read_keeps_its_job_and_devices(tmp_path):
+    """A downgrade-like record (a value this version does not know) of a discard_source job: after
+    a restart the job is listed, failed with JobRecordUnreadable naming the file; a new job onto
+    its destination is refused; remove without force and resume are refused; the record
+    restored, resume opens it."""
+    make_image(tmp_path / "a.img", 4 << 20, seed=1)
+    make_image(tmp_path / "b.img", 4 << 20, seed=2)
+    d = Daemon(tmp_path).start()
+    try:
+        d.call("Start", {"name": "a", "source": str(tmp_path / "a.img"), "dest": str(tmp_path / "a.out"),
+                         "discard_source": True, "no_hydration": True})
+        d.stop()
+        record = os.path.join(d.state, "jobs", "a.json")
+        with open(record) as f:
+            original = f.read()
+        rec = json.loads(original)
+        rec["desired"] = "draining"
+        with open(record, "w") as f:
+            json.dump(rec, f)
+        d.start()
+        assert [j["name"] for j in d.call("List", {})["jobs"]] == ["a"]
+        st = d.status("a")
+        assert st["state"] == "failed" and st["error"]["code"] == "JobRecordUnreadable", st["error"]
+        assert record in st["error"]["message"] and "draining" in st["error"]["message"]
+        with pytest.raises(VarlinkError) as e:
+            d.call("Start", {"name": "b", "source": str(tmp_path / "b.img"), "dest": str(tmp_path / "a.out")})
+        assert e.value.name == "org.hydrationd.Control.JobRecordUnreadable" and e.value.parameters["path"] == record
+        for method in ["Remove", "Pause"]:
+            with pytest.raises(VarlinkError) as e:
+                d.call(method, {"name": "a"})
+            assert e.value.name == "org.hydrationd.Control.JobRecordUnreadable", (method, e.value)
+        with open(record, "w") as f:
+            f.write(original)
+        assert d.call("Start", {"name": "a"})["job"]["state"] == "hydrating"
+    finally:
+        d.kill()
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+def test_reopening_a_job_out_of_descriptors_is_not_device_unconfirmed(tmp_path):
+    """A job that could not be opened (its source was away) resumed when the daemon has almost no
+    descriptor left, under six consecutive limits (so that the last one runs out at every step of
+    the open): the refusal says EMFILE (ResourceExhausted), never DeviceUnconfirmed — a stable
+    identity that could not be worked out for want of a descriptor is not "a device without a
+    stable identity", and must not invite --accept-devices."""
+    for i in range(8):
+        make_image(tmp_path / f"s{i}.img", 1 << 20, seed=i)
+    seen = []
+    for limit in range(44, 50):
+        name = f"re{limit}"
+        d = _LimitedDaemon(tmp_path, limit, name)
+        d.start()
+        try:
+            d.call("Start", {"name": "j0", "source": str(tmp_path / "s0.img"), "dest": str(tmp_path / f"{name}-j0.out"),
+                             "no_hydration": True})
+        finally:
+            d.stop()
+        os.rename(tmp_path / "s0.img", tmp_path / "s0.away")
+        d.start()
+        try:
+            assert d.status("j0")["error"]["code"] == "NotFound"
+            # Take what descriptors are left.
+            for i in range(1, 8):
+                try:
+                    d.call("Start", {"name": f"f{i}", "source": str(tmp_path / f"s{i}.img"),
+                                     "dest": str(tmp_path / f"{name}-f{i}.out"), "no_hydration": True})
+                except VarlinkError:
+                    break
+            os.rename(tmp_path / "s0.away", tmp_path / "s0.img")
+            try:
+                d.call("Start", {"name": "j0"})
+                seen.append((limit, "opened"))
+            except VarlinkError as e:
+                seen.append((limit, e.name, e.parameters.get("errno")))
+                assert e.name != "org.hydrationd.Control.DeviceUnconfirmed", f"limit {limit}: {e}"
+                if e.parameters.get("errno") in (23, 24):
+                    assert e.parameters["message"].startswith("ResourceExhausted"), f"limit {limit}: {e}"
+                st = d.status("j0")
+                assert st["error"]["code"] != "DeviceUnconfirmed", f"limit {limit}: {st['error']}"
+        finally:
+            d.stop()
+    print("reopen outcomes:", seen)
+    assert any(len(s) == 3 for s in seen), f"the limit was never reached when reopening: {seen}"

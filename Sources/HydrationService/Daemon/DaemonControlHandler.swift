@@ -28,7 +28,7 @@ public struct DaemonControlHandler: ControlHandler {
         case .sizeMismatch:
             return .sizeMismatch(sourceBytes: e.sourceBytes ?? 0, destBytes: e.destBytes ?? 0, message: e.message)
         case .metadataCorrupt, .metadataMismatch, .metadataExists:
-            return .metadataCorrupt(path: path ?? "", reason: e.message)
+            return .metadataCorrupt(path: e.path ?? path ?? "", reason: e.message)
         case .deviceUnconfirmed:
             return .deviceUnconfirmed(path: e.path ?? path ?? "", message: e.message)
         case .permissionDenied: return .permissionDenied(method: "", reason: e.message)
@@ -36,7 +36,12 @@ public struct DaemonControlHandler: ControlHandler {
             return .invalidParameter("discard_source", reason: "DiscardUnsupported: " + e.message)
         case .sourceReadFailed, .sourceUnavailable, .destWriteFailed, .noSpace, .commitFailed:
             return .jobFailed(job ?? "", code: e.code.rawValue, message: e.message)
-        case .ioError: return .ioError(path: path, errno: e.errno, message: e.message)
+        case .ioError: return .ioError(path: e.path ?? path, errno: e.errno, message: e.message)
+        case .resourceExhausted:
+            // An I/O error by errno (EMFILE, ENFILE), named in the message: nothing about the
+            // job's devices is wrong.
+            return .ioError(path: e.path ?? path, errno: e.errno, message: "ResourceExhausted: " + e.message)
+        case .jobRecordUnreadable: return .jobRecordUnreadable(job ?? "", path: e.path ?? path ?? "", message: e.message)
         case .dataAtRisk: return .dataAtRisk(job ?? "", message: e.message)
         case .exportInUse: return .exportInUse(job ?? "", clients: e.clients ?? 0, message: e.message)
         }

@@ -2,56 +2,6 @@ import ControlProtocol
 import Foundation
 import Logging
 
-/// What the daemon remembers of a job across restarts: `<state-dir>/jobs/<name>.json`.
-public struct JobDefinition: Codable, Sendable, Equatable {
-    public enum Desired: String, Codable, Sendable { case hydrating, paused }
-    public var name: String
-    public var source: String
-    public var dest: String
-    public var metadata: String
-    public var regionSize: UInt64
-    public var discardSource: Bool
-    public var destZeroed: Bool
-    public var tunables: Tunables
-    /// What the user last asked for. A graceful shutdown pauses jobs but keeps this, so that a
-    /// restart resumes what was hydrating and leaves paused jobs paused.
-    public var desired: Desired
-    /// Served as NBD export `name` (Start with `export: true`); records written before exports
-    /// existed read as false.
-    public var export: Bool = false
-    /// With `export`: reads served by the source hydrate what they read (Start `hydrate_on_read`).
-    public var hydrateOnRead: Bool = false
-    /// Direct or buffered I/O (Start `io`); records from before it read as `auto`.
-    public var io: IOMode = .auto
-
-    var configuration: JobConfiguration {
-        JobConfiguration(name: name, sourcePath: source, destPath: dest, metadataPath: metadata, regionSize: regionSize,
-                         discardSource: discardSource, destZeroed: destZeroed, tunables: tunables, ioMode: io)
-    }
-}
-
-extension JobDefinition {
-    // Written by hand (in an extension, so the memberwise initialiser stays) only so that a record
-    // without `export` — from before exports — still reads.
-    enum CodingKeys: String, CodingKey {
-        case name, source, dest, metadata, regionSize, discardSource, destZeroed, tunables, desired, export, hydrateOnRead, io
-    }
-
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        self.init(name: try c.decode(String.self, forKey: .name), source: try c.decode(String.self, forKey: .source),
-                  dest: try c.decode(String.self, forKey: .dest), metadata: try c.decode(String.self, forKey: .metadata),
-                  regionSize: try c.decode(UInt64.self, forKey: .regionSize),
-                  discardSource: try c.decode(Bool.self, forKey: .discardSource),
-                  destZeroed: try c.decode(Bool.self, forKey: .destZeroed),
-                  tunables: try c.decode(Tunables.self, forKey: .tunables),
-                  desired: try c.decode(Desired.self, forKey: .desired),
-                  export: try c.decodeIfPresent(Bool.self, forKey: .export) ?? false,
-                  hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false,
-                  io: try c.decodeIfPresent(IOMode.self, forKey: .io) ?? .auto)
-    }
-}
-
 /// A request to create a job (the engine-level form of the control protocol's Start).
 public struct CreateJobRequest: Sendable, Equatable {
     public var name: String
@@ -124,9 +74,16 @@ public actor JobManager {
         /// Complete, every release recorded as done: restored from its metadata alone. Its devices
         /// are never opened again (they may belong to other jobs or other owners by now).
         case finished(JobDefinition, MetadataHeader)
+        /// Its record (`jobs/NAME.json`) cannot be read: listed as failed with
+        /// `JobRecordUnreadable`, every device found in the record's text or its metadata stays
+        /// reserved, and nothing is opened, written or released until the operator acts.
+        case unreadable(UnreadableRecord)
 
         var definition: JobDefinition {
-            switch self { case .live(_, let d), .broken(let d, _, _), .finished(let d, _): return d }
+            switch self {
+            case .live(_, let d), .broken(let d, _, _), .finished(let d, _): return d
+            case .unreadable(let u): return u.definition
+            }
         }
 
         var isCompleteOffline: Bool {
@@ -136,13 +93,6 @@ public actor JobManager {
             default: return false
             }
         }
-    }
-
-    /// A removed job's record, kept because its destination holds the only copy of regions
-    /// already released from its source: `<state-dir>/kept/<name>-<job uuid>.json`.
-    public struct KeptRecord: Codable, Sendable, Equatable {
-        public var definition: JobDefinition
-        public var removedUnixMs: Int64
     }
 
     public nonisolated let stateDirectory: String
@@ -220,18 +170,46 @@ public actor JobManager {
             .filter { $0.hasSuffix(".json") && !$0.hasPrefix(".") }
             .sorted()
         for file in names {
-            let path = jobsDirectory + "/" + file
+            let name = String(file.dropLast(".json".count))
+            // A record that cannot be read is never a reason to forget its job: it may be the
+            // only thing left that says which devices hold data no other copy has.
             let def: JobDefinition
-            do {
-                def = try JSONDecoder().decode(JobDefinition.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
-            } catch {
-                logger.error("ignoring unreadable job definition", metadata: ["path": "\(path)", "error": "\(error)"])
+            switch await readRecord(name) {
+            case .success(let d): def = d
+            case .failure(let u):
+                jobs[name] = .unreadable(u)
+                logger.error("job record unreadable; the job is listed as failed and its devices stay reserved",
+                             metadata: ["job": "\(name)", "path": "\(u.file)", "reason": "\(u.reason)",
+                                        "reserved_sources": "\(u.sources)", "reserved_destinations": "\(u.dests)"])
                 continue
             }
             jobs[def.name] = await openEntry(def)
             await publishExport(def.name)
             scheduleReopenIfSourceUnreachable(def.name)
         }
+    }
+
+    /// Reads `jobs/NAME.json` (on an I/O thread): the definition, or what could be recovered
+    /// of an unreadable one.
+    private func readRecord(_ name: String) async -> Result<JobDefinition, UnreadableRecord> {
+        let path = definitionPath(name)
+        let defaultMetadata = jobsDirectory + "/\(name).meta"
+        let storage = self.storage
+        let r = try? await io.run { () -> Result<JobDefinition, UnreadableRecord> in
+            let bytes = JobRecords.readBytes(path)
+            switch bytes.flatMap({ JobRecords.decode(JobDefinition.self, $0) }) {
+            case .success(let def) where def.name == name:
+                return .success(def)
+            case .success(let def):
+                return .failure(UnreadableRecord.examine(name: name, file: path, bytes: try? bytes.get(),
+                                                         reason: "it names job '\(def.name)', not '\(name)' as its file name says",
+                                                         defaultMetadata: defaultMetadata, storage: storage))
+            case .failure(let e):
+                return .failure(UnreadableRecord.examine(name: name, file: path, bytes: try? bytes.get(), reason: e.reason, errno: e.errno,
+                                                         defaultMetadata: defaultMetadata, storage: storage))
+            }
+        }
+        return r ?? .failure(UnreadableRecord(name: name, file: path, reason: "the I/O executor is shut down", salvaged: .init()))
     }
 
     // MARK: exports
@@ -449,7 +427,9 @@ public actor JobManager {
         }
         let tunables = req.tunables.applied(to: .defaults(regionSize: regionSize))
         var defaultMetadata = jobsDirectory + "/\(req.name).meta"
-        if await keptRecords().contains(where: { $0.record.definition.metadata == defaultMetadata }) {
+        let keptNow = await keptScan()
+        if keptNow.readable.contains(where: { $0.record.definition.metadata == defaultMetadata })
+            || keptNow.unreadable.contains(where: { $0.metadataPath == defaultMetadata }) {
             // A removed job of the same name kept its metadata there.
             defaultMetadata = jobsDirectory + "/\(req.name)-\(wallClockMillis()).meta"
         }
@@ -474,6 +454,8 @@ public actor JobManager {
         try await checkReservations(def, except: kept?.file)
         creating.insert(req.name)
         defer { creating.remove(req.name) }
+        // A destination file this create makes is removed again if the create fails.
+        let destExisted = RemoteSource.isURI(def.dest) || FileManager.default.fileExists(atPath: def.dest)
         let job: HydrationJob
         do {
             if let kept {
@@ -495,11 +477,15 @@ public actor JobManager {
             }
             throw e
         }
+        // The record last: until it is durably in place the job does not exist after a restart,
+        // and a failure of anything up to it takes back what this create made (the record, the
+        // metadata, a destination file it created), so that a client told "not created" finds
+        // nothing of it later (no failed ghost at the next start, no "metadata already exists").
         do {
-            try await persist(def)
+            try await persist(def, previous: nil)
         } catch {
             await job.close()
-            if kept == nil { try? FileManager.default.removeItem(atPath: def.metadata) }
+            await rollBackCreate(def, job: job, keptMetadata: kept != nil, destExisted: destExisted)
             throw error
         }
         if let kept {
@@ -511,9 +497,49 @@ public actor JobManager {
         if req.noHydration {
             await job.pause()
         } else {
-            try await job.start()
+            do {
+                try await job.start()
+            } catch {
+                await withdrawExport(req.name)
+                await job.close()
+                jobs[req.name] = nil
+                await rollBackCreate(def, job: job, keptMetadata: kept != nil, destExisted: destExisted, record: true)
+                throw error
+            }
         }
         return try await status(req.name)
+    }
+
+    /// Takes back what a failed create made: its record (when `record`; `persist` removes a
+    /// record it could not make durable itself), its metadata (unless it is a kept job's), and
+    /// its destination file if the create made it and it is still that file. The job is closed.
+    /// Best effort: what cannot be removed is logged with the reason.
+    private func rollBackCreate(_ def: JobDefinition, job: HydrationJob, keptMetadata: Bool, destExisted: Bool, record: Bool = false) async {
+        var paths: [(String, DeviceIdentity?)] = []
+        if record { paths.append((definitionPath(def.name), nil)) }
+        if !keptMetadata { paths.append((def.metadata, nil)) }
+        if !destExisted { paths.append((def.dest, job.destIdentity)) }
+        let toRemove = paths
+        let failures = (try? await io.run { () -> [String] in
+            var failed: [String] = []
+            for (path, identity) in toRemove {
+                var st = stat()
+                guard lstat(path, &st) == 0 else { continue }
+                if let identity, identity.kind == .regularFile,
+                   UInt64(st.st_dev) != identity.device || UInt64(st.st_ino) != identity.inode { continue }
+                if unlink(path) != 0 && errno != ENOENT {
+                    failed.append("\(path): \(errnoSymbol(errno))")
+                    continue
+                }
+                do { try PosixStorage().syncDirectory(containing: path) } catch { failed.append("\(path): \(error)") }
+            }
+            return failed
+        }) ?? ["the I/O executor is shut down"]
+        if failures.isEmpty {
+            logger.info("failed create rolled back", metadata: ["job": "\(def.name)"])
+        } else {
+            logger.error("failed create not fully rolled back", metadata: ["job": "\(def.name)", "left": "\(failures)"])
+        }
     }
 
     /// The kept record a new job concerns: the one whose metadata it names (to resume it), or an
@@ -551,14 +577,32 @@ public actor JobManager {
                 if published.contains(name) {
                     out.append(Reservation(path: d.dest, role: "destination (served over NBD)", owner: name, keptMetadata: nil, noReaders: false))
                 }
+            case .unreadable(let u):
+                // Complete or not, unknown until the record is read: everything it names.
+                out += Self.reservations(of: u, kept: false)
             }
         }
-        for (record, file) in await keptRecords() where file != keptFile {
+        let kept = await keptScan()
+        for (record, file) in kept.readable where file != keptFile {
             let k = record.definition
             out.append(Reservation(path: k.source, role: "source", owner: k.name, keptMetadata: k.metadata, noReaders: k.discardSource))
             out.append(Reservation(path: k.dest, role: "destination", owner: k.name, keptMetadata: k.metadata, noReaders: false))
         }
+        for u in kept.unreadable where u.file != keptFile {
+            out += Self.reservations(of: u, kept: true)
+        }
         return out
+    }
+
+    /// What an unreadable record reserves: every source and destination found in it or in its
+    /// metadata; with none found, a reservation of everything (`Reservation.everything`).
+    static func reservations(of u: UnreadableRecord, kept: Bool) -> [Reservation] {
+        let e = u.error(kept: kept)
+        if u.namesNothing {
+            return [Reservation(path: "", role: "everything", owner: u.name, keptMetadata: nil, noReaders: true, unreadable: e)]
+        }
+        return u.sources.map { Reservation(path: $0, role: "source", owner: u.name, keptMetadata: nil, noReaders: u.discardSource, unreadable: e) }
+            + u.dests.map { Reservation(path: $0, role: "destination", owner: u.name, keptMetadata: nil, noReaders: false, unreadable: e) }
     }
 
     /// Refuses a new job that would write to (its destination), release (its discard_source
@@ -568,6 +612,10 @@ public actor JobManager {
     private func checkReservations(_ def: JobDefinition, except keptFile: String?, job skipped: String? = nil) async throws(HydrationError) {
         let reserved = await reservations(except: keptFile, job: skipped)
         guard !reserved.isEmpty else { return }
+        if let blind = reserved.first(where: { $0.role == "everything" }), let e = blind.unreadable {
+            // A record from which no device could be recovered: nothing can be checked against it.
+            throw e
+        }
         let storage = self.storage
         let conflict: (String, String, Reservation)?
         do {
@@ -596,6 +644,10 @@ public actor JobManager {
         }
         guard let (label, detail, r) = conflict else { return }
         let what = label == "destination" ? "written" : (def.discardSource ? "released" : "read while it is released")
+        if var e = r.unreadable {
+            e.message = "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of job \(r.owner.isEmpty ? "(unknown)" : r.owner) and may not be \(what): " + e.message
+            throw e
+        }
         if let keptMetadata = r.keptMetadata {
             var e = HydrationError(.dataAtRisk, "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of removed job \(r.owner), whose metadata was kept at \(keptMetadata): it holds data no other copy has and may not be \(what). Resume that job (clonectl start \(r.owner) --metadata \(keptMetadata) --source SOURCE --dest DEST), or delete \(keptMetadata) and its record in the state directory's kept/ by hand once that data is no longer needed")
             e.path = r.path
@@ -615,30 +667,50 @@ public actor JobManager {
         var keptMetadata: String?
         /// A discard_source job's source: being punched, so not even to be read by a new job.
         var noReaders: Bool
+        /// Set when the reservation comes from a record that cannot be read: the refusal is
+        /// this error (naming the file and why), with the conflict added.
+        var unreadable: HydrationError? = nil
     }
 
-    /// Every kept record (unreadable ones are logged and skipped).
-    /// Reads them on an I/O thread (small files, but file I/O all the same).
-    func keptRecords() async -> [(record: KeptRecord, file: String)] {
+    /// The kept records: those that read, and those that do not (with what could be recovered
+    /// from them: they still reserve what they name). Read on an I/O thread.
+    func keptScan() async -> (readable: [(record: KeptRecord, file: String)], unreadable: [UnreadableRecord]) {
         let dir = keptDirectory
-        let read = (try? await io.run { () -> ([(KeptRecord, String)], [(String, String)]) in
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        let storage = self.storage
+        let read = (try? await io.run { () -> ([(KeptRecord, String)], [UnreadableRecord]) in
+            let names: [String]
+            switch JobRecords.list(dir) {
+            case .success(let n): names = n ?? []
+            case .failure(let e):
+                // A kept/ that cannot be listed may hold records: refused as one unreadable record
+                // that names nothing.
+                return ([], [UnreadableRecord(name: "", file: dir, reason: e.reason, errno: e.errno, salvaged: .init())])
+            }
             var out: [(KeptRecord, String)] = []
-            var bad: [(String, String)] = []
-            for file in names.sorted() where file.hasSuffix(".json") && !file.hasPrefix(".") {
+            var bad: [UnreadableRecord] = []
+            for file in names where file.hasSuffix(".json") && !file.hasPrefix(".") {
                 let path = dir + "/" + file
-                do {
-                    out.append((try JSONDecoder().decode(KeptRecord.self, from: Data(contentsOf: URL(fileURLWithPath: path))), path))
-                } catch {
-                    bad.append((path, "\(error)"))
+                let bytes = JobRecords.readBytes(path)
+                switch bytes.flatMap({ JobRecords.decode(KeptRecord.self, $0) }) {
+                case .success(let r): out.append((r, path))
+                case .failure(let e):
+                    bad.append(UnreadableRecord.examine(name: String(file.dropLast(".json".count)), file: path, bytes: try? bytes.get(),
+                                                        reason: e.reason, errno: e.errno, defaultMetadata: nil, storage: storage))
                 }
             }
             return (out, bad)
         }) ?? ([], [])
-        for (path, error) in read.1 {
-            logger.error("unreadable kept job record", metadata: ["path": "\(path)", "error": "\(error)"])
+        for u in read.1 {
+            logger.error("kept job record unreadable; what it names stays reserved",
+                         metadata: ["path": "\(u.file)", "reason": "\(u.reason)", "reserved_sources": "\(u.sources)",
+                                    "reserved_destinations": "\(u.dests)"])
         }
-        return read.0.map { (record: $0.0, file: $0.1) }
+        return (read.0.map { (record: $0.0, file: $0.1) }, read.1)
+    }
+
+    /// Every kept record that reads.
+    func keptRecords() async -> [(record: KeptRecord, file: String)] {
+        await keptScan().readable
     }
 
     private func live(_ name: String) throws(HydrationError) -> (HydrationJob, JobDefinition) {
@@ -648,6 +720,8 @@ public actor JobManager {
             throw HydrationError(.invalidState, "job \(name) could not be opened: \(e.message)")
         case .finished?:
             throw HydrationError(.invalidState, "job \(name) is complete")
+        case .unreadable(let u)?:
+            throw u.error(kept: false)
         case nil:
             throw HydrationError(.noSuchJob, "no job named \(name)")
         }
@@ -665,6 +739,18 @@ public actor JobManager {
     public func resume(_ name: String, acceptDevices: Bool = false) async throws(HydrationError) -> JobStatus {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
+            if case .unreadable = jobs[name] {
+                // The operator may have repaired or restored the record: read it again. Still
+                // unreadable, it stays as it is (with the reason as it is now).
+                switch await readRecord(name) {
+                case .failure(let u):
+                    jobs[name] = .unreadable(u)
+                    throw u.error(kept: false)
+                case .success(let def):
+                    logger.notice("job record readable again", metadata: ["job": "\(name)"])
+                    jobs[name] = .broken(def, HydrationError(.invalidState, "not opened yet"), nil)
+                }
+            }
             if case .live(let job, _)? = jobs[name], await job.needsReopen {
                 // Out of space in a commit: open it again from its durable state, as a restart would.
                 await withdrawExport(name)
@@ -686,8 +772,15 @@ public actor JobManager {
                 await publishExport(name)
             }
             let (job, _) = try live(name)
+            let wasHydrating = await job.currentState == .hydrating
             try await job.start()
-            try await setDesired(name, .hydrating)
+            do throws(HydrationError) {
+                try await setDesired(name, .hydrating)
+            } catch {
+                // Its record still says paused: so does the job (as it was before this resume).
+                if !wasHydrating { await job.pause() }
+                throw error
+            }
             return try await status(name)
         }
     }
@@ -748,6 +841,7 @@ public actor JobManager {
         // What the metadata says (durably) before anything changes.
         var atRisk = false
         var jobID: String? = nil
+        var unreadable: UnreadableRecord? = nil
         switch entry {
         case .live(let job, _):
             if await job.currentState == .hydrating {
@@ -765,6 +859,13 @@ public actor JobManager {
             jobID = h?.jobID
         case .finished(_, let h):
             jobID = h.jobID
+        case .unreadable(let u):
+            // What the job was is not known: only with force, and then everything recovered is
+            // kept (a kept record of it, the metadata, and the unreadable file itself in kept/).
+            if !force { throw u.error(kept: false) }
+            unreadable = u
+            atRisk = !u.namesNothing
+            jobID = u.header?.jobID
         }
         if atRisk && !force {
             throw HydrationError(.dataAtRisk, "job \(name) has released part of its source \(def.source); the destination \(def.dest) holds the only copy of those regions and the metadata \(def.metadata) the only record of which they are. Finish it (clonectl resume \(name)), or remove it with --force: the metadata is then kept")
@@ -772,38 +873,74 @@ public actor JobManager {
         await withdrawExport(name)
         if case .live(let job, _) = entry { await job.close() }
         // Until the end of this function the entry stays in `jobs`, so its devices stay reserved
-        // (`checkReservations`) while their locks are already gone.
+        // (`checkReservations`) while their locks are already gone. A failure on the way leaves
+        // the job as it was (opened again if it was open), so that its status says what is so.
+        do {
+            return try await finishRemove(name, def: def, atRisk: atRisk, jobID: jobID, unreadable: unreadable)
+        } catch {
+            if case .live = entry {
+                jobs[name] = await openEntry(def)
+                scheduleReopenIfSourceUnreachable(name)
+            }
+            await publishExport(name)
+            logger.error("remove failed; the job is as it was", metadata: ["job": "\(name)", "error": "\(error)"])
+            throw error
+        }
+    }
+
+    private func finishRemove(_ name: String, def: JobDefinition, atRisk: Bool, jobID: String?,
+                              unreadable: UnreadableRecord?) async throws(HydrationError) -> String? {
         var kept: String? = nil
+        let stem = "\(name)-\(jobID ?? String(wallClockMillis()))"
         if atRisk {
             // The record first, durably, and the metadata left where it is: a crash at any point
             // leaves the definition, the record, or both, and never a metadata file nothing
             // points at.
-            let stem = "\(name)-\(jobID ?? String(wallClockMillis()))"
+            let path = keptDirectory + "/\(stem).json"
             do {
                 try FileManager.default.createDirectory(atPath: keptDirectory, withIntermediateDirectories: true,
                                                         attributes: [.posixPermissions: 0o700])
-                let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-                let data = try enc.encode(KeptRecord(definition: def, removedUnixMs: wallClockMillis()))
-                let path = keptDirectory + "/\(stem).json"
+                let data = try JobRecords.encode(KeptRecord(definition: def, removedUnixMs: wallClockMillis()))
                 try await io.run { try Self.writeDurably(data, to: path) }
+            } catch let e as StorageError {
+                var h = HydrationError(.ioError, "saving kept job record \(path): \(e)", errno: e.errno)
+                h.path = path
+                throw h
             } catch {
-                throw HydrationError(.ioError, "saving kept job record: \(error)")
+                throw HydrationError(.ioError, "saving kept job record \(path): \(error)")
             }
-            kept = def.metadata
+            kept = def.metadata.isEmpty ? nil : def.metadata
         }
         let definitionFile = definitionPath(name)
+        let dir = keptDirectory
         do {
             try await io.run {
-                if unlink(definitionFile) != 0 && errno != ENOENT { throw StorageError(.create, path: definitionFile, errno: errno) }
-                try PosixStorage().syncDirectory(containing: definitionFile)
+                if unreadable != nil {
+                    // Kept for the operator, under a name that is not read as a record.
+                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true,
+                                                            attributes: [.posixPermissions: 0o700])
+                    let aside = dir + "/\(stem).unreadable-record"
+                    if rename(definitionFile, aside) != 0 && errno != ENOENT { throw StorageError(.create, path: aside, errno: errno) }
+                    try PosixStorage().syncDirectory(containing: aside)
+                } else if unlink(definitionFile) != 0 && errno != ENOENT {
+                    throw StorageError(.create, path: definitionFile, errno: errno)
+                }
             }
         } catch {
-            throw HydrationError(.ioError, "removing job definition \(definitionFile): \(error)")
+            var h = HydrationError(.ioError, "removing job record \(definitionFile): \(error)", errno: (error as? StorageError)?.errno)
+            h.path = definitionFile
+            throw h
+        }
+        // The record is gone: the job is removed. An unsynced directory may bring it back after
+        // a crash, as it was before the remove.
+        do {
+            try await io.run { try PosixStorage().syncDirectory(containing: definitionFile) }
+        } catch {
+            logger.error("job record removed but its directory not synced", metadata: ["job": "\(name)", "error": "\(error)"])
         }
         jobs[name] = nil
         exportErrors[name] = nil
-        if kept == nil, def.metadata.hasPrefix(jobsDirectory + "/") {
+        if kept == nil, unreadable == nil, def.metadata.hasPrefix(jobsDirectory + "/") {
             try? FileManager.default.removeItem(atPath: def.metadata)
         }
         logger.info("job removed", metadata: ["job": "\(name)", "kept_metadata": "\(kept ?? "")"])
@@ -828,6 +965,15 @@ public actor JobManager {
         case .live(let j, _)?: return await j.status()
         case .broken(let d, let e, let h)?: return Self.offlineStatus(d, e, h)
         case .finished(let d, let h)?: return Self.offlineStatus(d, nil, h)
+        case .unreadable(let u)?:
+            // Failed whatever its metadata says: the record that says what the job is, is not read.
+            var s = Self.offlineStatus(u.definition, nil, u.header)
+            let e = u.error(kept: false)
+            s.state = .failed
+            s.metadata.mode = .fail
+            s.etaSeconds = nil
+            s.error = .init(code: e.code.rawValue, message: e.message, errno: nil, region: nil)
+            return s
         case nil: throw HydrationError(.noSuchJob, "no job named \(name)")
         }
     }
@@ -880,40 +1026,81 @@ public actor JobManager {
     // MARK: persistence
 
     /// Saves a definition durably, on an I/O thread (it fsyncs): write a temporary file, fsync,
-    /// rename, fsync the directory, so a crash leaves the old or the new file.
+    /// rename, fsync the directory, so a crash leaves the old or the new file. A failure leaves
+    /// the record as it was: `previous` (the record this replaces) is written back if the rename
+    /// happened and what followed failed, and a new record (`previous` nil) is removed.
     private func persist(_ def: JobDefinition) async throws(HydrationError) {
+        // Every caller updates a listed job: its record is the listed definition.
+        try await persist(def, previous: jobs[def.name]?.definition ?? def)
+    }
+
+    private func persist(_ def: JobDefinition, previous: JobDefinition?) async throws(HydrationError) {
         let path = definitionPath(def.name)
-        let data: Data
+        let data: Data, old: Data?
         do {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            data = try enc.encode(def)
+            data = try JobRecords.encode(def)
+            old = try previous.map { try JobRecords.encode($0) }
         } catch {
             throw HydrationError(.ioError, "encoding job definition \(path): \(error)")
         }
         do {
-            try await io.run { try Self.writeDurably(data, to: path) }
+            try await io.run { try Self.writeDurably(data, to: path, previous: old) }
+        } catch let e as StorageError {
+            // IOError with its errno (ENOSPC...), not NoSpace: that code says the job failed, and
+            // it has not (its record is as it was).
+            var h = HydrationError(.ioError, "saving job record \(path): \(e)", errno: e.errno)
+            h.path = path
+            throw h
         } catch {
-            throw HydrationError(.ioError, "saving job definition \(path): \(error)")
+            throw HydrationError(.ioError, "saving job record \(path): \(error)")
         }
     }
 
-    static func writeDurably(_ data: Data, to path: String) throws {
-        let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw StorageError(.create, path: tmp, errno: errno) }
-        defer { close(fd) }
-        try data.withUnsafeBytes { raw in
-            var off = 0
-            while off < raw.count {
-                let n = write(fd, raw.baseAddress! + off, raw.count - off)
-                if n < 0 { if errno == EINTR { continue }; throw StorageError(.write, path: tmp, errno: errno) }
-                off += n
+    /// Writes `data` to `path` through a temporary file and a rename, durably. On a failure the
+    /// temporary file is removed, and once the rename has happened `path` is put back as it was:
+    /// `previous` written again the same way, or (nil) the file removed; all of this is synced.
+    /// The directory is opened before anything is written, so that running out of descriptors
+    /// (EMFILE) fails before the rename, not after it.
+    static func writeDurably(_ data: Data, to path: String, previous: Data? = nil) throws {
+        let dir = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
+        let dirFD = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dirFD >= 0 else { throw StorageError(.syncDirectory, path: dir, errno: errno) }
+        defer { close(dirFD) }
+        try replace(path, with: data, dirFD: dirFD)
+        guard fsync(dirFD) == 0 else {
+            let e = StorageError(.syncDirectory, path: dir, errno: errno)
+            if let previous {
+                try? replace(path, with: previous, dirFD: dirFD)
+            } else {
+                unlink(path)
             }
+            _ = fsync(dirFD)
+            throw e
         }
-        guard fsync(fd) == 0 else { throw StorageError(.sync, path: tmp, errno: errno) }
-        guard rename(tmp, path) == 0 else { throw StorageError(.create, path: path, errno: errno) }
-        try PosixStorage().syncDirectory(containing: path)
+    }
+
+    /// Temporary file, fsync, rename (the directory is not synced); the temporary file is
+    /// removed on a failure.
+    private static func replace(_ path: String, with data: Data, dirFD: Int32) throws {
+        let tmp = path + ".tmp"
+        do {
+            let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw StorageError(.create, path: tmp, errno: errno) }
+            defer { close(fd) }
+            try data.withUnsafeBytes { raw in
+                var off = 0
+                while off < raw.count {
+                    let n = write(fd, raw.baseAddress! + off, raw.count - off)
+                    if n < 0 { if errno == EINTR { continue }; throw StorageError(.write, path: tmp, errno: errno) }
+                    off += n
+                }
+            }
+            guard fsync(fd) == 0 else { throw StorageError(.sync, path: tmp, errno: errno) }
+            guard rename(tmp, path) == 0 else { throw StorageError(.create, path: path, errno: errno) }
+        } catch {
+            unlink(tmp)
+            throw error
+        }
     }
 
     /// The status of a job that is not open: from its definition and, when readable, its metadata.

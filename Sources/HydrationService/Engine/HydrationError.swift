@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A failure of the engine, with a stable code the control protocol turns into a named error.
 public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertible {
     public enum Code: String, Sendable, Codable {
@@ -30,6 +34,13 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
         case permissionDenied = "PermissionDenied"
         /// Remove of a job whose NBD export has clients connected, without force.
         case exportInUse = "ExportInUse"
+        /// A record in the daemon's state directory (a job's, or a kept one) cannot be read: the
+        /// message names the file and why. The job stays listed and its devices reserved.
+        case jobRecordUnreadable = "JobRecordUnreadable"
+        /// The process or the system is out of a resource the operation needed (open files:
+        /// EMFILE, ENFILE): nothing about the job or its devices is wrong; retry once it is freed
+        /// or the limit raised.
+        case resourceExhausted = "ResourceExhausted"
     }
 
     public var code: Code
@@ -52,17 +63,41 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
 
     public init(_ code: Code, _ message: String, errno: Int32? = nil, region: Int? = nil) {
         self.code = code; self.message = message; self.errno = errno; self.region = region
+        // Named for what it is, wherever an I/O path met it: out of descriptors says nothing about
+        // the files or devices concerned.
+        if code == .ioError, let e = errno, Self.isResourceExhaustion(e) {
+            self.code = .resourceExhausted
+            self.message += Self.resourceHint(e)
+        }
+    }
+
+    /// The process or the system has no descriptor left.
+    public static func isResourceExhaustion(_ e: Int32) -> Bool { e == EMFILE || e == ENFILE }
+
+    static func resourceHint(_ e: Int32) -> String {
+        e == EMFILE
+            ? " (the daemon has as many files open as its limit allows, RLIMIT_NOFILE: raise LimitNOFILE, or remove jobs)"
+            : " (the system's open-file table is full, fs.file-max)"
     }
 
     public var description: String { "\(code.rawValue): \(message)" }
 
     static func from(_ e: MetadataError) -> HydrationError {
         switch e.reason {
-        case .io(let s): return HydrationError(.ioError, e.description, errno: s.errno)
-        case .identityMismatch: return HydrationError(.metadataMismatch, e.description)
-        case .alreadyExists: return HydrationError(.metadataExists, e.description)
-        case .failedEarlier: return HydrationError(.commitFailed, e.description)
-        default: return HydrationError(.metadataCorrupt, e.description)
+        case .io(let s):
+            var h = HydrationError(.ioError, e.description, errno: s.errno)
+            h.path = e.path
+            return h
+        case .identityMismatch: return withPath(HydrationError(.metadataMismatch, e.description), e.path)
+        case .alreadyExists: return withPath(HydrationError(.metadataExists, e.description), e.path)
+        case .failedEarlier: return withPath(HydrationError(.commitFailed, e.description), e.path)
+        default: return withPath(HydrationError(.metadataCorrupt, e.description), e.path)
         }
+    }
+
+    private static func withPath(_ e: HydrationError, _ path: String) -> HydrationError {
+        var e = e
+        e.path = path
+        return e
     }
 }

@@ -168,6 +168,14 @@ public final class MetadataStore: Sendable {
             try device.sync()
             try storage.syncDirectory(containing: path)
         } catch {
+            // A file this call created is removed again: a half-written metadata file (out of
+            // space while it was allocated) is no job's, and left behind it would refuse the
+            // same create later as "already exists".
+            device.close()
+            if device.info.identity.kind == .regularFile {
+                storage.removeCreatedFile(path)
+                try? storage.syncDirectory(containing: path)
+            }
             throw MetadataError(path: path, reason: .io(error))
         }
         let st = State(

@@ -251,12 +251,12 @@ public struct DeviceTopology: Sendable {
 
     /// A bound loop device's backing file: LOOP_GET_STATUS64 (st_dev/st_ino even of a deleted or
     /// renamed file) when the device node can be opened, else sysfs `loop/backing_file` + stat.
-    func loopBacking(dir: String) -> LoopStatus? {
+    func loopBacking(dir: String, failure: ResourceFailure? = nil) -> LoopStatus? {
         guard exists(dir + "/loop") else { return nil }
-        var path = read(dir + "/loop/backing_file") ?? ""
+        var path = read(dir + "/loop/backing_file", failure: failure) ?? ""
         if path.hasSuffix(" (deleted)") { path.removeLast(" (deleted)".count) }
         if useDeviceNodes {
-            let fd = open("/dev/" + baseName(dir), O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+            let fd = openRecording("/dev/" + baseName(dir), O_RDONLY | O_CLOEXEC | O_NONBLOCK, failure)
             if fd >= 0 {
                 defer { close(fd) }
                 var dev: UInt64 = 0, ino: UInt64 = 0, off: UInt64 = 0, lim: UInt64 = 0
@@ -649,16 +649,38 @@ public struct DeviceTopology: Sendable {
     /// or with O_NONBLOCK fail on, someone's lease): the filesystem id comes from its directory,
     /// unless the file is a mount of its own.
     public func stableID(ofFileAt path: String) -> String {
+        stableID(ofFileAt: path, failure: nil)
+    }
+
+    /// `stableID(ofFileAt:)`, or the error when a file it needed could not be opened for want of
+    /// descriptors (EMFILE, ENFILE): an identity worked out without it would read as "none",
+    /// which is another answer (a device that cannot be confirmed), not the truth.
+    public func checkedStableID(ofFileAt path: String) throws(StorageError) -> String {
+        let f = ResourceFailure()
+        let id = stableID(ofFileAt: path, failure: f)
+        if let e = f.errno { throw StorageError(.open, path: path, errno: e, detail: "working out its stable identity") }
+        return id
+    }
+
+    /// `stableID(ofBlock:)`, or the error as `checkedStableID(ofFileAt:)`.
+    public func checkedStableID(ofBlock rdev: UInt64, path: String) throws(StorageError) -> String {
+        let f = ResourceFailure()
+        let id = stableID(ofBlock: rdev, depth: 0, failure: f)
+        if let e = f.errno { throw StorageError(.open, path: path, errno: e, detail: "working out its stable identity") }
+        return id
+    }
+
+    private func stableID(ofFileAt path: String, failure: ResourceFailure?) -> String {
         var ino: UInt64 = 0, sec: Int64 = 0, nsec: UInt32 = 0, hasBtime: Int32 = 0
         var st = stat()
         guard stat(path, &st) == 0, hyd_statx_btime(-1, path, &ino, &sec, &nsec, &hasBtime) == 0, hasBtime != 0 else { return "" }
-        var fd = open(parentDirectory(of: path), O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        var fd = openRecording(parentDirectory(of: path), O_RDONLY | O_DIRECTORY | O_CLOEXEC, failure)
         var dst = stat()
         if fd >= 0 && (fstat(fd, &dst) != 0 || dst.st_dev != st.st_dev) {
             close(fd)
             fd = -1
         }
-        if fd < 0 { fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK) }
+        if fd < 0 { fd = openRecording(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, failure) }
         guard fd >= 0 else { return "" }
         defer { close(fd) }
         let fs = filesystemID(fd)
@@ -684,31 +706,32 @@ public struct DeviceTopology: Sendable {
     /// `dm:name=<name>`), `md:<array uuid>`, `loop:<backing file's id>:offset=<n>:sizelimit=<n>`,
     /// `wwid:<wwid>`, `serial:<serial>`; "" when none is known.
     public func stableID(ofBlock rdev: UInt64) -> String {
-        stableID(ofBlock: rdev, depth: 0)
+        stableID(ofBlock: rdev, depth: 0, failure: nil)
     }
 
-    private func stableID(ofBlock rdev: UInt64, depth: Int) -> String {
+    private func stableID(ofBlock rdev: UInt64, depth: Int, failure: ResourceFailure?) -> String {
         guard depth < 16, let dir = blockDir(rdev) else { return "" }
+        func read(_ p: String) -> String? { self.read(p, failure: failure) }
         if exists(dir + "/partition") {
             guard let whole = devNumber(ofDir: parentDirectory(of: dir)) else { return "" }
-            let parent = stableID(ofBlock: whole, depth: depth + 1)
+            let parent = stableID(ofBlock: whole, depth: depth + 1, failure: failure)
             guard !parent.isEmpty, let n = read(dir + "/partition"), let start = read(dir + "/start") else { return "" }
             return "part:\(parent):\(n):\(start)"
         }
         if exists(dir + "/dm") {
             if let u = read(dir + "/dm/uuid"), !u.isEmpty { return "dm:uuid=\(u)" }
             if let n = read(dir + "/dm/name"), !n.isEmpty { return "dm:name=\(n)" }
-            return bootScopedID(dir: dir)
+            return bootScopedID(dir: dir, failure: failure)
         }
         if exists(dir + "/md") {
             if let u = read(dir + "/md/uuid"), !u.isEmpty { return "md:\(u)" }
-            return bootScopedID(dir: dir)
+            return bootScopedID(dir: dir, failure: failure)
         }
         if exists(dir + "/loop") {
-            guard let lb = loopBacking(dir: dir) else { return "" }
+            guard let lb = loopBacking(dir: dir, failure: failure) else { return "" }
             // The backing file's own id, from the file itself: it must still be the file the
             // loop device holds (not deleted or replaced under its name).
-            let fd = open(lb.path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+            let fd = openRecording(lb.path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, failure)
             guard fd >= 0 else { return "" }
             defer { close(fd) }
             var st = stat()
@@ -722,16 +745,16 @@ public struct DeviceTopology: Sendable {
         for s in [dir + "/serial", dir + "/device/serial"] {
             if let v = read(s), !v.isEmpty { return "serial:\(v)" }
         }
-        return bootScopedID(dir: dir)
+        return bootScopedID(dir: dir, failure: failure)
     }
 
     /// For a device with nothing stable to go by (a virtio disk without a serial): the boot and
     /// the kernel's disk sequence number, which is never reused within a boot (a loop device
     /// attached again, a disk replaced, each get a new one). It confirms the device across daemon
     /// restarts; after a reboot it differs, and the operator decides (`resume --accept-devices`).
-    func bootScopedID(dir: String) -> String {
-        guard let boot = read(proc + "/sys/kernel/random/boot_id"), !boot.isEmpty,
-              let seq = read(dir + "/diskseq"), !seq.isEmpty else { return "" }
+    func bootScopedID(dir: String, failure: ResourceFailure? = nil) -> String {
+        guard let boot = read(proc + "/sys/kernel/random/boot_id", failure: failure), !boot.isEmpty,
+              let seq = read(dir + "/diskseq", failure: failure), !seq.isEmpty else { return "" }
         return "boot:\(boot):diskseq:\(seq)"
     }
 
@@ -760,9 +783,16 @@ public struct DeviceTopology: Sendable {
         return String(cString: r)
     }
 
+    /// open(2), noting in `failure` a refusal for want of descriptors.
+    func openRecording(_ path: String, _ flags: Int32, _ failure: ResourceFailure?) -> Int32 {
+        let fd = open(path, flags)
+        if fd < 0, errno == EMFILE || errno == ENFILE { failure?.errno = errno }
+        return fd
+    }
+
     /// A small text file, trimmed of trailing whitespace.
-    func read(_ path: String, limit: Int = 65536) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+    func read(_ path: String, limit: Int = 65536, failure: ResourceFailure? = nil) -> String? {
+        let fd = openRecording(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, failure)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
         var out: [UInt8] = []
@@ -790,6 +820,12 @@ public struct DeviceTopology: Sendable {
         }
         return out
     }
+}
+
+/// Where the identity functions note that a file could not be opened for want of descriptors.
+/// Local to one call (never shared between threads).
+final class ResourceFailure {
+    var errno: Int32?
 }
 
 func majorOf(_ d: UInt64) -> UInt64 { ((d >> 8) & 0xfff) | ((d >> 32) & ~UInt64(0xfff)) }

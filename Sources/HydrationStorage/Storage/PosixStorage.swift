@@ -91,7 +91,7 @@ public struct PosixStorage: StorageProvider {
             return DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
-                size: UInt64(st.st_size), logicalBlockSize: 512, stableID: topology.stableID(ofFileAt: path))
+                size: UInt64(st.st_size), logicalBlockSize: 512, stableID: try topology.checkedStableID(ofFileAt: path))
         case S_IFBLK:
             // The size of a block device needs an open descriptor.
             let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
@@ -104,7 +104,7 @@ public struct PosixStorage: StorageProvider {
             return DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
-                size: size, logicalBlockSize: Int(lbs), stableID: topology.stableID(ofBlock: UInt64(st.st_rdev)))
+                size: size, logicalBlockSize: Int(lbs), stableID: try topology.checkedStableID(ofBlock: UInt64(st.st_rdev), path: path))
         default:
             throw StorageError(.stat, path: path, errno: EINVAL)
         }
@@ -242,7 +242,14 @@ final class PosixDevice: StorageDevice {
             throw StorageError(flags & O_CREAT != 0 ? .create : .open, path: path, errno: errno)
         }
         var ok = false
-        defer { if !ok { Glibc.close(fd) } }
+        defer {
+            if !ok {
+                Glibc.close(fd)
+                // O_CREAT comes with O_EXCL: the file is this call's, and no one's if it fails
+                // (out of descriptors for the second one a destination needs, say).
+                if flags & O_CREAT != 0 { _ = unlink(path) }
+            }
+        }
         if fstat(fd, &st) != 0 { throw StorageError(.stat, path: path, errno: errno) }
 
         let info: DeviceInfo
@@ -254,7 +261,7 @@ final class PosixDevice: StorageDevice {
             info = DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
-                size: size, logicalBlockSize: Int(lbs), stableID: topology.stableID(ofBlock: UInt64(st.st_rdev)))
+                size: size, logicalBlockSize: Int(lbs), stableID: try topology.checkedStableID(ofBlock: UInt64(st.st_rdev), path: path))
         } else {
             if exclusive {
                 // Files have no O_EXCL semantics; an advisory lock keeps two jobs (or two daemons)
