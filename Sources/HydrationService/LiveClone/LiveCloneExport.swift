@@ -342,7 +342,12 @@ public final class LiveCloneExport: NBDExport {
         }
         await ownership.claim(whole)
         var range = geometry.byteRange(of: whole)
-        if dest.info.identity.kind == .regularFile && range.upperBound == geometry.targetSize {
+        // A punch that stops at a size not on a block boundary leaves the last partial block
+        // allocated: through the last region's end then, but only on a destination that ends with
+        // the clone. Nothing past the clone's end is the job's: a larger destination (a
+        // pre-allocated image, a reused file) keeps its own bytes there.
+        if dest.info.identity.kind == .regularFile && range.upperBound == geometry.targetSize
+            && dest.info.size <= geometry.targetSize {
             range = range.lowerBound..<UInt64(whole.upperBound) * geometry.regionSize
         }
         let dest = self.dest
@@ -357,7 +362,7 @@ public final class LiveCloneExport: NBDExport {
             released = false
         }
         await finishClaim(whole, hydrated: released ? [whole] : [])
-        progress.update { $0.liveTrimmedBytes += released ? range.upperBound - range.lowerBound : 0 }
+        progress.update { $0.liveTrimmedBytes += released ? min(range.upperBound, geometry.targetSize) - range.lowerBound : 0 }
         if fua { try await flush() }
     }
 
