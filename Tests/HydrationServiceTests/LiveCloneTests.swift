@@ -239,7 +239,8 @@ import ControlProtocol
         #expect(await job.waitUntilSettled() == .complete)
         let dst = sim.contents("/dst")!
         #expect(dst.count == size + tail)
-        #expect(Array(dst[size...]) == [UInt8](repeating: 0xEE, count: tail), "bytes past the clone's end are the destination's own")
+        let changed = dst[size...].filter { $0 != 0xEE }.count
+        #expect(changed == 0, "bytes past the clone's end are the destination's own: \(changed) of \(tail) changed")
         #expect(byteDifference(Array(dst[..<size]), expected) == nil, "the clone")
         let past = sim.log.filter { $0.path == "/dst" && [.write, .release, .zeroOut].contains($0.kind) && $0.offset + $0.length > UInt64(size) }
         #expect(past.isEmpty, "destination calls reaching past the clone's end: \(past)")
