@@ -402,6 +402,30 @@ import ControlProtocol
         #expect(own.tryClaim(6..<9) == 6..<9)
     }
 
+    /// A block status reply's work is bounded: with regions whose hydration alternates, one
+    /// `x-hydrationd:state` reply covers `maxStateRegions` regions (it covered 65,536: 512 KiB of
+    /// reply and ~0.25 s of a debug build's CPU each, and a flood of them on the cooperative
+    /// pool held every export's clients for over a minute; Tests/attacks/l20), the client asks
+    /// again from where it ends, and `base:allocation` stops at `maxExtents`.
+    @Test func blockStatusRepliesAreBoundedWhenRegionsAlternate() async throws {
+        let n = LiveCloneExport.maxStateRegions + 16
+        let f = try await Self.fixture(regions: n)
+        for r in stride(from: 0, to: n, by: 2) {
+            try await f.export.trim(offset: UInt64(r) * Self.rs, length: UInt32(Self.rs), fua: false)
+        }
+        let all = UInt32(UInt64(n) * Self.rs)
+        let first = try await f.export.blockStatus(context: LiveCloneExport.stateContext, offset: 0, length: all)
+        #expect(first.count == LiveCloneExport.maxStateRegions)
+        #expect(first.reduce(UInt64(0)) { $0 + UInt64($1.length) } == UInt64(LiveCloneExport.maxStateRegions) * Self.rs)
+        let from = UInt64(LiveCloneExport.maxStateRegions) * Self.rs
+        let rest = try await f.export.blockStatus(context: LiveCloneExport.stateContext, offset: from, length: all - UInt32(from))
+        #expect(rest.count == 16 && rest.allSatisfy { $0.length == UInt32(Self.rs) })
+        #expect(rest.enumerated().allSatisfy { ($0.element.flags & RegionStateBits.hydrated != 0) == ($0.offset % 2 == 0) })
+        let alloc = try await f.export.blockStatus(context: NBDProtocol.baseAllocation, offset: 0, length: all)
+        #expect(alloc.count <= LiveCloneExport.maxExtents && !alloc.isEmpty)
+        await f.close()
+    }
+
     @Test func blockStatusShowsHydrationState() async throws {
         let f = try await Self.fixture()
         try await f.write(4 * Self.rs, [UInt8](repeating: 1, count: 2 * Int(Self.rs)))
