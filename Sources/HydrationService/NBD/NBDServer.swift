@@ -121,8 +121,8 @@ public final class NBDServer: Service, Sendable {
     fileprivate func admitHandshake(_ channel: any Channel, peer: PeerCredentials) -> String? {
         let id = ObjectIdentifier(channel)
         return state.withLock { st -> String? in
-            // Closed already (its record is gone): nothing to count.
-            guard st.connections[id] != nil else { return "closed" }
+            // Closed already (its record is gone): nothing to count, and nobody to refuse.
+            guard st.connections[id] != nil else { return nil }
             var total = 0, fromPeer = 0
             for slot in st.slots.values {
                 if case .negotiating(let pid) = slot {
