@@ -188,6 +188,67 @@ import ControlProtocol
         await f.close()
     }
 
+    /// A destination larger than the source (a pre-allocated image, a reused file, a bigger
+    /// block device) keeps its own bytes past the clone's end whatever writes the last, partial
+    /// region: a client's TRIM, WRITE_ZEROES (punched, NO_HOLE, FAST_ZERO), WRITE (with its
+    /// copy-before-write), CACHE, and the copier's own writes and zeroing of holes (the
+    /// destination is not known zero). A TRIM of the last region punched up to the region's end
+    /// (region size - 1 bytes past the clone at most) before it stopped at the destination's end.
+    @Test(arguments: [DeviceKind.regularFile, .blockDevice], ["trim", "zero", "zeroNoHole", "zeroFast", "write", "cache", "copier"])
+    func noWriterReachesPastTheCloneOnALargerDestination(kind: DeviceKind, writer: String) async throws {
+        let rs = Self.rs
+        let sim = SimulatedStorage()
+        // 10 whole regions and 1000 bytes; the last region and region 3 are holes (the copier
+        // zeroes them on a destination not known zero), the rest data.
+        let size = 10 * Int(rs) + 1000
+        var image = TestImage.make(size: size, seed: 11, chunk: Int(rs)).bytes
+        for i in 3 * Int(rs)..<4 * Int(rs) { image[i] = 0 }
+        if writer == "copier" { for i in 10 * Int(rs)..<size { image[i] = 0 } }
+        sim.addFile("/src", data: image)
+        let tail = 3 * Int(rs)
+        sim.addFile("/dst", data: [UInt8](repeating: 0xEE, count: size + tail), kind: kind, holesWhereZero: false)
+        var t = Tunables.defaults(regionSize: rs)
+        t.batchSize = 2
+        t.commitIntervalMs = 3_600_000
+        let cfg = JobConfiguration(name: "past-end", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+                                   regionSize: rs, discardSource: true, tunables: t)
+        let io = IOExecutor(threads: 2)
+        let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
+        let export = try await job.liveExport()
+        let last = UInt64(10) * rs
+        var expected = image
+        switch writer {
+        case "trim":
+            try await export.trim(offset: last, length: 1000, fua: false)
+            #expect(job.ownership.isHydrated(10), "the last region is wholly trimmed")
+            for i in 10 * Int(rs)..<size { expected[i] = 0 }
+        case "zero", "zeroNoHole", "zeroFast":
+            try await export.writeZeroes(offset: last, length: 1000, noHole: writer == "zeroNoHole", fastZero: writer == "zeroFast", fua: false)
+            for i in 10 * Int(rs)..<size { expected[i] = 0 }
+        case "write":
+            // Part of the last region: the rest of it is copied from the source first.
+            try await export.write(offset: last + 100, data: ByteBuffer(bytes: [UInt8](repeating: 0x5A, count: 200)), fua: false)
+            for i in 10 * Int(rs) + 100..<10 * Int(rs) + 300 { expected[i] = 0x5A }
+        case "cache":
+            try await export.cache(offset: last, length: 1000)
+            #expect(job.ownership.isHydrated(10))
+        default:
+            break
+        }
+        try await job.start()
+        #expect(await job.waitUntilSettled() == .complete)
+        let dst = sim.contents("/dst")!
+        #expect(dst.count == size + tail)
+        let changed = dst[size...].filter { $0 != 0xEE }.count
+        #expect(changed == 0, "bytes past the clone's end are the destination's own: \(changed) of \(tail) changed")
+        #expect(byteDifference(Array(dst[..<size]), expected) == nil, "the clone")
+        let past = sim.log.filter { $0.path == "/dst" && [.write, .release, .zeroOut].contains($0.kind) && $0.offset + $0.length > UInt64(size) }
+        #expect(past.isEmpty, "destination calls reaching past the clone's end: \(past)")
+        await export.shutdown()
+        await job.close()
+        await io.shutdown()
+    }
+
     @Test func writeZeroesAndFastZero() async throws {
         let f = try await Self.fixture()
         // Partial zero of an unhydrated region with FAST_ZERO: refused, nothing changed.
@@ -339,6 +400,30 @@ import ControlProtocol
         own.finish(2..<4, hydrated: [2..<4])
         #expect(own.tryClaim(2..<7) == nil)
         #expect(own.tryClaim(6..<9) == 6..<9)
+    }
+
+    /// A block status reply's work is bounded: with regions whose hydration alternates, one
+    /// `x-hydrationd:state` reply covers `maxStateRegions` regions (it covered 65,536: 512 KiB of
+    /// reply and ~0.25 s of a debug build's CPU each, and a flood of them on the cooperative
+    /// pool held every export's clients for over a minute; Tests/attacks/l20), the client asks
+    /// again from where it ends, and `base:allocation` stops at `maxExtents`.
+    @Test func blockStatusRepliesAreBoundedWhenRegionsAlternate() async throws {
+        let n = LiveCloneExport.maxStateRegions + 16
+        let f = try await Self.fixture(regions: n)
+        for r in stride(from: 0, to: n, by: 2) {
+            try await f.export.trim(offset: UInt64(r) * Self.rs, length: UInt32(Self.rs), fua: false)
+        }
+        let all = UInt32(UInt64(n) * Self.rs)
+        let first = try await f.export.blockStatus(context: LiveCloneExport.stateContext, offset: 0, length: all)
+        #expect(first.count == LiveCloneExport.maxStateRegions)
+        #expect(first.reduce(UInt64(0)) { $0 + UInt64($1.length) } == UInt64(LiveCloneExport.maxStateRegions) * Self.rs)
+        let from = UInt64(LiveCloneExport.maxStateRegions) * Self.rs
+        let rest = try await f.export.blockStatus(context: LiveCloneExport.stateContext, offset: from, length: all - UInt32(from))
+        #expect(rest.count == 16 && rest.allSatisfy { $0.length == UInt32(Self.rs) })
+        #expect(rest.enumerated().allSatisfy { ($0.element.flags & RegionStateBits.hydrated != 0) == ($0.offset % 2 == 0) })
+        let alloc = try await f.export.blockStatus(context: NBDProtocol.baseAllocation, offset: 0, length: all)
+        #expect(alloc.count <= LiveCloneExport.maxExtents && !alloc.isEmpty)
+        await f.close()
     }
 
     @Test func blockStatusShowsHydrationState() async throws {

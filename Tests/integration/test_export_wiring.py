@@ -364,3 +364,33 @@ def test_hydrate_on_read_is_persisted_shown_and_needs_export(daemon, tmp_path):
     assert st["regions"]["hydrated"] == st["regions"]["total"], st["regions"]
     assert st["export"]["io"]["hydrated_regions"] == st["regions"]["total"]
     assert "hydrate on read" in clonectl(daemon, "status", "h").stdout
+
+
+def test_a_complete_job_restored_after_a_restart_offers_its_state_context(tmp_path):
+    """A complete job restored from its metadata alone is served from its destination; it
+    offers x-hydrationd:state as its live export did (every region hydrated and committed),
+    not only base:allocation."""
+    d = Daemon(tmp_path).start()
+    try:
+        src = tmp_path / "done.img"
+        make_image(src, 3 * MiB + 4096, seed=4)
+        d.call("Start", {"name": "done", "source": str(src), "dest": str(tmp_path / "done.out"), "export": True})
+        d.wait_state("done", ["complete"])
+        u = uri(d.nbd_sock, "done")
+        live = nbdinfo("--map=x-hydrationd:state", u)
+        assert live.returncode == 0, live.stderr
+        d.stop()
+        d.start()
+        st = d.wait_state("done", ["complete"])
+        assert st["export"] is not None, st
+        r = nbdinfo("--json", u)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["exports"][0]["contexts"] == ["base:allocation", "x-hydrationd:state"]
+        restored = nbdinfo("--map=x-hydrationd:state", u)
+        assert restored.returncode == 0, restored.stderr
+        extents = [line.split()[:3] for line in restored.stdout.splitlines() if line.strip()]
+        # hydrated (1) | committed (2); the source was kept, so nothing released (4).
+        assert extents == [["0", str(3 * MiB + 4096), "3"]], restored.stdout
+        assert restored.stdout == live.stdout, "the same state as before the restart"
+    finally:
+        d.kill()

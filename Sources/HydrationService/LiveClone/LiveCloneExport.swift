@@ -82,8 +82,11 @@ public final class LiveCloneExport: NBDExport {
     static let threadsPerExport = 3
     /// The executor is this export's own: shut down with it.
     private let ownsIO: Bool
-    /// Extents per block status reply at most.
+    /// Extents per `base:allocation` reply at most.
     static let maxExtents = 1024
+    /// Regions per `x-hydrationd:state` reply at most (8 bytes per extent: 64 KiB of reply when
+    /// every region differs from the next), and regions pinned at once for `base:allocation`.
+    static let maxStateRegions = 8192
     /// Regions one CACHE step hydrates (one claim, one batch).
     static let cacheStepRegions = 32
 
@@ -342,7 +345,12 @@ public final class LiveCloneExport: NBDExport {
         }
         await ownership.claim(whole)
         var range = geometry.byteRange(of: whole)
-        if dest.info.identity.kind == .regularFile && range.upperBound == geometry.targetSize {
+        // A punch that stops at a size not on a block boundary leaves the last partial block
+        // allocated: through the last region's end then, but only on a destination that ends with
+        // the clone. Nothing past the clone's end is the job's: a larger destination (a
+        // pre-allocated image, a reused file) keeps its own bytes there.
+        if dest.info.identity.kind == .regularFile && range.upperBound == geometry.targetSize
+            && dest.info.size <= geometry.targetSize {
             range = range.lowerBound..<UInt64(whole.upperBound) * geometry.regionSize
         }
         let dest = self.dest
@@ -357,7 +365,7 @@ public final class LiveCloneExport: NBDExport {
             released = false
         }
         await finishClaim(whole, hydrated: released ? [whole] : [])
-        progress.update { $0.liveTrimmedBytes += released ? range.upperBound - range.lowerBound : 0 }
+        progress.update { $0.liveTrimmedBytes += released ? min(range.upperBound, geometry.targetSize) - range.lowerBound : 0 }
         if fua { try await flush() }
     }
 
@@ -493,47 +501,58 @@ public final class LiveCloneExport: NBDExport {
         // At most 2 GiB per reply (extent lengths are 32-bit), at least one region.
         let capped = offset..<min(end, offset + max(geometry.regionSize, 1 << 31))
         let covered = regions(covering: capped)
+        let (ownership, source, dest, geometry) = (self.ownership, self.source, self.dest, self.geometry)
+        // On the export's I/O threads, not the cooperative pool: a flood of block status requests
+        // (each up to `maxStateRegions` regions of work) then delays this export's own clients,
+        // never another export's or the daemon's handshakes and control calls.
         switch context {
         case Self.stateContext:
-            // At most 65536 regions per reply (the client asks again from where it ends): one
-            // bit array per call, not half a million entries for 2 GiB of 4 KiB regions.
-            let covered = covered.lowerBound..<min(covered.upperBound, covered.lowerBound + 65536)
-            let bits = ownership.stateBits(covered)
-            var extents: [NBDExtent] = []
-            var i = 0
-            while i < bits.count {
-                var j = i + 1
-                while j < bits.count && bits[j] == bits[i] { j += 1 }
-                let r = geometry.byteRange(of: covered.lowerBound + i..<covered.lowerBound + j)
-                let lo = max(r.lowerBound, offset)
-                extents.append(NBDExtent(length: UInt32(r.upperBound - lo), flags: bits[i]))
-                i = j
+            return try await run {
+                // One bit array of at most `maxStateRegions` regions per call (the client asks
+                // again from where the reply ends).
+                let covered = covered.lowerBound..<min(covered.upperBound, covered.lowerBound + Self.maxStateRegions)
+                let bits = ownership.stateBits(covered)
+                var extents: [NBDExtent] = []
+                var i = 0
+                while i < bits.count {
+                    var j = i + 1
+                    while j < bits.count && bits[j] == bits[i] { j += 1 }
+                    let r = geometry.byteRange(of: covered.lowerBound + i..<covered.lowerBound + j)
+                    let lo = max(r.lowerBound, offset)
+                    extents.append(NBDExtent(length: UInt32(r.upperBound - lo), flags: bits[i]))
+                    i = j
+                }
+                return extents
             }
-            return extents
         case NBDProtocol.baseAllocation:
-            let runs = ownership.pinForRead(covered)
-            defer { ownership.unpin(runs) }
-            let (source, dest, geometry) = (self.source, self.dest, self.geometry)
             return try await run {
                 var extents: [NBDExtent] = []
-                for run in runs where extents.count < Self.maxExtents {
-                    let r = geometry.byteRange(of: run.regions)
-                    var pos = max(r.lowerBound, capped.lowerBound)
-                    let runEnd = min(r.upperBound, capped.upperBound)
-                    let device = run.fromSource ? source : dest
-                    while pos < runEnd && extents.count < Self.maxExtents {
-                        let data = try device.nextData(from: pos)
-                        let dataStart = min(data?.lowerBound ?? runEnd, runEnd)
-                        if dataStart > pos {
-                            Self.append(&extents, dataStart - pos, NBDProtocol.stateHole | NBDProtocol.stateZero)
-                            pos = dataStart
-                        }
-                        if let data, pos < runEnd {
-                            let dataEnd = min(data.upperBound, runEnd)
-                            Self.append(&extents, dataEnd - pos, 0)
-                            pos = dataEnd
+                // Pinned a window at a time: regions whose hydration alternates give a run each,
+                // and only the first `maxExtents` extents are answered.
+                var window = covered.lowerBound
+                while window < covered.upperBound && extents.count < Self.maxExtents {
+                    let runs = ownership.pinForRead(window..<min(covered.upperBound, window + Self.maxStateRegions))
+                    defer { ownership.unpin(runs) }
+                    for run in runs where extents.count < Self.maxExtents {
+                        let r = geometry.byteRange(of: run.regions)
+                        var pos = max(r.lowerBound, capped.lowerBound)
+                        let runEnd = min(r.upperBound, capped.upperBound)
+                        let device = run.fromSource ? source : dest
+                        while pos < runEnd && extents.count < Self.maxExtents {
+                            let data = try device.nextData(from: pos)
+                            let dataStart = min(data?.lowerBound ?? runEnd, runEnd)
+                            if dataStart > pos {
+                                Self.append(&extents, dataStart - pos, NBDProtocol.stateHole | NBDProtocol.stateZero)
+                                pos = dataStart
+                            }
+                            if let data, pos < runEnd {
+                                let dataEnd = min(data.upperBound, runEnd)
+                                Self.append(&extents, dataEnd - pos, 0)
+                                pos = dataEnd
+                            }
                         }
                     }
+                    window += Self.maxStateRegions
                 }
                 return extents
             }

@@ -445,6 +445,9 @@ public enum NBDEncoder {
         return b
     }
 
+    /// Bytes of a block status chunk besides its extents: the chunk header and the context id.
+    static let blockStatusChunkOverhead = 24
+
     public static func blockStatusChunk(cookie: UInt64, contextID: UInt32, extents: [NBDExtent], done: Bool) -> ByteBuffer {
         var b = ByteBuffer()
         b.reserveCapacity(24 + 4 + 8 * extents.count)
@@ -469,9 +472,9 @@ public enum NBDEncoder {
 
 /// Makes an export's extents a valid reply to a block status request (spec): at least one extent,
 /// none of length 0; with REQ_ONE exactly one, not longer than the request; otherwise stop at the
-/// first extent that reaches the end of the request, at most 2^20 of them. nil when the export
-/// returned nothing usable.
-func normalizeExtents(_ extents: [NBDExtent], length: UInt32, reqOne: Bool) -> [NBDExtent]? {
+/// first extent that reaches the end of the request, at most `maxExtents` of them (the client asks
+/// again from where the reply ends). nil when the export returned nothing usable.
+func normalizeExtents(_ extents: [NBDExtent], length: UInt32, reqOne: Bool, maxExtents: Int = 1 << 20) -> [NBDExtent]? {
     var out: [NBDExtent] = []
     var covered: UInt64 = 0
     for e in extents where e.length > 0 {
@@ -484,7 +487,7 @@ func normalizeExtents(_ extents: [NBDExtent], length: UInt32, reqOne: Bool) -> [
             out.append(e)
         }
         covered += UInt64(e.length)
-        if covered >= UInt64(length) || out.count >= 1 << 20 { break }
+        if covered >= UInt64(length) || out.count >= max(1, maxExtents) { break }
     }
     return out.isEmpty ? nil : out
 }

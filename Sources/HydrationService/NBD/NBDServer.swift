@@ -14,12 +14,28 @@ public struct NBDServerConfiguration: Sendable {
     public var listener: ControlServerConfiguration.Listener
     public var socketGroup: UInt32?
     public var socketMode: UInt32 = 0o660
-    /// Connections served at once; beyond it a connection gets NBD_REP_ERR_POLICY to every option.
+    /// Connections in transmission at once, over every export; an OPT_GO beyond it gets
+    /// NBD_REP_ERR_POLICY (EXPORT_NAME: closed).
     public var maxConnections = 64
+    /// Connections in transmission with one export at once, so one export's clients (idle ones
+    /// never time out) cannot take every connection from the others; an OPT_GO beyond it gets
+    /// NBD_REP_ERR_POLICY naming the export (EXPORT_NAME: closed).
+    public var maxConnectionsPerExport = 16
+    /// Connections negotiating at once; beyond it a connection gets NBD_REP_ERR_POLICY to every
+    /// option and is closed after 2 s.
+    public var maxHandshakes = 64
+    /// Connections of one peer process (SO_PEERCRED pid) negotiating at once; beyond it a
+    /// connection is refused like one over `maxHandshakes`. A process that opens connections and
+    /// never finishes their handshakes holds this many at most, for `handshakeTimeout` each.
+    public var maxHandshakesPerPeer = 8
     /// Requests executing at once on one connection; the connection stops reading beyond it.
     public var maxRequestsInFlight = 64
-    /// Read and write payload bytes held at once by one connection's requests in flight.
+    /// Bytes held at once by one connection's requests in flight: READ and WRITE payloads, and
+    /// BLOCK_STATUS replies at their largest (`blockStatusCost`).
     public var maxBytesInFlight = 128 << 20
+    /// Extents in one context's BLOCK_STATUS reply at most (8 bytes each); the client asks
+    /// again from where the reply ends.
+    public var maxBlockStatusExtents = 1 << 16
     /// Largest READ/WRITE payload (the export's `blockSize.maximum` may lower it). A WRITE up to
     /// twice this is read, dropped and refused with EINVAL; beyond, the connection is closed.
     public var maxPayload: UInt32 = NBDProtocol.defaultMaxPayload
@@ -27,8 +43,9 @@ public struct NBDServerConfiguration: Sendable {
     public var maxOptionLength = 64 << 10
     /// Options one connection may send before it is considered abusive and closed.
     public var maxOptions = 256
-    /// The handshake must end (OPT_GO / EXPORT_NAME) within this time.
-    public var handshakeTimeout: Duration = .seconds(30)
+    /// The handshake must end (OPT_GO / EXPORT_NAME) within this time (qemu-nbd's default too),
+    /// else the connection is closed.
+    public var handshakeTimeout: Duration = .seconds(10)
     /// On shutdown, requests in flight get this long to finish before connections are closed.
     public var shutdownGrace: Duration = .seconds(5)
     /// The daemon's effective uid, privileged in the default access policy.
@@ -64,13 +81,22 @@ public final class NBDServer: Service, Sendable {
     private let onListening: @Sendable (ControlServer.ListeningInfo) async -> Void
     private let access: NBDAccessCheck
     private let state = Mutex(State())
-    private let admitted = Atomic<Int>(0)
+    /// Times a connection stopped reading because its requests in flight held the byte budget
+    /// (tests watch it to know the bound is holding a request back).
+    let budgetWaits = Atomic<Int>(0)
 
     private struct State: ~Copyable {
         var started = false
         var shuttingDown = false
         var listener: (any Channel)?
         var connections: [ObjectIdentifier: ConnectionRecord] = [:]
+        /// What each admitted connection counts against; refused ones are not here.
+        var slots: [ObjectIdentifier: Slot] = [:]
+    }
+
+    private enum Slot {
+        case negotiating(pid: Int32)
+        case transmission(export: String)
     }
 
     public init(
@@ -88,8 +114,56 @@ public final class NBDServer: Service, Sendable {
         self.access = configuration.accessCheck
     }
 
-    /// Connections currently admitted (below the limit).
-    public var activeConnections: Int { admitted.load(ordering: .relaxed) }
+    /// Connections currently admitted (negotiating within the handshake limits, or in transmission).
+    public var activeConnections: Int { state.withLock { $0.slots.count } }
+
+    /// Admits a connection to negotiate, or says why not (`maxHandshakes`, `maxHandshakesPerPeer`).
+    fileprivate func admitHandshake(_ channel: any Channel, peer: PeerCredentials) -> String? {
+        let id = ObjectIdentifier(channel)
+        return state.withLock { st -> String? in
+            // Closed already (its record is gone): nothing to count, and nobody to refuse.
+            guard st.connections[id] != nil else { return nil }
+            var total = 0, fromPeer = 0
+            for slot in st.slots.values {
+                if case .negotiating(let pid) = slot {
+                    total += 1
+                    if pid == peer.pid { fromPeer += 1 }
+                }
+            }
+            if total >= configuration.maxHandshakes {
+                return "too many connections negotiating (limit \(configuration.maxHandshakes))"
+            }
+            if fromPeer >= configuration.maxHandshakesPerPeer {
+                return "process \(peer.pid) has too many connections negotiating (limit \(configuration.maxHandshakesPerPeer))"
+            }
+            st.slots[id] = .negotiating(pid: peer.pid)
+            return nil
+        }
+    }
+
+    /// Moves a negotiating connection into transmission with `export`, or says why not
+    /// (`maxConnectionsPerExport`, `maxConnections`); it then goes on negotiating.
+    fileprivate func admitTransmission(_ channel: any Channel, export: String) -> String? {
+        let id = ObjectIdentifier(channel)
+        return state.withLock { st -> String? in
+            var total = 0, onExport = 0
+            for (other, slot) in st.slots where other != id {
+                if case .transmission(let e) = slot {
+                    total += 1
+                    if e == export { onExport += 1 }
+                }
+            }
+            if onExport >= configuration.maxConnectionsPerExport {
+                return "export '\(export)' has too many connections (limit \(configuration.maxConnectionsPerExport) per export)"
+            }
+            if total >= configuration.maxConnections {
+                return "too many connections (limit \(configuration.maxConnections))"
+            }
+            guard st.connections[id] != nil else { return "closed" }
+            st.slots[id] = .transmission(export: export)
+            return nil
+        }
+    }
 
     /// Stops accepting; connections still negotiating are closed; connections in transmission stop
     /// reading, finish their requests in flight and close (forced after `shutdownGrace`).
@@ -159,7 +233,6 @@ public final class NBDServer: Service, Sendable {
     private struct Accepted: Sendable {
         var channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
         var record: ConnectionRecord
-        var admitted: Bool
     }
 
     private func bind() async throws -> (NIOAsyncChannel<Accepted, Never>, String?, ino_t) {
@@ -173,31 +246,24 @@ public final class NBDServer: Service, Sendable {
         }
     }
 
-    /// Runs on the child channel's event loop for each accepted connection.
+    /// Runs on the child channel's event loop for each accepted connection. Admission waits for
+    /// the peer's credentials (`serve`): the handshake limits are per peer process.
     private func initializeConnection(_ channel: any Channel) throws -> Accepted {
-        var isAdmitted = false
-        while true {
-            let current = admitted.load(ordering: .relaxed)
-            if current >= configuration.maxConnections { break }
-            if admitted.compareExchange(expected: current, desired: current + 1, ordering: .relaxed).exchanged {
-                isAdmitted = true
-                break
-            }
-        }
         let record = ConnectionRecord(channel: channel)
         let id = ObjectIdentifier(channel)
         let closeNow = state.withLock { st in
             st.connections[id] = record
             return st.shuttingDown
         }
-        let counted = isAdmitted
         channel.closeFuture.whenComplete { _ in
-            if counted { self.admitted.subtract(1, ordering: .relaxed) }
-            _ = self.state.withLock { $0.connections.removeValue(forKey: id) }
+            self.state.withLock { st in
+                st.connections.removeValue(forKey: id)
+                st.slots.removeValue(forKey: id)
+            }
         }
         if closeNow { channel.close(promise: nil) }
         let async = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
-        return Accepted(channel: async, record: record, admitted: isAdmitted)
+        return Accepted(channel: async, record: record)
     }
 
     // MARK: connections
@@ -207,7 +273,9 @@ public final class NBDServer: Service, Sendable {
         let peer = await ControlServer.peerCredentials(of: channel)
         var log = logger
         log[metadataKey: "peer"] = "\(peer)"
-        let timeout = accepted.admitted ? configuration.handshakeTimeout : min(configuration.handshakeTimeout, .seconds(2))
+        let refusal = admitHandshake(channel, peer: peer)
+        if let refusal { log.warning("NBD connection refused: \(refusal)") }
+        let timeout = refusal == nil ? configuration.handshakeTimeout : min(configuration.handshakeTimeout, .seconds(2))
         let timer = channel.eventLoop.scheduleTask(in: TimeAmount(timeout)) {
             if !accepted.record.inTransmission { channel.close(promise: nil) }
         }
@@ -215,7 +283,7 @@ public final class NBDServer: Service, Sendable {
         do {
             try await accepted.channel.executeThenClose { inbound, outbound in
                 let session = NBDSession(
-                    server: self, peer: peer, record: accepted.record, admitted: accepted.admitted,
+                    server: self, peer: peer, record: accepted.record, refusal: refusal,
                     outbound: outbound, logger: log)
                 var reader = NBDInboundReader(inbound.makeAsyncIterator())
                 try await session.run(&reader)
@@ -285,7 +353,8 @@ private struct NBDSession: Sendable {
     let server: NBDServer
     let peer: PeerCredentials
     let record: ConnectionRecord
-    let admitted: Bool
+    /// Why the connection was not admitted to negotiate (every option is refused), or nil.
+    let refusal: String?
     let outbound: Outbound
     let logger: Logger
 
@@ -373,14 +442,14 @@ private struct NBDSession: Sendable {
             try await reply([NBDEncoder.optionError(code, type, message)])
         }
 
-        if !admitted {
+        if let refusal {
             switch request {
             case .abort:
                 try? await reply([NBDEncoder.optionReply(code, .ack)])
                 throw Close()
             case .exportName: throw Close()
             default:
-                try await error(.errPolicy, "too many connections (limit \(config.maxConnections))")
+                try await error(.errPolicy, refusal)
                 return nil
             }
         }
@@ -464,6 +533,10 @@ private struct NBDSession: Sendable {
                 logger.notice("NBD access denied", metadata: ["export": "\(export.name)"])
                 try await error(.errPolicy, why); return nil
             }
+            if isGo, let full = server.admitTransmission(record.channel, export: export.name) {
+                logger.notice("NBD connection refused", metadata: ["export": "\(export.name)", "reason": "\(full)"])
+                try await error(.errPolicy, full); return nil
+            }
             let selected = select(export, access: access, name: name, n)
             var out = [NBDEncoder.infoExport(code, size: selected.context.size, flags: selected.context.flags)]
             if requests.contains(NBDInfo.name.rawValue) { out.append(NBDEncoder.infoString(code, .name, export.name)) }
@@ -479,6 +552,7 @@ private struct NBDSession: Sendable {
             guard !server.isShuttingDown, let export = await server.exportLookup.export(named: name) else { throw Close() }
             let access = server.accessCheck(peer, export)
             if case .denied = access { throw Close() }
+            if server.admitTransmission(record.channel, export: export.name) != nil { throw Close() }
             let selected = select(export, access: access, name: name, n)
             try await reply([NBDEncoder.exportNameReply(size: selected.context.size, flags: selected.context.flags, noZeroes: n.noZeroes)])
             return selected
@@ -544,8 +618,8 @@ private struct NBDSession: Sendable {
                     try? await outbound.write(contentsOf: errorReply(request, e, selected))
                 case .request(let request, let payload):
                     if request.type == NBDCommand.disconnect.rawValue { break loop }
-                    let cost = (request.type == NBDCommand.read.rawValue || request.type == NBDCommand.write.rawValue)
-                        ? Int(min(request.length, selected.context.maxPayload)) : 0
+                    let cost = Self.cost(of: request, selected, maxExtents: config.maxBlockStatusExtents)
+                    if inFlight > 0 && bytes + cost > maxBytes { server.budgetWaits.add(1, ordering: .relaxed) }
                     while inFlight >= maxRequests || (inFlight > 0 && bytes + cost > maxBytes) {
                         guard let done = try await group.next() else { break }
                         inFlight -= 1
@@ -561,6 +635,22 @@ private struct NBDSession: Sendable {
                 }
             }
             try await group.waitForAll()
+        }
+    }
+
+    /// Bytes a request holds while in flight, counted against `maxBytesInFlight`: its READ or
+    /// WRITE payload, or its BLOCK_STATUS reply at its largest (one chunk per selected context, an
+    /// extent per byte of the request up to `maxBlockStatusExtents`; with 4 KiB regions a 2 GiB
+    /// request's `x-hydrationd:state` reply alone is 512 KiB). Other requests hold nothing.
+    static func cost(of request: NBDRequest, _ s: Selected, maxExtents: Int) -> Int {
+        switch request.type {
+        case NBDCommand.read.rawValue, NBDCommand.write.rawValue:
+            return Int(min(request.length, s.context.maxPayload))
+        case NBDCommand.blockStatus.rawValue:
+            let extents = request.flags.contains(.reqOne) ? 1 : min(Int(request.length), max(1, maxExtents))
+            return s.metaContexts.count * (NBDEncoder.blockStatusChunkOverhead + 8 * extents)
+        default:
+            return 0
         }
     }
 
@@ -596,7 +686,8 @@ private struct NBDSession: Sendable {
                 var out: [ByteBuffer] = []
                 for (i, c) in s.metaContexts.enumerated() {
                     let raw = try await export.blockStatus(context: c.name, offset: request.offset, length: request.length)
-                    guard let extents = normalizeExtents(raw, length: request.length, reqOne: request.flags.contains(.reqOne)) else {
+                    guard let extents = normalizeExtents(raw, length: request.length, reqOne: request.flags.contains(.reqOne),
+                                                         maxExtents: config.maxBlockStatusExtents) else {
                         throw NBDError.io("the export returned no extents for \(c.name)")
                     }
                     out.append(NBDEncoder.blockStatusChunk(cookie: request.cookie, contextID: c.id, extents: extents, done: i == s.metaContexts.count - 1))
