@@ -149,8 +149,13 @@ public actor JobManager {
     /// state: hydrating jobs resume from their committed state, paused ones stay paused,
     /// complete ones stay complete. Jobs that cannot be opened are kept, as failed, with the reason.
     public func restore() async throws {
-        try FileManager.default.createDirectory(atPath: jobsDirectory, withIntermediateDirectories: true,
-                                                attributes: [.posixPermissions: 0o700])
+        // File-system calls run on an I/O thread, never on the cooperative pool: a slow or hung
+        // state directory must not hold the threads the control socket and the jobs need.
+        let jobsDirectory = self.jobsDirectory, stateDirectory = self.stateDirectory
+        try await io.run {
+            try FileManager.default.createDirectory(atPath: jobsDirectory, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+        }
         // Two daemons on one state directory would both open every job's metadata read-write.
         // A refusal is retried for about a second: a process forked elsewhere in this program
         // (or a previous daemon's) holds the lock's open file until it execs or exits, so the
@@ -159,14 +164,14 @@ public actor JobManager {
         var delaysMs: [UInt64] = [20, 40, 80, 160, 320, 400]
         while true {
             do {
-                stateLock = try StateDirectoryLock(directory: stateDirectory)
+                stateLock = try await io.run { try StateDirectoryLock(directory: stateDirectory) }
                 break
-            } catch {
+            } catch let error as HydrationError {
                 guard error.code == .deviceInUse, !delaysMs.isEmpty else { throw error }
                 try? await Task.sleep(nanoseconds: delaysMs.removeFirst() * 1_000_000)
             }
         }
-        let names = try FileManager.default.contentsOfDirectory(atPath: jobsDirectory)
+        let names = try await io.run { try FileManager.default.contentsOfDirectory(atPath: jobsDirectory) }
             .filter { $0.hasSuffix(".json") && !$0.hasPrefix(".") }
             .sorted()
         for file in names {
@@ -455,7 +460,9 @@ public actor JobManager {
         creating.insert(req.name)
         defer { creating.remove(req.name) }
         // A destination file this create makes is removed again if the create fails.
-        let destExisted = RemoteSource.isURI(def.dest) || FileManager.default.fileExists(atPath: def.dest)
+        let destPath = def.dest
+        var destExisted = RemoteSource.isURI(destPath)
+        if !destExisted { destExisted = (try? await io.run { FileManager.default.fileExists(atPath: destPath) }) ?? true }
         let job: HydrationJob
         do {
             if let kept {
@@ -489,7 +496,8 @@ public actor JobManager {
             throw error
         }
         if let kept {
-            try? FileManager.default.removeItem(atPath: kept.file)
+            let file = kept.file
+            _ = try? await io.run { try FileManager.default.removeItem(atPath: file) }
             logger.info("kept job record resumed", metadata: ["job": "\(def.name)", "metadata": "\(def.metadata)"])
         }
         jobs[req.name] = .live(job, def)
@@ -898,10 +906,13 @@ public actor JobManager {
             // points at.
             let path = keptDirectory + "/\(stem).json"
             do {
-                try FileManager.default.createDirectory(atPath: keptDirectory, withIntermediateDirectories: true,
-                                                        attributes: [.posixPermissions: 0o700])
                 let data = try JobRecords.encode(KeptRecord(definition: def, removedUnixMs: wallClockMillis()))
-                try await io.run { try Self.writeDurably(data, to: path) }
+                let keptDirectory = self.keptDirectory
+                try await io.run {
+                    try FileManager.default.createDirectory(atPath: keptDirectory, withIntermediateDirectories: true,
+                                                            attributes: [.posixPermissions: 0o700])
+                    try Self.writeDurably(data, to: path)
+                }
             } catch let e as StorageError {
                 var h = HydrationError(.ioError, "saving kept job record \(path): \(e)", errno: e.errno)
                 h.path = path
@@ -941,7 +952,8 @@ public actor JobManager {
         jobs[name] = nil
         exportErrors[name] = nil
         if kept == nil, unreadable == nil, def.metadata.hasPrefix(jobsDirectory + "/") {
-            try? FileManager.default.removeItem(atPath: def.metadata)
+            let metadata = def.metadata
+            _ = try? await io.run { try FileManager.default.removeItem(atPath: metadata) }
         }
         logger.info("job removed", metadata: ["job": "\(name)", "kept_metadata": "\(kept ?? "")"])
         return kept
