@@ -669,7 +669,8 @@ public actor JobManager {
                 // Out of space in a commit: open it again from its durable state, as a restart would.
                 await withdrawExport(name)
                 await job.close()
-                jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening after running out of space"), nil)
+                // (or after its remote source turned out to be another disk: the reopen confirms it again)
+                jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening from the last commit"), nil)
             }
             if case .broken(var def, _, _)? = jobs[name] {
                 // Devices the operator vouches for are still not to be another job's.
