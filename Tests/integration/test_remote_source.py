@@ -654,8 +654,9 @@ def test_a_reconnection_to_another_disk_stops_the_job_and_releases_nothing(tmp_p
 def test_the_watchers_probe_confirms_the_disk(tmp_path, cleanup):
     """The server dies mid-copy (the job pauses itself, SourceUnavailable); a disk equal to the
     source only at the fingerprint's blocks comes up at the same TCP port. The watcher's probe
-    is a reconnection like any other: DeviceUnconfirmed, the job does not resume by itself,
-    nothing is released on that disk."""
+    is a reconnection like any other: DeviceUnconfirmed, the job does not resume by itself, no
+    byte of that disk reaches the clone. (Without --discard-source: with it, the discarder's
+    release waiting for the connection may be the first to reconnect, as in the test above.)"""
     size = 16 << 20
     img = tmp_path / "src.img"
     src = dense_image(img, size, seed=41)
@@ -666,20 +667,19 @@ def test_the_watchers_probe_confirms_the_disk(tmp_path, cleanup):
     cleanup.append(srv)
     d = Daemon(tmp_path).start()
     cleanup.append(d)
-    start_job(d, "wp", srv.uri, tmp_path / "dst.img", discard_source=True, region_size=REGION,
-              rate_limit_bytes_per_second=4 << 20)
+    start_job(d, "wp", srv.uri, tmp_path / "dst.img", region_size=REGION, rate_limit_bytes_per_second=4 << 20)
     while d.status("wp")["bytes"]["hydrated"] < 2 << 20:
         time.sleep(0.05)
     srv.kill()
     wait_error(d, "wp", "SourceUnavailable")
-    other_alloc = allocated(other_path)
     srv2 = NBDKit(tmp_path, ["file", str(other_path)], port=port, name="other").start()
     cleanup.append(srv2)
     st = wait_error(d, "wp", "DeviceUnconfirmed")
     assert st["state"] == "failed", st
     assert "witness" in st["error"]["message"], st
-    assert allocated(other_path) == other_alloc
     assert sha256_of(other_path) == hashlib.sha256(other).hexdigest()
+    with open(d.log_path, errors="replace") as f:
+        assert "source reachable again" not in f.read(), "the job resumed on the other disk"
     foreign, odd = regions_not_from(tmp_path / "dst.img", src, other)
     assert foreign == 0 and odd == 0, f"{foreign} regions of the clone are the other disk's, {odd} are neither"
 
@@ -797,7 +797,7 @@ def test_a_server_that_never_greets_times_out_and_holds_no_shared_thread(tmp_pat
         for p in starts:
             out, err = p.communicate(timeout=60)
             assert p.returncode != 0, out
-            assert "handshake" in err and "IOError" in err, err
+            assert "handshake" in err and "timed out" in err, err
     finally:
         for p in starts:
             if p.poll() is None:

@@ -653,7 +653,7 @@ public actor HydrationJob {
             }
         }
         tickerTask = ticker
-        let outcome = await copier.run(id: id)
+        var outcome = await copier.run(id: id)
         ticker.cancel()
         tickerTask = nil
 
@@ -687,6 +687,11 @@ public actor HydrationJob {
                 setState(.failed)
             }
             return
+        }
+        // The connection was lost and a reconnection (of a read, or of a release) found another
+        // disk at the source's URI: that stops the job, it is no outage to wait out.
+        if case .failed(let e) = outcome, e.code == .sourceUnavailable, let u = Self.unconfirmedSourceError(source) {
+            outcome = .failed(u)
         }
         switch outcome {
         case .complete:

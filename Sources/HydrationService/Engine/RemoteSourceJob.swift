@@ -39,6 +39,14 @@ extension HydrationJob {
         return .sourceReadFailed
     }
 
+    /// `DeviceUnconfirmed` when a reconnection of the remote `source` found another disk.
+    static func unconfirmedSourceError(_ source: any StorageDevice) -> HydrationError? {
+        guard let why = (source as? RemoteNBDDevice)?.unconfirmedReason else { return nil }
+        var e = HydrationError(.deviceUnconfirmed, "source \(source.info.path): \(why). Nothing more is read from or released on it; put the job's own export back and resume, or remove the job", errno: ESTALE)
+        e.path = source.info.path
+        return e
+    }
+
     /// A job with a remote source runs its blocking calls on I/O threads of its own: waits on
     /// the remote (a connection attempt, a request until its deadline, a release waiting for the
     /// connection) never hold a thread other jobs need.
