@@ -524,9 +524,11 @@ final class RemoteNBDDevice: StorageDevice {
                            delayMs: inout UInt64) throws(StorageError) -> NBDConnection {
         while true {
             let why: String
+            var connected = false
             let snap = state.withLock { _ in hyd_atomic_load(cancelGeneration) }
             do {
                 let c = try NBDConnection.connect(uri, cancel: UnsafePointer(cancelGeneration), snap: snap)
+                connected = true
                 do {
                     if let other = try differences(c, snap: snap) {
                         c.close()
@@ -546,11 +548,18 @@ final class RemoteNBDDevice: StorageDevice {
                 } catch let f as Failure {
                     c.close()
                     switch f {
-                    case .lost(let e, let m), .command(let e, _, let m):
+                    case .lost(let e, let m):
                         why = "reconnecting: confirming the export: \(m.isEmpty ? errnoSymbol(e) : m)"
+                    case .command(let e, let at, let m):
+                        // The server answers, but a witness block cannot be read (an error
+                        // reply): an I/O error of this call, as a read of that block would be;
+                        // the disk stays unconfirmed on this connection, which is not used.
+                        throw StorageError(op, path: uri, errno: e, offset: at ?? offset, length: length,
+                                           detail: "reading a witness block to confirm the export after reconnecting: \(m)")
                     }
                 }
-            } catch let e as StorageError where e.errno == ESTALE {
+            } catch let e as StorageError where connected {
+                // Another disk (ESTALE), or an error reply while confirming: not an outage.
                 throw e
             } catch {
                 why = "reconnecting: \(error)"
