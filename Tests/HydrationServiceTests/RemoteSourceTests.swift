@@ -203,6 +203,30 @@ struct RemoteSourceTests {
         #expect(byteDifference(readFile(dir.file("other.img")), otherBytes) == nil)
     }
 
+    /// The same bytes served with another description (nbdkit's exportname filter): what the
+    /// server offers is compared at every reconnection, so a unique description per export
+    /// makes the identity certain where sampling cannot.
+    @Test func reconnectRefusesAnotherDescription() throws {
+        let dir = TempDir("remote")
+        try TestImage.make(size: 2 << 20, seed: 38).write(to: dir.file("src.img"))
+        var server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"),
+                                      extra: ["--filter=exportname"], args: ["exportdesc=fixed:disk-1111"])
+        let (dev, record) = try openArmed(server)
+        defer { dev.close() }
+        #expect(record.stableID.contains("desc=") && !record.stableID.contains("desc=none"))
+        server.stop()
+        server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"),
+                                  extra: ["--filter=exportname"], args: ["exportdesc=fixed:disk-2222"])
+        defer { server.stop() }
+        do {
+            _ = try dev.read(count: 4096, at: 0)
+            Issue.record("read from an export with another description")
+        } catch {
+            #expect(error.isUnconfirmedSource, "\(error)")
+            #expect(error.detail?.contains("description 'disk-2222', was 'disk-1111'") == true, "\(error)")
+        }
+    }
+
     /// A disk that equals the source at every block of the recorded fingerprint (a copy that
     /// differs only elsewhere): the fingerprint alone takes it for the source; the witnesses
     /// taken at random and from recent reads do not.
