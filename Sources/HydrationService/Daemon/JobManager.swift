@@ -666,10 +666,10 @@ public actor JobManager {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
             if case .live(let job, _)? = jobs[name], await job.needsReopen {
-                // Out of space in a commit: open it again from its durable state, as a restart would.
+                // Out of space in a commit, or a remote source found to be another disk: open it
+                // again from its durable state (confirming its devices), as a restart would.
                 await withdrawExport(name)
                 await job.close()
-                // (or after its remote source turned out to be another disk: the reopen confirms it again)
                 jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening from the last commit"), nil)
             }
             if case .broken(var def, _, _)? = jobs[name] {
