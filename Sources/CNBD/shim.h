@@ -46,18 +46,20 @@ static inline int64_t hyd_now_ms(void) {
 
 // Connects `h` to `uri` and completes the handshake within `timeout_ms` (wall time, monotonic):
 // a server that accepts and never greets (a wrong port, a proxy, a frozen process whose kernel
-// still accepts) must not hold the caller. Returns 0, or -1 with *err (ETIMEDOUT, ECANCELED when
-// *cancel is set, or libnbd's errno). Name resolution inside libnbd is synchronous and bounded
-// only by the resolver's own timeouts.
+// still accepts) must not hold the caller. Returns 0, or -1 with *err (ETIMEDOUT; ECANCELED when
+// `cancel` moves and the attempt has lasted HYD_CANCEL_GRACE_MS; or libnbd's errno). Name
+// resolution inside libnbd is synchronous and bounded only by the resolver's own timeouts.
 static inline int hyd_nbd_connect_uri(struct nbd_handle *h, const char *uri, int timeout_ms, const int *cancel, int snap,
                                       int *err) {
-    int64_t deadline = hyd_now_ms() + (timeout_ms > 0 ? timeout_ms : 10000);
+    int64_t start = hyd_now_ms();
+    int64_t deadline = start + (timeout_ms > 0 ? timeout_ms : 10000);
     if (nbd_aio_connect_uri(h, uri) == -1) {
         *err = nbd_get_errno() ? nbd_get_errno() : ECONNREFUSED;
         return -1;
     }
     while (nbd_aio_is_connecting(h) == 1) {
-        if (cancel && hyd_atomic_load(cancel) != snap) { *err = ECANCELED; return -1; }
+        // A healthy server greets within the grace: only an attempt that hangs is withdrawn.
+        if (hyd_cancelled(cancel, snap, (int)(hyd_now_ms() - start))) { *err = ECANCELED; return -1; }
         int64_t left = deadline - hyd_now_ms();
         if (left <= 0) { *err = ETIMEDOUT; return -1; }
         if (nbd_poll(h, (int)(left < HYD_SLICE_MS ? left : HYD_SLICE_MS)) == -1) {
