@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import Logging
+import Synchronization
 @testable import HydrationService
 @testable import HydrationStorage
 import Testing
@@ -13,7 +14,7 @@ final class NBDKitServer {
     let socket: String
     private let process: Process
 
-    init(file: String, socket: String, extra: [String] = []) throws {
+    init(file: String, socket: String, extra: [String] = [], args: [String] = []) throws {
         self.socket = socket
         unlink(socket)
         // Ready when nbdkit writes its PID file (after listen), not when the socket file appears
@@ -23,7 +24,7 @@ final class NBDKitServer {
         unlink(pidFile)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: NBDTools.path("nbdkit") ?? "/usr/sbin/nbdkit")
-        p.arguments = ["-f", "--exit-with-parent", "-U", socket, "-P", pidFile] + extra + ["file", file]
+        p.arguments = ["-f", "--exit-with-parent", "-U", socket, "-P", pidFile] + extra + ["file", file] + args
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
         try p.run()
@@ -132,9 +133,18 @@ struct RemoteSourceTests {
         #expect(throws: Never.self) { try HydrationJob.validateCommon(ok) }
     }
 
+    /// Opens `server`'s export as a job would: its fingerprint recorded and its identity armed.
+    private func openArmed(_ server: NBDKitServer, discard: Bool = false) throws -> (RemoteNBDDevice, DeviceRecord) {
+        let dev = try #require(try PosixStorage().open(server.uri, mode: .source(discard: discard)) as? RemoteNBDDevice)
+        let record = try HydrationJob.sourceRecord(dev, mayRead: { _ in true })
+        try HydrationJob.armRemoteIdentity(dev, recorded: record, mayRead: { _ in true })
+        return (dev, record)
+    }
+
     /// The connection goes away; the server that comes back at the same socket offers a
-    /// different export (another size): not this source, so the read fails as "unavailable"
-    /// and status would say why. The right export back: reads work again.
+    /// different export (another size): not this source. The device is unconfirmed for good
+    /// (ESTALE, the job stops with DeviceUnconfirmed), even once the right export is back: a
+    /// resume reopens the job, which confirms the source against its metadata again.
     @Test func reconnectRefusesAnotherExport() throws {
         let dir = TempDir("remote")
         let image = TestImage.make(size: 2 << 20, seed: 2)
@@ -151,16 +161,224 @@ struct RemoteSourceTests {
             _ = try dev.read(count: 4096, at: 0)
             Issue.record("read from another export")
         } catch {
-            #expect(error.isConnectionLost)
-            #expect(error.detail?.contains("different export") == true)
+            #expect(error.isUnconfirmedSource, "\(error)")
+            #expect(error.detail?.contains("another export") == true, "\(error)")
         }
-        #expect(dev.availability?.lastError.contains("different export") == true)
         server.stop()
         server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
         defer { server.stop() }
-        try dev.probeConnection()
-        #expect(byteDifference(try dev.read(count: 4096, at: 4096), Array(image.bytes[4096..<8192])) == nil)
-        #expect(dev.availability == nil)
+        #expect(throws: StorageError.self) { try dev.probeConnection() }
+        #expect(throws: StorageError.self) { _ = try dev.read(count: 4096, at: 4096) }
+    }
+
+    /// Another disk of the same size at the same socket (nbdkit's file plugin sends no
+    /// description, so the offer is identical): the reconnection reads the witness blocks,
+    /// finds other bytes, and nothing is read from or released on that disk, now or later.
+    @Test func reconnectToAnotherDiskOfTheSameSizeIsUnconfirmed() throws {
+        let dir = TempDir("remote")
+        let size = 8 << 20
+        try TestImage.make(size: size, seed: 30).write(to: dir.file("src.img"))
+        try TestImage.make(size: size, seed: 31).write(to: dir.file("other.img"))
+        var server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
+        let (dev, _) = try openArmed(server, discard: true)
+        defer { dev.close() }
+        _ = try dev.read(count: 1 << 20, at: 0)
+        server.stop()
+        server = try NBDKitServer(file: dir.file("other.img"), socket: dir.file("nbd.sock"))
+        defer { server.stop() }
+        let before = allocatedBytes(dir.file("other.img"))
+        let otherBytes = readFile(dir.file("other.img"))
+        do {
+            _ = try dev.read(count: 1 << 20, at: 2 << 20)
+            Issue.record("read from another disk")
+        } catch {
+            #expect(error.isUnconfirmedSource, "\(error)")
+            #expect(error.detail?.contains("witness blocks differ") == true, "\(error)")
+        }
+        // A release queued before the swap is not sent to it either.
+        #expect(throws: StorageError.self) { try dev.release(offset: 0, length: 4 << 20) }
+        #expect(throws: StorageError.self) { try dev.sync() }
+        #expect(throws: StorageError.self) { try dev.probeConnection() }
+        #expect(allocatedBytes(dir.file("other.img")) == before)
+        #expect(byteDifference(readFile(dir.file("other.img")), otherBytes) == nil)
+    }
+
+    /// The same bytes served with another description (nbdkit's exportname filter): what the
+    /// server offers is compared at every reconnection, so a unique description per export
+    /// makes the identity certain where sampling cannot.
+    @Test func reconnectRefusesAnotherDescription() throws {
+        let dir = TempDir("remote")
+        try TestImage.make(size: 2 << 20, seed: 38).write(to: dir.file("src.img"))
+        var server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"),
+                                      extra: ["--filter=exportname"], args: ["exportdesc=fixed:disk-1111"])
+        let (dev, record) = try openArmed(server)
+        defer { dev.close() }
+        #expect(record.stableID.contains("desc=") && !record.stableID.contains("desc=none"))
+        server.stop()
+        server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"),
+                                  extra: ["--filter=exportname"], args: ["exportdesc=fixed:disk-2222"])
+        defer { server.stop() }
+        do {
+            _ = try dev.read(count: 4096, at: 0)
+            Issue.record("read from an export with another description")
+        } catch {
+            #expect(error.isUnconfirmedSource, "\(error)")
+            #expect(error.detail?.contains("description 'disk-2222', was 'disk-1111'") == true, "\(error)")
+        }
+    }
+
+    /// A disk that equals the source at every block of the recorded fingerprint (a copy that
+    /// differs only elsewhere): the fingerprint alone takes it for the source; the witnesses
+    /// taken at random and from recent reads do not.
+    @Test func aDiskMatchingTheFingerprintIsCaughtByTheWitnesses() throws {
+        let dir = TempDir("remote")
+        let size = 8 << 20
+        let image = TestImage.make(size: size, seed: 32)
+        try image.write(to: dir.file("src.img"))
+        var server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
+        let (dev, record) = try openArmed(server)
+        defer { dev.close() }
+        _ = try dev.read(count: 2 << 20, at: 4 << 20)
+        // The other disk: random bytes everywhere but the recorded samples, which are copied.
+        var other = TestImage.make(size: size, seed: 33)
+        let samples = RemoteIdentity.parse(record.stableID).samples
+        #expect(!samples.isEmpty)
+        for s in samples {
+            let lo = Int(s.offset)
+            other.bytes.replaceSubrange(lo..<lo + 4096, with: image.bytes[lo..<lo + 4096])
+        }
+        try other.write(to: dir.file("other.img"))
+        server.stop()
+        server = try NBDKitServer(file: dir.file("other.img"), socket: dir.file("nbd.sock"))
+        defer { server.stop() }
+        // The recorded fingerprint alone (what a reopen after a restart can check) is satisfied.
+        let probe = try PosixStorage().open(server.uri, mode: .source(discard: false))
+        #expect(try HydrationJob.confirmedRemote(probe.info, recorded: record, device: probe, mayRead: { _ in true }).stableID == record.stableID)
+        probe.close()
+        #expect(dev.witnessesForTesting.contains { $0.kind != .recorded })
+        do {
+            _ = try dev.read(count: 4096, at: 0)
+            Issue.record("read from a disk that only matches the fingerprint")
+        } catch {
+            #expect(error.isUnconfirmedSource, "\(error)")
+        }
+    }
+
+    /// The same disk back (restarted server): confirmed, reads go on. A witness block that was
+    /// released is not compared (it reads as zeros now).
+    @Test func theSameDiskIsConfirmedAndReleasedWitnessesAreNotCompared() throws {
+        let dir = TempDir("remote")
+        let size = 8 << 20
+        let image = TestImage.make(size: size, seed: 34)
+        try image.write(to: dir.file("src.img"))
+        var server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
+        let (dev, _) = try openArmed(server, discard: true)
+        defer { dev.close() }
+        _ = try dev.read(count: 1 << 20, at: 0)
+        server.stop()
+        server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
+        #expect(byteDifference(try dev.read(count: 4096, at: 4 << 20), Array(image.bytes[(4 << 20)..<(4 << 20) + 4096])) == nil)
+        // Release the whole first half: its witnesses go.
+        try dev.release(offset: 0, length: 4 << 20)
+        try dev.sync()
+        #expect(!dev.witnessesForTesting.contains { $0.offset < 4 << 20 })
+        server.stop()
+        server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
+        defer { server.stop() }
+        #expect(byteDifference(try dev.read(count: 4096, at: 6 << 20), Array(image.bytes[(6 << 20)..<(6 << 20) + 4096])) == nil)
+        #expect(dev.unconfirmedReason == nil)
+    }
+
+    /// The server dies under a read in flight (nbdkit's delay filter holds the reply) and
+    /// another disk comes up at the socket: the read fails (the data it would have got from the
+    /// new disk is never returned), and so does every later call.
+    @Test func aSwapUnderAReadInFlightIsNotUsed() throws {
+        let dir = TempDir("remote")
+        let size = 8 << 20
+        try TestImage.make(size: size, seed: 35).write(to: dir.file("src.img"))
+        try TestImage.make(size: size, seed: 36).write(to: dir.file("other.img"))
+        var server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
+        let (dev, _) = try openArmed(server)
+        defer { dev.close() }
+        server.stop()
+        // The same disk, slow: each read is answered after 20 s.
+        server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"), extra: ["--filter=delay"], args: ["delay-read=20"])
+        let done = DispatchSemaphore(value: 0)
+        let started = DispatchSemaphore(value: 0)
+        let outcome = Mutex<Result<[UInt8], StorageError>?>(nil)
+        let device = dev
+        Thread.detachNewThread {
+            started.signal()
+            let r = Result { () throws(StorageError) -> [UInt8] in try device.read(count: 1 << 20, at: 2 << 20) }
+            outcome.withLock { $0 = r }
+            done.signal()
+        }
+        started.wait()
+        server.stop()
+        server = try NBDKitServer(file: dir.file("other.img"), socket: dir.file("nbd.sock"))
+        defer { server.stop() }
+        #expect(done.wait(timeout: .now() + 60) == .success, "the read in flight did not end within 60 s")
+        switch outcome.withLock({ $0 }) {
+        case .success?: Issue.record("a read in flight across the swap returned data")
+        case .failure(let e)?: #expect(e.isUnconfirmedSource || e.isConnectionLost, "\(e)")
+        case nil: Issue.record("no outcome")
+        }
+        do {
+            _ = try dev.read(count: 4096, at: 0)
+            Issue.record("read from another disk")
+        } catch {
+            #expect(error.isUnconfirmedSource, "\(error)")
+        }
+    }
+
+    /// A listener that accepts and never greets (a wrong port, a proxy): connecting fails with
+    /// ETIMEDOUT after the connection deadline instead of waiting for ever.
+    @Test func connectingHasADeadline() throws {
+        let dir = TempDir("remote")
+        let path = dir.file("mute.sock")
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, b) in path.utf8.enumerated() { p[i] = b }
+        }
+        let bound = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        #expect(bound == 0)
+        #expect(listen(fd, 16) == 0)
+        let t0 = Date()
+        do {
+            _ = try PosixStorage().identify("nbd+unix:///?socket=\(path)")
+            Issue.record("connected to a server that never greets")
+        } catch {
+            #expect(error.errno == ETIMEDOUT, "\(error)")
+            #expect(error.detail?.contains("handshake") == true, "\(error)")
+        }
+        let took = Date().timeIntervalSince(t0)
+        #expect(took < 60, "the connection attempt took \(took) s")
+    }
+
+    /// A server that needs 4 KiB alignment (nbdkit's blocksize-policy filter): a 512-byte read
+    /// at a 512-byte offset (a guest's sector read through the live clone) is widened to the
+    /// server's minimum block size and gets the right bytes instead of EINVAL.
+    @Test func readsAreWidenedToTheServersMinimumBlockSize() throws {
+        let dir = TempDir("remote")
+        let image = TestImage.make(size: 2 << 20, seed: 37)
+        try image.write(to: dir.file("src.img"))
+        let server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"),
+                                      extra: ["--filter=blocksize-policy"],
+                                      args: ["blocksize-minimum=4096", "blocksize-preferred=4096", "blocksize-error-policy=error"])
+        defer { server.stop() }
+        let dev = try PosixStorage().open(server.uri, mode: .source(discard: false))
+        defer { dev.close() }
+        #expect(dev.info.logicalBlockSize == 4096)
+        for (at, count) in [(512, 512), (4096 + 1000, 3000), (0, 4096), (8192 - 512, 1024)] {
+            let got = try dev.read(count: count, at: UInt64(at))
+            #expect(byteDifference(got, Array(image.bytes[at..<at + count])) == nil, "read of \(count) at \(at)")
+        }
     }
 
     /// The fingerprint: a changed sampled block is noticed; a sample inside a region that may

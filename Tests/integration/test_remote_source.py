@@ -1,5 +1,6 @@
 """A job whose source is an NBD export served by nbdkit (issue 15), loopback only: 127.0.0.1 and
 Unix sockets. Every nbdkit and hydrationd started here is stopped by PID."""
+import hashlib
 import os
 import shutil
 import signal
@@ -541,3 +542,295 @@ def test_a_source_that_stops_answering_pauses_the_job_and_holds_no_other_export(
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+# --- issue 22: identity at every reconnection, deadlines, alignment -------------------------------
+
+REGION = 65536
+
+
+def dense_image(path, size, seed):
+    """Random bytes everywhere (no holes): the fingerprint's samples are at each eighth's start."""
+    import random
+    data = random.Random(seed).randbytes(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def fingerprint_offsets(size):
+    """Where RemoteIdentity.chooseSamples samples a disk that is data everywhere."""
+    return sorted({(size * k // 8) // 4096 * 4096 for k in range(8)})
+
+
+def write_other_disk(path, src, kind):
+    """Another disk of the same size: `other` differs everywhere; `matching` equals the source at
+    the fingerprint's sampled blocks and differs everywhere else (the fingerprint can't tell)."""
+    other = bytearray(b ^ 0x5A for b in src)
+    if kind == "matching":
+        for off in fingerprint_offsets(len(src)):
+            other[off:off + 4096] = src[off:off + 4096]
+    with open(path, "wb") as f:
+        f.write(other)
+    return bytes(other)
+
+
+def regions_not_from(dest, src, other):
+    """Regions of the clone that hold the other disk's bytes (never allowed), and that are neither
+    the source's nor zeros."""
+    with open(dest, "rb") as f:
+        got = f.read()
+    foreign, odd = 0, 0
+    for off in range(0, len(src), REGION):
+        r = got[off:off + REGION]
+        if r == src[off:off + REGION] or r == bytes(len(r)):
+            continue
+        if r == other[off:off + REGION]:
+            foreign += 1
+        else:
+            odd += 1
+    return foreign, odd
+
+
+def wait_error(d, name, code, timeout=60):
+    deadline = time.time() + timeout
+    st = d.status(name)
+    while time.time() < deadline and (st["error"] or {}).get("code") != code:
+        time.sleep(0.05)
+        st = d.status(name)
+    assert (st["error"] or {}).get("code") == code, f"waited {timeout}s for {code}, job is {st}"
+    return st
+
+
+@pytest.mark.parametrize("kind", ["other", "matching"])
+def test_a_reconnection_to_another_disk_stops_the_job_and_releases_nothing(tmp_path, cleanup, kind):
+    """Paused mid-copy, the server is replaced at the same socket by another disk of the same size
+    (nbdkit's file plugin sends no description; `matching`: a disk equal to the source at every
+    sampled block of the fingerprint). The resume's first read reconnects in the call: the
+    reconnection reads the witness blocks, finds other bytes, and the job fails DeviceUnconfirmed
+    with nothing read into the clone from, and nothing released on, that disk. The right disk
+    back and `resume`: the clone completes equal to the source."""
+    size = 16 << 20
+    img = tmp_path / "src.img"
+    src = dense_image(img, size, seed=40)
+    want = sha256_of(img)
+    other_path = tmp_path / "other.img"
+    other = write_other_disk(other_path, src, kind)
+    sock = str(tmp_path / "src.sock")
+    srv = NBDKit(tmp_path, ["file", str(img)], unix=sock).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "sw", srv.uri, tmp_path / "dst.img", discard_source=True, region_size=REGION,
+              rate_limit_bytes_per_second=4 << 20)
+    while d.status("sw")["bytes"]["hydrated"] < 2 << 20:
+        time.sleep(0.05)
+    d.call("Pause", {"name": "sw"})
+    srv.kill()
+    os.unlink(sock)
+    srv2 = NBDKit(tmp_path, ["file", str(other_path)], unix=sock, name="other").start()
+    cleanup.append(srv2)
+    other_alloc = allocated(other_path)
+    d.call("Set", {"name": "sw", "rate_limit_bytes_per_second": 0})
+    d.call("Resume", {"name": "sw"})
+    st = d.wait_state("sw", ["failed", "complete"], timeout=60)
+    assert st["state"] == "failed", st
+    assert st["error"]["code"] == "DeviceUnconfirmed", st
+    assert allocated(other_path) == other_alloc, "the other disk was released on"
+    assert sha256_of(other_path) == hashlib.sha256(other).hexdigest(), "the other disk changed"
+    foreign, odd = regions_not_from(tmp_path / "dst.img", src, other)
+    assert foreign == 0 and odd == 0, f"{foreign} regions of the clone are the other disk's, {odd} are neither"
+    # The right disk back: the job reopens (confirming it) and completes.
+    srv2.kill()
+    os.unlink(sock)
+    srv3 = NBDKit(tmp_path, ["file", str(img)], unix=sock, name="back").start()
+    cleanup.append(srv3)
+    d.call("Resume", {"name": "sw"})
+    st = d.wait_state("sw", ["complete", "failed"], timeout=60)
+    assert st["state"] == "complete", st
+    assert sha256_of(tmp_path / "dst.img") == want
+
+
+def test_the_watchers_probe_confirms_the_disk(tmp_path, cleanup):
+    """The server dies mid-copy (the job pauses itself, SourceUnavailable); a disk equal to the
+    source only at the fingerprint's blocks comes up at the same TCP port. The watcher's probe
+    is a reconnection like any other: DeviceUnconfirmed, the job does not resume by itself, no
+    byte of that disk reaches the clone. (Without --discard-source: with it, the discarder's
+    release waiting for the connection may be the first to reconnect, as in the test above.)"""
+    size = 16 << 20
+    img = tmp_path / "src.img"
+    src = dense_image(img, size, seed=41)
+    other_path = tmp_path / "other.img"
+    other = write_other_disk(other_path, src, "matching")
+    port = free_port()
+    srv = NBDKit(tmp_path, ["file", str(img)], port=port).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "wp", srv.uri, tmp_path / "dst.img", region_size=REGION, rate_limit_bytes_per_second=4 << 20)
+    while d.status("wp")["bytes"]["hydrated"] < 2 << 20:
+        time.sleep(0.05)
+    srv.kill()
+    wait_error(d, "wp", "SourceUnavailable")
+    srv2 = NBDKit(tmp_path, ["file", str(other_path)], port=port, name="other").start()
+    cleanup.append(srv2)
+    st = wait_error(d, "wp", "DeviceUnconfirmed")
+    assert st["state"] == "failed", st
+    assert "witness" in st["error"]["message"], st
+    assert sha256_of(other_path) == hashlib.sha256(other).hexdigest()
+    with open(d.log_path, errors="replace") as f:
+        assert "source reachable again" not in f.read(), "the job resumed on the other disk"
+    foreign, odd = regions_not_from(tmp_path / "dst.img", src, other)
+    assert foreign == 0 and odd == 0, f"{foreign} regions of the clone are the other disk's, {odd} are neither"
+
+
+def test_a_frozen_server_fails_reads_and_holds_no_command(tmp_path, cleanup):
+    """nbdkit stopped with SIGSTOP (its kernel still accepts connections): clients' reads of
+    unhydrated regions of the live clone fail (EIO) after the request deadline instead of hanging
+    for the freeze; a read of a hydrated region is served meanwhile; the job pauses with
+    SourceUnavailable; `pause`, `remove --force` and SIGTERM return while the server is still
+    frozen (it is thawed only at the end)."""
+    if subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True).returncode != 0:
+        pytest.skip("python3-libnbd missing")
+    size = 16 << 20
+    img = tmp_path / "src.img"
+    dense_image(img, size, seed=42)
+    sock = str(tmp_path / "src.sock")
+    srv = NBDKit(tmp_path, ["file", str(img)], unix=sock).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path, extra_env={"HYDRATION_NBD_TIMEOUT_MS": "4000",
+                                    "HYDRATION_NBD_CONNECT_TIMEOUT_MS": "3000"}).start()
+    cleanup.append(d)
+    r = clonectl(d, "start", "fz", "--source", srv.uri, "--dest", str(tmp_path / "dst.img"), "--export",
+                 "--region-size", "64K", "--rate-limit", "2M")
+    assert r.returncode == 0, r.stderr
+    while d.status("fz")["bytes"]["committed"] < 1 << 20:
+        time.sleep(0.05)
+    uri = d.status("fz")["export"]["uri"]
+    env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
+    srv.proc.send_signal(signal.SIGSTOP)
+    try:
+        readers = [subprocess.Popen(["/usr/bin/python3", "-c", NBD_READ_ONE, uri, str((8 + i) << 20)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
+        for p in readers:
+            p.wait(timeout=60)
+            assert p.returncode != 0, "a read of a frozen source succeeded"
+        out = subprocess.run(["/usr/bin/python3", "-c", NBD_READ_ONE, uri, "0"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "read" in out.stdout, out.stderr
+        wait_error(d, "fz", "SourceUnavailable")
+        assert clonectl(d, "resume", "fz", timeout=60).returncode == 0
+        r = clonectl(d, "pause", "fz", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert clonectl(d, "resume", "fz", timeout=60).returncode == 0
+        r = clonectl(d, "remove", "fz", "--force", timeout=60)
+        assert r.returncode == 0, r.stderr
+        r = clonectl(d, "start", "fz2", "--source", srv.uri, "--dest", str(tmp_path / "dst2.img"), timeout=60)
+        assert r.returncode != 0 and "handshake" in r.stderr, r.stderr
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(timeout=60)
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+
+
+class MuteListener:
+    """A TCP listener that accepts connections and never says a word (a typo'd port, a proxy)."""
+
+    def __init__(self):
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted.append(c)
+
+    def count(self):
+        with self.lock:
+            return len(self.accepted)
+
+    def kill(self):
+        self.sock.close()
+        with self.lock:
+            for c in self.accepted:
+                c.close()
+
+
+def test_a_server_that_never_greets_times_out_and_holds_no_shared_thread(tmp_path, cleanup):
+    """Nine `clonectl start --source nbd://127.0.0.1:PORT/` against a listener that accepts and
+    never greets: while all nine wait for the handshake, another job's hydration and pause go on;
+    each start then fails with IOError (ETIMEDOUT, 'handshake') after the connection deadline."""
+    mute = MuteListener()
+    cleanup.append(mute)
+    local = tmp_path / "local.img"
+    make_image(local, 32 << 20, seed=43)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    start_job(d, "busy", str(local), tmp_path / "busy.img", region_size=REGION, rate_limit_bytes_per_second=4 << 20)
+    starts = [subprocess.Popen([CLONECTL, "--socket", d.sock, "start", f"mute{i}", "--source",
+                                f"nbd://127.0.0.1:{mute.port}/", "--dest", str(tmp_path / f"m{i}.img")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(9)]
+    try:
+        deadline = time.time() + 60
+        while mute.count() < 9 and time.time() < deadline:
+            time.sleep(0.05)
+        assert mute.count() >= 9, f"only {mute.count()} of 9 starts connected"
+        # All nine are waiting for a greeting: the other job still hydrates and pauses.
+        h0 = d.status("busy")["bytes"]["hydrated"]
+        deadline = time.time() + 60
+        while d.status("busy")["bytes"]["hydrated"] <= h0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert d.status("busy")["bytes"]["hydrated"] > h0, "another job's hydration stopped"
+        r = clonectl(d, "pause", "busy", timeout=60)
+        assert r.returncode == 0, r.stderr
+        for p in starts:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode != 0, out
+            assert "handshake" in err and "timed out" in err, err
+    finally:
+        for p in starts:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_server_that_needs_4k_alignment_serves_sector_reads_of_the_clone(tmp_path, cleanup):
+    """The remote source needs 4 KiB alignment (nbdkit blocksize-policy, error policy): a client's
+    512-byte read of an unhydrated region through the live clone is widened to the server's
+    minimum block and gets the source's bytes, not EINVAL."""
+    if subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True).returncode != 0:
+        pytest.skip("python3-libnbd missing")
+    size = 4 << 20
+    img = tmp_path / "src.img"
+    src = dense_image(img, size, seed=44)
+    sock = str(tmp_path / "src.sock")
+    srv = NBDKit(tmp_path, ["--filter=blocksize-policy", "file", str(img), "blocksize-minimum=4096",
+                            "blocksize-error-policy=error"], unix=sock).start()
+    cleanup.append(srv)
+    d = Daemon(tmp_path).start()
+    cleanup.append(d)
+    r = clonectl(d, "start", "al", "--source", srv.uri, "--dest", str(tmp_path / "dst.img"), "--export",
+                 "--no-hydration")
+    assert r.returncode == 0, r.stderr
+    uri = d.status("al")["export"]["uri"]
+    code = r"""
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+sys.stdout.buffer.write(h.pread(512, 512) + h.pread(1000, 8192 + 100))
+"""
+    env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
+    out = subprocess.run(["/usr/bin/python3", "-c", code, uri], env=env, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == src[512:1024] + src[8192 + 100:8192 + 1100]

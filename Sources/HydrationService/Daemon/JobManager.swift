@@ -760,10 +760,11 @@ public actor JobManager {
                 }
             }
             if case .live(let job, _)? = jobs[name], await job.needsReopen {
-                // Out of space in a commit: open it again from its durable state, as a restart would.
+                // Out of space in a commit, or a remote source found to be another disk: open it
+                // again from its durable state (confirming its devices), as a restart would.
                 await withdrawExport(name)
                 await job.close()
-                jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening after running out of space"), nil)
+                jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening from the last commit"), nil)
             }
             if case .broken(var def, _, _)? = jobs[name] {
                 // Devices the operator vouches for are still not to be another job's.

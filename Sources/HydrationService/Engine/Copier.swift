@@ -463,7 +463,7 @@ actor Copier {
                     noMoreData = exhausted
                 } catch {
                     let s = error as? StorageError
-                    throw HydrationError(s?.isConnectionLost == true ? .sourceUnavailable : .sourceReadFailed,
+                    throw HydrationError(s.map(HydrationJob.sourceErrorCode) ?? .sourceReadFailed,
                                          "finding data in the source: \(error)", errno: s?.errno, region: r)
                 }
                 while let first = extents.first, first.upperBound <= regionStart { extents.removeFirst() }
@@ -537,7 +537,8 @@ struct BatchJob: Sendable {
             } catch let e as BatchFailure {
                 // Out of space is not retried: the job pauses until space is freed. Nor is a
                 // writeback error: it is final, like a failed fdatasync.
-                if e.error.code == .noSpace || e.error.code == .commitFailed || e.error.code == .sourceUnavailable || attempt >= retryDelaysMs.count {
+                if e.error.code == .noSpace || e.error.code == .commitFailed || e.error.code == .sourceUnavailable || e.error.code == .deviceUnconfirmed
+                    || attempt >= retryDelaysMs.count {
                     if attempt > 0 { logger.error("giving up after \(attempt) retries", metadata: ["error": "\(e.error)"]) }
                     return .failure(e.error)
                 }
@@ -572,8 +573,9 @@ struct BatchJob: Sendable {
                 holes = try readData(into: buffer, bytes: bytes)
             } catch {
                 let region = regionOf(error.offset, default: regions.lowerBound)
-                // A remote source whose connection is down: the job pauses itself (HydrationJob).
-                let code: HydrationError.Code = error.isConnectionLost ? .sourceUnavailable : .sourceReadFailed
+                // A remote source whose connection is down: the job pauses itself (HydrationJob); one
+                // that is another disk now: it stops (DeviceUnconfirmed).
+                let code = HydrationJob.sourceErrorCode(error)
                 throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
             }
             let isZero = { (r: Int) -> Bool in

@@ -47,8 +47,12 @@ public actor HydrationJob {
     private var closing = false
     private var runID = 0
 
+    /// `io` is this job's own (a remote source's, `remoteIO`): shut down when the job closes.
+    private let ownsIO: Bool
+
     private init(configuration: JobConfiguration, source: any StorageDevice, dest: any StorageDevice,
-                 store: MetadataStore, io: IOExecutor, logger: Logger) {
+                 store: MetadataStore, io: IOExecutor, logger: Logger, ownsIO: Bool = false) {
+        self.ownsIO = ownsIO
         self.name = configuration.name
         self.configuration = configuration
         self.source = source
@@ -107,14 +111,16 @@ public actor HydrationJob {
     public static func create(_ config: JobConfiguration, storage: any StorageProvider = PosixStorage(),
                               io: IOExecutor, logger: Logger = Logger(label: "hydration")) async throws(HydrationError) -> HydrationJob {
         let opened: (any StorageDevice, any StorageDevice, MetadataStore)
+        let (io, ownsIO) = remoteIO(config, shared: io)
         do {
             opened = try await io.run { try prepareNew(config, storage: storage) }
         } catch {
+            if ownsIO { await io.shutdown() }
             throw error as? HydrationError ?? HydrationError(.ioError, "\(error)")
         }
         var cfg = config
         cfg.destZeroed = opened.2.header.destZeroed
-        let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
+        let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger, ownsIO: ownsIO)
         logger.info("job created", metadata: ["job": "\(config.name)", "source": "\(config.sourcePath)", "dest": "\(config.destPath)",
                                               "regions": "\(opened.2.header.regionCount)",
                                               "source_io": "\(opened.0.directIO)", "dest_io": "\(opened.1.directIO)"])
@@ -132,9 +138,11 @@ public actor HydrationJob {
                             io: IOExecutor, logger: Logger = Logger(label: "hydration"),
                             acceptDevices: Bool = false) async throws(HydrationError) -> HydrationJob {
         let opened: (any StorageDevice, any StorageDevice, MetadataStore, MetadataRecoveryReport)
+        let (io, ownsIO) = remoteIO(config, shared: io)
         do {
             opened = try await io.run { try prepareExisting(config, storage: storage, acceptDevices: acceptDevices) }
         } catch {
+            if ownsIO { await io.shutdown() }
             throw error as? HydrationError ?? HydrationError(.ioError, "\(error)")
         }
         var cfg = config
@@ -142,7 +150,7 @@ public actor HydrationJob {
         cfg.regionSize = h.regionSize
         cfg.discardSource = h.discardSource
         cfg.destZeroed = h.destZeroed
-        let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger)
+        let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger, ownsIO: ownsIO)
         // A complete job never releases again: its source may be anything by now.
         if !h.complete { await job.committer.publishRecovered() }
         // Releasing what a crash left pending can take long: in the background (the daemon's
@@ -284,7 +292,9 @@ public actor HydrationJob {
             // otherwise a crash before the first commit leaves a job that never reopens.
             do { try dest.sync() } catch { throw HydrationError(.ioError, "destination: \(error)", errno: error.errno) }
         }
-        let options = MetadataCreateOptions(regionSize: config.regionSize, source: try sourceRecord(source, mayRead: { _ in true }), dest: DeviceRecord(dest.info),
+        let record = try sourceRecord(source, mayRead: { _ in true })
+        try armRemoteIdentity(source, recorded: record, mayRead: { _ in true })
+        let options = MetadataCreateOptions(regionSize: config.regionSize, source: record, dest: DeviceRecord(dest.info),
                                             discardSource: config.discardSource, destZeroed: config.destZeroed || freshDest)
         do {
             let store = try MetadataStore.create(path: config.metadataPath, options: options, storage: storage, nowMs: wallClockMillis())
@@ -340,6 +350,7 @@ public actor HydrationJob {
             throw HydrationError(.metadataMismatch, "destination \(config.destPath) has \(dest.info.size) bytes, fewer than the \(h.targetSize) that metadata \(config.metadataPath) was created for")
         }
         try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
+        var recordedSource = h.source
         if acceptDevices && (DeviceRecord(source.info) != h.source || DeviceRecord(dest.info) != h.dest) {
             let sourceRecord = try sourceRecord(source, mayRead: mayRead)
             do {
@@ -347,7 +358,10 @@ public actor HydrationJob {
             } catch {
                 throw HydrationError.from(error)
             }
+            recordedSource = sourceRecord
         }
+        // From here on, every reconnection must find this very disk again.
+        try armRemoteIdentity(source, recorded: recordedSource, mayRead: mayRead)
         return (source, dest, opened.0, opened.1)
     }
 
@@ -408,8 +422,8 @@ public actor HydrationJob {
         switch state {
         case .hydrating, .complete:
             return
-        case .paused where needsReopen:
-            throw HydrationError(.invalidState, "job \(name) ran out of space in a commit; it must be opened again from its last commit to resume")
+        case .paused where needsReopen, .failed where needsReopen:
+            throw HydrationError(.invalidState, "job \(name) must be opened again from its last commit to resume (\(error?.message ?? "it ran out of space in a commit"))")
         case .failed:
             if progress.snapshot.metadataMode != .rw {
                 throw HydrationError(.invalidState, "job \(name) failed with metadata \(progress.snapshot.metadataMode.rawValue); it cannot be resumed: \(error?.message ?? "")")
@@ -478,10 +492,12 @@ public actor HydrationJob {
         guard !closed && !closing else { return }
         // Before the first await: no start() may slip in while the job is closing.
         closing = true
+        // A remote source's calls stuck on a server that stopped answering end now (they would
+        // hold the clients' shutdown below for a whole request timeout).
+        source.waitForConnection(false)
         // Clients first: no request may land after the final commit below.
         await export?.shutdown()
         liveTicker?.cancel()
-        source.waitForConnection(false)
         stopSourceWatch()
         await settleTask?.value
         await pause()
@@ -489,6 +505,7 @@ public actor HydrationJob {
         await committer.finishStream()
         await discardTask?.value
         await releaseDevices()
+        if ownsIO { await io.shutdown() }
     }
 
     /// Nothing is in flight any more: release the source and destination (their locks, and
@@ -591,6 +608,19 @@ public actor HydrationJob {
         sourceWatch = nil
     }
 
+    /// The watcher found another disk at the source's URI: the job stops (`DeviceUnconfirmed`)
+    /// as a reopen would, unless something else happened meanwhile.
+    private func sourceIsAnotherDisk(_ e: StorageError) {
+        guard state == .paused, error?.code == .sourceUnavailable, !closing, !closed else { return }
+        sourceWatch = nil
+        var err = HydrationError(.deviceUnconfirmed, "source \(configuration.sourcePath): \(e.detail ?? "\(e)"); put the job's own export back and resume, or remove the job", errno: e.errno)
+        err.path = configuration.sourcePath
+        logger.error("the source is not the job's disk any more; job stopped", metadata: ["error": "\(err)"])
+        error = err
+        needsReopen = true
+        setState(.failed)
+    }
+
     /// The watcher reached the source again: resume, unless something else happened meanwhile.
     private func sourceIsBack() {
         guard state == .paused, error?.code == .sourceUnavailable, !closing, !closed else { return }
@@ -628,7 +658,7 @@ public actor HydrationJob {
             }
         }
         tickerTask = ticker
-        let outcome = await copier.run(id: id)
+        var outcome = await copier.run(id: id)
         ticker.cancel()
         tickerTask = nil
 
@@ -663,6 +693,11 @@ public actor HydrationJob {
             }
             return
         }
+        // The connection was lost and a reconnection (of a read, or of a release) found another
+        // disk at the source's URI: that stops the job, it is no outage to wait out.
+        if case .failed(let e) = outcome, e.code == .sourceUnavailable, let u = Self.unconfirmedSourceError(source) {
+            outcome = .failed(u)
+        }
         switch outcome {
         case .complete:
             logger.info("hydration complete")
@@ -686,8 +721,19 @@ public actor HydrationJob {
             setState(.paused)
             if !closing && !pauseRequested && !needsReopen {
                 logger.warning("source unavailable; job paused until it is reachable again", metadata: ["error": "\(e)"])
-                sourceWatch = Self.watchSource(source, io: io, logger: logger) { [weak self] in await self?.sourceIsBack() }
+                sourceWatch = Self.watchSource(source, io: io, logger: logger,
+                                               back: { [weak self] in await self?.sourceIsBack() },
+                                               unconfirmed: { [weak self] e in await self?.sourceIsAnotherDisk(e) })
             }
+        case .failed(let e) where e.code == .deviceUnconfirmed:
+            // A reconnection found another disk at the source's URI: nothing was read from or
+            // released on it; this instance's source stays refused, `resume` reopens the job
+            // (which confirms the source again against its metadata).
+            logger.error("the source is not the job's disk any more; job stopped", metadata: ["error": "\(e)"])
+            source.waitForConnection(false)
+            self.error = e
+            needsReopen = true
+            setState(.failed)
         case .failed(let e):
             logger.error("hydration failed", metadata: ["error": "\(e)"])
             self.error = e

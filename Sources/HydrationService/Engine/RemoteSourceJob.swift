@@ -30,6 +30,45 @@ extension HydrationJob {
         return record
     }
 
+    /// What a storage error of the source means for the job: a remote source whose connection
+    /// is down pauses it (`SourceUnavailable`); one that turned out to be another disk at a
+    /// reconnection stops it (`DeviceUnconfirmed`); anything else is a read error.
+    static func sourceErrorCode(_ e: StorageError) -> HydrationError.Code {
+        if e.isConnectionLost { return .sourceUnavailable }
+        if e.isUnconfirmedSource { return .deviceUnconfirmed }
+        return .sourceReadFailed
+    }
+
+    /// `DeviceUnconfirmed` when a reconnection of the remote `source` found another disk.
+    static func unconfirmedSourceError(_ source: any StorageDevice) -> HydrationError? {
+        guard let why = (source as? RemoteNBDDevice)?.unconfirmedReason else { return nil }
+        var e = HydrationError(.deviceUnconfirmed, "source \(source.info.path): \(why). Nothing more is read from or released on it; put the job's own export back and resume, or remove the job", errno: ESTALE)
+        e.path = source.info.path
+        return e
+    }
+
+    /// A job with a remote source runs its blocking calls on I/O threads of its own: waits on
+    /// the remote (a connection attempt, a request until its deadline, a release waiting for the
+    /// connection) never hold a thread other jobs need.
+    static let remoteIOThreads = 6
+
+    static func remoteIO(_ config: JobConfiguration, shared: IOExecutor) -> (IOExecutor, owned: Bool) {
+        RemoteSource.isURI(config.sourcePath) ? (IOExecutor(threads: remoteIOThreads), true) : (shared, false)
+    }
+
+    /// From now on every reconnection of a remote source must find the disk `recorded` describes:
+    /// its fingerprint's samples that may still be read, plus witnesses the device picks
+    /// (`RemoteNBDDevice.armIdentity`). Blocking (reads the source).
+    static func armRemoteIdentity(_ source: any StorageDevice, recorded: DeviceRecord,
+                                  mayRead: (Range<UInt64>) -> Bool) throws(HydrationError) {
+        guard let remote = source as? RemoteNBDDevice else { return }
+        do {
+            try remote.armIdentity(recorded: RemoteIdentity.parse(recorded.stableID).samples, mayRead: mayRead)
+        } catch {
+            throw HydrationError(.ioError, "source: reading \(source.info.path) for its identity: \(error)", errno: error.errno)
+        }
+    }
+
     /// Which source bytes may still be read: all of them, except (with discard_source) the
     /// committed regions, whose source range may be released already.
     static func unreleased(_ committed: RegionMap, regionSize: UInt64, discardSource: Bool) -> @Sendable (Range<UInt64>) -> Bool {
@@ -93,10 +132,12 @@ extension HydrationJob {
 
 extension HydrationJob {
     /// While a remote source is unreachable: probes it (one connection attempt on an I/O
-    /// thread) with backoff, 100 ms doubling to 2 s, and calls `back` once it answers. Cancelled
+    /// thread, confirmed as every reconnection is) with backoff, 100 ms doubling to 2 s, and
+    /// calls `back` once it answers, `unconfirmed` if another disk answers instead. Cancelled
     /// by a pause, a start or close. Occupies no I/O thread between attempts.
     static func watchSource(_ source: any StorageDevice, io: IOExecutor, logger: Logger,
-                            back: @escaping @Sendable () async -> Void) -> Task<Void, Never> {
+                            back: @escaping @Sendable () async -> Void,
+                            unconfirmed: @escaping @Sendable (StorageError) async -> Void) -> Task<Void, Never> {
         Task {
             var delayMs: UInt64 = 100
             while !Task.isCancelled {
@@ -107,10 +148,19 @@ extension HydrationJob {
                     if Task.isCancelled { return }
                     await back()
                     return
+                } catch let e as StorageError where e.isUnconfirmedSource {
+                    if Task.isCancelled { return }
+                    await unconfirmed(e)
+                    return
                 } catch {
                     delayMs = min(delayMs * 2, 2000)
                 }
             }
         }
     }
+}
+
+extension StorageError {
+    /// A remote source whose reconnection found another disk (`RemoteNBDDevice`, ESTALE).
+    var isUnconfirmedSource: Bool { errno == ESTALE && RemoteSource.isURI(path) }
 }
