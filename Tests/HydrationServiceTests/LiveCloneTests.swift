@@ -548,3 +548,79 @@ import ControlProtocol
         await f.close()
     }
 }
+
+/// A source device whose reads wait until `release()`: a remote server that stopped answering.
+final class StallingSource: StorageDevice {
+    let inner: any StorageDevice
+    private let open = Mutex(false)
+    private let stalled = Mutex(0)
+    init(_ inner: any StorageDevice) { self.inner = inner }
+    func release() { open.withLock { $0 = true } }
+    var readsWaiting: Int { stalled.withLock { $0 } }
+
+    var info: DeviceInfo { inner.info }
+    var directIO: DirectIO { inner.directIO }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        stalled.withLock { $0 += 1 }
+        while !open.withLock({ $0 }) { usleep(1000) }
+        stalled.withLock { $0 -= 1 }
+        try inner.read(into: buffer, at: offset)
+    }
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) { try inner.write(buffer, at: offset) }
+    func sync() throws(StorageError) { try inner.sync() }
+    func release(offset: UInt64, length: UInt64) throws(StorageError) { try inner.release(offset: offset, length: length) }
+    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) { try inner.zeroOut(offset: offset, length: length) }
+    func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? { try inner.nextData(from: offset) }
+    func dropCache(offset: UInt64, length: UInt64) { inner.dropCache(offset: offset, length: length) }
+    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) { try inner.startWriteback(offset: offset, length: length) }
+    func evict(offset: UInt64, length: UInt64) throws(StorageError) { try inner.evict(offset: offset, length: length) }
+    func allocatedBytes() -> UInt64? { inner.allocatedBytes() }
+    func close() { inner.close() }
+    var reportsHoles: Bool { inner.reportsHoles }
+    var availability: SourceAvailability? { inner.availability }
+    func waitForConnection(_ wait: Bool) { inner.waitForConnection(wait) }
+    func probeConnection() throws(StorageError) { try inner.probeConnection() }
+}
+
+@Suite struct LiveCloneSourceStallTests {
+    static let guardSeconds: Double = 120
+    /// Reads of unhydrated regions stuck on a source that stopped answering hold the export's
+    /// source threads only: reads and writes of hydrated regions are served meanwhile. (They
+    /// shared one pool of three threads; a frozen remote server made a read of a hydrated region
+    /// wait for the source reads' deadline.)
+    @Test func stuckSourceReadsDoNotHoldReadsOfHydratedRegions() async throws {
+        let f = try await LiveCloneTests.fixture(regions: 64)
+        let rs = LiveCloneTests.rs
+        // Region 10 hydrated by a whole-region write; no source read involved.
+        let mine = [UInt8](repeating: 0x5A, count: Int(rs))
+        try await f.write(10 * rs, mine)
+        let stalling = StallingSource(await f.job.sourceDevice)
+        let clientIO = IOExecutor(threads: LiveCloneExport.threadsPerExport)
+        let sourceIO = IOExecutor(threads: LiveCloneExport.threadsPerExport)
+        let export = await f.job.detachedExport(readingSourceThrough: stalling, io: clientIO, sourceIO: sourceIO)
+        // More stuck reads of unhydrated regions than the export has threads of either kind.
+        let stuck = (0..<(2 * LiveCloneExport.threadsPerExport)).map { i in
+            Task { try? await export.read(offset: UInt64(20 + i) * rs, length: 512) }
+        }
+        #expect(await eventually { stalling.readsWaiting == LiveCloneExport.threadsPerExport },
+                "every source thread is held by a stuck read: \(stalling.readsWaiting)")
+        // The hydrated region is served while they wait (it waited for the source otherwise).
+        let served = Mutex<[UInt8]?>(nil)
+        let reader = Task {
+            let b = try await export.read(offset: 10 * rs, length: UInt32(rs))
+            try await export.write(offset: 10 * rs + 7, data: ByteBuffer(bytes: [1, 2, 3]), fua: false)
+            served.withLock { $0 = Array(b.readableBytesView) }
+        }
+        #expect(await eventually(Self.guardSeconds) { served.withLock { $0 != nil } },
+                "a read and a write of a hydrated region waited for the stuck source reads")
+        #expect(served.withLock { $0 == mine }, "the hydrated region reads back what was written")
+        #expect(stalling.readsWaiting == LiveCloneExport.threadsPerExport, "the source reads were still stuck meanwhile")
+        stalling.release()
+        try await reader.value
+        for t in stuck { _ = await t.value }
+        await export.shutdown()
+        await clientIO.shutdown()
+        await sourceIO.shutdown()
+        await f.close()
+    }
+}

@@ -570,6 +570,16 @@ public actor HydrationJob {
     /// clients are committed every commit interval even while the copy is paused, and a complete
     /// job keeps its destination open for the export until it is closed.
     /// `hydrateOnRead`: a read the source serves also hydrates the regions it read, in the background.
+    /// Another export of this job that reads its source through `source` (tests: a source that
+    /// stops answering). Not registered as the job's export.
+    func detachedExport(readingSourceThrough source: any StorageDevice, io: IOExecutor, sourceIO: IOExecutor) -> LiveCloneExport {
+        LiveCloneExport(name: name, geometry: geometry, source: source, dest: dest, io: io, ownership: ownership,
+                        committer: committer, progress: progress, logger: logger, sourceIO: sourceIO)
+    }
+
+    /// The job's own source device (tests wrap it).
+    var sourceDevice: any StorageDevice { source }
+
     public func liveExport(hydrateOnRead: Bool = false) throws(HydrationError) -> LiveCloneExport {
         if let export { return export }
         guard !closed && !closing else { throw HydrationError(.invalidState, "job \(name) is closed") }
@@ -579,7 +589,8 @@ public actor HydrationJob {
         let e = LiveCloneExport(name: name, geometry: geometry, source: source, dest: dest,
                                 io: IOExecutor(threads: LiveCloneExport.threadsPerExport),
                                 ownership: ownership, committer: committer, progress: progress, logger: logger,
-                                hydrateOnRead: hydrateOnRead, ownsIO: true)
+                                hydrateOnRead: hydrateOnRead, ownsIO: true,
+                                sourceIO: IOExecutor(threads: LiveCloneExport.threadsPerExport))
         export = e
         let committer = self.committer
         liveTicker = Task { [weak self] in

@@ -46,6 +46,12 @@ public final class LiveCloneExport: NBDExport {
     private let source: any StorageDevice
     private let dest: any StorageDevice
     private let io: IOExecutor
+    /// Threads for the requests that read the source (reads of unhydrated regions, the
+    /// copy-before-write of a partial write, CACHE, `base:allocation` of unhydrated regions): a
+    /// source that stops answering holds these, while reads and writes of hydrated regions go on
+    /// on `io` (a frozen remote server otherwise held every thread of the export, and a read of a
+    /// hydrated region waited for a source read's deadline).
+    private let sourceIO: IOExecutor
     private let ownership: RegionOwnership
     private let committer: Committer
     private let progress: JobProgress
@@ -92,7 +98,8 @@ public final class LiveCloneExport: NBDExport {
 
     init(name: String, geometry: Geometry, source: any StorageDevice, dest: any StorageDevice, io: IOExecutor,
          ownership: RegionOwnership, committer: Committer, progress: JobProgress, logger: Logger,
-         hydrateOnRead: Bool = false, ownsIO: Bool = false) {
+         hydrateOnRead: Bool = false, ownsIO: Bool = false, sourceIO: IOExecutor? = nil) {
+        self.sourceIO = sourceIO ?? io
         self.hydrateOnRead = hydrateOnRead
         self.ownsIO = ownsIO
         self.name = name
@@ -155,11 +162,14 @@ public final class LiveCloneExport: NBDExport {
             }
             if now { c.resume() }
         }
-        if ownsIO { await io.shutdown() }
+        if ownsIO {
+            await io.shutdown()
+            if sourceIO !== io { await sourceIO.shutdown() }
+        }
     }
 
-    private func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws(NBDError) -> T {
-        try await io.runForNBD(body)
+    private func run<T: Sendable>(readsSource: Bool = false, _ body: @escaping @Sendable () throws -> T) async throws(NBDError) -> T {
+        try await (readsSource ? sourceIO : io).runForNBD(body)
     }
 
     private func regions(covering bytes: Range<UInt64>) -> Range<Int> {
@@ -230,7 +240,7 @@ public final class LiveCloneExport: NBDExport {
         for r in regions where !ownership.isHydrated(r) {
             let job = BatchJob(source: source, dest: dest, geometry: geometry, zeroDestination: !ownership.destZeroed,
                                retryDelaysMs: [10, 100], logger: logger, buffers: buffers)
-            switch await job.execute(.copy(r..<r + 1), io: io) {
+            switch await job.execute(.copy(r..<r + 1), io: sourceIO) {
             case .success(let b):
                 progress.update { $0.writtenBytes += b.written; $0.skippedZeroBytes += b.zero }
                 done.append(r..<r + 1)
@@ -260,7 +270,7 @@ public final class LiveCloneExport: NBDExport {
             }
         }
         let (source, dest, geometry) = (self.source, self.dest, self.geometry)
-        let buffer = try await run {
+        let buffer = try await run(readsSource: runs.contains { $0.fromSource }) {
             let n = Int(length)
             var buffer = ByteBufferAllocator().buffer(capacity: n)
             try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
@@ -525,7 +535,7 @@ public final class LiveCloneExport: NBDExport {
                 return extents
             }
         case NBDProtocol.baseAllocation:
-            return try await run {
+            return try await run(readsSource: !ownership.allHydrated(covered)) {
                 var extents: [NBDExtent] = []
                 // Pinned a window at a time: regions whose hydration alternates give a run each,
                 // and only the first `maxExtents` extents are answered.
