@@ -124,9 +124,14 @@ public actor JobManager {
         /// Complete, every release recorded as done: restored from its metadata alone. Its devices
         /// are never opened again (they may belong to other jobs or other owners by now).
         case finished(JobDefinition, MetadataHeader)
+        /// Paused by the operator, and closed: it holds no descriptor, thread or lock (a daemon
+        /// with thousands of paused jobs must not run out of descriptors). Its devices stay
+        /// reserved (`reservations`); a resume opens it again through `HydrationJob.open`,
+        /// which confirms that the devices are still the job's own, as a restart does.
+        case parked(JobDefinition, ParkedJob)
 
         var definition: JobDefinition {
-            switch self { case .live(_, let d), .broken(let d, _, _), .finished(let d, _): return d }
+            switch self { case .live(_, let d), .broken(let d, _, _), .finished(let d, _), .parked(let d, _): return d }
         }
 
         var isCompleteOffline: Bool {
@@ -136,6 +141,12 @@ public actor JobManager {
             default: return false
             }
         }
+    }
+
+    /// What a parked job reports: its status when it was closed (paused, everything committed).
+    struct ParkedJob: Sendable {
+        var status: JobStatus
+        var jobID: String
     }
 
     /// A removed job's record, kept because its destination holds the only copy of regions
@@ -154,6 +165,9 @@ public actor JobManager {
     }
     /// Bumped by every job's state change and every change to `jobs`: status watchers wait on it.
     public nonisolated let stateChanges = StateChangeSignal()
+    /// The last status of jobs closed by `retireCompleteJobs` (their counters: commits, bytes
+    /// discarded...), which the metadata alone does not have.
+    private var retiredStatus: [String: JobStatus] = [:]
     /// Names being created right now (creation awaits I/O; actor reentrancy must not let two
     /// Starts of one name both proceed).
     private var creating: Set<String> = []
@@ -312,6 +326,7 @@ public actor JobManager {
                 try await job.start()
             } else if def.desired == .paused {
                 await job.pause()
+                if let parked = await park(job, def) { return parked }
             }
             let state = await job.currentState
             logger.info("job restored", metadata: ["job": "\(def.name)", "state": "\(state.rawValue)"])
@@ -323,6 +338,41 @@ public actor JobManager {
                 logger.error("job could not be restored; it writes and releases nothing until resumed", metadata: ["job": "\(def.name)", "error": "\(error)"])
             }
             return .broken(def, error, header)
+        }
+    }
+
+    /// Closes a job the operator paused, so that it holds nothing while it waits: only a local,
+    /// unexported job paused cleanly (an export needs its devices; a remote source's job and a
+    /// job paused on an error keep their own machinery). nil when the job stays open.
+    private func park(_ job: HydrationJob, _ def: JobDefinition) async -> Entry? {
+        guard !def.export, !RemoteSource.isURI(def.source), await job.currentState == .paused,
+              await !job.needsReopen, await job.lastError == nil, await !job.isExported else { return nil }
+        let status = await job.status()
+        let id = await job.jobID
+        await job.close()
+        logger.info("paused job closed; it holds no descriptors until resumed", metadata: ["job": "\(def.name)"])
+        return .parked(def, ParkedJob(status: status, jobID: id))
+    }
+
+    /// Closes the jobs that completed while open and are not served over NBD, keeping them as
+    /// restored-from-metadata entries (`.finished`), as a restart would: a complete job needs
+    /// nothing open (its devices are already let go; this closes its metadata and its actors).
+    /// The daemon calls it when a job's state changes.
+    public func retireCompleteJobs() async {
+        for name in jobs.keys.sorted() {
+            guard case .live(let job, _)? = jobs[name], !published.contains(name), await job.currentState == .complete else { continue }
+            try? await serialized(name) { () async throws(HydrationError) in
+                // Checked again under the job's lock: an operation may have changed it meanwhile.
+                guard case .live(let job, let def)? = jobs[name], !published.contains(name), await !job.isExported,
+                      await job.currentState == .complete else { return }
+                let header = await job.metadataHeader
+                guard header.complete else { return }
+                let last = await job.status()
+                await job.close()
+                retiredStatus[name] = last
+                jobs[name] = .finished(def, header)
+                logger.info("complete job closed; it holds no descriptors", metadata: ["job": "\(name)"])
+            }
         }
     }
 
@@ -551,6 +601,9 @@ public actor JobManager {
                 if published.contains(name) {
                     out.append(Reservation(path: d.dest, role: "destination (served over NBD)", owner: name, keptMetadata: nil, noReaders: false))
                 }
+            case .parked:
+                out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
+                out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
             }
         }
         for (record, file) in await keptRecords() where file != keptFile {
@@ -648,6 +701,8 @@ public actor JobManager {
             throw HydrationError(.invalidState, "job \(name) could not be opened: \(e.message)")
         case .finished?:
             throw HydrationError(.invalidState, "job \(name) is complete")
+        case .parked?:
+            throw HydrationError(.invalidState, "job \(name) is paused; resume it first")
         case nil:
             throw HydrationError(.noSuchJob, "no job named \(name)")
         }
@@ -671,7 +726,13 @@ public actor JobManager {
                 await job.close()
                 jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening after running out of space"), nil)
             }
-            if case .broken(var def, _, _)? = jobs[name] {
+            var closedDefinition: JobDefinition? = nil
+            switch jobs[name] {
+            case .broken(let d, _, _)?, .parked(let d, _)?: closedDefinition = d
+            default: break
+            }
+            if var def = closedDefinition {
+                // A parked job is opened as at a restart: its devices are confirmed again.
                 // Devices the operator vouches for are still not to be another job's.
                 if acceptDevices { try await checkReservations(def, except: nil, job: name) }
                 def.desired = .hydrating
@@ -695,9 +756,11 @@ public actor JobManager {
     public func pause(_ name: String) async throws(HydrationError) -> JobStatus {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
+            if case .parked? = jobs[name] { return try await status(name) }
             let (job, _) = try live(name)
             try await setDesired(name, .paused)
             await job.pause()
+            if let def = jobs[name]?.definition, let parked = await park(job, def) { jobs[name] = parked }
             return try await status(name)
         }
     }
@@ -705,6 +768,8 @@ public actor JobManager {
     public func commit(_ name: String) async throws(HydrationError) -> JobStatus {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
+            // Parked: everything was committed when it paused.
+            if case .parked? = jobs[name] { return try await status(name) }
             let (job, _) = try live(name)
             try await job.commit()
             return try await status(name)
@@ -713,6 +778,18 @@ public actor JobManager {
 
     public func set(_ name: String, _ update: TunablesUpdate) async throws(HydrationError) -> JobStatus {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
+            if case .parked(var def, var parked)? = jobs[name] {
+                // Recorded in the definition; the reopened job starts with it.
+                let t = update.applied(to: def.tunables)
+                try t.validate(regionSize: def.regionSize)
+                def.tunables = t
+                try await persist(def)
+                parked.status.settings = .init(threshold: t.threshold, batchSize: t.batchSize,
+                                               rateLimitBytesPerSecond: t.rateLimitBytesPerSecond, commitIntervalMs: t.commitIntervalMs)
+                if def.discardSource { parked.status.spaceBudgetBytes = t.spaceBudgetBytes }
+                jobs[name] = .parked(def, parked)
+                return try await status(name)
+            }
             let (job, def) = try live(name)
             let t = update.applied(to: await job.currentTunables)
             try await job.update(t)
@@ -765,6 +842,9 @@ public actor JobManager {
             jobID = h?.jobID
         case .finished(_, let h):
             jobID = h.jobID
+        case .parked(_, let p):
+            atRisk = def.discardSource && p.status.state != .complete && p.status.bytes.committed > 0
+            jobID = p.jobID
         }
         if atRisk && !force {
             throw HydrationError(.dataAtRisk, "job \(name) has released part of its source \(def.source); the destination \(def.dest) holds the only copy of those regions and the metadata \(def.metadata) the only record of which they are. Finish it (clonectl resume \(name)), or remove it with --force: the metadata is then kept")
@@ -803,6 +883,7 @@ public actor JobManager {
         }
         jobs[name] = nil
         exportErrors[name] = nil
+        retiredStatus[name] = nil
         if kept == nil, def.metadata.hasPrefix(jobsDirectory + "/") {
             try? FileManager.default.removeItem(atPath: def.metadata)
         }
@@ -827,7 +908,8 @@ public actor JobManager {
         switch jobs[name] {
         case .live(let j, _)?: return await j.status()
         case .broken(let d, let e, let h)?: return Self.offlineStatus(d, e, h)
-        case .finished(let d, let h)?: return Self.offlineStatus(d, nil, h)
+        case .finished(let d, let h)?: return retiredStatus[name] ?? Self.offlineStatus(d, nil, h)
+        case .parked(_, let p)?: return p.status
         case nil: throw HydrationError(.noSuchJob, "no job named \(name)")
         }
     }

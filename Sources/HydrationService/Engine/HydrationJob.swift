@@ -395,6 +395,8 @@ public actor HydrationJob {
     public private(set) var needsReopen = false
     /// The metadata's job UUID.
     public var jobID: String { store.header.jobID }
+    /// The metadata's header as last committed.
+    public var metadataHeader: MetadataHeader { store.header }
     public var lastError: HydrationError? { error }
 
     /// Starts or resumes hydration. A complete job stays complete.
