@@ -186,3 +186,97 @@ def test_sighup_is_ignored(tmp):
         rc = d.stop()
     assert rc == 0
     assert not os.path.exists(d.sock)
+
+
+# --- a late opener of a file source released as it is copied ---------------------------------
+
+def _released_job(d, tmp, name):
+    src, dst = Path(tmp) / f"{name}.src", Path(tmp) / f"{name}.dst"
+    data = os.urandom(4 * MiB)
+    src.write_bytes(data)
+    d.call("Start", {"name": name, "source": str(src), "dest": str(dst), "discard_source": True,
+                     "region_size": 64 * 1024, "batch_size": 1, "rate_limit_bytes_per_second": 64 * 1024})
+    wait_until("some regions released", lambda: (
+        d.status(name)["bytes"]["discarded"] >= 128 * 1024, d.status(name)["bytes"]))
+    return src, dst, data
+
+
+def _wait_in_use(d, name):
+    def paused():
+        s = d.status(name)
+        return (s["state"] == "paused" and (s.get("error") or {}).get("code") == "DeviceInUse"), s
+    return wait_until(f"job {name} paused with DeviceInUse", paused, timeout=60)
+
+
+def test_late_opener_pauses_the_job(tmp):
+    d = Daemon(tmp).start()
+    opener = None
+    try:
+        src, dst, data = _released_job(d, tmp, "late")
+        # A reader that opens the source mid-job and keeps it open (its open blocks until the
+        # daemon gives its lease up).
+        opener = subprocess.Popen([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'rb'); print('opened', flush=True); sys.stdin.read()", str(src)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert opener.stdout.readline().strip() == "opened"
+        s = _wait_in_use(d, "late")
+        assert f"pid {opener.pid}" in s["error"]["message"], s["error"]
+        # Nothing is released any more: the source's allocation stays.
+        before = os.stat(src).st_blocks
+        discarded = s["bytes"]["discarded"]
+        # A resume while it still has the source open is refused.
+        with pytest.raises(VarlinkError) as e:
+            d.call("Resume", {"name": "late"})
+        assert e.value.name.endswith("DeviceInUse"), e.value
+        assert os.stat(src).st_blocks == before
+        assert d.status("late")["bytes"]["discarded"] == discarded
+        opener.stdin.close()
+        opener.wait(timeout=60)
+        opener = None
+        # Once it is gone: resumed by the operator, and finished.
+        d.call("Set", {"name": "late", "rate_limit_bytes_per_second": 1 << 30})
+        d.call("Resume", {"name": "late"})
+        d.wait_state("late", {"complete"}, timeout=120)
+        assert dst.read_bytes() == data
+    finally:
+        if opener:
+            opener.kill()
+            opener.wait()
+        d.stop()
+
+
+def test_late_dd_and_loop_device(tmp):
+    """A real `dd` opening the source mid-job, then a loop device attached mid-job."""
+    if shutil.which("losetup") is None or os.geteuid() != 0:
+        pytest.skip("needs root and losetup")
+    d = Daemon(tmp).start()
+    loop = None
+    try:
+        src, dst, data = _released_job(d, tmp, "dd")
+        out = subprocess.run(["dd", f"if={src}", "of=/dev/null", "bs=1M", "status=none"], timeout=120)
+        assert out.returncode == 0
+        s = _wait_in_use(d, "dd")
+        assert "dd" in s["error"]["message"] or "gone again" in s["error"]["message"], s["error"]
+        d.call("Resume", {"name": "dd"})
+        assert d.status("dd")["state"] == "hydrating"
+        loop = subprocess.run(["losetup", "-f", "--show", "-r", str(src)], capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+        s = _wait_in_use(d, "dd")
+        assert loop in s["error"]["message"], s["error"]
+        with pytest.raises(VarlinkError):
+            d.call("Resume", {"name": "dd"})
+        subprocess.run(["losetup", "-d", loop], timeout=120, check=True)
+        loop = None
+        # The kernel lets go of a detached loop's file asynchronously: retry the resume.
+        def resumed():
+            try:
+                d.call("Resume", {"name": "dd"})
+                return True, None
+            except VarlinkError as e:
+                return False, str(e)
+        wait_until("a resume after the loop device is gone", resumed, timeout=60)
+        d.call("Set", {"name": "dd", "rate_limit_bytes_per_second": 1 << 30})
+        d.wait_state("dd", {"complete"}, timeout=120)
+        assert dst.read_bytes() == data
+    finally:
+        if loop:
+            subprocess.run(["losetup", "-d", loop], timeout=120)
+        d.stop()

@@ -474,10 +474,57 @@ final class PosixDevice: StorageDevice {
     func release(offset: UInt64, length: UInt64) throws(StorageError) {
         try using(.release, offset: offset, length: length) { () throws(StorageError) in
             guard length > 0 else { return }
-            let rc = info.identity.kind == .blockDevice
-                ? hyd_blk_discard(fd, offset, length)
-                : hyd_punch_hole(fd, offset, length)
-            if rc != 0 { throw StorageError(.release, path: info.path, errno: errno, offset: offset, length: length) }
+            // The lease is checked, and the punch made, under one lock that `giveUpLease` takes
+            // too: a release never runs after the lease was given up. An opener arriving between
+            // the check and the punch is blocked in open() until the lease is given up, so it
+            // sees the punch as if it had come just after it (unless the punch outlasts the
+            // kernel's lease-break-time, 45 s by default, when the kernel revokes the lease).
+            try lease.withLock { (state: inout LeaseState) throws(StorageError) in
+                if state == .held && hyd_get_lease(fd) != hyd_lease_write() { state = .broken }
+                if state == .broken {
+                    throw StorageError(.release, path: info.path, errno: EWOULDBLOCK, offset: offset, length: length,
+                                       detail: "another process opened the source (its write lease was broken): nothing more is released")
+                }
+                let rc = info.identity.kind == .blockDevice
+                    ? hyd_blk_discard(fd, offset, length)
+                    : hyd_punch_hole(fd, offset, length)
+                if rc != 0 { throw StorageError(.release, path: info.path, errno: errno, offset: offset, length: length) }
+            }
+        }
+    }
+
+    enum LeaseState { case none, held, broken }
+    private let lease = Mutex<LeaseState>(.none)
+
+    func holdWriteLease() throws(StorageError) {
+        guard info.identity.kind == .regularFile else { return }
+        try using(.lock) { () throws(StorageError) in
+            try lease.withLock { (state: inout LeaseState) throws(StorageError) in
+                if state == .held { return }
+                if hyd_take_write_lease(fd) != 0 {
+                    throw StorageError(.lock, path: info.path, errno: errno,
+                                       detail: errno == EAGAIN ? "a write lease is refused: another process has the file open" : "cannot take a write lease")
+                }
+                state = .held
+            }
+        }
+    }
+
+    var leaseBroken: Bool {
+        guard enter() else { return false }
+        defer { leave() }
+        return lease.withLock { state in
+            if state == .held && hyd_get_lease(fd) != hyd_lease_write() { state = .broken }
+            return state == .broken
+        }
+    }
+
+    func giveUpLease() {
+        guard enter() else { return }
+        defer { leave() }
+        lease.withLock { state in
+            if state != .none { _ = hyd_drop_lease(fd) }
+            if state == .held { state = .none }
         }
     }
 
