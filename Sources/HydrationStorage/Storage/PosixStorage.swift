@@ -498,6 +498,11 @@ final class PosixDevice: StorageDevice {
 
     func holdWriteLease() throws(StorageError) {
         guard info.identity.kind == .regularFile else { return }
+        // Its own O_DIRECT descriptor would break (refuse) the lease: a device opened for direct
+        // I/O has none (the job then runs as before leases were used).
+        guard directFD < 0 else {
+            throw StorageError(.lock, path: info.path, errno: EBUSY, detail: "opened twice for direct I/O: no write lease")
+        }
         try using(.lock) { () throws(StorageError) in
             try lease.withLock { (state: inout LeaseState) throws(StorageError) in
                 if state == .held { return }
