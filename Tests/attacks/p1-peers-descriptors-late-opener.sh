@@ -5,7 +5,7 @@
 #  c) a socket-group member has the daemon copy a root-only file into a file of its own: the group
 #     is documented as root-equivalent, so this is expected (reported, not a finding);
 #  d) SIGHUP: the daemon must go on serving, and stop cleanly on SIGTERM afterwards;
-#  e) 300 jobs (paused, and hydrating under a rate limit) under a hard limit of 256 descriptors,
+#  e) 300 jobs (240 paused, 60 hydrating under a rate limit) under a hard limit of 256 descriptors,
 #     kill -9, restart under the same limit: the daemon must come up and list all of them;
 #  f) a `dd` and a loop device opening a source released as it is copied, mid-job: releases must
 #     stop (allocation unchanged), the job must pause; resumed, the clone must equal the original.
@@ -27,7 +27,7 @@ for i in range(64):
 print("streams held:", len(held), flush=True)
 sys.stdin.read()
 PY
-mkfifo $W/hold; (setpriv --reuid 65534 --regid 65534 --clear-groups python3 -I $W/flood.py $SOCK < $W/hold > $W/flood.out 2>&1) & FL=$!; PIDS+=($FL)
+mkfifo $W/hold; (setpriv --reuid 65534 --regid 65534 --clear-groups /usr/bin/python3 -I $W/flood.py $SOCK < $W/hold > $W/flood.out 2>&1) & FL=$!; PIDS+=($FL)
 exec 9>$W/hold
 for _ in $(seq 100); do grep -q "streams held" $W/flood.out && break; sleep 0.1; done
 cat $W/flood.out
@@ -35,7 +35,7 @@ if c list >/dev/null 2>&1; then say "root gets in: HELD"; else say "root locked 
 exec 9>&-; wait $FL 2>/dev/null
 
 say "b) CheckMetadata probing by a read-only peer"
-probe() { setpriv --reuid 65534 --regid 65534 --clear-groups python3 -I -c '
+probe() { setpriv --reuid 65534 --regid 65534 --clear-groups /usr/bin/python3 -I -c '
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
 s.sendall(json.dumps({"method": "org.hydrationd.Control.CheckMetadata", "parameters": {"path": sys.argv[2]}}).encode() + b"\0")
@@ -63,7 +63,7 @@ prlimit --nofile=256:256 "$BIN/hydrationd" --state-dir $ST --socket $SOCK >>$W/d
 for _ in $(seq 100); do c list >/dev/null 2>&1 && break; sleep 0.1; done
 for i in $(seq 300); do
   head -c 256K /dev/urandom > $W/many/s$i
-  if [ $i -le 270 ]; then c start m$i --source $W/many/s$i --dest $W/many/d$i --no-hydration >/dev/null 2>&1 && c pause m$i >/dev/null 2>&1
+  if [ $i -le 240 ]; then c start m$i --source $W/many/s$i --dest $W/many/d$i --no-hydration >/dev/null 2>&1 && c pause m$i >/dev/null 2>&1
   else c start m$i --source $W/many/s$i --dest $W/many/d$i --rate-limit 4K --batch-size 1 --region-size 64K >/dev/null 2>&1; fi
 done
 echo "jobs created: $(c list 2>/dev/null | grep -c '^m')  descriptors: $(ls /proc/$DPID/fd | wc -l)"

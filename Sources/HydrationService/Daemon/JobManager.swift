@@ -622,31 +622,48 @@ public actor JobManager {
         let reserved = await reservations(except: keptFile, job: skipped)
         guard !reserved.isEmpty else { return }
         let storage = self.storage
+        let cached = reservedFileStacks
         let conflict: (String, String, Reservation)?
+        let learned: [String: CachedStack]
         do {
-            conflict = try await io.run { () throws -> (String, String, Reservation)? in
+            (conflict, learned) = try await io.run { () throws -> ((String, String, Reservation)?, [String: CachedStack]) in
                 var targets: [(String, String, Bool)] = [("destination", def.dest, false)]
                 targets.append(("source", def.source, !def.discardSource))
                 var stacks: [String: StorageStack?] = [:]
+                var learned: [String: CachedStack] = [:]
+                let newPaths = Set(targets.map(\.1))
                 func stack(_ p: String) -> StorageStack? {
                     if let s = stacks[p] { return s }
+                    // A reserved regular file's stack (file, filesystem, disk) is reused while the
+                    // path names the same file: with thousands of jobs, recomputing every one at
+                    // each create made creation quadratic. A loop device or anything else attached
+                    // over it later appears in the new job's own stack, computed fresh.
+                    var st = stat()
+                    let isFile = !newPaths.contains(p) && stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
+                    if isFile, let c = cached[p], c.device == UInt64(st.st_dev), c.inode == UInt64(st.st_ino) {
+                        stacks[p] = c.stack
+                        return c.stack
+                    }
                     let s = (try? storage.stack(of: p)) ?? nil
                     stacks[p] = s
+                    if isFile { learned[p] = CachedStack(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), stack: s) }
                     return s
                 }
                 for (label, path, readOnly) in targets {
                     for r in reserved where !readOnly || r.noReaders {
-                        if r.path == path { return (label, path, r) }
+                        if r.path == path { return ((label, path, r), learned) }
                         if let a = stack(path), let b = stack(r.path), let why = a.overlap(with: b, as: label, otherLabel: r.role) {
-                            return (label, why, r)
+                            return ((label, why, r), learned)
                         }
                     }
                 }
-                return nil
+                return (nil, learned)
             }
         } catch {
             throw HydrationError(.ioError, "checking the devices of other jobs: \(error)")
         }
+        reservedFileStacks.merge(learned) { $1 }
+        if reservedFileStacks.count > 4 * max(64, jobs.count) { reservedFileStacks = learned }
         guard let (label, detail, r) = conflict else { return }
         let what = label == "destination" ? "written" : (def.discardSource ? "released" : "read while it is released")
         if let keptMetadata = r.keptMetadata {
@@ -659,6 +676,14 @@ public actor JobManager {
         e.holder = r.owner
         throw e
     }
+
+    struct CachedStack: Sendable {
+        var device: UInt64
+        var inode: UInt64
+        var stack: StorageStack?
+    }
+    /// Stacks of reserved regular files, by path (`checkReservations`).
+    private var reservedFileStacks: [String: CachedStack] = [:]
 
     struct Reservation: Sendable {
         var path: String

@@ -648,6 +648,12 @@ public actor HydrationJob {
         let source = self.source, path = configuration.sourcePath
         logger.warning("another process opened the source: releases stopped; the job pauses", metadata: ["source": "\(path)"])
         _ = try? await io.run { source.giveUpLease() }
+        func inUse(_ who: String) -> HydrationError {
+            var e = HydrationError(.deviceInUse, "source \(path) was opened by \(who) while the job was releasing it: releases stopped and the job paused (regions released before the open read as zeros there). Resume the job once that process is done with the source")
+            e.path = path
+            return e
+        }
+        error = inUse("another process")
         await pause()
         // Its open completes once the lease is given up: name it (this process has the file open too).
         let holders: [String] = (try? await io.run { () -> [String] in
@@ -658,9 +664,9 @@ public actor HydrationJob {
             }
             return []
         }) ?? []
-        var e = HydrationError(.deviceInUse, "source \(path) was opened by \(holders.isEmpty ? "another process (gone again)" : holders.joined(separator: ", ")) while the job was releasing it: releases stopped and the job paused (regions released before the open read as zeros there). Resume the job once that process is done with the source")
-        e.path = path
-        error = e
+        // Unless the operator resumed it meanwhile.
+        guard state == .paused, error?.code == .deviceInUse else { return }
+        error = inUse(holders.isEmpty ? "another process (gone again)" : holders.joined(separator: ", "))
         if state != .paused { setState(.paused) } else { stateSignal.withLock { $0 }?.signal() }
     }
 
