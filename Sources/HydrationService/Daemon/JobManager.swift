@@ -560,6 +560,8 @@ public actor JobManager {
         await publishExport(req.name)
         if req.noHydration {
             await job.pause()
+            // Created paused: closed like any paused job, until resumed.
+            if let parked = await park(job, def) { jobs[req.name] = parked }
         } else {
             try await job.start()
         }
