@@ -120,6 +120,18 @@ int hyd_probe_write_lease(int fd) {
     return 0;
 }
 
+int hyd_take_write_lease(int fd) {
+    // Not SIGIO (the default), whose default action would end the process at a break.
+    if (fcntl(fd, F_SETSIG, SIGURG) != 0) return -1;
+    return fcntl(fd, F_SETLEASE, F_WRLCK) == 0 ? 0 : -1;
+}
+
+int hyd_get_lease(int fd) { return fcntl(fd, F_GETLEASE); }
+
+int hyd_drop_lease(int fd) { return fcntl(fd, F_SETLEASE, F_UNLCK) == 0 ? 0 : -1; }
+
+int hyd_lease_write(void) { return F_WRLCK; }
+
 #if defined(__x86_64__)
 #include <stddef.h>
 __attribute__((target("sse4.2")))

@@ -41,6 +41,16 @@ public enum ControlMethod: String, CaseIterable, Sendable {
         case .start, .pause, .resume, .set, .commit, .remove: return false
         }
     }
+
+    /// Methods any peer that can connect may call: those that report the daemon's own jobs.
+    /// `CheckMetadata` changes nothing but reads a file the peer names with the daemon's rights
+    /// (whether an arbitrary path exists, what its first bytes are), so it needs a privileged peer.
+    public var isOpenToAnyPeer: Bool {
+        switch self {
+        case .getStatus, .list: return true
+        case .checkMetadata, .start, .pause, .resume, .set, .commit, .remove: return false
+        }
+    }
 }
 
 /// An empty parameter or reply object `{}`.

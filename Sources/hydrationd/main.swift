@@ -14,6 +14,8 @@ struct Hydrationd: AsyncParsableCommand {
             Jobs started with --export are served as NBD exports on a second socket (--nbd-socket).
             Under systemd it reports readiness (READY=1) once every job is restored and the socket listens,
             keeps STATUS= current, pings the watchdog and accepts a socket-activated listener.
+            SIGTERM and SIGINT stop it with a final commit of every job; SIGHUP is ignored (logged):
+            there is no configuration to reload. At start the soft descriptor limit is raised to the hard one.
             """)
 
     @Option(help: "State directory (job definitions and default metadata). Default: $STATE_DIRECTORY, /var/lib/hydrationd as root, $XDG_STATE_HOME/hydrationd otherwise.")
@@ -25,7 +27,7 @@ struct Hydrationd: AsyncParsableCommand {
     @Option(help: "NBD socket path, where exported jobs (clonectl start --export) are served. Default: nbd.sock in the control socket's directory.")
     var nbdSocket: String?
 
-    @Option(help: "Group (name or gid) owning the sockets; its members may change jobs and use exports.")
+    @Option(help: "Group (name or gid) owning the sockets; its members may create and change jobs and use exports. Membership is root-equivalent: the daemon opens the source, destination and metadata paths a member names with its own (root) rights, so a member can read any file and overwrite any file or device. Give it only to those you would give root.")
     var socketGroup: String?
 
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")

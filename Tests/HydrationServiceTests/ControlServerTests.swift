@@ -262,6 +262,126 @@ import Testing
         }
     }
 
+    /// The admission rules on their own: a read-only peer, then a group member, fill what they may;
+    /// root still gets in.
+    @Test func admissionKeepsRoomForPrivilegedPeers() {
+        let policy = ControlAccessPolicy(socketGroup: 4242, ownerUID: 0)
+        var a = ConnectionAdmission(limits: .init(total: 64, perPeer: 16, privilegedReserve: 32, ownerReserve: 8), policy: policy)
+        let reader = PeerCredentials(pid: 10, uid: 3000, gid: 3000)
+        let member = PeerCredentials(pid: 11, uid: 2000, gid: 2000, groups: [4242])
+        let root = PeerCredentials(pid: 1, uid: 0, gid: 0)
+        var admitted = 0
+        for _ in 0..<64 where a.admit(reader) == nil { admitted += 1 }
+        #expect(admitted == 16, "one uid holds at most perPeer")
+        // Other read-only uids share 32 slots.
+        var others = 0
+        for uid in UInt32(3001)..<3010 { for _ in 0..<16 where a.admit(PeerCredentials(pid: 12, uid: uid, gid: uid)) == nil { others += 1 } }
+        #expect(others == 16, "read-only peers together hold at most total - privilegedReserve")
+        #expect(a.admit(PeerCredentials.unknown) != nil, "unknown credentials count as read-only")
+        var members = 0
+        for uid in UInt32(2000)..<2010 {
+            for _ in 0..<16 where a.admit(PeerCredentials(pid: 13, uid: uid, gid: uid, groups: [4242])) == nil { members += 1 }
+        }
+        #expect(members == 56 - 32, "group members fill up to total - ownerReserve")
+        #expect(a.admit(member)?.limit == 56)
+        for _ in 0..<8 { #expect(a.admit(root) == nil, "root's reserve") }
+        #expect(a.admit(root)?.limit == 64, "root too is bounded by the total")
+        a.release(reader)
+        let otherMember = PeerCredentials(pid: 14, uid: 2005, gid: 2005, groups: [4242])
+        #expect(a.admit(otherMember) == nil, "a freed slot is anyone's within the rules")
+        #expect(a.admit(otherMember) != nil, "all 64 in use")
+        a.release(root)
+        #expect(a.admit(root) == nil)
+        // A small total (tests, tiny configurations) still admits root and others alike.
+        var small = ConnectionAdmission(limits: .init(total: 2, perPeer: 16, privilegedReserve: 32, ownerReserve: 8), policy: policy)
+        #expect(small.admit(reader) == nil)
+        #expect(small.admit(reader) != nil)
+        #expect(small.admit(root) == nil)
+        #expect(small.activeConnections == 2)
+    }
+
+    /// Real peers of other uids (setpriv): a read-only user holding 64 streaming `GetStatus more`
+    /// calls, and a socket-group member doing the same, leave room for root and for each other.
+    @Test func streamingPeersCannotLockOutRoot() async throws {
+        guard getuid() == 0, FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"),
+              FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") else {
+            print("skipped: needs root, /usr/bin/setpriv and /usr/bin/python3")
+            return
+        }
+        // Streams that never end by themselves (one update a second).
+        let handler = FakeHandler(watchUpdates: nil, watchInterval: .seconds(1))
+        try await withServer(handler: handler, configure: { $0.socketMode = 0o666; $0.socketGroup = 4242 }) { path, server, _ in
+            chmod((path as NSString).deletingLastPathComponent, 0o755)
+            chmod(((path as NSString).deletingLastPathComponent as NSString).deletingLastPathComponent, 0o755)
+            // Opens 64 connections, each a GetStatus more; prints how many streams started and how
+            // many were refused, then holds them all until its stdin closes.
+            let script = """
+                import json, socket, sys
+                held, refused = [], 0
+                for i in range(64):
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.connect(sys.argv[1])
+                    s.sendall(json.dumps({"method": "org.hydrationd.Control.GetStatus", "parameters": {}, "more": True}).encode() + b"\\0")
+                    buf = b""
+                    while b"\\0" not in buf:
+                        d = s.recv(65536)
+                        if not d: break
+                        buf += d
+                    msg = json.loads(buf.partition(b"\\0")[0] or b"{}")
+                    if msg.get("error") == "org.hydrationd.Control.TooManyConnections": refused += 1; s.close()
+                    elif msg.get("continues"): held.append(s)
+                print(json.dumps({"held": len(held), "refused": refused}), flush=True)
+                sys.stdin.read()
+                """
+            final class Flood: Sendable {
+                let process: Process
+                let stdin: Pipe
+                let summary: [String: Int]
+                init(_ privArgs: [String], script: String, path: String) throws {
+                    let p = Process()
+                    p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+                    p.arguments = privArgs + ["/usr/bin/python3", "-I", "-c", script, path]
+                    p.currentDirectoryURL = URL(fileURLWithPath: "/")
+                    let out = Pipe(), inp = Pipe()
+                    p.standardOutput = out
+                    p.standardInput = inp
+                    try p.run()
+                    var line = Data()
+                    while !line.contains(UInt8(ascii: "\n")) {
+                        let d = out.fileHandleForReading.availableData
+                        if d.isEmpty { break }
+                        line.append(d)
+                    }
+                    process = p; stdin = inp
+                    summary = (try? JSONDecoder().decode([String: Int].self, from: line)) ?? [:]
+                }
+                func stop() { try? stdin.fileHandleForWriting.close(); process.waitUntilExit() }
+            }
+            let reader = try await offPool { try Flood(["--reuid=65534", "--regid=65534", "--clear-groups"], script: script, path: path) }
+            defer { reader.stop() }
+            #expect(reader.summary == ["held": 16, "refused": 48], "one read-only uid holds at most 16 streams")
+            let member = try await offPool { try Flood(["--reuid=65533", "--regid=65533", "--groups=4242"], script: script, path: path) }
+            defer { member.stop() }
+            #expect(member.summary == ["held": 16, "refused": 48], "a group member too")
+            #expect(server.activeConnections == 32)
+            // Root (this process) gets through, and so does another read-only user.
+            let product = try await offPool { try VarlinkClient(socketPath: path).getInfo().product }
+            #expect(product == "hydrationd")
+            let other = try await offPool { try Flood(["--reuid=65532", "--regid=65532", "--clear-groups"], script: script, path: path) }
+            defer { other.stop() }
+            #expect(other.summary == ["held": 16, "refused": 48])
+            // Read-only peers share 32 slots, now all taken; root still gets through.
+            let fourth = try await offPool { () -> [String: Int] in
+                let f = try Flood(["--reuid=65531", "--regid=65531", "--clear-groups"], script: script, path: path)
+                f.stop()
+                return f.summary
+            }
+            #expect(fourth == ["held": 0, "refused": 64], "read-only peers share 32 slots")
+            let again = try await offPool { try VarlinkClient(socketPath: path).getInfo().product }
+            #expect(again == "hydrationd")
+        }
+    }
+
     @Test func idleConnectionsAreClosedButStreamsAreNot() async throws {
         // Timeouts with room for a loaded 2-core machine (the suites run in parallel): a client
         // thread may well be descheduled for a few hundred milliseconds between connect and call.
@@ -293,10 +413,12 @@ import Testing
         let member = PeerCredentials(pid: 3, uid: 2000, gid: 2000, groups: [27, 4242])
         let primary = PeerCredentials(pid: 4, uid: 2001, gid: 4242)
         let stranger = PeerCredentials(pid: 5, uid: 3000, gid: 3000, groups: [100])
-        let mutating = ControlMethod.allCases.filter { !$0.isReadOnly }.map(\.qualifiedName)
-        let readOnly = ControlMethod.allCases.filter(\.isReadOnly).map(\.qualifiedName)
+        let mutating = ControlMethod.allCases.filter { !$0.isOpenToAnyPeer }.map(\.qualifiedName)
+        let readOnly = ControlMethod.allCases.filter(\.isOpenToAnyPeer).map(\.qualifiedName)
             + ["org.varlink.service.GetInfo", "org.varlink.service.GetInterfaceDescription"]
-        #expect(mutating.count == 6)
+        // The six that change state, and CheckMetadata (it reads any path with the daemon's rights).
+        #expect(mutating.count == 7)
+        #expect(mutating.contains(ControlMethod.checkMetadata.qualifiedName))
         for m in mutating {
             for p in [root, owner, member, primary] { #expect(policy.authorize(method: m, peer: p) == nil, "\(p) \(m)") }
             for p in [stranger, PeerCredentials.unknown] {

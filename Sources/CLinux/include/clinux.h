@@ -41,6 +41,16 @@ int hyd_btrfs_fsid(int fd, uint8_t *fsid);
 // Takes a write lease (F_SETLEASE F_WRLCK) and drops it at once: 0 when nobody else has the file
 // open, -1 with errno EAGAIN when someone does (other errors: cannot tell).
 int hyd_probe_write_lease(int fd);
+// Takes a write lease and keeps it: 0, or -1 with errno (EAGAIN: someone else has the file open).
+// A break is signalled with SIGURG (ignored by default); the holder polls `hyd_get_lease`.
+int hyd_take_write_lease(int fd);
+// F_GETLEASE: F_WRLCK while the lease is held and unbroken; F_RDLCK or F_UNLCK while it is being
+// broken (the kernel's target); F_UNLCK once gone; -1 on error.
+int hyd_get_lease(int fd);
+// F_SETLEASE F_UNLCK: gives the lease up (a blocked opener proceeds).
+int hyd_drop_lease(int fd);
+// The values of F_WRLCK and F_UNLCK, for Swift.
+int hyd_lease_write(void);
 
 // CRC-32C (Castagnoli) update with the SSE4.2 crc32 instruction; sets *ok to 0 when the CPU
 // lacks it (the caller then uses its table-driven version). `crc` is the running, inverted value.

@@ -2,11 +2,13 @@ import ControlProtocol
 
 /// Who may call what on the control socket.
 ///
-/// - Read-only methods (`org.varlink.service.*`, `GetStatus`, `List`, `CheckMetadata`) are open to any
-///   peer that can connect (the socket's 0660 mode already limits who can).
-/// - Mutating methods (`Start`, `Pause`, `Resume`, `Set`, `Commit`, `Remove`, and any method this
-///   version does not know) need a peer that is root, runs as the daemon's own user, or has the
-///   socket group as its primary or a supplementary group.
+/// - Read-only methods about the daemon's own jobs (`org.varlink.service.*`, `GetStatus`, `List`)
+///   are open to any peer that can connect (the socket's 0660 mode already limits who can).
+/// - Everything else (`Start`, `Pause`, `Resume`, `Set`, `Commit`, `Remove`, `CheckMetadata`, which
+///   reads a path the peer names with the daemon's rights, and any method this version does not
+///   know) needs a peer that is root, runs as the daemon's own user, or has the socket group as its
+///   primary or a supplementary group. Such a peer is root-equivalent: the daemon opens the paths
+///   it names as root (docs/systemd.md, "Who may do what").
 public struct ControlAccessPolicy: Sendable, Equatable {
     /// The `--socket-group` gid, if any.
     public var socketGroup: UInt32?
@@ -18,7 +20,7 @@ public struct ControlAccessPolicy: Sendable, Equatable {
         self.ownerUID = ownerUID
     }
 
-    /// True for methods anyone connected may call.
+    /// True for methods anyone connected may call (`ControlMethod.isOpenToAnyPeer`).
     public static func isReadOnly(method: String) -> Bool {
         if method == "org.varlink.service.GetInfo" || method == "org.varlink.service.GetInterfaceDescription" {
             return true
@@ -27,7 +29,7 @@ public struct ControlAccessPolicy: Sendable, Equatable {
         guard method.hasPrefix(prefix), let m = ControlMethod(rawValue: String(method.dropFirst(prefix.count))) else {
             return false
         }
-        return m.isReadOnly
+        return m.isOpenToAnyPeer
     }
 
     /// True when `peer` is privileged: root, the daemon's user, or in the socket group.

@@ -26,8 +26,15 @@ public struct ControlServerConfiguration: Sendable {
     public var socketGroup: UInt32?
     public var socketMode: UInt32 = 0o660
     /// Connections served at once. Beyond it a new connection gets `TooManyConnections` in reply to
-    /// its first call (or is closed after `overLimitGrace` without one).
+    /// its first call (or is closed after `overLimitGrace` without one). Within it
+    /// (`ConnectionAdmission`): read-only peers together may hold all but `privilegedReserve`,
+    /// socket-group members with them all but `ownerReserve`, and each uid other than root and the
+    /// daemon's own at most `maxConnectionsPerPeer`; root and the daemon's user always find room
+    /// unless they themselves hold it.
     public var maxConnections = 64
+    public var maxConnectionsPerPeer = 16
+    public var privilegedReserve = 32
+    public var ownerReserve = 8
     /// A connection with no request in flight and nothing received for this long is closed.
     public var idleTimeout: Duration = .seconds(60)
     public var overLimitGrace: Duration = .seconds(2)
@@ -47,6 +54,102 @@ public struct ControlServerConfiguration: Sendable {
 
     public var accessPolicy: ControlAccessPolicy {
         ControlAccessPolicy(socketGroup: socketGroup, ownerUID: ownerUID)
+    }
+
+    var admissionLimits: ConnectionAdmission.Limits {
+        .init(total: maxConnections, perPeer: maxConnectionsPerPeer, privilegedReserve: privilegedReserve,
+              ownerReserve: ownerReserve)
+    }
+}
+
+/// Who gets one of the control socket's connection slots. Decided at accept from the peer's
+/// credentials (SO_PEERCRED), so a flood by one class of peer cannot lock out a more privileged
+/// one: streaming `GetStatus more` calls are never idle-cut, so without these limits a read-only
+/// peer holding every slot would lock root out indefinitely.
+///
+/// - root and the daemon's own user: admitted while fewer than `total` connections are open;
+/// - socket-group members: while fewer than `total - ownerReserve` are open and their uid holds
+///   fewer than `perPeer`;
+/// - any other (read-only) peer: while read-only peers hold fewer than `total - privilegedReserve`
+///   and its uid holds fewer than `perPeer`; a peer whose credentials are unknown counts as read-only.
+/// Reserves are capped at half the total so that a small limit still admits everyone.
+public struct ConnectionAdmission: Sendable {
+    public struct Limits: Sendable, Equatable {
+        public var total: Int
+        public var perPeer: Int
+        public var privilegedReserve: Int
+        public var ownerReserve: Int
+
+        public init(total: Int = 64, perPeer: Int = 16, privilegedReserve: Int = 32, ownerReserve: Int = 8) {
+            self.total = total; self.perPeer = perPeer; self.privilegedReserve = privilegedReserve; self.ownerReserve = ownerReserve
+        }
+    }
+
+    public enum PeerClass: Sendable, Equatable { case owner, privileged, readOnly }
+
+    /// A refusal, for the log and the reply.
+    public struct Refusal: Sendable, Equatable, CustomStringConvertible {
+        public var limit: Int
+        public var reason: String
+        public var description: String { reason }
+    }
+
+    public let limits: Limits
+    public let policy: ControlAccessPolicy
+    private(set) var total = 0
+    private(set) var readOnly = 0
+    private(set) var nonOwner = 0
+    private(set) var perUID: [UInt32: Int] = [:]
+
+    public init(limits: Limits, policy: ControlAccessPolicy) {
+        self.limits = limits
+        self.policy = policy
+    }
+
+    public func peerClass(_ peer: PeerCredentials) -> PeerClass {
+        if peer.uid != UInt32.max && (peer.uid == 0 || peer.uid == policy.ownerUID) { return .owner }
+        return policy.isPrivileged(peer) ? .privileged : .readOnly
+    }
+
+    public var activeConnections: Int { total }
+
+    /// Takes a slot for `peer`, or says why not. Each admitted peer must be `release`d once.
+    public mutating func admit(_ peer: PeerCredentials) -> Refusal? {
+        let cls = peerClass(peer)
+        let half = limits.total / 2
+        if total >= limits.total {
+            return Refusal(limit: limits.total, reason: "all \(limits.total) connections are in use")
+        }
+        if cls != .owner {
+            let cap = limits.total - min(limits.ownerReserve, half)
+            if nonOwner >= cap {
+                return Refusal(limit: cap, reason: "\(cap) connections of peers other than root and the daemon's user are in use (\(limits.total - cap) kept for them)")
+            }
+            if perUID[peer.uid, default: 0] >= limits.perPeer {
+                return Refusal(limit: limits.perPeer, reason: "uid \(peer.uid) already holds \(limits.perPeer) connections, the limit per peer")
+            }
+        }
+        if cls == .readOnly {
+            let cap = limits.total - min(limits.privilegedReserve, half)
+            if readOnly >= cap {
+                return Refusal(limit: cap, reason: "read-only peers hold \(cap) connections, their share (\(limits.total - cap) kept for privileged peers)")
+            }
+        }
+        total += 1
+        if cls != .owner { nonOwner += 1; perUID[peer.uid, default: 0] += 1 }
+        if cls == .readOnly { readOnly += 1 }
+        return nil
+    }
+
+    public mutating func release(_ peer: PeerCredentials) {
+        let cls = peerClass(peer)
+        total -= 1
+        if cls != .owner {
+            nonOwner -= 1
+            let n = perUID[peer.uid, default: 1] - 1
+            perUID[peer.uid] = n > 0 ? n : nil
+        }
+        if cls == .readOnly { readOnly -= 1 }
     }
 }
 
@@ -91,7 +194,7 @@ public final class ControlServer: Service, Sendable {
     private let logger: Logger
     private let onListening: @Sendable (ListeningInfo) async -> Void
     private let state = Mutex(State())
-    private let admitted = Atomic<Int>(0)
+    private let admission: Mutex<ConnectionAdmission>
 
     private struct State: ~Copyable {
         var started = false
@@ -102,7 +205,8 @@ public final class ControlServer: Service, Sendable {
 
     private struct Connection: Sendable {
         var channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
-        var admitted: Bool
+        var refusal: ConnectionAdmission.Refusal?
+        var peer: PeerCredentials
         var activity: ConnectionActivity
     }
 
@@ -118,10 +222,11 @@ public final class ControlServer: Service, Sendable {
         self.group = eventLoopGroup
         self.logger = logger
         self.onListening = onListening
+        self.admission = Mutex(ConnectionAdmission(limits: configuration.admissionLimits, policy: configuration.accessPolicy))
     }
 
     /// Number of connections currently admitted (below the limit).
-    public var activeConnections: Int { admitted.load(ordering: .relaxed) }
+    public var activeConnections: Int { admission.withLock { $0.activeConnections } }
 
     /// Stops accepting, closes every connection; `run()` then returns. Safe to call at any time.
     public func shutdown() {
@@ -169,7 +274,9 @@ public final class ControlServer: Service, Sendable {
             .serverChannelOption(.backlog, value: 128)
         return try await Self.bindUnixListener(bootstrap, listener: configuration.listener, mode: configuration.socketMode,
                                                group: configuration.socketGroup) { channel in
-            channel.eventLoop.makeCompletedFuture { try self.initializeConnection(channel) }
+            // The peer's credentials decide its admission; read on the channel's event loop, the
+            // future is already complete (no round trip).
+            Self.peerCredentialsFuture(of: channel).flatMapThrowing { peer in try self.initializeConnection(channel, peer: peer) }
         }
     }
 
@@ -273,17 +380,9 @@ public final class ControlServer: Service, Sendable {
     // MARK: connections
 
     /// Runs on the child channel's event loop for each accepted connection.
-    private func initializeConnection(_ channel: any Channel) throws -> Connection {
-        let limit = configuration.maxConnections
-        var isAdmitted = false
-        while true {
-            let current = admitted.load(ordering: .relaxed)
-            if current >= limit { break }
-            if admitted.compareExchange(expected: current, desired: current + 1, ordering: .relaxed).exchanged {
-                isAdmitted = true
-                break
-            }
-        }
+    private func initializeConnection(_ channel: any Channel, peer: PeerCredentials) throws -> Connection {
+        let refusal = admission.withLock { $0.admit(peer) }
+        let isAdmitted = refusal == nil
         let id = ObjectIdentifier(channel)
         let countedAdmission = isAdmitted
         let closeNow = state.withLock { st in
@@ -291,7 +390,7 @@ public final class ControlServer: Service, Sendable {
             return st.shuttingDown
         }
         channel.closeFuture.whenComplete { _ in
-            if countedAdmission { self.admitted.subtract(1, ordering: .relaxed) }
+            if countedAdmission { self.admission.withLock { $0.release(peer) } }
             _ = self.state.withLock { $0.connections.removeValue(forKey: id) }
         }
         if closeNow { channel.close(promise: nil) }
@@ -303,21 +402,20 @@ public final class ControlServer: Service, Sendable {
         try ops.addHandler(IdleCloseHandler(activity: activity))
         try ops.addHandler(ByteToMessageHandler(VarlinkFrameNIODecoder(maxMessageSize: configuration.maxMessageSize)))
         let async = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
-        return Connection(channel: async, admitted: isAdmitted, activity: activity)
+        return Connection(channel: async, refusal: refusal, peer: peer, activity: activity)
     }
 
     private func serve(_ connection: Connection) async {
-        let channel = connection.channel.channel
-        let peer = await Self.peerCredentials(of: channel)
+        let peer = connection.peer
         var log = logger
         log[metadataKey: "peer"] = "\(peer)"
         do {
             try await connection.channel.executeThenClose { inbound, outbound in
-                if !connection.admitted {
-                    log.warning("connection refused: too many connections", metadata: ["limit": "\(configuration.maxConnections)"])
+                if let refusal = connection.refusal {
+                    log.warning("connection refused: too many connections", metadata: ["reason": "\(refusal)"])
                     var it = inbound.makeAsyncIterator()
                     if (try? await it.next()) != nil {
-                        try? await outbound.write(Self.frame(VarlinkReply(error: .tooManyConnections(limit: configuration.maxConnections))))
+                        try? await outbound.write(Self.frame(VarlinkReply(error: .tooManyConnections(limit: refusal.limit))))
                     }
                     return
                 }
@@ -336,22 +434,26 @@ public final class ControlServer: Service, Sendable {
     }
 
     static func peerCredentials(of channel: any Channel) async -> PeerCredentials {
-        guard let provider = channel as? any SocketOptionProvider else { return .unknown }
-        do {
-            let cred: PeerUCred = try await provider.unsafeGetSocketOption(
-                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED)
-            ).get()
-            var groups: [UInt32] = []
-            // SO_PEERGROUPS (Linux 4.13+); the buffer is zero-filled, so zero entries are padding.
-            if let raw: InlineArray<64, UInt32> = try? await provider.unsafeGetSocketOption(
-                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(59)
-            ).get() {
+        (try? await peerCredentialsFuture(of: channel).get()) ?? .unknown
+    }
+
+    /// SO_PEERCRED and SO_PEERGROUPS of a connection (`.unknown` when they cannot be read).
+    static func peerCredentialsFuture(of channel: any Channel) -> EventLoopFuture<PeerCredentials> {
+        guard let provider = channel as? any SocketOptionProvider else { return channel.eventLoop.makeSucceededFuture(.unknown) }
+        let cred: EventLoopFuture<PeerUCred> = provider.unsafeGetSocketOption(
+            level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
+        // SO_PEERGROUPS (Linux 4.13+); the buffer is zero-filled, so zero entries are padding.
+        let rawGroups: EventLoopFuture<InlineArray<64, UInt32>> = provider.unsafeGetSocketOption(
+            level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(59))
+        return cred.flatMap { cred in
+            rawGroups.map { raw -> [UInt32] in
+                var groups: [UInt32] = []
                 for i in raw.indices where raw[i] != 0 { groups.append(raw[i]) }
+                return groups
+            }.recover { _ in [] }.map { groups in
+                PeerCredentials(pid: cred.pid, uid: cred.uid, gid: cred.gid, groups: groups)
             }
-            return PeerCredentials(pid: cred.pid, uid: cred.uid, gid: cred.gid, groups: groups)
-        } catch {
-            return .unknown
-        }
+        }.recover { _ in .unknown }
     }
 
     static func frame(_ reply: VarlinkReply) throws -> ByteBuffer {

@@ -47,6 +47,17 @@ public enum HydrationDaemon {
     public static func run(_ options: DaemonOptions, logger: Logger) async throws {
         // A client that disappears mid-reply must not kill the daemon.
         signal(SIGPIPE, SIG_IGN)
+        // SIGHUP's default action ends the process without final commits and leaves the socket
+        // file behind. There is no configuration to reload: it is ignored (and logged, below).
+        signal(SIGHUP, SIG_IGN)
+        let limit = raiseDescriptorLimit()
+        if let limit {
+            logger.info("descriptor limit", metadata: ["soft": "\(limit.soft)", "hard": "\(limit.hard)", "raised_from": "\(limit.previousSoft)"])
+            if limit.soft < DescriptorLimit.recommended {
+                logger.warning("the descriptor limit is low: each open job holds a few descriptors (a complete or paused one none); raise LimitNOFILE=",
+                               metadata: ["soft": "\(limit.soft)", "recommended": "\(DescriptorLimit.recommended)"])
+            }
+        }
         let gid = try resolveGroup(options.socketGroup)
         let notifier = SystemdNotifier()
         let io = IOExecutor(threads: options.ioThreads)
@@ -79,11 +90,17 @@ public enum HydrationDaemon {
             logger: logger, onListening: { _ in readiness.done() })
         let exports = JobExportHost(registry: registry, server: nbdServer, socketPath: nbdPath)
         let manager = JobManager(stateDirectory: options.stateDirectory, io: io, logger: logger, exports: exports)
+        // Descriptors kept aside while the jobs are restored, given back just before the sockets
+        // are bound: jobs that exhaust the limit are reported as not opened, and the daemon still
+        // serves its sockets (to report them, and to take the operator's orders).
+        let reserve = DescriptorReserve(count: DescriptorReserve.forSockets)
         do {
             try await manager.restore()
         } catch {
+            reserve.release()
             throw DaemonError(description: "cannot use state directory \(options.stateDirectory): \(error)")
         }
+        reserve.release()
 
         let listener: ControlServerConfiguration.Listener
         if let fd = activated.control {
@@ -110,7 +127,8 @@ public enum HydrationDaemon {
         // Services stop in reverse order, each once the previous one has ended: the control socket
         // first, then the NBD server (requests in flight answered), then the jobs (final commits).
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: supervisor), .init(service: nbdServer), .init(service: server)],
+            services: [.init(service: HangupIgnorer(logger: logger)), .init(service: supervisor), .init(service: nbdServer),
+                       .init(service: server)],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         do {
@@ -123,6 +141,34 @@ public enum HydrationDaemon {
         await io.shutdown()
         logger.info("stopped")
     }
+
+    /// RLIMIT_NOFILE as the daemon runs with it.
+    public struct DescriptorLimit: Sendable, Equatable {
+        public var previousSoft: UInt64
+        public var soft: UInt64
+        public var hard: UInt64
+        /// Below this the daemon warns at start (the packaged unit sets far more).
+        public static let recommended: UInt64 = 65536
+    }
+
+    /// Raises the soft RLIMIT_NOFILE to the hard limit (systemd and most shells start services with
+    /// a soft limit of 1024, which a few hundred open jobs, their clients and the sockets exceed;
+    /// nothing in the daemon uses select(), so descriptors above 1024 are safe). nil when the limit
+    /// cannot be read; a refused raise (a seccomp filter) keeps the soft limit and reports it.
+    @discardableResult
+    public static func raiseDescriptorLimit() -> DescriptorLimit? {
+        var rl = rlimit()
+        guard getrlimit(resourceNOFILE, &rl) == 0 else { return nil }
+        let previous = UInt64(rl.rlim_cur)
+        if rl.rlim_cur < rl.rlim_max {
+            var raised = rl
+            raised.rlim_cur = rl.rlim_max
+            if setrlimit(resourceNOFILE, &raised) == 0 { rl = raised }
+        }
+        return DescriptorLimit(previousSoft: previous, soft: UInt64(rl.rlim_cur), hard: UInt64(rl.rlim_max))
+    }
+
+    private static var resourceNOFILE: __rlimit_resource_t { __rlimit_resource_t(RLIMIT_NOFILE.rawValue) }
 
     /// The path a listening Unix socket is bound to (getsockname), nil if none or not AF_UNIX.
     static func boundUnixPath(_ fd: Int32) -> String? {
@@ -163,7 +209,14 @@ final class JobSupervisor: Service, Sendable {
 
     func run() async throws {
         var last = ""
+        var seenChanges: UInt64 = .max
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            // A job completed (or changed state otherwise): close those that are complete.
+            let changes = manager.stateChanges.generation
+            if changes != seenChanges {
+                seenChanges = changes
+                await manager.retireCompleteJobs()
+            }
             let jobs = await manager.statusAll()
             watchdog?.pingIfDue()
             let line = statusLine(jobs: jobs)
@@ -176,6 +229,52 @@ final class JobSupervisor: Service, Sendable {
         _ = notifier.stopping(status: "committing and pausing jobs")
         logger.info("shutting down: final commits")
         await manager.shutdown()
+    }
+}
+
+/// Descriptors (of /dev/null) held aside so that something else may use them later: opened before
+/// the jobs are restored, closed just before the sockets are bound.
+final class DescriptorReserve: Sendable {
+    /// The two listening sockets, the event loops' epoll/eventfd/timerfd and the first clients.
+    static let forSockets = 32
+    private let fds: Mutex<[Int32]>
+
+    init(count: Int) {
+        var fds: [Int32] = []
+        for _ in 0..<count {
+            let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+            if fd < 0 { break }
+            fds.append(fd)
+        }
+        self.fds = Mutex(fds)
+    }
+
+    var count: Int { fds.withLock { $0.count } }
+
+    func release() {
+        let all = fds.withLock { f -> [Int32] in defer { f = [] }; return f }
+        for fd in all { close(fd) }
+    }
+
+    deinit { release() }
+}
+
+/// SIGHUP is ignored (the daemon has no configuration to reload; restart it to change options):
+/// each one is logged, so an operator who sent it sees that it did nothing.
+final class HangupIgnorer: Service, Sendable {
+    let logger: Logger
+    init(logger: Logger) { self.logger = logger }
+
+    func run() async throws {
+        // SIG_IGN stays in place (set at start); the signal source still sees each delivery.
+        let (hangups, continuation) = AsyncStream<Void>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        let source = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
+        source.setEventHandler { continuation.yield() }
+        source.resume()
+        defer { source.cancel(); continuation.finish() }
+        for await _ in hangups.cancelOnGracefulShutdown() {
+            logger.notice("SIGHUP ignored: hydrationd has no configuration to reload (restart the service to change its options)")
+        }
     }
 }
 

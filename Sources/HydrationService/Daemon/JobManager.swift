@@ -78,10 +78,15 @@ public actor JobManager {
         /// `JobRecordUnreadable`, every device found in the record's text or its metadata stays
         /// reserved, and nothing is opened, written or released until the operator acts.
         case unreadable(UnreadableRecord)
+        /// Paused by the operator, and closed: it holds no descriptor, thread or lock (a daemon
+        /// with thousands of paused jobs must not run out of descriptors). Its devices stay
+        /// reserved (`reservations`); a resume opens it again through `HydrationJob.open`,
+        /// which confirms that the devices are still the job's own, as a restart does.
+        case parked(JobDefinition, ParkedJob)
 
         var definition: JobDefinition {
             switch self {
-            case .live(_, let d), .broken(let d, _, _), .finished(let d, _): return d
+            case .live(_, let d), .broken(let d, _, _), .finished(let d, _), .parked(let d, _): return d
             case .unreadable(let u): return u.definition
             }
         }
@@ -95,6 +100,12 @@ public actor JobManager {
         }
     }
 
+    /// What a parked job reports: its status when it was closed (paused, everything committed).
+    struct ParkedJob: Sendable {
+        var status: JobStatus
+        var jobID: String
+    }
+
     public nonisolated let stateDirectory: String
     private let storage: any StorageProvider
     private let io: IOExecutor
@@ -104,6 +115,9 @@ public actor JobManager {
     }
     /// Bumped by every job's state change and every change to `jobs`: status watchers wait on it.
     public nonisolated let stateChanges = StateChangeSignal()
+    /// The last status of jobs closed by `retireCompleteJobs` (their counters: commits, bytes
+    /// discarded...), which the metadata alone does not have.
+    private var retiredStatus: [String: JobStatus] = [:]
     /// Names being created right now (creation awaits I/O; actor reentrancy must not let two
     /// Starts of one name both proceed).
     private var creating: Set<String> = []
@@ -295,6 +309,7 @@ public actor JobManager {
                 try await job.start()
             } else if def.desired == .paused {
                 await job.pause()
+                if let parked = await park(job, def) { return parked }
             }
             let state = await job.currentState
             logger.info("job restored", metadata: ["job": "\(def.name)", "state": "\(state.rawValue)"])
@@ -306,6 +321,41 @@ public actor JobManager {
                 logger.error("job could not be restored; it writes and releases nothing until resumed", metadata: ["job": "\(def.name)", "error": "\(error)"])
             }
             return .broken(def, error, header)
+        }
+    }
+
+    /// Closes a job the operator paused, so that it holds nothing while it waits: only a local,
+    /// unexported job paused cleanly (an export needs its devices; a remote source's job and a
+    /// job paused on an error keep their own machinery). nil when the job stays open.
+    private func park(_ job: HydrationJob, _ def: JobDefinition) async -> Entry? {
+        guard !def.export, !RemoteSource.isURI(def.source), await job.currentState == .paused,
+              await !job.needsReopen, await job.lastError == nil, await !job.isExported else { return nil }
+        let status = await job.status()
+        let id = await job.jobID
+        await job.close()
+        logger.info("paused job closed; it holds no descriptors until resumed", metadata: ["job": "\(def.name)"])
+        return .parked(def, ParkedJob(status: status, jobID: id))
+    }
+
+    /// Closes the jobs that completed while open and are not served over NBD, keeping them as
+    /// restored-from-metadata entries (`.finished`), as a restart would: a complete job needs
+    /// nothing open (its devices are already let go; this closes its metadata and its actors).
+    /// The daemon calls it when a job's state changes.
+    public func retireCompleteJobs() async {
+        for name in jobs.keys.sorted() {
+            guard case .live(let job, _)? = jobs[name], !published.contains(name), await job.currentState == .complete else { continue }
+            try? await serialized(name) { () async throws(HydrationError) in
+                // Checked again under the job's lock: an operation may have changed it meanwhile.
+                guard case .live(let job, let def)? = jobs[name], !published.contains(name), await !job.isExported,
+                      await job.currentState == .complete else { return }
+                let header = await job.metadataHeader
+                guard header.complete else { return }
+                let last = await job.status()
+                await job.close()
+                retiredStatus[name] = last
+                jobs[name] = .finished(def, header)
+                logger.info("complete job closed; it holds no descriptors", metadata: ["job": "\(name)"])
+            }
         }
     }
 
@@ -504,6 +554,8 @@ public actor JobManager {
         await publishExport(req.name)
         if req.noHydration {
             await job.pause()
+            // Created paused: closed like any paused job, until resumed.
+            if let parked = await park(job, def) { jobs[req.name] = parked }
         } else {
             do {
                 try await job.start()
@@ -588,6 +640,9 @@ public actor JobManager {
             case .unreadable(let u):
                 // Complete or not, unknown until the record is read: everything it names.
                 out += Self.reservations(of: u, kept: false)
+            case .parked:
+                out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
+                out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
             }
         }
         let kept = await keptScan()
@@ -625,31 +680,48 @@ public actor JobManager {
             throw e
         }
         let storage = self.storage
+        let cached = reservedFileStacks
         let conflict: (String, String, Reservation)?
+        let learned: [String: CachedStack]
         do {
-            conflict = try await io.run { () throws -> (String, String, Reservation)? in
+            (conflict, learned) = try await io.run { () throws -> ((String, String, Reservation)?, [String: CachedStack]) in
                 var targets: [(String, String, Bool)] = [("destination", def.dest, false)]
                 targets.append(("source", def.source, !def.discardSource))
                 var stacks: [String: StorageStack?] = [:]
+                var learned: [String: CachedStack] = [:]
+                let newPaths = Set(targets.map(\.1))
                 func stack(_ p: String) -> StorageStack? {
                     if let s = stacks[p] { return s }
+                    // A reserved regular file's stack (file, filesystem, disk) is reused while the
+                    // path names the same file: with thousands of jobs, recomputing every one at
+                    // each create made creation quadratic. A loop device or anything else attached
+                    // over it later appears in the new job's own stack, computed fresh.
+                    var st = stat()
+                    let isFile = !newPaths.contains(p) && stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
+                    if isFile, let c = cached[p], c.device == UInt64(st.st_dev), c.inode == UInt64(st.st_ino) {
+                        stacks[p] = c.stack
+                        return c.stack
+                    }
                     let s = (try? storage.stack(of: p)) ?? nil
                     stacks[p] = s
+                    if isFile { learned[p] = CachedStack(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), stack: s) }
                     return s
                 }
                 for (label, path, readOnly) in targets {
                     for r in reserved where !readOnly || r.noReaders {
-                        if r.path == path { return (label, path, r) }
+                        if r.path == path { return ((label, path, r), learned) }
                         if let a = stack(path), let b = stack(r.path), let why = a.overlap(with: b, as: label, otherLabel: r.role) {
-                            return (label, why, r)
+                            return ((label, why, r), learned)
                         }
                     }
                 }
-                return nil
+                return (nil, learned)
             }
         } catch {
             throw HydrationError(.ioError, "checking the devices of other jobs: \(error)")
         }
+        reservedFileStacks.merge(learned) { $1 }
+        if reservedFileStacks.count > 4 * max(64, jobs.count) { reservedFileStacks = learned }
         guard let (label, detail, r) = conflict else { return }
         let what = label == "destination" ? "written" : (def.discardSource ? "released" : "read while it is released")
         if var e = r.unreadable {
@@ -666,6 +738,14 @@ public actor JobManager {
         e.holder = r.owner
         throw e
     }
+
+    struct CachedStack: Sendable {
+        var device: UInt64
+        var inode: UInt64
+        var stack: StorageStack?
+    }
+    /// Stacks of reserved regular files, by path (`checkReservations`).
+    private var reservedFileStacks: [String: CachedStack] = [:]
 
     struct Reservation: Sendable {
         var path: String
@@ -730,6 +810,8 @@ public actor JobManager {
             throw HydrationError(.invalidState, "job \(name) is complete")
         case .unreadable(let u)?:
             throw u.error(kept: false)
+        case .parked?:
+            throw HydrationError(.invalidState, "job \(name) is paused; resume it first")
         case nil:
             throw HydrationError(.noSuchJob, "no job named \(name)")
         }
@@ -766,7 +848,13 @@ public actor JobManager {
                 await job.close()
                 jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening from the last commit"), nil)
             }
-            if case .broken(var def, _, _)? = jobs[name] {
+            var closedDefinition: JobDefinition? = nil
+            switch jobs[name] {
+            case .broken(let d, _, _)?, .parked(let d, _)?: closedDefinition = d
+            default: break
+            }
+            if var def = closedDefinition {
+                // A parked job is opened as at a restart: its devices are confirmed again.
                 // Devices the operator vouches for are still not to be another job's.
                 if acceptDevices { try await checkReservations(def, except: nil, job: name) }
                 def.desired = .hydrating
@@ -797,9 +885,11 @@ public actor JobManager {
     public func pause(_ name: String) async throws(HydrationError) -> JobStatus {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
+            if case .parked? = jobs[name] { return try await status(name) }
             let (job, _) = try live(name)
             try await setDesired(name, .paused)
             await job.pause()
+            if let def = jobs[name]?.definition, let parked = await park(job, def) { jobs[name] = parked }
             return try await status(name)
         }
     }
@@ -807,6 +897,8 @@ public actor JobManager {
     public func commit(_ name: String) async throws(HydrationError) -> JobStatus {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
             if jobs[name]?.isCompleteOffline == true { return try await status(name) }
+            // Parked: everything was committed when it paused.
+            if case .parked? = jobs[name] { return try await status(name) }
             let (job, _) = try live(name)
             try await job.commit()
             return try await status(name)
@@ -815,6 +907,18 @@ public actor JobManager {
 
     public func set(_ name: String, _ update: TunablesUpdate) async throws(HydrationError) -> JobStatus {
         try await serialized(name) { () async throws(HydrationError) -> JobStatus in
+            if case .parked(var def, var parked)? = jobs[name] {
+                // Recorded in the definition; the reopened job starts with it.
+                let t = update.applied(to: def.tunables)
+                try t.validate(regionSize: def.regionSize)
+                def.tunables = t
+                try await persist(def)
+                parked.status.settings = .init(threshold: t.threshold, batchSize: t.batchSize,
+                                               rateLimitBytesPerSecond: t.rateLimitBytesPerSecond, commitIntervalMs: t.commitIntervalMs)
+                if def.discardSource { parked.status.spaceBudgetBytes = t.spaceBudgetBytes }
+                jobs[name] = .parked(def, parked)
+                return try await status(name)
+            }
             let (job, def) = try live(name)
             let t = update.applied(to: await job.currentTunables)
             try await job.update(t)
@@ -875,6 +979,9 @@ public actor JobManager {
             unreadable = u
             atRisk = !u.namesNothing
             jobID = u.header?.jobID
+        case .parked(_, let p):
+            atRisk = def.discardSource && p.status.state != .complete && p.status.bytes.committed > 0
+            jobID = p.jobID
         }
         if atRisk && !force {
             throw HydrationError(.dataAtRisk, "job \(name) has released part of its source \(def.source); the destination \(def.dest) holds the only copy of those regions and the metadata \(def.metadata) the only record of which they are. Finish it (clonectl resume \(name)), or remove it with --force: the metadata is then kept")
@@ -952,6 +1059,7 @@ public actor JobManager {
         }
         jobs[name] = nil
         exportErrors[name] = nil
+        retiredStatus[name] = nil
         if kept == nil, unreadable == nil, def.metadata.hasPrefix(jobsDirectory + "/") {
             let metadata = def.metadata
             _ = try? await io.run { try FileManager.default.removeItem(atPath: metadata) }
@@ -977,7 +1085,8 @@ public actor JobManager {
         switch jobs[name] {
         case .live(let j, _)?: return await j.status()
         case .broken(let d, let e, let h)?: return Self.offlineStatus(d, e, h)
-        case .finished(let d, let h)?: return Self.offlineStatus(d, nil, h)
+        case .finished(let d, let h)?: return retiredStatus[name] ?? Self.offlineStatus(d, nil, h)
+        case .parked(_, let p)?: return p.status
         case .unreadable(let u)?:
             // Failed whatever its metadata says: the record that says what the job is, is not read.
             var s = Self.offlineStatus(u.definition, nil, u.header)

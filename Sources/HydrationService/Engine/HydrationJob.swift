@@ -121,6 +121,7 @@ public actor HydrationJob {
         var cfg = config
         cfg.destZeroed = opened.2.header.destZeroed
         let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger, ownsIO: ownsIO)
+        await job.watchLease()
         logger.info("job created", metadata: ["job": "\(config.name)", "source": "\(config.sourcePath)", "dest": "\(config.destPath)",
                                               "regions": "\(opened.2.header.regionCount)",
                                               "source_io": "\(opened.0.directIO)", "dest_io": "\(opened.1.directIO)"])
@@ -151,6 +152,7 @@ public actor HydrationJob {
         cfg.discardSource = h.discardSource
         cfg.destZeroed = h.destZeroed
         let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger, ownsIO: ownsIO)
+        if !h.complete { await job.watchLease() }
         // A complete job never releases again: its source may be anything by now.
         if !h.complete { await job.committer.publishRecovered() }
         // Releasing what a crash left pending can take long: in the background (the daemon's
@@ -255,7 +257,8 @@ public actor HydrationJob {
             throw e
         }
         let io = config.ioMode.choice(sourceSize: srcInfo.size, sourceAllocated: storage.allocatedBytes(of: config.sourcePath))
-        let source = try openDevice(storage, config.sourcePath, .source(discard: config.discardSource), what: "source", io: io)
+        let source = try openDevice(storage, config.sourcePath, .source(discard: config.discardSource), what: "source",
+                                    io: sourceIO(io, discard: config.discardSource, kind: srcInfo.identity.kind))
         let dest = try openDevice(storage, config.destPath, .destination(createSize: srcInfo.size), what: "destination", io: io)
         // A destination file this call created is removed again if the job is not created.
         var created = false
@@ -292,6 +295,7 @@ public actor HydrationJob {
             // otherwise a crash before the first commit leaves a job that never reopens.
             do { try dest.sync() } catch { throw HydrationError(.ioError, "destination: \(error)", errno: error.errno) }
         }
+        if config.discardSource { try holdLease(source) }
         let record = try sourceRecord(source, mayRead: { _ in true })
         try armRemoteIdentity(source, recorded: record, mayRead: { _ in true })
         let options = MetadataCreateOptions(regionSize: config.regionSize, source: record, dest: DeviceRecord(dest.info),
@@ -340,7 +344,8 @@ public actor HydrationJob {
         }
         try checkPlacement(source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
         let io = config.ioMode.choice(sourceSize: h.targetSize, sourceAllocated: storage.allocatedBytes(of: config.sourcePath))
-        let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source", io: io)
+        let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source",
+                                    io: sourceIO(io, discard: h.discardSource, kind: foundSource?.identity.kind))
         let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination", io: io)
         // Again on the open descriptors: the path may have been switched in between.
         try confirm(confirmedRemote(source.info, recorded: h.source, device: source, mayRead: mayRead), is: h.source, what: "source",
@@ -362,7 +367,35 @@ public actor HydrationJob {
         }
         // From here on, every reconnection must find this very disk again.
         try armRemoteIdentity(source, recorded: recordedSource, mayRead: mayRead)
+        if h.discardSource && !h.complete { try holdLease(source) }
         return (source, dest, opened.0, opened.1)
+    }
+
+    /// A file source released as it is copied is read buffered: its write lease (`holdLease`)
+    /// would be broken by the second, O_DIRECT, open of the file that direct I/O needs.
+    static func sourceIO(_ io: (direct: Bool, why: String), discard: Bool, kind: DeviceKind?) -> (direct: Bool, why: String) {
+        guard discard, kind == .regularFile, io.direct else { return io }
+        return (false, "\(io.why); but a file source released as it is copied holds a write lease, which a second (O_DIRECT) open would break")
+    }
+
+    /// Takes the write lease of a file source released as it is copied, for the job's life: a
+    /// process that opens the source later (a late opener, whose reads of released regions
+    /// would return zeros) breaks it, and the job stops releasing and pauses (`watchLease`).
+    static func holdLease(_ source: any StorageDevice) throws(HydrationError) {
+        // A filesystem without leases (EINVAL), or another owner's file without CAP_LEASE
+        // (EACCES): the job runs without one, as before leases were used (a late opener is not
+        // noticed; docs/reliability.md).
+        do {
+            try source.holdWriteLease()
+        } catch where error.errno == EAGAIN {
+            var e = HydrationError(.deviceInUse,
+                                   "source \(source.info.path) is open elsewhere (\(error.detail ?? error.errnoName)); a source whose space is released must be open nowhere else",
+                                   errno: error.errno)
+            e.path = source.info.path
+            throw e
+        } catch {
+            return
+        }
     }
 
     /// Is `found` (what the path names now) the device the metadata was created for? Device
@@ -409,6 +442,8 @@ public actor HydrationJob {
     public private(set) var needsReopen = false
     /// The metadata's job UUID.
     public var jobID: String { store.header.jobID }
+    /// The metadata's header as last committed.
+    public var metadataHeader: MetadataHeader { store.header }
     public var lastError: HydrationError? { error }
 
     /// Starts or resumes hydration. A complete job stays complete.
@@ -430,6 +465,11 @@ public actor HydrationJob {
             }
         case .idle, .paused:
             break
+        }
+        if discarder != nil && source.info.identity.kind == .regularFile {
+            // After a late opener broke the lease: taken again, refused while it is still open.
+            try Self.holdLease(source)
+            watchLease()
         }
         error = nil
         pauseRequested = false
@@ -498,6 +538,7 @@ public actor HydrationJob {
         // Clients first: no request may land after the final commit below.
         await export?.shutdown()
         liveTicker?.cancel()
+        leaseWatch?.cancel()
         stopSourceWatch()
         await settleTask?.value
         await pause()
@@ -606,6 +647,61 @@ public actor HydrationJob {
 
     /// Whether the clone is served (`liveExport` was called).
     public var isExported: Bool { export != nil }
+
+    // MARK: a late opener of a released file source
+
+    private var leaseWatch: Task<Void, Never>?
+
+    /// Polls the source's write lease (`holdLease`) four times a second while the job is open.
+    /// A break stops the releases at once (`StorageDevice.release` checks the lease under the
+    /// same lock as its punch); this notices it to let the opener through and pause the job.
+    private func watchLease() {
+        guard discarder != nil, source.info.identity.kind == .regularFile, leaseWatch == nil else { return }
+        let source = self.source, io = self.io
+        leaseWatch = Task { [weak self] in
+            while !Task.isCancelled {
+                try? await Task.sleep(nanoseconds: 250_000_000)
+                if Task.isCancelled { return }
+                // On an I/O thread: the check waits for a punch in flight (the lease's lock).
+                guard let broken = try? await io.run({ source.leaseBroken }) else { return }
+                if broken {
+                    await self?.sourceOpenedElsewhere()
+                    return
+                }
+            }
+        }
+    }
+
+    /// Another process opened the source: no release is made from now on; the lease is given up
+    /// (the opener, blocked in open() until then, proceeds); the job pauses with DeviceInUse
+    /// naming the opener, and resumes when the operator says so (`start` takes the lease again).
+    private func sourceOpenedElsewhere() async {
+        leaseWatch = nil
+        guard !closed && !closing else { return }
+        let source = self.source, path = configuration.sourcePath
+        logger.warning("another process opened the source: releases stopped; the job pauses", metadata: ["source": "\(path)"])
+        _ = try? await io.run { source.giveUpLease() }
+        func inUse(_ who: String) -> HydrationError {
+            var e = HydrationError(.deviceInUse, "source \(path) was opened by \(who) while the job was releasing it: releases stopped and the job paused (regions released before the open read as zeros there). Resume the job once that process is done with the source")
+            e.path = path
+            return e
+        }
+        error = inUse("another process")
+        await pause()
+        // Its open completes once the lease is given up: name it (this process has the file open too).
+        let holders: [String] = (try? await io.run { () -> [String] in
+            for _ in 0..<10 {
+                let others = ((try? PosixStorage().usage(of: path))??.holders ?? []).filter { !$0.hasPrefix("this process") }
+                if !others.isEmpty { return others }
+                usleep(100_000)
+            }
+            return []
+        }) ?? []
+        // Unless the operator resumed it meanwhile.
+        guard state == .paused, error?.code == .deviceInUse else { return }
+        error = inUse(holders.isEmpty ? "another process (gone again)" : holders.joined(separator: ", "))
+        if state != .paused { setState(.paused) } else { stateSignal.withLock { $0 }?.signal() }
+    }
 
     // MARK: a remote source that went away
 

@@ -199,10 +199,51 @@ final class PosixDevice: StorageDevice {
                      detail: "it ends at \(currentSize().map { "\($0)" } ?? "an unknown size") bytes, before the \(info.size) it had when the job opened it: it was truncated or resized under the job")
     }
 
+    /// Calls in flight (in steps of 2) and, in bit 0, whether `close()` was called. The descriptors
+    /// are closed exactly once: by `close()` when nothing is in flight, else by the last call to
+    /// leave. A call entering after `close()` fails with EBADF before touching any descriptor, so
+    /// a number the kernel reuses after the close is never reached (a stray fdatasync cannot
+    /// "succeed" on someone else's file). A closed device thus holds no descriptor: a complete job
+    /// keeps none (`HydrationJob.releaseDevices`).
+    private let gate = Atomic<Int>(0)
+    private let descriptorsClosed = Atomic<Bool>(false)
+
     deinit {
+        closeDescriptors()
+    }
+
+    private func closeDescriptors() {
+        guard descriptorsClosed.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
         Glibc.close(fd)
         if waitFD >= 0 { Glibc.close(waitFD) }
         if directFD >= 0 { Glibc.close(directFD) }
+    }
+
+    /// Runs `body` with the descriptors open, or fails with EBADF if the device was closed.
+    @inline(__always)
+    private func using<T>(_ operation: StorageError.Operation, offset: UInt64? = nil, length: UInt64? = nil,
+                          _ body: () throws(StorageError) -> T) throws(StorageError) -> T {
+        guard enter() else {
+            throw StorageError(operation, path: info.path, errno: EBADF, offset: offset, length: length,
+                               detail: "the job closed this device")
+        }
+        defer { leave() }
+        return try body()
+    }
+
+    private func enter() -> Bool {
+        var v = gate.load(ordering: .acquiring)
+        while v & 1 == 0 {
+            let (exchanged, original) = gate.compareExchange(expected: v, desired: v + 2, ordering: .acquiringAndReleasing)
+            if exchanged { return true }
+            v = original
+        }
+        return false
+    }
+
+    private func leave() {
+        // Closed (bit 0) and this was the last call in flight: close now.
+        if gate.subtract(2, ordering: .acquiringAndReleasing).newValue == 1 { closeDescriptors() }
     }
 
     static func open(_ path: String, mode: OpenMode, topology: DeviceTopology = DeviceTopology(),
@@ -366,32 +407,34 @@ final class PosixDevice: StorageDevice {
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
-        guard let base = buffer.baseAddress else { return }
-        var done = 0
-        while done < buffer.count {
-            let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
-            let n = direct > 0
-                ? pread(directFD, base + done, direct, off_t(offset) + off_t(done))
-                : pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                if direct > 0 && errno == EINVAL { refuseDirect(); continue }
-                throw StorageError(.read, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
-            }
-            if n == 0 {
-                let at = offset + UInt64(done)
-                // An end of file before the size the job opened: the source or destination shrank
-                // under the job. Zeros here would be copied (or served) as its data and the job
-                // completed without it (Tests/attacks, attack 6a of round 3).
-                if sizeIsFixed && at < info.size {
-                    throw shrank(at: at, length: UInt64(buffer.count - done), operation: .read)
+        try using(.read, offset: offset, length: UInt64(buffer.count)) { () throws(StorageError) in
+            guard let base = buffer.baseAddress else { return }
+            var done = 0
+            while done < buffer.count {
+                let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
+                let n = direct > 0
+                    ? pread(directFD, base + done, direct, off_t(offset) + off_t(done))
+                    : pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    if direct > 0 && errno == EINVAL { refuseDirect(); continue }
+                    throw StorageError(.read, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
                 }
-                // End of file: the rest reads as zeros (past the end of a metadata file).
-                (base + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
-                return
+                if n == 0 {
+                    let at = offset + UInt64(done)
+                    // An end of file before the size the job opened: the source or destination shrank
+                    // under the job. Zeros here would be copied (or served) as its data and the job
+                    // completed without it (Tests/attacks, attack 6a of round 3).
+                    if sizeIsFixed && at < info.size {
+                        throw shrank(at: at, length: UInt64(buffer.count - done), operation: .read)
+                    }
+                    // End of file: the rest reads as zeros (past the end of a metadata file).
+                    (base + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
+                    return
+                }
+                if direct > 0 { directCalls.add(1, ordering: .relaxed) } else { bufferedCalls.add(1, ordering: .relaxed) }
+                done += n
             }
-            if direct > 0 { directCalls.add(1, ordering: .relaxed) } else { bufferedCalls.add(1, ordering: .relaxed) }
-            done += n
         }
     }
 
@@ -404,83 +447,149 @@ final class PosixDevice: StorageDevice {
     }
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
-        guard let base = buffer.baseAddress else { return }
-        var done = 0
-        while done < buffer.count {
-            // A direct write returns only once the data is on the device (in its write cache
-            // until the commit's fdatasync); its failure is returned here, and only its own range
-            // is affected (the caller retries it or fails; nothing records it as written).
-            let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
-            let n = direct > 0
-                ? pwrite(directFD, base + done, direct, off_t(offset) + off_t(done))
-                : pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                if direct > 0 && errno == EINVAL { refuseDirect(); continue }
-                throw StorageError(.write, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
+        try using(.write, offset: offset, length: UInt64(buffer.count)) { () throws(StorageError) in
+            guard let base = buffer.baseAddress else { return }
+            var done = 0
+            while done < buffer.count {
+                // A direct write returns only once the data is on the device (in its write cache
+                // until the commit's fdatasync); its failure is returned here, and only its own range
+                // is affected (the caller retries it or fails; nothing records it as written).
+                let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
+                let n = direct > 0
+                    ? pwrite(directFD, base + done, direct, off_t(offset) + off_t(done))
+                    : pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    if direct > 0 && errno == EINVAL { refuseDirect(); continue }
+                    throw StorageError(.write, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
+                }
+                if n == 0 {
+                    throw StorageError(.write, path: info.path, errno: ENOSPC, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
+                }
+                if direct > 0 { directCalls.add(1, ordering: .relaxed) } else { bufferedCalls.add(1, ordering: .relaxed) }
+                done += n
             }
-            if n == 0 {
-                throw StorageError(.write, path: info.path, errno: ENOSPC, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
-            }
-            if direct > 0 { directCalls.add(1, ordering: .relaxed) } else { bufferedCalls.add(1, ordering: .relaxed) }
-            done += n
         }
     }
 
     func sync() throws(StorageError) {
-        if fdatasync(fd) != 0 { throw StorageError(.sync, path: info.path, errno: errno) }
+        try using(.sync) { () throws(StorageError) in
+            if fdatasync(fd) != 0 { throw StorageError(.sync, path: info.path, errno: errno) }
+        }
     }
 
     func release(offset: UInt64, length: UInt64) throws(StorageError) {
-        guard length > 0 else { return }
-        let rc = info.identity.kind == .blockDevice
-            ? hyd_blk_discard(fd, offset, length)
-            : hyd_punch_hole(fd, offset, length)
-        if rc != 0 { throw StorageError(.release, path: info.path, errno: errno, offset: offset, length: length) }
+        try using(.release, offset: offset, length: length) { () throws(StorageError) in
+            guard length > 0 else { return }
+            // The lease is checked, and the punch made, under one lock that `giveUpLease` takes
+            // too: a release never runs after the lease was given up. An opener arriving between
+            // the check and the punch is blocked in open() until the lease is given up, so it
+            // sees the punch as if it had come just after it (unless the punch outlasts the
+            // kernel's lease-break-time, 45 s by default, when the kernel revokes the lease).
+            try lease.withLock { (state: inout LeaseState) throws(StorageError) in
+                if state == .held && hyd_get_lease(fd) != hyd_lease_write() { state = .broken }
+                if state == .broken {
+                    throw StorageError(.release, path: info.path, errno: EWOULDBLOCK, offset: offset, length: length,
+                                       detail: "another process opened the source (its write lease was broken): nothing more is released")
+                }
+                let rc = info.identity.kind == .blockDevice
+                    ? hyd_blk_discard(fd, offset, length)
+                    : hyd_punch_hole(fd, offset, length)
+                if rc != 0 { throw StorageError(.release, path: info.path, errno: errno, offset: offset, length: length) }
+            }
+        }
+    }
+
+    enum LeaseState { case none, held, broken }
+    private let lease = Mutex<LeaseState>(.none)
+
+    func holdWriteLease() throws(StorageError) {
+        guard info.identity.kind == .regularFile else { return }
+        // Its own O_DIRECT descriptor would break (refuse) the lease: a device opened for direct
+        // I/O has none (the job then runs as before leases were used).
+        guard directFD < 0 else {
+            throw StorageError(.lock, path: info.path, errno: EBUSY, detail: "opened twice for direct I/O: no write lease")
+        }
+        try using(.lock) { () throws(StorageError) in
+            try lease.withLock { (state: inout LeaseState) throws(StorageError) in
+                if state == .held { return }
+                if hyd_take_write_lease(fd) != 0 {
+                    throw StorageError(.lock, path: info.path, errno: errno,
+                                       detail: errno == EAGAIN ? "a write lease is refused: another process has the file open" : "cannot take a write lease")
+                }
+                state = .held
+            }
+        }
+    }
+
+    var leaseBroken: Bool {
+        guard enter() else { return false }
+        defer { leave() }
+        return lease.withLock { state in
+            if state == .held && hyd_get_lease(fd) != hyd_lease_write() { state = .broken }
+            return state == .broken
+        }
+    }
+
+    func giveUpLease() {
+        guard enter() else { return }
+        defer { leave() }
+        lease.withLock { state in
+            if state != .none { _ = hyd_drop_lease(fd) }
+            if state == .held { state = .none }
+        }
     }
 
     func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
-        guard length > 0 else { return }
-        let rc = info.identity.kind == .blockDevice
-            ? hyd_blk_zeroout(fd, offset, length)
-            : hyd_punch_hole(fd, offset, length)
-        if rc != 0 { throw StorageError(.zeroOut, path: info.path, errno: errno, offset: offset, length: length) }
+        try using(.zeroOut, offset: offset, length: length) { () throws(StorageError) in
+            guard length > 0 else { return }
+            let rc = info.identity.kind == .blockDevice
+                ? hyd_blk_zeroout(fd, offset, length)
+                : hyd_punch_hole(fd, offset, length)
+            if rc != 0 { throw StorageError(.zeroOut, path: info.path, errno: errno, offset: offset, length: length) }
+        }
     }
 
     func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? {
-        guard offset < info.size else { return nil }
-        guard info.identity.kind == .regularFile else { return offset..<info.size }
-        let data = lseek(fd, off_t(offset), seekData)
-        if data < 0 {
-            if errno == ENXIO {
-                // No data after `offset` up to the end of the file, wherever that is now: the rest
-                // counts as a hole only if the file still has the size the job opened.
-                if sizeIsFixed, let now = currentSize(), now < info.size {
-                    throw shrank(at: offset, length: info.size - offset, operation: .seek)
+        try using(.seek, offset: offset) { () throws(StorageError) in
+            guard offset < info.size else { return nil }
+            guard info.identity.kind == .regularFile else { return offset..<info.size }
+            let data = lseek(fd, off_t(offset), seekData)
+            if data < 0 {
+                if errno == ENXIO {
+                    // No data after `offset` up to the end of the file, wherever that is now: the rest
+                    // counts as a hole only if the file still has the size the job opened.
+                    if sizeIsFixed, let now = currentSize(), now < info.size {
+                        throw shrank(at: offset, length: info.size - offset, operation: .seek)
+                    }
+                    return nil
                 }
-                return nil
+                // A filesystem without SEEK_DATA: everything may be data.
+                if errno == EINVAL || errno == EOPNOTSUPP { return offset..<info.size }
+                throw StorageError(.seek, path: info.path, errno: errno, offset: offset)
             }
-            // A filesystem without SEEK_DATA: everything may be data.
-            if errno == EINVAL || errno == EOPNOTSUPP { return offset..<info.size }
-            throw StorageError(.seek, path: info.path, errno: errno, offset: offset)
+            let hole = lseek(fd, data, seekHole)
+            if hole < 0 { throw StorageError(.seek, path: info.path, errno: errno, offset: UInt64(data)) }
+            let end = min(UInt64(hole), info.size)
+            guard UInt64(data) < end else { return nil }
+            return UInt64(data)..<end
         }
-        let hole = lseek(fd, data, seekHole)
-        if hole < 0 { throw StorageError(.seek, path: info.path, errno: errno, offset: UInt64(data)) }
-        let end = min(UInt64(hole), info.size)
-        guard UInt64(data) < end else { return nil }
-        return UInt64(data)..<end
     }
 
     func dropCache(offset: UInt64, length: UInt64) {
+        guard enter() else { return }
+        defer { leave() }
         _ = hyd_drop_cache(fd, offset, length)
     }
 
     func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
-        // An aligned range was written directly: nothing of it is in the page cache.
-        if directFD >= 0 && !directBroken.load(ordering: .relaxed)
-            && (offset | length) & UInt64(directIO.alignment - 1) == 0 { return }
-        if hyd_start_writeback(fd, offset, length) != 0 {
-            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+        try using(.writeback, offset: offset, length: length) { () throws(StorageError) in
+            // An aligned range was written directly: nothing of it is in the page cache.
+            if directFD >= 0 && !directBroken.load(ordering: .relaxed)
+                && (offset | length) & UInt64(directIO.alignment - 1) == 0 { return }
+            if hyd_start_writeback(fd, offset, length) != 0 {
+                throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+            }
         }
     }
 
@@ -499,35 +608,28 @@ final class PosixDevice: StorageDevice {
     // Verified on this kernel by Scripts/errseq-experiment.sh. The old evict waited on `fd`
     // itself and ignored the result: the error was consumed and the next fdatasync returned 0.
     func evict(offset: UInt64, length: UInt64) throws(StorageError) {
-        if hyd_start_writeback(fd, offset, length) != 0 {
-            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
-        }
-        if waitFD >= 0 && hyd_wait_writeback(waitFD, offset, length) != 0 {
-            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
-        }
-        if hyd_drop_cache(fd, offset, length) != 0 {
-            throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+        try using(.writeback, offset: offset, length: length) { () throws(StorageError) in
+            if hyd_start_writeback(fd, offset, length) != 0 {
+                throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+            }
+            if waitFD >= 0 && hyd_wait_writeback(waitFD, offset, length) != 0 {
+                throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+            }
+            if hyd_drop_cache(fd, offset, length) != 0 {
+                throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
+            }
         }
     }
 
     func close() {
-        // Replace the descriptor with the read end of an empty pipe instead of closing the
-        // number: a stray call after close then fails (pread/pwrite/fallocate ESPIPE, fdatasync
-        // EINVAL, ioctl ENOTTY) rather than reaching whatever file might reuse the number — and,
-        // unlike a directory, a pipe cannot make an fdatasync "succeed". The real close is in deinit.
-        var ends: [Int32] = [-1, -1]
-        if pipe(&ends) == 0 {
-            _ = dup2(ends[0], fd)
-            if waitFD >= 0 { _ = dup2(ends[0], waitFD); _ = fcntl(waitFD, F_SETFD, FD_CLOEXEC) }
-            if directFD >= 0 { _ = dup2(ends[0], directFD); _ = fcntl(directFD, F_SETFD, FD_CLOEXEC) }
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-            Glibc.close(ends[0])
-            Glibc.close(ends[1])
-        }
+        // Mark closed; the descriptors go now if no call is in flight, else when the last leaves.
+        if gate.bitwiseOr(1, ordering: .acquiringAndReleasing).oldValue == 0 { closeDescriptors() }
     }
 
     func allocatedBytes() -> UInt64? {
         guard info.identity.kind == .regularFile else { return nil }
+        guard enter() else { return nil }
+        defer { leave() }
         var st = stat()
         guard fstat(fd, &st) == 0 else { return nil }
         return UInt64(st.st_blocks) * 512

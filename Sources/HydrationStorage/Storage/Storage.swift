@@ -198,6 +198,19 @@ public protocol StorageDevice: AnyObject, Sendable {
     /// paused, closing) it fails with ENOTCONN after one reconnection attempt, and calls waiting
     /// now give up. Reads never wait (the job pauses itself instead). Not blocking.
     func waitForConnection(_ wait: Bool)
+
+    /// A regular file released as it is copied: takes a write lease (F_SETLEASE F_WRLCK) and
+    /// holds it until `giveUpLease` or `close`. Any other open of the file, by anyone (this
+    /// process's other descriptors too), breaks it: the opener blocks in open() until the lease
+    /// is given up (or the kernel's lease-break-time, /proc/sys/fs/lease-break-time, passes).
+    /// Throws EAGAIN when someone else has the file open. Default: nothing to hold.
+    func holdWriteLease() throws(StorageError)
+    /// Whether a held lease was broken (someone opened the file). From then on `release`
+    /// refuses (EWOULDBLOCK) until the lease is taken again. Default: false.
+    var leaseBroken: Bool { get }
+    /// Gives a held lease up once no release is in flight; a broken one stays refused for
+    /// releases. Default: nothing.
+    func giveUpLease()
     /// Remote sources only: one attempt at a working connection (blocking, short); throws while
     /// the source is still unreachable. Local devices: nothing to do.
     func probeConnection() throws(StorageError)
@@ -270,6 +283,9 @@ extension StorageDevice {
     public var availability: SourceAvailability? { nil }
     public func waitForConnection(_ wait: Bool) {}
     public func probeConnection() throws(StorageError) {}
+    public func holdWriteLease() throws(StorageError) {}
+    public var leaseBroken: Bool { false }
+    public func giveUpLease() {}
     /// Simulated disks have no page cache to bypass.
     public var directIO: DirectIO { .off("no page cache") }
 
