@@ -393,3 +393,14 @@ struct SystemdNotifierTests {
         #expect(await waiter.value == false, "cancelled before ready")
     }
 }
+
+/// The descriptors kept aside for the sockets while jobs are restored never take what the
+/// restore itself needs under a low limit.
+@Suite struct DescriptorReserveTests {
+    @Test func reserveLeavesHalfOfWhatIsLeft() {
+        #expect(DescriptorReserve.size(softLimit: 1024, inUse: 20) == DescriptorReserve.forSockets)
+        #expect(DescriptorReserve.size(softLimit: 44, inUse: 20) == 12)
+        #expect(DescriptorReserve.size(softLimit: 20, inUse: 20) == 0)
+        #expect(DescriptorReserve.size(softLimit: 10, inUse: 20) == 0)
+    }
+}

@@ -355,7 +355,10 @@ def test_creates_past_the_fd_limit_leave_nothing_and_say_emfile(tmp_path):
             for i in range(attempts):
                 try:
                     d.call("Start", {"name": f"j{i}", "source": str(tmp_path / f"s{i}.img"),
-                                     "dest": str(tmp_path / f"{name}-j{i}.out"), "no_hydration": True})
+                                     "dest": str(tmp_path / f"{name}-j{i}.out"), "no_hydration": True,
+                                     # Exported, so kept open while paused (a paused job that is not
+                                     # served is closed and holds no descriptor).
+                                     "export": True})
                     created.append(f"j{i}")
                 except VarlinkError as e:
                     refused.append((f"j{i}", e))
@@ -448,7 +451,8 @@ def test_reopening_a_job_out_of_descriptors_is_not_device_unconfirmed(tmp_path):
             for i in range(1, 8):
                 try:
                     d.call("Start", {"name": f"f{i}", "source": str(tmp_path / f"s{i}.img"),
-                                     "dest": str(tmp_path / f"{name}-f{i}.out"), "no_hydration": True})
+                                     "dest": str(tmp_path / f"{name}-f{i}.out"), "no_hydration": True,
+                                     "export": True})  # kept open while paused: it holds descriptors
                 except VarlinkError:
                     break
             os.rename(tmp_path / "s0.away", tmp_path / "s0.img")

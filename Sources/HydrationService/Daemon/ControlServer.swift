@@ -360,13 +360,33 @@ public final class ControlServer: Service, Sendable {
         var st = stat()
         guard lstat(path, &st) == 0 else { return }  // nothing there
         guard (st.st_mode & S_IFMT) == S_IFSOCK else { throw ControlServerError.notASocket(path: path) }
-        if let client = try? VarlinkClient(socketPath: path) {
-            client.close()
-            throw ControlServerError.socketInUse(path: path)
-        }
+        if isListening(path) { throw ControlServerError.socketInUse(path: path) }
         guard unlink(path) == 0 || errno == ENOENT else {
             throw ControlServerError.setupFailed(path: path, operation: "unlink", errno: errno)
         }
+    }
+
+    /// Whether something listens on the Unix socket at `path`, asked without ever waiting: a
+    /// non-blocking connect succeeds, or finds the listener's backlog full (EAGAIN), when a server
+    /// is there, and is refused when the file is stale. (A blocking connect waited for as long as
+    /// a hung server's full backlog stayed full, on the thread that starts the daemon.)
+    static func isListening(_ path: String) -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if rc == 0 { return true }
+        return errno == EAGAIN || errno == EINPROGRESS
     }
 
     /// Removes the socket file if it is still the one this server bound (same inode).

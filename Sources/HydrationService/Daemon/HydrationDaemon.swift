@@ -93,7 +93,7 @@ public enum HydrationDaemon {
         // Descriptors kept aside while the jobs are restored, given back just before the sockets
         // are bound: jobs that exhaust the limit are reported as not opened, and the daemon still
         // serves its sockets (to report them, and to take the operator's orders).
-        let reserve = DescriptorReserve(count: DescriptorReserve.forSockets)
+        let reserve = DescriptorReserve(count: DescriptorReserve.size())
         do {
             try await manager.restore()
         } catch {
@@ -237,6 +237,20 @@ final class JobSupervisor: Service, Sendable {
 final class DescriptorReserve: Sendable {
     /// The two listening sockets, the event loops' epoll/eventfd/timerfd and the first clients.
     static let forSockets = 32
+
+    /// `forSockets`, or half of what is left under a low limit: the restore itself needs some
+    /// (the state directory's lock, its listing, the first job), and a reserve that took them
+    /// all would stop the daemon before it reached its sockets.
+    static func size() -> Int {
+        var lim = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &lim) == 0 else { return forSockets }
+        let inUse = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 0
+        return size(softLimit: Int(clamping: lim.rlim_cur), inUse: inUse)
+    }
+
+    static func size(softLimit: Int, inUse: Int) -> Int {
+        min(forSockets, max(0, (softLimit - inUse) / 2))
+    }
     private let fds: Mutex<[Int32]>
 
     init(count: Int) {

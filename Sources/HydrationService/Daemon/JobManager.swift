@@ -641,8 +641,10 @@ public actor JobManager {
                 // Complete or not, unknown until the record is read: everything it names.
                 out += Self.reservations(of: u, kept: false)
             case .parked:
-                out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
-                out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
+                // As exclusive as while it was open (where its locks refused even readers): a
+                // paused job must find its devices free when it is resumed.
+                out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: true))
+                out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: true))
             }
         }
         let kept = await keptScan()
