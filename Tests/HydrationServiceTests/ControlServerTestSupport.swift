@@ -212,22 +212,28 @@ func withServer(
 }
 
 /// A raw blocking connection for sending arbitrary bytes.
+/// Calls `body` (connect or bind) with the address of the Unix socket `path`; returns its result,
+/// errno set as the call left it.
+func withUnixAddress(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) -> Int32 {
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        let b = Array(path.utf8)
+        raw.copyBytes(from: b)
+        raw[b.count] = 0
+    }
+    return withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+}
+
 final class RawConnection: Sendable {
     let fd: Int32
     private let buffer = Mutex<[UInt8]>([])
 
     init(path: String, timeoutSeconds: Int = 60) throws {
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            let b = Array(path.utf8)
-            raw.copyBytes(from: b)
-            raw[b.count] = 0
-        }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let rc = withUnixAddress(path) { [fd] in Glibc.connect(fd, $0, $1) }
         guard rc == 0 else { let e = errno; Glibc.close(fd); throw POSIXError(POSIXErrorCode(rawValue: e)!) }
         var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))

@@ -545,16 +545,7 @@ import Testing
         defer { for c in clients { Glibc.close(c) } }
         while clients.count < 4096 {
             let c = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-                let b = Array(path.utf8)
-                raw.copyBytes(from: b)
-                raw[b.count] = 0
-            }
-            let rc = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(c, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
+            let rc = withUnixAddress(path) { Glibc.connect(c, $0, $1) }
             let e = errno
             clients.append(c)
             if rc != 0 { #expect(e == EAGAIN, "errno \(e)"); break }
@@ -674,16 +665,7 @@ import Testing
 
     static func listeningSocket(_ path: String) throws -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            let b = Array(path.utf8)
-            raw.copyBytes(from: b)
-            raw[b.count] = 0
-        }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let rc = withUnixAddress(path) { Glibc.bind(fd, $0, $1) }
         guard rc == 0, listen(fd, 16) == 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno)!) }
         return fd
     }

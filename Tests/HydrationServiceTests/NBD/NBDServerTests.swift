@@ -464,16 +464,7 @@ extension NBDServerTests {
 /// A bound, listening Unix socket (what systemd passes with socket activation).
 private func listeningSocket(path: String) -> Int32? {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    var addr = sockaddr_un()
-    addr.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-        let b = Array(path.utf8)
-        raw.copyBytes(from: b)
-        raw[b.count] = 0
-    }
-    let ok = withUnsafePointer(to: &addr) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    } == 0 && listen(fd, 16) == 0
+    let ok = withUnixAddress(path) { bind(fd, $0, $1) } == 0 && listen(fd, 16) == 0
     if !ok { close(fd); return nil }
     return fd
 }
