@@ -249,8 +249,8 @@ import Glibc
 
     /// A create that runs out of space in the state directory leaves nothing behind: the same
     /// start succeeds once there is space (it was refused as "metadata already exists").
-    @Test func createOutOfSpaceLeavesNothing() async throws {
-        guard getuid() == 0 else { print("skipped: not root (tmpfs mount)"); return }
+    @Test(.enabled(if: getuid() == 0, "needs root (a tmpfs mount)"))
+    func createOutOfSpaceLeavesNothing() async throws {
         let fs = try SmallStateFS(size: "1m")
         let dir = TempDir("rec")
         let io = IOExecutor(threads: 2)
@@ -281,8 +281,8 @@ import Glibc
 
     /// remove --force of a partly released job that cannot write its kept record (state
     /// directory full) leaves the job as it was: listed, open (metadata rw), resumable.
-    @Test func removeOutOfSpaceLeavesTheJobAsItWas() async throws {
-        guard getuid() == 0 else { print("skipped: not root (tmpfs mount)"); return }
+    @Test(.enabled(if: getuid() == 0, "needs root (a tmpfs mount)"))
+    func removeOutOfSpaceLeavesTheJobAsItWas() async throws {
         let fs = try SmallStateFS(size: "4m")
         let dir = TempDir("rec")
         let io = IOExecutor(threads: 2)
@@ -324,8 +324,8 @@ import Glibc
 
     /// A control operation whose record cannot be written leaves the job as it was: pause on a
     /// full state directory is refused and the job goes on hydrating, its record unchanged.
-    @Test func pauseOutOfSpaceLeavesTheJobAsItWas() async throws {
-        guard getuid() == 0 else { print("skipped: not root (tmpfs mount)"); return }
+    @Test(.enabled(if: getuid() == 0, "needs root (a tmpfs mount)"))
+    func pauseOutOfSpaceLeavesTheJobAsItWas() async throws {
         let fs = try SmallStateFS(size: "4m")
         let dir = TempDir("rec")
         let io = IOExecutor(threads: 2)

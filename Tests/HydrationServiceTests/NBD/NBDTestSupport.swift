@@ -161,6 +161,10 @@ func withNBDServer(
     defer { dir.remove() }
     let socket = dir.path + "/run/nbd.sock"
     var config = NBDServerConfiguration(listener: .path(socket))
+    // The handshake deadline is a property some tests check (they set their own); for the others
+    // it is a liveness guard: a raw client's long negotiation on a loaded machine (35 s once, under
+    // stress-ng and a second test run) must not be cut by it.
+    config.handshakeTimeout = .seconds(600)
     configure(&config)
     let registry = NBDExportRegistry()
     let io = IOExecutor(threads: 4)
