@@ -201,11 +201,17 @@ def _released_job(d, tmp, name):
     return src, dst, data
 
 
-def _wait_in_use(d, name):
+def _wait_in_use(d, name, naming=()):
+    """Paused with DeviceInUse, and the opener named (the first message, set at the pause, says
+    "another process" until the daemon has found who it is: on a loaded machine that is later)."""
     def paused():
         s = d.status(name)
-        return (s["state"] == "paused" and (s.get("error") or {}).get("code") == "DeviceInUse"), s
-    return wait_until(f"job {name} paused with DeviceInUse", paused, timeout=60)
+        e = s.get("error") or {}
+        named = "by another process while" not in e.get("message", "")
+        if naming:
+            named = named and any(n in e.get("message", "") for n in naming)
+        return (s["state"] == "paused" and e.get("code") == "DeviceInUse" and named), s
+    return wait_until(f"job {name} paused with DeviceInUse, its opener named", paused, timeout=60)
 
 
 def test_late_opener_pauses_the_job(tmp):
@@ -218,7 +224,7 @@ def test_late_opener_pauses_the_job(tmp):
         opener = subprocess.Popen([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'rb'); print('opened', flush=True); sys.stdin.read()", str(src)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert opener.stdout.readline().strip() == "opened"
-        s = _wait_in_use(d, "late")
+        s = _wait_in_use(d, "late", naming=[f"pid {opener.pid}"])
         assert f"pid {opener.pid}" in s["error"]["message"], s["error"]
         # Nothing is released any more: the source's allocation stays.
         before = os.stat(src).st_blocks
@@ -259,7 +265,7 @@ def test_late_dd_and_loop_device(tmp):
         d.call("Resume", {"name": "dd"})
         assert d.status("dd")["state"] == "hydrating"
         loop = subprocess.run(["losetup", "-f", "--show", "-r", str(src)], capture_output=True, text=True, timeout=120, check=True).stdout.strip()
-        s = _wait_in_use(d, "dd")
+        s = _wait_in_use(d, "dd", naming=[loop])
         assert loop in s["error"]["message"], s["error"]
         with pytest.raises(VarlinkError):
             d.call("Resume", {"name": "dd"})

@@ -18,7 +18,9 @@ Test copies differ from the shipped units as follows (asserted in test_unit_rewr
   * ProtectHome=, ProtectKernelTunables=, ProtectKernelLogs= and PrivateTmp= are DROPPED: a user
     manager that is not PID 1 cannot set them up here (226/NAMESPACE, or stuck "activating").
     The shipped unit keeps them for the system manager.
-  * A drop-in (50-test.conf) shortens WatchdogSec= (3s) and RestartSec= (1s) so the tests are fast,
+  * A drop-in (50-test.conf) shortens WatchdogSec= (10s; 2s in the tests of a missed watchdog) and
+    RestartSec= (1s) so the tests are fast; 10 s rather than less, so that a loaded machine that
+    delays a ping by a few seconds does not restart a service the test expects to keep running,
     adds ReadWritePaths= for the test's image directory (what docs/systemd.md tells operators to do
     with a drop-in), logs the service to a file, and records each run's $SERVICE_RESULT,
     $EXIT_CODE, $EXIT_STATUS with ExecStopPost= (the manager forgets an inactive unit's exit status
@@ -284,7 +286,7 @@ class Units:
         self.dropin_dir = m.unit_dir / f"{SERVICE}.d"
         self.socket_path = m.runtime / "hydrationd" / "control.sock"
 
-    def install(self, environment=None, watchdog_sec="3s", extra=""):
+    def install(self, environment=None, watchdog_sec="10s", extra=""):
         self.m.systemctl("stop", SOCKET, NBD_SOCKET, SERVICE, check=False)
         self.m.systemctl("reset-failed", check=False)
         # Fresh state: %S is $XDG_CONFIG_HOME for systemd 252's user manager, $XDG_STATE_HOME later.
@@ -298,7 +300,7 @@ class Units:
         shutil.copy(PACKAGING / NBD_SOCKET, self.m.unit_dir / NBD_SOCKET)
         self.write_dropin(environment, watchdog_sec, extra)
 
-    def write_dropin(self, environment=None, watchdog_sec="3s", extra=""):
+    def write_dropin(self, environment=None, watchdog_sec="10s", extra=""):
         self.dropin_dir.mkdir(exist_ok=True)
         environment = dict(environment or {})
         if self.impl.is_standin and os.environ.get("FAKE_HYDRATIOND_BREAK"):
@@ -441,7 +443,7 @@ def test_start_ready_status_complete_stop(units, impl):
     if impl.is_standin:
         assert elapsed >= ready_delay, f"start returned after {elapsed:.2f}s, before READY=1"
 
-    src = units.make_image("db.src", 6)
+    src = units.make_image("db.src", 24)  # 12 s at 2 MiB/s: longer than WatchdogSec
     dst = units.dir / "db.dst"
     units.clonectl("start", "db", "--source", str(src), "--dest", str(dst), "--rate-limit", "2M")
 
@@ -459,7 +461,7 @@ def test_start_ready_status_complete_stop(units, impl):
     assert s["regions"]["hydrated"] == s["regions"]["total"] > 0
     assert _same_bytes(src, dst)
     wait_until(lambda: "db complete" in units.show("StatusText")["StatusText"], 10, what="StatusText 'complete'")
-    # The job ran longer than WatchdogSec=3s: pings kept the service alive, no restart.
+    # The job ran longer than WatchdogSec=10s: pings kept the service alive, no restart.
     assert units.show("NRestarts")["NRestarts"] == "0"
 
     # A second, slow job is still running when the service stops: stop must commit its progress.

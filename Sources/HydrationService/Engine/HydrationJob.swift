@@ -689,14 +689,16 @@ public actor HydrationJob {
         error = inUse("another process")
         await pause()
         // Its open completes once the lease is given up: name it (this process has the file open too).
-        let holders: [String] = (try? await io.run { () -> [String] in
-            for _ in 0..<10 {
-                let others = ((try? PosixStorage().usage(of: path))??.holders ?? []).filter { !$0.hasPrefix("this process") }
-                if !others.isEmpty { return others }
-                usleep(100_000)
-            }
-            return []
-        }) ?? []
+        // The opener's open completes when the kernel next runs it: on a loaded machine that can
+        // take seconds. Asked again every 100 ms for up to 10 s, sleeping off the I/O threads.
+        var holders: [String] = []
+        for _ in 0..<100 {
+            holders = (try? await io.run { () -> [String] in
+                ((try? PosixStorage().usage(of: path))??.holders ?? []).filter { !$0.hasPrefix("this process") }
+            }) ?? []
+            if !holders.isEmpty || closed || closing { break }
+            try? await Task.sleep(nanoseconds: 100_000_000)
+        }
         // Unless the operator resumed it meanwhile.
         guard state == .paused, error?.code == .deviceInUse else { return }
         error = inUse(holders.isEmpty ? "another process (gone again)" : holders.joined(separator: ", "))
