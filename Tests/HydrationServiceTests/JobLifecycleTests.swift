@@ -142,8 +142,11 @@ import Testing
         let io = IOExecutor(threads: 4)
         var m = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m.restore()
+        // The minimum rate: 32 MiB would take over two hours, so the job cannot complete between
+        // a status and the restart that checks it, however long a loaded machine takes (at
+        // 1 MiB/s it once completed in that window after 38 s of rounds).
         var slow = TunablesUpdate()
-        slow.rateLimitBytesPerSecond = .some(1 << 20)
+        slow.rateLimitBytesPerSecond = .some(4096)
         _ = try await m.create(CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), tunables: slow))
         var rng = SeededRandom(seed: 5)
         for round in 0..<4 {
