@@ -107,11 +107,45 @@ class UserManager:
         self.proc = None
         self.seen_pids = set()   # (pid, cmdline) of every MainPID observed, to kill leftovers
 
+    def _own_cgroups(self):
+        """Cgroups of this manager's own, below the test's, in every hierarchy the manager uses
+        (the named `systemd` one and the unified one). A user manager puts its units below the
+        cgroup it starts in: two managers started from the same cgroup (two test runs on one
+        machine) had the same unit cgroups, and stopping a unit in one killed the other's."""
+        mounts = {}
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            dev, mnt, fstype, opts = line.split()[:4]
+            if fstype == "cgroup2":
+                mounts[""] = mnt
+            elif fstype == "cgroup" and "name=systemd" in opts.split(","):
+                mounts["name=systemd"] = mnt
+        dirs = []
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers in mounts:
+                d = Path(mounts[controllers] + path.rstrip("/")) / f"hydration-test-{os.getpid()}-{self.root.name}"
+                try:
+                    d.mkdir()
+                    dirs.append(d)
+                except OSError:
+                    pass
+        return dirs
+
     def start(self):
         self._log = open(self.log_path, "wb")
+        self.cgroups = self._own_cgroups() if os.geteuid() == 0 else []
+        procs = [str(d / "cgroup.procs") for d in self.cgroups]
+
+        def enter_cgroups():
+            for f in procs:
+                try:
+                    with open(f, "w") as fh:
+                        fh.write(str(os.getpid()))
+                except OSError:
+                    pass
         self.proc = subprocess.Popen([str(SYSTEMD_BIN), "--user"], env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=enter_cgroups)
 
         def up():
             if self.proc.poll() is not None:
@@ -168,6 +202,13 @@ class UserManager:
                     os.kill(pid, signal.SIGKILL)
             except (OSError, ProcessLookupError):
                 pass
+        # The manager's cgroups, deepest first (it leaves its units' empty cgroups below them).
+        for top in getattr(self, "cgroups", []):
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [top]:
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
 
 
 @pytest.fixture(scope="module")
