@@ -43,7 +43,9 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
             switch e {
             case .unreachable, .pathTooLong, .connectionClosed, .io, .timedOut, .closed:
                 if case .connectionClosed = e {
-                    return CloneFailure("hydrationd at \(socketPath) closed the connection (did it stop?); check 'systemctl status hydrationd' or its log", exit: .unavailable)
+                    return CloneFailure(
+                        "hydrationd at \(socketPath) closed the connection (did it stop?); check 'systemctl status hydrationd' or its log",
+                        exit: .unavailable)
                 }
                 return CloneFailure(e.description, exit: .unavailable)
             case .invalidReply, .replyTooLarge:
@@ -74,7 +76,8 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
         case .jobExists: hint = "; resume it with 'clonectl start \(v.string("name") ?? "NAME")' or pick another name"
         case .jobRunning:
             let n = v.string("name") ?? "NAME"
-            return "job '\(n)' is \(v.string("state") ?? "active"); pause it first ('clonectl pause \(n)') or use 'clonectl remove \(n) --force'"
+            return
+                "job '\(n)' is \(v.string("state") ?? "active"); pause it first ('clonectl pause \(n)') or use 'clonectl remove \(n) --force'"
         case .deviceInUse:
             // hydrationd may put its whole message in `path` (not a path): print it as it is.
             if let p = v.string("path"), p.contains(" ") {
@@ -83,7 +86,8 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
             // Held by something else than a job: the message says what, and what to do.
             hint = (v.string("job") ?? "").isEmpty ? "" : "; remove that job first or choose another path"
         case .deviceUnconfirmed:
-            hint = "; if it is the job's own device after all (e.g. a disk without a serial after a reboot), 'clonectl resume NAME --accept-devices'"
+            hint =
+                "; if it is the job's own device after all (e.g. a disk without a serial after a reboot), 'clonectl resume NAME --accept-devices'"
         case .sizeMismatch:
             if let m = v.string("message") { return "destination too small: \(m)" }
             hint = ""
@@ -95,7 +99,8 @@ public struct CloneFailure: Error, Sendable, Equatable, CustomStringConvertible 
             hint = "; run as root or as a member of the daemon's --socket-group"
         case .tooManyConnections: hint = "; try again later"
         case .exportInUse:
-            hint = "; disconnect the clients, or use 'clonectl remove \(v.string("name") ?? "NAME") --force' to disconnect them"
+            hint =
+                "; disconnect the clients, or use 'clonectl remove \(v.string("name") ?? "NAME") --force' to disconnect them"
         case .internalError: hint = "; see the hydrationd log"
         default: hint = ""
         }

@@ -73,7 +73,8 @@ public enum Human {
 public enum CloneJSON {
     public static func encoder(pretty: Bool = true) -> JSONEncoder {
         let e = JSONEncoder()
-        e.outputFormatting = pretty ? [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes] : [.sortedKeys, .withoutEscapingSlashes]
+        e.outputFormatting =
+            pretty ? [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes] : [.sortedKeys, .withoutEscapingSlashes]
         return e
     }
 
@@ -93,7 +94,8 @@ public enum StatusFormatter {
     public static func progressText(_ s: JobStatus) -> String {
         let p = progress(s)
         if s.regions.total == 0 && s.state == .failed { return "progress unknown" }
-        return "\(Human.percent(s.regions.hydrated, of: s.regions.total)) (\(Human.bytes(p.done)) of \(Human.bytes(p.total)))"
+        return
+            "\(Human.percent(s.regions.hydrated, of: s.regions.total)) (\(Human.bytes(p.done)) of \(Human.bytes(p.total)))"
     }
 
     /// The multi-line report of `clonectl status NAME`.
@@ -111,12 +113,16 @@ public enum StatusFormatter {
         case let (src?, dst?) where src == dst && s.source.ioReason == s.dest.ioReason:
             row("i/o", io(src, s.source.ioReason))
         case let (src, dst) where src != nil || dst != nil:
-            row("i/o", [src.map { "source " + io($0, s.source.ioReason) }, dst.map { "dest " + io($0, s.dest.ioReason) }]
-                .compactMap { $0 }.joined(separator: ", "))
+            row(
+                "i/o",
+                [src.map { "source " + io($0, s.source.ioReason) }, dst.map { "dest " + io($0, s.dest.ioReason) }]
+                    .compactMap { $0 }.joined(separator: ", "))
         default: break
         }
         let inFlight = s.regions.hydrating > 0 ? ", \(s.regions.hydrating) in flight" : ""
-        row("regions", "\(s.regions.hydrated) of \(s.regions.total) hydrated\(inFlight), \(Human.bytes(s.regionSize)) each")
+        row(
+            "regions",
+            "\(s.regions.hydrated) of \(s.regions.total) hydrated\(inFlight), \(Human.bytes(s.regionSize)) each")
         var committed = "\(Human.bytes(s.bytes.committed))"
         if s.commits.count > 0 {
             committed += " (\(s.commits.count) commit\(s.commits.count == 1 ? "" : "s")"
@@ -136,9 +142,15 @@ public enum StatusFormatter {
             if s.throughputBytesPerSecond > 0 { row("throughput", Human.rate(s.throughputBytesPerSecond)) }
         }
         if let e = s.export {
-            row("export", "\(e.uri) (\(e.clients) client\(e.clients == 1 ? "" : "s"))\(e.hydrateOnRead ? ", hydrate on read" : "")")
+            row(
+                "export",
+                "\(e.uri) (\(e.clients) client\(e.clients == 1 ? "" : "s"))\(e.hydrateOnRead ? ", hydrate on read" : "")"
+            )
             if let io = e.io {
-                row("client i/o", "read \(Human.bytes(io.readBytes)), written \(Human.bytes(io.writtenBytes)), trimmed \(Human.bytes(io.trimmedBytes)); \(io.hydratedRegions) regions hydrated by clients")
+                row(
+                    "client i/o",
+                    "read \(Human.bytes(io.readBytes)), written \(Human.bytes(io.writtenBytes)), trimmed \(Human.bytes(io.trimmedBytes)); \(io.hydratedRegions) regions hydrated by clients"
+                )
             }
         }
         if s.discard.enabled {
@@ -162,7 +174,8 @@ public enum StatusFormatter {
 
     public static func settingsText(_ t: JobStatus.Settings) -> String {
         let rate = t.rateLimitBytesPerSecond.map { $0 == 0 ? "none" : Human.rate(Double($0)) } ?? "none"
-        return "threshold \(t.threshold), batch size \(t.batchSize), rate limit \(rate), commit interval \(Human.milliseconds(t.commitIntervalMs))"
+        return
+            "threshold \(t.threshold), batch size \(t.batchSize), rate limit \(rate), commit interval \(Human.milliseconds(t.commitIntervalMs))"
     }
 
     /// One line per update for `status --watch` when not on a terminal.

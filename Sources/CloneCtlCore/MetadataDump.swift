@@ -14,7 +14,8 @@ public struct MetadataDump: Codable, Sendable, Equatable {
         /// What confirms the device after a restart (format version 2); "" when it has none.
         public var stableId: String
         public init(path: String, kind: String, sizeBytes: UInt64, identity: String, stableId: String = "") {
-            self.path = path; self.kind = kind; self.sizeBytes = sizeBytes; self.identity = identity; self.stableId = stableId
+            self.path = path; self.kind = kind; self.sizeBytes = sizeBytes; self.identity = identity;
+            self.stableId = stableId
         }
         enum CodingKeys: String, CodingKey {
             case path, kind, identity
@@ -136,15 +137,25 @@ public enum MetadataFormatter {
         row("dest", "\(d.dest.path) (\(d.dest.kind), \(Human.bytes(d.dest.sizeBytes)), \(d.dest.identity))")
         row("region size", Human.bytes(d.regionSize))
         row("target size", "\(Human.bytes(d.targetSizeBytes)) (\(d.targetSizeBytes) bytes)")
-        row("regions", "\(d.regionsHydrated) of \(d.regionsTotal) hydrated (\(Human.percent(d.regionsHydrated, of: d.regionsTotal)))")
+        row(
+            "regions",
+            "\(d.regionsHydrated) of \(d.regionsTotal) hydrated (\(Human.percent(d.regionsHydrated, of: d.regionsTotal)))"
+        )
         row("bitmap pages", "\(d.pageCount)")
-        row("flags", [d.discardSource ? "discard_source" : nil, d.destZeroed ? "dest_zeroed" : nil, d.complete ? "complete" : nil]
+        row(
+            "flags",
+            [
+                d.discardSource ? "discard_source" : nil, d.destZeroed ? "dest_zeroed" : nil,
+                d.complete ? "complete" : nil,
+            ]
             .compactMap { $0 }.joined(separator: ",").ifEmpty("none"))
         row("created", timestamp(d.createdUnixMs))
         row("last commit", timestamp(d.committedUnixMs))
         var rec = "superblock slot \(d.recovery.superblockSlot)"
         if let p = d.recovery.otherSlotProblem { rec += "; other slot: \(p)" }
-        if d.recovery.uncommittedPageSlots > 0 { rec += "; \(d.recovery.uncommittedPageSlots) uncommitted page slot(s)" }
+        if d.recovery.uncommittedPageSlots > 0 {
+            rec += "; \(d.recovery.uncommittedPageSlots) uncommitted page slot(s)"
+        }
         if d.recovery.invalidPageSlots > 0 { rec += "; \(d.recovery.invalidPageSlots) invalid page slot(s)" }
         row("recovery", rec)
         if !d.source.stableId.isEmpty || !d.dest.stableId.isEmpty {
@@ -152,8 +163,11 @@ public enum MetadataFormatter {
             row("dest id", d.dest.stableId.ifEmpty("none (cannot be confirmed after a restart)"))
         }
         if d.discardSource {
-            row("pending release", d.pendingReleaseRanges.isEmpty ? "none"
-                : d.pendingReleaseRanges.map { "\($0.start)..<\($0.start + $0.count)" }.joined(separator: ", "))
+            row(
+                "pending release",
+                d.pendingReleaseRanges.isEmpty
+                    ? "none"
+                    : d.pendingReleaseRanges.map { "\($0.start)..<\($0.start + $0.count)" }.joined(separator: ", "))
         }
         lines.append("hydrated regions (\(d.hydratedRanges.count) range\(d.hydratedRanges.count == 1 ? "" : "s")):")
         for r in d.hydratedRanges {
@@ -166,7 +180,8 @@ public enum MetadataFormatter {
     public static func check(_ r: MetadataReport) -> String {
         var lines: [String] = []
         if r.valid {
-            var head = "\(r.path): OK, format version \(r.version.map(String.init) ?? "?"), generation \(r.generation.map(String.init) ?? "?")"
+            var head =
+                "\(r.path): OK, format version \(r.version.map(String.init) ?? "?"), generation \(r.generation.map(String.init) ?? "?")"
             if let h = r.regionsHydrated, let t = r.regionsTotal {
                 head += ", \(h) of \(t) regions hydrated (\(Human.percent(h, of: t)))"
             }

@@ -12,7 +12,8 @@ public enum OptionRules {
             let opts = creationOptions.joined(separator: ", ")
             let verb = creationOptions.count == 1 ? "applies" : "apply"
             let tunables = creationOptions.filter { tunableOptions.contains($0) }
-            let hint = tunables.isEmpty
+            let hint =
+                tunables.isEmpty
                 ? ""
                 : "; to change the tunables of an existing job use 'clonectl set \(name) \(tunables.map { $0 + " ..." }.joined(separator: " "))'"
             return "\(opts) \(verb) only when creating a job, which needs both --source and --dest "
@@ -35,7 +36,6 @@ public enum OptionRules {
     public static let hydrateOnReadWithoutExport =
         "--hydrate-on-read applies only with --export: only reads through the job's NBD export can hydrate (add --export, or leave out --hydrate-on-read)"
 
-
     /// Why `--space-budget` is refused for a job that does not discard its source.
     public static let spaceBudgetWithoutDiscard =
         "--space-budget applies only with --discard-source: a job that does not discard its source releases nothing, "
@@ -49,7 +49,8 @@ public enum OptionRules {
     /// `clonectl wait NAME --timeout D`: a zero timeout would race the first status update.
     public static func waitProblem(timeoutMs: Int?) -> String? {
         if timeoutMs == 0 {
-            return "--timeout must be longer than 0, e.g. 30s (leave it out to wait without a limit; 'clonectl status NAME' shows the state now)"
+            return
+                "--timeout must be longer than 0, e.g. 30s (leave it out to wait without a limit; 'clonectl status NAME' shows the state now)"
         }
         return nil
     }
@@ -57,6 +58,7 @@ public enum OptionRules {
     /// `clonectl --socket PATH check|dump ...`: those commands read the metadata file themselves.
     public static func offlineProblem(command: String, socket: String?) -> String? {
         guard socket != nil else { return nil }
-        return "--socket does not apply to '\(command)': it reads the metadata file directly, without the daemon (leave out --socket)"
+        return
+            "--socket does not apply to '\(command)': it reads the metadata file directly, without the daemon (leave out --socket)"
     }
 }

@@ -132,11 +132,16 @@ public struct StartParameters: VarlinkParameters, Equatable {
     /// refuses such a `Start` with `InvalidParameter` instead of ignoring the parameter.
     public var inapplicableParameter: (name: String, reason: String)? {
         if spaceBudgetBytes != nil && discardSource != true {
-            return ("space_budget_bytes",
-                    "applies only with discard_source: true (a job that does not discard its source releases nothing, so there is nothing to budget)")
+            return (
+                "space_budget_bytes",
+                "applies only with discard_source: true (a job that does not discard its source releases nothing, so there is nothing to budget)"
+            )
         }
         if hydrateOnRead == true && export != true {
-            return ("hydrate_on_read", "applies only with export: true (only reads through the job's NBD export can hydrate)")
+            return (
+                "hydrate_on_read",
+                "applies only with export: true (only reads through the job's NBD export can hydrate)"
+            )
         }
         return nil
     }

@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Where the daemon keeps its state and its control socket when not told otherwise. Shared by

@@ -147,9 +147,10 @@ public struct JobStatus: Codable, Sendable, Equatable {
         enum CodingKeys: String, CodingKey { case uri, clients, io; case hydrateOnRead = "hydrate_on_read" }
         public init(from decoder: any Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
-            self.init(uri: try c.decode(String.self, forKey: .uri), clients: try c.decode(Int.self, forKey: .clients),
-                      hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false,
-                      io: try c.decodeIfPresent(IO.self, forKey: .io))
+            self.init(
+                uri: try c.decode(String.self, forKey: .uri), clients: try c.decode(Int.self, forKey: .clients),
+                hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false,
+                io: try c.decodeIfPresent(IO.self, forKey: .io))
         }
 
         public struct IO: Codable, Sendable, Equatable {

@@ -1,12 +1,13 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import FoundationEssentials
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#elseif canImport(Darwin)
+    import Darwin
+#endif
 
 /// Why a `VarlinkClient` could not talk to the daemon (as opposed to a `VarlinkError`, which is the
 /// daemon's named refusal).
@@ -83,9 +84,9 @@ public final class VarlinkClient: Sendable {
         guard pathBytes.count < capacity else { throw .pathTooLong(path: socketPath) }
 
         #if canImport(Glibc) || canImport(Musl)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         #else
-        let fd = socket(AF_UNIX, SOCK_STREAM, 0)
+            let fd = socket(AF_UNIX, SOCK_STREAM, 0)
         #endif
         guard fd >= 0 else { throw .io(operation: "socket", errno: errno) }
 
@@ -220,22 +221,31 @@ public final class VarlinkClient: Sendable {
     }
 
     public func pause(_ name: String) throws -> JobStatus {
-        try call(ControlMethod.pause.qualifiedName, parameters: JobNameParameters(name: name), replyType: JobReply.self).job
+        try call(ControlMethod.pause.qualifiedName, parameters: JobNameParameters(name: name), replyType: JobReply.self)
+            .job
     }
 
     public func resume(_ name: String, acceptDevices: Bool = false) throws -> JobStatus {
-        try call(ControlMethod.resume.qualifiedName, parameters: ResumeParameters(name: name, acceptDevices: acceptDevices ? true : nil),
-                 replyType: JobReply.self).job
+        try call(
+            ControlMethod.resume.qualifiedName,
+            parameters: ResumeParameters(name: name, acceptDevices: acceptDevices ? true : nil),
+            replyType: JobReply.self
+        ).job
     }
 
     public func getStatus(name: String? = nil) throws -> [JobStatus] {
-        try call(ControlMethod.getStatus.qualifiedName, parameters: GetStatusParameters(name: name), replyType: GetStatusReply.self).jobs
+        try call(
+            ControlMethod.getStatus.qualifiedName, parameters: GetStatusParameters(name: name),
+            replyType: GetStatusReply.self
+        ).jobs
     }
 
     /// Streams status updates (`GetStatus` with `more`) until the job ends or `onUpdate` returns false.
     public func watchStatus(name: String? = nil, onUpdate: ([JobStatus]) throws -> Bool) throws {
-        try stream(ControlMethod.getStatus.qualifiedName, parameters: GetStatusParameters(name: name),
-                   replyType: GetStatusReply.self) { try onUpdate($0.jobs) }
+        try stream(
+            ControlMethod.getStatus.qualifiedName, parameters: GetStatusParameters(name: name),
+            replyType: GetStatusReply.self
+        ) { try onUpdate($0.jobs) }
     }
 
     public func list() throws -> [JobSummary] {
@@ -247,19 +257,25 @@ public final class VarlinkClient: Sendable {
     }
 
     public func commit(_ name: String) throws -> JobStatus {
-        try call(ControlMethod.commit.qualifiedName, parameters: JobNameParameters(name: name), replyType: JobReply.self).job
+        try call(
+            ControlMethod.commit.qualifiedName, parameters: JobNameParameters(name: name), replyType: JobReply.self
+        ).job
     }
 
     /// Returns where the job's metadata was kept, when it was (see `RemoveReply`).
     @discardableResult
     public func remove(_ name: String, force: Bool = false) throws -> String? {
-        try call(ControlMethod.remove.qualifiedName, parameters: RemoveParameters(name: name, force: force ? true : nil),
-                 replyType: RemoveReply.self).keptMetadata
+        try call(
+            ControlMethod.remove.qualifiedName, parameters: RemoveParameters(name: name, force: force ? true : nil),
+            replyType: RemoveReply.self
+        ).keptMetadata
     }
 
     public func checkMetadata(path: String) throws -> MetadataReport {
-        try call(ControlMethod.checkMetadata.qualifiedName, parameters: CheckMetadataParameters(path: path),
-                 replyType: CheckMetadataReply.self).report
+        try call(
+            ControlMethod.checkMetadata.qualifiedName, parameters: CheckMetadataParameters(path: path),
+            replyType: CheckMetadataReply.self
+        ).report
     }
 
     // MARK: async, off the cooperative pool
@@ -374,22 +390,24 @@ enum DedicatedThread {
     static func start(_ body: @escaping @Sendable () -> Void) -> Int32 {
         let box = Unmanaged.passRetained(Body(body)).toOpaque()
         #if canImport(Darwin)
-        var tid: pthread_t?
+            var tid: pthread_t?
         #else
-        var tid = pthread_t()
+            var tid = pthread_t()
         #endif
-        let rc = pthread_create(&tid, nil, { arg in
-            Unmanaged<Body>.fromOpaque(arg!).takeRetainedValue().run()
-            return nil
-        }, box)
+        let rc = pthread_create(
+            &tid, nil,
+            { arg in
+                Unmanaged<Body>.fromOpaque(arg!).takeRetainedValue().run()
+                return nil
+            }, box)
         if rc != 0 {
             Unmanaged<Body>.fromOpaque(box).release()
             return rc
         }
         #if canImport(Darwin)
-        if let tid { pthread_detach(tid) }
+            if let tid { pthread_detach(tid) }
         #else
-        pthread_detach(tid)
+            pthread_detach(tid)
         #endif
         return 0
     }

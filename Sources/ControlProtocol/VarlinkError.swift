@@ -1,3 +1,5 @@
+import struct FoundationEssentials.Data
+
 /// A named Varlink error: what a server replies instead of a method's output, and what
 /// `VarlinkClient` throws when it receives one.
 ///
@@ -113,18 +115,23 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     }
 
     public static func invalidParameter(_ parameter: String, reason: String) -> VarlinkError {
-        VarlinkError(name: Name.invalidParameter, parameters: ["parameter": .string(parameter), "reason": .string(reason)])
+        VarlinkError(
+            name: Name.invalidParameter, parameters: ["parameter": .string(parameter), "reason": .string(reason)])
     }
 
     public static func deviceInUse(path: String, job: String, message: String = "") -> VarlinkError {
-        VarlinkError(name: Name.deviceInUse, parameters: ["path": .string(path), "job": .string(job), "message": .string(message)])
+        VarlinkError(
+            name: Name.deviceInUse,
+            parameters: ["path": .string(path), "job": .string(job), "message": .string(message)])
     }
 
     public static func sizeMismatch(sourceBytes: UInt64, destBytes: UInt64, message: String = "") -> VarlinkError {
         VarlinkError(
             name: Name.sizeMismatch,
-            parameters: ["source_bytes": .int(Int64(clamping: sourceBytes)), "dest_bytes": .int(Int64(clamping: destBytes)),
-                         "message": .string(message)]
+            parameters: [
+                "source_bytes": .int(Int64(clamping: sourceBytes)), "dest_bytes": .int(Int64(clamping: destBytes)),
+                "message": .string(message),
+            ]
         )
     }
 
@@ -168,8 +175,9 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
 
     /// `Remove` of a job whose NBD export has `clients` connections, without `force`.
     public static func exportInUse(_ name: String, clients: Int, message: String) -> VarlinkError {
-        VarlinkError(name: Name.exportInUse,
-                     parameters: ["name": .string(name), "clients": .int(Int64(clients)), "message": .string(message)])
+        VarlinkError(
+            name: Name.exportInUse,
+            parameters: ["name": .string(name), "clients": .int(Int64(clients)), "message": .string(message)])
     }
 
     /// A record in the daemon's state directory cannot be read (`path`, the message says why):
@@ -177,8 +185,9 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     /// released for it until the operator repairs the file or removes the job with force. An
     /// unreadable kept record (`name` empty) refuses new jobs on what it may still need.
     public static func jobRecordUnreadable(_ name: String, path: String, message: String) -> VarlinkError {
-        VarlinkError(name: Name.jobRecordUnreadable,
-                     parameters: ["name": .string(name), "path": .string(path), "message": .string(message)])
+        VarlinkError(
+            name: Name.jobRecordUnreadable,
+            parameters: ["name": .string(name), "path": .string(path), "message": .string(message)])
     }
 
     public static func invalidMessage(_ reason: String) -> VarlinkError {
@@ -226,7 +235,8 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case .noSuchJob: return "no job named '\(p["name"]?.stringValue ?? "?")'"
         case .jobExists: return "a job named '\(p["name"]?.stringValue ?? "?")' already exists"
         case .jobRunning:
-            return "job '\(p["name"]?.stringValue ?? "?")' is \(p["state"]?.stringValue ?? "active"); pause it first or use force"
+            return
+                "job '\(p["name"]?.stringValue ?? "?")' is \(p["state"]?.stringValue ?? "active"); pause it first or use force"
         case .invalidParameter, .serviceInvalidParameter:
             let reason = p["reason"]?.stringValue.map { ": \($0)" } ?? ""
             return "invalid parameter '\(p["parameter"]?.stringValue ?? "?")'\(reason)"
@@ -236,13 +246,15 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
             if p["job"]?.stringValue ?? "" == "", let m = p["message"]?.stringValue, !m.isEmpty { return m }
             return "\(p["path"]?.stringValue ?? "device") is already used by job '\(p["job"]?.stringValue ?? "?")'"
         case .sizeMismatch:
-            return "destination (\(p["dest_bytes"]?.int64Value ?? 0) bytes) is smaller than source (\(p["source_bytes"]?.int64Value ?? 0) bytes)"
+            return
+                "destination (\(p["dest_bytes"]?.int64Value ?? 0) bytes) is smaller than source (\(p["source_bytes"]?.int64Value ?? 0) bytes)"
         case .metadataCorrupt:
             return "metadata \(p["path"]?.stringValue ?? "") is corrupt: \(p["reason"]?.stringValue ?? "")"
         case .permissionDenied:
             return "permission denied for \(p["method"]?.stringValue ?? "method"): \(p["reason"]?.stringValue ?? "")"
         case .jobFailed:
-            return "job '\(p["name"]?.stringValue ?? "?")' failed: \(p["code"]?.stringValue ?? ""): \(p["message"]?.stringValue ?? "")"
+            return
+                "job '\(p["name"]?.stringValue ?? "?")' failed: \(p["code"]?.stringValue ?? ""): \(p["message"]?.stringValue ?? "")"
         case .ioError:
             return "I/O error\(p["path"]?.stringValue.map { " on \($0)" } ?? ""): \(p["message"]?.stringValue ?? "")"
         case .invalidMessage: return "invalid Varlink message: \(p["reason"]?.stringValue ?? "")"
@@ -250,20 +262,23 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case .tooManyConnections: return "too many connections to the daemon (limit \(p["limit"]?.int64Value ?? 0))"
         case .internalError: return "internal daemon error: \(p["message"]?.stringValue ?? "")"
         case .dataAtRisk: return "job '\(p["name"]?.stringValue ?? "?")': \(p["message"]?.stringValue ?? "")"
-        case .deviceUnconfirmed: return p["message"]?.stringValue ?? "device \(p["path"]?.stringValue ?? "?") cannot be confirmed"
-        case .jobRecordUnreadable: return p["message"]?.stringValue ?? "job record \(p["path"]?.stringValue ?? "?") cannot be read"
+        case .deviceUnconfirmed:
+            return p["message"]?.stringValue ?? "device \(p["path"]?.stringValue ?? "?") cannot be confirmed"
+        case .jobRecordUnreadable:
+            return p["message"]?.stringValue ?? "job record \(p["path"]?.stringValue ?? "?") cannot be read"
         case .exportInUse:
             let n = p["clients"]?.int64Value ?? 0
-            return "job '\(p["name"]?.stringValue ?? "?")' is exported over NBD and \(n) client\(n == 1 ? " is" : "s are") connected"
+            return
+                "job '\(p["name"]?.stringValue ?? "?")' is exported over NBD and \(n) client\(n == 1 ? " is" : "s are") connected"
         case .interfaceNotFound: return "interface not found: \(p["interface"]?.stringValue ?? "?")"
         case .methodNotFound: return "method not found: \(p["method"]?.stringValue ?? "?")"
         case .methodNotImplemented: return "method not implemented: \(p["method"]?.stringValue ?? "?")"
         case .servicePermissionDenied: return "permission denied"
         case .expectedMore: return "method must be called with more=true"
         case .other:
-            return p.isEmpty ? name : "\(name) \(String(decoding: (try? VarlinkJSON.makeEncoder().encode(p)) ?? Data(), as: UTF8.self))"
+            return p.isEmpty
+                ? name
+                : "\(name) \(String(decoding: (try? VarlinkJSON.makeEncoder().encode(p)) ?? Data(), as: UTF8.self))"
         }
     }
 }
-
-import struct FoundationEssentials.Data

@@ -43,8 +43,8 @@ public enum VarlinkFramingError: Error, Sendable, Equatable, CustomStringConvert
 public struct VarlinkFrameDecoder: Sendable {
     public let maxMessageSize: Int
     private var buffer: [UInt8] = []
-    private var start = 0       // first unconsumed byte
-    private var scanned = 0     // bytes after `start` already known to hold no NUL
+    private var start = 0  // first unconsumed byte
+    private var scanned = 0  // bytes after `start` already known to hold no NUL
     private var failed = false
 
     public init(maxMessageSize: Int = VarlinkFraming.maxMessageSize) {

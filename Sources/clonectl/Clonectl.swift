@@ -4,7 +4,7 @@ import ControlProtocol
 import FoundationEssentials
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// clonectl: the command-line client of hydrationd.
@@ -37,7 +37,8 @@ struct Clonectl: AsyncParsableCommand {
         name: .long,
         help: ArgumentHelp(
             "Control socket of hydrationd (also accepted after the command).",
-            discussion: "Default: $HYDRATION_SOCKET, else $RUNTIME_DIRECTORY/control.sock, /run/hydrationd/control.sock as root, $XDG_RUNTIME_DIR/hydrationd/control.sock otherwise.",
+            discussion:
+                "Default: $HYDRATION_SOCKET, else $RUNTIME_DIRECTORY/control.sock, /run/hydrationd/control.sock as root, $XDG_RUNTIME_DIR/hydrationd/control.sock otherwise.",
             valueName: "path"),
         completion: .file())
     var socket: String?
@@ -94,7 +95,8 @@ struct DaemonOptions: ParsableArguments {
         name: .long,
         help: ArgumentHelp(
             "Control socket of hydrationd.",
-            discussion: "Default: $HYDRATION_SOCKET, else $RUNTIME_DIRECTORY/control.sock, /run/hydrationd/control.sock as root, $XDG_RUNTIME_DIR/hydrationd/control.sock otherwise.",
+            discussion:
+                "Default: $HYDRATION_SOCKET, else $RUNTIME_DIRECTORY/control.sock, /run/hydrationd/control.sock as root, $XDG_RUNTIME_DIR/hydrationd/control.sock otherwise.",
             valueName: "path"),
         completion: .file())
     var socket: String?
@@ -157,24 +159,33 @@ func parseDurationMs(_ s: String) throws -> Int {
 
 /// The tunables shared by `start` and `set`.
 struct TunableOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("Regions in flight at once, across all batches (a positive count; default: 8 MiB worth).", valueName: "n"))
+    @Option(
+        help: ArgumentHelp(
+            "Regions in flight at once, across all batches (a positive count; default: 8 MiB worth).", valueName: "n"))
     var threshold: Int?
 
-    @Option(help: ArgumentHelp("Contiguous regions copied by one read and one write (a positive count; default: 1 MiB worth).", valueName: "n"))
+    @Option(
+        help: ArgumentHelp(
+            "Contiguous regions copied by one read and one write (a positive count; default: 1 MiB worth).",
+            valueName: "n"))
     var batchSize: Int?
 
     @Option(
-        help: ArgumentHelp("How often progress is committed to the metadata, e.g. 500ms, 1s, 2m.", valueName: "duration"),
+        help: ArgumentHelp(
+            "How often progress is committed to the metadata, e.g. 500ms, 1s, 2m.", valueName: "duration"),
         transform: parseDurationMs)
     var commitInterval: Int?
 
     @Option(
-        help: ArgumentHelp("With --discard-source: bytes hydrated but not yet released from the source never exceed this, e.g. 1G (0 = no budget).", valueName: "size"),
+        help: ArgumentHelp(
+            "With --discard-source: bytes hydrated but not yet released from the source never exceed this, e.g. 1G (0 = no budget).",
+            valueName: "size"),
         transform: parseSize)
     var spaceBudget: UInt64?
 
     @Option(
-        help: ArgumentHelp("Copy at most this many bytes per second, e.g. 20M or 20MiB/s (0 or none = no limit).", valueName: "rate"),
+        help: ArgumentHelp(
+            "Copy at most this many bytes per second, e.g. 20M or 20MiB/s (0 or none = no limit).", valueName: "rate"),
         transform: parseRate)
     var rateLimit: UInt64?
 
@@ -182,14 +193,19 @@ struct TunableOptions: ParsableArguments {
 
     /// The tunables given, spelled as on the command line.
     var givenOptions: [String] {
-        [("--threshold", threshold != nil), ("--batch-size", batchSize != nil), ("--commit-interval", commitInterval != nil),
-         ("--space-budget", spaceBudget != nil), ("--rate-limit", rateLimit != nil)].filter(\.1).map(\.0)
+        [
+            ("--threshold", threshold != nil), ("--batch-size", batchSize != nil),
+            ("--commit-interval", commitInterval != nil),
+            ("--space-budget", spaceBudget != nil), ("--rate-limit", rateLimit != nil),
+        ].filter(\.1).map(\.0)
     }
 
     func validate() throws {
         if let t = threshold, t < 1 { throw ValidationError("--threshold must be a positive count (got \(t))") }
         if let b = batchSize, b < 1 { throw ValidationError("--batch-size must be a positive count (got \(b))") }
-        if let c = commitInterval, c < 1 { throw ValidationError("--commit-interval must be longer than 0, e.g. 500ms or 1s") }
+        if let c = commitInterval, c < 1 {
+            throw ValidationError("--commit-interval must be longer than 0, e.g. 500ms or 1s")
+        }
     }
 }
 

@@ -19,13 +19,20 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     @Argument(help: ArgumentHelp("Job name (letters, digits and - _ . : @; up to 64 characters).", valueName: "name"))
     var name: String
 
-    @Option(help: ArgumentHelp("Source image or block device, or an NBD URI: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://… (TLS; ?tls-psk-file=FILE).", valueName: "path|uri"), completion: .file())
+    @Option(
+        help: ArgumentHelp(
+            "Source image or block device, or an NBD URI: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://… (TLS; ?tls-psk-file=FILE).",
+            valueName: "path|uri"), completion: .file())
     var source: String?
 
-    @Option(help: ArgumentHelp("Destination image or block device (at least as large as the source).", valueName: "path"), completion: .file())
+    @Option(
+        help: ArgumentHelp("Destination image or block device (at least as large as the source).", valueName: "path"),
+        completion: .file())
     var dest: String?
 
-    @Option(help: ArgumentHelp("Metadata file (default: <state-dir>/jobs/NAME.meta).", valueName: "path"), completion: .file())
+    @Option(
+        help: ArgumentHelp("Metadata file (default: <state-dir>/jobs/NAME.meta).", valueName: "path"),
+        completion: .file())
     var metadata: String?
 
     @Option(
@@ -42,13 +49,20 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     @Flag(help: "Create the job paused; start copying later with 'clonectl resume'.")
     var noHydration = false
 
-    @Flag(help: "Serve the clone as NBD export NAME on the daemon's NBD socket (see 'clonectl status NAME' for its URI).")
+    @Flag(
+        help: "Serve the clone as NBD export NAME on the daemon's NBD socket (see 'clonectl status NAME' for its URI).")
     var export = false
 
-    @Flag(help: "With --export: a read served by the source also hydrates the regions it read, in the background (dm-clone lacks this).")
+    @Flag(
+        help:
+            "With --export: a read served by the source also hydrates the regions it read, in the background (dm-clone lacks this)."
+    )
     var hydrateOnRead = false
 
-    @Option(help: ArgumentHelp("auto (default: direct I/O for a regular-file source, buffered for a block device or NBD), buffered, or direct (O_DIRECT where supported).", valueName: "mode"))
+    @Option(
+        help: ArgumentHelp(
+            "auto (default: direct I/O for a regular-file source, buffered for a block device or NBD), buffered, or direct (O_DIRECT where supported).",
+            valueName: "mode"))
     var io: String?
 
     @OptionGroup(title: "Tunables") var tunables: TunableOptions
@@ -56,7 +70,10 @@ struct Start: AsyncParsableCommand, DaemonCommand {
     @Flag(help: "Print the new job's status as JSON (the JobStatus object); with --wait, the status it ended with.")
     var json = false
 
-    @Flag(help: "Then wait until the job is complete (exit 0) or failed (exit 1), as 'clonectl wait' (one command for a one-off copy).")
+    @Flag(
+        help:
+            "Then wait until the job is complete (exit 0) or failed (exit 1), as 'clonectl wait' (one command for a one-off copy)."
+    )
     var wait = false
 
     /// The options given besides --source, --dest and --json: each one means "create a job".
@@ -79,11 +96,13 @@ struct Start: AsyncParsableCommand, DaemonCommand {
         if let problem = OptionRules.startProblem(
             name: name, hasSource: source != nil, hasDest: dest != nil, creationOptions: creationOptions,
             discardSource: discardSource, spaceBudget: tunables.spaceBudget != nil,
-            export: export, hydrateOnRead: hydrateOnRead) {
+            export: export, hydrateOnRead: hydrateOnRead)
+        {
             throw ValidationError(problem)
         }
         if wait && noHydration {
-            throw ValidationError("--wait with --no-hydration would wait for ever: the job is created paused (leave out one of them)")
+            throw ValidationError(
+                "--wait with --no-hydration would wait for ever: the job is created paused (leave out one of them)")
         }
         if let m = io, !["auto", "buffered", "direct"].contains(m) {
             throw ValidationError("--io must be auto, buffered or direct (got '\(m)')")
@@ -112,7 +131,9 @@ struct Start: AsyncParsableCommand, DaemonCommand {
             Output.line(try CloneJSON.string(reply.job))
         } else if !json {
             let verb = reply.created ? "created" : "resumed"
-            Output.line("\(verb) job \(reply.job.name): \(reply.job.state.rawValue), \(StatusFormatter.progressText(reply.job))")
+            Output.line(
+                "\(verb) job \(reply.job.name): \(reply.job.state.rawValue), \(StatusFormatter.progressText(reply.job))"
+            )
         }
         guard wait else { return }
         let ended = try await JobWaiter.wait(for: reply.job.name, timeoutMs: nil, command: self)
@@ -138,7 +159,9 @@ struct Pause: AsyncParsableCommand, DaemonCommand {
 struct Resume: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Resume a paused job.",
-        discussion: "A job that could not be opened (device missing or not confirmed) is opened again first. --accept-devices states that the devices now at its paths are its own (for a device without a stable identity, e.g. a disk without a serial after a reboot); their size and kind must still match.")
+        discussion:
+            "A job that could not be opened (device missing or not confirmed) is opened again first. --accept-devices states that the devices now at its paths are its own (for a device without a stable identity, e.g. a disk without a serial after a reboot); their size and kind must still match."
+    )
     @OptionGroup var daemon: DaemonOptions
     @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
@@ -167,7 +190,8 @@ struct SetTunables: AsyncParsableCommand, DaemonCommand {
     func validate() throws {
         if tunables.isEmpty {
             throw ValidationError(
-                "nothing to set: give at least one of --threshold, --batch-size, --commit-interval, --space-budget, --rate-limit")
+                "nothing to set: give at least one of --threshold, --batch-size, --commit-interval, --space-budget, --rate-limit"
+            )
         }
     }
 
@@ -191,26 +215,35 @@ struct Commit: AsyncParsableCommand, DaemonCommand {
     func run() async throws {
         let s = try call { try $0.commit(job.name) }
         Output.line(
-            "committed job \(s.name): \(Human.bytes(s.bytes.committed)) of \(Human.bytes(s.bytes.total)) durable, \(s.commits.count) commit\(s.commits.count == 1 ? "" : "s")")
+            "committed job \(s.name): \(Human.bytes(s.bytes.committed)) of \(Human.bytes(s.bytes.total)) durable, \(s.commits.count) commit\(s.commits.count == 1 ? "" : "s")"
+        )
     }
 }
 
 struct Remove: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Forget a job; its destination (and a metadata file outside the state directory) stay on disk.",
-        discussion: "A hydrating job is refused unless --force, which pauses it with a final commit first. An incomplete --discard-source job whose source is partly released is refused unless --force; even then its metadata is kept (the only record of which regions the destination alone holds) and its path printed. An exported job with NBD clients connected is refused unless --force, which disconnects them.")
+        discussion:
+            "A hydrating job is refused unless --force, which pauses it with a final commit first. An incomplete --discard-source job whose source is partly released is refused unless --force; even then its metadata is kept (the only record of which regions the destination alone holds) and its path printed. An exported job with NBD clients connected is refused unless --force, which disconnects them."
+    )
     @OptionGroup var daemon: DaemonOptions
     @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
-    @Flag(help: "Pause a hydrating job (with a final commit), disconnect the NBD clients of an exported one, and remove it.")
+    @Flag(
+        help:
+            "Pause a hydrating job (with a final commit), disconnect the NBD clients of an exported one, and remove it."
+    )
     var force = false
 
     func run() async throws {
         let kept = try call { try $0.remove(job.name, force: force) }
         Output.line("removed job \(job.name)")
         if let kept {
-            Output.line("its metadata was kept at \(kept): the source is partly released, and the destination holds the only copy of those regions")
-            Output.line("resume the copy with: clonectl start \(job.name) --metadata \(kept) --source SOURCE --dest DEST")
+            Output.line(
+                "its metadata was kept at \(kept): the source is partly released, and the destination holds the only copy of those regions"
+            )
+            Output.line(
+                "resume the copy with: clonectl start \(job.name) --metadata \(kept) --source SOURCE --dest DEST")
         }
     }
 }

@@ -3,8 +3,9 @@ import CloneCtlCore
 import ControlProtocol
 import FoundationEssentials
 import HydrationStorage
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Reads a metadata file read-only with the engine's recovery code; no daemon involved.
@@ -21,7 +22,8 @@ enum OfflineMetadata {
             return .valid(store, report)
         } catch {
             if case .io(let s) = error.reason {
-                let hint = s.errno == ENOENT ? "; check the path (a job's default metadata is <state-dir>/jobs/NAME.meta)" : ""
+                let hint =
+                    s.errno == ENOENT ? "; check the path (a job's default metadata is <state-dir>/jobs/NAME.meta)" : ""
                 return .unreadable("cannot read metadata: \(s)\(hint)")
             }
             return .invalid(error.description)
@@ -39,8 +41,9 @@ enum OfflineMetadata {
     }
 
     static func device(_ d: DeviceRecord) -> MetadataDump.Device {
-        MetadataDump.Device(path: d.path, kind: d.identity.kind.rawValue, sizeBytes: d.size, identity: d.identity.description,
-                            stableId: d.stableID)
+        MetadataDump.Device(
+            path: d.path, kind: d.identity.kind.rawValue, sizeBytes: d.size, identity: d.identity.description,
+            stableId: d.stableID)
     }
 
     static func dump(path: String, store: MetadataStore, report r: MetadataRecoveryReport) -> MetadataDump {
@@ -58,7 +61,9 @@ enum OfflineMetadata {
                 superblockSlot: r.superblockSlot, otherSlotProblem: r.otherSlotProblem,
                 uncommittedPageSlots: r.uncommittedPageSlots, invalidPageSlots: r.invalidPageSlots),
             hydratedRanges: ranges)
-        dump.pendingReleaseRanges = h.pendingRelease.map { MetadataDump.Range(start: UInt64($0.lowerBound), count: UInt64($0.count)) }
+        dump.pendingReleaseRanges = h.pendingRelease.map {
+            MetadataDump.Range(start: UInt64($0.lowerBound), count: UInt64($0.count))
+        }
         return dump
     }
 }
@@ -73,7 +78,9 @@ struct Check: AsyncParsableCommand {
     var metadata: String
 
     func validate() throws {
-        if let problem = OptionRules.offlineProblem(command: "check", socket: root.socket) { throw ValidationError(problem) }
+        if let problem = OptionRules.offlineProblem(command: "check", socket: root.socket) {
+            throw ValidationError(problem)
+        }
     }
 
     @Flag(help: "Print the report as JSON (the MetadataReport of CheckMetadata).")
@@ -101,14 +108,17 @@ struct Check: AsyncParsableCommand {
 struct Dump: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Print a metadata file's superblock and hydrated regions offline (no daemon; read-only).",
-        discussion: "Exit 0 on success, 1 when the metadata is damaged (run 'clonectl check'), 66 when it cannot be read.")
+        discussion:
+            "Exit 0 on success, 1 when the metadata is damaged (run 'clonectl check'), 66 when it cannot be read.")
 
     @ParentCommand var root: Clonectl
     @Argument(help: ArgumentHelp("Metadata file or device.", valueName: "metadata"), completion: .file())
     var metadata: String
 
     func validate() throws {
-        if let problem = OptionRules.offlineProblem(command: "dump", socket: root.socket) { throw ValidationError(problem) }
+        if let problem = OptionRules.offlineProblem(command: "dump", socket: root.socket) {
+            throw ValidationError(problem)
+        }
     }
 
     @Flag(help: "Print JSON (dump_version 1; see docs/clonectl.md).")

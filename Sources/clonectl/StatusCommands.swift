@@ -4,7 +4,7 @@ import ControlProtocol
 import FoundationEssentials
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 enum Terminal {
@@ -78,7 +78,8 @@ struct Status: AsyncParsableCommand, DaemonCommand {
             try client.watchStatus(name: name) { jobs in
                 last = jobs
                 if json {
-                    let text = name != nil && jobs.count == 1
+                    let text =
+                        name != nil && jobs.count == 1
                         ? try CloneJSON.string(jobs[0], pretty: false) : try CloneJSON.string(jobs, pretty: false)
                     Output.line(text)
                 } else if tty {
@@ -86,7 +87,8 @@ struct Status: AsyncParsableCommand, DaemonCommand {
                     var out = ""
                     // Back to the first line drawn last time, then redraw every line.
                     if drawnLines > 1 { out += "\u{1B}[\(drawnLines - 1)A" }
-                    let lines = jobs.isEmpty ? ["no jobs"] : jobs.map { StatusFormatter.progressBar($0, width: width - 1) }
+                    let lines =
+                        jobs.isEmpty ? ["no jobs"] : jobs.map { StatusFormatter.progressBar($0, width: width - 1) }
                     out += lines.map { "\r\u{1B}[2K" + $0 }.joined(separator: "\n")
                     // Fewer jobs than last time: clear the leftover lines below.
                     if lines.count < drawnLines {
@@ -118,13 +120,17 @@ struct Status: AsyncParsableCommand, DaemonCommand {
 struct Wait: AsyncParsableCommand, DaemonCommand {
     static let configuration = CommandConfiguration(
         abstract: "Wait until a job is complete (exit 0) or failed (exit 1).",
-        discussion: "With --timeout, gives up after DURATION (exit 124). A paused job is waited for until it is resumed and ends.")
+        discussion:
+            "With --timeout, gives up after DURATION (exit 124). A paused job is waited for until it is resumed and ends."
+    )
 
     @OptionGroup var daemon: DaemonOptions
     @ParentCommand var root: Clonectl
     @OptionGroup var job: JobName
 
-    @Option(help: ArgumentHelp("Give up after this long, e.g. 30s, 5m, 1h.", valueName: "duration"), transform: parseDurationMs)
+    @Option(
+        help: ArgumentHelp("Give up after this long, e.g. 30s, 5m, 1h.", valueName: "duration"),
+        transform: parseDurationMs)
     var timeout: Int?
 
     @Flag(name: .shortAndLong, help: "Print nothing on success.")
@@ -135,7 +141,8 @@ struct Wait: AsyncParsableCommand, DaemonCommand {
     }
 
     func run() async throws {
-        let s = try JobWaiter.requireComplete(try await JobWaiter.wait(for: job.name, timeoutMs: timeout, command: self))
+        let s = try JobWaiter.requireComplete(
+            try await JobWaiter.wait(for: job.name, timeoutMs: timeout, command: self))
         if !quiet { Output.line("job \(s.name) complete: \(Human.bytes(s.bytes.hydrated)) hydrated") }
     }
 }
@@ -167,7 +174,8 @@ enum JobWaiter {
                             toldPaused = true
                             // Paused by the daemon (NoSpace, say): say why, or the wait looks hung.
                             let why = s.error.map { " (\($0.code): \($0.message))" } ?? ""
-                            Output.err("job \(name) is paused\(why); waiting for it to be resumed ('clonectl resume \(name)')")
+                            Output.err(
+                                "job \(name) is paused\(why); waiting for it to be resumed ('clonectl resume \(name)')")
                         }
                     }
                     return .streamEnded(last)
@@ -190,7 +198,8 @@ enum JobWaiter {
         case .ended(let s):
             return s
         case .streamEnded:
-            throw CloneFailure("hydrationd ended the status stream of job \(name) before it finished", exit: .unavailable)
+            throw CloneFailure(
+                "hydrationd ended the status stream of job \(name) before it finished", exit: .unavailable)
         case .timedOut:
             throw CloneFailure(
                 "timed out after \(Human.milliseconds(timeoutMs ?? 0)) waiting for job \(name); see 'clonectl status \(name)'",

@@ -17,8 +17,9 @@
 
 import HydrationService
 import Synchronization
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 // MARK: clock
@@ -50,7 +51,11 @@ struct IOStats: Sendable {
 /// Shared stats box (a class so the provider and its devices see the same counters).
 final class StatsBox: Sendable {
     let m = Mutex(IOStats())
-    func take() -> IOStats { m.withLock { s in let r = s; s = IOStats(); return r } }
+    func take() -> IOStats {
+        m.withLock { s in
+            let r = s; s = IOStats(); return r
+        }
+    }
 }
 
 struct TimingStorage: StorageProvider {
@@ -72,7 +77,12 @@ final class TimingDeviceBox: StorageDevice {
     func close() { inner.close() }
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         let t0 = nowNs()
-        defer { let d = nowNs() - t0; box.m.withLock { $0.reads += 1; $0.readNs += d } }
+        defer {
+            let d = nowNs() - t0;
+            box.m.withLock {
+                $0.reads += 1; $0.readNs += d
+            }
+        }
         try inner.read(into: buffer, at: offset)
     }
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
@@ -88,14 +98,25 @@ final class TimingDeviceBox: StorageDevice {
     }
     func sync() throws(StorageError) {
         let t0 = nowNs()
-        defer { let d = nowNs() - t0; box.m.withLock { $0.syncs += 1; $0.syncNs += d } }
+        defer {
+            let d = nowNs() - t0;
+            box.m.withLock {
+                $0.syncs += 1; $0.syncNs += d
+            }
+        }
         try inner.sync()
     }
-    func release(offset: UInt64, length: UInt64) throws(StorageError) { try inner.release(offset: offset, length: length) }
-    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) { try inner.zeroOut(offset: offset, length: length) }
+    func release(offset: UInt64, length: UInt64) throws(StorageError) {
+        try inner.release(offset: offset, length: length)
+    }
+    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
+        try inner.zeroOut(offset: offset, length: length)
+    }
     func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? { try inner.nextData(from: offset) }
     func dropCache(offset: UInt64, length: UInt64) { inner.dropCache(offset: offset, length: length) }
-    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) { try inner.startWriteback(offset: offset, length: length) }
+    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
+        try inner.startWriteback(offset: offset, length: length)
+    }
     func evict(offset: UInt64, length: UInt64) throws(StorageError) { try inner.evict(offset: offset, length: length) }
     func allocatedBytes() -> UInt64? { inner.allocatedBytes() }
 }
@@ -113,8 +134,10 @@ struct Options {
 }
 
 func parseSize(_ s: String) -> UInt64? {
-    let units: [(String, UInt64)] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10),
-                                     ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)]
+    let units: [(String, UInt64)] = [
+        ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10),
+        ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10),
+    ]
     for (u, m) in units where s.hasSuffix(u) {
         return UInt64(s.dropLast(u.count)).map { $0 * m }
     }
@@ -122,10 +145,11 @@ func parseSize(_ s: String) -> UInt64? {
 }
 
 func usage() -> Never {
-    print("""
-    usage: hydration-bench [--dir DIR] [--size BYTES|1TiB] [--region-size BYTES] [--dirty N]
-                           [--commits N] [--json FILE] [--keep]
-    """)
+    print(
+        """
+        usage: hydration-bench [--dir DIR] [--size BYTES|1TiB] [--region-size BYTES] [--dirty N]
+                               [--commits N] [--json FILE] [--keep]
+        """)
     exit(2)
 }
 
@@ -213,7 +237,9 @@ struct PatternResult {
 let regionCount = Int((opts.size + opts.regionSize - 1) / opts.regionSize)
 let pageCount = MetadataFormat.pageCount(regions: regionCount)
 print("hydration-bench: metadata commit cost")
-print("  target \(opts.size) bytes, region \(opts.regionSize) B -> \(regionCount) regions, \(pageCount) bitmap pages (\(MetadataFormat.regionsPerPage) regions/page)")
+print(
+    "  target \(opts.size) bytes, region \(opts.regionSize) B -> \(regionCount) regions, \(pageCount) bitmap pages (\(MetadataFormat.regionsPerPage) regions/page)"
+)
 print("  \(opts.dirty) newly hydrated regions per commit, \(opts.commits) commits per pattern, metadata in \(opts.dir)")
 
 mkdir(opts.dir, 0o755)
@@ -260,8 +286,10 @@ func identity(_ n: UInt64) -> DeviceIdentity { DeviceIdentity(kind: .regularFile
         let io = s.writeNs + s.syncNs
         let encode = total > prep + io ? total - prep - io : 0
         if i > 0 {
-            samples.append(CommitSample(totalNs: total, prepNs: prep, encodeNs: encode, writeNs: s.writeNs,
-                                        syncNs: s.syncNs, cpuNs: cpu1 - cpu0, writes: s.writes, syncs: s.syncs))
+            samples.append(
+                CommitSample(
+                    totalNs: total, prepNs: prep, encodeNs: encode, writeNs: s.writeNs,
+                    syncNs: s.syncNs, cpuNs: cpu1 - cpu0, writes: s.writes, syncs: s.syncs))
         }
     }
     let hydrated = store.committedCount
@@ -283,35 +311,40 @@ func identity(_ n: UInt64) -> DeviceIdentity { DeviceIdentity(kind: .regularFile
     var cold: Double? = nil
     if dropCaches() { cold = timeOpen().0 }
     if !opts.keep { unlink(path) }
-    return PatternResult(name: name, samples: samples, openWarmMs: warm, openColdMs: cold, openReads: reads,
-                         fileAllocated: fileAlloc, createMs: createMs)
+    return PatternResult(
+        name: name, samples: samples, openWarmMs: warm, openColdMs: cold, openReads: reads,
+        fileAllocated: fileAlloc, createMs: createMs)
 }
 
 var results: [PatternResult] = []
 
 // Scattered: `dirty` distinct random regions not hydrated yet, each its own range.
-results.append(runPattern("scattered") { rng, map in
-    var picked = Set<Int>()
-    while picked.count < opts.dirty {
-        let r = Int(rng.next() % UInt64(regionCount))
-        if !map[r] { picked.insert(r) }
-    }
-    return picked.sorted().map { $0..<($0 + 1) }
-})
+results.append(
+    runPattern("scattered") { rng, map in
+        var picked = Set<Int>()
+        while picked.count < opts.dirty {
+            let r = Int(rng.next() % UInt64(regionCount))
+            if !map[r] { picked.insert(r) }
+        }
+        return picked.sorted().map { $0..<($0 + 1) }
+    })
 
 // Contiguous: the next `dirty` regions after what is hydrated, as one range (a sequential copy).
 var cursor = 0
-results.append(runPattern("contiguous") { _, _ in
-    let r = cursor..<min(cursor + opts.dirty, regionCount)
-    cursor = r.upperBound
-    return [r]
-})
+results.append(
+    runPattern("contiguous") { _, _ in
+        let r = cursor..<min(cursor + opts.dirty, regionCount)
+        cursor = r.upperBound
+        return [r]
+    })
 
 // MARK: report
 
 print("")
 print("per commit, ms (p50 / p99 over \(opts.commits) commits):")
-print("pattern      total          cpu-part(prep+encode)  prep(bitmap)   encode+crc     pwrite         fsync          writes syncs  proc-cpu")
+print(
+    "pattern      total          cpu-part(prep+encode)  prep(bitmap)   encode+crc     pwrite         fsync          writes syncs  proc-cpu"
+)
 var json: [String] = []
 for r in results {
     func col(_ f: (CommitSample) -> Double) -> (Double, Double) {
@@ -331,11 +364,15 @@ for r in results {
         let s = "\(f2(p.0)) / \(f2(p.1))"
         return s + String(repeating: " ", count: max(1, 15 - s.count))
     }
-    print(r.name.padding(13) + pair(tot) + pair(cpuPart) + "        " + pair(prep) + pair(enc) + pair(wr) + pair(sy)
-          + String(writes).padding(7) + String(syncs).padding(7) + pair(pc))
+    print(
+        r.name.padding(13) + pair(tot) + pair(cpuPart) + "        " + pair(prep) + pair(enc) + pair(wr) + pair(sy)
+            + String(writes).padding(7) + String(syncs).padding(7) + pair(pc))
     let cold = r.openColdMs.map { f2($0) } ?? "null"
-    print("  create \(f2(r.createMs)) ms; open/recovery \(f2(r.openWarmMs)) ms warm, \(r.openColdMs.map { f2($0) + " ms" } ?? "n/a (cannot drop caches)") cold; \(r.openReads) block reads; metadata file allocated \(r.fileAllocated / 1024) KiB")
-    json.append("""
+    print(
+        "  create \(f2(r.createMs)) ms; open/recovery \(f2(r.openWarmMs)) ms warm, \(r.openColdMs.map { f2($0) + " ms" } ?? "n/a (cannot drop caches)") cold; \(r.openReads) block reads; metadata file allocated \(r.fileAllocated / 1024) KiB"
+    )
+    json.append(
+        """
         {"pattern":"\(r.name)","commits":\(r.samples.count),\
         "total_ms":{"p50":\(tot.0),"p99":\(tot.1)},"cpu_part_ms":{"p50":\(cpuPart.0),"p99":\(cpuPart.1)},\
         "prep_ms":{"p50":\(prep.0),"p99":\(prep.1)},"encode_crc_ms":{"p50":\(enc.0),"p99":\(enc.1)},\
@@ -353,10 +390,10 @@ for r in results {
 }
 if let path = opts.json {
     let doc = """
-    {"target_bytes":\(opts.size),"region_size":\(opts.regionSize),"regions":\(regionCount),"pages":\(pageCount),\
-    "dirty_per_commit":\(opts.dirty),"patterns":[\(json.joined(separator: ","))]}
+        {"target_bytes":\(opts.size),"region_size":\(opts.regionSize),"regions":\(regionCount),"pages":\(pageCount),\
+        "dirty_per_commit":\(opts.dirty),"patterns":[\(json.joined(separator: ","))]}
 
-    """
+        """
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
     if fd >= 0 {
         _ = doc.withCString { write(fd, $0, strlen($0)) }

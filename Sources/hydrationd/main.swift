@@ -18,16 +18,28 @@ struct Hydrationd: AsyncParsableCommand {
             there is no configuration to reload. At start the soft descriptor limit is raised to the hard one.
             """)
 
-    @Option(help: "State directory (job definitions and default metadata). Default: $STATE_DIRECTORY, /var/lib/hydrationd as root, $XDG_STATE_HOME/hydrationd otherwise.")
+    @Option(
+        help:
+            "State directory (job definitions and default metadata). Default: $STATE_DIRECTORY, /var/lib/hydrationd as root, $XDG_STATE_HOME/hydrationd otherwise."
+    )
     var stateDir: String = DefaultPaths.stateDirectory()
 
-    @Option(help: "Control socket path. Default: $RUNTIME_DIRECTORY/control.sock, /run/hydrationd/control.sock as root, $XDG_RUNTIME_DIR/hydrationd/control.sock otherwise.")
+    @Option(
+        help:
+            "Control socket path. Default: $RUNTIME_DIRECTORY/control.sock, /run/hydrationd/control.sock as root, $XDG_RUNTIME_DIR/hydrationd/control.sock otherwise."
+    )
     var socket: String = DefaultPaths.socketPath()
 
-    @Option(help: "NBD socket path, where exported jobs (clonectl start --export) are served. Default: nbd.sock in the control socket's directory.")
+    @Option(
+        help:
+            "NBD socket path, where exported jobs (clonectl start --export) are served. Default: nbd.sock in the control socket's directory."
+    )
     var nbdSocket: String?
 
-    @Option(help: "Group (name or gid) owning the sockets; its members may create and change jobs and use exports. Membership is root-equivalent: the daemon opens the source, destination and metadata paths a member names with its own (root) rights, so a member can read any file and overwrite any file or device. Give it only to those you would give root.")
+    @Option(
+        help:
+            "Group (name or gid) owning the sockets; its members may create and change jobs and use exports. Membership is root-equivalent: the daemon opens the source, destination and metadata paths a member names with its own (root) rights, so a member can read any file and overwrite any file or device. Give it only to those you would give root."
+    )
     var socketGroup: String?
 
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
@@ -60,9 +72,11 @@ struct Hydrationd: AsyncParsableCommand {
         }
         let logger = Logger(label: "hydrationd")
         do {
-            try await HydrationDaemon.run(DaemonOptions(stateDirectory: stateDir, socketPath: socket,
-                                                        socketGroup: socketGroup, ioThreads: ioThreads,
-                                                        nbdSocketPath: nbdSocket), logger: logger)
+            try await HydrationDaemon.run(
+                DaemonOptions(
+                    stateDirectory: stateDir, socketPath: socket,
+                    socketGroup: socketGroup, ioThreads: ioThreads,
+                    nbdSocketPath: nbdSocket), logger: logger)
         } catch {
             logger.critical("hydrationd: \(error)")
             throw ExitCode(1)

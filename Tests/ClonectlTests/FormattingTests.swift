@@ -1,6 +1,7 @@
 import ControlProtocol
 import Foundation
 import Testing
+
 @testable import CloneCtlCore
 
 func sampleStatus(
@@ -12,8 +13,9 @@ func sampleStatus(
         name: name, state: state, source: .init(path: "/dev/vg/src", sizeBytes: total * region),
         dest: .init(path: "/dev/vg/dst"), regionSize: region,
         regions: .init(total: total, hydrated: hydrated, hydrating: 4),
-        bytes: .init(total: total * region, hydrated: hydrated * region, committed: (hydrated - 36) * region,
-                     skippedZero: 0, discarded: 1 << 30),
+        bytes: .init(
+            total: total * region, hydrated: hydrated * region, committed: (hydrated - 36) * region,
+            skippedZero: 0, discarded: 1 << 30),
         throughputBytesPerSecond: 126_143_283, etaSeconds: 17.4,
         commits: .init(count: 42, lastUnixMs: 1_700_000_000_000, lastDurationMs: 3.25),
         discard: .init(enabled: discard, pendingBytes: 200 << 20, failed: 0),
@@ -83,11 +85,15 @@ let etaCases: [(Double?, String)] = [
         #expect(!StatusFormatter.detailed(s).contains("i/o"))
         s.source.io = "direct"; s.source.ioReason = "io=auto: file source, 1.0 % allocated"
         s.dest.io = "direct"; s.dest.ioReason = "io=auto: file source, 1.0 % allocated"
-        #expect(StatusFormatter.detailed(s).contains("\n  i/o         direct (io=auto: file source, 1.0 % allocated)\n"))
+        #expect(
+            StatusFormatter.detailed(s).contains("\n  i/o         direct (io=auto: file source, 1.0 % allocated)\n"))
         s.dest.io = "buffered"
-        s.dest.ioReason = "io=auto: file source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN)"
-        #expect(StatusFormatter.detailed(s).contains(
-            "\n  i/o         source direct (io=auto: file source, 1.0 % allocated), dest buffered (io=auto: file source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN))\n"))
+        s.dest.ioReason =
+            "io=auto: file source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN)"
+        #expect(
+            StatusFormatter.detailed(s).contains(
+                "\n  i/o         source direct (io=auto: file source, 1.0 % allocated), dest buffered (io=auto: file source, 1.0 % allocated, but the filesystem reports no direct-I/O alignment (STATX_DIOALIGN))\n"
+            ))
         s.source.io = nil; s.source.ioReason = nil
         #expect(StatusFormatter.detailed(s).contains("\n  i/o         dest buffered ("))
     }
@@ -97,15 +103,20 @@ let etaCases: [(Double?, String)] = [
         let text = StatusFormatter.detailed(s)
         #expect(text.contains("error       SourceReadFailed: read /dev/vg/src: EIO"))
         #expect(!text.contains("ETA"))
-        let withWhere = sampleStatus(state: .failed, error: .init(code: "SourceReadFailed", message: "region 8: read failed", errno: 5, region: 8))
-        #expect(StatusFormatter.detailed(withWhere).contains("SourceReadFailed: region 8: read failed (errno 5, region 8)"))
+        let withWhere = sampleStatus(
+            state: .failed,
+            error: .init(code: "SourceReadFailed", message: "region 8: read failed", errno: 5, region: 8))
+        #expect(
+            StatusFormatter.detailed(withWhere).contains("SourceReadFailed: region 8: read failed (errno 5, region 8)"))
     }
 
     @Test func line() {
-        #expect(StatusFormatter.line(sampleStatus())
-            == "vm1  hydrating  42.9% (1.5 GiB of 3.5 GiB)  120.3 MiB/s  ETA 17s  discarded 1 GiB")
-        #expect(StatusFormatter.line(sampleStatus(state: .complete, hydrated: 3584, discard: false))
-            == "vm1  complete  100.0% (3.5 GiB of 3.5 GiB)")
+        #expect(
+            StatusFormatter.line(sampleStatus())
+                == "vm1  hydrating  42.9% (1.5 GiB of 3.5 GiB)  120.3 MiB/s  ETA 17s  discarded 1 GiB")
+        #expect(
+            StatusFormatter.line(sampleStatus(state: .complete, hydrated: 3584, discard: false))
+                == "vm1  complete  100.0% (3.5 GiB of 3.5 GiB)")
     }
 
     @Test func progressBarFitsWidth() {
@@ -124,7 +135,9 @@ let etaCases: [(Double?, String)] = [
     }
 
     @Test func tables() {
-        let t = StatusFormatter.table([JobSummary(sampleStatus()), JobSummary(sampleStatus(name: "longer-name", discard: false))])
+        let t = StatusFormatter.table([
+            JobSummary(sampleStatus()), JobSummary(sampleStatus(name: "longer-name", discard: false)),
+        ])
         let lines = t.split(separator: "\n")
         #expect(lines.count == 3)
         #expect(lines[0].hasPrefix("NAME         STATE"))
@@ -139,7 +152,9 @@ let etaCases: [(Double?, String)] = [
         var s = sampleStatus()
         #expect(!StatusFormatter.detailed(s).contains("export"))
         s.export = .init(uri: "nbd+unix:///vm1?socket=/run/hydrationd/nbd.sock", clients: 1)
-        #expect(StatusFormatter.detailed(s).contains("  export      nbd+unix:///vm1?socket=/run/hydrationd/nbd.sock (1 client)\n"))
+        #expect(
+            StatusFormatter.detailed(s).contains(
+                "  export      nbd+unix:///vm1?socket=/run/hydrationd/nbd.sock (1 client)\n"))
         s.export?.clients = 3
         #expect(StatusFormatter.detailed(s).contains("(3 clients)"))
     }
@@ -158,11 +173,12 @@ let etaCases: [(Double?, String)] = [
     @Test func statusJSONHasEverySchemaKey() throws {
         let text = try CloneJSON.string(sampleStatus(discard: false))
         let obj = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
-        #expect(Set(obj.keys) == [
-            "version", "name", "state", "source", "dest", "region_size", "regions", "bytes",
-            "throughput_bytes_per_second", "eta_seconds", "commits", "discard", "space_budget_bytes", "settings",
-            "metadata", "error", "export",
-        ])
+        #expect(
+            Set(obj.keys) == [
+                "version", "name", "state", "source", "dest", "region_size", "regions", "bytes",
+                "throughput_bytes_per_second", "eta_seconds", "commits", "discard", "space_budget_bytes", "settings",
+                "metadata", "error", "export",
+            ])
         #expect(obj["version"] as? Int == 1)
         #expect(obj["error"] is NSNull)
         #expect(obj["export"] is NSNull)
@@ -185,7 +201,8 @@ let etaCases: [(Double?, String)] = [
             createdUnixMs: 0, committedUnixMs: 1000,
             recovery: .init(superblockSlot: 1, otherSlotProblem: nil, uncommittedPageSlots: 0, invalidPageSlots: 0),
             hydratedRanges: [.init(start: 0, count: 4), .init(start: 9, count: 1)])
-        let obj = try #require(try JSONSerialization.jsonObject(with: Data(try CloneJSON.string(d).utf8)) as? [String: Any])
+        let obj = try #require(
+            try JSONSerialization.jsonObject(with: Data(try CloneJSON.string(d).utf8)) as? [String: Any])
         #expect(obj["dump_version"] as? Int == 1)
         #expect((obj["hydrated_ranges"] as? [[String: Any]])?.count == 2)
         let human = MetadataFormatter.dump(d)
@@ -195,8 +212,10 @@ let etaCases: [(Double?, String)] = [
     }
 
     @Test func checkReport() {
-        let ok = MetadataFormatter.check(MetadataReport(path: "/m", valid: true, version: 1, generation: 3,
-                                                        regionsTotal: 10, regionsHydrated: 10, complete: true))
+        let ok = MetadataFormatter.check(
+            MetadataReport(
+                path: "/m", valid: true, version: 1, generation: 3,
+                regionsTotal: 10, regionsHydrated: 10, complete: true))
         #expect(ok.hasPrefix("/m: OK, format version 1, generation 3, 10 of 10 regions hydrated (100.0%), complete"))
         let bad = MetadataFormatter.check(MetadataReport(path: "/m", valid: false, problems: ["bad magic"]))
         #expect(bad == "/m: INVALID\n  bad magic")
@@ -206,20 +225,27 @@ let etaCases: [(Double?, String)] = [
 @Suite struct ExitCodeTests {
     @Test func mapping() {
         #expect(CloneFailure.from(VarlinkError.noSuchJob("x"), socketPath: "/s").exit == .rejected)
-        #expect(CloneFailure.from(VarlinkError.invalidParameter("dest", reason: "r"), socketPath: "/s").exit == .rejected)
+        #expect(
+            CloneFailure.from(VarlinkError.invalidParameter("dest", reason: "r"), socketPath: "/s").exit == .rejected)
         #expect(CloneFailure.from(VarlinkError.deviceInUse(path: "/d", job: "j"), socketPath: "/s").exit == .rejected)
-        #expect(CloneFailure.from(VarlinkError.jobFailed("j", code: "c", message: "m"), socketPath: "/s").exit == .jobFailed)
+        #expect(
+            CloneFailure.from(VarlinkError.jobFailed("j", code: "c", message: "m"), socketPath: "/s").exit == .jobFailed
+        )
         #expect(CloneFailure.from(VarlinkError.internalError("boom"), socketPath: "/s").exit == .software)
-        let un = CloneFailure.from(VarlinkClientError.unreachable(path: "/run/x.sock", errno: 2), socketPath: "/run/x.sock")
+        let un = CloneFailure.from(
+            VarlinkClientError.unreachable(path: "/run/x.sock", errno: 2), socketPath: "/run/x.sock")
         #expect(un.exit == .unavailable)
         #expect(un.message.contains("/run/x.sock"))
         #expect(un.message.contains("hydrationd --socket"))
         #expect(!un.message.contains("\n"))
-        #expect(CloneExit.usage.rawValue == 64 && CloneExit.rejected.rawValue == 65 && CloneExit.unavailable.rawValue == 69)
+        #expect(
+            CloneExit.usage.rawValue == 64 && CloneExit.rejected.rawValue == 65 && CloneExit.unavailable.rawValue == 69)
     }
 
     @Test func messagesSayWhatToDo() {
-        #expect(CloneFailure.from(VarlinkError.noSuchJob("x"), socketPath: "/s").message == "no job named 'x'; see 'clonectl list'")
+        #expect(
+            CloneFailure.from(VarlinkError.noSuchJob("x"), socketPath: "/s").message
+                == "no job named 'x'; see 'clonectl list'")
         let inUse = VarlinkError.deviceInUse(path: "source /a is in use (locked)", job: "j")
         #expect(CloneFailure.from(inUse, socketPath: "/s").message.hasPrefix("source /a is in use (locked); "))
     }
@@ -229,7 +255,10 @@ let etaCases: [(Double?, String)] = [
 /// its replacement must print what `%.1f` prints.
 @Suite struct TextWithoutFoundationTests {
     @Test func oneDecimalMatchesPrintf() {
-        var values: [Double] = [0, -0.0, 0.04, 0.05, 0.15, 0.25, 0.35, 0.45, 1.25, 2.5, 3.25, 3.35, 99.95, 99.96, 100, -1.25, -0.04, 1e6 + 0.05, 12345.67]
+        var values: [Double] = [
+            0, -0.0, 0.04, 0.05, 0.15, 0.25, 0.35, 0.45, 1.25, 2.5, 3.25, 3.35, 99.95, 99.96, 100, -1.25, -0.04,
+            1e6 + 0.05, 12345.67,
+        ]
         var x = 0.0
         while x < 200 { values.append(x); x += 0.0125 }
         for i in 0..<20_000 {

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import CloneCtlCore
 
 /// Options that only apply with others are refused, not silently dropped (issue 14).
@@ -17,13 +18,15 @@ import Testing
     }
 
     @Test func hydrateOnReadNeedsExport() throws {
-        let problem = try #require(OptionRules.startProblem(
-            name: "vm1", hasSource: true, hasDest: true, creationOptions: ["--hydrate-on-read"],
-            discardSource: false, spaceBudget: false, export: false, hydrateOnRead: true))
+        let problem = try #require(
+            OptionRules.startProblem(
+                name: "vm1", hasSource: true, hasDest: true, creationOptions: ["--hydrate-on-read"],
+                discardSource: false, spaceBudget: false, export: false, hydrateOnRead: true))
         #expect(problem.hasPrefix("--hydrate-on-read applies only with --export"))
-        #expect(OptionRules.startProblem(
-            name: "vm1", hasSource: true, hasDest: true, creationOptions: ["--export", "--hydrate-on-read"],
-            discardSource: false, spaceBudget: false, export: true, hydrateOnRead: true) == nil)
+        #expect(
+            OptionRules.startProblem(
+                name: "vm1", hasSource: true, hasDest: true, creationOptions: ["--export", "--hydrate-on-read"],
+                discardSource: false, spaceBudget: false, export: true, hydrateOnRead: true) == nil)
     }
 
     @Test func aCompleteCreationIsAccepted() {

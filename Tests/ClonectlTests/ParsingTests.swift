@@ -1,10 +1,11 @@
 import Testing
+
 @testable import CloneCtlCore
 
 let sizeCases: [(String, UInt64)] = [
     ("4096", 4096), ("0", 0), ("64K", 65536), ("64k", 65536), ("64KiB", 65536), ("64kib", 65536),
-        ("1M", 1 << 20), ("1MiB", 1 << 20), ("1G", 1 << 30), ("1GiB", 1 << 30), ("2T", 2 << 40),
-        ("1.5G", 3 << 29), ("0.5K", 512), ("512B", 512), (" 1M ", 1 << 20),
+    ("1M", 1 << 20), ("1MiB", 1 << 20), ("1G", 1 << 30), ("1GiB", 1 << 30), ("2T", 2 << 40),
+    ("1.5G", 3 << 29), ("0.5K", 512), ("512B", 512), (" 1M ", 1 << 20),
 ]
 
 @Suite struct SizeParsingTests {
@@ -43,7 +44,9 @@ let sizeCases: [(String, UInt64)] = [
         #expect(throws: InputError.self) { try ByteSize.parse("100000000P") }
     }
 
-    static let rateCases: [(String, UInt64)] = [("20M", 20 << 20), ("20MiB/s", 20 << 20), ("512K/s", 512 << 10), ("0", 0), ("1000", 1000)]
+    static let rateCases: [(String, UInt64)] = [
+        ("20M", 20 << 20), ("20MiB/s", 20 << 20), ("512K/s", 512 << 10), ("0", 0), ("1000", 1000),
+    ]
     @Test(arguments: rateCases)
     func rates(_ text: String, _ v: UInt64) throws {
         #expect(try ByteRate.parse(text) == v)

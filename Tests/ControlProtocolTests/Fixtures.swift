@@ -1,10 +1,15 @@
 import ControlProtocol
+import Foundation
 
 func sampleStatus(name: String = "vm1", state: JobStatus.State = .hydrating) -> JobStatus {
     JobStatus(
         name: name, state: state,
-        source: .init(path: "/dev/loop0", sizeBytes: 1 << 30, io: "buffered", ioReason: "io=auto: the source's allocation is unknown (not a regular file)"),
-        dest: .init(path: "/dev/loop1", io: "buffered", ioReason: "io=auto: the source's allocation is unknown (not a regular file)"),
+        source: .init(
+            path: "/dev/loop0", sizeBytes: 1 << 30, io: "buffered",
+            ioReason: "io=auto: the source's allocation is unknown (not a regular file)"),
+        dest: .init(
+            path: "/dev/loop1", io: "buffered",
+            ioReason: "io=auto: the source's allocation is unknown (not a regular file)"),
         regionSize: 65536,
         regions: .init(total: 16384, hydrated: 100, hydrating: 4),
         bytes: .init(total: 1 << 30, hydrated: 6_553_600, committed: 6_291_456, skippedZero: 65536, discarded: 4096),
@@ -92,5 +97,3 @@ struct IDLDeclarations {
         }
     }
 }
-
-import Foundation

@@ -15,7 +15,8 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
     @Test func callOmitsFalseFlagsAndRoundTrips() throws {
         let plain = VarlinkCall(method: "org.hydrationd.Control.List", parameters: .emptyObject)
         #expect(Set(try json(plain).keys) == ["method", "parameters"])
-        let more = try VarlinkCall(method: "org.hydrationd.Control.GetStatus", encoding: GetStatusParameters(name: "a"), more: true)
+        let more = try VarlinkCall(
+            method: "org.hydrationd.Control.GetStatus", encoding: GetStatusParameters(name: "a"), more: true)
         let j = try json(more)
         #expect(j["more"] as? Bool == true)
         #expect(j["oneway"] == nil)
@@ -32,7 +33,9 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(!call.wantsMore)
         #expect(call.parameters == ["name": "x"])
         #expect(throws: DecodingError.self) { try VarlinkFraming.decodeCall(Array(#"{"parameters":{}}"#.utf8)) }
-        #expect(throws: DecodingError.self) { try VarlinkFraming.decodeCall(Array(#"{"method":"a.B","more":"yes"}"#.utf8)) }
+        #expect(throws: DecodingError.self) {
+            try VarlinkFraming.decodeCall(Array(#"{"method":"a.B","more":"yes"}"#.utf8))
+        }
         #expect(throws: (any Error).self) { try VarlinkFraming.decodeCall(Array("{not json".utf8)) }
     }
 
@@ -78,11 +81,12 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
             commitIntervalMs: 500, spaceBudgetBytes: 1 << 30, rateLimitBytesPerSecond: 1 << 20, export: true,
             hydrateOnRead: true, io: "direct")
         let keys = Set(try json(p).keys)
-        #expect(keys == [
-            "name", "source", "dest", "metadata", "region_size", "discard_source", "dest_zeroed", "no_hydration",
-            "threshold", "batch_size", "commit_interval_ms", "space_budget_bytes", "rate_limit_bytes_per_second",
-            "export", "hydrate_on_read", "io",
-        ])
+        #expect(
+            keys == [
+                "name", "source", "dest", "metadata", "region_size", "discard_source", "dest_zeroed", "no_hydration",
+                "threshold", "batch_size", "commit_interval_ms", "space_budget_bytes", "rate_limit_bytes_per_second",
+                "export", "hydrate_on_read", "io",
+            ])
         #expect(keys == StartParameters.parameterNames)
         #expect(try roundTrip(p) == p)
         #expect(!p.isResumeOnly)
@@ -106,11 +110,14 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
     }
 
     @Test func setRemoveStatusCheckParameters() throws {
-        let s = SetParameters(name: "a", threshold: 1, batchSize: 2, rateLimitBytesPerSecond: 3, spaceBudgetBytes: 4, commitIntervalMs: 5)
+        let s = SetParameters(
+            name: "a", threshold: 1, batchSize: 2, rateLimitBytesPerSecond: 3, spaceBudgetBytes: 4, commitIntervalMs: 5)
         #expect(Set(try json(s).keys) == SetParameters.parameterNames)
-        #expect(SetParameters.parameterNames == [
-            "name", "threshold", "batch_size", "rate_limit_bytes_per_second", "space_budget_bytes", "commit_interval_ms",
-        ])
+        #expect(
+            SetParameters.parameterNames == [
+                "name", "threshold", "batch_size", "rate_limit_bytes_per_second", "space_budget_bytes",
+                "commit_interval_ms",
+            ])
         #expect(try roundTrip(s) == s)
         #expect(try roundTrip(RemoveParameters(name: "a", force: true)) == RemoveParameters(name: "a", force: true))
         #expect(RemoveParameters.parameterNames == ["name", "force"])
@@ -129,9 +136,10 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(try roundTrip(JobReply(job: st)) == JobReply(job: st))
         #expect(try roundTrip(GetStatusReply(jobs: [st, sampleStatus(name: "b", state: .paused)])).jobs.count == 2)
         let summary = JobSummary(st)
-        #expect(Set(try json(summary).keys) == [
-            "name", "state", "source_path", "dest_path", "regions_total", "regions_hydrated", "discard_enabled",
-        ])
+        #expect(
+            Set(try json(summary).keys) == [
+                "name", "state", "source_path", "dest_path", "regions_total", "regions_hydrated", "discard_enabled",
+            ])
         #expect(try roundTrip(ListReply(jobs: [summary])) == ListReply(jobs: [summary]))
         let report = MetadataReport(
             path: "/m", valid: false, version: 1, generation: 7, jobId: "j", regionSize: 4096, targetSizeBytes: 8192,
@@ -146,11 +154,12 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
 
     @Test func jobStatusWireNamesAndExplicitNulls() throws {
         let j = try json(sampleStatus())
-        #expect(Set(j.keys) == [
-            "version", "name", "state", "source", "dest", "region_size", "regions", "bytes",
-            "throughput_bytes_per_second", "eta_seconds", "commits", "discard", "space_budget_bytes",
-            "settings", "metadata", "error", "export",
-        ])
+        #expect(
+            Set(j.keys) == [
+                "version", "name", "state", "source", "dest", "region_size", "regions", "bytes",
+                "throughput_bytes_per_second", "eta_seconds", "commits", "discard", "space_budget_bytes",
+                "settings", "metadata", "error", "export",
+            ])
         #expect(j["eta_seconds"] is NSNull)
         #expect(j["export"] is NSNull)
         var exported = sampleStatus()
@@ -177,38 +186,67 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
 }
 
 @Suite struct ErrorTests {
-    @Test(arguments: [
-        (VarlinkError.noSuchJob("a"), "org.hydrationd.Control.NoSuchJob", ["name"]),
-        (.jobExists("a"), "org.hydrationd.Control.JobExists", ["name"]),
-        (.jobRunning("a", state: .hydrating), "org.hydrationd.Control.JobRunning", ["name", "state"]),
-        (.invalidParameter("region_size", reason: "not a power of two"), "org.hydrationd.Control.InvalidParameter", ["parameter", "reason"]),
-        (.deviceInUse(path: "/dev/x", job: "b"), "org.hydrationd.Control.DeviceInUse", ["path", "job", "message"]),
-        (.sizeMismatch(sourceBytes: 2, destBytes: 1), "org.hydrationd.Control.SizeMismatch", ["source_bytes", "dest_bytes", "message"]),
-        (.metadataCorrupt(path: "/m", reason: "crc"), "org.hydrationd.Control.MetadataCorrupt", ["path", "reason"]),
-        (.permissionDenied(method: "m", reason: "r"), "org.hydrationd.Control.PermissionDenied", ["method", "reason"]),
-        (.jobFailed("a", code: "NoSpace", message: "m"), "org.hydrationd.Control.JobFailed", ["name", "code", "message"]),
-        (.ioError(path: nil, errno: 5, message: "EIO"), "org.hydrationd.Control.IOError", ["path", "errno", "message"]),
-        (.invalidMessage("bad"), "org.hydrationd.Control.InvalidMessage", ["reason"]),
-        (.messageTooLarge(limit: 1), "org.hydrationd.Control.MessageTooLarge", ["limit"]),
-        (.tooManyConnections(limit: 1), "org.hydrationd.Control.TooManyConnections", ["limit"]),
-        (.internalError("x"), "org.hydrationd.Control.InternalError", ["message"]),
-        (.dataAtRisk("a", message: "m"), "org.hydrationd.Control.DataAtRisk", ["name", "message"]),
-        (.deviceUnconfirmed(path: "/dev/x", message: "m"), "org.hydrationd.Control.DeviceUnconfirmed", ["path", "message"]),
-        (.exportInUse("a", clients: 2, message: "m"), "org.hydrationd.Control.ExportInUse", ["name", "clients", "message"]),
-        (.jobRecordUnreadable("a", path: "/s/jobs/a.json", message: "m"), "org.hydrationd.Control.JobRecordUnreadable", ["name", "path", "message"]),
-        (.interfaceNotFound("i"), "org.varlink.service.InterfaceNotFound", ["interface"]),
-        (.methodNotFound("m"), "org.varlink.service.MethodNotFound", ["method"]),
-        (.methodNotImplemented("m"), "org.varlink.service.MethodNotImplemented", ["method"]),
-        (.serviceInvalidParameter("p"), "org.varlink.service.InvalidParameter", ["parameter"]),
-        (.expectedMore, "org.varlink.service.ExpectedMore", []),
-    ] as [(VarlinkError, String, [String])])
+    @Test(
+        arguments: [
+            (VarlinkError.noSuchJob("a"), "org.hydrationd.Control.NoSuchJob", ["name"]),
+            (.jobExists("a"), "org.hydrationd.Control.JobExists", ["name"]),
+            (.jobRunning("a", state: .hydrating), "org.hydrationd.Control.JobRunning", ["name", "state"]),
+            (
+                .invalidParameter("region_size", reason: "not a power of two"),
+                "org.hydrationd.Control.InvalidParameter", ["parameter", "reason"]
+            ),
+            (.deviceInUse(path: "/dev/x", job: "b"), "org.hydrationd.Control.DeviceInUse", ["path", "job", "message"]),
+            (
+                .sizeMismatch(sourceBytes: 2, destBytes: 1), "org.hydrationd.Control.SizeMismatch",
+                ["source_bytes", "dest_bytes", "message"]
+            ),
+            (
+                .metadataCorrupt(path: "/m", reason: "crc"), "org.hydrationd.Control.MetadataCorrupt",
+                ["path", "reason"]
+            ),
+            (
+                .permissionDenied(method: "m", reason: "r"), "org.hydrationd.Control.PermissionDenied",
+                ["method", "reason"]
+            ),
+            (
+                .jobFailed("a", code: "NoSpace", message: "m"), "org.hydrationd.Control.JobFailed",
+                ["name", "code", "message"]
+            ),
+            (
+                .ioError(path: nil, errno: 5, message: "EIO"), "org.hydrationd.Control.IOError",
+                ["path", "errno", "message"]
+            ),
+            (.invalidMessage("bad"), "org.hydrationd.Control.InvalidMessage", ["reason"]),
+            (.messageTooLarge(limit: 1), "org.hydrationd.Control.MessageTooLarge", ["limit"]),
+            (.tooManyConnections(limit: 1), "org.hydrationd.Control.TooManyConnections", ["limit"]),
+            (.internalError("x"), "org.hydrationd.Control.InternalError", ["message"]),
+            (.dataAtRisk("a", message: "m"), "org.hydrationd.Control.DataAtRisk", ["name", "message"]),
+            (
+                .deviceUnconfirmed(path: "/dev/x", message: "m"), "org.hydrationd.Control.DeviceUnconfirmed",
+                ["path", "message"]
+            ),
+            (
+                .exportInUse("a", clients: 2, message: "m"), "org.hydrationd.Control.ExportInUse",
+                ["name", "clients", "message"]
+            ),
+            (
+                .jobRecordUnreadable("a", path: "/s/jobs/a.json", message: "m"),
+                "org.hydrationd.Control.JobRecordUnreadable", ["name", "path", "message"]
+            ),
+            (.interfaceNotFound("i"), "org.varlink.service.InterfaceNotFound", ["interface"]),
+            (.methodNotFound("m"), "org.varlink.service.MethodNotFound", ["method"]),
+            (.methodNotImplemented("m"), "org.varlink.service.MethodNotImplemented", ["method"]),
+            (.serviceInvalidParameter("p"), "org.varlink.service.InvalidParameter", ["parameter"]),
+            (.expectedMore, "org.varlink.service.ExpectedMore", []),
+        ] as [(VarlinkError, String, [String])])
     func errorNamesAndParametersMatchTheInterface(error: VarlinkError, name: String, params: [String]) throws {
         #expect(error.name == name)
         #expect(Set(error.parameters.keys) == Set(params))
         #expect(error.kind != .other)
         #expect(!error.description.isEmpty)
         // The parameters are those the interface text declares for the error.
-        let iface = name.hasPrefix("org.varlink.service.") ? ControlInterface.serviceDescription : ControlInterface.description
+        let iface =
+            name.hasPrefix("org.varlink.service.") ? ControlInterface.serviceDescription : ControlInterface.description
         let decl = IDLDeclarations(iface)
         let short = String(name.split(separator: ".").last!)
         #expect(decl.errors[short].map(Set.init) == Set(params), "\(name)")
@@ -219,11 +257,13 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
 
     @Test func everyDeclaredErrorHasAConstructor() {
         let declared = Set(IDLDeclarations(ControlInterface.description).errors.keys)
-        #expect(declared == [
-            "NoSuchJob", "JobExists", "JobRunning", "InvalidParameter", "DeviceInUse", "SizeMismatch",
-            "MetadataCorrupt", "PermissionDenied", "JobFailed", "IOError", "InvalidMessage", "MessageTooLarge",
-            "TooManyConnections", "InternalError", "DataAtRisk", "DeviceUnconfirmed", "ExportInUse", "JobRecordUnreadable",
-        ])
+        #expect(
+            declared == [
+                "NoSuchJob", "JobExists", "JobRunning", "InvalidParameter", "DeviceInUse", "SizeMismatch",
+                "MetadataCorrupt", "PermissionDenied", "JobFailed", "IOError", "InvalidMessage", "MessageTooLarge",
+                "TooManyConnections", "InternalError", "DataAtRisk", "DeviceUnconfirmed", "ExportInUse",
+                "JobRecordUnreadable",
+            ])
     }
 
     @Test func rejectionClassificationAndUnknownNames() {
@@ -249,7 +289,8 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(Set(decl.types["JobStatus"] ?? []) == Set(j.keys))
         let nested: [(String, String)] = [
             ("source", "JobSource"), ("dest", "JobDest"), ("regions", "JobRegions"), ("bytes", "JobBytes"),
-            ("commits", "JobCommits"), ("discard", "JobDiscard"), ("settings", "JobSettings"), ("metadata", "JobMetadata"),
+            ("commits", "JobCommits"), ("discard", "JobDiscard"), ("settings", "JobSettings"),
+            ("metadata", "JobMetadata"),
         ]
         for (key, type) in nested {
             let obj = j[key] as? [String: Any]
@@ -257,11 +298,18 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         }
         var failed = sampleStatus(state: .failed)
         failed.error = .init(code: "NoSpace", message: "m")
-        #expect(Set((try json(failed)["error"] as? [String: Any])?.keys ?? [:].keys) == Set(decl.types["JobError"] ?? []))
+        #expect(
+            Set((try json(failed)["error"] as? [String: Any])?.keys ?? [:].keys) == Set(decl.types["JobError"] ?? []))
         var exported = sampleStatus()
-        exported.export = .init(uri: "nbd+unix:///a?socket=/s", clients: 0, io: .init(readBytes: 1, writtenBytes: 2, trimmedBytes: 3, hydratedRegions: 4))
-        #expect(Set((try json(exported)["export"] as? [String: Any])?.keys ?? [:].keys) == Set(decl.types["JobExport"] ?? []))
-        #expect(Set(((try json(exported)["export"] as? [String: Any])?["io"] as? [String: Any])?.keys ?? [:].keys) == Set(decl.types["JobExportIO"] ?? []))
+        exported.export = .init(
+            uri: "nbd+unix:///a?socket=/s", clients: 0,
+            io: .init(readBytes: 1, writtenBytes: 2, trimmedBytes: 3, hydratedRegions: 4))
+        #expect(
+            Set((try json(exported)["export"] as? [String: Any])?.keys ?? [:].keys)
+                == Set(decl.types["JobExport"] ?? []))
+        #expect(
+            Set(((try json(exported)["export"] as? [String: Any])?["io"] as? [String: Any])?.keys ?? [:].keys)
+                == Set(decl.types["JobExportIO"] ?? []))
         #expect(Set(decl.types["JobSummary"] ?? []) == Set(try json(JobSummary(sampleStatus())).keys))
         let report = MetadataReport(
             path: "/m", valid: true, version: 1, generation: 1, jobId: "j", regionSize: 1, targetSizeBytes: 1,
@@ -308,12 +356,16 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
     }
 
     /// The independent Python implementation must parse both interface texts.
-    @Test(.enabled(if: pythonHasVarlink(), "python3's varlink module is not installed (python3 -m pip install varlink)"))
+    @Test(
+        .enabled(if: pythonHasVarlink(), "python3's varlink module is not installed (python3 -m pip install varlink)"))
     func pythonVarlinkParsesTheInterfaces() throws {
         for text in [ControlInterface.description, ControlInterface.serviceDescription] {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            p.arguments = ["python3", "-c", "import sys, varlink; i = varlink.Interface(sys.stdin.read()); print(i.name, len(i.members))"]
+            p.arguments = [
+                "python3", "-c",
+                "import sys, varlink; i = varlink.Interface(sys.stdin.read()); print(i.name, len(i.members))",
+            ]
             let input = Pipe(), output = Pipe(), err = Pipe()
             p.standardInput = input; p.standardOutput = output; p.standardError = err
             try p.run()
@@ -357,10 +409,13 @@ func pythonHasVarlink() -> Bool {
 @Suite struct DocumentationTests {
     /// docs/control-protocol.md carries the interface text the daemon serves.
     @Test func docsCarryTheInterfaceText() throws {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
         let doc = try String(contentsOf: root.appendingPathComponent("docs/control-protocol.md"), encoding: .utf8)
         #expect(doc.contains("```varlink\n" + ControlInterface.description + "\n```"))
-        for field in ["throughput_bytes_per_second", "eta_seconds", "skipped_zero", "pending_bytes", "last_duration_ms"] {
+        for field in [
+            "throughput_bytes_per_second", "eta_seconds", "skipped_zero", "pending_bytes", "last_duration_ms",
+        ] {
             #expect(doc.contains(field))
         }
     }

@@ -1,12 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ControlProtocol
 import Foundation
-@testable import HydrationService
-@testable import HydrationStorage
 import Synchronization
 import Testing
+
+@testable import HydrationService
+@testable import HydrationStorage
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Runs blocking socket code on its own thread so the cooperative pool (2 threads here) stays free
 /// for the server's handler.
@@ -16,7 +18,9 @@ func offPool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async thro
     }
 }
 
-func makeStatus(name: String, state: JobStatus.State = .hydrating, source: String = "/src.img", dest: String = "/dst.img") -> JobStatus {
+func makeStatus(
+    name: String, state: JobStatus.State = .hydrating, source: String = "/src.img", dest: String = "/dst.img"
+) -> JobStatus {
     JobStatus(
         name: name, state: state,
         source: .init(path: source, sizeBytes: 1 << 20), dest: .init(path: dest), regionSize: 4096,
@@ -54,7 +58,9 @@ final class FakeHandler: ControlHandler {
     var watchTerminated: Bool { state.withLock { $0.watchTerminated } }
 
     private func record(_ call: String, _ peer: PeerCredentials) {
-        state.withLock { $0.calls.append(call); $0.peers.append(peer) }
+        state.withLock {
+            $0.calls.append(call); $0.peers.append(peer)
+        }
     }
 
     private func job(_ name: String) throws -> JobStatus {
@@ -74,10 +80,13 @@ final class FakeHandler: ControlHandler {
     func start(_ p: StartParameters, peer: PeerCredentials) async throws -> StartReply {
         record("Start", peer)
         if p.isResumeOnly { return StartReply(job: try update(p.name) { $0.state = .hydrating }, created: false) }
-        guard let source = p.source, let dest = p.dest else { throw VarlinkError.invalidParameter("source", reason: "source and dest are required") }
+        guard let source = p.source, let dest = p.dest else {
+            throw VarlinkError.invalidParameter("source", reason: "source and dest are required")
+        }
         return try state.withLock { st in
             if st.jobs[p.name] != nil { throw VarlinkError.jobExists(p.name) }
-            var j = makeStatus(name: p.name, state: p.noHydration == true ? .paused : .hydrating, source: source, dest: dest)
+            var j = makeStatus(
+                name: p.name, state: p.noHydration == true ? .paused : .hydrating, source: source, dest: dest)
             if let t = p.threshold { j.settings.threshold = t }
             st.jobs[p.name] = j
             return StartReply(job: j, created: true)
@@ -100,7 +109,9 @@ final class FakeHandler: ControlHandler {
         return GetStatusReply(jobs: state.withLock { $0.jobs.values.sorted { $0.name < $1.name } })
     }
 
-    func watchStatus(_ p: GetStatusParameters, peer: PeerCredentials) async throws -> AsyncThrowingStream<StatusUpdate, any Error> {
+    func watchStatus(_ p: GetStatusParameters, peer: PeerCredentials) async throws -> AsyncThrowingStream<
+        StatusUpdate, any Error
+    > {
         record("WatchStatus", peer)
         let name = p.name ?? "watched"
         var current = try p.name.map { try job($0) } ?? makeStatus(name: name)
@@ -132,13 +143,14 @@ final class FakeHandler: ControlHandler {
 
     func set(_ p: SetParameters, peer: PeerCredentials) async throws -> JobReply {
         record("Set", peer)
-        return JobReply(job: try update(p.name) { j in
-            if let t = p.threshold { j.settings.threshold = t }
-            if let b = p.batchSize { j.settings.batchSize = b }
-            if let r = p.rateLimitBytesPerSecond { j.settings.rateLimitBytesPerSecond = r == 0 ? nil : r }
-            if let c = p.commitIntervalMs { j.settings.commitIntervalMs = c }
-            if let s = p.spaceBudgetBytes { j.spaceBudgetBytes = s == 0 ? nil : s }
-        })
+        return JobReply(
+            job: try update(p.name) { j in
+                if let t = p.threshold { j.settings.threshold = t }
+                if let b = p.batchSize { j.settings.batchSize = b }
+                if let r = p.rateLimitBytesPerSecond { j.settings.rateLimitBytesPerSecond = r == 0 ? nil : r }
+                if let c = p.commitIntervalMs { j.settings.commitIntervalMs = c }
+                if let s = p.spaceBudgetBytes { j.spaceBudgetBytes = s == 0 ? nil : s }
+            })
     }
 
     func commit(_ p: CommitParameters, peer: PeerCredentials) async throws -> JobReply {
@@ -161,8 +173,10 @@ final class FakeHandler: ControlHandler {
     func checkMetadata(_ p: CheckMetadataParameters, peer: PeerCredentials) async throws -> CheckMetadataReply {
         record("CheckMetadata", peer)
         if p.path == "/boom" { throw PlainError() }
-        return CheckMetadataReply(report: MetadataReport(path: p.path, valid: p.path.hasSuffix(".meta"),
-                                                          problems: p.path.hasSuffix(".meta") ? [] : ["not a metadata file"]))
+        return CheckMetadataReply(
+            report: MetadataReport(
+                path: p.path, valid: p.path.hasSuffix(".meta"),
+                problems: p.path.hasSuffix(".meta") ? [] : ["not a metadata file"]))
     }
 }
 

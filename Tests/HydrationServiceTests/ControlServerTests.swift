@@ -1,14 +1,16 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ControlProtocol
 import Foundation
-@testable import HydrationService
-@testable import HydrationStorage
 import Logging
 import ServiceLifecycle
 import Synchronization
 import Testing
+
+@testable import HydrationService
+@testable import HydrationStorage
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 @Suite(.serialized) struct ControlServerTests {
     // MARK: calls
@@ -35,7 +37,9 @@ import Testing
                 let c = try VarlinkClient(socketPath: path)
                 let started = try c.start(StartParameters(name: "a", source: "/s.img", dest: "/d.img", threshold: 3))
                 #expect(started.created && started.job.state == .hydrating && started.job.settings.threshold == 3)
-                #expect(throws: VarlinkError.jobExists("a")) { try c.start(StartParameters(name: "a", source: "/s", dest: "/d")) }
+                #expect(throws: VarlinkError.jobExists("a")) {
+                    try c.start(StartParameters(name: "a", source: "/s", dest: "/d"))
+                }
                 _ = try c.start(StartParameters(name: "b", source: "/s2", dest: "/d2", noHydration: true))
                 #expect(try c.getStatus(name: "b").map(\.state) == [.paused])
                 #expect(try c.getStatus().map(\.name) == ["a", "b"])
@@ -119,16 +123,21 @@ import Testing
     }
 
     @Test func streamStopsWhenTheClientLeaves() async throws {
-        try await withServer(handler: FakeHandler(watchUpdates: nil, watchInterval: .milliseconds(20))) { path, _, handler in
+        try await withServer(handler: FakeHandler(watchUpdates: nil, watchInterval: .milliseconds(20))) {
+            path, _, handler in
             try await offPool {
                 let c = try VarlinkClient(socketPath: path)
                 var n = 0
-                try c.watchStatus { _ in n += 1; return n < 3 }
+                try c.watchStatus { _ in
+                    n += 1; return n < 3
+                }
                 #expect(n == 3)
                 #expect(throws: VarlinkClientError.closed) { try c.getInfo() }
             }
             let deadline = ContinuousClock.now + .seconds(5)
-            while !handler.watchTerminated && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+            while !handler.watchTerminated && ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(20))
+            }
             #expect(handler.watchTerminated, "the handler's stream is terminated once the client is gone")
         }
     }
@@ -136,8 +145,9 @@ import Testing
     @Test func asyncStatusUpdatesRunOffThePool() async throws {
         try await withServer(handler: FakeHandler(watchUpdates: 2)) { path, _, _ in
             let c = try await VarlinkClient.connect(socketPath: path)
-            _ = try await c.callAsync(ControlMethod.start.qualifiedName, parameters: StartParameters(name: "s", source: "/a", dest: "/b"),
-                                      replyType: StartReply.self)
+            _ = try await c.callAsync(
+                ControlMethod.start.qualifiedName, parameters: StartParameters(name: "s", source: "/a", dest: "/b"),
+                replyType: StartReply.self)
             var count = 0
             for try await jobs in c.statusUpdates(name: "s") {
                 count += 1
@@ -153,7 +163,10 @@ import Testing
         try await withServer { path, _, _ in
             try await offPool {
                 let raw = try RawConnection(path: path)
-                for bad in ["{not json", "[1,2]", #"{"parameters":{}}"#, #"{"method":42}"#, #"{"method":"a.B","more":"yes"}"#, ""] {
+                for bad in [
+                    "{not json", "[1,2]", #"{"parameters":{}}"#, #"{"method":42}"#, #"{"method":"a.B","more":"yes"}"#,
+                    "",
+                ] {
                     try raw.send(bad)
                     let r = try #require(try raw.readReply(), "reply to \(bad)")
                     #expect(r.error == VarlinkError.Name.invalidMessage, "\(bad)")
@@ -194,19 +207,36 @@ import Testing
                     (#"{"method":"org.hydrationd.Control.Pause"}"#, "name"),
                     (#"{"method":"org.hydrationd.Control.Pause","parameters":{"name":null}}"#, "name"),
                     (#"{"method":"org.hydrationd.Control.Pause","parameters":{"name":7}}"#, "name"),
-                    (#"{"method":"org.hydrationd.Control.Start","parameters":{"name":"a","source":"/s","dest":"/d","region_size":"big"}}"#, "region_size"),
-                    (#"{"method":"org.hydrationd.Control.Start","parameters":{"name":"a","source":"/s","dest":"/d","region_size":-4096}}"#, "region_size"),
-                    (#"{"method":"org.hydrationd.Control.Start","parameters":{"name":"a","discard_source":"yes"}}"#, "discard_source"),
+                    (
+                        #"{"method":"org.hydrationd.Control.Start","parameters":{"name":"a","source":"/s","dest":"/d","region_size":"big"}}"#,
+                        "region_size"
+                    ),
+                    (
+                        #"{"method":"org.hydrationd.Control.Start","parameters":{"name":"a","source":"/s","dest":"/d","region_size":-4096}}"#,
+                        "region_size"
+                    ),
+                    (
+                        #"{"method":"org.hydrationd.Control.Start","parameters":{"name":"a","discard_source":"yes"}}"#,
+                        "discard_source"
+                    ),
                     (#"{"method":"org.hydrationd.Control.Set","parameters":{"name":"a","treshold":4}}"#, "treshold"),
-                    (#"{"method":"org.hydrationd.Control.Set","parameters":{"name":"a","batch_size":2,"threshold":1e30}}"#, "threshold"),
-                    (#"{"method":"org.hydrationd.Control.Set","parameters":{"name":"a","rate_limit_bytes_per_second":-1}}"#, "rate_limit_bytes_per_second"),
+                    (
+                        #"{"method":"org.hydrationd.Control.Set","parameters":{"name":"a","batch_size":2,"threshold":1e30}}"#,
+                        "threshold"
+                    ),
+                    (
+                        #"{"method":"org.hydrationd.Control.Set","parameters":{"name":"a","rate_limit_bytes_per_second":-1}}"#,
+                        "rate_limit_bytes_per_second"
+                    ),
                     (#"{"method":"org.hydrationd.Control.GetStatus","parameters":[1]}"#, "parameters"),
                     (#"{"method":"org.varlink.service.GetInterfaceDescription","parameters":{}}"#, "interface"),
                 ]
                 for (text, parameter) in cases {
                     try raw.send(text)
                     let reply = try raw.readReply()
-                    #expect(reply?.varlinkError == .serviceInvalidParameter(parameter), "\(text) -> \(String(describing: reply))")
+                    #expect(
+                        reply?.varlinkError == .serviceInvalidParameter(parameter),
+                        "\(text) -> \(String(describing: reply))")
                 }
             }
             #expect(handler.calls.isEmpty, "nothing invalid reached the handler")
@@ -220,7 +250,8 @@ import Testing
                 let other = try RawConnection(path: path)
                 let prefix = #"{"method":"org.hydrationd.Control.GetStatus","parameters":{"name":""#
                 let suffix = #""}}"#
-                let name = String(repeating: "n", count: VarlinkFraming.maxMessageSize - prefix.utf8.count - suffix.utf8.count)
+                let name = String(
+                    repeating: "n", count: VarlinkFraming.maxMessageSize - prefix.utf8.count - suffix.utf8.count)
                 try other.send(prefix + name + suffix)
                 #expect(try other.readReply()?.error == VarlinkError.Name.noSuchJob)
 
@@ -241,7 +272,9 @@ import Testing
     // MARK: limits
 
     @Test func connectionLimit() async throws {
-        try await withServer(configure: { $0.maxConnections = 2; $0.overLimitGrace = .seconds(5) }) { path, server, _ in
+        try await withServer(configure: {
+            $0.maxConnections = 2; $0.overLimitGrace = .seconds(5)
+        }) { path, server, _ in
             let (a, b) = try await offPool { () -> (VarlinkClient, VarlinkClient) in
                 let a = try VarlinkClient(socketPath: path), b = try VarlinkClient(socketPath: path)
                 _ = try a.getInfo(); _ = try b.getInfo()
@@ -256,7 +289,9 @@ import Testing
                 b.close()
             }
             let deadline = ContinuousClock.now + .seconds(5)
-            while server.activeConnections > 1 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+            while server.activeConnections > 1 && ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(10))
+            }
             let product = try await offPool { try VarlinkClient(socketPath: path).getInfo().product }
             #expect(product == "hydrationd")
             withExtendedLifetime(a) {}
@@ -267,7 +302,8 @@ import Testing
     /// root still gets in.
     @Test func admissionKeepsRoomForPrivilegedPeers() {
         let policy = ControlAccessPolicy(socketGroup: 4242, ownerUID: 0)
-        var a = ConnectionAdmission(limits: .init(total: 64, perPeer: 16, privilegedReserve: 32, ownerReserve: 8), policy: policy)
+        var a = ConnectionAdmission(
+            limits: .init(total: 64, perPeer: 16, privilegedReserve: 32, ownerReserve: 8), policy: policy)
         let reader = PeerCredentials(pid: 10, uid: 3000, gid: 3000)
         let member = PeerCredentials(pid: 11, uid: 2000, gid: 2000, groups: [4242])
         let root = PeerCredentials(pid: 1, uid: 0, gid: 0)
@@ -276,12 +312,16 @@ import Testing
         #expect(admitted == 16, "one uid holds at most perPeer")
         // Other read-only uids share 32 slots.
         var others = 0
-        for uid in UInt32(3001)..<3010 { for _ in 0..<16 where a.admit(PeerCredentials(pid: 12, uid: uid, gid: uid)) == nil { others += 1 } }
+        for uid in UInt32(3001)..<3010 {
+            for _ in 0..<16 where a.admit(PeerCredentials(pid: 12, uid: uid, gid: uid)) == nil { others += 1 }
+        }
         #expect(others == 16, "read-only peers together hold at most total - privilegedReserve")
         #expect(a.admit(PeerCredentials.unknown) != nil, "unknown credentials count as read-only")
         var members = 0
         for uid in UInt32(2000)..<2010 {
-            for _ in 0..<16 where a.admit(PeerCredentials(pid: 13, uid: uid, gid: uid, groups: [4242])) == nil { members += 1 }
+            for _ in 0..<16 where a.admit(PeerCredentials(pid: 13, uid: uid, gid: uid, groups: [4242])) == nil {
+                members += 1
+            }
         }
         #expect(members == 56 - 32, "group members fill up to total - ownerReserve")
         #expect(a.admit(member)?.limit == 56)
@@ -294,7 +334,8 @@ import Testing
         a.release(root)
         #expect(a.admit(root) == nil)
         // A small total (tests, tiny configurations) still admits root and others alike.
-        var small = ConnectionAdmission(limits: .init(total: 2, perPeer: 16, privilegedReserve: 32, ownerReserve: 8), policy: policy)
+        var small = ConnectionAdmission(
+            limits: .init(total: 2, perPeer: 16, privilegedReserve: 32, ownerReserve: 8), policy: policy)
         #expect(small.admit(reader) == nil)
         #expect(small.admit(reader) != nil)
         #expect(small.admit(root) == nil)
@@ -303,13 +344,20 @@ import Testing
 
     /// Real peers of other uids (setpriv): a read-only user holding 64 streaming `GetStatus more`
     /// calls, and a socket-group member doing the same, leave room for root and for each other.
-    @Test(.enabled(if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
-                   && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"),
-                   "needs root, /usr/bin/setpriv and /usr/bin/python3"))
+    @Test(
+        .enabled(
+            if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+                && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"),
+            "needs root, /usr/bin/setpriv and /usr/bin/python3"))
     func streamingPeersCannotLockOutRoot() async throws {
         // Streams that never end by themselves (one update a second).
         let handler = FakeHandler(watchUpdates: nil, watchInterval: .seconds(1))
-        try await withServer(handler: handler, configure: { $0.socketMode = 0o666; $0.socketGroup = 4242 }) { path, server, _ in
+        try await withServer(
+            handler: handler,
+            configure: {
+                $0.socketMode = 0o666; $0.socketGroup = 4242
+            }
+        ) { path, server, _ in
             chmod((path as NSString).deletingLastPathComponent, 0o755)
             chmod(((path as NSString).deletingLastPathComponent as NSString).deletingLastPathComponent, 0o755)
             // Opens 64 connections, each a GetStatus more; prints how many streams started and how
@@ -361,17 +409,24 @@ import Testing
                 }
                 func stop() { try? stdin.fileHandleForWriting.close(); process.waitUntilExit() }
             }
-            let reader = try await offPool { try Flood(["--reuid=65534", "--regid=65534", "--clear-groups"], script: script, path: path) }
+            let reader = try await offPool {
+                try Flood(["--reuid=65534", "--regid=65534", "--clear-groups"], script: script, path: path)
+            }
             defer { reader.stop() }
-            #expect(reader.summary == ["held": 16, "refused": 48, "other": 0], "one read-only uid holds at most 16 streams")
-            let member = try await offPool { try Flood(["--reuid=65533", "--regid=65533", "--groups=4242"], script: script, path: path) }
+            #expect(
+                reader.summary == ["held": 16, "refused": 48, "other": 0], "one read-only uid holds at most 16 streams")
+            let member = try await offPool {
+                try Flood(["--reuid=65533", "--regid=65533", "--groups=4242"], script: script, path: path)
+            }
             defer { member.stop() }
             #expect(member.summary == ["held": 16, "refused": 48, "other": 0], "a group member too")
             #expect(server.activeConnections == 32)
             // Root (this process) gets through, and so does another read-only user.
             let product = try await offPool { try VarlinkClient(socketPath: path).getInfo().product }
             #expect(product == "hydrationd")
-            let other = try await offPool { try Flood(["--reuid=65532", "--regid=65532", "--clear-groups"], script: script, path: path) }
+            let other = try await offPool {
+                try Flood(["--reuid=65532", "--regid=65532", "--clear-groups"], script: script, path: path)
+            }
             defer { other.stop() }
             #expect(other.summary == ["held": 16, "refused": 48, "other": 0])
             // Read-only peers share 32 slots, now all taken; root still gets through.
@@ -401,7 +456,9 @@ import Testing
                 // A stream lasting ~1.6 s (> idle timeout) runs to its end.
                 let s = try VarlinkClient(socketPath: path)
                 var n = 0
-                try s.watchStatus { _ in n += 1; return true }
+                try s.watchStatus { _ in
+                    n += 1; return true
+                }
                 #expect(n == 17)
             }
             #expect(server.activeConnections <= 1)
@@ -418,19 +475,24 @@ import Testing
         let primary = PeerCredentials(pid: 4, uid: 2001, gid: 4242)
         let stranger = PeerCredentials(pid: 5, uid: 3000, gid: 3000, groups: [100])
         let mutating = ControlMethod.allCases.filter { !$0.isOpenToAnyPeer }.map(\.qualifiedName)
-        let readOnly = ControlMethod.allCases.filter(\.isOpenToAnyPeer).map(\.qualifiedName)
+        let readOnly =
+            ControlMethod.allCases.filter(\.isOpenToAnyPeer).map(\.qualifiedName)
             + ["org.varlink.service.GetInfo", "org.varlink.service.GetInterfaceDescription"]
         // The six that change state, and CheckMetadata (it reads any path with the daemon's rights).
         #expect(mutating.count == 7)
         #expect(mutating.contains(ControlMethod.checkMetadata.qualifiedName))
         for m in mutating {
-            for p in [root, owner, member, primary] { #expect(policy.authorize(method: m, peer: p) == nil, "\(p) \(m)") }
+            for p in [root, owner, member, primary] {
+                #expect(policy.authorize(method: m, peer: p) == nil, "\(p) \(m)")
+            }
             for p in [stranger, PeerCredentials.unknown] {
                 #expect(policy.authorize(method: m, peer: p)?.kind == .permissionDenied, "\(p) \(m)")
             }
         }
         for m in readOnly {
-            for p in [root, owner, member, primary, stranger, .unknown] { #expect(policy.authorize(method: m, peer: p) == nil) }
+            for p in [root, owner, member, primary, stranger, .unknown] {
+                #expect(policy.authorize(method: m, peer: p) == nil)
+            }
         }
         // Unknown methods are treated as mutating.
         #expect(policy.authorize(method: "org.hydrationd.Control.Future", peer: stranger) != nil)
@@ -444,11 +506,15 @@ import Testing
 
     /// A real unprivileged client (uid/gid 65534 via setpriv) may read but not mutate; the same user
     /// with the socket group as a supplementary or primary group may mutate.
-    @Test(.enabled(if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
-                   && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"),
-                   "needs root, /usr/bin/setpriv and /usr/bin/python3"))
+    @Test(
+        .enabled(
+            if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+                && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"),
+            "needs root, /usr/bin/setpriv and /usr/bin/python3"))
     func unprivilegedPeersOverTheSocket() async throws {
-        try await withServer(configure: { $0.socketMode = 0o666; $0.socketGroup = 4242 }) { path, _, handler in
+        try await withServer(configure: {
+            $0.socketMode = 0o666; $0.socketGroup = 4242
+        }) { path, _, handler in
             chmod((path as NSString).deletingLastPathComponent, 0o755)
             chmod(((path as NSString).deletingLastPathComponent as NSString).deletingLastPathComponent, 0o755)
             let script: String = """
@@ -493,7 +559,8 @@ import Testing
             #expect(denied?.string("method") == "org.hydrationd.Control.Start")
 
             let member = try await offPool { try run(["--reuid=65534", "--regid=65534", "--groups=4242"], job: "m") }
-            #expect(member.last?.error == nil, "supplementary group member may mutate: \(String(describing: member.last))")
+            #expect(
+                member.last?.error == nil, "supplementary group member may mutate: \(String(describing: member.last))")
             let primary = try await offPool { try run(["--reuid=65534", "--regid=4242", "--clear-groups"], job: "p") }
             #expect(primary.last?.error == nil, "primary group member may mutate")
 
@@ -555,8 +622,12 @@ import Testing
         }
         // On a thread of its own, so that a probe that waits fails this test instead of hanging it.
         let verdict = Mutex<Bool?>(nil)
-        Thread { let refused = (try? ControlServer.prepareSocketPath(path)) == nil; verdict.withLock { $0 = refused } }.start()
-        #expect(await eventually { verdict.withLock { $0 != nil } }, "the probe of a live socket with a full backlog waited")
+        Thread {
+            let refused = (try? ControlServer.prepareSocketPath(path)) == nil; verdict.withLock { $0 = refused }
+        }.start()
+        #expect(
+            await eventually { verdict.withLock { $0 != nil } }, "the probe of a live socket with a full backlog waited"
+        )
         #expect(verdict.withLock { $0 } == true, "a live socket with a full backlog is refused as in use")
         #expect(ControlServer.isListening(path))
         #expect(FileManager.default.fileExists(atPath: path), "and left alone")
@@ -568,14 +639,15 @@ import Testing
         let path = dir.path + "/activated.sock"
         let fd = try Self.listeningSocket(path)
         let (listening, cont) = AsyncStream<String?>.makeStream()
-        let server = ControlServer(configuration: .init(listener: .descriptor(fd, path: path)), handler: FakeHandler()) {
+        let server = ControlServer(configuration: .init(listener: .descriptor(fd, path: path)), handler: FakeHandler())
+        {
             cont.yield($0.path)
         }
         let task = Task { try await server.run() }
         var it = listening.makeAsyncIterator()
         #expect(await it.next() == path)
         let product = try await offPool { try VarlinkClient(socketPath: path).getInfo().product }
-            #expect(product == "hydrationd")
+        #expect(product == "hydrationd")
         server.shutdown()
         try await task.value
         #expect(FileManager.default.fileExists(atPath: path), "an adopted socket's file belongs to the activator")
@@ -586,7 +658,9 @@ import Testing
         defer { dir.remove() }
         let path = dir.path + "/g.sock"
         let (listening, cont) = AsyncStream<Void>.makeStream()
-        let server = ControlServer(configuration: .init(listener: .path(path)), handler: FakeHandler()) { _ in cont.yield() }
+        let server = ControlServer(configuration: .init(listener: .path(path)), handler: FakeHandler()) { _ in
+            cont.yield()
+        }
         let group = ServiceGroup(services: [server], logger: Logger(label: "test"))
         let task = Task { try await group.run() }
         var it = listening.makeAsyncIterator()
@@ -606,7 +680,9 @@ import Testing
 
     // MARK: interop
 
-    @Test(.enabled(if: Self.pythonHasVarlink(), "python3's varlink module is not installed (python3 -m pip install varlink)"))
+    @Test(
+        .enabled(
+            if: Self.pythonHasVarlink(), "python3's varlink module is not installed (python3 -m pip install varlink)"))
     func pythonVarlinkClientInterop() async throws {
         try await withServer(handler: FakeHandler(watchUpdates: 2)) { path, _, _ in
             try await offPool {
@@ -628,13 +704,18 @@ import Testing
             #expect(jobs?.first?["state"] as? String == "hydrating")
 
             let more = try await offPool {
-                try Self.python(["-m", "varlink.cli", "call", "--more", "unix:\(path)/org.hydrationd.Control.GetStatus", #"{"name": "py"}"#])
+                try Self.python([
+                    "-m", "varlink.cli", "call", "--more", "unix:\(path)/org.hydrationd.Control.GetStatus",
+                    #"{"name": "py"}"#,
+                ])
             }
             #expect(more.status == 0, "\(more.err)")
             #expect(more.out.components(separatedBy: "\"name\": \"py\"").count - 1 == 3, "\(more.out)")
 
             let err = try await offPool {
-                try Self.python(["-m", "varlink.cli", "call", "unix:\(path)/org.hydrationd.Control.Pause", #"{"name": "ghost"}"#])
+                try Self.python([
+                    "-m", "varlink.cli", "call", "unix:\(path)/org.hydrationd.Control.Pause", #"{"name": "ghost"}"#,
+                ])
             }
             #expect((err.out + err.err).contains("org.hydrationd.Control.NoSuchJob"))
 

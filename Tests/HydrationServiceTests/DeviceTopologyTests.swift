@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -17,30 +18,45 @@ import Testing
         init() throws {
             backing = dir.file("pv.img")
             try Data(count: 4096).write(to: URL(fileURLWithPath: backing))
-            try dev("virtual/block/loop0", "7:0", files: ["loop/backing_file": backing + "\n", "loop/offset": "0\n", "loop/sizelimit": "0\n"],
-                    links: ["holders/dm-0": "virtual/block/dm-0", "holders/dm-1": "virtual/block/dm-1"])
-            try dev("virtual/block/dm-0", "253:0", files: ["dm/name": "vg-a\n", "dm/uuid": "LVM-aaaa\n"], links: ["slaves/loop0": "virtual/block/loop0"])
-            try dev("virtual/block/dm-1", "253:1", files: ["dm/name": "vg-b\n", "dm/uuid": "\n"], links: ["slaves/loop0": "virtual/block/loop0"])
+            try dev(
+                "virtual/block/loop0", "7:0",
+                files: ["loop/backing_file": backing + "\n", "loop/offset": "0\n", "loop/sizelimit": "0\n"],
+                links: ["holders/dm-0": "virtual/block/dm-0", "holders/dm-1": "virtual/block/dm-1"])
+            try dev(
+                "virtual/block/dm-0", "253:0", files: ["dm/name": "vg-a\n", "dm/uuid": "LVM-aaaa\n"],
+                links: ["slaves/loop0": "virtual/block/loop0"])
+            try dev(
+                "virtual/block/dm-1", "253:1", files: ["dm/name": "vg-b\n", "dm/uuid": "\n"],
+                links: ["slaves/loop0": "virtual/block/loop0"])
             try dev("pci0/host0/block/sda", "8:0", files: ["device/wwid": "naa.5000c500a1b2c3d4\n"])
             try dev("pci0/host0/block/sda/sda1", "8:1", files: ["partition": "1\n", "start": "2048\n"])
-            try dev("pci0/host0/block/sda/sda2", "8:2", files: ["partition": "2\n", "start": "34816\n"], links: ["holders/md0": "virtual/block/md0"])
+            try dev(
+                "pci0/host0/block/sda/sda2", "8:2", files: ["partition": "2\n", "start": "34816\n"],
+                links: ["holders/md0": "virtual/block/md0"])
             try dev("pci0/host1/block/sdb", "8:16", files: ["serial": "S3Z9NB0K123\n"])
-            try dev("pci0/host1/block/sdb/sdb1", "8:17", files: ["partition": "1\n", "start": "2048\n"], links: ["holders/md0": "virtual/block/md0"])
-            try dev("virtual/block/md0", "9:0", files: ["md/uuid": "a1b2c3d4:e5f60718:293a4b5c:6d7e8f90\n"],
-                    links: ["slaves/sda2": "pci0/host0/block/sda/sda2", "slaves/sdb1": "pci0/host1/block/sdb/sdb1"])
+            try dev(
+                "pci0/host1/block/sdb/sdb1", "8:17", files: ["partition": "1\n", "start": "2048\n"],
+                links: ["holders/md0": "virtual/block/md0"])
+            try dev(
+                "virtual/block/md0", "9:0", files: ["md/uuid": "a1b2c3d4:e5f60718:293a4b5c:6d7e8f90\n"],
+                links: ["slaves/sda2": "pci0/host0/block/sda/sda2", "slaves/sdb1": "pci0/host1/block/sdb/sdb1"])
             try dev("virtual/block/zram0", "252:0", files: [:])
             try FileManager.default.createDirectory(atPath: proc + "/self", withIntermediateDirectories: true)
-            try Data("""
+            try Data(
+                """
                 22 1 8:17 / /mnt/my\\040disk rw,relatime shared:1 - ext4 /dev/sdb1 rw
                 23 1 0:21 / /proc rw - proc proc rw
 
-                """.utf8).write(to: URL(fileURLWithPath: proc + "/self/mountinfo"))
+                """.utf8
+            ).write(to: URL(fileURLWithPath: proc + "/self/mountinfo"))
         }
 
         func dev(_ rel: String, _ number: String, files: [String: String], links: [String: String] = [:]) throws {
             let fm = FileManager.default
             let d = root + "/devices/" + rel
-            for sub in ["holders", "slaves"] { try fm.createDirectory(atPath: d + "/" + sub, withIntermediateDirectories: true) }
+            for sub in ["holders", "slaves"] {
+                try fm.createDirectory(atPath: d + "/" + sub, withIntermediateDirectories: true)
+            }
             try Data((number + "\n").utf8).write(to: URL(fileURLWithPath: d + "/dev"))
             for (name, text) in files {
                 try fm.createDirectory(atPath: parentDirectory(of: d + "/" + name), withIntermediateDirectories: true)
@@ -54,7 +70,9 @@ import Testing
             try fm.createSymbolicLink(atPath: root + "/dev/block/" + number, withDestinationPath: d)
             if !files.keys.contains("partition") {
                 try fm.createDirectory(atPath: root + "/block", withIntermediateDirectories: true)
-                try fm.createSymbolicLink(atPath: root + "/block/" + (rel.split(separator: "/").last.map(String.init) ?? ""), withDestinationPath: d)
+                try fm.createSymbolicLink(
+                    atPath: root + "/block/" + (rel.split(separator: "/").last.map(String.init) ?? ""),
+                    withDestinationPath: d)
             }
         }
 
@@ -77,7 +95,8 @@ import Testing
         let b = f.stack(253, 1, "/dev/mapper/vg-b")
         let loop = f.stack(7, 0, "/dev/loop0")
         let file = try t.stack(of: f.backing)
-        #expect(a.layers.map(\.object) == [.block(rdev: makeDev(253, 0)), .block(rdev: makeDev(7, 0)), file.top.object])
+        #expect(
+            a.layers.map(\.object) == [.block(rdev: makeDev(253, 0)), .block(rdev: makeDev(7, 0)), file.top.object])
         // Two LVs on one PV: no overlap, either way round.
         #expect(Self.overlap(a, b) == nil)
         #expect(Self.overlap(b, a) == nil)
@@ -139,7 +158,9 @@ import Testing
         let a = LoopBacking(file: file, offset: 0, sizeLimit: 1 << 20)
         #expect(a.overlaps(LoopBacking(file: file, offset: 512 << 10, sizeLimit: 1 << 20)))
         #expect(!a.overlaps(LoopBacking(file: file, offset: 1 << 20, sizeLimit: 0)))
-        #expect(LoopBacking(file: file, offset: 0, sizeLimit: 0).overlaps(LoopBacking(file: file, offset: 1 << 30, sizeLimit: 0)))
+        #expect(
+            LoopBacking(file: file, offset: 0, sizeLimit: 0).overlaps(
+                LoopBacking(file: file, offset: 1 << 30, sizeLimit: 0)))
         #expect(!a.overlaps(LoopBacking(file: .file(device: 1, inode: 3), offset: 0, sizeLimit: 0)))
     }
 
@@ -201,8 +222,14 @@ import Testing
             ("reader and writer", "f = open(p, 'r+b')"),
             ("writer only", "fd = os.open(p, os.O_WRONLY)"),
             ("shared mapping, descriptor closed", "f = open(p, 'r+b'); m = mmap.mmap(f.fileno(), 0); f.close()"),
-            ("read-only mapping, descriptor closed", "f = open(p, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); f.close()"),
-            ("another name (hard link)", "os.link(p, p + '.link'); f = open(p + '.link', 'rb'); os.unlink(p + '.link')"),
+            (
+                "read-only mapping, descriptor closed",
+                "f = open(p, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); f.close()"
+            ),
+            (
+                "another name (hard link)",
+                "os.link(p, p + '.link'); f = open(p + '.link', 'rb'); os.unlink(p + '.link')"
+            ),
         ]
         for (kind, setup) in holders {
             let s = DeviceScratch("lease-holder")
@@ -254,7 +281,10 @@ import Testing
         defer { s.teardown() }
         let f = try s.makeFile("disk.img", size: 1 << 20)
         // mmap(2) through ctypes, then close: no descriptor left, only the mapping.
-        let pid = try s.hold(f, "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.mmap.restype = ctypes.c_void_p\nfd = os.open(p, os.O_RDONLY)\naddr = libc.mmap(None, 4096, 1, 1, fd, 0)\nassert addr not in (None, ctypes.c_void_p(-1).value)\nos.close(fd)")
+        let pid = try s.hold(
+            f,
+            "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.mmap.restype = ctypes.c_void_p\nfd = os.open(p, os.O_RDONLY)\naddr = libc.mmap(None, 4096, 1, 1, fd, 0)\nassert addr not in (None, ctypes.c_void_p(-1).value)\nos.close(fd)"
+        )
         // The holder really has no descriptor left: only the maps can name it.
         var st = stat()
         #expect(stat(f, &st) == 0)
@@ -269,7 +299,9 @@ import Testing
         try p.run()
         defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
         let want = ["pid \(p.processIdentifier) (sl) runs it"]
-        #expect(await eventually { (try? t.usage(of: exe))?.holders == want }, "\(String(describing: try? t.usage(of: exe)))")
+        #expect(
+            await eventually { (try? t.usage(of: exe))?.holders == want },
+            "\(String(describing: try? t.usage(of: exe)))")
     }
 
     /// A child of this process between fork and exec holds copies of this process's descriptors:
@@ -297,11 +329,11 @@ import Testing
         var st = stat()
         #expect(stat(target, &st) == 0)
         let file = StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
-        try process(900001, ppid: getpid(), exe: exe)      // our child, not exec'd yet
+        try process(900001, ppid: getpid(), exe: exe)  // our child, not exec'd yet
         let topo = DeviceTopology(sysfs: dir.file("sys"), proc: proc)
         #expect(topo.processesHolding(file).isEmpty)
-        try process(900002, ppid: getpid(), exe: other)    // our child, exec'd into another program
-        try process(900003, ppid: 1, exe: exe)              // another daemon's process
+        try process(900002, ppid: getpid(), exe: other)  // our child, exec'd into another program
+        try process(900003, ppid: 1, exe: exe)  // another daemon's process
         #expect(topo.processesHolding(file) == ["pid 900002 (x)", "pid 900003 (x)"])
     }
 }

@@ -2,11 +2,12 @@ import Foundation
 import Logging
 import Synchronization
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// PosixStorage, remembering every device it opened (to look at its direct-I/O counters).
@@ -81,7 +82,7 @@ final class RecordingPosixStorage: StorageProvider {
         let dir = TempDir("dio")
         try #require(Self.supportsDirectIO(dir.path), "\(dir.path) is not on ext4/XFS/btrfs")
         let path = dir.file("dst.img")
-        let size = (4 << 20) + 1234   // an unaligned tail
+        let size = (4 << 20) + 1234  // an unaligned tail
         let d = try PosixDevice.open(path, mode: .destination(createSize: UInt64(size)), directIO: true)
         #expect(d.directIO.enabled, "direct I/O fell back on a filesystem that supports it: \(d.directIO)")
         #expect(d.directIO.alignment >= 4096 && d.directIO.alignment & (d.directIO.alignment - 1) == 0)
@@ -111,13 +112,18 @@ final class RecordingPosixStorage: StorageProvider {
         let before = d.directCalls.load(ordering: .relaxed)
         try d.read(into: UnsafeMutableRawBufferPointer(rebasing: back[0..<(5 << 20)]), at: 0)
         #expect(d.directCalls.load(ordering: .relaxed) > before)
-        #expect(byteDifference([UInt8](UnsafeRawBufferPointer(rebasing: back[0..<size])), [UInt8](UnsafeRawBufferPointer(data))) == nil)
+        #expect(
+            byteDifference(
+                [UInt8](UnsafeRawBufferPointer(rebasing: back[0..<size])), [UInt8](UnsafeRawBufferPointer(data))) == nil
+        )
         #expect(!back[size..<(5 << 20)].contains { $0 != 0 }, "bytes past the end of file must read as zeros")
         let buffered = d.bufferedCalls.load(ordering: .relaxed)
         try d.read(into: UnsafeMutableRawBufferPointer(rebasing: back[1..<(1 + 65536)]), at: 4096)
         #expect(d.bufferedCalls.load(ordering: .relaxed) == buffered + 1)
-        #expect(byteDifference([UInt8](UnsafeRawBufferPointer(rebasing: back[1..<(1 + 65536)])),
-                               [UInt8](UnsafeRawBufferPointer(rebasing: data[4096..<(4096 + 65536)]))) == nil)
+        #expect(
+            byteDifference(
+                [UInt8](UnsafeRawBufferPointer(rebasing: back[1..<(1 + 65536)])),
+                [UInt8](UnsafeRawBufferPointer(rebasing: data[4096..<(4096 + 65536)]))) == nil)
         d.close()
     }
 
@@ -141,8 +147,9 @@ final class RecordingPosixStorage: StorageProvider {
 
     @Test func turnedOffMeansBuffered() throws {
         let dir = TempDir("dio-off")
-        let d = try PosixDevice.open(dir.file("d.img"), mode: .destination(createSize: 1 << 20), directIO: false,
-                                     why: "io=buffered")
+        let d = try PosixDevice.open(
+            dir.file("d.img"), mode: .destination(createSize: 1 << 20), directIO: false,
+            why: "io=buffered")
         #expect(!d.directIO.enabled)
         #expect(d.directIO.reason == "io=buffered")
         // No HYDRATION_DIRECT_IO in the test environment: each job chooses, and a caller that does
@@ -166,7 +173,7 @@ final class RecordingPosixStorage: StorageProvider {
     /// of stale bytes.
     @Test func batchReadsOnlyDataExtentsAndZeroFillsTheRest() throws {
         let regionSize: UInt64 = 64 << 10
-        let size = 16 * Int(regionSize) + 5000   // a short last region
+        let size = 16 * Int(regionSize) + 5000  // a short last region
         var image = [UInt8](repeating: 0, count: size)
         var rng = SeededRandom(seed: 8)
         // Data: [4 KiB, 12 KiB) in region 0; region 3 whole; [200 KiB, 264 KiB) across regions 3-4;
@@ -183,8 +190,9 @@ final class RecordingPosixStorage: StorageProvider {
         let stale = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 << 20, alignment: 4096)
         stale.initializeMemory(as: UInt8.self, repeating: 0xA5)
         pool.give(stale)
-        let job = BatchJob(source: src, dest: dst, geometry: geometry, zeroDestination: false, retryDelaysMs: [],
-                           logger: testLogger, buffers: pool)
+        let job = BatchJob(
+            source: src, dest: dst, geometry: geometry, zeroDestination: false, retryDelaysMs: [],
+            logger: testLogger, buffers: pool)
         let result = try job.perform(.copy(0..<17))
         #expect(byteDifference(sim.contents("/dst"), image) == nil)
         // Data in regions 0, 3, 4 and 16: 4 regions written (the last one short).
@@ -222,8 +230,9 @@ final class RecordingPosixStorage: StorageProvider {
         fsync(fd)
         close(fd)
         let storage = RecordingPosixStorage(directIO: false)
-        let cfg = JobConfiguration(name: "sparse", sourcePath: src, destPath: dst, metadataPath: dir.file("meta"),
-                                   regionSize: 64 << 10, discardSource: false)
+        let cfg = JobConfiguration(
+            name: "sparse", sourcePath: src, destPath: dst, metadataPath: dir.file("meta"),
+            regionSize: 64 << 10, discardSource: false)
         let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)
         try await job.start()
         #expect(await job.waitUntilSettled() == .complete)
@@ -248,15 +257,16 @@ final class RecordingPosixStorage: StorageProvider {
         let image = TestImage.make(size: size, seed: discard ? 51 : 52, chunk: 20 << 10)
         try image.write(to: dir.file("src.img"))
         let storage = RecordingPosixStorage(directIO: true)
-        let cfg = JobConfiguration(name: "dio", sourcePath: dir.file("src.img"), destPath: dir.file("dst.img"),
-                                   metadataPath: dir.file("meta"), regionSize: 64 << 10, discardSource: discard)
+        let cfg = JobConfiguration(
+            name: "dio", sourcePath: dir.file("src.img"), destPath: dir.file("dst.img"),
+            metadataPath: dir.file("meta"), regionSize: 64 << 10, discardSource: discard)
         let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)
         try await job.start()
         #expect(await job.waitUntilSettled() == .complete)
         let src = try #require(storage.device(dir.file("src.img")))
         let dst = try #require(storage.device(dir.file("dst.img")))
         #expect(src.directIO.enabled && dst.directIO.enabled)
-        #expect(dst.directCalls.load(ordering: .relaxed) >= 20)   // about one write per 1 MiB batch
+        #expect(dst.directCalls.load(ordering: .relaxed) >= 20)  // about one write per 1 MiB batch
         // Only the unaligned tail goes through the page cache (12345 % 4096 bytes: one call).
         #expect(dst.bufferedCalls.load(ordering: .relaxed) <= 1)
         #expect(src.directCalls.load(ordering: .relaxed) > 50)
@@ -278,12 +288,18 @@ final class RecordingPosixStorage: StorageProvider {
         #expect(IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: 0).direct)
         // A block device or NBD source: buffered.
         #expect(!IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: nil).direct)
-        #expect(IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: G).why == "io=auto: file source, 1.0 % allocated")
-        #expect(IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: 2 * G).why == "io=auto: file source, 100.0 % allocated")
+        #expect(
+            IOMode.auto.choice(sourceSize: 100 * G, sourceAllocated: G).why == "io=auto: file source, 1.0 % allocated")
+        #expect(
+            IOMode.auto.choice(sourceSize: 2 * G, sourceAllocated: 2 * G).why
+                == "io=auto: file source, 100.0 % allocated")
         // A file smaller than a block has a whole block allocated: still 100 % (the round-5
         // attack saw "409600.0 % allocated" for a 1-byte file).
-        #expect(IOMode.auto.choice(sourceSize: 1, sourceAllocated: 4096).why == "io=auto: file source, 100.0 % allocated")
-        #expect(IOMode.auto.choice(sourceSize: 4097, sourceAllocated: 8192).why == "io=auto: file source, 100.0 % allocated")
+        #expect(
+            IOMode.auto.choice(sourceSize: 1, sourceAllocated: 4096).why == "io=auto: file source, 100.0 % allocated")
+        #expect(
+            IOMode.auto.choice(sourceSize: 4097, sourceAllocated: 8192).why == "io=auto: file source, 100.0 % allocated"
+        )
         #expect(IOMode.direct.choice(sourceSize: 2 * G, sourceAllocated: 2 * G) == (true, "io=direct"))
         #expect(IOMode.buffered.choice(sourceSize: 100 * G, sourceAllocated: 0) == (false, "io=buffered"))
     }
@@ -321,8 +337,9 @@ final class RecordingPosixStorage: StorageProvider {
         for (name, src, mode, direct, why) in cases {
             let storage = RecordingPosixStorage(directIO: nil)
             let dst = dir.file("\(name).dst"), meta = dir.file("\(name).meta")
-            let cfg = JobConfiguration(name: name, sourcePath: src, destPath: dst, metadataPath: meta,
-                                       regionSize: 64 << 10, ioMode: mode)
+            let cfg = JobConfiguration(
+                name: name, sourcePath: src, destPath: dst, metadataPath: meta,
+                regionSize: 64 << 10, ioMode: mode)
             let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)
             let st = await job.status()
             #expect(st.source.io == (direct ? "direct" : "buffered"), "\(name): \(st.source)")
@@ -332,14 +349,17 @@ final class RecordingPosixStorage: StorageProvider {
             #expect(await job.waitUntilSettled() == .complete)
             let d = try #require(storage.device(dst))
             #expect(d.directIO.enabled == direct)
-            #expect((d.directCalls.load(ordering: .relaxed) > 0) == direct, "\(name): \(d.directCalls.load(ordering: .relaxed)) direct writes")
+            #expect(
+                (d.directCalls.load(ordering: .relaxed) > 0) == direct,
+                "\(name): \(d.directCalls.load(ordering: .relaxed)) direct writes")
             await job.close()
             #expect(byteDifference(readFile(dst), src == sparse ? expectedSparse : denseBytes) == nil, "\(name)")
         }
         // Reopened with another setting: chosen again.
         let storage = RecordingPosixStorage(directIO: nil)
-        let again = JobConfiguration(name: "a", sourcePath: sparse, destPath: dir.file("a.dst"), metadataPath: dir.file("a.meta"),
-                                     regionSize: 64 << 10, ioMode: .buffered)
+        let again = JobConfiguration(
+            name: "a", sourcePath: sparse, destPath: dir.file("a.dst"), metadataPath: dir.file("a.meta"),
+            regionSize: 64 << 10, ioMode: .buffered)
         let job = try await HydrationJob.open(again, storage: storage, io: io, logger: testLogger)
         let st = await job.status()
         #expect(st.source.io == "buffered" && st.source.ioReason == "io=buffered")
@@ -354,12 +374,14 @@ final class RecordingPosixStorage: StorageProvider {
         var rng = SeededRandom(seed: 81)
         var data = [UInt8](repeating: 0, count: 4 << 20)
         rng.fill(&data, 0..<data.count)
-        for (mode, direct) in [(OpenMode.source(discard: false), false), (.source(discard: false), true),
-                               (.destination(createSize: nil), false)] {
+        for (mode, direct) in [
+            (OpenMode.source(discard: false), false), (.source(discard: false), true),
+            (.destination(createSize: nil), false),
+        ] {
             let path = dir.file("f-\(direct)-\(mode == .source(discard: false)).img")
             var fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
             #expect(pwrite(fd, data, data.count, 0) == data.count)
-            #expect(ftruncate(fd, 8 << 20) == 0)   // 4 MiB data, then a 4 MiB hole
+            #expect(ftruncate(fd, 8 << 20) == 0)  // 4 MiB data, then a 4 MiB hole
             close(fd)
             let d = try PosixDevice.open(path, mode: mode, directIO: direct)
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
@@ -373,7 +395,9 @@ final class RecordingPosixStorage: StorageProvider {
                 try d.read(into: buffer, at: 3 << 20)
                 Issue.record("a read past the new end of a shrunk \(mode) returned zeros")
             } catch {
-                #expect(error.errno == EIO && error.detail?.contains("truncated or resized under the job") == true, "\(error)")
+                #expect(
+                    error.errno == EIO && error.detail?.contains("truncated or resized under the job") == true,
+                    "\(error)")
                 #expect(error.detail?.contains("ends at 2097152 bytes, before the 8388608") == true, "\(error)")
             }
             do {
@@ -382,7 +406,8 @@ final class RecordingPosixStorage: StorageProvider {
             } catch {
                 #expect(error.operation == .seek && error.errno == EIO, "\(error)")
             }
-            try d.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<4096]), at: 4096)   // before the new end: fine
+            // Before the new end: fine.
+            try d.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<4096]), at: 4096)
         }
         // Metadata: past its end reads as zeros, as before.
         let m = try PosixDevice.open(dir.file("m"), mode: .metadata(create: true), directIO: false)
@@ -402,18 +427,19 @@ final class RecordingPosixStorage: StorageProvider {
         var rng = SeededRandom(seed: 83)
         var chunk = [UInt8](repeating: 0, count: 1 << 20)
         let fd = open(src, O_RDWR | O_CREAT, 0o600)
-        for at in stride(from: 0, to: 64 << 20, by: 4 << 20) {   // 1 MiB of data every 4 MiB
+        for at in stride(from: 0, to: 64 << 20, by: 4 << 20) {  // 1 MiB of data every 4 MiB
             rng.fill(&chunk, 0..<chunk.count)
             #expect(pwrite(fd, chunk, chunk.count, off_t(at)) == chunk.count)
         }
         #expect(ftruncate(fd, 64 << 20) == 0)
         fsync(fd)
-        close(fd)   // nothing else may hold it open (DeviceInUse): truncated by path below, as truncate(1) does
+        close(fd)  // nothing else may hold it open (DeviceInUse): truncated by path below, as truncate(1) does
         let storage = RecordingPosixStorage(directIO: nil)
         var t = Tunables.defaults(regionSize: 64 << 10)
         t.rateLimitBytesPerSecond = 8 << 20
-        let cfg = JobConfiguration(name: "trunc", sourcePath: src, destPath: dst, metadataPath: dir.file("meta"),
-                                   regionSize: 64 << 10, tunables: t, ioMode: mode)
+        let cfg = JobConfiguration(
+            name: "trunc", sourcePath: src, destPath: dst, metadataPath: dir.file("meta"),
+            regionSize: 64 << 10, tunables: t, ioMode: mode)
         let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)
         try await job.start()
         try await Task.sleep(for: .milliseconds(400))
@@ -423,7 +449,8 @@ final class RecordingPosixStorage: StorageProvider {
         #expect(await job.waitUntilSettled() == .failed)
         let st = await job.status()
         #expect(st.error?.code == "SourceReadFailed", "\(String(describing: st.error))")
-        #expect(st.error?.message.contains("truncated or resized under the job") == true, "\(String(describing: st.error))")
+        #expect(
+            st.error?.message.contains("truncated or resized under the job") == true, "\(String(describing: st.error))")
         #expect(st.regions.hydrated < st.regions.total)
         await job.close()
         let (store, _) = try MetadataStore.open(path: dir.file("meta"), storage: PosixStorage(), readOnly: true)

@@ -1,9 +1,10 @@
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The release of the last, partial region of a file source.
@@ -23,8 +24,9 @@ import Glibc
         sim.setFault { op in
             op.path == "/src" && op.kind == .release && op.offset + op.length > UInt64(size) ? EINVAL : nil
         }
-        let cfg = JobConfiguration(name: "tail", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
-                                   regionSize: 64 << 10, discardSource: true)
+        let cfg = JobConfiguration(
+            name: "tail", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+            regionSize: 64 << 10, discardSource: true)
         let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
         try await job.start()
         #expect(await job.waitUntilSettled() == .complete)
@@ -45,8 +47,9 @@ import Glibc
         let image = TestImage.make(size: size, seed: 92)
         let sim = SimulatedStorage()
         sim.addFile("/src", data: image.bytes)
-        let cfg = JobConfiguration(name: "tail2", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
-                                   regionSize: 64 << 10, discardSource: true)
+        let cfg = JobConfiguration(
+            name: "tail2", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+            regionSize: 64 << 10, discardSource: true)
         let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
         try await job.start()
         #expect(await job.waitUntilSettled() == .complete)

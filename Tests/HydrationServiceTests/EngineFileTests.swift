@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -7,10 +8,13 @@ import Testing
 @Suite(.serialized) struct EngineFileTests {
     let io = IOExecutor(threads: 4)
 
-    func config(_ dir: TempDir, discard: Bool, regionSize: UInt64 = 64 * 1024, tunables: Tunables? = nil) -> JobConfiguration {
-        JobConfiguration(name: "t", sourcePath: dir.file("src.img"), destPath: dir.file("dst.img"),
-                         metadataPath: dir.file("meta"), regionSize: regionSize, discardSource: discard,
-                         tunables: tunables)
+    func config(_ dir: TempDir, discard: Bool, regionSize: UInt64 = 64 * 1024, tunables: Tunables? = nil)
+        -> JobConfiguration
+    {
+        JobConfiguration(
+            name: "t", sourcePath: dir.file("src.img"), destPath: dir.file("dst.img"),
+            metadataPath: dir.file("meta"), regionSize: regionSize, discardSource: discard,
+            tunables: tunables)
     }
 
     /// 256 MiB of random data, holes and zero runs -> destination byte-identical, source fully
@@ -61,7 +65,8 @@ import Testing
         let dir = TempDir("nodiscard")
         let image = TestImage.make(size: 8 << 20, seed: 7, chunk: 256 << 10)
         try image.write(to: dir.file("src.img"))
-        let job = try await HydrationJob.create(config(dir, discard: false, regionSize: 4096), io: io, logger: testLogger)
+        let job = try await HydrationJob.create(
+            config(dir, discard: false, regionSize: 4096), io: io, logger: testLogger)
         try await job.start()
         #expect(await job.waitUntilSettled() == .complete)
         let st = await job.status()
@@ -92,8 +97,9 @@ import Testing
 
         let sim = SimulatedStorage()
         sim.addFile("/src", data: image.bytes)
-        let cfg = JobConfiguration(name: "fresh", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
-                                   regionSize: 64 << 10, discardSource: false)
+        let cfg = JobConfiguration(
+            name: "fresh", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+            regionSize: 64 << 10, discardSource: false)
         let fresh = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
         #expect(fresh.configuration.destZeroed)
         try await fresh.start()
@@ -110,11 +116,12 @@ import Testing
         let image = TestImage.make(size: 64 << 20, seed: 31)
         try image.write(to: dir.file("src.img"))
         var t = Tunables.defaults(regionSize: 64 << 10)
-        t.rateLimitBytesPerSecond = 8 << 20   // 8 s to the end
+        t.rateLimitBytesPerSecond = 8 << 20  // 8 s to the end
         for _ in 0..<5 {
             try? FileManager.default.removeItem(atPath: dir.file("dst.img"))
             try? FileManager.default.removeItem(atPath: dir.file("meta"))
-            let job = try await HydrationJob.create(config(dir, discard: false, tunables: t), io: io, logger: testLogger)
+            let job = try await HydrationJob.create(
+                config(dir, discard: false, tunables: t), io: io, logger: testLogger)
             let started = Date()
             try await job.start()
             await job.pause()
@@ -132,7 +139,7 @@ import Testing
         let image = TestImage.make(size: 32 << 20, seed: 9)
         try image.write(to: dir.file("src.img"))
         var t = Tunables.defaults(regionSize: 64 << 10)
-        t.rateLimitBytesPerSecond = 16 << 20   // slow enough to pause in the middle
+        t.rateLimitBytesPerSecond = 16 << 20  // slow enough to pause in the middle
         let cfg = config(dir, discard: true, tunables: t)
         let job = try await HydrationJob.create(cfg, io: io, logger: testLogger)
         try await job.start()
@@ -164,19 +171,20 @@ import Testing
         let size = 48 << 20
         var rng = SeededRandom(seed: 3)
         var bytes = [UInt8](repeating: 0, count: size)
-        rng.fill(&bytes, 0..<size)   // dense: every region is written
+        rng.fill(&bytes, 0..<size)  // dense: every region is written
         let image = TestImage(bytes: bytes, holes: [])
         try image.write(to: dir.file("src.img"))
         var t = Tunables.defaults(regionSize: 64 << 10)
         t.spaceBudgetBytes = 4 << 20
-        t.commitIntervalMs = 3_600_000   // only the budget forces commits
+        t.commitIntervalMs = 3_600_000  // only the budget forces commits
         let job = try await HydrationJob.create(config(dir, discard: true, tunables: t), io: io, logger: testLogger)
         try await job.start()
         var peakOutstanding: UInt64 = 0
         var peakAllocated: UInt64 = 0
         while await job.currentState == .hydrating {
             peakOutstanding = max(peakOutstanding, await job.budgetOutstanding)
-            peakAllocated = max(peakAllocated, allocatedBytes(dir.file("src.img")) + allocatedBytes(dir.file("dst.img")))
+            peakAllocated = max(
+                peakAllocated, allocatedBytes(dir.file("src.img")) + allocatedBytes(dir.file("dst.img")))
             try await Task.sleep(nanoseconds: 2_000_000)
         }
         #expect(await job.currentState == .complete)
@@ -191,8 +199,10 @@ import Testing
     /// Default tunables: 1 MiB per batch and 8 MiB in flight, at least one region each (with
     /// 64 MiB regions the old threshold, eight batches, meant 512 MiB of buffers: round-5 attack).
     @Test func defaultTunablesKeepEightMiBInFlight() {
-        for (rs, batch, threshold) in [(UInt64(4 << 10), 256, 2048), (64 << 10, 16, 128), (1 << 20, 1, 8),
-                                       (4 << 20, 1, 2), (64 << 20, 1, 1)] {
+        for (rs, batch, threshold) in [
+            (UInt64(4 << 10), 256, 2048), (64 << 10, 16, 128), (1 << 20, 1, 8),
+            (4 << 20, 1, 2), (64 << 20, 1, 1),
+        ] {
             let t = Tunables.defaults(regionSize: rs)
             #expect(t.batchSize == batch && t.threshold == threshold, "region size \(rs): \(t)")
             #expect((try? t.validate(regionSize: rs)) != nil)
@@ -229,7 +239,10 @@ import Testing
                 await j.close()
                 Issue.record("region size \(size) accepted")
             } catch {
-                #expect(error.code == .invalidParameter && error.message.hasPrefix("region_size must be a power of two from 4 KiB to 64 MiB"), "\(error)")
+                #expect(
+                    error.code == .invalidParameter
+                        && error.message.hasPrefix("region_size must be a power of two from 4 KiB to 64 MiB"),
+                    "\(error)")
             }
         }
         #expect(JobConfiguration.isValidRegionSize(64 << 20) && !JobConfiguration.isValidRegionSize(128 << 20))

@@ -1,10 +1,11 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The copier's I/O buffers (issue 13, round 5): aligned to their capacity inside 2 MiB-aligned
@@ -29,9 +30,13 @@ import Glibc
             #expect(b.count >= count)
             #expect(pool.isMapped(b), "not from a huge-page mapping: \(b)")
             // Aligned to its capacity (at most 2 MiB), so a buffer of 1 MiB lies inside one huge page.
-            #expect(address % UInt(min(b.count, IOBufferPool.hugePage)) == 0, "\(String(address, radix: 16)) for \(b.count)")
+            #expect(
+                address % UInt(min(b.count, IOBufferPool.hugePage)) == 0, "\(String(address, radix: 16)) for \(b.count)"
+            )
             if b.count <= IOBufferPool.hugePage {
-                #expect(address / UInt(IOBufferPool.hugePage) == (address + UInt(b.count) - 1) / UInt(IOBufferPool.hugePage))
+                #expect(
+                    address / UInt(IOBufferPool.hugePage) == (address + UInt(b.count) - 1) / UInt(IOBufferPool.hugePage)
+                )
             }
             // Usable end to end.
             b.initializeMemory(as: UInt8.self, repeating: 0x5A)
@@ -60,8 +65,9 @@ import Glibc
         var eligible: String?
         for line in smaps.split(separator: "\n") {
             if let dash = line.firstIndex(of: "-"), line.first?.isHexDigit == true,
-               let space = line.firstIndex(of: " "), dash < space,
-               let lo = UInt(line[..<dash], radix: 16), let hi = UInt(line[line.index(after: dash)..<space], radix: 16) {
+                let space = line.firstIndex(of: " "), dash < space,
+                let lo = UInt(line[..<dash], radix: 16), let hi = UInt(line[line.index(after: dash)..<space], radix: 16)
+            {
                 inside = lo <= address && address < hi
                 continue
             }
@@ -100,17 +106,16 @@ import Glibc
         let pool = IOBufferPool(keep: 1)
         let foreign = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         #expect(!pool.isMapped(foreign))
-        pool.give(foreign)                 // kept
-        let a = pool.take(1 << 20)         // the foreign one back
+        pool.give(foreign)  // kept
+        let a = pool.take(1 << 20)  // the foreign one back
         #expect(a.baseAddress == foreign.baseAddress)
-        let b = pool.take(1 << 20)         // a new mapping; its other half is kept
+        let b = pool.take(1 << 20)  // a new mapping; its other half is kept
         #expect(pool.isMapped(b))
-        pool.give(a)                       // pool full: deallocated
-        pool.give(b)                       // pool full: unmapped
+        pool.give(a)  // pool full: deallocated
+        pool.give(b)  // pool full: unmapped
         let c = pool.take(1 << 20)
         c.initializeMemory(as: UInt8.self, repeating: 7)
         #expect(c.load(fromByteOffset: (1 << 20) - 1, as: UInt8.self) == 7)
         pool.give(c)
     }
 }
-

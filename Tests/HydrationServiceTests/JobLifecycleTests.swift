@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -23,7 +24,8 @@ import Testing
 
         let m1 = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m1.restore()
-        _ = try await m1.create(CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true))
+        _ = try await m1.create(
+            CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true))
         #expect(await eventually(30) { (try? await m1.status("a").state) == .complete })
         #expect(byteDifference(readFile(dir.file("D")), a.bytes) == nil)
         #expect(allocatedBytes(dir.file("S")) == 0)
@@ -44,7 +46,8 @@ import Testing
         #expect(try await m2.status("b").state == .complete)
         try await Task.sleep(for: .milliseconds(300))
         await m2.shutdown()
-        #expect(byteDifference(readFile(dir.file("S")), x.bytes) == nil, "a restart released a complete job's source again")
+        #expect(
+            byteDifference(readFile(dir.file("S")), x.bytes) == nil, "a restart released a complete job's source again")
         await io.shutdown()
     }
 
@@ -52,10 +55,17 @@ import Testing
     @Test func pendingReleasesAreRecordedAndSettledByAMetadataOnlyCommit() throws {
         let dir = TempDir("life")
         let storage = PosixStorage()
-        let src = DeviceRecord(path: dir.file("s"), identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 2, rdev: 0), size: 40 << 16)
-        let dst = DeviceRecord(path: dir.file("d"), identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 3, rdev: 0), size: 40 << 16)
-        let store = try MetadataStore.create(path: dir.file("m"), options: MetadataCreateOptions(
-            regionSize: 1 << 16, source: src, dest: dst, discardSource: true, destZeroed: true), storage: storage, nowMs: 0)
+        let src = DeviceRecord(
+            path: dir.file("s"), identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 2, rdev: 0),
+            size: 40 << 16)
+        let dst = DeviceRecord(
+            path: dir.file("d"), identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 3, rdev: 0),
+            size: 40 << 16)
+        let store = try MetadataStore.create(
+            path: dir.file("m"),
+            options: MetadataCreateOptions(
+                regionSize: 1 << 16, source: src, dest: dst, discardSource: true, destZeroed: true), storage: storage,
+            nowMs: 0)
         try store.commit([0..<10], pendingRelease: [0..<10], nowMs: 1)
         try store.commit([10..<40], complete: true, pendingRelease: [5..<7, 10..<40], nowMs: 2)
         let h = try MetadataStore.open(path: dir.file("m"), storage: storage, readOnly: true).0.header
@@ -83,11 +93,14 @@ import Testing
         var slow = TunablesUpdate()
         slow.rateLimitBytesPerSecond = .some(8 << 20)
         slow.commitIntervalMs = 50
-        _ = try await m.create(CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true, tunables: slow))
+        _ = try await m.create(
+            CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true, tunables: slow)
+        )
         #expect(await eventually(20) { (try? await m.status("a").bytes.discarded) ?? 0 >= 2 << 20 })
         _ = try await m.pause("a")
         let paused = try await m.status("a")
-        #expect(paused.state == .paused && paused.bytes.discarded > 0 && paused.bytes.committed < UInt64(img.bytes.count))
+        #expect(
+            paused.state == .paused && paused.bytes.discarded > 0 && paused.bytes.committed < UInt64(img.bytes.count))
 
         do {
             try await m.remove("a", force: false)
@@ -103,7 +116,8 @@ import Testing
 
         // The same job again, with the default metadata: refused, pointing at the kept record.
         do {
-            _ = try await m.create(CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true))
+            _ = try await m.create(
+                CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true))
             Issue.record("a new job on the destination of a kept record was accepted")
         } catch {
             #expect(error.code == .dataAtRisk)
@@ -166,13 +180,18 @@ import Testing
             }
             // What is persisted is what the job is doing: a lost update shows as a paused job
             // whose definition says hydrating (or the reverse), or as other tunables.
-            let def = try JSONDecoder().decode(JobDefinition.self, from: Data(contentsOf: URL(fileURLWithPath: state + "/jobs/a.json")))
+            let def = try JSONDecoder().decode(
+                JobDefinition.self, from: Data(contentsOf: URL(fileURLWithPath: state + "/jobs/a.json")))
             let live = try await m.status("a")
             #expect(live.state != .failed)
             if live.state != .complete {
-                #expect((def.desired == .paused) == (live.state == .paused), "round \(round): persisted \(def.desired), job \(live.state)")
+                #expect(
+                    (def.desired == .paused) == (live.state == .paused),
+                    "round \(round): persisted \(def.desired), job \(live.state)")
             }
-            #expect(def.tunables.threshold == live.settings.threshold, "round \(round): persisted threshold \(def.tunables.threshold), job \(live.settings.threshold)")
+            #expect(
+                def.tunables.threshold == live.settings.threshold,
+                "round \(round): persisted threshold \(def.tunables.threshold), job \(live.settings.threshold)")
             // A restart comes back as the job was.
             await m.shutdown()
             m = JobManager(stateDirectory: state, io: io, logger: testLogger)
@@ -202,7 +221,6 @@ import Testing
     }
 }
 
-
 /// A commit that runs out of space (copy-on-write filesystems allocate at writeback, so their
 /// fdatasync can fail with ENOSPC): the job pauses with NoSpace instead of failing, commits and
 /// releases nothing more in that run, and resuming opens it again from its durable state, as a
@@ -220,7 +238,9 @@ import Testing
         let armed = Mutex(true)
         sim.setFault { op in
             guard op.path == "/dst", op.kind == .sync, armed.withLock({ $0 }) else { return nil }
-            return syncs.withLock { $0 += 1; return $0 } == 3 ? ENOSPC : nil
+            return syncs.withLock {
+                $0 += 1; return $0
+            } == 3 ? ENOSPC : nil
         }
         let io = IOExecutor(threads: 2)
         let m = JobManager(stateDirectory: dir.file("state"), storage: sim, io: io, logger: testLogger)
@@ -228,7 +248,9 @@ import Testing
         var t = TunablesUpdate()
         t.commitIntervalMs = 20
         t.rateLimitBytesPerSecond = .some(16 << 20)
-        _ = try await m.create(CreateJobRequest(name: "a", source: "/src", dest: "/dst", metadata: "/meta", discardSource: true, tunables: t))
+        _ = try await m.create(
+            CreateJobRequest(
+                name: "a", source: "/src", dest: "/dst", metadata: "/meta", discardSource: true, tunables: t))
         #expect(await eventually(20) { (try? await m.status("a").state) == .paused })
         let paused = try await m.status("a")
         #expect(paused.error?.code == "NoSpace", "\(String(describing: paused.error))")
@@ -245,9 +267,12 @@ import Testing
         _ = try await m.resume("a")
         #expect(await eventually(30) { (try? await m.status("a").state) == .complete })
         // Every byte not committed before the failure was written again after the resume.
-        let rewritten = sim.log[logAtPause...].filter { $0.path == "/dst" && $0.kind == .write }.reduce(UInt64(0)) { $0 + $1.length }
-        #expect(rewritten >= UInt64(img.bytes.count) - paused.bytes.committed,
-                "rewrote \(rewritten) bytes, \(UInt64(img.bytes.count) - paused.bytes.committed) were not committed")
+        let rewritten = sim.log[logAtPause...].filter { $0.path == "/dst" && $0.kind == .write }.reduce(UInt64(0)) {
+            $0 + $1.length
+        }
+        #expect(
+            rewritten >= UInt64(img.bytes.count) - paused.bytes.committed,
+            "rewrote \(rewritten) bytes, \(UInt64(img.bytes.count) - paused.bytes.committed) were not committed")
         #expect(byteDifference(sim.contents("/dst"), img.bytes) == nil)
         #expect(sim.allocatedBlocks("/src") == 0)
         await m.shutdown()
@@ -271,7 +296,9 @@ import Testing
         var slow = TunablesUpdate()
         slow.rateLimitBytesPerSecond = .some(8 << 20)
         slow.commitIntervalMs = 50
-        _ = try await m1.create(CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true, tunables: slow))
+        _ = try await m1.create(
+            CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true, tunables: slow)
+        )
         #expect(await eventually(20) { (try? await m1.status("a").bytes.discarded) ?? 0 >= 2 << 20 })
         await m1.shutdown()
 
@@ -282,10 +309,22 @@ import Testing
         #expect(try await m2.status("a").state == .failed)
         try FileManager.default.moveItem(atPath: dir.file("S.away"), toPath: dir.file("S"))
         let attempts: [(String, CreateJobRequest)] = [
-            ("the same command under another name", CreateJobRequest(name: "b", source: dir.file("S"), dest: dir.file("D"), discardSource: true)),
-            ("another image onto its destination", CreateJobRequest(name: "c", source: dir.file("X"), dest: dir.file("D"))),
-            ("its partly released source as a destination", CreateJobRequest(name: "d", source: dir.file("X"), dest: dir.file("S"))),
-            ("reading its partly released source", CreateJobRequest(name: "e", source: dir.file("S"), dest: dir.file("E"))),
+            (
+                "the same command under another name",
+                CreateJobRequest(name: "b", source: dir.file("S"), dest: dir.file("D"), discardSource: true)
+            ),
+            (
+                "another image onto its destination",
+                CreateJobRequest(name: "c", source: dir.file("X"), dest: dir.file("D"))
+            ),
+            (
+                "its partly released source as a destination",
+                CreateJobRequest(name: "d", source: dir.file("X"), dest: dir.file("S"))
+            ),
+            (
+                "reading its partly released source",
+                CreateJobRequest(name: "e", source: dir.file("S"), dest: dir.file("E"))
+            ),
         ]
         for (what, req) in attempts {
             do {
@@ -322,7 +361,8 @@ import Testing
         let io = IOExecutor(threads: 2)
         let m = JobManager(stateDirectory: dir.file("state"), storage: sim, io: io, logger: testLogger)
         try await m.restore()
-        _ = try await m.create(CreateJobRequest(name: "a", source: "/src", dest: "/dst", metadata: "/meta-a", discardSource: true))
+        _ = try await m.create(
+            CreateJobRequest(name: "a", source: "/src", dest: "/dst", metadata: "/meta-a", discardSource: true))
         #expect(await eventually(20) { (try? await m.status("a").state) == .complete })
         let header = try MetadataStore.open(path: "/meta-a", storage: sim, readOnly: true).0.header
         #expect(header.complete && !header.releasesSettled)
@@ -338,7 +378,9 @@ import Testing
         #expect(a.state == .complete && a.discard.pendingBytes > 0)
         try await Task.sleep(for: .milliseconds(200))
         await m2.shutdown()
-        #expect(sim.log.filter { $0.kind == .release }.count == releasesBefore, "a restart released a complete job's source")
+        #expect(
+            sim.log.filter { $0.kind == .release }.count == releasesBefore, "a restart released a complete job's source"
+        )
         #expect(byteDifference(sim.contents("/src"), x) == nil)
         await io.shutdown()
     }
@@ -356,8 +398,10 @@ import Testing
         try await m1.restore()
         var slow = TunablesUpdate()
         slow.rateLimitBytesPerSecond = .some(1 << 20)
-        _ = try await m1.create(CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D1"), tunables: slow))
-        _ = try await m1.create(CreateJobRequest(name: "b", source: dir.file("X"), dest: dir.file("D2"), tunables: slow))
+        _ = try await m1.create(
+            CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D1"), tunables: slow))
+        _ = try await m1.create(
+            CreateJobRequest(name: "b", source: dir.file("X"), dest: dir.file("D2"), tunables: slow))
         try await Task.sleep(for: .milliseconds(300))
         await m1.shutdown()
         try FileManager.default.moveItem(atPath: dir.file("X"), toPath: dir.file("X.away"))
@@ -401,7 +445,9 @@ import Testing
         // before the shutdown holds it until it execs) delays the restore instead of failing it.
         let held = open(dir.file("state") + "/lock", O_RDWR | O_CLOEXEC)
         #expect(held >= 0 && flock(held, LOCK_EX | LOCK_NB) == 0)
-        let release = Task { try? await Task.sleep(for: .milliseconds(150)); close(held) }
+        let release = Task {
+            try? await Task.sleep(for: .milliseconds(150)); close(held)
+        }
         let m3 = JobManager(stateDirectory: dir.file("state"), io: io, logger: testLogger)
         let started = ContinuousClock.now
         try await m3.restore()

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -18,9 +19,12 @@ import Testing
         var slow = TunablesUpdate()
         // Slow enough that a loaded machine cannot finish the job before the shutdown below.
         slow.rateLimitBytesPerSecond = .some(2 << 20)
-        _ = try await m1.create(CreateJobRequest(name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
-                                                 discardSource: true, tunables: slow))
-        _ = try await m1.create(CreateJobRequest(name: "b", source: dir.file("b.img"), dest: dir.file("b.out"), noHydration: true))
+        _ = try await m1.create(
+            CreateJobRequest(
+                name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
+                discardSource: true, tunables: slow))
+        _ = try await m1.create(
+            CreateJobRequest(name: "b", source: dir.file("b.img"), dest: dir.file("b.out"), noHydration: true))
         #expect(try await m1.status("b").state == .paused)
         // Name rules and duplicates.
         await #expect(throws: HydrationError.self) {

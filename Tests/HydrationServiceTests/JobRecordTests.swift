@@ -1,10 +1,11 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The daemon's state directory as it is read at start and written by control operations: a
@@ -52,8 +53,10 @@ import Glibc
 
         let m1 = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m1.restore()
-        _ = try await m1.create(CreateJobRequest(name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
-                                                 discardSource: true, noHydration: true))
+        _ = try await m1.create(
+            CreateJobRequest(
+                name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
+                discardSource: true, noHydration: true))
         await m1.shutdown()
         let record = state + "/jobs/a.json"
         let original = try Data(contentsOf: URL(fileURLWithPath: record))
@@ -70,8 +73,10 @@ import Glibc
         #expect(s.error?.message.contains(record) == true)
         // What it names stays reserved: its destination may not be written, its (discard) source
         // not read, by a new job.
-        for (what, req) in [("its destination", CreateJobRequest(name: "b", source: dir.file("b.img"), dest: dir.file("a.out"))),
-                            ("its source", CreateJobRequest(name: "c", source: dir.file("a.img"), dest: dir.file("c.out")))] {
+        for (what, req) in [
+            ("its destination", CreateJobRequest(name: "b", source: dir.file("b.img"), dest: dir.file("a.out"))),
+            ("its source", CreateJobRequest(name: "c", source: dir.file("a.img"), dest: dir.file("c.out"))),
+        ] {
             do {
                 _ = try await m2.create(req)
                 Issue.record("\(damage): a new job on \(what) was accepted")
@@ -114,8 +119,10 @@ import Glibc
         defer { Task { await io.shutdown() } }
         let m1 = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m1.restore()
-        _ = try await m1.create(CreateJobRequest(name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
-                                                 metadata: dir.file("a.meta"), discardSource: true, noHydration: true))
+        _ = try await m1.create(
+            CreateJobRequest(
+                name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
+                metadata: dir.file("a.meta"), discardSource: true, noHydration: true))
         await m1.shutdown()
         try Data("{\"garbage".utf8).write(to: URL(fileURLWithPath: state + "/jobs/a.json"))
 
@@ -131,9 +138,12 @@ import Glibc
         }
         #expect(try await m2.remove("a", force: true) == nil)
         #expect(await m2.names == [])
-        let aside = try FileManager.default.contentsOfDirectory(atPath: state + "/kept").filter { $0.hasSuffix(".unreadable-record") }
+        let aside = try FileManager.default.contentsOfDirectory(atPath: state + "/kept").filter {
+            $0.hasSuffix(".unreadable-record")
+        }
         #expect(aside.count == 1)
-        _ = try await m2.create(CreateJobRequest(name: "x", source: dir.file("x.img"), dest: dir.file("x.out"), noHydration: true))
+        _ = try await m2.create(
+            CreateJobRequest(name: "x", source: dir.file("x.img"), dest: dir.file("x.out"), noHydration: true))
         // Its metadata was not touched.
         #expect(FileManager.default.fileExists(atPath: dir.file("a.meta")))
         await m2.shutdown()
@@ -150,8 +160,10 @@ import Glibc
         defer { Task { await io.shutdown() } }
         let m1 = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m1.restore()
-        _ = try await m1.create(CreateJobRequest(name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
-                                                 discardSource: true, noHydration: true))
+        _ = try await m1.create(
+            CreateJobRequest(
+                name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
+                discardSource: true, noHydration: true))
         await m1.shutdown()
         let record = state + "/jobs/a.json"
         try Data(try Data(contentsOf: URL(fileURLWithPath: record)).dropLast(1)).write(to: URL(fileURLWithPath: record))
@@ -179,18 +191,27 @@ import Glibc
         defer { Task { await io.shutdown() } }
         let m = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m.restore()
-        let def = JobDefinition(name: "k", source: dir.file("k.img"), dest: dir.file("k.out"), metadata: dir.file("k.meta"),
-                                regionSize: 65536, discardSource: true, destZeroed: false,
-                                tunables: .defaults(regionSize: 65536), desired: .hydrating)
+        let def = JobDefinition(
+            name: "k", source: dir.file("k.img"), dest: dir.file("k.out"), metadata: dir.file("k.meta"),
+            regionSize: 65536, discardSource: true, destZeroed: false,
+            tunables: .defaults(regionSize: 65536), desired: .hydrating)
         try FileManager.default.createDirectory(atPath: state + "/kept", withIntermediateDirectories: true)
         let kept = state + "/kept/k-1.json"
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
         let good = try enc.encode(JobManager.KeptRecord(definition: def, removedUnixMs: 1))
         let onto = CreateJobRequest(name: "b", source: dir.file("b.img"), dest: dir.file("k.out"), noHydration: true)
-        for (label, bytes, code) in [("readable", good, "DataAtRisk"),
-                                     ("cut by one byte", Data(good.dropLast(1)), Self.unreadable),
-                                     ("unknown value", Data(String(decoding: good, as: UTF8.self).replacingOccurrences(of: "\"hydrating\"", with: "\"draining\"").utf8), Self.unreadable)] {
+        for (label, bytes, code) in [
+            ("readable", good, "DataAtRisk"),
+            ("cut by one byte", Data(good.dropLast(1)), Self.unreadable),
+            (
+                "unknown value",
+                Data(
+                    String(decoding: good, as: UTF8.self).replacingOccurrences(
+                        of: "\"hydrating\"", with: "\"draining\""
+                    ).utf8), Self.unreadable
+            ),
+        ] {
             try bytes.write(to: URL(fileURLWithPath: kept))
             do {
                 _ = try await m.create(onto)
@@ -203,7 +224,9 @@ import Glibc
         // Garbage: it names nothing, so nothing can be checked against it.
         try Data([0xff, 0x00, 0x12]).write(to: URL(fileURLWithPath: kept))
         do {
-            _ = try await m.create(CreateJobRequest(name: "b", source: dir.file("b.img"), dest: dir.file("elsewhere.out"), noHydration: true))
+            _ = try await m.create(
+                CreateJobRequest(
+                    name: "b", source: dir.file("b.img"), dest: dir.file("elsewhere.out"), noHydration: true))
             Issue.record("garbage kept record: a new job was accepted")
         } catch {
             #expect(error.code.rawValue == Self.unreadable)
@@ -259,7 +282,8 @@ import Glibc
         // A sparse source: its metadata (one bit per region and checksummed pages) is the big file.
         let src = dir.file("a.img")
         #expect(Self.sh(["/usr/bin/truncate", "-s", "\(size)", src]).status == 0)
-        let metaSize = MetadataFormat.fileSize(regions: Int(RegionGeometry.regionCount(size: UInt64(size), regionSize: 4096)))
+        let metaSize = MetadataFormat.fileSize(
+            regions: Int(RegionGeometry.regionCount(size: UInt64(size), regionSize: 4096)))
         let m = JobManager(stateDirectory: fs.mnt, io: io, logger: testLogger)
         try await m.restore()
         try fs.fill(leaving: metaSize / 2)
@@ -273,7 +297,8 @@ import Glibc
         #expect(await m.names == [])
         let left = try FileManager.default.contentsOfDirectory(atPath: fs.mnt + "/jobs")
         #expect(left.isEmpty, "left behind: \(left)")
-        #expect(!FileManager.default.fileExists(atPath: dir.file("a.out")), "the destination file the create made is left")
+        #expect(
+            !FileManager.default.fileExists(atPath: dir.file("a.out")), "the destination file the create made is left")
         fs.free()
         #expect(try await m.create(req).state == .paused)
         await m.shutdown()
@@ -294,8 +319,10 @@ import Glibc
         var slow = TunablesUpdate()
         slow.rateLimitBytesPerSecond = .some(1 << 20)
         slow.commitIntervalMs = 50
-        _ = try await m.create(CreateJobRequest(name: "d", source: dir.file("a.img"), dest: dir.file("a.out"),
-                                                discardSource: true, tunables: slow))
+        _ = try await m.create(
+            CreateJobRequest(
+                name: "d", source: dir.file("a.img"), dest: dir.file("a.out"),
+                discardSource: true, tunables: slow))
         // Some regions committed (and so possibly released): the removal must keep a record.
         let committed = await eventually(60) { (try? await m.status("d").bytes.committed) ?? 0 > 0 }
         let seen = try? await m.status("d")
@@ -310,7 +337,9 @@ import Glibc
         }
         #expect(await m.names == ["d"])
         let s = try await m.status("d")
-        #expect(s.state == .paused && s.metadata.mode == .rw, "status after the failed remove: \(s.state) \(s.metadata.mode)")
+        #expect(
+            s.state == .paused && s.metadata.mode == .rw,
+            "status after the failed remove: \(s.state) \(s.metadata.mode)")
         fs.free()
         // It is open, as the status says.
         #expect(try await m.resume("d").state == .hydrating)
@@ -335,7 +364,8 @@ import Glibc
         try await m.restore()
         var slow = TunablesUpdate()
         slow.rateLimitBytesPerSecond = .some(64 << 10)
-        _ = try await m.create(CreateJobRequest(name: "p", source: dir.file("a.img"), dest: dir.file("a.out"), tunables: slow))
+        _ = try await m.create(
+            CreateJobRequest(name: "p", source: dir.file("a.img"), dest: dir.file("a.out"), tunables: slow))
         let record = try Data(contentsOf: URL(fileURLWithPath: fs.mnt + "/jobs/p.json"))
         try fs.fill(leaving: 0)
         do {

@@ -1,10 +1,11 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The write lease of a file source released as it is copied, on a real file: a later open
@@ -18,7 +19,7 @@ import Glibc
         defer { dev.close() }
         try dev.holdWriteLease()
         #expect(!dev.leaseBroken)
-        try dev.release(offset: 0, length: 64 << 10)   // allowed while the lease is intact
+        try dev.release(offset: 0, length: 64 << 10)  // allowed while the lease is intact
         let blocks = allocated(path)
 
         // A late opener (O_NONBLOCK: it fails with EWOULDBLOCK instead of waiting, and the
@@ -51,7 +52,7 @@ import Glibc
         try Data(repeating: 0xCD, count: 1 << 20).write(to: URL(fileURLWithPath: path))
         let dev = try PosixStorage().open(path, mode: .source(discard: true), directIO: true, why: "test")
         defer { dev.close() }
-        guard dev.directIO.enabled else { return }   // tmpfs: no direct I/O here, nothing to check
+        guard dev.directIO.enabled else { return }  // tmpfs: no direct I/O here, nothing to check
         let e = #expect(throws: StorageError.self) { try dev.holdWriteLease() }
         #expect(e?.errno == EBUSY)
     }

@@ -1,8 +1,9 @@
+import ControlProtocol
 import Foundation
 import NIOCore
 import Synchronization
 import Testing
-import ControlProtocol
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -33,7 +34,9 @@ import ControlProtocol
 
     /// A job over `regions` regions of random data (with a hole and a zero run), created, not
     /// started. `slowDest` makes every destination write take a millisecond.
-    static func fixture(regions: Int = 64, discard: Bool = true, seed: UInt64 = 7, destExists: Bool = false) async throws -> Fixture {
+    static func fixture(regions: Int = 64, discard: Bool = true, seed: UInt64 = 7, destExists: Bool = false)
+        async throws -> Fixture
+    {
         let sim = SimulatedStorage()
         var image = TestImage.make(size: regions * Int(rs), seed: seed, chunk: 4 * Int(rs)).bytes
         // Region 1 is a hole; region 2 allocated zeros; the rest random.
@@ -45,8 +48,9 @@ import ControlProtocol
         t.threshold = 4
         t.commitIntervalMs = 3_600_000
         t.spaceBudgetBytes = 1 << 30
-        let cfg = JobConfiguration(name: "live", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
-                                   regionSize: rs, discardSource: discard, tunables: t)
+        let cfg = JobConfiguration(
+            name: "live", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+            regionSize: rs, discardSource: discard, tunables: t)
         let io = IOExecutor(threads: 4)
         let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
         let export = try await job.liveExport()
@@ -61,7 +65,8 @@ import ControlProtocol
         let sim = SimulatedStorage()
         sim.addFile("/src", data: TestImage.make(size: size, seed: 3, chunk: 4096).bytes)
         sim.addFile("/dst", data: [UInt8](repeating: 0, count: 2 << 20), kind: .blockDevice, holesWhereZero: false)
-        let cfg = JobConfiguration(name: "bs", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta", regionSize: Self.rs)
+        let cfg = JobConfiguration(
+            name: "bs", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta", regionSize: Self.rs)
         let io = IOExecutor(threads: 2)
         let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
         let export = try await job.liveExport()
@@ -89,7 +94,9 @@ import ControlProtocol
         let data = [UInt8](repeating: 0xAB, count: 2 * Int(Self.rs))
         let readsBefore = f.sim.log.filter { $0.path == "/src" && $0.kind == .read }.count
         try await f.write(8 * Self.rs, data)
-        #expect(f.sim.log.filter { $0.path == "/src" && $0.kind == .read }.count == readsBefore, "a whole-region write reads nothing from the source")
+        #expect(
+            f.sim.log.filter { $0.path == "/src" && $0.kind == .read }.count == readsBefore,
+            "a whole-region write reads nothing from the source")
         #expect(f.job.ownership.isHydrated(8) && f.job.ownership.isHydrated(9))
         #expect(!f.job.ownership.isHydrated(7) && !f.job.ownership.isHydrated(10))
         #expect(try await f.read(8 * Self.rs, data.count) == data)
@@ -109,11 +116,13 @@ import ControlProtocol
         // Through the export and on the destination itself: the rest of the region is the source's.
         #expect(try await f.read(5 * Self.rs, Int(Self.rs)) == Array(expected[5 * Int(Self.rs)..<6 * Int(Self.rs)]))
         let dest = f.sim.contents("/dst")!
-        #expect(Array(dest[5 * Int(Self.rs)..<6 * Int(Self.rs)]) == Array(expected[5 * Int(Self.rs)..<6 * Int(Self.rs)]))
+        #expect(
+            Array(dest[5 * Int(Self.rs)..<6 * Int(Self.rs)]) == Array(expected[5 * Int(Self.rs)..<6 * Int(Self.rs)]))
         // A write straddling two regions hydrates both ends.
         try await f.write(11 * Self.rs - 10, [UInt8](repeating: 1, count: 20))
         #expect(f.job.ownership.isHydrated(10) && f.job.ownership.isHydrated(11))
-        expected.replaceSubrange(11 * Int(Self.rs) - 10..<11 * Int(Self.rs) + 10, with: [UInt8](repeating: 1, count: 20))
+        expected.replaceSubrange(
+            11 * Int(Self.rs) - 10..<11 * Int(Self.rs) + 10, with: [UInt8](repeating: 1, count: 20))
         #expect(byteDifference(try await f.read(0, f.image.count), expected) == nil)
         await f.close()
     }
@@ -184,7 +193,9 @@ import ControlProtocol
         #expect(!f.job.ownership.isHydrated(19) && !f.job.ownership.isHydrated(22), "partial regions are left alone")
         #expect(try await f.read(20 * Self.rs, 2 * Int(Self.rs)) == [UInt8](repeating: 0, count: 2 * Int(Self.rs)))
         #expect(try await f.read(19 * Self.rs, Int(Self.rs)) == Array(f.image[19 * Int(Self.rs)..<20 * Int(Self.rs)]))
-        #expect(f.sim.log.filter { $0.path == "/src" && $0.kind == .release }.count == releasesBefore, "no trim reaches the source")
+        #expect(
+            f.sim.log.filter { $0.path == "/src" && $0.kind == .release }.count == releasesBefore,
+            "no trim reaches the source")
         await f.close()
     }
 
@@ -194,7 +205,9 @@ import ControlProtocol
     /// copy-before-write), CACHE, and the copier's own writes and zeroing of holes (the
     /// destination is not known zero). A TRIM of the last region punched up to the region's end
     /// (region size - 1 bytes past the clone at most) before it stopped at the destination's end.
-    @Test(arguments: [DeviceKind.regularFile, .blockDevice], ["trim", "zero", "zeroNoHole", "zeroFast", "write", "cache", "copier"])
+    @Test(
+        arguments: [DeviceKind.regularFile, .blockDevice],
+        ["trim", "zero", "zeroNoHole", "zeroFast", "write", "cache", "copier"])
     func noWriterReachesPastTheCloneOnALargerDestination(kind: DeviceKind, writer: String) async throws {
         let rs = Self.rs
         let sim = SimulatedStorage()
@@ -210,8 +223,9 @@ import ControlProtocol
         var t = Tunables.defaults(regionSize: rs)
         t.batchSize = 2
         t.commitIntervalMs = 3_600_000
-        let cfg = JobConfiguration(name: "past-end", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
-                                   regionSize: rs, discardSource: true, tunables: t)
+        let cfg = JobConfiguration(
+            name: "past-end", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+            regionSize: rs, discardSource: true, tunables: t)
         let io = IOExecutor(threads: 2)
         let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
         let export = try await job.liveExport()
@@ -223,11 +237,13 @@ import ControlProtocol
             #expect(job.ownership.isHydrated(10), "the last region is wholly trimmed")
             for i in 10 * Int(rs)..<size { expected[i] = 0 }
         case "zero", "zeroNoHole", "zeroFast":
-            try await export.writeZeroes(offset: last, length: 1000, noHole: writer == "zeroNoHole", fastZero: writer == "zeroFast", fua: false)
+            try await export.writeZeroes(
+                offset: last, length: 1000, noHole: writer == "zeroNoHole", fastZero: writer == "zeroFast", fua: false)
             for i in 10 * Int(rs)..<size { expected[i] = 0 }
         case "write":
             // Part of the last region: the rest of it is copied from the source first.
-            try await export.write(offset: last + 100, data: ByteBuffer(bytes: [UInt8](repeating: 0x5A, count: 200)), fua: false)
+            try await export.write(
+                offset: last + 100, data: ByteBuffer(bytes: [UInt8](repeating: 0x5A, count: 200)), fua: false)
             for i in 10 * Int(rs) + 100..<10 * Int(rs) + 300 { expected[i] = 0x5A }
         case "cache":
             try await export.cache(offset: last, length: 1000)
@@ -242,7 +258,9 @@ import ControlProtocol
         let changed = dst[size...].filter { $0 != 0xEE }.count
         #expect(changed == 0, "bytes past the clone's end are the destination's own: \(changed) of \(tail) changed")
         #expect(byteDifference(Array(dst[..<size]), expected) == nil, "the clone")
-        let past = sim.log.filter { $0.path == "/dst" && [.write, .release, .zeroOut].contains($0.kind) && $0.offset + $0.length > UInt64(size) }
+        let past = sim.log.filter {
+            $0.path == "/dst" && [.write, .release, .zeroOut].contains($0.kind) && $0.offset + $0.length > UInt64(size)
+        }
         #expect(past.isEmpty, "destination calls reaching past the clone's end: \(past)")
         await export.shutdown()
         await job.close()
@@ -253,22 +271,27 @@ import ControlProtocol
         let f = try await Self.fixture()
         // Partial zero of an unhydrated region with FAST_ZERO: refused, nothing changed.
         await #expect(throws: NBDError.self) {
-            try await f.export.writeZeroes(offset: 30 * Self.rs + 10, length: 100, noHole: false, fastZero: true, fua: false)
+            try await f.export.writeZeroes(
+                offset: 30 * Self.rs + 10, length: 100, noHole: false, fastZero: true, fua: false)
         }
         #expect(!f.job.ownership.isHydrated(30))
         do {
-            try await f.export.writeZeroes(offset: 30 * Self.rs + 10, length: 100, noHole: false, fastZero: true, fua: false)
+            try await f.export.writeZeroes(
+                offset: 30 * Self.rs + 10, length: 100, noHole: false, fastZero: true, fua: false)
         } catch {
             #expect(error.code == .ENOTSUP)
         }
         // Without FAST_ZERO it hydrates first.
-        try await f.export.writeZeroes(offset: 30 * Self.rs + 10, length: 100, noHole: false, fastZero: false, fua: false)
+        try await f.export.writeZeroes(
+            offset: 30 * Self.rs + 10, length: 100, noHole: false, fastZero: false, fua: false)
         var expected = Array(f.image[30 * Int(Self.rs)..<31 * Int(Self.rs)])
         for i in 10..<110 { expected[i] = 0 }
         #expect(try await f.read(30 * Self.rs, Int(Self.rs)) == expected)
         // Whole regions with FAST_ZERO: fine, and NO_HOLE writes zeros.
-        try await f.export.writeZeroes(offset: 40 * Self.rs, length: UInt32(2 * Self.rs), noHole: false, fastZero: true, fua: false)
-        try await f.export.writeZeroes(offset: 42 * Self.rs, length: UInt32(Self.rs), noHole: true, fastZero: false, fua: false)
+        try await f.export.writeZeroes(
+            offset: 40 * Self.rs, length: UInt32(2 * Self.rs), noHole: false, fastZero: true, fua: false)
+        try await f.export.writeZeroes(
+            offset: 42 * Self.rs, length: UInt32(Self.rs), noHole: true, fastZero: false, fua: false)
         #expect(try await f.read(40 * Self.rs, 3 * Int(Self.rs)) == [UInt8](repeating: 0, count: 3 * Int(Self.rs)))
         #expect(f.job.ownership.allHydrated(40..<43))
         await f.close()
@@ -285,12 +308,20 @@ import ControlProtocol
         let committed = await f.job.status().bytes.committed
         #expect(committed == Self.rs)
         // ... and only then released.
-        #expect(await eventually { f.sim.log.contains { $0.path == "/src" && $0.kind == .release && $0.offset == 12 * Self.rs } })
+        #expect(
+            await eventually {
+                f.sim.log.contains { $0.path == "/src" && $0.kind == .release && $0.offset == 12 * Self.rs }
+            })
         let log = f.sim.log
         let release = log.firstIndex { $0.path == "/src" && $0.kind == .release }!
         let metaSync = log.lastIndex { $0.path == "/meta" && $0.kind == .sync && $0.seq < log[release].seq }
         #expect(metaSync != nil, "a metadata sync precedes the release")
-        #expect(await eventually { f.job.ownership.stateBits(12..<13) == [RegionStateBits.hydrated | RegionStateBits.committed | RegionStateBits.released] })
+        #expect(
+            await eventually {
+                f.job.ownership.stateBits(12..<13) == [
+                    RegionStateBits.hydrated | RegionStateBits.committed | RegionStateBits.released
+                ]
+            })
         await f.close()
     }
 
@@ -310,7 +341,8 @@ import ControlProtocol
                 try await f.export.flush()
                 let bits = f.job.ownership.stateBits(0..<256)
                 for r in before.setRanges().flatMap({ Array($0) }) where bits[r] & RegionStateBits.committed == 0 {
-                    Issue.record("round \(round): region \(r) was hydrated before the flush and is not committed after it")
+                    Issue.record(
+                        "round \(round): region \(r) was hydrated before the flush and is not committed after it")
                 }
                 checks += 1
             }
@@ -354,8 +386,9 @@ import ControlProtocol
     /// The source range of a read in flight is not released under it: the discarder waits for
     /// the read's pin, even when the region is hydrated and committed meanwhile.
     @Test func releaseWaitsForReadsOfTheSource() async throws {
-        let own = RegionOwnership(hydrated: RegionMap(count: 8), committed: RegionMap(count: 8),
-                                  released: RegionMap(count: 8), destZeroed: true)
+        let own = RegionOwnership(
+            hydrated: RegionMap(count: 8), committed: RegionMap(count: 8),
+            released: RegionMap(count: 8), destZeroed: true)
         let runs = own.pinForRead(2..<5)
         #expect(runs.count == 1 && runs[0].fromSource)
         // The copier hydrates region 3 meanwhile.
@@ -380,8 +413,9 @@ import ControlProtocol
 
     /// Writers exclude each other per region; the copier steps over a region a client holds.
     @Test func claimsAreExclusiveAndTheCopierStepsOver() async throws {
-        let own = RegionOwnership(hydrated: RegionMap(count: 16), committed: RegionMap(count: 16),
-                                  released: RegionMap(count: 16), destZeroed: true)
+        let own = RegionOwnership(
+            hydrated: RegionMap(count: 16), committed: RegionMap(count: 16),
+            released: RegionMap(count: 16), destZeroed: true)
         await own.claim(4..<6)
         #expect(own.tryClaim(2..<8) == 2..<4, "the copier's claim stops at the client's regions")
         #expect(own.tryClaim(4..<8) == nil)
@@ -418,9 +452,11 @@ import ControlProtocol
         #expect(first.count == LiveCloneExport.maxStateRegions)
         #expect(first.reduce(UInt64(0)) { $0 + UInt64($1.length) } == UInt64(LiveCloneExport.maxStateRegions) * Self.rs)
         let from = UInt64(LiveCloneExport.maxStateRegions) * Self.rs
-        let rest = try await f.export.blockStatus(context: LiveCloneExport.stateContext, offset: from, length: all - UInt32(from))
+        let rest = try await f.export.blockStatus(
+            context: LiveCloneExport.stateContext, offset: from, length: all - UInt32(from))
         #expect(rest.count == 16 && rest.allSatisfy { $0.length == UInt32(Self.rs) })
-        #expect(rest.enumerated().allSatisfy { ($0.element.flags & RegionStateBits.hydrated != 0) == ($0.offset % 2 == 0) })
+        #expect(
+            rest.enumerated().allSatisfy { ($0.element.flags & RegionStateBits.hydrated != 0) == ($0.offset % 2 == 0) })
         let alloc = try await f.export.blockStatus(context: NBDProtocol.baseAllocation, offset: 0, length: all)
         #expect(alloc.count <= LiveCloneExport.maxExtents && !alloc.isEmpty)
         await f.close()
@@ -430,16 +466,22 @@ import ControlProtocol
         let f = try await Self.fixture()
         try await f.write(4 * Self.rs, [UInt8](repeating: 1, count: 2 * Int(Self.rs)))
         try await f.export.flush()
-        let ext = try await f.export.blockStatus(context: LiveCloneExport.stateContext, offset: 0, length: UInt32(8 * Self.rs))
+        let ext = try await f.export.blockStatus(
+            context: LiveCloneExport.stateContext, offset: 0, length: UInt32(8 * Self.rs))
         #expect(ext.map(\.length) == [UInt32(4 * Self.rs), UInt32(2 * Self.rs), UInt32(2 * Self.rs)])
         #expect(ext[0].flags == 0 && ext[2].flags == 0)
-        #expect(ext[1].flags & (RegionStateBits.hydrated | RegionStateBits.committed) == RegionStateBits.hydrated | RegionStateBits.committed)
+        #expect(
+            ext[1].flags & (RegionStateBits.hydrated | RegionStateBits.committed) == RegionStateBits.hydrated
+                | RegionStateBits.committed)
         // base:allocation: region 1 of the source is a hole.
-        let alloc = try await f.export.blockStatus(context: NBDProtocol.baseAllocation, offset: 0, length: UInt32(4 * Self.rs))
+        let alloc = try await f.export.blockStatus(
+            context: NBDProtocol.baseAllocation, offset: 0, length: UInt32(4 * Self.rs))
         var pos: UInt64 = 0
         var holeAtRegion1 = false
         for e in alloc {
-            if pos <= Self.rs && pos + UInt64(e.length) >= 2 * Self.rs && e.flags & NBDProtocol.stateZero != 0 { holeAtRegion1 = true }
+            if pos <= Self.rs && pos + UInt64(e.length) >= 2 * Self.rs && e.flags & NBDProtocol.stateZero != 0 {
+                holeAtRegion1 = true
+            }
             pos += UInt64(e.length)
         }
         #expect(holeAtRegion1, "\(alloc)")
@@ -463,8 +505,9 @@ import ControlProtocol
         let image = TestImage.make(size: 64 * Int(Self.rs), seed: 9, chunk: 4 * Int(Self.rs)).bytes
         sim.addFile("/src", data: image)
         let io = IOExecutor(threads: 4)
-        let cfg = JobConfiguration(name: "hor", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
-                                   regionSize: Self.rs, discardSource: true, tunables: Tunables.defaults(regionSize: Self.rs))
+        let cfg = JobConfiguration(
+            name: "hor", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+            regionSize: Self.rs, discardSource: true, tunables: Tunables.defaults(regionSize: Self.rs))
         let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
         let export = try await job.liveExport(hydrateOnRead: true)
         let got = try await export.read(offset: 10 * Self.rs + 7, length: UInt32(3 * Self.rs))
@@ -472,8 +515,10 @@ import ControlProtocol
         // Regions 10...13 are copied in the background, and only those (the job is not started).
         #expect(await eventually { job.ownership.allHydrated(10..<14) })
         #expect(job.ownership.hydratedCount == 4)
-        #expect(byteDifference(Array(sim.contents("/dst")![10 * Int(Self.rs)..<14 * Int(Self.rs)]),
-                               Array(image[10 * Int(Self.rs)..<14 * Int(Self.rs)])) == nil)
+        #expect(
+            byteDifference(
+                Array(sim.contents("/dst")![10 * Int(Self.rs)..<14 * Int(Self.rs)]),
+                Array(image[10 * Int(Self.rs)..<14 * Int(Self.rs)])) == nil)
         // Reads of hydrated regions hydrate nothing more; without the option nothing is hydrated.
         _ = try await export.read(offset: 10 * Self.rs, length: UInt32(Self.rs))
         try await Task.sleep(nanoseconds: 50_000_000)
@@ -487,7 +532,8 @@ import ControlProtocol
         try await f.export.cache(offset: 10 * Self.rs + 5, length: UInt32(3 * Self.rs))
         #expect(f.job.ownership.allHydrated(10..<14))
         let dest = f.sim.contents("/dst")!
-        #expect(Array(dest[10 * Int(Self.rs)..<14 * Int(Self.rs)]) == Array(f.image[10 * Int(Self.rs)..<14 * Int(Self.rs)]))
+        #expect(
+            Array(dest[10 * Int(Self.rs)..<14 * Int(Self.rs)]) == Array(f.image[10 * Int(Self.rs)..<14 * Int(Self.rs)]))
         await f.close()
     }
 
@@ -544,7 +590,9 @@ import ControlProtocol
             #expect((error as? NBDError)?.code == .EIO)
         }
         #expect(try await f.read(2 * Self.rs, 10) == [UInt8](repeating: 1, count: 10), "committed: still served")
-        #expect(try await f.read(8 * Self.rs, 10) == Array(f.image[8 * Int(Self.rs)..<8 * Int(Self.rs) + 10]), "from the source: still served")
+        #expect(
+            try await f.read(8 * Self.rs, 10) == Array(f.image[8 * Int(Self.rs)..<8 * Int(Self.rs) + 10]),
+            "from the source: still served")
         await f.close()
     }
 }
@@ -566,13 +614,21 @@ final class StallingSource: StorageDevice {
         stalled.withLock { $0 -= 1 }
         try inner.read(into: buffer, at: offset)
     }
-    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) { try inner.write(buffer, at: offset) }
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
+        try inner.write(buffer, at: offset)
+    }
     func sync() throws(StorageError) { try inner.sync() }
-    func release(offset: UInt64, length: UInt64) throws(StorageError) { try inner.release(offset: offset, length: length) }
-    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) { try inner.zeroOut(offset: offset, length: length) }
+    func release(offset: UInt64, length: UInt64) throws(StorageError) {
+        try inner.release(offset: offset, length: length)
+    }
+    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
+        try inner.zeroOut(offset: offset, length: length)
+    }
     func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? { try inner.nextData(from: offset) }
     func dropCache(offset: UInt64, length: UInt64) { inner.dropCache(offset: offset, length: length) }
-    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) { try inner.startWriteback(offset: offset, length: length) }
+    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
+        try inner.startWriteback(offset: offset, length: length)
+    }
     func evict(offset: UInt64, length: UInt64) throws(StorageError) { try inner.evict(offset: offset, length: length) }
     func allocatedBytes() -> UInt64? { inner.allocatedBytes() }
     func close() { inner.close() }
@@ -602,8 +658,9 @@ final class StallingSource: StorageDevice {
         let stuck = (0..<(2 * LiveCloneExport.threadsPerExport)).map { i in
             Task { try? await export.read(offset: UInt64(20 + i) * rs, length: 512) }
         }
-        #expect(await eventually { stalling.readsWaiting == LiveCloneExport.threadsPerExport },
-                "every source thread is held by a stuck read: \(stalling.readsWaiting)")
+        #expect(
+            await eventually { stalling.readsWaiting == LiveCloneExport.threadsPerExport },
+            "every source thread is held by a stuck read: \(stalling.readsWaiting)")
         // The hydrated region is served while they wait (it waited for the source otherwise).
         let served = Mutex<[UInt8]?>(nil)
         let reader = Task {
@@ -611,10 +668,12 @@ final class StallingSource: StorageDevice {
             try await export.write(offset: 10 * rs + 7, data: ByteBuffer(bytes: [1, 2, 3]), fua: false)
             served.withLock { $0 = Array(b.readableBytesView) }
         }
-        #expect(await eventually(Self.guardSeconds) { served.withLock { $0 != nil } },
-                "a read and a write of a hydrated region waited for the stuck source reads")
+        #expect(
+            await eventually(Self.guardSeconds) { served.withLock { $0 != nil } },
+            "a read and a write of a hydrated region waited for the stuck source reads")
         #expect(served.withLock { $0 == mine }, "the hydrated region reads back what was written")
-        #expect(stalling.readsWaiting == LiveCloneExport.threadsPerExport, "the source reads were still stuck meanwhile")
+        #expect(
+            stalling.readsWaiting == LiveCloneExport.threadsPerExport, "the source reads were still stuck meanwhile")
         stalling.release()
         try await reader.value
         for t in stuck { _ = await t.value }

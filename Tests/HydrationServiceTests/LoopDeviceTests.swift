@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -24,7 +25,9 @@ import Testing
         let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         guard p.terminationStatus == 0 else {
-            throw NSError(domain: "sh", code: Int(p.terminationStatus), userInfo: [NSLocalizedDescriptionKey: args.joined(separator: " ")])
+            throw NSError(
+                domain: "sh", code: Int(p.terminationStatus),
+                userInfo: [NSLocalizedDescriptionKey: args.joined(separator: " ")])
         }
         return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
@@ -50,8 +53,9 @@ import Testing
         let allocatedBefore = allocatedBytes(dir.file("src.img"))
 
         let io = IOExecutor(threads: 4)
-        let cfg = JobConfiguration(name: "loop", sourcePath: srcLoop, destPath: dstLoop, metadataPath: dir.file("meta"),
-                                   regionSize: 64 << 10, discardSource: true)
+        let cfg = JobConfiguration(
+            name: "loop", sourcePath: srcLoop, destPath: dstLoop, metadataPath: dir.file("meta"),
+            regionSize: 64 << 10, discardSource: true)
         let storage = RecordingPosixStorage(directIO: direct)
         let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: testLogger)
         #expect(job.sourceIdentity.kind == .blockDevice)
@@ -65,7 +69,9 @@ import Testing
         for path in [srcLoop, dstLoop] {
             let d = try #require(storage.device(path))
             #expect(d.directIO.enabled == direct, "\(path): \(d.directIO)")
-            if direct { #expect(d.directCalls.load(ordering: .relaxed) > 0 && d.directRefused.load(ordering: .relaxed) == 0) }
+            if direct {
+                #expect(d.directCalls.load(ordering: .relaxed) > 0 && d.directRefused.load(ordering: .relaxed) == 0)
+            }
         }
         await job.close()
         #expect(st.discard.failed == 0, "BLKDISCARD failed: \(st)")

@@ -1,5 +1,6 @@
 import ControlProtocol
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -9,8 +10,11 @@ import Testing
     func options(size: UInt64, discard: Bool = true) -> MetadataCreateOptions {
         MetadataCreateOptions(
             regionSize: Self.regionSize,
-            source: DeviceRecord(path: "/src", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 2, rdev: 0), size: size),
-            dest: DeviceRecord(path: "/dst", identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: 0x0701), size: size),
+            source: DeviceRecord(
+                path: "/src", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 2, rdev: 0), size: size),
+            dest: DeviceRecord(
+                path: "/dst", identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: 0x0701),
+                size: size),
             discardSource: discard, destZeroed: false)
     }
 
@@ -42,7 +46,8 @@ import Testing
 
     @Test func commitWritesOnlyChangedPages() throws {
         let sim = SimulatedStorage()
-        let store = try MetadataStore.create(path: "/meta", options: options(size: 200_000 * Self.regionSize), storage: sim, nowMs: 1)
+        let store = try MetadataStore.create(
+            path: "/meta", options: options(size: 200_000 * Self.regionSize), storage: sim, nowMs: 1)
         let before = sim.log.count
         try store.commit([150_000..<150_010], nowMs: 2)
         let ops = sim.log[before...].filter { $0.path == "/meta" }
@@ -56,7 +61,8 @@ import Testing
 
     @Test func refusesToCommitComplete() throws {
         let sim = SimulatedStorage()
-        let store = try MetadataStore.create(path: "/meta", options: options(size: 10 * Self.regionSize), storage: sim, nowMs: 1)
+        let store = try MetadataStore.create(
+            path: "/meta", options: options(size: 10 * Self.regionSize), storage: sim, nowMs: 1)
         #expect(throws: MetadataError.self) { try store.commit([0..<5], complete: true, nowMs: 2) }
     }
 
@@ -88,7 +94,9 @@ import Testing
             var union = got
             for r in old.setRanges() { union.set(r) }
             #expect(union == got, "fail at op \(failAt): committed regions lost")
-            for r in got.setRanges() { for i in r { #expect(new[i], "fail at op \(failAt): region \(i) appeared") ; if !new[i] { break } } }
+            for r in got.setRanges() {
+                for i in r { #expect(new[i], "fail at op \(failAt): region \(i) appeared"); if !new[i] { break } }
+            }
             // The store stays usable after recovery.
             try reopened.commit([500..<501], nowMs: 5)
         }
@@ -101,14 +109,16 @@ import Testing
         let size: UInt64 = 40_000 * Self.regionSize
         let sim = SimulatedStorage()
         let store = try MetadataStore.create(path: "/meta", options: options(size: size), storage: sim, nowMs: 1)
-        try store.commit([0..<10], nowMs: 2)          // gen 2: page 0 -> slot 0, superblock -> slot 1
+        try store.commit([0..<10], nowMs: 2)  // gen 2: page 0 -> slot 0, superblock -> slot 1
         let old = store.committedMap
         let image = sim.contents("/meta")! + [UInt8](repeating: 0, count: 8 * MetadataFormat.blockSize)
-        try store.commit([10..<20, 35_000..<35_001], nowMs: 3) // gen 3: page 0 -> slot 1, page 1 -> slot 0, sb -> slot 0
+        // gen 3: page 0 -> slot 1, page 1 -> slot 0, sb -> slot 0
+        try store.commit([10..<20, 35_000..<35_001], nowMs: 3)
         let new = store.committedMap
         var torn = sim.contents("/meta")!
         let fresh = torn
-        let blockOffset = target == "superblock"
+        let blockOffset =
+            target == "superblock"
             ? Int(MetadataFormat.superblockOffset(slot: 0))
             : Int(MetadataFormat.pageOffset(page: 0, slot: 1))
         let lo = blockOffset + oldHalf * MetadataFormat.blockSize / 2
@@ -155,7 +165,10 @@ import Testing
         // What `clonectl check` and CheckMetadata report of it (one shared construction).
         let checked = ControlProtocol.MetadataReport(path: "/meta", header: ro.header, recovery: roReport)
         #expect(checked.valid && checked.regionsHydrated == 500)
-        #expect(checked.problems == ["1 page slot(s) from an interrupted commit, adding 490 region(s); adopted when the job is opened"])
+        #expect(
+            checked.problems == [
+                "1 page slot(s) from an interrupted commit, adding 490 region(s); adopted when the job is opened"
+            ])
         let (r1, report) = try MetadataStore.open(path: "/meta", storage: sim)
         #expect(report.adoptedRegions == 490)
         #expect(r1.committedMap.setRanges() == [0..<500])
@@ -177,11 +190,12 @@ import Testing
     /// one keeps the newer pages' regions, so they are not re-copied from a released source.
     @Test func rottedNewestSuperblockKeepsNewerPages() throws {
         let sim = SimulatedStorage()
-        let store = try MetadataStore.create(path: "/meta", options: options(size: 1000 * Self.regionSize), storage: sim, nowMs: 1)
-        try store.commit([0..<10], nowMs: 2)     // sb gen 2 -> slot 1
-        try store.commit([10..<300], nowMs: 3)   // sb gen 3 -> slot 0
+        let store = try MetadataStore.create(
+            path: "/meta", options: options(size: 1000 * Self.regionSize), storage: sim, nowMs: 1)
+        try store.commit([0..<10], nowMs: 2)  // sb gen 2 -> slot 1
+        try store.commit([10..<300], nowMs: 3)  // sb gen 3 -> slot 0
         var bytes = sim.contents("/meta")!
-        bytes[40] ^= 0x10                        // slot 0 (gen 3) rots
+        bytes[40] ^= 0x10  // slot 0 (gen 3) rots
         let rotten = SimulatedStorage()
         rotten.addFile("/meta", data: bytes)
         let (r, report) = try MetadataStore.open(path: "/meta", storage: rotten)
@@ -191,7 +205,8 @@ import Testing
 
     @Test func corruptionIsRefusedWithTheFileNamed() throws {
         let sim = SimulatedStorage()
-        let store = try MetadataStore.create(path: "/meta", options: options(size: 1000 * Self.regionSize), storage: sim, nowMs: 1)
+        let store = try MetadataStore.create(
+            path: "/meta", options: options(size: 1000 * Self.regionSize), storage: sim, nowMs: 1)
         try store.commit([0..<10], nowMs: 2)
         try store.commit([10..<20], nowMs: 3)
         var bytes = sim.contents("/meta")!
@@ -223,7 +238,11 @@ import Testing
             _ = try MetadataStore.open(path: "/meta", storage: c)
             Issue.record("opened metadata with a lost page")
         } catch {
-            if case .bitmapMismatch(let e, let f) = error.reason { #expect(e == 20 && f == 0) } else { Issue.record("wrong reason \(error.reason)") }
+            if case .bitmapMismatch(let e, let f) = error.reason {
+                #expect(e == 20 && f == 0)
+            } else {
+                Issue.record("wrong reason \(error.reason)")
+            }
         }
         // Not metadata at all.
         let d = SimulatedStorage(); d.addFile("/meta", data: [UInt8](repeating: 7, count: 9000))

@@ -1,7 +1,8 @@
+import ControlProtocol
 import Foundation
 import Synchronization
 import Testing
-import ControlProtocol
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -54,9 +55,13 @@ import ControlProtocol
                     for range in map.setRanges() {
                         for r in range where !s.durable[r] {
                             if s.lost.contains(r) {
-                                s.violations.append("op \(op.seq): metadata records region \(r), whose destination data a writeback failure lost")
+                                s.violations.append(
+                                    "op \(op.seq): metadata records region \(r), whose destination data a writeback failure lost"
+                                )
                             } else if let w = s.lastDestWrite[r], w > s.lastDestSync {
-                                s.violations.append("op \(op.seq): metadata records region \(r), written at op \(w), before the destination sync")
+                                s.violations.append(
+                                    "op \(op.seq): metadata records region \(r), written at op \(w), before the destination sync"
+                                )
                             }
                         }
                     }
@@ -65,7 +70,8 @@ import ControlProtocol
                 case ("/src", .release):
                     s.releases += 1
                     for r in first...min(last, regions - 1) where !s.durable[r] {
-                        s.violations.append("op \(op.seq): source region \(r) released before its hydration was durable")
+                        s.violations.append(
+                            "op \(op.seq): source region \(r) released before its hydration was durable")
                         break
                     }
                 default:
@@ -77,8 +83,10 @@ import ControlProtocol
 
     /// `commitOnlyAtEnd`: no periodic or budget commits, only the one that completes the job, so
     /// that every eviction between a writeback failure and that commit runs before any sync.
-    func run(fault: CommitterFault?, writebackFailureAtWrite: Int? = nil, legacyWaitingEvict: Bool = false,
-             commitOnlyAtEnd: Bool = false, final expected: JobStatus.State? = .complete) async throws -> Checker.State {
+    func run(
+        fault: CommitterFault?, writebackFailureAtWrite: Int? = nil, legacyWaitingEvict: Bool = false,
+        commitOnlyAtEnd: Bool = false, final expected: JobStatus.State? = .complete
+    ) async throws -> Checker.State {
         let sim = SimulatedStorage()
         let regions = 512
         let image = TestImage.make(size: regions * Int(Self.regionSize), seed: 11, chunk: 16 * 4096)
@@ -93,14 +101,15 @@ import ControlProtocol
         var t = Tunables.defaults(regionSize: Self.regionSize)
         t.batchSize = 4
         t.threshold = 8
-        t.spaceBudgetBytes = 64 * 1024     // forces a commit every few batches
+        t.spaceBudgetBytes = 64 * 1024  // forces a commit every few batches
         t.commitIntervalMs = 20
         if commitOnlyAtEnd {
             t.spaceBudgetBytes = 64 << 20
             t.commitIntervalMs = 3_600_000
         }
-        let cfg = JobConfiguration(name: "o", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
-                                   regionSize: Self.regionSize, discardSource: true, tunables: t)
+        let cfg = JobConfiguration(
+            name: "o", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+            regionSize: Self.regionSize, discardSource: true, tunables: t)
         let io = IOExecutor(threads: 4)
         let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
         if let fault { await job.committer.injectFault(fault) }
@@ -115,8 +124,9 @@ import ControlProtocol
             #expect(byteDifference(sim.contents("/dst"), image.bytes) == nil, "destination differs")
         } else if let expected {
             #expect(final == expected, "\(st.state) \(st.error?.message ?? "")")
-            #expect(st.error?.code == "CommitFailed" && st.error?.errno == EIO && st.metadata.mode == .ro,
-                    "\(st.error?.message ?? "none"), metadata \(st.metadata.mode.rawValue)")
+            #expect(
+                st.error?.code == "CommitFailed" && st.error?.errno == EIO && st.metadata.mode == .ro,
+                "\(st.error?.message ?? "none"), metadata \(st.metadata.mode.rawValue)")
         }
         return checker.state.withLock { $0 }
     }
@@ -149,14 +159,17 @@ import ControlProtocol
     /// periodic commit's fdatasync could otherwise report it first and hide the mutation), so
     /// every injection point must catch it.
     @Test(arguments: [3, 15, 30]) func checkerCatchesSwallowedWritebackError(atWrite: Int) async throws {
-        let s = try await run(fault: nil, writebackFailureAtWrite: atWrite, legacyWaitingEvict: true,
-                              commitOnlyAtEnd: true, final: nil)
-        #expect(s.violations.contains { $0.contains("writeback failure lost") },
-                "the swallowed writeback error at write \(atWrite) went unnoticed: \(s.violations.prefix(3))")
+        let s = try await run(
+            fault: nil, writebackFailureAtWrite: atWrite, legacyWaitingEvict: true,
+            commitOnlyAtEnd: true, final: nil)
+        #expect(
+            s.violations.contains { $0.contains("writeback failure lost") },
+            "the swallowed writeback error at write \(atWrite) went unnoticed: \(s.violations.prefix(3))")
     }
 
     /// The same run without the mutation: the error fails the job and the checker sees nothing.
-    @Test(arguments: [3, 15, 30]) func writebackFailureBeforeTheOnlyCommitKeepsBothOrderings(atWrite: Int) async throws {
+    @Test(arguments: [3, 15, 30]) func writebackFailureBeforeTheOnlyCommitKeepsBothOrderings(atWrite: Int) async throws
+    {
         let s = try await run(fault: nil, writebackFailureAtWrite: atWrite, commitOnlyAtEnd: true, final: .failed)
         #expect(s.violations.isEmpty, "\(s.violations.prefix(5))")
     }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -12,9 +13,12 @@ import Testing
 @Suite(.serialized) struct PlacementTests {
     static let regionSize: UInt64 = 64 << 10
 
-    static func config(_ s: DeviceScratch, _ source: String, _ dest: String, metadata: String? = nil, discard: Bool = false) -> JobConfiguration {
-        JobConfiguration(name: "placement", sourcePath: source, destPath: dest, metadataPath: metadata ?? s.file("meta"),
-                         regionSize: regionSize, discardSource: discard)
+    static func config(
+        _ s: DeviceScratch, _ source: String, _ dest: String, metadata: String? = nil, discard: Bool = false
+    ) -> JobConfiguration {
+        JobConfiguration(
+            name: "placement", sourcePath: source, destPath: dest, metadataPath: metadata ?? s.file("meta"),
+            regionSize: regionSize, discardSource: discard)
     }
 
     // MARK: loop device vs its backing file
@@ -182,15 +186,17 @@ import Testing
         let fsLoop = try s.attachLoop(img)
         let mnt = try s.mkfsAndMount(fsLoop, "mnt")
         let meta = mnt + "/job.meta"
-        let e = await expectRefused(Self.config(s, srcLoop, s.file("dst.img"), metadata: meta, discard: true), .sameDevice)
+        let e = await expectRefused(
+            Self.config(s, srcLoop, s.file("dst.img"), metadata: meta, discard: true), .sameDevice)
         #expect(e?.message.contains(meta) == true && e?.message.contains(srcLoop) == true, "\(String(describing: e))")
     }
 
     /// Metadata on a btrfs spread over two loop devices; the destination is the backing file of
     /// the second device (not the one the mount names). btrfs files have an anonymous st_dev:
     /// the filesystem's devices come from the mount and /sys/fs/btrfs. Old code: accepted.
-    @Test(.enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"),
-          .enabled(if: (try? DeviceScratch.sh(["which", "mkfs.btrfs"])) != nil, "needs mkfs.btrfs (btrfs-progs)"))
+    @Test(
+        .enabled(if: DeviceScratch.loopSkip == nil, "needs root and loop devices"),
+        .enabled(if: (try? DeviceScratch.sh(["which", "mkfs.btrfs"])) != nil, "needs mkfs.btrfs (btrfs-progs)"))
     func metadataOnMultiDeviceBtrfsOverTheDestinationRefused() async throws {
         let s = DeviceScratch("meta-btrfs")
         defer { s.teardown() }
@@ -199,7 +205,8 @@ import Testing
         let fb = try s.makeFile("fsb.img", size: 128 << 20)
         let la = try s.attachLoop(fa)
         let lb = try s.attachLoop(fb)
-        let mnt = try s.mkfsAndMount(la, "mnt", mkfs: ["mkfs.btrfs", "-q", "-f", "-d", "single", "-m", "single"], more: [lb])
+        let mnt = try s.mkfsAndMount(
+            la, "mnt", mkfs: ["mkfs.btrfs", "-q", "-f", "-d", "single", "-m", "single"], more: [lb])
         let meta = mnt + "/job.meta"
         var e = await expectRefused(Self.config(s, src, fb, metadata: meta), .sameDevice)
         #expect(e?.message.contains(meta) == true && e?.message.contains(fb) == true, "\(String(describing: e))")
@@ -262,7 +269,8 @@ import Testing
         defer { s.teardown() }
         let o = try #require(s.mountOverlay(), "cannot mount overlayfs")
         func fill(_ path: String, seed: UInt8) throws {
-            try Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7) &+ seed }).write(to: URL(fileURLWithPath: path))
+            try Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7) &+ seed }).write(
+                to: URL(fileURLWithPath: path))
             try DeviceScratch.sh(["truncate", "-s", "\(4 << 20)", path])
         }
         try fill(o.upper + "/u", seed: 1)
@@ -272,7 +280,8 @@ import Testing
         e = await expectRefused(Self.config(s, o.merged + "/u", o.upper + "/u", discard: true), .sameDevice)
         e = await expectRefused(Self.config(s, o.lower + "/l", o.merged + "/l", discard: true), .sameDevice)
         e = await expectRefused(Self.config(s, o.merged + "/l", o.lower + "/l"), .sameDevice)
-        #expect(FileManager.default.contents(atPath: o.upper + "/u")?.prefix(2) == Data([1, 8]), "the file is untouched")
+        #expect(
+            FileManager.default.contents(atPath: o.upper + "/u")?.prefix(2) == Data([1, 8]), "the file is untouched")
 
         let pid = try s.holdOpen(o.upper + "/u")
         e = await expectRefused(Self.config(s, o.merged + "/u", o.merged + "/copy", discard: true), .deviceInUse)
@@ -284,9 +293,16 @@ import Testing
 
     /// mountinfo's overlay options: both forms of lower directories, escapes.
     @Test func overlayDirectoriesFromMountOptions() {
-        #expect(DeviceTopology.overlayDirectories("rw,lowerdir=/a:/b,upperdir=/u,workdir=/w,uuid=on") == ["/u", "/a", "/b"])
-        #expect(DeviceTopology.overlayDirectories("rw,lowerdir+=/a,lowerdir+=/b,datadir+=/d,upperdir=/u,workdir=/w") == ["/u", "/a", "/b", "/d"])
-        #expect(DeviceTopology.overlayDirectories("lowerdir=/with\\:colon:/with\\054comma,upperdir=/sp\\040ace") == ["/sp ace", "/with:colon", "/with,comma"])
+        #expect(
+            DeviceTopology.overlayDirectories("rw,lowerdir=/a:/b,upperdir=/u,workdir=/w,uuid=on") == ["/u", "/a", "/b"])
+        #expect(
+            DeviceTopology.overlayDirectories("rw,lowerdir+=/a,lowerdir+=/b,datadir+=/d,upperdir=/u,workdir=/w") == [
+                "/u", "/a", "/b", "/d",
+            ])
+        #expect(
+            DeviceTopology.overlayDirectories("lowerdir=/with\\:colon:/with\\054comma,upperdir=/sp\\040ace") == [
+                "/sp ace", "/with:colon", "/with,comma",
+            ])
         #expect(DeviceTopology.overlayDirectories("rw,relatime").isEmpty)
     }
 

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -8,7 +9,7 @@ import Testing
         m.set(3..<70)
         #expect(m.setCount == 67)
         #expect(!m[2] && m[3] && m[69] && !m[70])
-        m.set(60..<130)   // overlaps
+        m.set(60..<130)  // overlaps
         #expect(m.setCount == 127)
         #expect(m.setRanges() == [3..<130])
         m.set(199)

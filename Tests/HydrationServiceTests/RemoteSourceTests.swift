@@ -1,12 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import Logging
 import Synchronization
+import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
-import Testing
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// nbdkit serving a file on a Unix socket, for the remote-source tests; stopped by PID (SIGKILL:
 /// children inherit the test thread's blocked SIGTERM).
@@ -50,10 +52,14 @@ final class NBDKitServer {
 
     deinit { stop() }
 
-    static var available: Bool { NBDTools.path("nbdkit") != nil || FileManager.default.isExecutableFile(atPath: "/usr/sbin/nbdkit") }
+    static var available: Bool {
+        NBDTools.path("nbdkit") != nil || FileManager.default.isExecutableFile(atPath: "/usr/sbin/nbdkit")
+    }
 }
 
-@Suite("RemoteSource", .serialized, .enabled(if: NBDKitServer.available, "nbdkit not installed (Scripts/install-deps.sh --test)"))
+@Suite(
+    "RemoteSource", .serialized,
+    .enabled(if: NBDKitServer.available, "nbdkit not installed (Scripts/install-deps.sh --test)"))
 struct RemoteSourceTests {
     @Test func uriDetectionAndIdentityFormat() {
         #expect(RemoteSource.isURI("nbd://127.0.0.1:10809/disk"))
@@ -61,7 +67,9 @@ struct RemoteSourceTests {
         #expect(RemoteSource.isURI("nbds://host/disk?tls-psk-file=/k"))
         #expect(!RemoteSource.isURI("/var/lib/images/a.img"))
         #expect(!RemoteSource.isURI("nbdfile"))
-        let samples = [RemoteIdentity.Sample(offset: 0, crc: 0xdeadbeef), RemoteIdentity.Sample(offset: 8 << 20, crc: 1)]
+        let samples = [
+            RemoteIdentity.Sample(offset: 0, crc: 0xdeadbeef), RemoteIdentity.Sample(offset: 8 << 20, crc: 1),
+        ]
         let id = RemoteIdentity.format(base: "nbd:export=a;size=1;desc=none", samples: samples)
         let parsed = RemoteIdentity.parse(id)
         #expect(parsed.base == "nbd:export=a;size=1;desc=none")
@@ -209,14 +217,16 @@ struct RemoteSourceTests {
     @Test func reconnectRefusesAnotherDescription() throws {
         let dir = TempDir("remote")
         try TestImage.make(size: 2 << 20, seed: 38).write(to: dir.file("src.img"))
-        var server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"),
-                                      extra: ["--filter=exportname"], args: ["exportdesc=fixed:disk-1111"])
+        var server = try NBDKitServer(
+            file: dir.file("src.img"), socket: dir.file("nbd.sock"),
+            extra: ["--filter=exportname"], args: ["exportdesc=fixed:disk-1111"])
         let (dev, record) = try openArmed(server)
         defer { dev.close() }
         #expect(record.stableID.contains("desc=") && !record.stableID.contains("desc=none"))
         server.stop()
-        server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"),
-                                  extra: ["--filter=exportname"], args: ["exportdesc=fixed:disk-2222"])
+        server = try NBDKitServer(
+            file: dir.file("src.img"), socket: dir.file("nbd.sock"),
+            extra: ["--filter=exportname"], args: ["exportdesc=fixed:disk-2222"])
         defer { server.stop() }
         do {
             _ = try dev.read(count: 4096, at: 0)
@@ -253,7 +263,9 @@ struct RemoteSourceTests {
         defer { server.stop() }
         // The recorded fingerprint alone (what a reopen after a restart can check) is satisfied.
         let probe = try PosixStorage().open(server.uri, mode: .source(discard: false))
-        #expect(try HydrationJob.confirmedRemote(probe.info, recorded: record, device: probe, mayRead: { _ in true }).stableID == record.stableID)
+        #expect(
+            try HydrationJob.confirmedRemote(probe.info, recorded: record, device: probe, mayRead: { _ in true })
+                .stableID == record.stableID)
         probe.close()
         #expect(dev.witnessesForTesting.contains { $0.kind != .recorded })
         do {
@@ -277,7 +289,9 @@ struct RemoteSourceTests {
         _ = try dev.read(count: 1 << 20, at: 0)
         server.stop()
         server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
-        #expect(byteDifference(try dev.read(count: 4096, at: 4 << 20), Array(image.bytes[(4 << 20)..<(4 << 20) + 4096])) == nil)
+        #expect(
+            byteDifference(try dev.read(count: 4096, at: 4 << 20), Array(image.bytes[(4 << 20)..<(4 << 20) + 4096]))
+                == nil)
         // Release the whole first half: its witnesses go.
         try dev.release(offset: 0, length: 4 << 20)
         try dev.sync()
@@ -285,7 +299,9 @@ struct RemoteSourceTests {
         server.stop()
         server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
         defer { server.stop() }
-        #expect(byteDifference(try dev.read(count: 4096, at: 6 << 20), Array(image.bytes[(6 << 20)..<(6 << 20) + 4096])) == nil)
+        #expect(
+            byteDifference(try dev.read(count: 4096, at: 6 << 20), Array(image.bytes[(6 << 20)..<(6 << 20) + 4096]))
+                == nil)
         #expect(dev.unconfirmedReason == nil)
     }
 
@@ -302,7 +318,8 @@ struct RemoteSourceTests {
         defer { dev.close() }
         server.stop()
         // The same disk, slow: each read is answered after 20 s.
-        server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"), extra: ["--filter=delay"], args: ["delay-read=20"])
+        server = try NBDKitServer(
+            file: dir.file("src.img"), socket: dir.file("nbd.sock"), extra: ["--filter=delay"], args: ["delay-read=20"])
         let done = DispatchSemaphore(value: 0)
         let started = DispatchSemaphore(value: 0)
         let outcome = Mutex<Result<[UInt8], StorageError>?>(nil)
@@ -345,7 +362,9 @@ struct RemoteSourceTests {
             for (i, b) in path.utf8.enumerated() { p[i] = b }
         }
         let bound = withUnsafePointer(to: &addr) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         #expect(bound == 0)
         #expect(listen(fd, 16) == 0)
@@ -368,9 +387,10 @@ struct RemoteSourceTests {
         let dir = TempDir("remote")
         let image = TestImage.make(size: 2 << 20, seed: 37)
         try image.write(to: dir.file("src.img"))
-        let server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"),
-                                      extra: ["--filter=blocksize-policy"],
-                                      args: ["blocksize-minimum=4096", "blocksize-preferred=4096", "blocksize-error-policy=error"])
+        let server = try NBDKitServer(
+            file: dir.file("src.img"), socket: dir.file("nbd.sock"),
+            extra: ["--filter=blocksize-policy"],
+            args: ["blocksize-minimum=4096", "blocksize-preferred=4096", "blocksize-error-policy=error"])
         defer { server.stop() }
         let dev = try PosixStorage().open(server.uri, mode: .source(discard: false))
         defer { dev.close() }
@@ -399,8 +419,12 @@ struct RemoteSourceTests {
         #expect(record.stableID.utf8.count <= MetadataFormat.maxStableIDBytes)
         let all: (Range<UInt64>) -> Bool = { _ in true }
         // Same export: confirmed, before open (base only) and once open (samples).
-        #expect(try HydrationJob.confirmedRemote(dev.info, recorded: record, device: nil, mayRead: all).stableID == record.stableID)
-        #expect(try HydrationJob.confirmedRemote(dev.info, recorded: record, device: dev, mayRead: all).stableID == record.stableID)
+        #expect(
+            try HydrationJob.confirmedRemote(dev.info, recorded: record, device: nil, mayRead: all).stableID
+                == record.stableID)
+        #expect(
+            try HydrationJob.confirmedRemote(dev.info, recorded: record, device: dev, mayRead: all).stableID
+                == record.stableID)
 
         // Change the bytes of one sampled block behind the server's back.
         let victim = samples[samples.count / 2]
@@ -423,10 +447,14 @@ struct RemoteSourceTests {
         var committed = RegionMap(count: size / Int(regionSize))
         committed.set(Int(victim.offset / regionSize)..<Int(victim.offset / regionSize) + 1)
         let mayRead = HydrationJob.unreleased(committed, regionSize: regionSize, discardSource: true)
-        #expect(try HydrationJob.confirmedRemote(dev.info, recorded: record, device: dev, mayRead: mayRead).stableID == record.stableID)
+        #expect(
+            try HydrationJob.confirmedRemote(dev.info, recorded: record, device: dev, mayRead: mayRead).stableID
+                == record.stableID)
         // Without discard_source nothing is ever released: still compared.
         let keep = HydrationJob.unreleased(committed, regionSize: regionSize, discardSource: false)
-        #expect(try HydrationJob.confirmedRemote(dev.info, recorded: record, device: dev, mayRead: keep).stableID != record.stableID)
+        #expect(
+            try HydrationJob.confirmedRemote(dev.info, recorded: record, device: dev, mayRead: keep).stableID
+                != record.stableID)
     }
 
     /// A whole job over a remote source, with discard_source: clone equal, source released,
@@ -439,8 +467,9 @@ struct RemoteSourceTests {
         let server = try NBDKitServer(file: dir.file("src.img"), socket: dir.file("nbd.sock"))
         defer { server.stop() }
         let io = IOExecutor(threads: 4)
-        let cfg = JobConfiguration(name: "r", sourcePath: server.uri, destPath: dir.file("dst.img"),
-                                   metadataPath: dir.file("r.meta"), regionSize: 64 << 10, discardSource: true)
+        let cfg = JobConfiguration(
+            name: "r", sourcePath: server.uri, destPath: dir.file("dst.img"),
+            metadataPath: dir.file("r.meta"), regionSize: 64 << 10, discardSource: true)
         let job = try await HydrationJob.create(cfg, io: io)
         try await job.start()
         #expect(await job.waitUntilSettled() == .complete)

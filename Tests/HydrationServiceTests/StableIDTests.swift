@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -111,8 +112,9 @@ import Testing
 /// confirm after a restart (it was compared uncut with the cut record and never matched).
 @Suite struct LongStableIDTests {
     func info(_ id: String) -> DeviceInfo {
-        DeviceInfo(path: "/dev/x", identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: 7),
-                   size: 1 << 20, logicalBlockSize: 512, stableID: id)
+        DeviceInfo(
+            path: "/dev/x", identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: 7),
+            size: 1 << 20, logicalBlockSize: 512, stableID: id)
     }
 
     @Test func anIDLongerThanTheRecordConfirmsItsOwnDevice() throws {
@@ -127,7 +129,8 @@ import Testing
         let other = "v" + long.dropFirst()
         #expect(!record.hasStableID(of: info(String(other))))
         #expect(throws: HydrationError.self) {
-            try HydrationJob.confirm(info(String(other)), is: record, what: "destination", metadataPath: "/m", exactSize: true)
+            try HydrationJob.confirm(
+                info(String(other)), is: record, what: "destination", metadataPath: "/m", exactSize: true)
         }
         // An empty record confirms nothing by ID.
         #expect(!DeviceRecord(info("")).hasStableID(of: info("")))

@@ -1,6 +1,7 @@
 import ControlProtocol
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -17,7 +18,9 @@ import Testing
 
         // A waiter parked until the next signal.
         let g2 = s.generation
-        let woke = Task { await s.wait(past: g2); return true }
+        let woke = Task {
+            await s.wait(past: g2); return true
+        }
         #expect(await eventually { s.waiterCount == 1 })
         s.signal()
         #expect(await woke.value)
@@ -44,9 +47,11 @@ import Testing
         let io = IOExecutor(threads: 2)
         let m = JobManager(stateDirectory: dir.file("state"), io: io, logger: testLogger)
         try await m.restore()
-        _ = try await m.create(CreateJobRequest(name: "a", source: dir.file("a.img"), dest: dir.file("a.out"), noHydration: true))
+        _ = try await m.create(
+            CreateJobRequest(name: "a", source: dir.file("a.img"), dest: dir.file("a.out"), noHydration: true))
         let handler = DaemonControlHandler(manager: m, watchInterval: .seconds(3600))
-        let stream = try await handler.watchStatus(GetStatusParameters(name: "a"), peer: PeerCredentials(pid: 1, uid: 0, gid: 0))
+        let stream = try await handler.watchStatus(
+            GetStatusParameters(name: "a"), peer: PeerCredentials(pid: 1, uid: 0, gid: 0))
         let watcher = Task {
             var states: [JobStatus.State] = []
             for try await u in stream { states += u.jobs.map(\.state) }

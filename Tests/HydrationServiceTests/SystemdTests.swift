@@ -5,9 +5,9 @@ import Testing
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 // MARK: - Fixtures
@@ -22,8 +22,9 @@ private func job(
         dest: .init(path: "/dst/\(name)"),
         regionSize: 4096,
         regions: .init(total: total, hydrated: hydrated, hydrating: 0),
-        bytes: .init(total: total &* 4096, hydrated: hydrated &* 4096, committed: hydrated &* 4096,
-                     skippedZero: 0, discarded: 0),
+        bytes: .init(
+            total: total &* 4096, hydrated: hydrated &* 4096, committed: hydrated &* 4096,
+            skippedZero: 0, discarded: 0),
         throughputBytesPerSecond: rate, etaSeconds: nil,
         commits: .init(count: 0, lastUnixMs: nil, lastDurationMs: nil),
         discard: .init(enabled: false, pendingBytes: 0, failed: 0),
@@ -54,7 +55,8 @@ struct StatusLineTests {
     @Test func singularAndOtherStates() {
         #expect(statusLine(jobs: [job("a", .idle)]) == "1 job: a idle")
         #expect(statusLine(jobs: [job("a", .complete, hydrated: 100)]) == "1 job: a complete")
-        #expect(statusLine(jobs: [job("a", .failed, errorCode: "SourceReadFailed")])
+        #expect(
+            statusLine(jobs: [job("a", .failed, errorCode: "SourceReadFailed")])
                 == "1 job: a failed (SourceReadFailed)")
         #expect(statusLine(jobs: [job("a", .failed)]) == "1 job: a failed")
         // No rate shown before the first measurement.
@@ -317,8 +319,9 @@ struct SystemdNotifierTests {
         defer { sock.close() }
         withEnvironment(["NOTIFY_SOCKET": sock.path]) {
             let t0 = ContinuousClock.now
-            let w = SystemdWatchdog(notifier: SystemdNotifier(), interval: .milliseconds(100),
-                                    stallAfter: .milliseconds(500), now: t0)
+            let w = SystemdWatchdog(
+                notifier: SystemdNotifier(), interval: .milliseconds(100),
+                stallAfter: .milliseconds(500), now: t0)
             #expect(w.pingIfDue(now: t0 + .milliseconds(400)))
             #expect(!w.isStalled)
             #expect(!w.pingIfDue(now: t0 + .milliseconds(500)))
@@ -332,9 +335,9 @@ struct SystemdNotifierTests {
     @Test func stallHookIsReadOnlyInDebugBuilds() {
         withEnvironment([SystemdWatchdog.stallEnvironmentVariable: "1500"]) {
             #if DEBUG
-            #expect(SystemdWatchdog.testStallFromEnvironment() == .milliseconds(1500))
+                #expect(SystemdWatchdog.testStallFromEnvironment() == .milliseconds(1500))
             #else
-            #expect(SystemdWatchdog.testStallFromEnvironment() == nil)
+                #expect(SystemdWatchdog.testStallFromEnvironment() == nil)
             #endif
         }
         withEnvironment([SystemdWatchdog.stallEnvironmentVariable: "soon"]) {
@@ -378,7 +381,9 @@ struct SystemdNotifierTests {
 @Suite struct ReadinessTests {
     @Test func waitEndsWhenEveryPartIsDone() async {
         let r = Readiness(parts: 2)
-        let waiter = Task { await r.wait(); return r.isReady }
+        let waiter = Task {
+            await r.wait(); return r.isReady
+        }
         r.done()
         #expect(!r.isReady)
         r.done()
@@ -388,7 +393,9 @@ struct SystemdNotifierTests {
 
     @Test func waitEndsOnCancellation() async {
         let r = Readiness(parts: 1)
-        let waiter = Task { await r.wait(); return r.isReady }
+        let waiter = Task {
+            await r.wait(); return r.isReady
+        }
         waiter.cancel()
         #expect(await waiter.value == false, "cancelled before ready")
     }

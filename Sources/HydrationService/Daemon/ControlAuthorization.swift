@@ -44,6 +44,7 @@ public struct ControlAccessPolicy: Sendable, Equatable {
     public func authorize(method: String, peer: PeerCredentials) -> VarlinkError? {
         if Self.isReadOnly(method: method) || isPrivileged(peer) { return nil }
         let who = socketGroup.map { "root, uid \(ownerUID) or members of group \($0)" } ?? "root or uid \(ownerUID)"
-        return .permissionDenied(method: method, reason: "uid \(peer.uid) may only call read-only methods; \(who) may call \(method)")
+        return .permissionDenied(
+            method: method, reason: "uid \(peer.uid) may only call read-only methods; \(who) may call \(method)")
     }
 }

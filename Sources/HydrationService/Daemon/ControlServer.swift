@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ControlProtocol
 import Foundation
 import Logging
@@ -8,6 +5,10 @@ import NIOCore
 import NIOPosix
 import ServiceLifecycle
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Settings of the control socket server.
 public struct ControlServerConfiguration: Sendable {
@@ -57,8 +58,9 @@ public struct ControlServerConfiguration: Sendable {
     }
 
     var admissionLimits: ConnectionAdmission.Limits {
-        .init(total: maxConnections, perPeer: maxConnectionsPerPeer, privilegedReserve: privilegedReserve,
-              ownerReserve: ownerReserve)
+        .init(
+            total: maxConnections, perPeer: maxConnectionsPerPeer, privilegedReserve: privilegedReserve,
+            ownerReserve: ownerReserve)
     }
 }
 
@@ -81,7 +83,8 @@ public struct ConnectionAdmission: Sendable {
         public var ownerReserve: Int
 
         public init(total: Int = 64, perPeer: Int = 16, privilegedReserve: Int = 32, ownerReserve: Int = 8) {
-            self.total = total; self.perPeer = perPeer; self.privilegedReserve = privilegedReserve; self.ownerReserve = ownerReserve
+            self.total = total; self.perPeer = perPeer; self.privilegedReserve = privilegedReserve;
+            self.ownerReserve = ownerReserve
         }
     }
 
@@ -123,16 +126,26 @@ public struct ConnectionAdmission: Sendable {
         if cls != .owner {
             let cap = limits.total - min(limits.ownerReserve, half)
             if nonOwner >= cap {
-                return Refusal(limit: cap, reason: "\(cap) connections of peers other than root and the daemon's user are in use (\(limits.total - cap) kept for them)")
+                return Refusal(
+                    limit: cap,
+                    reason:
+                        "\(cap) connections of peers other than root and the daemon's user are in use (\(limits.total - cap) kept for them)"
+                )
             }
             if perUID[peer.uid, default: 0] >= limits.perPeer {
-                return Refusal(limit: limits.perPeer, reason: "uid \(peer.uid) already holds \(limits.perPeer) connections, the limit per peer")
+                return Refusal(
+                    limit: limits.perPeer,
+                    reason: "uid \(peer.uid) already holds \(limits.perPeer) connections, the limit per peer")
             }
         }
         if cls == .readOnly {
             let cap = limits.total - min(limits.privilegedReserve, half)
             if readOnly >= cap {
-                return Refusal(limit: cap, reason: "read-only peers hold \(cap) connections, their share (\(limits.total - cap) kept for privileged peers)")
+                return Refusal(
+                    limit: cap,
+                    reason:
+                        "read-only peers hold \(cap) connections, their share (\(limits.total - cap) kept for privileged peers)"
+                )
             }
         }
         total += 1
@@ -222,7 +235,8 @@ public final class ControlServer: Service, Sendable {
         self.group = eventLoopGroup
         self.logger = logger
         self.onListening = onListening
-        self.admission = Mutex(ConnectionAdmission(limits: configuration.admissionLimits, policy: configuration.accessPolicy))
+        self.admission = Mutex(
+            ConnectionAdmission(limits: configuration.admissionLimits, policy: configuration.accessPolicy))
     }
 
     /// Number of connections currently admitted (below the limit).
@@ -272,11 +286,15 @@ public final class ControlServer: Service, Sendable {
     private func bind() async throws -> (NIOAsyncChannel<Connection, Never>, String?, ino_t) {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 128)
-        return try await Self.bindUnixListener(bootstrap, listener: configuration.listener, mode: configuration.socketMode,
-                                               group: configuration.socketGroup) { channel in
+        return try await Self.bindUnixListener(
+            bootstrap, listener: configuration.listener, mode: configuration.socketMode,
+            group: configuration.socketGroup
+        ) { channel in
             // The peer's credentials decide its admission; read on the channel's event loop, the
             // future is already complete (no round trip).
-            Self.peerCredentialsFuture(of: channel).flatMapThrowing { peer in try self.initializeConnection(channel, peer: peer) }
+            Self.peerCredentialsFuture(of: channel).flatMapThrowing { peer in
+                try self.initializeConnection(channel, peer: peer)
+            }
         }
     }
 
@@ -371,7 +389,8 @@ public final class ControlServer: Service, Sendable {
     /// is there, and is refused when the file is stale. (A blocking connect waited for as long as
     /// a hung server's full backlog stayed full, on the thread that starts the daemon.)
     static func isListening(_ path: String) -> Bool {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let fd = socket(
+            AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return false }
         defer { close(fd) }
         var addr = sockaddr_un()
@@ -383,7 +402,9 @@ public final class ControlServer: Service, Sendable {
             raw[bytes.count] = 0
         }
         let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         if rc == 0 { return true }
         return errno == EAGAIN || errno == EINPROGRESS
@@ -416,7 +437,8 @@ public final class ControlServer: Service, Sendable {
         if closeNow { channel.close(promise: nil) }
 
         let activity = ConnectionActivity()
-        let timeout = isAdmitted ? configuration.idleTimeout : min(configuration.overLimitGrace, configuration.idleTimeout)
+        let timeout =
+            isAdmitted ? configuration.idleTimeout : min(configuration.overLimitGrace, configuration.idleTimeout)
         let ops = channel.pipeline.syncOperations
         try ops.addHandler(IdleStateHandler(readTimeout: TimeAmount(timeout)))
         try ops.addHandler(IdleCloseHandler(activity: activity))
@@ -435,17 +457,20 @@ public final class ControlServer: Service, Sendable {
                     log.warning("connection refused: too many connections", metadata: ["reason": "\(refusal)"])
                     var it = inbound.makeAsyncIterator()
                     if (try? await it.next()) != nil {
-                        try? await outbound.write(Self.frame(VarlinkReply(error: .tooManyConnections(limit: refusal.limit))))
+                        try? await outbound.write(
+                            Self.frame(VarlinkReply(error: .tooManyConnections(limit: refusal.limit))))
                     }
                     return
                 }
                 do {
                     for try await frame in inbound {
-                        try await self.handleFrame(frame, peer: peer, connection: connection, outbound: outbound, logger: log)
+                        try await self.handleFrame(
+                            frame, peer: peer, connection: connection, outbound: outbound, logger: log)
                     }
                 } catch let error as VarlinkFramingError {
                     log.notice("closing connection: \(error)")
-                    try? await outbound.write(Self.frame(VarlinkReply(error: .messageTooLarge(limit: configuration.maxMessageSize))))
+                    try? await outbound.write(
+                        Self.frame(VarlinkReply(error: .messageTooLarge(limit: configuration.maxMessageSize))))
                 }
             }
         } catch {
@@ -459,7 +484,9 @@ public final class ControlServer: Service, Sendable {
 
     /// SO_PEERCRED and SO_PEERGROUPS of a connection (`.unknown` when they cannot be read).
     static func peerCredentialsFuture(of channel: any Channel) -> EventLoopFuture<PeerCredentials> {
-        guard let provider = channel as? any SocketOptionProvider else { return channel.eventLoop.makeSucceededFuture(.unknown) }
+        guard let provider = channel as? any SocketOptionProvider else {
+            return channel.eventLoop.makeSucceededFuture(.unknown)
+        }
         let cred: EventLoopFuture<PeerUCred> = provider.unsafeGetSocketOption(
             level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
         // SO_PEERGROUPS (Linux 4.13+); the buffer is zero-filled, so zero entries are padding.
@@ -545,10 +572,11 @@ public final class ControlServer: Service, Sendable {
             switch call.memberName {
             case "GetInfo":
                 _ = try Self.decodeParameters(call, as: EmptyParameters.self)
-                return try VarlinkReply(encoding: VarlinkServiceInfo(
-                    vendor: configuration.vendor, product: configuration.product, version: configuration.version,
-                    url: configuration.url,
-                    interfaces: [ControlInterface.serviceInterfaceName, ControlInterface.name]))
+                return try VarlinkReply(
+                    encoding: VarlinkServiceInfo(
+                        vendor: configuration.vendor, product: configuration.product, version: configuration.version,
+                        url: configuration.url,
+                        interfaces: [ControlInterface.serviceInterfaceName, ControlInterface.name]))
             case "GetInterfaceDescription":
                 let p = try Self.decodeParameters(call, as: GetInterfaceDescriptionParameters.self)
                 guard let text = ControlInterface.descriptions[p.interface] else {
@@ -565,24 +593,33 @@ public final class ControlServer: Service, Sendable {
             let h = handler
             switch method {
             case .start:
-                return try VarlinkReply(encoding: await h.start(Self.decodeParameters(call, as: StartParameters.self), peer: peer))
+                return try VarlinkReply(
+                    encoding: await h.start(Self.decodeParameters(call, as: StartParameters.self), peer: peer))
             case .pause:
-                return try VarlinkReply(encoding: await h.pause(Self.decodeParameters(call, as: PauseParameters.self), peer: peer))
+                return try VarlinkReply(
+                    encoding: await h.pause(Self.decodeParameters(call, as: PauseParameters.self), peer: peer))
             case .resume:
-                return try VarlinkReply(encoding: await h.resume(Self.decodeParameters(call, as: ResumeParameters.self), peer: peer))
+                return try VarlinkReply(
+                    encoding: await h.resume(Self.decodeParameters(call, as: ResumeParameters.self), peer: peer))
             case .getStatus:
-                return try VarlinkReply(encoding: await h.getStatus(Self.decodeParameters(call, as: GetStatusParameters.self), peer: peer))
+                return try VarlinkReply(
+                    encoding: await h.getStatus(Self.decodeParameters(call, as: GetStatusParameters.self), peer: peer))
             case .list:
-                return try VarlinkReply(encoding: await h.list(Self.decodeParameters(call, as: ListParameters.self), peer: peer))
+                return try VarlinkReply(
+                    encoding: await h.list(Self.decodeParameters(call, as: ListParameters.self), peer: peer))
             case .set:
-                return try VarlinkReply(encoding: await h.set(Self.decodeParameters(call, as: SetParameters.self), peer: peer))
+                return try VarlinkReply(
+                    encoding: await h.set(Self.decodeParameters(call, as: SetParameters.self), peer: peer))
             case .commit:
-                return try VarlinkReply(encoding: await h.commit(Self.decodeParameters(call, as: CommitParameters.self), peer: peer))
+                return try VarlinkReply(
+                    encoding: await h.commit(Self.decodeParameters(call, as: CommitParameters.self), peer: peer))
             case .remove:
-                return try VarlinkReply(encoding: await h.remove(Self.decodeParameters(call, as: RemoveParameters.self), peer: peer))
+                return try VarlinkReply(
+                    encoding: await h.remove(Self.decodeParameters(call, as: RemoveParameters.self), peer: peer))
             case .checkMetadata:
                 return try VarlinkReply(
-                    encoding: await h.checkMetadata(Self.decodeParameters(call, as: CheckMetadataParameters.self), peer: peer))
+                    encoding: await h.checkMetadata(
+                        Self.decodeParameters(call, as: CheckMetadataParameters.self), peer: peer))
             }
         default:
             throw VarlinkError.interfaceNotFound(iface)
@@ -602,8 +639,10 @@ public final class ControlServer: Service, Sendable {
             group.addTask {
                 var last: [JobStatus] = []
                 for try await update in updates {
-                    try await outbound.write(Self.frame(try VarlinkReply(
-                        encoding: GetStatusReply(jobs: update.jobs), continues: !update.isFinal)))
+                    try await outbound.write(
+                        Self.frame(
+                            try VarlinkReply(
+                                encoding: GetStatusReply(jobs: update.jobs), continues: !update.isFinal)))
                     if update.isFinal { return }
                     last = update.jobs
                 }
@@ -673,7 +712,8 @@ public final class ControlServer: Service, Sendable {
     }
 
     private static func path(_ keys: [any CodingKey]) -> String {
-        keys.isEmpty ? "parameters" : keys.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
+        keys.isEmpty
+            ? "parameters" : keys.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
     }
 
     private static func describe(_ error: any Error) -> String {

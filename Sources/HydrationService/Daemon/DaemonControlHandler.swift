@@ -41,7 +41,8 @@ public struct DaemonControlHandler: ControlHandler {
             // An I/O error by errno (EMFILE, ENFILE), named in the message: nothing about the
             // job's devices is wrong.
             return .ioError(path: e.path ?? path, errno: e.errno, message: "ResourceExhausted: " + e.message)
-        case .jobRecordUnreadable: return .jobRecordUnreadable(job ?? "", path: e.path ?? path ?? "", message: e.message)
+        case .jobRecordUnreadable:
+            return .jobRecordUnreadable(job ?? "", path: e.path ?? path ?? "", message: e.message)
         case .dataAtRisk: return .dataAtRisk(job ?? "", message: e.message)
         case .exportInUse: return .exportInUse(job ?? "", clients: e.clients ?? 0, message: e.message)
         }
@@ -50,13 +51,15 @@ public struct DaemonControlHandler: ControlHandler {
     /// Which request parameter an engine validation error concerns, from the message's first word.
     static func parameterName(for e: HydrationError) -> String {
         let m = e.message
-        for (prefix, name) in [("source", "source"), ("destination", "dest"), ("dest", "dest"), ("metadata", "metadata"),
-                               ("region size", "region_size"), ("region_size", "region_size"), ("job name", "name"),
-                               ("batch_size", "batch_size"), ("threshold", "threshold"),
-                               ("rate_limit", "rate_limit_bytes_per_second"), ("commit_interval", "commit_interval_ms"),
-                               ("space_budget", "space_budget_bytes"), ("export", "export"),
-                               ("hydrate_on_read", "hydrate_on_read")]
-            where m.hasPrefix(prefix) { return name }
+        for (prefix, name) in [
+            ("source", "source"), ("destination", "dest"), ("dest", "dest"), ("metadata", "metadata"),
+            ("region size", "region_size"), ("region_size", "region_size"), ("job name", "name"),
+            ("batch_size", "batch_size"), ("threshold", "threshold"),
+            ("rate_limit", "rate_limit_bytes_per_second"), ("commit_interval", "commit_interval_ms"),
+            ("space_budget", "space_budget_bytes"), ("export", "export"),
+            ("hydrate_on_read", "hydrate_on_read"),
+        ]
+        where m.hasPrefix(prefix) { return name }
         if e.code == .invalidState || e.code == .notFound { return "name" }
         return "parameters"
     }
@@ -76,23 +79,28 @@ public struct DaemonControlHandler: ControlHandler {
             }
         }
         // A Start with more than `name` creates a job: tunables for an existing job go through Set.
-        let creating = "required to create a job (a Start with only name resumes an existing job; Set changes its tunables)"
+        let creating =
+            "required to create a job (a Start with only name resumes an existing job; Set changes its tunables)"
         guard let source = p.source else { throw VarlinkError.invalidParameter("source", reason: creating) }
         guard let dest = p.dest else { throw VarlinkError.invalidParameter("dest", reason: creating) }
         if let (name, reason) = p.inapplicableParameter { throw VarlinkError.invalidParameter(name, reason: reason) }
         var io = IOMode.auto
         if let v = p.io {
             guard let m = IOMode(rawValue: v) else {
-                throw VarlinkError.invalidParameter("io", reason: "must be one of \(IOMode.allCases.map(\.rawValue).joined(separator: ", ")) (got '\(v)')")
+                throw VarlinkError.invalidParameter(
+                    "io",
+                    reason: "must be one of \(IOMode.allCases.map(\.rawValue).joined(separator: ", ")) (got '\(v)')")
             }
             io = m
         }
         let req = CreateJobRequest(
             name: p.name, source: source, dest: dest, metadata: p.metadata, regionSize: p.regionSize,
-            discardSource: p.discardSource ?? false, destZeroed: p.destZeroed ?? false, noHydration: p.noHydration ?? false,
-            tunables: TunablesUpdate(threshold: p.threshold, batchSize: p.batchSize,
-                                     rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
-                                     spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs),
+            discardSource: p.discardSource ?? false, destZeroed: p.destZeroed ?? false,
+            noHydration: p.noHydration ?? false,
+            tunables: TunablesUpdate(
+                threshold: p.threshold, batchSize: p.batchSize,
+                rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
+                spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs),
             export: p.export ?? false, hydrateOnRead: p.hydrateOnRead ?? false, io: io)
         return try await mapped(job: p.name) { () async throws(HydrationError) in
             StartReply(job: try await manager.create(req), created: true)
@@ -100,11 +108,15 @@ public struct DaemonControlHandler: ControlHandler {
     }
 
     public func pause(_ p: PauseParameters, peer: PeerCredentials) async throws -> JobReply {
-        try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.pause(p.name)) }
+        try await mapped(job: p.name) { () async throws(HydrationError) in
+            JobReply(job: try await manager.pause(p.name))
+        }
     }
 
     public func resume(_ p: ResumeParameters, peer: PeerCredentials) async throws -> JobReply {
-        try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.resume(p.name, acceptDevices: p.acceptDevices ?? false)) }
+        try await mapped(job: p.name) { () async throws(HydrationError) in
+            JobReply(job: try await manager.resume(p.name, acceptDevices: p.acceptDevices ?? false))
+        }
     }
 
     func statuses(_ name: String?) async throws -> [JobStatus] {
@@ -118,7 +130,9 @@ public struct DaemonControlHandler: ControlHandler {
         GetStatusReply(jobs: try await statuses(p.name))
     }
 
-    public func watchStatus(_ p: GetStatusParameters, peer: PeerCredentials) async throws -> AsyncThrowingStream<StatusUpdate, any Error> {
+    public func watchStatus(_ p: GetStatusParameters, peer: PeerCredentials) async throws -> AsyncThrowingStream<
+        StatusUpdate, any Error
+    > {
         let changes = manager.stateChanges
         // Taken before the first status: a change after it wakes the first wait.
         let firstSeen = changes.generation
@@ -159,9 +173,10 @@ public struct DaemonControlHandler: ControlHandler {
     }
 
     public func set(_ p: SetParameters, peer: PeerCredentials) async throws -> JobReply {
-        let update = TunablesUpdate(threshold: p.threshold, batchSize: p.batchSize,
-                                    rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
-                                    spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs)
+        let update = TunablesUpdate(
+            threshold: p.threshold, batchSize: p.batchSize,
+            rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
+            spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs)
         guard !update.isEmpty else { throw VarlinkError.invalidParameter("parameters", reason: "nothing to set") }
         if p.spaceBudgetBytes != nil {
             // Whether a job discards its source is fixed at creation, so asking first is not racy.
@@ -169,14 +184,20 @@ public struct DaemonControlHandler: ControlHandler {
             if job?.discard.enabled == false {
                 throw VarlinkError.invalidParameter(
                     "space_budget_bytes",
-                    reason: "applies only to a job created with discard_source; job \(p.name) does not discard its source, so there is nothing to budget")
+                    reason:
+                        "applies only to a job created with discard_source; job \(p.name) does not discard its source, so there is nothing to budget"
+                )
             }
         }
-        return try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.set(p.name, update)) }
+        return try await mapped(job: p.name) { () async throws(HydrationError) in
+            JobReply(job: try await manager.set(p.name, update))
+        }
     }
 
     public func commit(_ p: CommitParameters, peer: PeerCredentials) async throws -> JobReply {
-        try await mapped(job: p.name) { () async throws(HydrationError) in JobReply(job: try await manager.commit(p.name)) }
+        try await mapped(job: p.name) { () async throws(HydrationError) in
+            JobReply(job: try await manager.commit(p.name))
+        }
     }
 
     public func remove(_ p: RemoveParameters, peer: PeerCredentials) async throws -> RemoveReply {

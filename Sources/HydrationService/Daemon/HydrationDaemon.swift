@@ -16,9 +16,11 @@ public struct DaemonOptions: Sendable {
     /// How often STATUS= is refreshed and the watchdog considered.
     public var supervisorInterval: Duration
 
-    public init(stateDirectory: String = DefaultPaths.stateDirectory(), socketPath: String = DefaultPaths.socketPath(),
-                socketGroup: String? = nil, ioThreads: Int = 8, supervisorInterval: Duration = .milliseconds(250),
-                nbdSocketPath: String? = nil) {
+    public init(
+        stateDirectory: String = DefaultPaths.stateDirectory(), socketPath: String = DefaultPaths.socketPath(),
+        socketGroup: String? = nil, ioThreads: Int = 8, supervisorInterval: Duration = .milliseconds(250),
+        nbdSocketPath: String? = nil
+    ) {
         self.stateDirectory = stateDirectory; self.socketPath = socketPath; self.socketGroup = socketGroup
         self.nbdSocketPath = nbdSocketPath
         self.ioThreads = ioThreads; self.supervisorInterval = supervisorInterval
@@ -52,10 +54,13 @@ public enum HydrationDaemon {
         signal(SIGHUP, SIG_IGN)
         let limit = raiseDescriptorLimit()
         if let limit {
-            logger.info("descriptor limit", metadata: ["soft": "\(limit.soft)", "hard": "\(limit.hard)", "raised_from": "\(limit.previousSoft)"])
+            logger.info(
+                "descriptor limit",
+                metadata: ["soft": "\(limit.soft)", "hard": "\(limit.hard)", "raised_from": "\(limit.previousSoft)"])
             if limit.soft < DescriptorLimit.recommended {
-                logger.warning("the descriptor limit is low: each open job holds a few descriptors (a complete or paused one none); raise LimitNOFILE=",
-                               metadata: ["soft": "\(limit.soft)", "recommended": "\(DescriptorLimit.recommended)"])
+                logger.warning(
+                    "the descriptor limit is low: each open job holds a few descriptors (a complete or paused one none); raise LimitNOFILE=",
+                    metadata: ["soft": "\(limit.soft)", "recommended": "\(DescriptorLimit.recommended)"])
             }
         }
         let gid = try resolveGroup(options.socketGroup)
@@ -119,18 +124,27 @@ public enum HydrationDaemon {
                 guard readiness.isReady else { return }
                 let line = statusLine(jobs: await manager.statusAll())
                 _ = notifier.ready(status: line)
-                logger.info("ready", metadata: ["socket": "\(info.path ?? options.socketPath)", "nbd_socket": "\(exports.socketPath)",
-                                                "state_dir": "\(options.stateDirectory)"])
+                logger.info(
+                    "ready",
+                    metadata: [
+                        "socket": "\(info.path ?? options.socketPath)", "nbd_socket": "\(exports.socketPath)",
+                        "state_dir": "\(options.stateDirectory)",
+                    ])
             })
-        let supervisor = JobSupervisor(manager: manager, notifier: notifier, watchdog: SystemdWatchdog.fromEnvironment(notifier: notifier),
-                                       interval: options.supervisorInterval, logger: logger)
+        let supervisor = JobSupervisor(
+            manager: manager, notifier: notifier, watchdog: SystemdWatchdog.fromEnvironment(notifier: notifier),
+            interval: options.supervisorInterval, logger: logger)
         // Services stop in reverse order, each once the previous one has ended: the control socket
         // first, then the NBD server (requests in flight answered), then the jobs (final commits).
-        let group = ServiceGroup(configuration: .init(
-            services: [.init(service: HangupIgnorer(logger: logger)), .init(service: supervisor), .init(service: nbdServer),
-                       .init(service: server)],
-            gracefulShutdownSignals: [.sigterm, .sigint],
-            logger: logger))
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [
+                    .init(service: HangupIgnorer(logger: logger)), .init(service: supervisor),
+                    .init(service: nbdServer),
+                    .init(service: server),
+                ],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
         do {
             try await group.run()
         } catch {
@@ -203,8 +217,10 @@ final class JobSupervisor: Service, Sendable {
     let interval: Duration
     let logger: Logger
 
-    init(manager: JobManager, notifier: SystemdNotifier, watchdog: SystemdWatchdog?, interval: Duration, logger: Logger) {
-        self.manager = manager; self.notifier = notifier; self.watchdog = watchdog; self.interval = interval; self.logger = logger
+    init(manager: JobManager, notifier: SystemdNotifier, watchdog: SystemdWatchdog?, interval: Duration, logger: Logger)
+    {
+        self.manager = manager; self.notifier = notifier; self.watchdog = watchdog; self.interval = interval;
+        self.logger = logger
     }
 
     func run() async throws {
@@ -266,7 +282,9 @@ final class DescriptorReserve: Sendable {
     var count: Int { fds.withLock { $0.count } }
 
     func release() {
-        let all = fds.withLock { f -> [Int32] in defer { f = [] }; return f }
+        let all = fds.withLock { f -> [Int32] in
+            defer { f = [] }; return f
+        }
         for fd in all { close(fd) }
     }
 
@@ -287,7 +305,8 @@ final class HangupIgnorer: Service, Sendable {
         source.resume()
         defer { source.cancel(); continuation.finish() }
         for await _ in hangups.cancelOnGracefulShutdown() {
-            logger.notice("SIGHUP ignored: hydrationd has no configuration to reload (restart the service to change its options)")
+            logger.notice(
+                "SIGHUP ignored: hydrationd has no configuration to reload (restart the service to change its options)")
         }
     }
 }

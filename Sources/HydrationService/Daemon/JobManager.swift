@@ -20,13 +20,16 @@ public struct CreateJobRequest: Sendable, Equatable {
     /// Direct or buffered I/O.
     public var io: IOMode
 
-    public init(name: String, source: String, dest: String, metadata: String? = nil, regionSize: UInt64? = nil,
-                discardSource: Bool = false, destZeroed: Bool = false, noHydration: Bool = false,
-                tunables: TunablesUpdate = TunablesUpdate(), export: Bool = false, hydrateOnRead: Bool = false,
-                io: IOMode = .auto) {
+    public init(
+        name: String, source: String, dest: String, metadata: String? = nil, regionSize: UInt64? = nil,
+        discardSource: Bool = false, destZeroed: Bool = false, noHydration: Bool = false,
+        tunables: TunablesUpdate = TunablesUpdate(), export: Bool = false, hydrateOnRead: Bool = false,
+        io: IOMode = .auto
+    ) {
         self.io = io
         self.name = name; self.source = source; self.dest = dest; self.metadata = metadata; self.regionSize = regionSize
-        self.discardSource = discardSource; self.destZeroed = destZeroed; self.noHydration = noHydration; self.tunables = tunables
+        self.discardSource = discardSource; self.destZeroed = destZeroed; self.noHydration = noHydration;
+        self.tunables = tunables
         self.export = export
         self.hydrateOnRead = hydrateOnRead
     }
@@ -41,8 +44,10 @@ public struct TunablesUpdate: Sendable, Equatable {
     public var spaceBudgetBytes: UInt64?
     public var commitIntervalMs: Int?
 
-    public init(threshold: Int? = nil, batchSize: Int? = nil, rateLimitBytesPerSecond: UInt64?? = nil,
-                spaceBudgetBytes: UInt64? = nil, commitIntervalMs: Int? = nil) {
+    public init(
+        threshold: Int? = nil, batchSize: Int? = nil, rateLimitBytesPerSecond: UInt64?? = nil,
+        spaceBudgetBytes: UInt64? = nil, commitIntervalMs: Int? = nil
+    ) {
         self.threshold = threshold; self.batchSize = batchSize; self.rateLimitBytesPerSecond = rateLimitBytesPerSecond
         self.spaceBudgetBytes = spaceBudgetBytes; self.commitIntervalMs = commitIntervalMs
     }
@@ -58,7 +63,8 @@ public struct TunablesUpdate: Sendable, Equatable {
     }
 
     public var isEmpty: Bool {
-        threshold == nil && batchSize == nil && rateLimitBytesPerSecond == nil && spaceBudgetBytes == nil && commitIntervalMs == nil
+        threshold == nil && batchSize == nil && rateLimitBytesPerSecond == nil && spaceBudgetBytes == nil
+            && commitIntervalMs == nil
     }
 }
 
@@ -144,8 +150,10 @@ public actor JobManager {
 
     public static let maxNameLength = 64
 
-    public init(stateDirectory: String, storage: any StorageProvider = PosixStorage(), io: IOExecutor, logger: Logger,
-                exports: JobExportHost? = nil) {
+    public init(
+        stateDirectory: String, storage: any StorageProvider = PosixStorage(), io: IOExecutor, logger: Logger,
+        exports: JobExportHost? = nil
+    ) {
         self.stateDirectory = stateDirectory
         self.storage = storage
         self.io = io
@@ -167,8 +175,9 @@ public actor JobManager {
         // state directory must not hold the threads the control socket and the jobs need.
         let jobsDirectory = self.jobsDirectory, stateDirectory = self.stateDirectory
         try await io.run {
-            try FileManager.default.createDirectory(atPath: jobsDirectory, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o700])
+            try FileManager.default.createDirectory(
+                atPath: jobsDirectory, withIntermediateDirectories: true,
+                attributes: [.posixPermissions: 0o700])
         }
         // Two daemons on one state directory would both open every job's metadata read-write.
         // A refusal is retried for about a second: a process forked elsewhere in this program
@@ -197,9 +206,12 @@ public actor JobManager {
             case .success(let d): def = d
             case .failure(let u):
                 jobs[name] = .unreadable(u)
-                logger.error("job record unreadable; the job is listed as failed and its devices stay reserved",
-                             metadata: ["job": "\(name)", "path": "\(u.file)", "reason": "\(u.reason)",
-                                        "reserved_sources": "\(u.sources)", "reserved_destinations": "\(u.dests)"])
+                logger.error(
+                    "job record unreadable; the job is listed as failed and its devices stay reserved",
+                    metadata: [
+                        "job": "\(name)", "path": "\(u.file)", "reason": "\(u.reason)",
+                        "reserved_sources": "\(u.sources)", "reserved_destinations": "\(u.dests)",
+                    ])
                 continue
             }
             jobs[def.name] = await openEntry(def)
@@ -220,15 +232,21 @@ public actor JobManager {
             case .success(let def) where def.name == name:
                 return .success(def)
             case .success(let def):
-                return .failure(UnreadableRecord.examine(name: name, file: path, bytes: try? bytes.get(),
-                                                         reason: "it names job '\(def.name)', not '\(name)' as its file name says",
-                                                         defaultMetadata: defaultMetadata, storage: storage))
+                return .failure(
+                    UnreadableRecord.examine(
+                        name: name, file: path, bytes: try? bytes.get(),
+                        reason: "it names job '\(def.name)', not '\(name)' as its file name says",
+                        defaultMetadata: defaultMetadata, storage: storage))
             case .failure(let e):
-                return .failure(UnreadableRecord.examine(name: name, file: path, bytes: try? bytes.get(), reason: e.reason, errno: e.errno,
-                                                         defaultMetadata: defaultMetadata, storage: storage))
+                return .failure(
+                    UnreadableRecord.examine(
+                        name: name, file: path, bytes: try? bytes.get(), reason: e.reason, errno: e.errno,
+                        defaultMetadata: defaultMetadata, storage: storage))
             }
         }
-        return r ?? .failure(UnreadableRecord(name: name, file: path, reason: "the I/O executor is shut down", salvaged: .init()))
+        return r
+            ?? .failure(
+                UnreadableRecord(name: name, file: path, reason: "the I/O executor is shut down", salvaged: .init()))
     }
 
     // MARK: exports
@@ -237,13 +255,17 @@ public actor JobManager {
     /// that could not be opened, or that is complete and restored from its metadata alone (its
     /// devices are not opened), is not served.
     private func publishExport(_ name: String) async {
-        guard let host = exportHost, let entry = jobs[name], entry.definition.export, !published.contains(name) else { return }
+        guard let host = exportHost, let entry = jobs[name], entry.definition.export, !published.contains(name) else {
+            return
+        }
         if case .finished(let def, let header) = entry {
             // Complete and restored from its metadata alone: the clone is the destination itself.
             // Only the destination is opened (confirmed to be the job's own), never the source.
             let storage = self.storage
             do {
-                let (export, device) = try await io.run { try CompleteCloneExport.open(def, header: header, storage: storage, io: LiveCloneExport.clientIO) }
+                let (export, device) = try await io.run {
+                    try CompleteCloneExport.open(def, header: header, storage: storage, io: LiveCloneExport.clientIO)
+                }
                 do {
                     try host.publish(export)
                 } catch {
@@ -252,7 +274,9 @@ public actor JobManager {
                 }
                 servedDestinations[name] = device
                 published.insert(name)
-                logger.info("complete job's destination exported over NBD", metadata: ["job": "\(name)", "uri": "\(host.uri(for: name))"])
+                logger.info(
+                    "complete job's destination exported over NBD",
+                    metadata: ["job": "\(name)", "uri": "\(host.uri(for: name))"])
             } catch {
                 exportErrors[name] = error as? HydrationError ?? HydrationError(.ioError, "\(error)")
                 logger.error("complete job not exported", metadata: ["job": "\(name)", "error": "\(error)"])
@@ -293,7 +317,9 @@ public actor JobManager {
     /// writes and releases nothing.
     private func openEntry(_ def: JobDefinition, acceptDevices: Bool = false) async -> Entry {
         let storage = self.storage
-        let header = try? await io.run { try MetadataStore.open(path: def.metadata, storage: storage, readOnly: true).0.header }
+        let header = try? await io.run {
+            try MetadataStore.open(path: def.metadata, storage: storage, readOnly: true).0.header
+        }
         if let header, header.complete {
             // A complete job never touches its source again, even with releases pending (a crash
             // between its last commit and their record, a source whose sync failed): that source
@@ -302,8 +328,9 @@ public actor JobManager {
             return .finished(def, header)
         }
         do {
-            let job = try await HydrationJob.open(def.configuration, storage: storage, io: io, logger: logger,
-                                                  acceptDevices: acceptDevices)
+            let job = try await HydrationJob.open(
+                def.configuration, storage: storage, io: io, logger: logger,
+                acceptDevices: acceptDevices)
             job.reportStateChanges(to: stateChanges)
             if def.desired == .hydrating, await job.currentState != .complete {
                 try await job.start()
@@ -316,9 +343,13 @@ public actor JobManager {
             return .live(job, def)
         } catch {
             if header?.complete == true {
-                logger.info("complete job restored from its metadata alone", metadata: ["job": "\(def.name)", "note": "\(error.message)"])
+                logger.info(
+                    "complete job restored from its metadata alone",
+                    metadata: ["job": "\(def.name)", "note": "\(error.message)"])
             } else {
-                logger.error("job could not be restored; it writes and releases nothing until resumed", metadata: ["job": "\(def.name)", "error": "\(error)"])
+                logger.error(
+                    "job could not be restored; it writes and releases nothing until resumed",
+                    metadata: ["job": "\(def.name)", "error": "\(error)"])
             }
             return .broken(def, error, header)
         }
@@ -329,7 +360,8 @@ public actor JobManager {
     /// job paused on an error keep their own machinery). nil when the job stays open.
     private func park(_ job: HydrationJob, _ def: JobDefinition) async -> Entry? {
         guard !def.export, !RemoteSource.isURI(def.source), await job.currentState == .paused,
-              await !job.needsReopen, await job.lastError == nil, await !job.isExported else { return nil }
+            await !job.needsReopen, await job.lastError == nil, await !job.isExported
+        else { return nil }
         let status = await job.status()
         let id = await job.jobID
         await job.close()
@@ -343,11 +375,13 @@ public actor JobManager {
     /// The daemon calls it when a job's state changes.
     public func retireCompleteJobs() async {
         for name in jobs.keys.sorted() {
-            guard case .live(let job, _)? = jobs[name], !published.contains(name), await job.currentState == .complete else { continue }
+            guard case .live(let job, _)? = jobs[name], !published.contains(name), await job.currentState == .complete
+            else { continue }
             try? await serialized(name) { () async throws(HydrationError) in
                 // Checked again under the job's lock: an operation may have changed it meanwhile.
                 guard case .live(let job, let def)? = jobs[name], !published.contains(name), await !job.isExported,
-                      await job.currentState == .complete else { return }
+                    await job.currentState == .complete
+                else { return }
                 let header = await job.metadataHeader
                 guard header.complete else { return }
                 let last = await job.status()
@@ -364,9 +398,12 @@ public actor JobManager {
     /// Whether a job failed to open only because its remote source did not answer (the server is
     /// down or restarting): a migration's old host rebooting must not need an operator.
     static func sourceUnreachable(_ def: JobDefinition, _ e: HydrationError) -> Bool {
-        guard RemoteSource.isURI(def.source), e.message.hasPrefix("source") || e.code == .sourceUnavailable else { return false }
+        guard RemoteSource.isURI(def.source), e.message.hasPrefix("source") || e.code == .sourceUnavailable else {
+            return false
+        }
         switch e.errno {
-        case ECONNREFUSED?, ENOENT?, ENOTCONN?, ECONNRESET?, EHOSTUNREACH?, ENETUNREACH?, ETIMEDOUT?, EPIPE?: return true
+        case ECONNREFUSED?, ENOENT?, ENOTCONN?, ECONNRESET?, EHOSTUNREACH?, ENETUNREACH?, ETIMEDOUT?, EPIPE?:
+            return true
         default: return e.code == .sourceUnavailable
         }
     }
@@ -377,8 +414,11 @@ public actor JobManager {
     /// resume, pause or remove by the operator takes over (the retry stops when the entry changes).
     private func scheduleReopenIfSourceUnreachable(_ name: String) {
         guard reopenTasks[name] == nil, case .broken(let def, let e, _)? = jobs[name], def.desired == .hydrating,
-              Self.sourceUnreachable(def, e) else { return }
-        logger.notice("remote source unreachable; the job is reopened once it answers", metadata: ["job": "\(name)", "error": "\(e.message)"])
+            Self.sourceUnreachable(def, e)
+        else { return }
+        logger.notice(
+            "remote source unreachable; the job is reopened once it answers",
+            metadata: ["job": "\(name)", "error": "\(e.message)"])
         reopenTasks[name] = Task { [weak self] in
             var delay: UInt64 = 1_000_000_000
             while !Task.isCancelled {
@@ -394,7 +434,8 @@ public actor JobManager {
     private func retryReopen(_ name: String) async -> Bool {
         await acquire(name)
         defer { release(name) }
-        guard case .broken(let def, let e, _)? = jobs[name], def.desired == .hydrating, Self.sourceUnreachable(def, e) else {
+        guard case .broken(let def, let e, _)? = jobs[name], def.desired == .hydrating, Self.sourceUnreachable(def, e)
+        else {
             reopenTasks[name] = nil
             return false
         }
@@ -442,7 +483,9 @@ public actor JobManager {
         }
     }
 
-    private func serialized<T>(_ name: String, _ body: () async throws(HydrationError) -> T) async throws(HydrationError) -> T {
+    private func serialized<T>(_ name: String, _ body: () async throws(HydrationError) -> T)
+        async throws(HydrationError) -> T
+    {
         await acquire(name)
         defer { release(name) }
         return try await body()
@@ -452,10 +495,15 @@ public actor JobManager {
 
     public static func validateName(_ name: String) throws(HydrationError) {
         guard !name.isEmpty, name.utf8.count <= maxNameLength else {
-            throw HydrationError(.invalidParameter, "job name must be 1 to \(maxNameLength) characters (got \(name.utf8.count))")
+            throw HydrationError(
+                .invalidParameter, "job name must be 1 to \(maxNameLength) characters (got \(name.utf8.count))")
         }
-        guard !name.hasPrefix("."), name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:@".contains($0)) }) else {
-            throw HydrationError(.invalidParameter, "job name '\(name)' may contain only letters, digits and - _ . : @, and may not start with '.'")
+        guard !name.hasPrefix("."),
+            name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:@".contains($0)) })
+        else {
+            throw HydrationError(
+                .invalidParameter,
+                "job name '\(name)' may contain only letters, digits and - _ . : @, and may not start with '.'")
         }
     }
 
@@ -484,21 +532,24 @@ public actor JobManager {
         var defaultMetadata = jobsDirectory + "/\(req.name).meta"
         let keptNow = await keptScan()
         if keptNow.readable.contains(where: { $0.record.definition.metadata == defaultMetadata })
-            || keptNow.unreadable.contains(where: { $0.metadataPath == defaultMetadata }) {
+            || keptNow.unreadable.contains(where: { $0.metadataPath == defaultMetadata })
+        {
             // A removed job of the same name kept its metadata there.
             defaultMetadata = jobsDirectory + "/\(req.name)-\(wallClockMillis()).meta"
         }
-        var def = JobDefinition(name: req.name, source: req.source, dest: req.dest,
-                                metadata: req.metadata ?? defaultMetadata,
-                                regionSize: regionSize, discardSource: req.discardSource, destZeroed: req.destZeroed,
-                                tunables: tunables, desired: req.noHydration ? .paused : .hydrating, export: req.export,
-                                hydrateOnRead: req.hydrateOnRead, io: req.io)
+        var def = JobDefinition(
+            name: req.name, source: req.source, dest: req.dest,
+            metadata: req.metadata ?? defaultMetadata,
+            regionSize: regionSize, discardSource: req.discardSource, destZeroed: req.destZeroed,
+            tunables: tunables, desired: req.noHydration ? .paused : .hydrating, export: req.export,
+            hydrateOnRead: req.hydrateOnRead, io: req.io)
         // Another job's metadata must not be touched by this one.
         for entry in jobs.values {
             let other = entry.definition
             // Devices are guarded by their locks (released once a job completes); metadata files
             // are not locked, so they are checked here.
-            for path in [def.source, def.dest, def.metadata] where path == other.metadata || (path == def.metadata && [other.source, other.dest].contains(path)) {
+            for path in [def.source, def.dest, def.metadata]
+            where path == other.metadata || (path == def.metadata && [other.source, other.dest].contains(path)) {
                 var e = HydrationError(.deviceInUse, "\(path) is used by job \(other.name)")
                 e.path = path
                 e.holder = other.name
@@ -512,7 +563,9 @@ public actor JobManager {
         // A destination file this create makes is removed again if the create fails.
         let destPath = def.dest
         var destExisted = RemoteSource.isURI(destPath)
-        if !destExisted { destExisted = (try? await io.run { FileManager.default.fileExists(atPath: destPath) }) ?? true }
+        if !destExisted {
+            destExisted = (try? await io.run { FileManager.default.fileExists(atPath: destPath) }) ?? true
+        }
         let job: HydrationJob
         do {
             if let kept {
@@ -529,7 +582,8 @@ public actor JobManager {
         } catch {
             var e = error
             if e.code == .deviceInUse, let path = e.path {
-                e.holder = jobs.values.first { [$0.definition.source, $0.definition.dest].contains(path) }?.definition.name
+                e.holder =
+                    jobs.values.first { [$0.definition.source, $0.definition.dest].contains(path) }?.definition.name
                 if let holder = e.holder { e.message += " (job \(holder))" }
             }
             throw e
@@ -574,38 +628,49 @@ public actor JobManager {
     /// record it could not make durable itself), its metadata (unless it is a kept job's), and
     /// its destination file if the create made it and it is still that file. The job is closed.
     /// Best effort: what cannot be removed is logged with the reason.
-    private func rollBackCreate(_ def: JobDefinition, job: HydrationJob, keptMetadata: Bool, destExisted: Bool, record: Bool = false) async {
+    private func rollBackCreate(
+        _ def: JobDefinition, job: HydrationJob, keptMetadata: Bool, destExisted: Bool, record: Bool = false
+    ) async {
         var paths: [(String, DeviceIdentity?)] = []
         if record { paths.append((definitionPath(def.name), nil)) }
         if !keptMetadata { paths.append((def.metadata, nil)) }
         if !destExisted { paths.append((def.dest, job.destIdentity)) }
         let toRemove = paths
-        let failures = (try? await io.run { () -> [String] in
-            var failed: [String] = []
-            for (path, identity) in toRemove {
-                var st = stat()
-                guard lstat(path, &st) == 0 else { continue }
-                if let identity, identity.kind == .regularFile,
-                   UInt64(st.st_dev) != identity.device || UInt64(st.st_ino) != identity.inode { continue }
-                if unlink(path) != 0 && errno != ENOENT {
-                    failed.append("\(path): \(errnoSymbol(errno))")
-                    continue
+        let failures =
+            (try? await io.run { () -> [String] in
+                var failed: [String] = []
+                for (path, identity) in toRemove {
+                    var st = stat()
+                    guard lstat(path, &st) == 0 else { continue }
+                    if let identity, identity.kind == .regularFile,
+                        UInt64(st.st_dev) != identity.device || UInt64(st.st_ino) != identity.inode
+                    {
+                        continue
+                    }
+                    if unlink(path) != 0 && errno != ENOENT {
+                        failed.append("\(path): \(errnoSymbol(errno))")
+                        continue
+                    }
+                    do { try PosixStorage().syncDirectory(containing: path) } catch {
+                        failed.append("\(path): \(error)")
+                    }
                 }
-                do { try PosixStorage().syncDirectory(containing: path) } catch { failed.append("\(path): \(error)") }
-            }
-            return failed
-        }) ?? ["the I/O executor is shut down"]
+                return failed
+            }) ?? ["the I/O executor is shut down"]
         if failures.isEmpty {
             logger.info("failed create rolled back", metadata: ["job": "\(def.name)"])
         } else {
-            logger.error("failed create not fully rolled back", metadata: ["job": "\(def.name)", "left": "\(failures)"])
+            logger.error(
+                "failed create not fully rolled back", metadata: ["job": "\(def.name)", "left": "\(failures)"])
         }
     }
 
     /// The kept record a new job concerns: the one whose metadata it names (to resume it), or an
     /// error when it would write over the destination of one (that destination holds the only
     /// copy of regions already released from the record's source).
-    private func keptRecord(concerning def: JobDefinition) async throws(HydrationError) -> (record: KeptRecord, file: String)? {
+    private func keptRecord(concerning def: JobDefinition) async throws(HydrationError) -> (
+        record: KeptRecord, file: String
+    )? {
         await keptRecords().first { $0.record.definition.metadata == def.metadata }
     }
 
@@ -622,20 +687,34 @@ public actor JobManager {
             switch entry {
             case .live(let job, _):
                 if await job.currentState != .complete {
-                    out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
-                    out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
+                    out.append(
+                        Reservation(
+                            path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
+                    out.append(
+                        Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false)
+                    )
                 } else if published.contains(name) {
                     // Complete, but its clone is still served over NBD (reads and writes go there).
-                    out.append(Reservation(path: d.dest, role: "destination (served over NBD)", owner: name, keptMetadata: nil, noReaders: false))
+                    out.append(
+                        Reservation(
+                            path: d.dest, role: "destination (served over NBD)", owner: name, keptMetadata: nil,
+                            noReaders: false))
                 }
             case .broken(_, _, let h):
                 if h?.complete != true {
-                    out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
-                    out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false))
+                    out.append(
+                        Reservation(
+                            path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: d.discardSource))
+                    out.append(
+                        Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: false)
+                    )
                 }
             case .finished:
                 if published.contains(name) {
-                    out.append(Reservation(path: d.dest, role: "destination (served over NBD)", owner: name, keptMetadata: nil, noReaders: false))
+                    out.append(
+                        Reservation(
+                            path: d.dest, role: "destination (served over NBD)", owner: name, keptMetadata: nil,
+                            noReaders: false))
                 }
             case .unreadable(let u):
                 // Complete or not, unknown until the record is read: everything it names.
@@ -644,14 +723,20 @@ public actor JobManager {
                 // As exclusive as while it was open (where its locks refused even readers): a
                 // paused job must find its devices free when it is resumed.
                 out.append(Reservation(path: d.source, role: "source", owner: name, keptMetadata: nil, noReaders: true))
-                out.append(Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: true))
+                out.append(
+                    Reservation(path: d.dest, role: "destination", owner: name, keptMetadata: nil, noReaders: true))
             }
         }
         let kept = await keptScan()
         for (record, file) in kept.readable where file != keptFile {
             let k = record.definition
-            out.append(Reservation(path: k.source, role: "source", owner: k.name, keptMetadata: k.metadata, noReaders: k.discardSource))
-            out.append(Reservation(path: k.dest, role: "destination", owner: k.name, keptMetadata: k.metadata, noReaders: false))
+            out.append(
+                Reservation(
+                    path: k.source, role: "source", owner: k.name, keptMetadata: k.metadata, noReaders: k.discardSource)
+            )
+            out.append(
+                Reservation(
+                    path: k.dest, role: "destination", owner: k.name, keptMetadata: k.metadata, noReaders: false))
         }
         for u in kept.unreadable where u.file != keptFile {
             out += Self.reservations(of: u, kept: true)
@@ -664,17 +749,28 @@ public actor JobManager {
     static func reservations(of u: UnreadableRecord, kept: Bool) -> [Reservation] {
         let e = u.error(kept: kept)
         if u.namesNothing {
-            return [Reservation(path: "", role: "everything", owner: u.name, keptMetadata: nil, noReaders: true, unreadable: e)]
+            return [
+                Reservation(
+                    path: "", role: "everything", owner: u.name, keptMetadata: nil, noReaders: true, unreadable: e)
+            ]
         }
-        return u.sources.map { Reservation(path: $0, role: "source", owner: u.name, keptMetadata: nil, noReaders: u.discardSource, unreadable: e) }
-            + u.dests.map { Reservation(path: $0, role: "destination", owner: u.name, keptMetadata: nil, noReaders: false, unreadable: e) }
+        return u.sources.map {
+            Reservation(
+                path: $0, role: "source", owner: u.name, keptMetadata: nil, noReaders: u.discardSource, unreadable: e)
+        }
+            + u.dests.map {
+                Reservation(
+                    path: $0, role: "destination", owner: u.name, keptMetadata: nil, noReaders: false, unreadable: e)
+            }
     }
 
     /// Refuses a new job that would write to (its destination), release (its discard_source
     /// source) or read while it is being punched (any source) what another job still needs —
     /// by path, and by what the bytes live on (a loop device over the file, a partition of the
     /// disk, ...), so an alias does not get around it.
-    private func checkReservations(_ def: JobDefinition, except keptFile: String?, job skipped: String? = nil) async throws(HydrationError) {
+    private func checkReservations(_ def: JobDefinition, except keptFile: String?, job skipped: String? = nil)
+        async throws(HydrationError)
+    {
         let reserved = await reservations(except: keptFile, job: skipped)
         guard !reserved.isEmpty else { return }
         if let blind = reserved.first(where: { $0.role == "everything" }), let e = blind.unreadable {
@@ -686,7 +782,8 @@ public actor JobManager {
         let conflict: (String, String, Reservation)?
         let learned: [String: CachedStack]
         do {
-            (conflict, learned) = try await io.run { () throws -> ((String, String, Reservation)?, [String: CachedStack]) in
+            (conflict, learned) = try await io.run {
+                () throws -> ((String, String, Reservation)?, [String: CachedStack]) in
                 var targets: [(String, String, Bool)] = [("destination", def.dest, false)]
                 targets.append(("source", def.source, !def.discardSource))
                 var stacks: [String: StorageStack?] = [:]
@@ -706,13 +803,17 @@ public actor JobManager {
                     }
                     let s = (try? storage.stack(of: p)) ?? nil
                     stacks[p] = s
-                    if isFile { learned[p] = CachedStack(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), stack: s) }
+                    if isFile {
+                        learned[p] = CachedStack(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), stack: s)
+                    }
                     return s
                 }
                 for (label, path, readOnly) in targets {
                     for r in reserved where !readOnly || r.noReaders {
                         if r.path == path { return ((label, path, r), learned) }
-                        if let a = stack(path), let b = stack(r.path), let why = a.overlap(with: b, as: label, otherLabel: r.role) {
+                        if let a = stack(path), let b = stack(r.path),
+                            let why = a.overlap(with: b, as: label, otherLabel: r.role)
+                        {
                             return ((label, why, r), learned)
                         }
                     }
@@ -727,15 +828,23 @@ public actor JobManager {
         guard let (label, detail, r) = conflict else { return }
         let what = label == "destination" ? "written" : (def.discardSource ? "released" : "read while it is released")
         if var e = r.unreadable {
-            e.message = "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of job \(r.owner.isEmpty ? "(unknown)" : r.owner) and may not be \(what): " + e.message
+            e.message =
+                "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of job \(r.owner.isEmpty ? "(unknown)" : r.owner) and may not be \(what): "
+                + e.message
             throw e
         }
         if let keptMetadata = r.keptMetadata {
-            var e = HydrationError(.dataAtRisk, "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of removed job \(r.owner), whose metadata was kept at \(keptMetadata): it holds data no other copy has and may not be \(what). Resume that job (clonectl start \(r.owner) --metadata \(keptMetadata) --source SOURCE --dest DEST), or delete \(keptMetadata) and its record in the state directory's kept/ by hand once that data is no longer needed")
+            var e = HydrationError(
+                .dataAtRisk,
+                "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of removed job \(r.owner), whose metadata was kept at \(keptMetadata): it holds data no other copy has and may not be \(what). Resume that job (clonectl start \(r.owner) --metadata \(keptMetadata) --source SOURCE --dest DEST), or delete \(keptMetadata) and its record in the state directory's kept/ by hand once that data is no longer needed"
+            )
             e.path = r.path
             throw e
         }
-        var e = HydrationError(.deviceInUse, "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of job \(r.owner), which still needs it (it is not complete, or its releases are pending): it may not be \(what). Finish or remove job \(r.owner) first")
+        var e = HydrationError(
+            .deviceInUse,
+            "\(label) \(def.source == detail || def.dest == detail ? detail : "(" + detail + ")") is the \(r.role) \(r.path) of job \(r.owner), which still needs it (it is not complete, or its releases are pending): it may not be \(what). Finish or remove job \(r.owner) first"
+        )
         e.path = r.path
         e.holder = r.owner
         throw e
@@ -767,33 +876,41 @@ public actor JobManager {
     func keptScan() async -> (readable: [(record: KeptRecord, file: String)], unreadable: [UnreadableRecord]) {
         let dir = keptDirectory
         let storage = self.storage
-        let read = (try? await io.run { () -> ([(KeptRecord, String)], [UnreadableRecord]) in
-            let names: [String]
-            switch JobRecords.list(dir) {
-            case .success(let n): names = n ?? []
-            case .failure(let e):
-                // A kept/ that cannot be listed may hold records: refused as one unreadable record
-                // that names nothing.
-                return ([], [UnreadableRecord(name: "", file: dir, reason: e.reason, errno: e.errno, salvaged: .init())])
-            }
-            var out: [(KeptRecord, String)] = []
-            var bad: [UnreadableRecord] = []
-            for file in names where file.hasSuffix(".json") && !file.hasPrefix(".") {
-                let path = dir + "/" + file
-                let bytes = JobRecords.readBytes(path)
-                switch bytes.flatMap({ JobRecords.decode(KeptRecord.self, $0) }) {
-                case .success(let r): out.append((r, path))
+        let read =
+            (try? await io.run { () -> ([(KeptRecord, String)], [UnreadableRecord]) in
+                let names: [String]
+                switch JobRecords.list(dir) {
+                case .success(let n): names = n ?? []
                 case .failure(let e):
-                    bad.append(UnreadableRecord.examine(name: String(file.dropLast(".json".count)), file: path, bytes: try? bytes.get(),
-                                                        reason: e.reason, errno: e.errno, defaultMetadata: nil, storage: storage))
+                    // A kept/ that cannot be listed may hold records: refused as one unreadable record
+                    // that names nothing.
+                    return (
+                        [], [UnreadableRecord(name: "", file: dir, reason: e.reason, errno: e.errno, salvaged: .init())]
+                    )
                 }
-            }
-            return (out, bad)
-        }) ?? ([], [])
+                var out: [(KeptRecord, String)] = []
+                var bad: [UnreadableRecord] = []
+                for file in names where file.hasSuffix(".json") && !file.hasPrefix(".") {
+                    let path = dir + "/" + file
+                    let bytes = JobRecords.readBytes(path)
+                    switch bytes.flatMap({ JobRecords.decode(KeptRecord.self, $0) }) {
+                    case .success(let r): out.append((r, path))
+                    case .failure(let e):
+                        bad.append(
+                            UnreadableRecord.examine(
+                                name: String(file.dropLast(".json".count)), file: path, bytes: try? bytes.get(),
+                                reason: e.reason, errno: e.errno, defaultMetadata: nil, storage: storage))
+                    }
+                }
+                return (out, bad)
+            }) ?? ([], [])
         for u in read.1 {
-            logger.error("kept job record unreadable; what it names stays reserved",
-                         metadata: ["path": "\(u.file)", "reason": "\(u.reason)", "reserved_sources": "\(u.sources)",
-                                    "reserved_destinations": "\(u.dests)"])
+            logger.error(
+                "kept job record unreadable; what it names stays reserved",
+                metadata: [
+                    "path": "\(u.file)", "reason": "\(u.reason)", "reserved_sources": "\(u.sources)",
+                    "reserved_destinations": "\(u.dests)",
+                ])
         }
         return (read.0.map { (record: $0.0, file: $0.1) }, read.1)
     }
@@ -848,7 +965,8 @@ public actor JobManager {
                 // again from its durable state (confirming its devices), as a restart would.
                 await withdrawExport(name)
                 await job.close()
-                jobs[name] = .broken(jobs[name]!.definition, HydrationError(.noSpace, "reopening from the last commit"), nil)
+                jobs[name] = .broken(
+                    jobs[name]!.definition, HydrationError(.noSpace, "reopening from the last commit"), nil)
             }
             var closedDefinition: JobDefinition? = nil
             switch jobs[name] {
@@ -915,8 +1033,9 @@ public actor JobManager {
                 try t.validate(regionSize: def.regionSize)
                 def.tunables = t
                 try await persist(def)
-                parked.status.settings = .init(threshold: t.threshold, batchSize: t.batchSize,
-                                               rateLimitBytesPerSecond: t.rateLimitBytesPerSecond, commitIntervalMs: t.commitIntervalMs)
+                parked.status.settings = .init(
+                    threshold: t.threshold, batchSize: t.batchSize,
+                    rateLimitBytesPerSecond: t.rateLimitBytesPerSecond, commitIntervalMs: t.commitIntervalMs)
                 if def.discardSource { parked.status.spaceBudgetBytes = t.spaceBudgetBytes }
                 jobs[name] = .parked(def, parked)
                 return try await status(name)
@@ -949,7 +1068,10 @@ public actor JobManager {
         let def = entry.definition
         // Clients of its export would lose their disk: only with force.
         if published.contains(name), let clients = exportHost?.clients(of: name), clients > 0, !force {
-            var e = HydrationError(.exportInUse, "job \(name) is exported over NBD and \(clients) client\(clients == 1 ? " is" : "s are") connected; disconnect \(clients == 1 ? "it" : "them") first, or remove with force to disconnect \(clients == 1 ? "it" : "them")")
+            var e = HydrationError(
+                .exportInUse,
+                "job \(name) is exported over NBD and \(clients) client\(clients == 1 ? " is" : "s are") connected; disconnect \(clients == 1 ? "it" : "them") first, or remove with force to disconnect \(clients == 1 ? "it" : "them")"
+            )
             e.clients = clients
             throw e
         }
@@ -960,7 +1082,9 @@ public actor JobManager {
         switch entry {
         case .live(let job, _):
             if await job.currentState == .hydrating {
-                if !force { throw HydrationError(.jobRunning, "job \(name) is hydrating; pause it first or remove with force") }
+                if !force {
+                    throw HydrationError(.jobRunning, "job \(name) is hydrating; pause it first or remove with force")
+                }
                 // Its final commit may be what puts it at risk: decide after it. Clients first.
                 await withdrawExport(name)
                 await job.close()
@@ -986,7 +1110,10 @@ public actor JobManager {
             jobID = p.jobID
         }
         if atRisk && !force {
-            throw HydrationError(.dataAtRisk, "job \(name) has released part of its source \(def.source); the destination \(def.dest) holds the only copy of those regions and the metadata \(def.metadata) the only record of which they are. Finish it (clonectl resume \(name)), or remove it with --force: the metadata is then kept")
+            throw HydrationError(
+                .dataAtRisk,
+                "job \(name) has released part of its source \(def.source); the destination \(def.dest) holds the only copy of those regions and the metadata \(def.metadata) the only record of which they are. Finish it (clonectl resume \(name)), or remove it with --force: the metadata is then kept"
+            )
         }
         await withdrawExport(name)
         if case .live(let job, _) = entry { await job.close() }
@@ -1006,8 +1133,10 @@ public actor JobManager {
         }
     }
 
-    private func finishRemove(_ name: String, def: JobDefinition, atRisk: Bool, jobID: String?,
-                              unreadable: UnreadableRecord?) async throws(HydrationError) -> String? {
+    private func finishRemove(
+        _ name: String, def: JobDefinition, atRisk: Bool, jobID: String?,
+        unreadable: UnreadableRecord?
+    ) async throws(HydrationError) -> String? {
         var kept: String? = nil
         let stem = "\(name)-\(jobID ?? String(wallClockMillis()))"
         if atRisk {
@@ -1019,8 +1148,9 @@ public actor JobManager {
                 let data = try JobRecords.encode(KeptRecord(definition: def, removedUnixMs: wallClockMillis()))
                 let keptDirectory = self.keptDirectory
                 try await io.run {
-                    try FileManager.default.createDirectory(atPath: keptDirectory, withIntermediateDirectories: true,
-                                                            attributes: [.posixPermissions: 0o700])
+                    try FileManager.default.createDirectory(
+                        atPath: keptDirectory, withIntermediateDirectories: true,
+                        attributes: [.posixPermissions: 0o700])
                     try Self.writeDurably(data, to: path)
                 }
             } catch let e as StorageError {
@@ -1038,17 +1168,21 @@ public actor JobManager {
             try await io.run {
                 if unreadable != nil {
                     // Kept for the operator, under a name that is not read as a record.
-                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true,
-                                                            attributes: [.posixPermissions: 0o700])
+                    try FileManager.default.createDirectory(
+                        atPath: dir, withIntermediateDirectories: true,
+                        attributes: [.posixPermissions: 0o700])
                     let aside = dir + "/\(stem).unreadable-record"
-                    if rename(definitionFile, aside) != 0 && errno != ENOENT { throw StorageError(.create, path: aside, errno: errno) }
+                    if rename(definitionFile, aside) != 0 && errno != ENOENT {
+                        throw StorageError(.create, path: aside, errno: errno)
+                    }
                     try PosixStorage().syncDirectory(containing: aside)
                 } else if unlink(definitionFile) != 0 && errno != ENOENT {
                     throw StorageError(.create, path: definitionFile, errno: errno)
                 }
             }
         } catch {
-            var h = HydrationError(.ioError, "removing job record \(definitionFile): \(error)", errno: (error as? StorageError)?.errno)
+            var h = HydrationError(
+                .ioError, "removing job record \(definitionFile): \(error)", errno: (error as? StorageError)?.errno)
             h.path = definitionFile
             throw h
         }
@@ -1057,7 +1191,8 @@ public actor JobManager {
         do {
             try await io.run { try PosixStorage().syncDirectory(containing: definitionFile) }
         } catch {
-            logger.error("job record removed but its directory not synced", metadata: ["job": "\(name)", "error": "\(error)"])
+            logger.error(
+                "job record removed but its directory not synced", metadata: ["job": "\(name)", "error": "\(error)"])
         }
         jobs[name] = nil
         exportErrors[name] = nil
@@ -1078,7 +1213,9 @@ public actor JobManager {
         s.export?.hydrateOnRead = jobs[name]?.definition.hydrateOnRead ?? false
         if s.export == nil, s.error == nil, let e = exportErrors[name], jobs[name]?.definition.export == true {
             // Complete, but its clone is not served: say why (the job itself is fine).
-            s.error = JobStatus.ErrorInfo(code: e.code.rawValue, message: "the clone is not served: \(e.message)", errno: e.errno, region: e.region)
+            s.error = JobStatus.ErrorInfo(
+                code: e.code.rawValue, message: "the clone is not served: \(e.message)", errno: e.errno,
+                region: e.region)
         }
         return s
     }
@@ -1130,8 +1267,12 @@ public actor JobManager {
     }
 
     /// Validates a metadata file offline (read only).
-    public nonisolated func checkMetadata(_ path: String) async throws(HydrationError) -> (MetadataHeader, MetadataRecoveryReport) {
-        guard path.hasPrefix("/") else { throw HydrationError(.invalidParameter, "metadata path must be absolute: '\(path)'") }
+    public nonisolated func checkMetadata(_ path: String) async throws(HydrationError) -> (
+        MetadataHeader, MetadataRecoveryReport
+    ) {
+        guard path.hasPrefix("/") else {
+            throw HydrationError(.invalidParameter, "metadata path must be absolute: '\(path)'")
+        }
         let storage = self.storage
         do {
             let r = try await io.run { () throws -> (MetadataHeader, MetadataRecoveryReport) in
@@ -1140,7 +1281,9 @@ public actor JobManager {
             }
             return r
         } catch let e as MetadataError {
-            if case .io(let s) = e.reason, s.errno == ENOENT { throw HydrationError(.notFound, "metadata \(path) does not exist") }
+            if case .io(let s) = e.reason, s.errno == ENOENT {
+                throw HydrationError(.notFound, "metadata \(path) does not exist")
+            }
             throw HydrationError.from(e)
         } catch {
             throw HydrationError(.ioError, "\(error)")
@@ -1242,12 +1385,17 @@ public actor JobManager {
             throughputBytesPerSecond: 0, etaSeconds: complete ? 0 : nil,
             commits: .init(count: 0, lastUnixMs: h?.committedUnixMs, lastDurationMs: nil),
             // Releases a complete job will never make (it does not touch its source again).
-            discard: .init(enabled: d.discardSource,
-                           pendingBytes: min(total, UInt64(h?.pendingRelease.reduce(0) { $0 + $1.count } ?? 0) * d.regionSize), failed: 0),
+            discard: .init(
+                enabled: d.discardSource,
+                pendingBytes: min(total, UInt64(h?.pendingRelease.reduce(0) { $0 + $1.count } ?? 0) * d.regionSize),
+                failed: 0),
             spaceBudgetBytes: d.discardSource ? d.tunables.spaceBudgetBytes : nil,
-            settings: .init(threshold: d.tunables.threshold, batchSize: d.tunables.batchSize,
-                            rateLimitBytesPerSecond: d.tunables.rateLimitBytesPerSecond, commitIntervalMs: d.tunables.commitIntervalMs),
+            settings: .init(
+                threshold: d.tunables.threshold, batchSize: d.tunables.batchSize,
+                rateLimitBytesPerSecond: d.tunables.rateLimitBytesPerSecond,
+                commitIntervalMs: d.tunables.commitIntervalMs),
             metadata: .init(path: d.metadata, mode: complete ? .ro : .fail),
-            error: complete || e == nil ? nil : .init(code: e!.code.rawValue, message: e!.message, errno: e!.errno, region: e!.region))
+            error: complete || e == nil
+                ? nil : .init(code: e!.code.rawValue, message: e!.message, errno: e!.errno, region: e!.region))
     }
 }

@@ -2,7 +2,7 @@ import ControlProtocol
 import Foundation
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 // The records the daemon keeps in its state directory (see docs/metadata-format.md, "Job
@@ -36,8 +36,9 @@ public struct JobDefinition: Codable, Sendable, Equatable {
     public var io: IOMode = .auto
 
     var configuration: JobConfiguration {
-        JobConfiguration(name: name, sourcePath: source, destPath: dest, metadataPath: metadata, regionSize: regionSize,
-                         discardSource: discardSource, destZeroed: destZeroed, tunables: tunables, ioMode: io)
+        JobConfiguration(
+            name: name, sourcePath: source, destPath: dest, metadataPath: metadata, regionSize: regionSize,
+            discardSource: discardSource, destZeroed: destZeroed, tunables: tunables, ioMode: io)
     }
 }
 
@@ -53,7 +54,8 @@ extension JobDefinition {
     // before a field existed still read, and a value this version does not know is refused with
     // its name and value.
     enum CodingKeys: String, CodingKey {
-        case version, name, source, dest, metadata, regionSize, discardSource, destZeroed, tunables, desired, export, hydrateOnRead, io
+        case version, name, source, dest, metadata, regionSize, discardSource, destZeroed, tunables, desired, export,
+            hydrateOnRead, io
     }
 
     public init(from decoder: any Decoder) throws {
@@ -61,28 +63,36 @@ extension JobDefinition {
         let version = try c.decodeIfPresent(Int.self, forKey: .version) ?? 0
         guard version >= 0 else { throw RecordUnreadable(reason: "format version \(version) is not a version") }
         guard version <= Self.formatVersion else {
-            throw RecordUnreadable(reason: "format version \(version) is newer than this hydrationd reads (up to \(Self.formatVersion)): it was written by a newer hydrationd")
+            throw RecordUnreadable(
+                reason:
+                    "format version \(version) is newer than this hydrationd reads (up to \(Self.formatVersion)): it was written by a newer hydrationd"
+            )
         }
-        func known<T: RawRepresentable & CaseIterable>(_ t: T.Type, _ key: CodingKeys) throws -> T? where T.RawValue == String {
+        func known<T: RawRepresentable & CaseIterable>(_ t: T.Type, _ key: CodingKeys) throws -> T?
+        where T.RawValue == String {
             guard let raw = try c.decodeIfPresent(String.self, forKey: key) else { return nil }
             guard let v = T(rawValue: raw) else {
-                throw RecordUnreadable(reason: "field '\(key.stringValue)' has the value \"\(raw)\", which this hydrationd does not know (it knows \(T.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", ")))")
+                throw RecordUnreadable(
+                    reason:
+                        "field '\(key.stringValue)' has the value \"\(raw)\", which this hydrationd does not know (it knows \(T.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", ")))"
+                )
             }
             return v
         }
         guard let desired = try known(Desired.self, .desired) else {
             throw DecodingError.keyNotFound(CodingKeys.desired, .init(codingPath: [], debugDescription: "missing"))
         }
-        self.init(name: try c.decode(String.self, forKey: .name), source: try c.decode(String.self, forKey: .source),
-                  dest: try c.decode(String.self, forKey: .dest), metadata: try c.decode(String.self, forKey: .metadata),
-                  regionSize: try c.decode(UInt64.self, forKey: .regionSize),
-                  discardSource: try c.decode(Bool.self, forKey: .discardSource),
-                  destZeroed: try c.decode(Bool.self, forKey: .destZeroed),
-                  tunables: try c.decode(Tunables.self, forKey: .tunables),
-                  desired: desired,
-                  export: try c.decodeIfPresent(Bool.self, forKey: .export) ?? false,
-                  hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false,
-                  io: try known(IOMode.self, .io) ?? .auto)
+        self.init(
+            name: try c.decode(String.self, forKey: .name), source: try c.decode(String.self, forKey: .source),
+            dest: try c.decode(String.self, forKey: .dest), metadata: try c.decode(String.self, forKey: .metadata),
+            regionSize: try c.decode(UInt64.self, forKey: .regionSize),
+            discardSource: try c.decode(Bool.self, forKey: .discardSource),
+            destZeroed: try c.decode(Bool.self, forKey: .destZeroed),
+            tunables: try c.decode(Tunables.self, forKey: .tunables),
+            desired: desired,
+            export: try c.decodeIfPresent(Bool.self, forKey: .export) ?? false,
+            hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false,
+            io: try known(IOMode.self, .io) ?? .auto)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -125,7 +135,9 @@ enum JobRecords {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else {
             let e = errno
-            return .failure(RecordUnreadable(reason: "it cannot be opened: \(errnoSymbol(e)) (\(String(cString: strerror(e))))", errno: e))
+            return .failure(
+                RecordUnreadable(
+                    reason: "it cannot be opened: \(errnoSymbol(e)) (\(String(cString: strerror(e))))", errno: e))
         }
         defer { close(fd) }
         var out = Data()
@@ -135,7 +147,9 @@ enum JobRecords {
             if n < 0 {
                 if errno == EINTR { continue }
                 let e = errno
-                return .failure(RecordUnreadable(reason: "it cannot be read: \(errnoSymbol(e)) (\(String(cString: strerror(e))))", errno: e))
+                return .failure(
+                    RecordUnreadable(
+                        reason: "it cannot be read: \(errnoSymbol(e)) (\(String(cString: strerror(e))))", errno: e))
             }
             if n == 0 { return .success(out) }
             out.append(contentsOf: buf[0..<n])
@@ -159,7 +173,8 @@ enum JobRecords {
     /// A job record, checked to be the record of the job its file is named for.
     static func readDefinition(_ path: String, name: String) -> Result<JobDefinition, RecordUnreadable> {
         readBytes(path).flatMap { decode(JobDefinition.self, $0) }.flatMap { def in
-            def.name == name ? .success(def)
+            def.name == name
+                ? .success(def)
                 : .failure(RecordUnreadable(reason: "it names job '\(def.name)', not '\(name)' as its file name says"))
         }
     }
@@ -169,7 +184,10 @@ enum JobRecords {
         guard let d = opendir(dir) else {
             let e = errno
             if e == ENOENT { return .success(nil) }
-            return .failure(RecordUnreadable(reason: "the directory cannot be listed: \(errnoSymbol(e)) (\(String(cString: strerror(e))))", errno: e))
+            return .failure(
+                RecordUnreadable(
+                    reason: "the directory cannot be listed: \(errnoSymbol(e)) (\(String(cString: strerror(e))))",
+                    errno: e))
         }
         defer { closedir(d) }
         var out: [String] = []
@@ -215,12 +233,14 @@ enum JobRecords {
         if let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
             let d = (obj["definition"] as? [String: Any]) ?? obj
             func str(_ k: String) -> String? { (d[k] as? String).flatMap { $0.isEmpty ? nil : $0 } }
-            return Salvaged(source: str("source"), dest: str("dest"), metadata: str("metadata"),
-                            discardSource: d["discardSource"] as? Bool)
+            return Salvaged(
+                source: str("source"), dest: str("dest"), metadata: str("metadata"),
+                discardSource: d["discardSource"] as? Bool)
         }
         let text = Array(String(decoding: data, as: UTF8.self).unicodeScalars)
-        return Salvaged(source: stringValue(text, "source"), dest: stringValue(text, "dest"),
-                        metadata: stringValue(text, "metadata"), discardSource: boolValue(text, "discardSource"))
+        return Salvaged(
+            source: stringValue(text, "source"), dest: stringValue(text, "dest"),
+            metadata: stringValue(text, "metadata"), discardSource: boolValue(text, "discardSource"))
     }
 
     /// After `"key"` (and blanks and a colon): the position of the value.
@@ -302,8 +322,12 @@ struct UnreadableRecord: Error, Sendable {
     /// Why the metadata could not be read, when a path for it was found.
     var metadataProblem: String?
 
-    var sources: [String] { Array(Set([salvaged.source, header?.source.path].compactMap { $0 }.filter { !$0.isEmpty })).sorted() }
-    var dests: [String] { Array(Set([salvaged.dest, header?.dest.path].compactMap { $0 }.filter { !$0.isEmpty })).sorted() }
+    var sources: [String] {
+        Array(Set([salvaged.source, header?.source.path].compactMap { $0 }.filter { !$0.isEmpty })).sorted()
+    }
+    var dests: [String] {
+        Array(Set([salvaged.dest, header?.dest.path].compactMap { $0 }.filter { !$0.isEmpty })).sorted()
+    }
     /// Unknown: assumed, so that a source that may be being released is not read by a new job.
     var discardSource: Bool { header?.discardSource ?? salvaged.discardSource ?? true }
     /// Nothing at all to reserve by: every new job is refused until the operator acts.
@@ -321,13 +345,19 @@ struct UnreadableRecord: Error, Sendable {
         } else {
             what += "; no metadata path could be recovered from it"
         }
-        if namesNothing { what += "; it names no device that could be recovered, so every new job is refused until it is repaired or moved away" }
+        if namesNothing {
+            what +=
+                "; it names no device that could be recovered, so every new job is refused until it is repaired or moved away"
+        }
         let subject = kept ? "kept job record \(file)" : "job record \(file)"
-        let action = kept
+        let action =
+            kept
             ? "repair or restore the file, or move it out of kept/ once the data of the removed job it recorded is no longer needed"
             : "repair or restore the file and resume the job, or remove it with --force (its metadata is kept, and a kept record written with what was recovered)"
-        let code: HydrationError.Code = errno.map(HydrationError.isResourceExhaustion) == true ? .resourceExhausted : .jobRecordUnreadable
-        var e = HydrationError(code, "\(subject) cannot be read: \(what). Nothing is written or released for it; \(action)", errno: errno)
+        let code: HydrationError.Code =
+            errno.map(HydrationError.isResourceExhaustion) == true ? .resourceExhausted : .jobRecordUnreadable
+        var e = HydrationError(
+            code, "\(subject) cannot be read: \(what). Nothing is written or released for it; \(action)", errno: errno)
         e.path = file
         return e
     }
@@ -336,16 +366,19 @@ struct UnreadableRecord: Error, Sendable {
     /// nothing was.
     var definition: JobDefinition {
         let regionSize = header?.regionSize ?? RegionGeometry.defaultRegionSize
-        return JobDefinition(name: name, source: header?.source.path ?? salvaged.source ?? "",
-                             dest: header?.dest.path ?? salvaged.dest ?? "", metadata: metadataPath ?? "",
-                             regionSize: regionSize, discardSource: discardSource, destZeroed: header?.destZeroed ?? false,
-                             tunables: .defaults(regionSize: regionSize), desired: .paused)
+        return JobDefinition(
+            name: name, source: header?.source.path ?? salvaged.source ?? "",
+            dest: header?.dest.path ?? salvaged.dest ?? "", metadata: metadataPath ?? "",
+            regionSize: regionSize, discardSource: discardSource, destZeroed: header?.destZeroed ?? false,
+            tunables: .defaults(regionSize: regionSize), desired: .paused)
     }
 
     /// Reads what can be read of the record at `file` (the bytes already read, or nil when they
     /// could not be) and of the metadata it names; blocks (file I/O).
-    static func examine(name: String, file: String, bytes: Data?, reason: String, errno: Int32? = nil, defaultMetadata: String?,
-                        storage: any StorageProvider) -> UnreadableRecord {
+    static func examine(
+        name: String, file: String, bytes: Data?, reason: String, errno: Int32? = nil, defaultMetadata: String?,
+        storage: any StorageProvider
+    ) -> UnreadableRecord {
         let salvaged = bytes.map(JobRecords.salvage) ?? JobRecords.Salvaged()
         var metadataPath = salvaged.metadata
         if metadataPath == nil, let d = defaultMetadata, FileManager.default.fileExists(atPath: d) { metadataPath = d }
@@ -358,7 +391,8 @@ struct UnreadableRecord: Error, Sendable {
                 problem = error.description
             }
         }
-        return UnreadableRecord(name: name, file: file, reason: reason, errno: errno, salvaged: salvaged, metadataPath: metadataPath,
-                                header: header, metadataProblem: problem)
+        return UnreadableRecord(
+            name: name, file: file, reason: reason, errno: errno, salvaged: salvaged, metadataPath: metadataPath,
+            header: header, metadataProblem: problem)
     }
 }

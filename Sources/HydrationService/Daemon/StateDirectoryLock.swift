@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An exclusive lock on a state directory (`<state-dir>/lock`, flock), held while a daemon uses
@@ -19,7 +19,10 @@ final class StateDirectoryLock: Sendable {
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             let e = errno
             close(fd)
-            var err = HydrationError(.deviceInUse, "state directory \(directory) is in use by another hydrationd (\(path) is locked); one daemon per state directory", errno: e)
+            var err = HydrationError(
+                .deviceInUse,
+                "state directory \(directory) is in use by another hydrationd (\(path) is locked); one daemon per state directory",
+                errno: e)
             err.path = directory
             throw err
         }

@@ -10,9 +10,9 @@ import ControlProtocol
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// Sends state changes to the service manager over `$NOTIFY_SOCKET` (sd_notify(3)).
@@ -167,7 +167,9 @@ public struct SystemdNotifier: Sendable {
     /// Which passed descriptor is which socket of the daemon: the one named `nbd` is the NBD
     /// socket (`FileDescriptorName=nbd`); the control socket is the one named `control`, else the
     /// first other one (an unnamed `hydrationd.socket`). Others are returned as `unused`.
-    public static func assignListeners(_ fds: [(fd: Int32, name: String)]) -> (control: Int32?, nbd: Int32?, unused: [Int32]) {
+    public static func assignListeners(_ fds: [(fd: Int32, name: String)]) -> (
+        control: Int32?, nbd: Int32?, unused: [Int32]
+    ) {
         let nbd = fds.first { $0.name == "nbd" }?.fd
         let others = fds.filter { $0.fd != nbd }
         let control = (others.first { $0.name == "control" } ?? others.first)?.fd
@@ -227,8 +229,10 @@ public final class SystemdWatchdog: Sendable {
     private let created: ContinuousClock.Instant
     private let state = Mutex(State())
 
-    public init(notifier: SystemdNotifier, interval: Duration, stallAfter: Duration? = nil,
-                now: ContinuousClock.Instant = .now) {
+    public init(
+        notifier: SystemdNotifier, interval: Duration, stallAfter: Duration? = nil,
+        now: ContinuousClock.Instant = .now
+    ) {
         self.notifier = notifier
         self.interval = interval
         self.stallAfter = stallAfter
@@ -244,12 +248,12 @@ public final class SystemdWatchdog: Sendable {
 
     static func testStallFromEnvironment() -> Duration? {
         #if DEBUG
-        guard let raw = getenv(stallEnvironmentVariable), let ms = Int64(String(cString: raw)), ms >= 0 else {
-            return nil
-        }
-        return .milliseconds(ms)
+            guard let raw = getenv(stallEnvironmentVariable), let ms = Int64(String(cString: raw)), ms >= 0 else {
+                return nil
+            }
+            return .milliseconds(ms)
         #else
-        return nil
+            return nil
         #endif
     }
 

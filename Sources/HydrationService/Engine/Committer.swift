@@ -1,3 +1,4 @@
+import ControlProtocol
 import Logging
 
 /// A set of regions whose hydration is durably recorded in the metadata.
@@ -22,14 +23,14 @@ public struct CommittedRegions: Sendable, Equatable {
 }
 
 #if DEBUG
-/// Deliberately wrong commit orders, for the crash-safety harness to prove it notices them.
-/// Compiled only into debug builds; the shipped (release) commit path has no such branch.
-enum CommitterFault: Sendable, Equatable {
-    /// Publish the region set to the discarder before the metadata is written or synced.
-    case publishBeforeDurable
-    /// Write and sync the metadata before the destination's fdatasync.
-    case metadataBeforeDestinationSync
-}
+    /// Deliberately wrong commit orders, for the crash-safety harness to prove it notices them.
+    /// Compiled only into debug builds; the shipped (release) commit path has no such branch.
+    enum CommitterFault: Sendable, Equatable {
+        /// Publish the region set to the discarder before the metadata is written or synced.
+        case publishBeforeDurable
+        /// Write and sync the metadata before the destination's fdatasync.
+        case metadataBeforeDestinationSync
+    }
 #endif
 
 /// Makes hydration durable. Each commit, every step finished before the next:
@@ -70,13 +71,15 @@ actor Committer {
     private var clearDestZeroedRequested = false
 
     #if DEBUG
-    var fault: CommitterFault?
-    func injectFault(_ f: CommitterFault?) { fault = f }
+        var fault: CommitterFault?
+        func injectFault(_ f: CommitterFault?) { fault = f }
     #endif
 
-    init(store: MetadataStore, dest: any StorageDevice, io: IOExecutor, progress: JobProgress,
-         geometry: Geometry, logger: Logger, publish: AsyncStream<CommittedRegions>.Continuation?,
-         ownership: RegionOwnership? = nil) {
+    init(
+        store: MetadataStore, dest: any StorageDevice, io: IOExecutor, progress: JobProgress,
+        geometry: Geometry, logger: Logger, publish: AsyncStream<CommittedRegions>.Continuation?,
+        ownership: RegionOwnership? = nil
+    ) {
         self.store = store; self.dest = dest; self.io = io; self.progress = progress
         self.geometry = geometry; self.logger = logger; self.publish = publish; self.ownership = ownership
     }
@@ -213,21 +216,22 @@ actor Committer {
 
         let started = monotonicNanos()
         #if DEBUG
-        switch fault {
-        case .publishBeforeDurable?:
-            publishCommitted(generation: store.header.generation + 1, ranges: ranges, budgetBytes: budgetBytes)
-            try await syncDestination(ranges)
-            let gen = try await writeMetadata(ranges, markComplete: markComplete)
-            finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: false)
-            return
-        case .metadataBeforeDestinationSync?:
-            let gen = try await writeMetadata(ranges, markComplete: markComplete)
-            try await syncDestination(ranges)
-            finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started)
-            return
-        case nil:
-            break
-        }
+            switch fault {
+            case .publishBeforeDurable?:
+                publishCommitted(generation: store.header.generation + 1, ranges: ranges, budgetBytes: budgetBytes)
+                try await syncDestination(ranges)
+                let gen = try await writeMetadata(ranges, markComplete: markComplete)
+                finishCommit(
+                    generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: false)
+                return
+            case .metadataBeforeDestinationSync?:
+                let gen = try await writeMetadata(ranges, markComplete: markComplete)
+                try await syncDestination(ranges)
+                finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started)
+                return
+            case nil:
+                break
+            }
         #endif
         // 1. The destination first: metadata must never record data the destination could lose.
         try await syncDestination(ranges)
@@ -235,7 +239,8 @@ actor Committer {
         let gen = try await writeMetadata(ranges, markComplete: markComplete)
         // 3. Only now may the discarder hear of these regions — unless a writeback error was
         // reported meanwhile (writebackFailed): then nothing more is published.
-        finishCommit(generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: failure == nil)
+        finishCommit(
+            generation: gen, ranges: ranges, budgetBytes: budgetBytes, started: started, publish: failure == nil)
         if let failure { throw failure }
     }
 
@@ -253,7 +258,8 @@ actor Committer {
             var note = ""
             if let lo = ranges.first, let hi = ranges.last {
                 let bytes = geometry.byteRange(of: lo.lowerBound..<hi.upperBound)
-                note = "; regions \(lo.lowerBound)..<\(hi.upperBound) (bytes \(bytes.lowerBound)..<\(bytes.upperBound)) not committed"
+                note =
+                    "; regions \(lo.lowerBound)..<\(hi.upperBound) (bytes \(bytes.lowerBound)..<\(bytes.upperBound)) not committed"
             }
             if s?.isNoSpace == true {
                 // A copy-on-write filesystem (btrfs) allocates at writeback: its fdatasync can fail
@@ -261,11 +267,19 @@ actor Committer {
                 // cache, and a second fdatasync would not say so), but not for the job: it pauses
                 // with NoSpace, and resuming reopens it from its last commit, re-copying
                 // everything not committed.
-                fail(mode: .ro, HydrationError(.noSpace, "destination fdatasync: out of space; metadata left at its last commit, the job resumes from it once space is freed: \(error)\(note)",
-                                               errno: s?.errno, region: ranges.first?.lowerBound))
+                fail(
+                    mode: .ro,
+                    HydrationError(
+                        .noSpace,
+                        "destination fdatasync: out of space; metadata left at its last commit, the job resumes from it once space is freed: \(error)\(note)",
+                        errno: s?.errno, region: ranges.first?.lowerBound))
             } else {
-                fail(mode: .ro, HydrationError(.commitFailed, "destination fdatasync failed, metadata left at its last commit: \(error)\(note)",
-                                               errno: s?.errno, region: ranges.first?.lowerBound))
+                fail(
+                    mode: .ro,
+                    HydrationError(
+                        .commitFailed,
+                        "destination fdatasync failed, metadata left at its last commit: \(error)\(note)",
+                        errno: s?.errno, region: ranges.first?.lowerBound))
             }
         }
         if let failure { throw failure }
@@ -281,8 +295,9 @@ actor Committer {
         let clearDestZeroed = self.clearDestZeroed
         do {
             return try await io.run {
-                try store.commit(ranges, complete: markComplete, pendingRelease: pendingRelease,
-                                 clearDestZeroed: clearDestZeroed, nowMs: now)
+                try store.commit(
+                    ranges, complete: markComplete, pendingRelease: pendingRelease,
+                    clearDestZeroed: clearDestZeroed, nowMs: now)
             }
         } catch {
             let storageError: StorageError? = {
@@ -290,14 +305,17 @@ actor Committer {
                 return nil
             }()
             let code: HydrationError.Code = storageError?.isNoSpace == true ? .noSpace : .commitFailed
-            let e = (error as? MetadataError).map { HydrationError(code, $0.description, errno: storageError?.errno) }
+            let e =
+                (error as? MetadataError).map { HydrationError(code, $0.description, errno: storageError?.errno) }
                 ?? HydrationError(.commitFailed, "\(error)")
             fail(mode: .fail, e)
             throw e
         }
     }
 
-    private func finishCommit(generation: UInt64, ranges: [Range<Int>], budgetBytes: UInt64, started: UInt64, publish: Bool = true) {
+    private func finishCommit(
+        generation: UInt64, ranges: [Range<Int>], budgetBytes: UInt64, started: UInt64, publish: Bool = true
+    ) {
         let elapsedMs = Double(monotonicNanos() - started) / 1e6
         let committedCount = store.committedCount
         let committedBytes = geometry.bytes(ofRegionCount: committedCount, includesLast: store.isLastRegionCommitted)
@@ -336,14 +354,13 @@ actor Committer {
         failure = e
         progress.update { $0.metadataMode = mode }
         ownership?.commitsFailed(destinationDataLost: mode == .ro)
-        logger.error("commit failed; metadata is now \(mode.rawValue), copying and discarding stop", metadata: ["error": "\(e)"])
+        logger.error(
+            "commit failed; metadata is now \(mode.rawValue), copying and discarding stop", metadata: ["error": "\(e)"])
     }
 
     /// No more sets will be published (the job is closing).
     func finishStream() { publish?.finish() }
 }
-
-import ControlProtocol
 
 /// Region arithmetic for one job.
 struct Geometry: Sendable, Equatable {

@@ -1,7 +1,7 @@
 import Logging
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Copies unhydrated regions from the source to the destination.
@@ -67,9 +67,11 @@ actor Copier {
     private var rateStart: UInt64 = 0
     private var rateBytes: UInt64 = 0
 
-    init(source: any StorageDevice, dest: any StorageDevice, io: IOExecutor, committer: Committer,
-         discarder: Discarder?, progress: JobProgress, geometry: Geometry, ownership: RegionOwnership,
-         tunables: Tunables, logger: Logger, retryDelaysMs: [UInt64] = [10, 100, 1000]) {
+    init(
+        source: any StorageDevice, dest: any StorageDevice, io: IOExecutor, committer: Committer,
+        discarder: Discarder?, progress: JobProgress, geometry: Geometry, ownership: RegionOwnership,
+        tunables: Tunables, logger: Logger, retryDelaysMs: [UInt64] = [10, 100, 1000]
+    ) {
         self.source = source; self.dest = dest; self.io = io; self.committer = committer
         self.discarder = discarder; self.progress = progress; self.geometry = geometry; self.ownership = ownership
         self.tunables = tunables; self.logger = logger
@@ -88,7 +90,9 @@ actor Copier {
         case hole(Range<Int>)
         case copy(Range<Int>)
         var regions: Range<Int> {
-            switch self { case .hole(let r), .copy(let r): return r }
+            switch self {
+            case .hole(let r), .copy(let r): return r
+            }
         }
     }
 
@@ -196,7 +200,8 @@ actor Copier {
                         continue
                     }
                     cursor = claimed.upperBound
-                    await finished(BatchResult(regions: claimed, written: 0, zero: geometry.byteLength(of: claimed)), reserved: 0)
+                    await finished(
+                        BatchResult(regions: claimed, written: 0, zero: geometry.byteLength(of: claimed)), reserved: 0)
                     continue
                 }
 
@@ -278,11 +283,18 @@ actor Copier {
 
                 inFlight += regions.count
                 inFlightStarts.append(regions.lowerBound)
-                let reserve: UInt64 = (discarder != nil && { if case .copy = work { return true }; return false }())
+                let reserve: UInt64 =
+                    (discarder != nil
+                        && {
+                            if case .copy = work { return true }; return false
+                        }())
                     ? geometry.byteLength(of: regions) : 0
-                progress.update { [inFlight] in $0.hydratingRegions = inFlight; $0.budgetInFlight += reserve }
-                let job = BatchJob(source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
-                                   retryDelaysMs: retryDelaysMs, logger: logger, buffers: buffers)
+                progress.update { [inFlight] in
+                    $0.hydratingRegions = inFlight; $0.budgetInFlight += reserve
+                }
+                let job = BatchJob(
+                    source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
+                    retryDelaysMs: retryDelaysMs, logger: logger, buffers: buffers)
                 let io = self.io
                 let batch = regions
                 group.addTask {
@@ -368,9 +380,10 @@ actor Copier {
     private func writebackFailed(_ error: any Error, range: Range<UInt64>) async {
         let s = error as? StorageError
         let region = Int((s?.offset ?? range.lowerBound) / geometry.regionSize)
-        let e = HydrationError(.commitFailed,
-                               "destination writeback failed, metadata left at its last commit: \(error) (reported by the eviction of that range; the lost pages may be anywhere written since the last commit)",
-                               errno: s?.errno, region: region)
+        let e = HydrationError(
+            .commitFailed,
+            "destination writeback failed, metadata left at its last commit: \(error) (reported by the eviction of that range; the lost pages may be anywhere written since the last commit)",
+            errno: s?.errno, region: region)
         await committer.writebackFailed(e)
         if batchFailure == nil { batchFailure = .halted }
     }
@@ -385,8 +398,8 @@ actor Copier {
             let lowest = inFlightStarts.min().map { UInt64($0) * geometry.regionSize } ?? copyFront
             let upTo = (min(copyFront - cacheWindow, lowest)) & ~(min(UInt64(4 << 20), cacheWindow) - 1)
             if upTo > evictedUpTo {
-            pendingEviction = (pendingEviction?.lowerBound ?? evictedUpTo)..<upTo
-            evictedUpTo = upTo
+                pendingEviction = (pendingEviction?.lowerBound ?? evictedUpTo)..<upTo
+                evictedUpTo = upTo
             }
         }
         // The committer hears of the regions before they are marked hydrated: from the moment they
@@ -463,8 +476,9 @@ actor Copier {
                     noMoreData = exhausted
                 } catch {
                     let s = error as? StorageError
-                    throw HydrationError(s.map(HydrationJob.sourceErrorCode) ?? .sourceReadFailed,
-                                         "finding data in the source: \(error)", errno: s?.errno, region: r)
+                    throw HydrationError(
+                        s.map(HydrationJob.sourceErrorCode) ?? .sourceReadFailed,
+                        "finding data in the source: \(error)", errno: s?.errno, region: r)
                 }
                 while let first = extents.first, first.upperBound <= regionStart { extents.removeFirst() }
             }
@@ -489,7 +503,8 @@ actor Copier {
                 }
             }
         }
-        let e = min(r + tunables.batchSize, ownership.firstHydrated(true, from: r) ?? geometry.regionCount, max(dataCap, r + 1))
+        let e = min(
+            r + tunables.batchSize, ownership.firstHydrated(true, from: r) ?? geometry.regionCount, max(dataCap, r + 1))
         cursor = e
         return .copy(r..<e)
     }
@@ -537,9 +552,13 @@ struct BatchJob: Sendable {
             } catch let e as BatchFailure {
                 // Out of space is not retried: the job pauses until space is freed. Nor is a
                 // writeback error: it is final, like a failed fdatasync.
-                if e.error.code == .noSpace || e.error.code == .commitFailed || e.error.code == .sourceUnavailable || e.error.code == .deviceUnconfirmed
-                    || attempt >= retryDelaysMs.count {
-                    if attempt > 0 { logger.error("giving up after \(attempt) retries", metadata: ["error": "\(e.error)"]) }
+                if e.error.code == .noSpace || e.error.code == .commitFailed || e.error.code == .sourceUnavailable
+                    || e.error.code == .deviceUnconfirmed
+                    || attempt >= retryDelaysMs.count
+                {
+                    if attempt > 0 {
+                        logger.error("giving up after \(attempt) retries", metadata: ["error": "\(e.error)"])
+                    }
                     return .failure(e.error)
                 }
                 logger.warning("I/O failed, retrying", metadata: ["error": "\(e.error)", "attempt": "\(attempt + 1)"])
@@ -576,7 +595,8 @@ struct BatchJob: Sendable {
                 // A remote source whose connection is down: the job pauses itself (HydrationJob); one
                 // that is another disk now: it stops (DeviceUnconfirmed).
                 let code = HydrationJob.sourceErrorCode(error)
-                throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
+                throw BatchFailure(
+                    error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
             }
             let isZero = { (r: Int) -> Bool in
                 holes.contains { $0.contains(r) } || regionIsZero(r, in: buffer, base: bytes.lowerBound)
@@ -602,7 +622,9 @@ struct BatchJob: Sendable {
                     } catch {
                         let code: HydrationError.Code = error.isNoSpace ? .noSpace : .destWriteFailed
                         let region = regionOf(error.offset, default: i)
-                        throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
+                        throw BatchFailure(
+                            error: HydrationError(
+                                code, "region \(region): \(error)", errno: error.errno, region: region))
                     }
                     written += run.upperBound - run.lowerBound
                     do {
@@ -610,9 +632,11 @@ struct BatchJob: Sendable {
                     } catch {
                         // Not retried: data already written may be lost (BatchJob.execute).
                         let region = regionOf(error.offset, default: i)
-                        throw BatchFailure(error: HydrationError(
-                            .commitFailed, "destination writeback failed at region \(region), metadata left at its last commit: \(error)",
-                            errno: error.errno, region: region))
+                        throw BatchFailure(
+                            error: HydrationError(
+                                .commitFailed,
+                                "destination writeback failed at region \(region), metadata left at its last commit: \(error)",
+                                errno: error.errno, region: region))
                     }
                 }
                 i = j
@@ -627,7 +651,9 @@ struct BatchJob: Sendable {
     /// (at least 4 KiB) within the batch; a gap between them is zero-filled only inside regions
     /// that also hold data. Returns the regions wholly inside gaps: their bytes in `buffer` are
     /// not set, and they read as zeros.
-    private func readData(into buffer: UnsafeMutableRawBufferPointer, bytes: Range<UInt64>) throws(StorageError) -> [Range<Int>] {
+    private func readData(into buffer: UnsafeMutableRawBufferPointer, bytes: Range<UInt64>) throws(StorageError)
+        -> [Range<Int>]
+    {
         guard source.info.identity.kind == .regularFile else {
             try source.read(into: buffer, at: bytes.lowerBound)
             return []
@@ -655,7 +681,8 @@ struct BatchJob: Sendable {
                 // regions between are holes. The end of the target counts as a region boundary.
                 let g = gapStart..<r.lowerBound
                 let headEnd = min(g.upperBound, (g.lowerBound + rs - 1) / rs * rs)
-                let tailStart = max(headEnd, g.upperBound == geometry.targetSize ? g.upperBound : g.upperBound / rs * rs)
+                let tailStart = max(
+                    headEnd, g.upperBound == geometry.targetSize ? g.upperBound : g.upperBound / rs * rs)
                 for z in [g.lowerBound..<headEnd, tailStart..<g.upperBound] where !z.isEmpty {
                     let lo = Int(z.lowerBound - bytes.lowerBound)
                     UnsafeMutableRawBufferPointer(rebasing: buffer[lo..<lo + Int(z.upperBound - z.lowerBound)])
@@ -665,8 +692,9 @@ struct BatchJob: Sendable {
             }
             if !r.isEmpty {
                 let lo = Int(r.lowerBound - bytes.lowerBound)
-                try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[lo..<lo + Int(r.upperBound - r.lowerBound)]),
-                                at: r.lowerBound)
+                try source.read(
+                    into: UnsafeMutableRawBufferPointer(rebasing: buffer[lo..<lo + Int(r.upperBound - r.lowerBound)]),
+                    at: r.lowerBound)
             }
             gapStart = max(gapStart, r.upperBound)
         }
@@ -683,7 +711,8 @@ struct BatchJob: Sendable {
                 return
             }
             let code: HydrationError.Code = error.isNoSpace ? .noSpace : .destWriteFailed
-            throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
+            throw BatchFailure(
+                error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
         }
     }
 
@@ -699,7 +728,8 @@ struct BatchJob: Sendable {
                 try dest.write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: at)
             } catch {
                 let code: HydrationError.Code = error.isNoSpace ? .noSpace : .destWriteFailed
-                throw BatchFailure(error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
+                throw BatchFailure(
+                    error: HydrationError(code, "region \(region): \(error)", errno: error.errno, region: region))
             }
             at += UInt64(n)
         }

@@ -25,8 +25,10 @@ actor Discarder {
     /// Largest single discard request: keeps each call short so progress stays visible.
     static let maxChunk: UInt64 = 1 << 30
 
-    init(source: any StorageDevice, io: IOExecutor, progress: JobProgress, geometry: Geometry, logger: Logger,
-         ownership: RegionOwnership? = nil) {
+    init(
+        source: any StorageDevice, io: IOExecutor, progress: JobProgress, geometry: Geometry, logger: Logger,
+        ownership: RegionOwnership? = nil
+    ) {
         self.source = source; self.io = io; self.progress = progress; self.geometry = geometry; self.logger = logger
         self.ownership = ownership
     }
@@ -86,7 +88,9 @@ actor Discarder {
             progress.update { $0.releasedSets = max($0.releasedSets, count) }
         } catch {
             sourceSyncFailed = true
-            logger.warning("source sync after discards failed; those releases stay pending and are repeated after a restart", metadata: ["error": "\(error)"])
+            logger.warning(
+                "source sync after discards failed; those releases stay pending and are repeated after a restart",
+                metadata: ["error": "\(error)"])
         }
     }
 
@@ -122,17 +126,22 @@ actor Discarder {
                         }
                     }
                     let counted = min(length, geometry.targetSize > at ? geometry.targetSize - at : 0)
-                    progress.update { $0.discardedBytes += counted; $0.discardPendingBytes -= min($0.discardPendingBytes, counted) }
+                    progress.update {
+                        $0.discardedBytes += counted; $0.discardPendingBytes -= min($0.discardPendingBytes, counted)
+                    }
                 } catch {
                     allReleased = false
                     progress.update { c in
                         c.discardFailures += 1
                         c.lastDiscardError = "\(error)"
-                        c.discardPendingBytes -= min(c.discardPendingBytes, min(length, geometry.targetSize > at ? geometry.targetSize - at : 0))
+                        c.discardPendingBytes -= min(
+                            c.discardPendingBytes, min(length, geometry.targetSize > at ? geometry.targetSize - at : 0))
                     }
                     if !loggedFailure {
                         loggedFailure = true
-                        logger.warning("source discard failed; hydration goes on, failures are counted", metadata: ["error": "\(error)"])
+                        logger.warning(
+                            "source discard failed; hydration goes on, failures are counted",
+                            metadata: ["error": "\(error)"])
                     }
                 }
                 offset += length

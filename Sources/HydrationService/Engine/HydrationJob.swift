@@ -3,7 +3,7 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// One hydration job: a source, a destination, their metadata, and the three actors that move
@@ -50,8 +50,10 @@ public actor HydrationJob {
     /// `io` is this job's own (a remote source's, `remoteIO`): shut down when the job closes.
     private let ownsIO: Bool
 
-    private init(configuration: JobConfiguration, source: any StorageDevice, dest: any StorageDevice,
-                 store: MetadataStore, io: IOExecutor, logger: Logger, ownsIO: Bool = false) {
+    private init(
+        configuration: JobConfiguration, source: any StorageDevice, dest: any StorageDevice,
+        store: MetadataStore, io: IOExecutor, logger: Logger, ownsIO: Bool = false
+    ) {
         self.ownsIO = ownsIO
         self.name = configuration.name
         self.configuration = configuration
@@ -65,11 +67,14 @@ public actor HydrationJob {
         self.sourceIdentity = source.info.identity
         self.destIdentity = dest.info.identity
         let header = store.header
-        let geometry = Geometry(regionSize: header.regionSize, regionCount: Int(header.regionCount), targetSize: header.targetSize)
+        let geometry = Geometry(
+            regionSize: header.regionSize, regionCount: Int(header.regionCount), targetSize: header.targetSize)
         self.geometry = geometry
         let map = store.committedMap
-        let committedBytes = geometry.bytes(ofRegionCount: map.setCount, includesLast: map.count > 0 && map[map.count - 1])
-        let progress = JobProgress(hydratedRegions: map.setCount, hydratedBytes: committedBytes, committedRegions: map.setCount)
+        let committedBytes = geometry.bytes(
+            ofRegionCount: map.setCount, includesLast: map.count > 0 && map[map.count - 1])
+        let progress = JobProgress(
+            hydratedRegions: map.setCount, hydratedBytes: committedBytes, committedRegions: map.setCount)
         self.progress = progress
         self.tunables = configuration.tunables
 
@@ -87,17 +92,23 @@ public actor HydrationJob {
             released = map
             for r in header.pendingRelease where r.upperBound <= released.count { released.clear(r) }
         }
-        let ownership = RegionOwnership(hydrated: map, committed: map, released: released, destZeroed: header.destZeroed)
+        let ownership = RegionOwnership(
+            hydrated: map, committed: map, released: released, destZeroed: header.destZeroed)
         self.ownership = ownership
-        let committer = Committer(store: store, dest: dest, io: io, progress: progress, geometry: geometry,
-                                  logger: logger, publish: continuation, ownership: ownership)
+        let committer = Committer(
+            store: store, dest: dest, io: io, progress: progress, geometry: geometry,
+            logger: logger, publish: continuation, ownership: ownership)
         self.committer = committer
-        let discarder = header.discardSource
-            ? Discarder(source: source, io: io, progress: progress, geometry: geometry, logger: logger, ownership: ownership) : nil
+        let discarder =
+            header.discardSource
+            ? Discarder(
+                source: source, io: io, progress: progress, geometry: geometry, logger: logger, ownership: ownership)
+            : nil
         self.discarder = discarder
-        self.copier = Copier(source: source, dest: dest, io: io, committer: committer, discarder: discarder,
-                             progress: progress, geometry: geometry, ownership: ownership, tunables: configuration.tunables,
-                             logger: logger)
+        self.copier = Copier(
+            source: source, dest: dest, io: io, committer: committer, discarder: discarder,
+            progress: progress, geometry: geometry, ownership: ownership, tunables: configuration.tunables,
+            logger: logger)
         self.state = header.complete ? .complete : .idle
         if let discarder, let stream {
             self.discardTask = Task { await discarder.run(stream) }
@@ -108,8 +119,10 @@ public actor HydrationJob {
 
     /// Creates a new job: validates the devices, creates (or extends) a file destination, and
     /// writes the first metadata generation. Nothing is copied until `start()`.
-    public static func create(_ config: JobConfiguration, storage: any StorageProvider = PosixStorage(),
-                              io: IOExecutor, logger: Logger = Logger(label: "hydration")) async throws(HydrationError) -> HydrationJob {
+    public static func create(
+        _ config: JobConfiguration, storage: any StorageProvider = PosixStorage(),
+        io: IOExecutor, logger: Logger = Logger(label: "hydration")
+    ) async throws(HydrationError) -> HydrationJob {
         let opened: (any StorageDevice, any StorageDevice, MetadataStore)
         let (io, ownsIO) = remoteIO(config, shared: io)
         do {
@@ -120,11 +133,17 @@ public actor HydrationJob {
         }
         var cfg = config
         cfg.destZeroed = opened.2.header.destZeroed
-        let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger, ownsIO: ownsIO)
+        let job = HydrationJob(
+            configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger,
+            ownsIO: ownsIO)
         await job.watchLease()
-        logger.info("job created", metadata: ["job": "\(config.name)", "source": "\(config.sourcePath)", "dest": "\(config.destPath)",
-                                              "regions": "\(opened.2.header.regionCount)",
-                                              "source_io": "\(opened.0.directIO)", "dest_io": "\(opened.1.directIO)"])
+        logger.info(
+            "job created",
+            metadata: [
+                "job": "\(config.name)", "source": "\(config.sourcePath)", "dest": "\(config.destPath)",
+                "regions": "\(opened.2.header.regionCount)",
+                "source_io": "\(opened.0.directIO)", "dest_io": "\(opened.1.directIO)",
+            ])
         return job
     }
 
@@ -135,9 +154,11 @@ public actor HydrationJob {
     ///
     /// `acceptDevices`: the operator states that the devices now at the paths are the job's own
     /// (kind and size must still match); their identities are recorded in the metadata anew.
-    public static func open(_ config: JobConfiguration, storage: any StorageProvider = PosixStorage(),
-                            io: IOExecutor, logger: Logger = Logger(label: "hydration"),
-                            acceptDevices: Bool = false) async throws(HydrationError) -> HydrationJob {
+    public static func open(
+        _ config: JobConfiguration, storage: any StorageProvider = PosixStorage(),
+        io: IOExecutor, logger: Logger = Logger(label: "hydration"),
+        acceptDevices: Bool = false
+    ) async throws(HydrationError) -> HydrationJob {
         let opened: (any StorageDevice, any StorageDevice, MetadataStore, MetadataRecoveryReport)
         let (io, ownsIO) = remoteIO(config, shared: io)
         do {
@@ -151,28 +172,38 @@ public actor HydrationJob {
         cfg.regionSize = h.regionSize
         cfg.discardSource = h.discardSource
         cfg.destZeroed = h.destZeroed
-        let job = HydrationJob(configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger, ownsIO: ownsIO)
+        let job = HydrationJob(
+            configuration: cfg, source: opened.0, dest: opened.1, store: opened.2, io: io, logger: logger,
+            ownsIO: ownsIO)
         if !h.complete { await job.watchLease() }
         // A complete job never releases again: its source may be anything by now.
         if !h.complete { await job.committer.publishRecovered() }
         // Releasing what a crash left pending can take long: in the background (the daemon's
         // READY=1 does not wait for it), and a complete job lets go of its devices afterwards.
         if h.complete { await job.settleCompleteInBackground() }
-        logger.info("job opened", metadata: ["job": "\(config.name)", "generation": "\(h.generation)",
-                                             "hydrated": "\(h.hydratedCount)/\(h.regionCount)",
-                                             "adopted_regions": "\(opened.3.adoptedRegions)",
-                                             "source_io": "\(opened.0.directIO)", "dest_io": "\(opened.1.directIO)"])
+        logger.info(
+            "job opened",
+            metadata: [
+                "job": "\(config.name)", "generation": "\(h.generation)",
+                "hydrated": "\(h.hydratedCount)/\(h.regionCount)",
+                "adopted_regions": "\(opened.3.adoptedRegions)",
+                "source_io": "\(opened.0.directIO)", "dest_io": "\(opened.1.directIO)",
+            ])
         return job
     }
 
     static func validateCommon(_ config: JobConfiguration) throws(HydrationError) {
-        for (label, p) in [("source", config.sourcePath), ("dest", config.destPath), ("metadata", config.metadataPath)] {
+        for (label, p) in [("source", config.sourcePath), ("dest", config.destPath), ("metadata", config.metadataPath)]
+        {
             // Only the source may be remote (an NBD URI, `RemoteSource`).
             if label == "source" && RemoteSource.isURI(p) { continue }
             if label != "source" && RemoteSource.isURI(p) {
-                throw HydrationError(.invalidParameter, "\(label) must be a local path: only the source may be an NBD URI (got '\(p)')")
+                throw HydrationError(
+                    .invalidParameter, "\(label) must be a local path: only the source may be an NBD URI (got '\(p)')")
             }
-            guard p.hasPrefix("/") else { throw HydrationError(.invalidParameter, "\(label) path must be absolute: '\(p)'") }
+            guard p.hasPrefix("/") else {
+                throw HydrationError(.invalidParameter, "\(label) path must be absolute: '\(p)'")
+            }
         }
         guard Set([config.sourcePath, config.destPath, config.metadataPath]).count == 3 else {
             throw HydrationError(.sameDevice, "source, destination and metadata must be three different paths")
@@ -182,7 +213,8 @@ public actor HydrationJob {
 
     static func checkDistinct(source: DeviceInfo, dest: DeviceInfo?, metadata: DeviceInfo?) throws(HydrationError) {
         if let dest, dest.identity == source.identity {
-            throw HydrationError(.sameDevice, "source \(source.path) and destination \(dest.path) are the same \(source.identity)")
+            throw HydrationError(
+                .sameDevice, "source \(source.path) and destination \(dest.path) are the same \(source.identity)")
         }
         if let metadata {
             if metadata.identity == source.identity {
@@ -196,32 +228,42 @@ public actor HydrationJob {
 
     static func ioName(_ d: DirectIO) -> String { d.enabled ? "direct" : "buffered" }
 
-    static func openDevice(_ storage: any StorageProvider, _ path: String, _ mode: OpenMode, what: String,
-                           io: (direct: Bool, why: String) = (false, "not chosen")) throws(HydrationError) -> any StorageDevice {
+    static func openDevice(
+        _ storage: any StorageProvider, _ path: String, _ mode: OpenMode, what: String,
+        io: (direct: Bool, why: String) = (false, "not chosen")
+    ) throws(HydrationError) -> any StorageDevice {
         do {
             return try storage.open(path, mode: mode, directIO: io.direct, why: io.why)
         } catch {
             switch error.errno {
             case EBUSY, EWOULDBLOCK:
-                var e = HydrationError(.deviceInUse, "\(what) \(path) is in use (mounted, opened exclusively, or locked by another job)", errno: error.errno)
+                var e = HydrationError(
+                    .deviceInUse, "\(what) \(path) is in use (mounted, opened exclusively, or locked by another job)",
+                    errno: error.errno)
                 e.path = path
                 throw e
             case ENOENT:
                 throw HydrationError(.notFound, "\(what) \(path) does not exist", errno: error.errno)
             case EOPNOTSUPP where mode == .source(discard: true) && RemoteSource.isURI(path):
                 // A remote export without TRIM: its space could never be released.
-                var e = HydrationError(.discardUnsupported, "\(what) \(path) cannot release space: \(error.detail ?? error.errnoName); create the job without discard_source (--discard-source)", errno: error.errno)
+                var e = HydrationError(
+                    .discardUnsupported,
+                    "\(what) \(path) cannot release space: \(error.detail ?? error.errnoName); create the job without discard_source (--discard-source)",
+                    errno: error.errno)
                 e.path = path
                 throw e
             case EACCES, EPERM, EROFS:
-                throw HydrationError(.invalidParameter, "\(what) \(path): permission denied (\(error.errnoName))", errno: error.errno)
+                throw HydrationError(
+                    .invalidParameter, "\(what) \(path): permission denied (\(error.errnoName))", errno: error.errno)
             default:
                 throw HydrationError(.ioError, "\(what): \(error)", errno: error.errno)
             }
         }
     }
 
-    static func identify(_ storage: any StorageProvider, _ path: String, what: String) throws(HydrationError) -> DeviceInfo? {
+    static func identify(_ storage: any StorageProvider, _ path: String, what: String) throws(HydrationError)
+        -> DeviceInfo?
+    {
         do {
             return try storage.identify(path)
         } catch {
@@ -232,7 +274,9 @@ public actor HydrationJob {
         }
     }
 
-    static func prepareNew(_ config: JobConfiguration, storage: any StorageProvider) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore) {
+    static func prepareNew(_ config: JobConfiguration, storage: any StorageProvider) throws(HydrationError) -> (
+        any StorageDevice, any StorageDevice, MetadataStore
+    ) {
         guard JobConfiguration.isValidRegionSize(config.regionSize) else {
             throw JobConfiguration.regionSizeError(config.regionSize)
         }
@@ -241,25 +285,35 @@ public actor HydrationJob {
             throw HydrationError(.notFound, "source \(config.sourcePath) does not exist")
         }
         guard srcInfo.size > 0 else { throw HydrationError(.invalidParameter, "source \(config.sourcePath) is empty") }
-        guard RegionGeometry.regionCount(size: srcInfo.size, regionSize: config.regionSize) <= RegionGeometry.maxRegions else {
-            throw HydrationError(.invalidParameter, "region size \(config.regionSize) gives more than 2^31 regions for \(srcInfo.size) bytes; choose a larger one")
+        guard RegionGeometry.regionCount(size: srcInfo.size, regionSize: config.regionSize) <= RegionGeometry.maxRegions
+        else {
+            throw HydrationError(
+                .invalidParameter,
+                "region size \(config.regionSize) gives more than 2^31 regions for \(srcInfo.size) bytes; choose a larger one"
+            )
         }
         let destBefore = try identify(storage, config.destPath, what: "destination")
         if let m = try identify(storage, config.metadataPath, what: "metadata") {
             try checkDistinct(source: srcInfo, dest: destBefore, metadata: m)
-            throw HydrationError(.metadataExists, "metadata \(config.metadataPath) already exists; open the existing job or remove it")
+            throw HydrationError(
+                .metadataExists, "metadata \(config.metadataPath) already exists; open the existing job or remove it")
         }
         try checkDistinct(source: srcInfo, dest: destBefore, metadata: nil)
-        try checkPlacement(source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
+        try checkPlacement(
+            source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
         if let d = destBefore, !(d.identity.kind == .regularFile && d.size == 0), d.size < srcInfo.size {
-            var e = HydrationError(.sizeMismatch, "destination \(d.path) has \(d.size) bytes, smaller than the source's \(srcInfo.size)")
+            var e = HydrationError(
+                .sizeMismatch, "destination \(d.path) has \(d.size) bytes, smaller than the source's \(srcInfo.size)")
             e.sourceBytes = srcInfo.size; e.destBytes = d.size
             throw e
         }
-        let io = config.ioMode.choice(sourceSize: srcInfo.size, sourceAllocated: storage.allocatedBytes(of: config.sourcePath))
-        let source = try openDevice(storage, config.sourcePath, .source(discard: config.discardSource), what: "source",
-                                    io: sourceIO(io, discard: config.discardSource, kind: srcInfo.identity.kind))
-        let dest = try openDevice(storage, config.destPath, .destination(createSize: srcInfo.size), what: "destination", io: io)
+        let io = config.ioMode.choice(
+            sourceSize: srcInfo.size, sourceAllocated: storage.allocatedBytes(of: config.sourcePath))
+        let source = try openDevice(
+            storage, config.sourcePath, .source(discard: config.discardSource), what: "source",
+            io: sourceIO(io, discard: config.discardSource, kind: srcInfo.identity.kind))
+        let dest = try openDevice(
+            storage, config.destPath, .destination(createSize: srcInfo.size), what: "destination", io: io)
         // A destination file this call created is removed again if the job is not created.
         var created = false
         defer {
@@ -277,10 +331,16 @@ public actor HydrationJob {
             }
         }
         for d in [source, dest] where config.regionSize % UInt64(max(1, d.info.logicalBlockSize)) != 0 {
-            throw HydrationError(.invalidParameter, "region size \(config.regionSize) is not a multiple of \(d.info.path)'s logical block size \(d.info.logicalBlockSize)")
+            throw HydrationError(
+                .invalidParameter,
+                "region size \(config.regionSize) is not a multiple of \(d.info.path)'s logical block size \(d.info.logicalBlockSize)"
+            )
         }
         guard dest.info.size >= source.info.size else {
-            var e = HydrationError(.sizeMismatch, "destination \(dest.info.path) has \(dest.info.size) bytes, smaller than the source's \(source.info.size)")
+            var e = HydrationError(
+                .sizeMismatch,
+                "destination \(dest.info.path) has \(dest.info.size) bytes, smaller than the source's \(source.info.size)"
+            )
             e.sourceBytes = source.info.size; e.destBytes = dest.info.size
             throw e
         }
@@ -298,10 +358,12 @@ public actor HydrationJob {
         if config.discardSource { try holdLease(source) }
         let record = try sourceRecord(source, mayRead: { _ in true })
         try armRemoteIdentity(source, recorded: record, mayRead: { _ in true })
-        let options = MetadataCreateOptions(regionSize: config.regionSize, source: record, dest: DeviceRecord(dest.info),
-                                            discardSource: config.discardSource, destZeroed: config.destZeroed || freshDest)
+        let options = MetadataCreateOptions(
+            regionSize: config.regionSize, source: record, dest: DeviceRecord(dest.info),
+            discardSource: config.discardSource, destZeroed: config.destZeroed || freshDest)
         do {
-            let store = try MetadataStore.create(path: config.metadataPath, options: options, storage: storage, nowMs: wallClockMillis())
+            let store = try MetadataStore.create(
+                path: config.metadataPath, options: options, storage: storage, nowMs: wallClockMillis())
             created = true
             return (source, dest, store)
         } catch {
@@ -309,8 +371,10 @@ public actor HydrationJob {
         }
     }
 
-    static func prepareExisting(_ config: JobConfiguration, storage: any StorageProvider,
-                                acceptDevices: Bool = false) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore, MetadataRecoveryReport) {
+    static func prepareExisting(
+        _ config: JobConfiguration, storage: any StorageProvider,
+        acceptDevices: Bool = false
+    ) throws(HydrationError) -> (any StorageDevice, any StorageDevice, MetadataStore, MetadataRecoveryReport) {
         try validateCommon(config)
         let opened: (MetadataStore, MetadataRecoveryReport)
         do {
@@ -327,9 +391,14 @@ public actor HydrationJob {
         let foundDest = try identify(storage, config.destPath, what: "destination")
         // Swapped (loop devices attached in the other order): refused even when the operator
         // accepts the devices, since releasing the "source" would then punch the clone.
-        for (found, label, other, otherLabel) in [(foundSource, "source", h.dest, "destination"), (foundDest, "destination", h.source, "source")] {
+        for (found, label, other, otherLabel) in [
+            (foundSource, "source", h.dest, "destination"), (foundDest, "destination", h.source, "source"),
+        ] {
             if let found, !found.stableID.isEmpty, other.hasStableID(of: found) {
-                var e = HydrationError(.deviceUnconfirmed, "\(label) \(found.path) is the job's \(otherLabel) (\(found.stableID)): source and destination are swapped; attach them at their own paths")
+                var e = HydrationError(
+                    .deviceUnconfirmed,
+                    "\(label) \(found.path) is the job's \(otherLabel) (\(found.stableID)): source and destination are swapped; attach them at their own paths"
+                )
                 e.path = found.path
                 throw e
             }
@@ -337,29 +406,44 @@ public actor HydrationJob {
         // A remote source: export name, size and description here; its sampled blocks once open.
         let mayRead = unreleased(opened.0.committedMap, regionSize: h.regionSize, discardSource: h.discardSource)
         if let s = foundSource {
-            try confirm(confirmedRemote(s, recorded: h.source, device: nil, mayRead: mayRead), is: h.source, what: "source", metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
+            try confirm(
+                confirmedRemote(s, recorded: h.source, device: nil, mayRead: mayRead), is: h.source, what: "source",
+                metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
         }
         if let d = foundDest {
-            try confirm(d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
+            try confirm(
+                d, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false,
+                accept: acceptDevices)
         }
-        try checkPlacement(source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
-        let io = config.ioMode.choice(sourceSize: h.targetSize, sourceAllocated: storage.allocatedBytes(of: config.sourcePath))
-        let source = try openDevice(storage, config.sourcePath, .source(discard: h.discardSource), what: "source",
-                                    io: sourceIO(io, discard: h.discardSource, kind: foundSource?.identity.kind))
+        try checkPlacement(
+            source: config.sourcePath, dest: config.destPath, metadataPath: config.metadataPath, storage: storage)
+        let io = config.ioMode.choice(
+            sourceSize: h.targetSize, sourceAllocated: storage.allocatedBytes(of: config.sourcePath))
+        let source = try openDevice(
+            storage, config.sourcePath, .source(discard: h.discardSource), what: "source",
+            io: sourceIO(io, discard: h.discardSource, kind: foundSource?.identity.kind))
         let dest = try openDevice(storage, config.destPath, .destination(createSize: nil), what: "destination", io: io)
         // Again on the open descriptors: the path may have been switched in between.
-        try confirm(confirmedRemote(source.info, recorded: h.source, device: source, mayRead: mayRead), is: h.source, what: "source",
-                    metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
-        try confirm(dest.info, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false, accept: acceptDevices)
+        try confirm(
+            confirmedRemote(source.info, recorded: h.source, device: source, mayRead: mayRead), is: h.source,
+            what: "source",
+            metadataPath: config.metadataPath, exactSize: true, accept: acceptDevices)
+        try confirm(
+            dest.info, is: h.dest, what: "destination", metadataPath: config.metadataPath, exactSize: false,
+            accept: acceptDevices)
         if dest.info.size < h.targetSize {
-            throw HydrationError(.metadataMismatch, "destination \(config.destPath) has \(dest.info.size) bytes, fewer than the \(h.targetSize) that metadata \(config.metadataPath) was created for")
+            throw HydrationError(
+                .metadataMismatch,
+                "destination \(config.destPath) has \(dest.info.size) bytes, fewer than the \(h.targetSize) that metadata \(config.metadataPath) was created for"
+            )
         }
         try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
         var recordedSource = h.source
         if acceptDevices && (DeviceRecord(source.info) != h.source || DeviceRecord(dest.info) != h.dest) {
             let sourceRecord = try sourceRecord(source, mayRead: mayRead)
             do {
-                try opened.0.recordDevices(source: sourceRecord, dest: DeviceRecord(dest.info), nowMs: wallClockMillis())
+                try opened.0.recordDevices(
+                    source: sourceRecord, dest: DeviceRecord(dest.info), nowMs: wallClockMillis())
             } catch {
                 throw HydrationError.from(error)
             }
@@ -373,9 +457,14 @@ public actor HydrationJob {
 
     /// A file source released as it is copied is read buffered: its write lease (`holdLease`)
     /// would be broken by the second, O_DIRECT, open of the file that direct I/O needs.
-    static func sourceIO(_ io: (direct: Bool, why: String), discard: Bool, kind: DeviceKind?) -> (direct: Bool, why: String) {
+    static func sourceIO(_ io: (direct: Bool, why: String), discard: Bool, kind: DeviceKind?) -> (
+        direct: Bool, why: String
+    ) {
         guard discard, kind == .regularFile, io.direct else { return io }
-        return (false, "\(io.why); but a file source released as it is copied holds a write lease, which a second (O_DIRECT) open would break")
+        return (
+            false,
+            "\(io.why); but a file source released as it is copied holds a write lease, which a second (O_DIRECT) open would break"
+        )
     }
 
     /// Takes the write lease of a file source released as it is copied, for the job's life: a
@@ -387,10 +476,11 @@ public actor HydrationJob {
         // noticed; docs/reliability.md).
         do {
             try source.holdWriteLease()
-        } catch where error.errno == EAGAIN {
-            var e = HydrationError(.deviceInUse,
-                                   "source \(source.info.path) is open elsewhere (\(error.detail ?? error.errnoName)); a source whose space is released must be open nowhere else",
-                                   errno: error.errno)
+        } catch  where error.errno == EAGAIN {
+            var e = HydrationError(
+                .deviceInUse,
+                "source \(source.info.path) is open elsewhere (\(error.detail ?? error.errnoName)); a source whose space is released must be open nowhere else",
+                errno: error.errno)
             e.path = source.info.path
             throw e
         } catch {
@@ -404,18 +494,26 @@ public actor HydrationJob {
     /// Without one (version 1 metadata, or a device that has none), a regular file is recognised
     /// by filesystem and inode as before, and a block device cannot be confirmed: the job stays
     /// stopped rather than write to or release a device that may be another one.
-    static func confirm(_ found: DeviceInfo, is recorded: DeviceRecord, what: String, metadataPath: String,
-                        exactSize: Bool, accept: Bool = false) throws(HydrationError) {
+    static func confirm(
+        _ found: DeviceInfo, is recorded: DeviceRecord, what: String, metadataPath: String,
+        exactSize: Bool, accept: Bool = false
+    ) throws(HydrationError) {
         let kindChanged = found.identity.kind != recorded.identity.kind
         let sizeChanged = exactSize ? found.size != recorded.size : found.size < recorded.size
         if kindChanged || sizeChanged {
-            throw HydrationError(.metadataMismatch, "\(what) \(found.path) (\(found.identity), \(found.size) bytes) is not the device metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity), \(recorded.size) bytes)")
+            throw HydrationError(
+                .metadataMismatch,
+                "\(what) \(found.path) (\(found.identity), \(found.size) bytes) is not the device metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity), \(recorded.size) bytes)"
+            )
         }
         // The operator has vouched for the device: kind and size were the checks left.
         if accept { return }
         if !recorded.stableID.isEmpty {
             guard recorded.hasStableID(of: found) else {
-                var e = HydrationError(.deviceUnconfirmed, "\(what) \(found.path) is not the device the job was created for: it was \(recorded.stableID), it is now \(found.stableID.isEmpty ? "a device without a stable identity" : found.stableID). Nothing is written or released; put the right device at \(found.path) and resume, or remove the job")
+                var e = HydrationError(
+                    .deviceUnconfirmed,
+                    "\(what) \(found.path) is not the device the job was created for: it was \(recorded.stableID), it is now \(found.stableID.isEmpty ? "a device without a stable identity" : found.stableID). Nothing is written or released; put the right device at \(found.path) and resume, or remove the job"
+                )
                 e.path = found.path
                 throw e
             }
@@ -425,9 +523,15 @@ public actor HydrationJob {
         case .regularFile where found.identity == recorded.identity:
             return
         case .regularFile:
-            throw HydrationError(.metadataMismatch, "\(what) \(found.path) (\(found.identity)) is not the file metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity))")
+            throw HydrationError(
+                .metadataMismatch,
+                "\(what) \(found.path) (\(found.identity)) is not the file metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity))"
+            )
         case .blockDevice, .remote:
-            var e = HydrationError(.deviceUnconfirmed, "\(what) \(found.path) cannot be confirmed to be the device the job was created for (its metadata records no stable identity, and device numbers are reused). Nothing is written or released; check the device and re-create the job")
+            var e = HydrationError(
+                .deviceUnconfirmed,
+                "\(what) \(found.path) cannot be confirmed to be the device the job was created for (its metadata records no stable identity, and device numbers are reused). Nothing is written or released; check the device and re-create the job"
+            )
             e.path = found.path
             throw e
         }
@@ -458,10 +562,16 @@ public actor HydrationJob {
         case .hydrating, .complete:
             return
         case .paused where needsReopen, .failed where needsReopen:
-            throw HydrationError(.invalidState, "job \(name) must be opened again from its last commit to resume (\(error?.message ?? "it ran out of space in a commit"))")
+            throw HydrationError(
+                .invalidState,
+                "job \(name) must be opened again from its last commit to resume (\(error?.message ?? "it ran out of space in a commit"))"
+            )
         case .failed:
             if progress.snapshot.metadataMode != .rw {
-                throw HydrationError(.invalidState, "job \(name) failed with metadata \(progress.snapshot.metadataMode.rawValue); it cannot be resumed: \(error?.message ?? "")")
+                throw HydrationError(
+                    .invalidState,
+                    "job \(name) failed with metadata \(progress.snapshot.metadataMode.rawValue); it cannot be resumed: \(error?.message ?? "")"
+                )
             }
         case .idle, .paused:
             break
@@ -512,8 +622,12 @@ public actor HydrationJob {
         try t.validate(regionSize: geometry.regionSize)
         tunables = t
         await copier.update(t)
-        logger.info("tunables changed", metadata: ["batch_size": "\(t.batchSize)", "threshold": "\(t.threshold)",
-                                                   "commit_interval_ms": "\(t.commitIntervalMs)"])
+        logger.info(
+            "tunables changed",
+            metadata: [
+                "batch_size": "\(t.batchSize)", "threshold": "\(t.threshold)",
+                "commit_interval_ms": "\(t.commitIntervalMs)",
+            ])
     }
 
     public var currentTunables: Tunables { tunables }
@@ -591,7 +705,9 @@ public actor HydrationJob {
         guard let discarder else { return }
         await discarder.drainDurably(published: await committer.publishedCount)
         do { try await committer.confirmReleases() } catch {
-            logger.warning("could not record finished releases; a restart will release them again", metadata: ["error": "\(error)"])
+            logger.warning(
+                "could not record finished releases; a restart will release them again", metadata: ["error": "\(error)"]
+            )
         }
     }
 
@@ -603,7 +719,6 @@ public actor HydrationJob {
         try await committer.confirmReleases(markComplete: true)
     }
 
-
     // MARK: live clone
 
     /// The job's clone as an NBD export named after the job (the same object on every call), with
@@ -613,9 +728,12 @@ public actor HydrationJob {
     /// `hydrateOnRead`: a read the source serves also hydrates the regions it read, in the background.
     /// Another export of this job that reads its source through `source` (tests: a source that
     /// stops answering). Not registered as the job's export.
-    func detachedExport(readingSourceThrough source: any StorageDevice, io: IOExecutor, sourceIO: IOExecutor) -> LiveCloneExport {
-        LiveCloneExport(name: name, geometry: geometry, source: source, dest: dest, io: io, ownership: ownership,
-                        committer: committer, progress: progress, logger: logger, sourceIO: sourceIO)
+    func detachedExport(readingSourceThrough source: any StorageDevice, io: IOExecutor, sourceIO: IOExecutor)
+        -> LiveCloneExport
+    {
+        LiveCloneExport(
+            name: name, geometry: geometry, source: source, dest: dest, io: io, ownership: ownership,
+            committer: committer, progress: progress, logger: logger, sourceIO: sourceIO)
     }
 
     /// The job's own source device (tests wrap it).
@@ -625,13 +743,16 @@ public actor HydrationJob {
         if let export { return export }
         guard !closed && !closing else { throw HydrationError(.invalidState, "job \(name) is closed") }
         guard !devicesReleased else {
-            throw HydrationError(.invalidState, "job \(name) is complete and has let go of its destination; its clone is the destination itself")
+            throw HydrationError(
+                .invalidState,
+                "job \(name) is complete and has let go of its destination; its clone is the destination itself")
         }
-        let e = LiveCloneExport(name: name, geometry: geometry, source: source, dest: dest,
-                                io: IOExecutor(threads: LiveCloneExport.threadsPerExport),
-                                ownership: ownership, committer: committer, progress: progress, logger: logger,
-                                hydrateOnRead: hydrateOnRead, ownsIO: true,
-                                sourceIO: IOExecutor(threads: LiveCloneExport.threadsPerExport))
+        let e = LiveCloneExport(
+            name: name, geometry: geometry, source: source, dest: dest,
+            io: IOExecutor(threads: LiveCloneExport.threadsPerExport),
+            ownership: ownership, committer: committer, progress: progress, logger: logger,
+            hydrateOnRead: hydrateOnRead, ownsIO: true,
+            sourceIO: IOExecutor(threads: LiveCloneExport.threadsPerExport))
         export = e
         let committer = self.committer
         liveTicker = Task { [weak self] in
@@ -679,10 +800,14 @@ public actor HydrationJob {
         leaseWatch = nil
         guard !closed && !closing else { return }
         let source = self.source, path = configuration.sourcePath
-        logger.warning("another process opened the source: releases stopped; the job pauses", metadata: ["source": "\(path)"])
+        logger.warning(
+            "another process opened the source: releases stopped; the job pauses", metadata: ["source": "\(path)"])
         _ = try? await io.run { source.giveUpLease() }
         func inUse(_ who: String) -> HydrationError {
-            var e = HydrationError(.deviceInUse, "source \(path) was opened by \(who) while the job was releasing it: releases stopped and the job paused (regions released before the open read as zeros there). Resume the job once that process is done with the source")
+            var e = HydrationError(
+                .deviceInUse,
+                "source \(path) was opened by \(who) while the job was releasing it: releases stopped and the job paused (regions released before the open read as zeros there). Resume the job once that process is done with the source"
+            )
             e.path = path
             return e
         }
@@ -693,9 +818,10 @@ public actor HydrationJob {
         // take seconds. Asked again every 100 ms for up to 10 s, sleeping off the I/O threads.
         var holders: [String] = []
         for _ in 0..<100 {
-            holders = (try? await io.run { () -> [String] in
-                ((try? PosixStorage().usage(of: path))??.holders ?? []).filter { !$0.hasPrefix("this process") }
-            }) ?? []
+            holders =
+                (try? await io.run { () -> [String] in
+                    ((try? PosixStorage().usage(of: path))??.holders ?? []).filter { !$0.hasPrefix("this process") }
+                }) ?? []
             if !holders.isEmpty || closed || closing { break }
             try? await Task.sleep(nanoseconds: 100_000_000)
         }
@@ -722,7 +848,10 @@ public actor HydrationJob {
     private func sourceIsAnotherDisk(_ e: StorageError) {
         guard state == .paused, error?.code == .sourceUnavailable, !closing, !closed else { return }
         sourceWatch = nil
-        var err = HydrationError(.deviceUnconfirmed, "source \(configuration.sourcePath): \(e.detail ?? "\(e)"); put the job's own export back and resume, or remove the job", errno: e.errno)
+        var err = HydrationError(
+            .deviceUnconfirmed,
+            "source \(configuration.sourcePath): \(e.detail ?? "\(e)"); put the job's own export back and resume, or remove the job",
+            errno: e.errno)
         err.path = configuration.sourcePath
         logger.error("the source is not the job's disk any more; job stopped", metadata: ["error": "\(err)"])
         error = err
@@ -735,7 +864,9 @@ public actor HydrationJob {
         guard state == .paused, error?.code == .sourceUnavailable, !closing, !closed else { return }
         sourceWatch = nil
         logger.info("source reachable again; resuming")
-        do { try start() } catch { logger.error("could not resume after the source came back", metadata: ["error": "\(error)"]) }
+        do { try start() } catch {
+            logger.error("could not resume after the source came back", metadata: ["error": "\(error)"])
+        }
     }
 
     // MARK: the run
@@ -794,7 +925,9 @@ public actor HydrationJob {
         if let commitError {
             self.error = commitError
             if commitError.code == .noSpace {
-                logger.error("commit out of space; job paused, it resumes from its last commit once space is freed", metadata: ["error": "\(commitError)"])
+                logger.error(
+                    "commit out of space; job paused, it resumes from its last commit once space is freed",
+                    metadata: ["error": "\(commitError)"])
                 needsReopen = true
                 setState(.paused)
             } else {
@@ -829,10 +962,12 @@ public actor HydrationJob {
             self.error = e
             setState(.paused)
             if !closing && !pauseRequested && !needsReopen {
-                logger.warning("source unavailable; job paused until it is reachable again", metadata: ["error": "\(e)"])
-                sourceWatch = Self.watchSource(source, io: io, logger: logger,
-                                               back: { [weak self] in await self?.sourceIsBack() },
-                                               unconfirmed: { [weak self] e in await self?.sourceIsAnotherDisk(e) })
+                logger.warning(
+                    "source unavailable; job paused until it is reachable again", metadata: ["error": "\(e)"])
+                sourceWatch = Self.watchSource(
+                    source, io: io, logger: logger,
+                    back: { [weak self] in await self?.sourceIsBack() },
+                    unconfirmed: { [weak self] e in await self?.sourceIsAnotherDisk(e) })
             }
         case .failed(let e) where e.code == .deviceUnconfirmed:
             // A reconnection found another disk at the source's URI: nothing was read from or
@@ -873,27 +1008,37 @@ public actor HydrationJob {
         let discardOn = discarder != nil
         return JobStatus(
             name: name, state: state,
-            source: .init(path: configuration.sourcePath, sizeBytes: geometry.targetSize,
-                          io: RemoteSource.isURI(configuration.sourcePath) ? nil : Self.ioName(source.directIO),
-                          ioReason: RemoteSource.isURI(configuration.sourcePath) ? nil : source.directIO.reason),
+            source: .init(
+                path: configuration.sourcePath, sizeBytes: geometry.targetSize,
+                io: RemoteSource.isURI(configuration.sourcePath) ? nil : Self.ioName(source.directIO),
+                ioReason: RemoteSource.isURI(configuration.sourcePath) ? nil : source.directIO.reason),
             dest: .init(path: configuration.destPath, io: Self.ioName(dest.directIO), ioReason: dest.directIO.reason),
             regionSize: geometry.regionSize,
-            regions: .init(total: UInt64(geometry.regionCount), hydrated: UInt64(c.hydratedRegions), hydrating: UInt64(c.hydratingRegions)),
-            bytes: .init(total: total, hydrated: c.hydratedBytes, committed: c.committedBytes,
-                         skippedZero: c.skippedZeroBytes, discarded: c.discardedBytes),
+            regions: .init(
+                total: UInt64(geometry.regionCount), hydrated: UInt64(c.hydratedRegions),
+                hydrating: UInt64(c.hydratingRegions)),
+            bytes: .init(
+                total: total, hydrated: c.hydratedBytes, committed: c.committedBytes,
+                skippedZero: c.skippedZeroBytes, discarded: c.discardedBytes),
             throughputBytesPerSecond: throughput, etaSeconds: eta,
             commits: .init(count: c.commits, lastUnixMs: c.lastCommitUnixMs, lastDurationMs: c.lastCommitDurationMs),
             discard: .init(enabled: discardOn, pendingBytes: c.discardPendingBytes, failed: c.discardFailures),
             spaceBudgetBytes: discardOn ? tunables.spaceBudgetBytes : nil,
-            settings: .init(threshold: tunables.threshold, batchSize: tunables.batchSize,
-                            rateLimitBytesPerSecond: tunables.rateLimitBytesPerSecond, commitIntervalMs: tunables.commitIntervalMs),
+            settings: .init(
+                threshold: tunables.threshold, batchSize: tunables.batchSize,
+                rateLimitBytesPerSecond: tunables.rateLimitBytesPerSecond, commitIntervalMs: tunables.commitIntervalMs),
             metadata: .init(path: store.path, mode: c.metadataMode),
             error: sourceWait.map { Self.sourceUnavailableInfo($0, path: configuration.sourcePath) }
-                ?? error.map { JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region) },
+                ?? error.map {
+                    JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region)
+                },
             // The URI and clients are the daemon's to fill in (JobManager.status).
             export: export.map { _ in
-                JobStatus.Export(uri: "", clients: 0, io: .init(readBytes: c.liveReadBytes, writtenBytes: c.liveWrittenBytes,
-                                                               trimmedBytes: c.liveTrimmedBytes, hydratedRegions: UInt64(c.liveHydratedRegions)))
+                JobStatus.Export(
+                    uri: "", clients: 0,
+                    io: .init(
+                        readBytes: c.liveReadBytes, writtenBytes: c.liveWrittenBytes,
+                        trimmedBytes: c.liveTrimmedBytes, hydratedRegions: UInt64(c.liveHydratedRegions)))
             })
     }
 

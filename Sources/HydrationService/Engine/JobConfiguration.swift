@@ -20,11 +20,15 @@ public struct Tunables: Sendable, Equatable, Codable {
     public static func defaults(regionSize: UInt64) -> Tunables {
         let batch = max(1, Int((1 << 20) / regionSize))
         let threshold = max(batch, Int((8 << 20) / regionSize))
-        return Tunables(batchSize: batch, threshold: threshold, rateLimitBytesPerSecond: nil,
-                        spaceBudgetBytes: defaultSpaceBudget, commitIntervalMs: defaultCommitIntervalMs)
+        return Tunables(
+            batchSize: batch, threshold: threshold, rateLimitBytesPerSecond: nil,
+            spaceBudgetBytes: defaultSpaceBudget, commitIntervalMs: defaultCommitIntervalMs)
     }
 
-    public init(batchSize: Int, threshold: Int, rateLimitBytesPerSecond: UInt64?, spaceBudgetBytes: UInt64, commitIntervalMs: Int) {
+    public init(
+        batchSize: Int, threshold: Int, rateLimitBytesPerSecond: UInt64?, spaceBudgetBytes: UInt64,
+        commitIntervalMs: Int
+    ) {
         self.batchSize = batchSize; self.threshold = threshold; self.rateLimitBytesPerSecond = rateLimitBytesPerSecond
         self.spaceBudgetBytes = spaceBudgetBytes; self.commitIntervalMs = commitIntervalMs
     }
@@ -32,19 +36,23 @@ public struct Tunables: Sendable, Equatable, Codable {
     /// Checks every field; the message names the field and what is accepted.
     public func validate(regionSize: UInt64) throws(HydrationError) {
         guard batchSize >= 1, UInt64(batchSize) * regionSize <= 64 << 20 else {
-            throw HydrationError(.invalidParameter, "batch_size must be at least 1 and at most 64 MiB of regions (got \(batchSize))")
+            throw HydrationError(
+                .invalidParameter, "batch_size must be at least 1 and at most 64 MiB of regions (got \(batchSize))")
         }
         guard threshold >= 1, threshold <= 1 << 20 else {
-            throw HydrationError(.invalidParameter, "threshold must be between 1 and 1048576 regions (got \(threshold))")
+            throw HydrationError(
+                .invalidParameter, "threshold must be between 1 and 1048576 regions (got \(threshold))")
         }
         if let r = rateLimitBytesPerSecond, r < 4096 {
             throw HydrationError(.invalidParameter, "rate_limit_bytes_per_second must be at least 4096 (got \(r))")
         }
         guard commitIntervalMs >= 10, commitIntervalMs <= 3_600_000 else {
-            throw HydrationError(.invalidParameter, "commit_interval_ms must be between 10 and 3600000 (got \(commitIntervalMs))")
+            throw HydrationError(
+                .invalidParameter, "commit_interval_ms must be between 10 and 3600000 (got \(commitIntervalMs))")
         }
         guard spaceBudgetBytes >= regionSize else {
-            throw HydrationError(.invalidParameter, "space_budget_bytes must be at least one region (\(regionSize) bytes)")
+            throw HydrationError(
+                .invalidParameter, "space_budget_bytes must be at least one region (\(regionSize) bytes)")
         }
     }
 }
@@ -92,7 +100,10 @@ public struct JobConfiguration: Sendable, Equatable, Codable {
         RegionGeometry.isValidRegionSize(s) && s <= maxRegionSize
     }
     static func regionSizeError(_ s: UInt64) -> HydrationError {
-        HydrationError(.invalidParameter, "region_size must be a power of two from 4 KiB to 64 MiB (a batch reads at least one whole region into memory; got \(s))")
+        HydrationError(
+            .invalidParameter,
+            "region_size must be a power of two from 4 KiB to 64 MiB (a batch reads at least one whole region into memory; got \(s))"
+        )
     }
 
     public var name: String
@@ -106,9 +117,11 @@ public struct JobConfiguration: Sendable, Equatable, Codable {
     /// Direct or buffered I/O; chosen again each time the job's devices are opened.
     public var ioMode: IOMode = .auto
 
-    public init(name: String, sourcePath: String, destPath: String, metadataPath: String,
-                regionSize: UInt64 = RegionGeometry.defaultRegionSize, discardSource: Bool = false,
-                destZeroed: Bool = false, tunables: Tunables? = nil, ioMode: IOMode = .auto) {
+    public init(
+        name: String, sourcePath: String, destPath: String, metadataPath: String,
+        regionSize: UInt64 = RegionGeometry.defaultRegionSize, discardSource: Bool = false,
+        destZeroed: Bool = false, tunables: Tunables? = nil, ioMode: IOMode = .auto
+    ) {
         self.ioMode = ioMode
         self.name = name; self.sourcePath = sourcePath; self.destPath = destPath; self.metadataPath = metadataPath
         self.regionSize = regionSize; self.discardSource = discardSource; self.destZeroed = destZeroed

@@ -1,8 +1,8 @@
-import Synchronization
 import ControlProtocol
+import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Counters shared by the three actors and read by status calls without waiting for any of them:

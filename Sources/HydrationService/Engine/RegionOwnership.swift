@@ -55,8 +55,10 @@ final class RegionOwnership: Sendable {
     init(hydrated: RegionMap, committed: RegionMap, released: RegionMap, destZeroed: Bool) {
         precondition(hydrated.count == committed.count && committed.count == released.count)
         regionCount = hydrated.count
-        state = Mutex(State(hydrated: hydrated, committed: committed, released: released,
-                            claimed: RegionMap(count: hydrated.count), destZeroed: destZeroed))
+        state = Mutex(
+            State(
+                hydrated: hydrated, committed: committed, released: released,
+                claimed: RegionMap(count: hydrated.count), destZeroed: destZeroed))
     }
 
     // MARK: reading the bits
@@ -68,7 +70,9 @@ final class RegionOwnership: Sendable {
         state.withLock { $0.hydrated.count(in: regions) == regions.count }
     }
     /// The first region at or after `start` whose hydrated bit is `value`.
-    func firstHydrated(_ value: Bool, from start: Int) -> Int? { state.withLock { $0.hydrated.first(value, from: start) } }
+    func firstHydrated(_ value: Bool, from start: Int) -> Int? {
+        state.withLock { $0.hydrated.first(value, from: start) }
+    }
     /// A copy of the hydrated bits (tests, status).
     var hydratedSnapshot: RegionMap { state.withLock { $0.hydrated } }
     var anyClaimed: Bool { state.withLock { $0.claimed.setCount > 0 } }
@@ -145,7 +149,9 @@ final class RegionOwnership: Sendable {
         let (newly, wake) = state.withLock { st -> ([Range<Int>], [CheckedContinuation<Void, Never>]) in
             var newly: [Range<Int>] = []
             for h in hydrated where !h.isEmpty {
-                precondition(h.lowerBound >= regions.lowerBound && h.upperBound <= regions.upperBound, "hydrated \(h) outside the claim \(regions)")
+                precondition(
+                    h.lowerBound >= regions.lowerBound && h.upperBound <= regions.upperBound,
+                    "hydrated \(h) outside the claim \(regions)")
                 var i = h.lowerBound
                 while i < h.upperBound {
                     if st.hydrated[i] { i += 1; continue }

@@ -2,7 +2,7 @@ import ControlProtocol
 import Logging
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A job whose source is an NBD export (issue 15): identity with a fingerprint, confirmation at
@@ -12,7 +12,9 @@ extension HydrationJob {
     /// The source's metadata record. A remote source's stable ID gets a fingerprint of sampled
     /// blocks (`RemoteIdentity`), read only where `mayRead` allows: everywhere for a new job, only
     /// outside committed regions when a discard_source job's devices are accepted anew.
-    static func sourceRecord(_ source: any StorageDevice, mayRead: (Range<UInt64>) -> Bool) throws(HydrationError) -> DeviceRecord {
+    static func sourceRecord(_ source: any StorageDevice, mayRead: (Range<UInt64>) -> Bool) throws(HydrationError)
+        -> DeviceRecord
+    {
         var record = DeviceRecord(source.info)
         guard source.info.identity.kind == .remote else { return record }
         do {
@@ -25,7 +27,9 @@ extension HydrationJob {
             }
             record.stableID = id
         } catch {
-            throw HydrationError(.ioError, "source: reading samples of \(source.info.path) for its identity: \(error)", errno: error.errno)
+            throw HydrationError(
+                .ioError, "source: reading samples of \(source.info.path) for its identity: \(error)",
+                errno: error.errno)
         }
         return record
     }
@@ -42,7 +46,10 @@ extension HydrationJob {
     /// `DeviceUnconfirmed` when a reconnection of the remote `source` found another disk.
     static func unconfirmedSourceError(_ source: any StorageDevice) -> HydrationError? {
         guard let why = (source as? RemoteNBDDevice)?.unconfirmedReason else { return nil }
-        var e = HydrationError(.deviceUnconfirmed, "source \(source.info.path): \(why). Nothing more is read from or released on it; put the job's own export back and resume, or remove the job", errno: ESTALE)
+        var e = HydrationError(
+            .deviceUnconfirmed,
+            "source \(source.info.path): \(why). Nothing more is read from or released on it; put the job's own export back and resume, or remove the job",
+            errno: ESTALE)
         e.path = source.info.path
         return e
     }
@@ -59,19 +66,24 @@ extension HydrationJob {
     /// From now on every reconnection of a remote source must find the disk `recorded` describes:
     /// its fingerprint's samples that may still be read, plus witnesses the device picks
     /// (`RemoteNBDDevice.armIdentity`). Blocking (reads the source).
-    static func armRemoteIdentity(_ source: any StorageDevice, recorded: DeviceRecord,
-                                  mayRead: (Range<UInt64>) -> Bool) throws(HydrationError) {
+    static func armRemoteIdentity(
+        _ source: any StorageDevice, recorded: DeviceRecord,
+        mayRead: (Range<UInt64>) -> Bool
+    ) throws(HydrationError) {
         guard let remote = source as? RemoteNBDDevice else { return }
         do {
             try remote.armIdentity(recorded: RemoteIdentity.parse(recorded.stableID).samples, mayRead: mayRead)
         } catch {
-            throw HydrationError(.ioError, "source: reading \(source.info.path) for its identity: \(error)", errno: error.errno)
+            throw HydrationError(
+                .ioError, "source: reading \(source.info.path) for its identity: \(error)", errno: error.errno)
         }
     }
 
     /// Which source bytes may still be read: all of them, except (with discard_source) the
     /// committed regions, whose source range may be released already.
-    static func unreleased(_ committed: RegionMap, regionSize: UInt64, discardSource: Bool) -> @Sendable (Range<UInt64>) -> Bool {
+    static func unreleased(_ committed: RegionMap, regionSize: UInt64, discardSource: Bool)
+        -> @Sendable (Range<UInt64>) -> Bool
+    {
         guard discardSource else { return { _ in true } }
         return { range in
             guard !range.isEmpty else { return true }
@@ -87,8 +99,10 @@ extension HydrationJob {
     /// be read (`mayRead`) is read again and must have the same checksum. When all of that holds
     /// the result carries the recorded stable ID (so `confirm` accepts it); otherwise it carries
     /// what was found, and `confirm` refuses with `DeviceUnconfirmed`, naming both.
-    static func confirmedRemote(_ found: DeviceInfo, recorded: DeviceRecord, device: (any StorageDevice)?,
-                                mayRead: (Range<UInt64>) -> Bool) throws(HydrationError) -> DeviceInfo {
+    static func confirmedRemote(
+        _ found: DeviceInfo, recorded: DeviceRecord, device: (any StorageDevice)?,
+        mayRead: (Range<UInt64>) -> Bool
+    ) throws(HydrationError) -> DeviceInfo {
         guard found.identity.kind == .remote, recorded.identity.kind == .remote else { return found }
         let (recordedBase, samples) = RemoteIdentity.parse(recorded.stableID)
         guard found.stableID == recordedBase else { return found }
@@ -99,7 +113,8 @@ extension HydrationJob {
                 guard mayRead(s.offset..<s.offset + UInt64(RemoteIdentity.sampleSize)) else { continue }
                 let crc: UInt32
                 do { crc = try RemoteIdentity.crc(device, s.offset) } catch {
-                    throw HydrationError(.ioError, "source: reading \(found.path) to confirm its identity: \(error)", errno: error.errno)
+                    throw HydrationError(
+                        .ioError, "source: reading \(found.path) to confirm its identity: \(error)", errno: error.errno)
                 }
                 if crc != s.crc { mismatched.append(RemoteIdentity.Sample(offset: s.offset, crc: crc)) }
             }
@@ -117,7 +132,8 @@ extension HydrationJob {
     static func sourceUnavailableInfo(_ a: SourceAvailability, path: String) -> JobStatus.ErrorInfo {
         JobStatus.ErrorInfo(
             code: HydrationError.Code.sourceUnavailable.rawValue,
-            message: "source \(path) unavailable since \(isoTime(a.sinceUnixMs)): \(a.lastError); reconnecting (\(a.attempts) attempt\(a.attempts == 1 ? "" : "s") so far), the job resumes by itself",
+            message:
+                "source \(path) unavailable since \(isoTime(a.sinceUnixMs)): \(a.lastError); reconnecting (\(a.attempts) attempt\(a.attempts == 1 ? "" : "s") so far), the job resumes by itself",
             errno: ENOTCONN)
     }
 
@@ -126,7 +142,8 @@ extension HydrationJob {
         var tmv = tm()
         gmtime_r(&t, &tmv)
         func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
-        return "\(tmv.tm_year + 1900)-\(two(tmv.tm_mon + 1))-\(two(tmv.tm_mday))T\(two(tmv.tm_hour)):\(two(tmv.tm_min)):\(two(tmv.tm_sec))Z"
+        return
+            "\(tmv.tm_year + 1900)-\(two(tmv.tm_mon + 1))-\(two(tmv.tm_mday))T\(two(tmv.tm_hour)):\(two(tmv.tm_min)):\(two(tmv.tm_sec))Z"
     }
 }
 
@@ -135,9 +152,11 @@ extension HydrationJob {
     /// thread, confirmed as every reconnection is) with backoff, 100 ms doubling to 2 s, and
     /// calls `back` once it answers, `unconfirmed` if another disk answers instead. Cancelled
     /// by a pause, a start or close. Occupies no I/O thread between attempts.
-    static func watchSource(_ source: any StorageDevice, io: IOExecutor, logger: Logger,
-                            back: @escaping @Sendable () async -> Void,
-                            unconfirmed: @escaping @Sendable (StorageError) async -> Void) -> Task<Void, Never> {
+    static func watchSource(
+        _ source: any StorageDevice, io: IOExecutor, logger: Logger,
+        back: @escaping @Sendable () async -> Void,
+        unconfirmed: @escaping @Sendable (StorageError) async -> Void
+    ) -> Task<Void, Never> {
         Task {
             var delayMs: UInt64 = 100
             while !Task.isCancelled {

@@ -17,23 +17,30 @@ final class CompleteCloneExport: NBDExport {
 
     init(file: FileNBDExport, discardSource: Bool) {
         self.file = file
-        stateBits = RegionStateBits.hydrated | RegionStateBits.committed | (discardSource ? RegionStateBits.released : 0)
+        stateBits =
+            RegionStateBits.hydrated | RegionStateBits.committed | (discardSource ? RegionStateBits.released : 0)
     }
 
-    static func open(_ def: JobDefinition, header: MetadataHeader, storage: any StorageProvider,
-                     io: IOExecutor) throws(HydrationError) -> (CompleteCloneExport, any StorageDevice) {
+    static func open(
+        _ def: JobDefinition, header: MetadataHeader, storage: any StorageProvider,
+        io: IOExecutor
+    ) throws(HydrationError) -> (CompleteCloneExport, any StorageDevice) {
         let dest = try HydrationJob.openDevice(storage, def.dest, .destination(createSize: nil), what: "destination")
         do throws(HydrationError) {
-            try HydrationJob.confirm(dest.info, is: header.dest, what: "destination", metadataPath: def.metadata, exactSize: false)
+            try HydrationJob.confirm(
+                dest.info, is: header.dest, what: "destination", metadataPath: def.metadata, exactSize: false)
             guard dest.info.size >= header.targetSize else {
-                throw HydrationError(.metadataMismatch, "destination \(def.dest) has \(dest.info.size) bytes, fewer than the job's \(header.targetSize)")
+                throw HydrationError(
+                    .metadataMismatch,
+                    "destination \(def.dest) has \(dest.info.size) bytes, fewer than the job's \(header.targetSize)")
             }
         } catch {
             dest.close()
             throw error
         }
-        let file = FileNBDExport(name: def.name, device: dest, io: io,
-                                 description: "hydrationd live clone of job \(def.name) (complete)", size: header.targetSize)
+        let file = FileNBDExport(
+            name: def.name, device: dest, io: io,
+            description: "hydrationd live clone of job \(def.name) (complete)", size: header.targetSize)
         return (CompleteCloneExport(file: file, discardSource: header.discardSource), dest)
     }
 

@@ -3,14 +3,14 @@ import NIOCore
 import Synchronization
 
 #if DEBUG
-/// Deliberately wrong client-write paths, for the live crash explorer to prove it notices them.
-/// Compiled only into debug builds (like `CommitterFault`).
-enum LiveCloneFault: Sendable, Equatable {
-    /// The first client write does not record that the destination holds client data.
-    case skipRecordDestinationWritten
-    /// A write covering an unhydrated region in part does not copy that region first.
-    case partialWriteWithoutHydration
-}
+    /// Deliberately wrong client-write paths, for the live crash explorer to prove it notices them.
+    /// Compiled only into debug builds (like `CommitterFault`).
+    enum LiveCloneFault: Sendable, Equatable {
+        /// The first client write does not record that the destination holds client data.
+        case skipRecordDestinationWritten
+        /// A write covering an unhydrated region in part does not copy that region first.
+        case partialWriteWithoutHydration
+    }
 #endif
 
 /// A job's clone served over NBD with dm-clone's I/O semantics, while it hydrates
@@ -71,7 +71,7 @@ public final class LiveCloneExport: NBDExport {
     /// Runs queued at most; beyond, a read hydrates nothing (the copier gets there anyway).
     static let maxReadHydrationQueue = 4096
     #if DEBUG
-    let fault = Mutex<LiveCloneFault?>(nil)
+        let fault = Mutex<LiveCloneFault?>(nil)
     #endif
 
     private struct Gate {
@@ -96,9 +96,11 @@ public final class LiveCloneExport: NBDExport {
     /// Regions one CACHE step hydrates (one claim, one batch).
     static let cacheStepRegions = 32
 
-    init(name: String, geometry: Geometry, source: any StorageDevice, dest: any StorageDevice, io: IOExecutor,
-         ownership: RegionOwnership, committer: Committer, progress: JobProgress, logger: Logger,
-         hydrateOnRead: Bool = false, ownsIO: Bool = false, sourceIO: IOExecutor? = nil) {
+    init(
+        name: String, geometry: Geometry, source: any StorageDevice, dest: any StorageDevice, io: IOExecutor,
+        ownership: RegionOwnership, committer: Committer, progress: JobProgress, logger: Logger,
+        hydrateOnRead: Bool = false, ownsIO: Bool = false, sourceIO: IOExecutor? = nil
+    ) {
         self.sourceIO = sourceIO ?? io
         self.hydrateOnRead = hydrateOnRead
         self.ownsIO = ownsIO
@@ -122,11 +124,14 @@ public final class LiveCloneExport: NBDExport {
         // go through the page cache), so the minimum drops to 1 then.
         if geometry.targetSize % UInt64(minimum) != 0 { minimum = 1 }
         let preferred = UInt32(min(geometry.regionSize, UInt64(NBDProtocol.defaultMaxPayload)))
-        self.blockSize = NBDBlockSize(minimum: minimum, preferred: max(preferred, minimum, 512), maximum: NBDProtocol.defaultMaxPayload)
+        self.blockSize = NBDBlockSize(
+            minimum: minimum, preferred: max(preferred, minimum, 512), maximum: NBDProtocol.defaultMaxPayload)
     }
 
     public var description: String? { "hydrationd live clone of job \(name)" }
-    public var capabilities: NBDExportCapabilities { [.flush, .fua, .trim, .writeZeroes, .fastZero, .cache, .multiConn] }
+    public var capabilities: NBDExportCapabilities {
+        [.flush, .fua, .trim, .writeZeroes, .fastZero, .cache, .multiConn]
+    }
     public static let stateContext = "x-hydrationd:state"
     public var metaContexts: [String] { [NBDProtocol.baseAllocation, Self.stateContext] }
 
@@ -168,7 +173,9 @@ public final class LiveCloneExport: NBDExport {
         }
     }
 
-    private func run<T: Sendable>(readsSource: Bool = false, _ body: @escaping @Sendable () throws -> T) async throws(NBDError) -> T {
+    private func run<T: Sendable>(readsSource: Bool = false, _ body: @escaping @Sendable () throws -> T)
+        async throws(NBDError) -> T
+    {
         try await (readsSource ? sourceIO : io).runForNBD(body)
     }
 
@@ -181,7 +188,8 @@ public final class LiveCloneExport: NBDExport {
     /// Regions wholly inside `bytes` (the last, short region counts when `bytes` reaches the end).
     private func wholeRegions(in bytes: Range<UInt64>) -> Range<Int> {
         let lo = Int((bytes.lowerBound + geometry.regionSize - 1) / geometry.regionSize)
-        let hi = bytes.upperBound >= geometry.targetSize ? geometry.regionCount : Int(bytes.upperBound / geometry.regionSize)
+        let hi =
+            bytes.upperBound >= geometry.targetSize ? geometry.regionCount : Int(bytes.upperBound / geometry.regionSize)
         return lo..<max(lo, hi)
     }
 
@@ -201,7 +209,7 @@ public final class LiveCloneExport: NBDExport {
     private func recordDestinationWritten() async throws(NBDError) {
         guard ownership.destZeroed else { return }
         #if DEBUG
-        if fault.withLock({ $0 }) == .skipRecordDestinationWritten { return }
+            if fault.withLock({ $0 }) == .skipRecordDestinationWritten { return }
         #endif
         do { try await committer.recordDestinationWritten() } catch {
             throw NBDError(error.code == .noSpace ? .ENOSPC : .EIO, "job \(name): \(error.message)")
@@ -238,11 +246,14 @@ public final class LiveCloneExport: NBDExport {
     private func hydrate(_ regions: [Int]) async throws(NBDError) -> [Range<Int>] {
         var done: [Range<Int>] = []
         for r in regions where !ownership.isHydrated(r) {
-            let job = BatchJob(source: source, dest: dest, geometry: geometry, zeroDestination: !ownership.destZeroed,
-                               retryDelaysMs: [10, 100], logger: logger, buffers: buffers)
+            let job = BatchJob(
+                source: source, dest: dest, geometry: geometry, zeroDestination: !ownership.destZeroed,
+                retryDelaysMs: [10, 100], logger: logger, buffers: buffers)
             switch await job.execute(.copy(r..<r + 1), io: sourceIO) {
             case .success(let b):
-                progress.update { $0.writtenBytes += b.written; $0.skippedZeroBytes += b.zero }
+                progress.update {
+                    $0.writtenBytes += b.written; $0.skippedZeroBytes += b.zero
+                }
                 done.append(r..<r + 1)
             case .failure(let e):
                 if e.code == .commitFailed { await committer.writebackFailed(e) }
@@ -266,7 +277,9 @@ public final class LiveCloneExport: NBDExport {
         // rather than serve wrong data without an error (found by Tests/attacks/l8).
         for run in runs where !run.fromSource {
             if let r = ownership.lostRegion(in: run.regions) {
-                throw NBDError(.EIO, "job \(name) failed to commit: region \(r) was not committed and its destination data may be lost")
+                throw NBDError(
+                    .EIO,
+                    "job \(name) failed to commit: region \(r) was not committed and its destination data may be lost")
             }
         }
         let (source, dest, geometry) = (self.source, self.dest, self.geometry)
@@ -315,7 +328,7 @@ public final class LiveCloneExport: NBDExport {
                 // the source's data, not whatever the destination held.
                 var partial = Set([covered.lowerBound, covered.upperBound - 1].filter { !covers(bytes, region: $0) })
                 #if DEBUG
-                if fault.withLock({ $0 }) == .partialWriteWithoutHydration { partial = [] }
+                    if fault.withLock({ $0 }) == .partialWriteWithoutHydration { partial = [] }
                 #endif
                 hydrated = try await hydrate(partial.sorted())
                 try await run(writeData)
@@ -360,7 +373,8 @@ public final class LiveCloneExport: NBDExport {
         // the clone. Nothing past the clone's end is the job's: a larger destination (a
         // pre-allocated image, a reused file) keeps its own bytes there.
         if dest.info.identity.kind == .regularFile && range.upperBound == geometry.targetSize
-            && dest.info.size <= geometry.targetSize {
+            && dest.info.size <= geometry.targetSize
+        {
             range = range.lowerBound..<UInt64(whole.upperBound) * geometry.regionSize
         }
         let dest = self.dest
@@ -375,11 +389,15 @@ public final class LiveCloneExport: NBDExport {
             released = false
         }
         await finishClaim(whole, hydrated: released ? [whole] : [])
-        progress.update { $0.liveTrimmedBytes += released ? min(range.upperBound, geometry.targetSize) - range.lowerBound : 0 }
+        progress.update {
+            $0.liveTrimmedBytes += released ? min(range.upperBound, geometry.targetSize) - range.lowerBound : 0
+        }
         if fua { try await flush() }
     }
 
-    public func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool) async throws(NBDError) {
+    public func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool)
+        async throws(NBDError)
+    {
         try enter()
         defer { leave() }
         if noHole && fastZero { throw NBDError(.ENOTSUP, "zeroing without a hole means writing zeros") }
@@ -395,7 +413,9 @@ public final class LiveCloneExport: NBDExport {
             await ownership.claim(covered)
             var hydrated: [Range<Int>] = []
             do throws(NBDError) {
-                let partial = [covered.lowerBound, covered.upperBound - 1].filter { !covers(bytes, region: $0) && !ownership.isHydrated($0) }
+                let partial = [covered.lowerBound, covered.upperBound - 1].filter {
+                    !covers(bytes, region: $0) && !ownership.isHydrated($0)
+                }
                 if fastZero && !partial.isEmpty {
                     throw NBDError(.ENOTSUP, "zeroing part of an unhydrated region needs a copy first")
                 }
@@ -478,7 +498,8 @@ public final class LiveCloneExport: NBDExport {
                 }
                 guard let next else { break }
                 do { try await self.hydrate(covering: next) } catch {
-                    self.logger.debug("hydrate on read failed; the copier retries the region", metadata: ["error": "\(error)"])
+                    self.logger.debug(
+                        "hydrate on read failed; the copier retries the region", metadata: ["error": "\(error)"])
                 }
             }
             if usable { self.leave() }

@@ -25,8 +25,10 @@ public final class FileNBDExport: NBDExport {
 
     /// `size`: the bytes served, at most the device's (a clone is as large as its source even on
     /// a larger destination); the device's size by default.
-    public init(name: String, device: any StorageDevice, io: IOExecutor, description: String? = nil, readOnly: Bool = false,
-                size: UInt64? = nil) {
+    public init(
+        name: String, device: any StorageDevice, io: IOExecutor, description: String? = nil, readOnly: Bool = false,
+        size: UInt64? = nil
+    ) {
         self.name = name
         self.device = device
         self.io = io
@@ -38,7 +40,8 @@ public final class FileNBDExport: NBDExport {
         let lbs = UInt32(max(1, device.info.logicalBlockSize))
         // A regular file takes any byte range; a block device only whole logical blocks.
         let minimum: UInt32 = device.info.identity.kind == .blockDevice ? lbs : 1
-        self.blockSize = NBDBlockSize(minimum: minimum, preferred: max(4096, minimum), maximum: NBDProtocol.defaultMaxPayload)
+        self.blockSize = NBDBlockSize(
+            minimum: minimum, preferred: max(4096, minimum), maximum: NBDProtocol.defaultMaxPayload)
     }
 
     private func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws(NBDError) -> T {
@@ -83,7 +86,9 @@ public final class FileNBDExport: NBDExport {
         }
     }
 
-    public func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool) async throws(NBDError) {
+    public func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool)
+        async throws(NBDError)
+    {
         if noHole && fastZero { throw NBDError(.ENOTSUP, "zeroing without a hole means writing zeros") }
         let device = self.device
         try await run {
@@ -118,7 +123,9 @@ public final class FileNBDExport: NBDExport {
                 let data = try device.nextData(from: pos)
                 let dataStart = min(data?.lowerBound ?? end, end)
                 if dataStart > pos {
-                    extents.append(NBDExtent(length: UInt32(dataStart - pos), flags: NBDProtocol.stateHole | NBDProtocol.stateZero))
+                    extents.append(
+                        NBDExtent(length: UInt32(dataStart - pos), flags: NBDProtocol.stateHole | NBDProtocol.stateZero)
+                    )
                     pos = dataStart
                 }
                 if let data, pos < end {

@@ -69,7 +69,9 @@ public struct NBDRequest: Sendable, Equatable {
         self.length = length
     }
 
-    public init(_ command: NBDCommand, flags: NBDCommandFlags = [], cookie: UInt64, offset: UInt64 = 0, length: UInt32 = 0) {
+    public init(
+        _ command: NBDCommand, flags: NBDCommandFlags = [], cookie: UInt64, offset: UInt64 = 0, length: UInt32 = 0
+    ) {
         self.init(flags: flags, type: command.rawValue, cookie: cookie, offset: offset, length: length)
     }
 
@@ -99,7 +101,9 @@ public enum NBDDecoder {
         guard magic == NBDProtocol.optionMagic else { throw .badOptionMagic(magic) }
         let code = buffer.getInteger(at: start + 8, as: UInt32.self)!
         let length = buffer.getInteger(at: start + 12, as: UInt32.self)!
-        guard UInt64(length) <= UInt64(max(0, maxLength)) else { throw .optionTooLong(length: length, limit: maxLength) }
+        guard UInt64(length) <= UInt64(max(0, maxLength)) else {
+            throw .optionTooLong(length: length, limit: maxLength)
+        }
         guard buffer.readableBytes >= NBDProtocol.optionHeaderSize + Int(length) else { return nil }
         buffer.moveReaderIndex(forwardBy: NBDProtocol.optionHeaderSize)
         let data = buffer.readSlice(length: Int(length))!
@@ -123,7 +127,9 @@ public enum NBDDecoder {
             guard data.readableBytes == 0 else { return .invalid(code, "\(known) takes no data") }
             return known == .list ? .list : .structuredReply
         case .info, .go:
-            guard let nameLength = data.readInteger(as: UInt32.self), UInt64(nameLength) + 2 <= UInt64(data.readableBytes) else {
+            guard let nameLength = data.readInteger(as: UInt32.self),
+                UInt64(nameLength) + 2 <= UInt64(data.readableBytes)
+            else {
                 return .invalid(code, "the export name length exceeds the option")
             }
             guard let name = string(&data, length: Int(nameLength)) else {
@@ -137,7 +143,9 @@ public enum NBDDecoder {
             for _ in 0..<count { requests.append(data.readInteger(as: UInt16.self)!) }
             return known == .info ? .info(name: name, requests: requests) : .go(name: name, requests: requests)
         case .listMetaContext, .setMetaContext:
-            guard let nameLength = data.readInteger(as: UInt32.self), UInt64(nameLength) + 4 <= UInt64(data.readableBytes) else {
+            guard let nameLength = data.readInteger(as: UInt32.self),
+                UInt64(nameLength) + 4 <= UInt64(data.readableBytes)
+            else {
                 return .invalid(code, "the export name length exceeds the option")
             }
             guard let name = string(&data, length: Int(nameLength)) else {
@@ -150,7 +158,8 @@ public enum NBDDecoder {
             }
             var queries: [String] = []
             for _ in 0..<count {
-                guard let length = data.readInteger(as: UInt32.self), UInt64(length) <= UInt64(data.readableBytes) else {
+                guard let length = data.readInteger(as: UInt32.self), UInt64(length) <= UInt64(data.readableBytes)
+                else {
                     return .invalid(code, "a query length exceeds the option")
                 }
                 guard let query = string(&data, length: Int(length)) else {
@@ -159,7 +168,8 @@ public enum NBDDecoder {
                 queries.append(query)
             }
             guard data.readableBytes == 0 else { return .invalid(code, "trailing data after the queries") }
-            return known == .listMetaContext ? .listMetaContext(name: name, queries: queries) : .setMetaContext(name: name, queries: queries)
+            return known == .listMetaContext
+                ? .listMetaContext(name: name, queries: queries) : .setMetaContext(name: name, queries: queries)
         case .peekExport, .startTLS, .extendedHeaders:
             return .unsupported(code)
         }
@@ -246,8 +256,10 @@ public struct NBDTransmissionContext: Sendable, Equatable {
     /// Largest read or write payload accepted.
     public var maxPayload: UInt32
 
-    public init(size: UInt64, flags: NBDTransmissionFlags, structuredReplies: Bool, metaContextCount: Int,
-                minimumBlock: UInt32 = 1, maxPayload: UInt32 = NBDProtocol.defaultMaxPayload) {
+    public init(
+        size: UInt64, flags: NBDTransmissionFlags, structuredReplies: Bool, metaContextCount: Int,
+        minimumBlock: UInt32 = 1, maxPayload: UInt32 = NBDProtocol.defaultMaxPayload
+    ) {
         self.size = size
         self.flags = flags
         self.structuredReplies = structuredReplies
@@ -276,7 +288,8 @@ extension NBDRequest {
             // nbdkit counts a zero length as out of range too (so a zero-length write is ENOSPC).
             let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
             if length == 0 || overflow || end > ctx.size {
-                let message = length == 0
+                let message =
+                    length == 0
                     ? "\(command) of length 0"
                     : "\(command) at offset \(offset) length \(length) is beyond the end of the export (\(ctx.size) bytes)"
                 return NBDError(command == .write || command == .writeZeroes ? .ENOSPC : .EINVAL, message)
@@ -288,7 +301,9 @@ extension NBDRequest {
         }
         let unknown = flags.subtracting(.known)
         if !unknown.isEmpty { return .invalid("unknown flags 0x\(String(unknown.rawValue, radix: 16))") }
-        if flags.contains(.noHole) && command != .writeZeroes { return .invalid("NO_HOLE is only valid with WRITE_ZEROES") }
+        if flags.contains(.noHole) && command != .writeZeroes {
+            return .invalid("NO_HOLE is only valid with WRITE_ZEROES")
+        }
         if flags.contains(.fastZero) {
             if command != .writeZeroes { return .invalid("FAST_ZERO is only valid with WRITE_ZEROES") }
             if !ctx.flags.contains(.sendFastZero) { return .invalid("FAST_ZERO was not negotiated") }
@@ -297,10 +312,14 @@ extension NBDRequest {
             if command != .read { return .invalid("DF is only valid with READ") }
             if !ctx.structuredReplies || !ctx.flags.contains(.sendDF) { return .invalid("DF was not negotiated") }
         }
-        if flags.contains(.reqOne) && command != .blockStatus { return .invalid("REQ_ONE is only valid with BLOCK_STATUS") }
+        if flags.contains(.reqOne) && command != .blockStatus {
+            return .invalid("REQ_ONE is only valid with BLOCK_STATUS")
+        }
         if flags.contains(.fua) && !ctx.flags.contains(.sendFUA) { return .invalid("FUA was not negotiated") }
         if command == .read && length > ctx.maxPayload {
-            return NBDError(ctx.structuredReplies ? .EOVERFLOW : .EINVAL, "read of \(length) bytes exceeds the maximum payload of \(ctx.maxPayload)")
+            return NBDError(
+                ctx.structuredReplies ? .EOVERFLOW : .EINVAL,
+                "read of \(length) bytes exceeds the maximum payload of \(ctx.maxPayload)")
         }
         if command == .write && length > ctx.maxPayload {
             return .invalid("write of \(length) bytes exceeds the maximum payload of \(ctx.maxPayload)")
@@ -315,11 +334,13 @@ extension NBDRequest {
         default: break
         }
         if ctx.minimumBlock > 1, command != .flush, command != .disconnect,
-           offset % UInt64(ctx.minimumBlock) != 0 || length % ctx.minimumBlock != 0 {
+            offset % UInt64(ctx.minimumBlock) != 0 || length % ctx.minimumBlock != 0
+        {
             // The end of an export whose size is not a multiple of the block size stays reachable.
             let end = offset + UInt64(length)
             if offset % UInt64(ctx.minimumBlock) != 0 || end != ctx.size {
-                return .invalid("\(command) at offset \(offset) length \(length) is not aligned to \(ctx.minimumBlock) bytes")
+                return .invalid(
+                    "\(command) at offset \(offset) length \(length) is not aligned to \(ctx.minimumBlock) bytes")
             }
         }
         return nil
@@ -337,7 +358,9 @@ public enum NBDEncoder {
     }
 
     /// An option reply with `data`.
-    public static func optionReply(_ option: UInt32, _ type: NBDOptionReply, data: ByteBuffer = ByteBuffer()) -> ByteBuffer {
+    public static func optionReply(_ option: UInt32, _ type: NBDOptionReply, data: ByteBuffer = ByteBuffer())
+        -> ByteBuffer
+    {
         var b = ByteBuffer()
         b.reserveCapacity(20 + data.readableBytes)
         b.writeInteger(NBDProtocol.optionReplyMagic)
@@ -413,7 +436,9 @@ public enum NBDEncoder {
         return b
     }
 
-    public static func chunkHeader(cookie: UInt64, type: NBDReplyType, done: Bool, length: UInt32, into b: inout ByteBuffer) {
+    public static func chunkHeader(
+        cookie: UInt64, type: NBDReplyType, done: Bool, length: UInt32, into b: inout ByteBuffer
+    ) {
         b.writeInteger(NBDProtocol.structuredReplyMagic)
         b.writeInteger(done ? UInt16(1) : 0)
         b.writeInteger(type.rawValue)
@@ -448,7 +473,9 @@ public enum NBDEncoder {
     /// Bytes of a block status chunk besides its extents: the chunk header and the context id.
     static let blockStatusChunkOverhead = 24
 
-    public static func blockStatusChunk(cookie: UInt64, contextID: UInt32, extents: [NBDExtent], done: Bool) -> ByteBuffer {
+    public static func blockStatusChunk(cookie: UInt64, contextID: UInt32, extents: [NBDExtent], done: Bool)
+        -> ByteBuffer
+    {
         var b = ByteBuffer()
         b.reserveCapacity(24 + 4 + 8 * extents.count)
         chunkHeader(cookie: cookie, type: .blockStatus, done: done, length: UInt32(4 + 8 * extents.count), into: &b)

@@ -98,7 +98,9 @@ extension NBDExport {
     }
     public func flush() async throws(NBDError) {}
     public func trim(offset: UInt64, length: UInt32, fua: Bool) async throws(NBDError) {}
-    public func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool) async throws(NBDError) {
+    public func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool)
+        async throws(NBDError)
+    {
         throw NBDError(.ENOTSUP, "write zeroes is not supported")
     }
     public func cache(offset: UInt64, length: UInt32) async throws(NBDError) {}

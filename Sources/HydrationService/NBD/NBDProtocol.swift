@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Constants of the NBD protocol (NetworkBlockDevice/nbd `doc/proto.md`): fixed newstyle handshake,

@@ -1,11 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Logging
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Settings of the NBD server.
 public struct NBDServerConfiguration: Sendable {
@@ -53,7 +54,9 @@ public struct NBDServerConfiguration: Sendable {
     /// Decides who may use which export; nil: `NBDAccessPolicy(socketGroup:ownerUID:)`.
     public var access: NBDAccessCheck?
 
-    public init(listener: ControlServerConfiguration.Listener, socketGroup: UInt32? = nil, access: NBDAccessCheck? = nil) {
+    public init(
+        listener: ControlServerConfiguration.Listener, socketGroup: UInt32? = nil, access: NBDAccessCheck? = nil
+    ) {
         self.listener = listener
         self.socketGroup = socketGroup
         self.access = access
@@ -134,7 +137,8 @@ public final class NBDServer: Service, Sendable {
                 return "too many connections negotiating (limit \(configuration.maxHandshakes))"
             }
             if fromPeer >= configuration.maxHandshakesPerPeer {
-                return "process \(peer.pid) has too many connections negotiating (limit \(configuration.maxHandshakesPerPeer))"
+                return
+                    "process \(peer.pid) has too many connections negotiating (limit \(configuration.maxHandshakesPerPeer))"
             }
             st.slots[id] = .negotiating(pid: peer.pid)
             return nil
@@ -154,7 +158,8 @@ public final class NBDServer: Service, Sendable {
                 }
             }
             if onExport >= configuration.maxConnectionsPerExport {
-                return "export '\(export)' has too many connections (limit \(configuration.maxConnectionsPerExport) per export)"
+                return
+                    "export '\(export)' has too many connections (limit \(configuration.maxConnectionsPerExport) per export)"
             }
             if total >= configuration.maxConnections {
                 return "too many connections (limit \(configuration.maxConnections))"
@@ -179,7 +184,9 @@ public final class NBDServer: Service, Sendable {
     /// Connections in transmission with the export called `name` (past OPT_GO / EXPORT_NAME and
     /// not yet closed). Connections still negotiating are not counted.
     public func connections(export name: String) -> Int {
-        state.withLock { st in st.connections.values.reduce(0) { $0 + ($1.inTransmission && $1.exportName == name ? 1 : 0) } }
+        state.withLock { st in
+            st.connections.values.reduce(0) { $0 + ($1.inTransmission && $1.exportName == name ? 1 : 0) }
+        }
     }
 
     /// `disconnect(export:)`, then waits until those connections have closed (their requests in
@@ -224,7 +231,8 @@ public final class NBDServer: Service, Sendable {
         logger.info("NBD socket listening", metadata: ["path": "\(shownPath ?? "fd")"])
         await onListening(ControlServer.ListeningInfo(path: shownPath))
 
-        try await ControlServer.acceptLoop(serverChannel, serve: { await self.serve($0) }, shutdown: { self.shutdown() })
+        try await ControlServer.acceptLoop(
+            serverChannel, serve: { await self.serve($0) }, shutdown: { self.shutdown() })
         logger.info("NBD socket closed")
     }
 
@@ -239,9 +247,13 @@ public final class NBDServer: Service, Sendable {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 128)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20))
-        return try await ControlServer.bindUnixListener(bootstrap, listener: configuration.listener, mode: configuration.socketMode,
-                                                        group: configuration.socketGroup) { channel in
+            .childChannelOption(
+                .recvAllocator,
+                value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20))
+        return try await ControlServer.bindUnixListener(
+            bootstrap, listener: configuration.listener, mode: configuration.socketMode,
+            group: configuration.socketGroup
+        ) { channel in
             channel.eventLoop.makeCompletedFuture { try self.initializeConnection(channel) }
         }
     }
@@ -549,12 +561,17 @@ private struct NBDSession: Sendable {
             return isGo ? selected : nil
 
         case .exportName(let name):
-            guard !server.isShuttingDown, let export = await server.exportLookup.export(named: name) else { throw Close() }
+            guard !server.isShuttingDown, let export = await server.exportLookup.export(named: name) else {
+                throw Close()
+            }
             let access = server.accessCheck(peer, export)
             if case .denied = access { throw Close() }
             if server.admitTransmission(record.channel, export: export.name) != nil { throw Close() }
             let selected = select(export, access: access, name: name, n)
-            try await reply([NBDEncoder.exportNameReply(size: selected.context.size, flags: selected.context.flags, noZeroes: n.noZeroes)])
+            try await reply([
+                NBDEncoder.exportNameReply(
+                    size: selected.context.size, flags: selected.context.flags, noZeroes: n.noZeroes)
+            ])
             return selected
         }
         return nil
@@ -614,7 +631,9 @@ private struct NBDSession: Sendable {
                 guard let frame else { break loop }
                 switch frame {
                 case .skippedWrite(let request):
-                    let e = NBDError.invalid("write of \(request.length) bytes exceeds the maximum payload of \(selected.context.maxPayload)")
+                    let e = NBDError.invalid(
+                        "write of \(request.length) bytes exceeds the maximum payload of \(selected.context.maxPayload)"
+                    )
                     try? await outbound.write(contentsOf: errorReply(request, e, selected))
                 case .request(let request, let payload):
                     if request.type == NBDCommand.disconnect.rawValue { break loop }
@@ -667,7 +686,11 @@ private struct NBDSession: Sendable {
                     throw NBDError.io("the export returned \(data.readableBytes) bytes for a read of \(request.length)")
                 }
                 if s.context.structuredReplies {
-                    return [NBDEncoder.offsetDataHeader(cookie: request.cookie, offset: request.offset, dataLength: data.readableBytes, done: true), data]
+                    return [
+                        NBDEncoder.offsetDataHeader(
+                            cookie: request.cookie, offset: request.offset, dataLength: data.readableBytes, done: true),
+                        data,
+                    ]
                 }
                 return [NBDEncoder.simpleReply(cookie: request.cookie), data]
             case .write:
@@ -685,12 +708,19 @@ private struct NBDSession: Sendable {
             case .blockStatus:
                 var out: [ByteBuffer] = []
                 for (i, c) in s.metaContexts.enumerated() {
-                    let raw = try await export.blockStatus(context: c.name, offset: request.offset, length: request.length)
-                    guard let extents = normalizeExtents(raw, length: request.length, reqOne: request.flags.contains(.reqOne),
-                                                         maxExtents: config.maxBlockStatusExtents) else {
+                    let raw = try await export.blockStatus(
+                        context: c.name, offset: request.offset, length: request.length)
+                    guard
+                        let extents = normalizeExtents(
+                            raw, length: request.length, reqOne: request.flags.contains(.reqOne),
+                            maxExtents: config.maxBlockStatusExtents)
+                    else {
                         throw NBDError.io("the export returned no extents for \(c.name)")
                     }
-                    out.append(NBDEncoder.blockStatusChunk(cookie: request.cookie, contextID: c.id, extents: extents, done: i == s.metaContexts.count - 1))
+                    out.append(
+                        NBDEncoder.blockStatusChunk(
+                            cookie: request.cookie, contextID: c.id, extents: extents,
+                            done: i == s.metaContexts.count - 1))
                 }
                 return out
             case .disconnect:
@@ -708,9 +738,13 @@ private struct NBDSession: Sendable {
     private func errorReply(_ request: NBDRequest, _ error: NBDError, _ s: Selected) -> [ByteBuffer] {
         var code = error.code
         if code == .ENOTSUP && !request.flags.contains(.fastZero) { code = .EINVAL }
-        if code == .EOVERFLOW && !(request.type == NBDCommand.read.rawValue && s.context.structuredReplies) { code = .EINVAL }
+        if code == .EOVERFLOW && !(request.type == NBDCommand.read.rawValue && s.context.structuredReplies) {
+            code = .EINVAL
+        }
         if code == .ENOMEM { code = .EIO }
-        logger.debug("NBD request failed", metadata: ["command": "\(request.commandName)", "error": "\(code)", "message": "\(error.message)"])
+        logger.debug(
+            "NBD request failed",
+            metadata: ["command": "\(request.commandName)", "error": "\(code)", "message": "\(error.message)"])
         if s.context.structuredReplies {
             return [NBDEncoder.errorChunk(cookie: request.cookie, error: code, message: error.message)]
         }

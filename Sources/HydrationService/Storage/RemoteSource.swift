@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CNBD
 import Dispatch
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// The storage layer's way to NBD exports (`RemoteSource` URIs): libnbd's client, plugged into
 /// `PosixStorage` by the engine. It lives here, not in HydrationStorage, so that only what
@@ -72,7 +73,9 @@ final class NBDConnection: @unchecked Sendable {
     /// Connects to `uri` and completes the handshake (blocking, at most
     /// `RemoteNBDDevice.connectTimeoutMs`; `cancel`: a generation counter whose move from `snap`
     /// ends the attempt, see `RemoteNBDDevice`).
-    static func connect(_ uri: String, cancel: UnsafePointer<Int32>? = nil, snap: Int32 = 0) throws(StorageError) -> NBDConnection {
+    static func connect(_ uri: String, cancel: UnsafePointer<Int32>? = nil, snap: Int32 = 0) throws(StorageError)
+        -> NBDConnection
+    {
         guard let h = nbd_create() else {
             let (e, m) = lastError(default: ENOMEM)
             throw StorageError(.open, path: uri, errno: e, detail: m)
@@ -91,7 +94,8 @@ final class NBDConnection: @unchecked Sendable {
             let m: String
             switch err {
             case ETIMEDOUT:
-                m = "no NBD handshake within \(timeout) ms (the server accepted the connection, or the network dropped it, but it did not complete the NBD negotiation)"
+                m =
+                    "no NBD handshake within \(timeout) ms (the server accepted the connection, or the network dropped it, but it did not complete the NBD negotiation)"
             case ECANCELED:
                 m = "connection attempt withdrawn"
             default:
@@ -206,7 +210,9 @@ final class RemoteNBDDevice: StorageDevice {
         var offset: UInt64
         var crc: UInt32
         var kind: Kind
-        func overlaps(_ lo: UInt64, _ hi: UInt64) -> Bool { offset < hi && lo < offset + UInt64(RemoteNBDDevice.witnessSize) }
+        func overlaps(_ lo: UInt64, _ hi: UInt64) -> Bool {
+            offset < hi && lo < offset + UInt64(RemoteNBDDevice.witnessSize)
+        }
     }
 
     private struct State {
@@ -239,9 +245,10 @@ final class RemoteNBDDevice: StorageDevice {
         let minimum = max(1, first.offer.minimumBlock)
         self.requestSize = max(minimum, min(256 << 10, first.offer.maximumRequest) / minimum * minimum)
         self.requestsPerRead = 16
-        self.info = DeviceInfo(path: uri, identity: DeviceIdentity(kind: .remote, device: 0, inode: 0, rdev: 0),
-                               size: first.offer.size, logicalBlockSize: minimum,
-                               stableID: RemoteIdentity.baseID(first.offer))
+        self.info = DeviceInfo(
+            path: uri, identity: DeviceIdentity(kind: .remote, device: 0, inode: 0, rdev: 0),
+            size: first.offer.size, logicalBlockSize: minimum,
+            stableID: RemoteIdentity.baseID(first.offer))
         var s = State()
         s.idle = [first]
         self.state = Mutex(s)
@@ -261,9 +268,10 @@ final class RemoteNBDDevice: StorageDevice {
     static func identify(_ uri: String) throws(StorageError) -> DeviceInfo {
         let c = try NBDConnection.connect(uri)
         defer { c.close() }
-        return DeviceInfo(path: uri, identity: DeviceIdentity(kind: .remote, device: 0, inode: 0, rdev: 0),
-                          size: c.offer.size, logicalBlockSize: max(1, c.offer.minimumBlock),
-                          stableID: RemoteIdentity.baseID(c.offer))
+        return DeviceInfo(
+            path: uri, identity: DeviceIdentity(kind: .remote, device: 0, inode: 0, rdev: 0),
+            size: c.offer.size, logicalBlockSize: max(1, c.offer.minimumBlock),
+            stableID: RemoteIdentity.baseID(c.offer))
     }
 
     static func open(_ uri: String, mode: OpenMode) throws(StorageError) -> RemoteNBDDevice {
@@ -277,8 +285,9 @@ final class RemoteNBDDevice: StorageDevice {
         let c = try NBDConnection.connect(uri)
         if discard && !c.offer.canTrim {
             c.close()
-            throw StorageError(.open, path: uri, errno: EOPNOTSUPP,
-                               detail: "the server does not offer TRIM (can_trim is false), so the source's space cannot be released")
+            throw StorageError(
+                .open, path: uri, errno: EOPNOTSUPP,
+                detail: "the server does not offer TRIM (can_trim is false), so the source's space cannot be released")
         }
         return RemoteNBDDevice(uri: uri, first: c)
     }
@@ -317,7 +326,9 @@ final class RemoteNBDDevice: StorageDevice {
             var at = UInt64.random(in: 0..<blocks, using: &rng) * block
             // A sparse disk: the next data, so that the witness is not a hole (zeros match any hole).
             if let d = try nextData(from: at) { at = d.lowerBound / block * block } else { continue }
-            guard at + block <= info.size, mayRead(at..<at + block), !out.contains(where: { $0.offset == at }) else { continue }
+            guard at + block <= info.size, mayRead(at..<at + block), !out.contains(where: { $0.offset == at }) else {
+                continue
+            }
             let bytes = try read(count: Self.witnessSize, at: at)
             if bytes.allSatisfy({ $0 == 0 }) { continue }
             out.append(Witness(offset: at, crc: bytes.withUnsafeBytes { CRC32C.checksum($0) }, kind: .random))
@@ -325,7 +336,8 @@ final class RemoteNBDDevice: StorageDevice {
         }
         state.withLock { s in
             // Recent witnesses taken by the reads above stay.
-            s.witnesses = out + s.witnesses.filter { w in w.kind == .recent && !out.contains(where: { $0.offset == w.offset }) }
+            s.witnesses =
+                out + s.witnesses.filter { w in w.kind == .recent && !out.contains(where: { $0.offset == w.offset }) }
         }
     }
 
@@ -357,12 +369,22 @@ final class RemoteNBDDevice: StorageDevice {
         var diffs: [String] = []
         if o.size != offer.size { diffs.append("\(o.size) bytes, was \(offer.size)") }
         if o.exportName != offer.exportName { diffs.append("export name '\(o.exportName)', was '\(offer.exportName)'") }
-        if o.description != offer.description { diffs.append("description \(o.description.map { "'\($0)'" } ?? "none"), was \(offer.description.map { "'\($0)'" } ?? "none")") }
-        if o.canTrim != offer.canTrim || o.canFlush != offer.canFlush || o.canMultiConn != offer.canMultiConn || o.blockStatus != offer.blockStatus {
-            diffs.append("flags trim=\(o.canTrim) flush=\(o.canFlush) multi-conn=\(o.canMultiConn) block-status=\(o.blockStatus), were \(offer.canTrim) \(offer.canFlush) \(offer.canMultiConn) \(offer.blockStatus)")
+        if o.description != offer.description {
+            diffs.append(
+                "description \(o.description.map { "'\($0)'" } ?? "none"), was \(offer.description.map { "'\($0)'" } ?? "none")"
+            )
+        }
+        if o.canTrim != offer.canTrim || o.canFlush != offer.canFlush || o.canMultiConn != offer.canMultiConn
+            || o.blockStatus != offer.blockStatus
+        {
+            diffs.append(
+                "flags trim=\(o.canTrim) flush=\(o.canFlush) multi-conn=\(o.canMultiConn) block-status=\(o.blockStatus), were \(offer.canTrim) \(offer.canFlush) \(offer.canMultiConn) \(offer.blockStatus)"
+            )
         }
         if o.minimumBlock != offer.minimumBlock || o.maximumRequest != offer.maximumRequest {
-            diffs.append("block sizes \(o.minimumBlock)..\(o.maximumRequest), were \(offer.minimumBlock)..\(offer.maximumRequest)")
+            diffs.append(
+                "block sizes \(o.minimumBlock)..\(o.maximumRequest), were \(offer.minimumBlock)..\(offer.maximumRequest)"
+            )
         }
         if !diffs.isEmpty { return "it now offers another export (" + diffs.joined(separator: "; ") + ")" }
         guard let h = c.handle else { throw .lost(ENOTCONN, "connection closed") }
@@ -376,7 +398,8 @@ final class RemoteNBDDevice: StorageDevice {
         let still = state.withLock { s in mismatched.filter { m in s.witnesses.contains { $0.offset == m.offset } } }
         guard !still.isEmpty else { return nil }
         let shown = still.prefix(4).map { "block at \($0.offset) (\($0.kind))" }.joined(separator: ", ")
-        return "\(still.count) of \(witnesses.count) witness blocks differ (\(shown)): it serves another disk of the same size"
+        return
+            "\(still.count) of \(witnesses.count) witness blocks differ (\(shown)): it serves another disk of the same size"
     }
 
     /// The CRC32C of the 4 KiB block at `offset` read on `h` (widened to the minimum block size).
@@ -387,15 +410,19 @@ final class RemoteNBDDevice: StorageDevice {
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(hi - lo), alignment: 4096)
         defer { buf.deallocate() }
         try preadOn(h, buf.baseAddress!, count: Int(hi - lo), at: lo, snap: snap)
-        return CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buf[Int(offset - lo)..<Int(offset - lo) + Self.witnessSize]))
+        return CRC32C.checksum(
+            UnsafeRawBufferPointer(rebasing: buf[Int(offset - lo)..<Int(offset - lo) + Self.witnessSize]))
     }
 
     /// The shim's chunked read on a handle this thread holds, with the request deadline.
-    private func preadOn(_ h: OpaquePointer, _ base: UnsafeMutableRawPointer, count n: Int, at offset: UInt64, snap: Int32) throws(Failure) {
+    private func preadOn(
+        _ h: OpaquePointer, _ base: UnsafeMutableRawPointer, count n: Int, at offset: UInt64, snap: Int32
+    ) throws(Failure) {
         var err: Int32 = 0
         var failAt: UInt64 = 0
-        let r = hyd_nbd_pread_chunked(h, base, n, offset, requestSize, requestsPerRead, Self.requestTimeoutMs,
-                                      cancelGeneration, snap, &err, &failAt)
+        let r = hyd_nbd_pread_chunked(
+            h, base, n, offset, requestSize, requestsPerRead, Self.requestTimeoutMs,
+            cancelGeneration, snap, &err, &failAt)
         switch r {
         case HYD_NBD_OK: return
         case HYD_NBD_COMMAND_ERROR where err == ESHUTDOWN:
@@ -412,7 +439,9 @@ final class RemoteNBDDevice: StorageDevice {
     static func lostMessage(_ err: Int32) -> String {
         switch err {
         case ETIMEDOUT: return "no reply from the NBD server for \(requestTimeoutMs) ms"
-        case ECANCELED: return "no reply from the NBD server, and the wait was withdrawn (the server was found unresponsive, or the job paused or closed)"
+        case ECANCELED:
+            return
+                "no reply from the NBD server, and the wait was withdrawn (the server was found unresponsive, or the job paused or closed)"
         default:
             let m = String(cString: hyd_nbd_error())
             return m.isEmpty ? errnoSymbol(err) : m
@@ -428,16 +457,23 @@ final class RemoteNBDDevice: StorageDevice {
         case lost(Int32, String)
     }
 
-    private func unconfirmedError(_ op: StorageError.Operation, _ why: String, offset: UInt64?, length: UInt64?) -> StorageError {
-        StorageError(op, path: uri, errno: ESTALE, offset: offset, length: length,
-                     detail: "the NBD server at \(uri) is not the job's source any more: \(why). Nothing more is read from or released on it")
+    private func unconfirmedError(_ op: StorageError.Operation, _ why: String, offset: UInt64?, length: UInt64?)
+        -> StorageError
+    {
+        StorageError(
+            op, path: uri, errno: ESTALE, offset: offset, length: length,
+            detail:
+                "the NBD server at \(uri) is not the job's source any more: \(why). Nothing more is read from or released on it"
+        )
     }
 
     /// Runs `body` on a connection of its own, reconnecting when the connection is lost: once,
     /// or (`patient`, while waiting is on) with backoff until the source is back. `body` gets
     /// the handle and the cancel generation at the call's start.
-    private func withConnection<T>(_ op: StorageError.Operation, offset: UInt64?, length: UInt64?, patient: Bool = false,
-                                   _ body: (OpaquePointer, Int32) throws(Failure) -> T) throws(StorageError) -> T {
+    private func withConnection<T>(
+        _ op: StorageError.Operation, offset: UInt64?, length: UInt64?, patient: Bool = false,
+        _ body: (OpaquePointer, Int32) throws(Failure) -> T
+    ) throws(StorageError) -> T {
         func check() throws(StorageError) {
             let (closed, unconfirmed) = state.withLock { ($0.closed, $0.unconfirmed) }
             if closed { throw StorageError(op, path: uri, errno: EBADF, offset: offset, length: length) }
@@ -449,8 +485,9 @@ final class RemoteNBDDevice: StorageDevice {
         while slots.wait(timeout: .now() + .milliseconds(50)) == .timedOut {
             try check()
             if !patient, let down = state.withLock({ $0.outage }) {
-                throw StorageError(op, path: uri, errno: ENOTCONN, offset: offset, length: length,
-                                   detail: "the NBD server is unreachable: \(down.lastError)")
+                throw StorageError(
+                    op, path: uri, errno: ENOTCONN, offset: offset, length: length,
+                    detail: "the NBD server is unreachable: \(down.lastError)")
             }
         }
         defer { slots.signal() }
@@ -464,7 +501,8 @@ final class RemoteNBDDevice: StorageDevice {
         while true {
             if conn == nil || conn?.handle == nil {
                 reconnects += 1
-                conn = try reconnect(op, offset: offset, length: length, epoch: patient ? epoch : nil, delayMs: &delayMs)
+                conn = try reconnect(
+                    op, offset: offset, length: length, epoch: patient ? epoch : nil, delayMs: &delayMs)
             }
             guard let c = conn, let h = c.handle else { continue }
             let result: T
@@ -486,8 +524,9 @@ final class RemoteNBDDevice: StorageDevice {
                     noteOutage("\(op.rawValue): connection lost: \(m.isEmpty ? errnoSymbol(e) : m)")
                     let wait = patient && state.withLock { $0.waiting && $0.waitEpoch == epoch && !$0.closed }
                     if !wait && (reconnects > 0 || unresponsive) {
-                        throw StorageError(op, path: uri, errno: ENOTCONN, offset: offset, length: length,
-                                           detail: "connection to the NBD server lost: \(m)")
+                        throw StorageError(
+                            op, path: uri, errno: ENOTCONN, offset: offset, length: length,
+                            detail: "connection to the NBD server lost: \(m)")
                     }
                 }
                 continue
@@ -520,8 +559,10 @@ final class RemoteNBDDevice: StorageDevice {
     /// A new connection to the same export, confirmed (`differences`) before it is used. With
     /// `epoch` (a patient call), while waiting is on and not withdrawn since, retries with
     /// backoff; otherwise one attempt. Another disk makes the device unconfirmed (ESTALE).
-    private func reconnect(_ op: StorageError.Operation, offset: UInt64?, length: UInt64?, epoch: Int?,
-                           delayMs: inout UInt64) throws(StorageError) -> NBDConnection {
+    private func reconnect(
+        _ op: StorageError.Operation, offset: UInt64?, length: UInt64?, epoch: Int?,
+        delayMs: inout UInt64
+    ) throws(StorageError) -> NBDConnection {
         while true {
             let why: String
             var connected = false
@@ -536,7 +577,8 @@ final class RemoteNBDDevice: StorageDevice {
                         state.withLock { s in
                             if s.unconfirmed == nil { s.unconfirmed = reason }
                             if s.outage == nil {
-                                s.outage = SourceAvailability(sinceUnixMs: wallClockMillis(), lastError: reason, attempts: 1)
+                                s.outage = SourceAvailability(
+                                    sinceUnixMs: wallClockMillis(), lastError: reason, attempts: 1)
                             } else {
                                 s.outage!.lastError = reason
                             }
@@ -554,8 +596,9 @@ final class RemoteNBDDevice: StorageDevice {
                         // The server answers, but a witness block cannot be read (an error
                         // reply): an I/O error of this call, as a read of that block would be;
                         // the disk stays unconfirmed on this connection, which is not used.
-                        throw StorageError(op, path: uri, errno: e, offset: at ?? offset, length: length,
-                                           detail: "reading a witness block to confirm the export after reconnecting: \(m)")
+                        throw StorageError(
+                            op, path: uri, errno: e, offset: at ?? offset, length: length,
+                            detail: "reading a witness block to confirm the export after reconnecting: \(m)")
                     }
                 }
             } catch let e as StorageError where connected {
@@ -623,21 +666,28 @@ final class RemoteNBDDevice: StorageDevice {
     }
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
-        throw StorageError(.write, path: uri, errno: EBADF, offset: offset, length: UInt64(buffer.count), detail: "a remote source is never written")
+        throw StorageError(
+            .write, path: uri, errno: EBADF, offset: offset, length: UInt64(buffer.count),
+            detail: "a remote source is never written")
     }
 
     func sync() throws(StorageError) {
         guard offer.canFlush else { return }
         try withConnection(.sync, offset: nil, length: nil, patient: true) { (h, snap) throws(Failure) in
             var err: Int32 = 0
-            if let f = Self.outcome(hyd_nbd_flush(h, Self.requestTimeoutMs, cancelGeneration, snap, &err), err, at: nil) { throw f }
+            if let f = Self.outcome(hyd_nbd_flush(h, Self.requestTimeoutMs, cancelGeneration, snap, &err), err, at: nil)
+            {
+                throw f
+            }
         }
     }
 
     func release(offset: UInt64, length: UInt64) throws(StorageError) {
         guard length > 0 else { return }
         guard offer.canTrim else {
-            throw StorageError(.release, path: uri, errno: EOPNOTSUPP, offset: offset, length: length, detail: "the server does not offer TRIM")
+            throw StorageError(
+                .release, path: uri, errno: EOPNOTSUPP, offset: offset, length: length,
+                detail: "the server does not offer TRIM")
         }
         let end = min(offset + length, info.size)
         guard offset < end else { return }
@@ -652,14 +702,20 @@ final class RemoteNBDDevice: StorageDevice {
             let start = at
             try withConnection(.release, offset: start, length: len, patient: true) { (h, snap) throws(Failure) in
                 var err: Int32 = 0
-                if let f = Self.outcome(hyd_nbd_trim(h, len, start, Self.requestTimeoutMs, cancelGeneration, snap, &err), err, at: start) { throw f }
+                if let f = Self.outcome(
+                    hyd_nbd_trim(h, len, start, Self.requestTimeoutMs, cancelGeneration, snap, &err), err, at: start)
+                {
+                    throw f
+                }
             }
             at += len
         }
     }
 
     func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
-        throw StorageError(.zeroOut, path: uri, errno: EBADF, offset: offset, length: length, detail: "a remote source is never written")
+        throw StorageError(
+            .zeroOut, path: uri, errno: EBADF, offset: offset, length: length,
+            detail: "a remote source is never written")
     }
 
     /// Extents (length, data?) consecutive from `at`, from the cache or one BLOCK_STATUS.
@@ -679,14 +735,17 @@ final class RemoteNBDDevice: StorageDevice {
         if let cached { return cached }
         let want = min(info.size - at, 1 << 30)
         let capacity = 4096
-        let found = try withConnection(.seek, offset: at, length: want) { (h, snap) throws(Failure) -> [(UInt64, Bool)] in
+        let found = try withConnection(.seek, offset: at, length: want) {
+            (h, snap) throws(Failure) -> [(UInt64, Bool)] in
             var lengths = [UInt64](repeating: 0, count: capacity)
             var flags = [UInt32](repeating: 0, count: capacity)
             var err: Int32 = 0
             var n: Int64 = 0
             let r = lengths.withUnsafeMutableBufferPointer { l in
                 flags.withUnsafeMutableBufferPointer { f in
-                    hyd_nbd_extents(h, at, want, l.baseAddress, f.baseAddress, capacity, Self.requestTimeoutMs, cancelGeneration, snap, &err, &n)
+                    hyd_nbd_extents(
+                        h, at, want, l.baseAddress, f.baseAddress, capacity, Self.requestTimeoutMs, cancelGeneration,
+                        snap, &err, &n)
                 }
             }
             if let f = Self.outcome(r, err, at: at) { throw f }
@@ -700,7 +759,9 @@ final class RemoteNBDDevice: StorageDevice {
         if found.isEmpty {
             throw StorageError(.seek, path: uri, errno: EIO, offset: at, detail: "BLOCK_STATUS returned no extent")
         }
-        state.withLock { s in s.extentStart = at; s.extents = found }
+        state.withLock { s in
+            s.extentStart = at; s.extents = found
+        }
         return found
     }
 
@@ -759,7 +820,8 @@ enum RemoteIdentity {
 
     /// `nbd:export=…;size=…;desc=…` (the name and description hashed when long).
     static func baseID(_ offer: NBDOffer) -> String {
-        let name = offer.exportName.utf8.count <= 64 && !offer.exportName.contains(";")
+        let name =
+            offer.exportName.utf8.count <= 64 && !offer.exportName.contains(";")
             ? offer.exportName : "crc32c:" + hex32(CRC32C.checksum(Array(offer.exportName.utf8)))
         let desc = offer.description.map { hex32(CRC32C.checksum(Array($0.utf8))) } ?? "none"
         return "nbd:export=\(name);size=\(offer.size);desc=\(desc)"
@@ -782,7 +844,8 @@ enum RemoteIdentity {
         var samples: [Sample] = []
         for item in id[r.upperBound...].split(separator: ",") {
             let parts = item.split(separator: ":")
-            guard parts.count == 2, let block = UInt64(parts[0], radix: 16), let crc = UInt32(parts[1], radix: 16) else { continue }
+            guard parts.count == 2, let block = UInt64(parts[0], radix: 16), let crc = UInt32(parts[1], radix: 16)
+            else { continue }
             samples.append(Sample(offset: block * UInt64(sampleSize), crc: crc))
         }
         return (base, samples)
@@ -790,13 +853,17 @@ enum RemoteIdentity {
 
     static func format(base: String, samples: [Sample]) -> String {
         guard !samples.isEmpty else { return base }
-        return base + ";fp=" + samples.map { "\(String($0.offset / UInt64(sampleSize), radix: 16)):\(hex32($0.crc))" }.joined(separator: ",")
+        return base + ";fp="
+            + samples.map { "\(String($0.offset / UInt64(sampleSize), radix: 16)):\(hex32($0.crc))" }.joined(
+                separator: ",")
     }
 
     /// Where to sample: one block per eighth of the export, at the first data (BLOCK_STATUS) in
     /// that eighth when there is some, so that a sparse disk is not fingerprinted by its zeros.
     /// Only blocks `mayRead` allows are chosen. Blocking (reads the device).
-    static func chooseSamples(_ device: any StorageDevice, mayRead: (Range<UInt64>) -> Bool) throws(StorageError) -> [Sample] {
+    static func chooseSamples(_ device: any StorageDevice, mayRead: (Range<UInt64>) -> Bool) throws(StorageError)
+        -> [Sample]
+    {
         let size = device.info.size
         let block = UInt64(sampleSize)
         guard size >= block else { return [] }

@@ -32,9 +32,11 @@ public enum CRC32C {
         var i = 0
         let n = bytes.count
         while i + 8 <= n {
-            let lo = UInt32(bytes[i]) | UInt32(bytes[i + 1]) << 8 | UInt32(bytes[i + 2]) << 16 | UInt32(bytes[i + 3]) << 24
+            let lo =
+                UInt32(bytes[i]) | UInt32(bytes[i + 1]) << 8 | UInt32(bytes[i + 2]) << 16 | UInt32(bytes[i + 3]) << 24
             let x = lo ^ crc
-            crc = t[7][Int(x & 0xff)] ^ t[6][Int((x >> 8) & 0xff)] ^ t[5][Int((x >> 16) & 0xff)] ^ t[4][Int(x >> 24)]
+            crc =
+                t[7][Int(x & 0xff)] ^ t[6][Int((x >> 8) & 0xff)] ^ t[5][Int((x >> 16) & 0xff)] ^ t[4][Int(x >> 24)]
                 ^ t[3][Int(bytes[i + 4])] ^ t[2][Int(bytes[i + 5])] ^ t[1][Int(bytes[i + 6])] ^ t[0][Int(bytes[i + 7])]
             i += 8
         }

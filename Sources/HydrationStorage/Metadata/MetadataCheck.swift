@@ -8,7 +8,9 @@ extension ControlProtocol.MetadataReport {
         var problems: [String] = []
         if let other = r.otherSlotProblem { problems.append("superblock slot \(1 - r.superblockSlot): \(other)") }
         if r.uncommittedPageSlots > 0 {
-            problems.append("\(r.uncommittedPageSlots) page slot(s) from an interrupted commit, adding \(r.adoptedRegions) region(s); adopted when the job is opened")
+            problems.append(
+                "\(r.uncommittedPageSlots) page slot(s) from an interrupted commit, adding \(r.adoptedRegions) region(s); adopted when the job is opened"
+            )
         }
         self.init(
             path: path, valid: true, version: Int(h.version), generation: h.generation, jobId: h.jobID,

@@ -34,13 +34,13 @@ public enum MetadataFormat {
     static let sbMagic = 0, sbVersion = 8, sbCRC = 12, sbGeneration = 16, sbJobID = 24
     static let sbRegionSize = 40, sbTargetSize = 48, sbRegionCount = 56, sbPageCount = 64
     static let sbHydrated = 72, sbFlags = 80
-    static let sbSource = 88, sbDest = 128 // 40 bytes each: kind u32, pad u32, dev, ino, rdev, size
+    static let sbSource = 88, sbDest = 128  // 40 bytes each: kind u32, pad u32, dev, ino, rdev, size
     static let sbCreated = 168, sbCommitted = 176, sbSourcePathLen = 184, sbDestPathLen = 186
     static let sbSourcePath = 192, sbDestPath = 192 + 1024
     // Version 2.
     static let sbSourceStableID = 2240, sbDestStableID = 2240 + 256  // 256 bytes each, UTF-8, zero padded
-    static let sbPendingCount = 2752                                  // u32, then u32 reserved
-    static let sbPendingRanges = 2760                                 // count x (u32 first region, u32 region count)
+    static let sbPendingCount = 2752  // u32, then u32 reserved
+    static let sbPendingRanges = 2760  // count x (u32 first region, u32 region count)
     public static let maxStableIDBytes = 256
     /// Ranges the pending-release list holds at most; a longer list is widened (see
     /// `PendingRelease.bounded`), never cut.
@@ -66,7 +66,8 @@ public struct DeviceRecord: Sendable, Equatable, Codable {
         self.path = path; self.identity = identity; self.size = size; self.stableID = stableID
     }
     public init(_ info: DeviceInfo) {
-        self.init(path: info.path, identity: info.identity, size: info.size, stableID: Self.recordedForm(of: info.stableID))
+        self.init(
+            path: info.path, identity: info.identity, size: info.size, stableID: Self.recordedForm(of: info.stableID))
     }
 
     /// A stable ID as the metadata keeps it: its first `maxStableIDBytes` bytes of UTF-8 (a cut
@@ -238,10 +239,13 @@ extension MetadataHeader {
                 size: r.get(UInt64.self, at: o + 32),
                 stableID: String(decoding: stable, as: UTF8.self))
         }
-        guard let src = record(MetadataFormat.sbSource, pathAt: MetadataFormat.sbSourcePath, lenAt: MetadataFormat.sbSourcePathLen,
-                               stableAt: MetadataFormat.sbSourceStableID),
-              let dst = record(MetadataFormat.sbDest, pathAt: MetadataFormat.sbDestPath, lenAt: MetadataFormat.sbDestPathLen,
-                               stableAt: MetadataFormat.sbDestStableID)
+        guard
+            let src = record(
+                MetadataFormat.sbSource, pathAt: MetadataFormat.sbSourcePath, lenAt: MetadataFormat.sbSourcePathLen,
+                stableAt: MetadataFormat.sbSourceStableID),
+            let dst = record(
+                MetadataFormat.sbDest, pathAt: MetadataFormat.sbDestPath, lenAt: MetadataFormat.sbDestPathLen,
+                stableAt: MetadataFormat.sbDestStableID)
         else { return .failure(.invalidField("device record")) }
         var h = MetadataHeader(
             version: version,
@@ -260,7 +264,9 @@ extension MetadataHeader {
             committedUnixMs: r.get(Int64.self, at: MetadataFormat.sbCommitted))
         if version >= 2 {
             let n = Int(r.get(UInt32.self, at: MetadataFormat.sbPendingCount))
-            guard n <= MetadataFormat.maxPendingRanges else { return .failure(.invalidField("pending release count \(n)")) }
+            guard n <= MetadataFormat.maxPendingRanges else {
+                return .failure(.invalidField("pending release count \(n)"))
+            }
             var pending: [Range<Int>] = []
             var last = 0
             for i in 0..<n {
@@ -278,11 +284,13 @@ extension MetadataHeader {
             h.pendingReleaseUnknown = h.discardSource
         }
         // Internal consistency: a checksum protects against bit rot, not against a writer bug.
-        guard RegionGeometry.isValidRegionSize(h.regionSize) else { return .failure(.invalidField("region size \(h.regionSize)")) }
+        guard RegionGeometry.isValidRegionSize(h.regionSize) else {
+            return .failure(.invalidField("region size \(h.regionSize)"))
+        }
         // Checked without overflow: a crafted size must be refused, not crash the daemon.
         guard h.targetSize > 0, h.regionCount <= RegionGeometry.maxRegions,
-              h.targetSize <= RegionGeometry.maxRegions * h.regionSize,
-              h.regionCount == h.targetSize / h.regionSize + (h.targetSize % h.regionSize == 0 ? 0 : 1)
+            h.targetSize <= RegionGeometry.maxRegions * h.regionSize,
+            h.regionCount == h.targetSize / h.regionSize + (h.targetSize % h.regionSize == 0 ? 0 : 1)
         else { return .failure(.invalidField("target size / region count")) }
         guard h.pageCount == UInt64(MetadataFormat.pageCount(regions: Int(h.regionCount))) else {
             return .failure(.invalidField("page count"))
@@ -290,7 +298,9 @@ extension MetadataHeader {
         guard h.hydratedCount <= h.regionCount, !h.complete || h.hydratedCount == h.regionCount else {
             return .failure(.invalidField("hydrated count"))
         }
-        guard h.generation > 0, h.generation <= MetadataFormat.maxGeneration else { return .failure(.invalidField("generation")) }
+        guard h.generation > 0, h.generation <= MetadataFormat.maxGeneration else {
+            return .failure(.invalidField("generation"))
+        }
         return .success(h)
     }
 }
@@ -308,7 +318,8 @@ func uuidBytes(_ s: String) -> [UInt8] {
 func uuidString(_ b: [UInt8]) -> String {
     let hex = b.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
     let c = Array(hex)
-    return String(c[0..<8]) + "-" + String(c[8..<12]) + "-" + String(c[12..<16]) + "-" + String(c[16..<20]) + "-" + String(c[20..<32])
+    return String(c[0..<8]) + "-" + String(c[8..<12]) + "-" + String(c[12..<16]) + "-" + String(c[16..<20]) + "-"
+        + String(c[20..<32])
 }
 
 func randomUUID() -> String {

@@ -48,7 +48,8 @@ extension MetadataError.Reason {
         case .invalidField(let f): return "invalid field: \(f)"
         case .noValidSuperblock(let a, let b): return "no valid superblock (slot 0: \(a); slot 1: \(b))"
         case .bitmapMismatch(let e, let f):
-            return "bitmap pages hold \(f) hydrated regions but the superblock records \(e): a bitmap page was lost or corrupted"
+            return
+                "bitmap pages hold \(f) hydrated regions but the superblock records \(e): a bitmap page was lost or corrupted"
         case .identityMismatch(let s): return "belongs to another job: \(s)"
         case .alreadyExists: return "already exists"
         case .failedEarlier(let s): return "an earlier commit failed (\(s)); refusing further commits"
@@ -124,13 +125,17 @@ public final class MetadataStore: Sendable {
     public var failure: String? { state.withLock { $0.failure } }
     public var committedCount: Int { state.withLock { $0.committed.setCount } }
     /// Whether the last (possibly short) region is committed, without copying the map.
-    public var isLastRegionCommitted: Bool { state.withLock { $0.committed.count > 0 && $0.committed[$0.committed.count - 1] } }
+    public var isLastRegionCommitted: Bool {
+        state.withLock { $0.committed.count > 0 && $0.committed[$0.committed.count - 1] }
+    }
 
     // MARK: create
 
     /// Creates a new metadata file (refusing to overwrite one) with generation 1 and nothing
     /// hydrated, durably: the file and its directory entry are synced before this returns.
-    public static func create(path: String, options: MetadataCreateOptions, storage: any StorageProvider, nowMs: Int64) throws(MetadataError) -> MetadataStore {
+    public static func create(path: String, options: MetadataCreateOptions, storage: any StorageProvider, nowMs: Int64)
+        throws(MetadataError) -> MetadataStore
+    {
         let regionCount = RegionGeometry.regionCount(size: options.source.size, regionSize: options.regionSize)
         let header = MetadataHeader(
             version: MetadataFormat.version, generation: 1, jobID: randomUUID(),
@@ -191,7 +196,9 @@ public final class MetadataStore: Sendable {
     /// a recovery superblock is written when pages were adopted, and the file is synced, so that
     /// everything this returns is durable before the engine acts on it (a killed process can
     /// leave a written-but-unsynced superblock in the page cache).
-    public static func open(path: String, storage: any StorageProvider, readOnly: Bool = false) throws(MetadataError) -> (MetadataStore, MetadataRecoveryReport) {
+    public static func open(path: String, storage: any StorageProvider, readOnly: Bool = false) throws(MetadataError)
+        -> (MetadataStore, MetadataRecoveryReport)
+    {
         let device: any StorageDevice
         do {
             device = try storage.open(path, mode: readOnly ? .readOnly : .metadata(create: false))
@@ -266,7 +273,8 @@ public final class MetadataStore: Sendable {
             if let newest { newer.append((page, newest.slot, newest.words)) }
         }
         guard UInt64(map.setCount) == header.hydratedCount else {
-            throw MetadataError(path: path, reason: .bitmapMismatch(expected: header.hydratedCount, found: UInt64(map.setCount)))
+            throw MetadataError(
+                path: path, reason: .bitmapMismatch(expected: header.hydratedCount, found: UInt64(map.setCount)))
         }
         // Then the page versions of a later commit whose superblock never became valid (a crash
         // between its two fsyncs, or a superblock that rotted). They are adopted, not wiped:
@@ -277,11 +285,17 @@ public final class MetadataStore: Sendable {
         var adopted = 0
         for (page, slot, words) in newer {
             let base = page * MetadataFormat.wordsPerPage
-            let before = map.count(in: min(map.count, page * MetadataFormat.regionsPerPage)..<min(map.count, (page + 1) * MetadataFormat.regionsPerPage))
+            let before = map.count(
+                in: min(
+                    map.count, page * MetadataFormat.regionsPerPage)..<min(
+                        map.count, (page + 1) * MetadataFormat.regionsPerPage))
             var merged = Array(map.wordSlice(base..<base + MetadataFormat.wordsPerPage))
             for i in merged.indices where i < words.count { merged[i] |= words[i] }
             map.load(words: merged, at: base)
-            let after = map.count(in: min(map.count, page * MetadataFormat.regionsPerPage)..<min(map.count, (page + 1) * MetadataFormat.regionsPerPage))
+            let after = map.count(
+                in: min(
+                    map.count, page * MetadataFormat.regionsPerPage)..<min(
+                        map.count, (page + 1) * MetadataFormat.regionsPerPage))
             adopted += after - before
             pageSlot[page] = Int8(slot)
         }
@@ -295,7 +309,10 @@ public final class MetadataStore: Sendable {
         if header.discardSource {
             var pending = header.pendingReleaseUnknown ? [0..<map.count] : header.pendingRelease
             for (page, _, _) in newer {
-                pending.append(min(map.count, page * MetadataFormat.regionsPerPage)..<min(map.count, (page + 1) * MetadataFormat.regionsPerPage))
+                pending.append(
+                    min(
+                        map.count, page * MetadataFormat.regionsPerPage)..<min(
+                            map.count, (page + 1) * MetadataFormat.regionsPerPage))
             }
             // Exact here (what the discarder will release); only the superblock's copy is bounded.
             current.pendingRelease = coalesce(pending).flatMap { map.setRanges(in: $0) }
@@ -312,7 +329,8 @@ public final class MetadataStore: Sendable {
                 // them). Rewrite those blocks with the same bytes, so that the fsync below really
                 // writes them: the superblock in use and every adopted page, before anything
                 // (the recovery superblock, the discarder) depends on them.
-                let reDirty = [MetadataFormat.superblockOffset(slot: best.slot)]
+                let reDirty =
+                    [MetadataFormat.superblockOffset(slot: best.slot)]
                     + newer.map { MetadataFormat.pageOffset(page: $0.page, slot: $0.slot) }
                 for offset in reDirty {
                     try device.write(bytes: try device.read(count: MetadataFormat.blockSize, at: offset), at: offset)
@@ -351,7 +369,7 @@ public final class MetadataStore: Sendable {
         for i in 0..<4 { zeroed[MetadataFormat.pgCRC + i] = 0 }
         guard r.get(UInt32.self, at: MetadataFormat.pgCRC) == CRC32C.checksum(zeroed) else { return .invalid }
         guard r.get(UInt64.self, at: MetadataFormat.pgIndex) == UInt64(page),
-              r.slice(MetadataFormat.pgJobID, 16) == jobID
+            r.slice(MetadataFormat.pgJobID, 16) == jobID
         else { return .invalid }
         let gen = r.get(UInt64.self, at: MetadataFormat.pgGeneration)
         // One generation per commit: anything this large is damage, and must not overflow the
@@ -360,7 +378,8 @@ public final class MetadataStore: Sendable {
         var words = [UInt64](repeating: 0, count: MetadataFormat.wordsPerPage)
         block.withUnsafeBytes { raw in
             for i in 0..<words.count {
-                words[i] = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: MetadataFormat.pgBitmap + i * 8, as: UInt64.self))
+                words[i] = UInt64(
+                    littleEndian: raw.loadUnaligned(fromByteOffset: MetadataFormat.pgBitmap + i * 8, as: UInt64.self))
             }
         }
         return .valid(gen, words)
@@ -415,8 +434,10 @@ public final class MetadataStore: Sendable {
     /// `pendingRelease` (with discard_source) is the set of committed regions whose release has not
     /// been confirmed yet, this commit's ranges included; nil keeps the recorded list plus `ranges`.
     @discardableResult
-    public func commit(_ ranges: [Range<Int>], complete: Bool = false, pendingRelease: [Range<Int>]? = nil,
-                       clearDestZeroed: Bool = false, nowMs: Int64) throws(MetadataError) -> UInt64 {
+    public func commit(
+        _ ranges: [Range<Int>], complete: Bool = false, pendingRelease: [Range<Int>]? = nil,
+        clearDestZeroed: Bool = false, nowMs: Int64
+    ) throws(MetadataError) -> UInt64 {
         try state.withLock { (st: inout State) throws(MetadataError) -> UInt64 in
             if let f = st.failure { throw MetadataError(path: path, reason: .failedEarlier(f)) }
             // Only the pages the ranges touch are built: a commit costs O(changed pages), not a
@@ -463,7 +484,9 @@ public final class MetadataStore: Sendable {
                 header.pendingReleaseUnknown = false
             }
             if header.complete && newCount != st.committed.count {
-                throw MetadataError(path: path, reason: .invalidField("complete with \(st.committed.count - newCount) regions unhydrated"))
+                throw MetadataError(
+                    path: path,
+                    reason: .invalidField("complete with \(st.committed.count - newCount) regions unhydrated"))
             }
             let idBytes = uuidBytes(header.jobID)
             do throws(StorageError) {
@@ -505,6 +528,6 @@ private func setBits(_ words: inout [UInt64], _ range: Range<Int>) {
 
 // Glibc's EEXIST without importing Glibc into this file's namespace twice.
 #if canImport(Glibc)
-import Glibc
-let EEXIST_ = EEXIST
+    import Glibc
+    let EEXIST_ = EEXIST
 #endif

@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CLinux
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 // Device identity and aliases: what a path's bytes live on (loop backing files, partitions'
 // disks, dm/md slaves, a file's filesystem device, recursively), who else has it open, and an
@@ -58,7 +59,9 @@ public struct StorageLayer: Hashable, Sendable {
     /// Set on a loop device's layer.
     public var loop: LoopBacking?
 
-    public init(object: StorageObject, name: String, parent: Int? = nil, relation: String = "", loop: LoopBacking? = nil) {
+    public init(
+        object: StorageObject, name: String, parent: Int? = nil, relation: String = "", loop: LoopBacking? = nil
+    ) {
         self.object = object; self.name = name; self.parent = parent; self.relation = relation; self.loop = loop
     }
 
@@ -101,12 +104,15 @@ public struct StorageStack: Sendable, Equatable {
     public func overlap(with other: StorageStack, as label: String, otherLabel: String) -> String? {
         if let i = other.layers.firstIndex(where: { $0.aliases(top) }) {
             if i == 0 {
-                return "\(otherLabel) \(other.path) and \(label) \(path) are the same \(top.object != other.top.object ? "bytes (\(Self.aliasNote(other.top, top)))" : "object")"
+                return
+                    "\(otherLabel) \(other.path) and \(label) \(path) are the same \(top.object != other.top.object ? "bytes (\(Self.aliasNote(other.top, top)))" : "object")"
             }
-            return "\(otherLabel) \(other.path) lives on \(label) \(path) (\(other.chain(to: i))\(Self.aliasSuffix(other.layers[i], top)))"
+            return
+                "\(otherLabel) \(other.path) lives on \(label) \(path) (\(other.chain(to: i))\(Self.aliasSuffix(other.layers[i], top)))"
         }
         if let i = layers.firstIndex(where: { $0.aliases(other.top) }) {
-            return "\(label) \(path) lives on \(otherLabel) \(other.path) (\(chain(to: i))\(Self.aliasSuffix(layers[i], other.top)))"
+            return
+                "\(label) \(path) lives on \(otherLabel) \(other.path) (\(chain(to: i))\(Self.aliasSuffix(layers[i], other.top)))"
         }
         return nil
     }
@@ -198,7 +204,9 @@ public struct DeviceTopology: Sendable {
             for real in topo.overlayLayers(of: name, device: dev) {
                 var st = stat()
                 guard stat(real, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
-                addFile(.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)), name: real, parent: me, relation: "overlay layer")
+                addFile(
+                    .file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)), name: real, parent: me,
+                    relation: "overlay layer")
             }
         }
 
@@ -218,7 +226,10 @@ public struct DeviceTopology: Sendable {
             let o = StorageObject.block(rdev: rdev)
             guard index(of: o) == nil else { return }
             guard let dir = topo.blockDir(rdev) else {
-                layers.append(StorageLayer(object: o, name: name ?? "block device \(majorOf(rdev)):\(minorOf(rdev))", parent: parent, relation: relation))
+                layers.append(
+                    StorageLayer(
+                        object: o, name: name ?? "block device \(majorOf(rdev)):\(minorOf(rdev))", parent: parent,
+                        relation: relation))
                 return
             }
             let kname = baseName(dir)
@@ -261,17 +272,20 @@ public struct DeviceTopology: Sendable {
                 defer { close(fd) }
                 var dev: UInt64 = 0, ino: UInt64 = 0, off: UInt64 = 0, lim: UInt64 = 0
                 if hyd_loop_status(fd, &dev, &ino, &off, &lim) == 0 {
-                    return LoopStatus(file: .file(device: dev, inode: ino), path: path.isEmpty ? "backing file of /dev/\(baseName(dir))" : path,
-                                      offset: off, sizeLimit: lim)
+                    return LoopStatus(
+                        file: .file(device: dev, inode: ino),
+                        path: path.isEmpty ? "backing file of /dev/\(baseName(dir))" : path,
+                        offset: off, sizeLimit: lim)
                 }
-                if errno == ENXIO { return nil } // not bound
+                if errno == ENXIO { return nil }  // not bound
             }
         }
         var st = stat()
         guard !path.isEmpty, stat(path, &st) == 0 else { return nil }
-        return LoopStatus(file: .file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)), path: path,
-                          offset: UInt64(read(dir + "/loop/offset") ?? "") ?? 0,
-                          sizeLimit: UInt64(read(dir + "/loop/sizelimit") ?? "") ?? 0)
+        return LoopStatus(
+            file: .file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)), path: path,
+            offset: UInt64(read(dir + "/loop/offset") ?? "") ?? 0,
+            sizeLimit: UInt64(read(dir + "/loop/sizelimit") ?? "") ?? 0)
     }
 
     // MARK: in use
@@ -295,8 +309,10 @@ public struct DeviceTopology: Sendable {
             let mine = Set(stack.layers.map(\.object))
             for (i, l) in stack.layers.enumerated() {
                 guard let lb = l.loop, i + 1 < stack.layers.count,
-                      let fileLayer = stack.layers.first(where: { $0.object == lb.file }) else { continue }
-                for other in loopDevices(backing: lb.file) where !mine.contains(.block(rdev: other.rdev)) && other.backing.overlaps(lb) {
+                    let fileLayer = stack.layers.first(where: { $0.object == lb.file })
+                else { continue }
+                for other in loopDevices(backing: lb.file)
+                where !mine.contains(.block(rdev: other.rdev)) && other.backing.overlaps(lb) {
                     holders.append("\(other.name) (a loop device over the same bytes of \(fileLayer.name))")
                 }
                 holders += processesHolding(lb.file).map { "\($0) (has \(fileLayer.name) open)" }
@@ -320,7 +336,9 @@ public struct DeviceTopology: Sendable {
             guard stat(real, &rst) == 0 else { continue }
             let o = StorageObject.file(device: UInt64(rst.st_dev), inode: UInt64(rst.st_ino))
             layerObjects.append((real, o))
-            holders += (loopsBacked(by: o) + processesHolding(o)).map { "\($0) (has \(real) open, a layer of the overlay file)" }
+            holders += (loopsBacked(by: o) + processesHolding(o)).map {
+                "\($0) (has \(real) open, a layer of the overlay file)"
+            }
         }
         if !holders.isEmpty { return DeviceUsage(path: path, holders: holders) }
         // Nothing found holding it: ask the kernel again for about a second. A reference the
@@ -338,8 +356,11 @@ public struct DeviceTopology: Sendable {
                 namedWithoutDescriptors = true
                 // A mapping of an overlay file shows the overlay's device and inode here (checked on
                 // this kernel); a holder that mapped the upper or lower file directly shows that one.
-                let named = holdersWithoutDescriptors(me)
-                    + layerObjects.flatMap { l in holdersWithoutDescriptors(l.object).map { "\($0) (\(l.path), a layer of the overlay file)" } }
+                let named =
+                    holdersWithoutDescriptors(me)
+                    + layerObjects.flatMap { l in
+                        holdersWithoutDescriptors(l.object).map { "\($0) (\(l.path), a layer of the overlay file)" }
+                    }
                 if !named.isEmpty { return DeviceUsage(path: path, holders: named) }
             }
             if delayMs > 0 { usleep(UInt32(delayMs) * 1000) }
@@ -392,7 +413,11 @@ public struct DeviceTopology: Sendable {
             if named && StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) != file { continue }
             if !named && !useDeviceNodes { continue }
             guard let lb = loopBacking(dir: dir), lb.file == file else { continue }
-            out.append((name: "/dev/\(name)", rdev: rdev, backing: LoopBacking(file: lb.file, offset: lb.offset, sizeLimit: lb.sizeLimit)))
+            out.append(
+                (
+                    name: "/dev/\(name)", rdev: rdev,
+                    backing: LoopBacking(file: lb.file, offset: lb.offset, sizeLimit: lb.sizeLimit)
+                ))
         }
         return out
     }
@@ -407,14 +432,21 @@ public struct DeviceTopology: Sendable {
         var out: [String] = []
         let selfPid = getpid()
         let selfExe = realPath("\(proc)/self/exe")
-        let mapsDev = String(majorOf(dev), radix: 16, uppercase: false).leftPadded(2) + ":" + String(minorOf(dev), radix: 16).leftPadded(2)
+        let mapsDev =
+            String(majorOf(dev), radix: 16, uppercase: false).leftPadded(2) + ":"
+            + String(minorOf(dev), radix: 16).leftPadded(2)
         for p in list(proc).sorted(by: natural) {
             guard let pid = Int32(p) else { continue }
             // A child of this process not yet exec'd shares our mappings: not another user.
             if pid != selfPid, let selfExe, isUnexecedChild(p, of: selfPid, exe: selfExe) { continue }
-            let name = pid == selfPid ? "this process (pid \(pid), \(read("\(proc)/\(p)/comm") ?? "?"))" : "pid \(pid) (\(read("\(proc)/\(p)/comm") ?? "?"))"
+            let name =
+                pid == selfPid
+                ? "this process (pid \(pid), \(read("\(proc)/\(p)/comm") ?? "?"))"
+                : "pid \(pid) (\(read("\(proc)/\(p)/comm") ?? "?"))"
             var st = stat()
-            if stat("\(proc)/\(p)/exe", &st) == 0, StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == file {
+            if stat("\(proc)/\(p)/exe", &st) == 0,
+                StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == file
+            {
                 out.append("\(name) runs it")
                 continue
             }
@@ -432,7 +464,9 @@ public struct DeviceTopology: Sendable {
             for line in swaps.split(separator: "\n").dropFirst() {
                 guard let first = line.split(separator: " ", omittingEmptySubsequences: true).first else { continue }
                 var st = stat()
-                if stat(unescapeMount(String(first)), &st) == 0, StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == file {
+                if stat(unescapeMount(String(first)), &st) == 0,
+                    StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == file
+                {
                     out.append("swap (swapon \(first))")
                 }
             }
@@ -451,7 +485,8 @@ public struct DeviceTopology: Sendable {
             for f in list(fdDir) {
                 var st = stat()
                 guard stat(fdDir + "/" + f, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG,
-                      StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == file else { continue }
+                    StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == file
+                else { continue }
                 // A child of this process between fork and exec holds copies of this process's
                 // own descriptors (the probe's among them; close-on-exec drops them at its exec):
                 // not another user. It made the in-use check refuse a file only this process had
@@ -469,8 +504,9 @@ public struct DeviceTopology: Sendable {
     /// yet exec'd).
     func isUnexecedChild(_ p: String, of parent: Int32, exe: String) -> Bool {
         guard let status = read("\(proc)/\(p)/status"),
-              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("PPid:") }),
-              Int32(line.dropFirst(5).filter { $0 != " " && $0 != "\t" }) == parent else { return false }
+            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("PPid:") }),
+            Int32(line.dropFirst(5).filter { $0 != " " && $0 != "\t" }) == parent
+        else { return false }
         return realPath("\(proc)/\(p)/exe") == exe
     }
 
@@ -497,7 +533,7 @@ public struct DeviceTopology: Sendable {
     }
 
     struct Mount {
-        var device: String      // "maj:min" (st_dev of the files on it)
+        var device: String  // "maj:min" (st_dev of the files on it)
         var mountPoint: String
         var fsType: String
         var source: String
@@ -520,8 +556,10 @@ public struct DeviceTopology: Sendable {
                 source = unescapeMount(String(f[dash + 2]))
                 if dash + 3 < f.count { superOptions = String(f[dash + 3]) }
             }
-            out.append(Mount(device: String(f[2]), mountPoint: unescapeMount(String(f[4])), fsType: fsType, source: source,
-                             root: unescapeMount(String(f[3])), superOptions: superOptions))
+            out.append(
+                Mount(
+                    device: String(f[2]), mountPoint: unescapeMount(String(f[4])), fsType: fsType, source: source,
+                    root: unescapeMount(String(f[3])), superOptions: superOptions))
         }
         return out
     }
@@ -546,10 +584,15 @@ public struct DeviceTopology: Sendable {
             var fsid = [UInt8](repeating: 0, count: 16)
             if hyd_btrfs_fsid(fd, &fsid) == 0 {
                 let h = hex(fsid)
-                let uuid = [h.prefix(8), h.dropFirst(8).prefix(4), h.dropFirst(12).prefix(4), h.dropFirst(16).prefix(4), h.dropFirst(20)]
-                    .map(String.init).joined(separator: "-")
+                let uuid = [
+                    h.prefix(8), h.dropFirst(8).prefix(4), h.dropFirst(12).prefix(4), h.dropFirst(16).prefix(4),
+                    h.dropFirst(20),
+                ]
+                .map(String.init).joined(separator: "-")
                 let devs = "\(sysfs)/fs/btrfs/\(uuid)/devices"
-                let out = list(devs).sorted(by: natural).compactMap { d in realPath(devs + "/" + d).flatMap { devNumber(ofDir: $0) } }
+                let out = list(devs).sorted(by: natural).compactMap { d in
+                    realPath(devs + "/" + d).flatMap { devNumber(ofDir: $0) }
+                }
                 if !out.isEmpty { return out }
             }
         }
@@ -579,7 +622,9 @@ public struct DeviceTopology: Sendable {
         guard let real = realPath(path) else { return [] }
         var out: [String] = []
         for m in mounts() where m.device == key && m.fsType == "overlay" {
-            guard real == m.mountPoint || real.hasPrefix(m.mountPoint == "/" ? "/" : m.mountPoint + "/") else { continue }
+            guard real == m.mountPoint || real.hasPrefix(m.mountPoint == "/" ? "/" : m.mountPoint + "/") else {
+                continue
+            }
             let inMount = String(real.dropFirst(m.mountPoint == "/" ? 0 : m.mountPoint.count))
             let rel = (m.root == "/" ? "" : m.root) + inMount
             for dir in Self.overlayDirectories(m.superOptions) {
@@ -658,7 +703,9 @@ public struct DeviceTopology: Sendable {
     public func checkedStableID(ofFileAt path: String) throws(StorageError) -> String {
         let f = ResourceFailure()
         let id = stableID(ofFileAt: path, failure: f)
-        if let e = f.errno { throw StorageError(.open, path: path, errno: e, detail: "working out its stable identity") }
+        if let e = f.errno {
+            throw StorageError(.open, path: path, errno: e, detail: "working out its stable identity")
+        }
         return id
     }
 
@@ -666,14 +713,18 @@ public struct DeviceTopology: Sendable {
     public func checkedStableID(ofBlock rdev: UInt64, path: String) throws(StorageError) -> String {
         let f = ResourceFailure()
         let id = stableID(ofBlock: rdev, depth: 0, failure: f)
-        if let e = f.errno { throw StorageError(.open, path: path, errno: e, detail: "working out its stable identity") }
+        if let e = f.errno {
+            throw StorageError(.open, path: path, errno: e, detail: "working out its stable identity")
+        }
         return id
     }
 
     private func stableID(ofFileAt path: String, failure: ResourceFailure?) -> String {
         var ino: UInt64 = 0, sec: Int64 = 0, nsec: UInt32 = 0, hasBtime: Int32 = 0
         var st = stat()
-        guard stat(path, &st) == 0, hyd_statx_btime(-1, path, &ino, &sec, &nsec, &hasBtime) == 0, hasBtime != 0 else { return "" }
+        guard stat(path, &st) == 0, hyd_statx_btime(-1, path, &ino, &sec, &nsec, &hasBtime) == 0, hasBtime != 0 else {
+            return ""
+        }
         var fd = openRecording(parentDirectory(of: path), O_RDONLY | O_DIRECTORY | O_CLOEXEC, failure)
         var dst = stat()
         if fd >= 0 && (fstat(fd, &dst) != 0 || dst.st_dev != st.st_dev) {
@@ -735,7 +786,9 @@ public struct DeviceTopology: Sendable {
             guard fd >= 0 else { return "" }
             defer { close(fd) }
             var st = stat()
-            guard fstat(fd, &st) == 0, StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == lb.file else { return "" }
+            guard fstat(fd, &st) == 0,
+                StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == lb.file
+            else { return "" }
             let f = stableID(ofFileDescriptor: fd)
             return f.isEmpty ? "" : "loop:\(f):offset=\(lb.offset):sizelimit=\(lb.sizeLimit)"
         }
@@ -754,7 +807,8 @@ public struct DeviceTopology: Sendable {
     /// restarts; after a reboot it differs, and the operator decides (`resume --accept-devices`).
     func bootScopedID(dir: String, failure: ResourceFailure? = nil) -> String {
         guard let boot = read(proc + "/sys/kernel/random/boot_id", failure: failure), !boot.isEmpty,
-              let seq = read(dir + "/diskseq", failure: failure), !seq.isEmpty else { return "" }
+            let seq = read(dir + "/diskseq", failure: failure), !seq.isEmpty
+        else { return "" }
         return "boot:\(boot):diskseq:\(seq)"
     }
 
@@ -872,7 +926,8 @@ private func unescapeMount(_ s: String) -> String {
     var i = 0
     while i < u.count {
         if u[i] == UInt8(ascii: "\\"), i + 3 < u.count,
-           let v = UInt8(String(decoding: u[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+            let v = UInt8(String(decoding: u[(i + 1)...(i + 3)], as: UTF8.self), radix: 8)
+        {
             out.append(v); i += 4
         } else {
             out.append(u[i]); i += 1

@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CLinux
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// The real storage layer: POSIX and Linux calls on files and block devices.
 public struct PosixStorage: StorageProvider {
@@ -55,7 +56,9 @@ public struct PosixStorage: StorageProvider {
         try open(path, mode: mode, directIO: false, why: "not chosen by the caller")
     }
 
-    public func open(_ path: String, mode: OpenMode, directIO: Bool, why: String) throws(StorageError) -> any StorageDevice {
+    public func open(_ path: String, mode: OpenMode, directIO: Bool, why: String) throws(StorageError)
+        -> any StorageDevice
+    {
         if RemoteSource.isURI(path) { return try remoteDevices(for: path).open(path, mode: mode) }
         var direct = false
         var reason = why
@@ -90,7 +93,8 @@ public struct PosixStorage: StorageProvider {
         case S_IFREG:
             return DeviceInfo(
                 path: path,
-                identity: DeviceIdentity(kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
+                identity: DeviceIdentity(
+                    kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
                 size: UInt64(st.st_size), logicalBlockSize: 512, stableID: try topology.checkedStableID(ofFileAt: path))
         case S_IFBLK:
             // The size of a block device needs an open descriptor.
@@ -104,7 +108,8 @@ public struct PosixStorage: StorageProvider {
             return DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
-                size: size, logicalBlockSize: Int(lbs), stableID: try topology.checkedStableID(ofBlock: UInt64(st.st_rdev), path: path))
+                size: size, logicalBlockSize: Int(lbs),
+                stableID: try topology.checkedStableID(ofBlock: UInt64(st.st_rdev), path: path))
         default:
             throw StorageError(.stat, path: path, errno: EINVAL)
         }
@@ -112,7 +117,9 @@ public struct PosixStorage: StorageProvider {
 
     private func remoteDevices(for uri: String) throws(StorageError) -> any RemoteDevices {
         guard let remote else {
-            throw StorageError(.open, path: uri, errno: EPROTONOSUPPORT, detail: "this program has no NBD client; only the daemon opens NBD sources")
+            throw StorageError(
+                .open, path: uri, errno: EPROTONOSUPPORT,
+                detail: "this program has no NBD client; only the daemon opens NBD sources")
         }
         return remote
     }
@@ -195,8 +202,11 @@ final class PosixDevice: StorageDevice {
 
     /// The error for a source or destination found shorter than when it was opened.
     private func shrank(at offset: UInt64, length: UInt64, operation: StorageError.Operation) -> StorageError {
-        StorageError(operation, path: info.path, errno: EIO, offset: offset, length: length,
-                     detail: "it ends at \(currentSize().map { "\($0)" } ?? "an unknown size") bytes, before the \(info.size) it had when the job opened it: it was truncated or resized under the job")
+        StorageError(
+            operation, path: info.path, errno: EIO, offset: offset, length: length,
+            detail:
+                "it ends at \(currentSize().map { "\($0)" } ?? "an unknown size") bytes, before the \(info.size) it had when the job opened it: it was truncated or resized under the job"
+        )
     }
 
     /// Calls in flight (in steps of 2) and, in bit 0, whether `close()` was called. The descriptors
@@ -213,7 +223,10 @@ final class PosixDevice: StorageDevice {
     }
 
     private func closeDescriptors() {
-        guard descriptorsClosed.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+        guard
+            descriptorsClosed.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing)
+                .exchanged
+        else { return }
         Glibc.close(fd)
         if waitFD >= 0 { Glibc.close(waitFD) }
         if directFD >= 0 { Glibc.close(directFD) }
@@ -221,11 +234,14 @@ final class PosixDevice: StorageDevice {
 
     /// Runs `body` with the descriptors open, or fails with EBADF if the device was closed.
     @inline(__always)
-    private func using<T>(_ operation: StorageError.Operation, offset: UInt64? = nil, length: UInt64? = nil,
-                          _ body: () throws(StorageError) -> T) throws(StorageError) -> T {
+    private func using<T>(
+        _ operation: StorageError.Operation, offset: UInt64? = nil, length: UInt64? = nil,
+        _ body: () throws(StorageError) -> T
+    ) throws(StorageError) -> T {
         guard enter() else {
-            throw StorageError(operation, path: info.path, errno: EBADF, offset: offset, length: length,
-                               detail: "the job closed this device")
+            throw StorageError(
+                operation, path: info.path, errno: EBADF, offset: offset, length: length,
+                detail: "the job closed this device")
         }
         defer { leave() }
         return try body()
@@ -234,7 +250,8 @@ final class PosixDevice: StorageDevice {
     private func enter() -> Bool {
         var v = gate.load(ordering: .acquiring)
         while v & 1 == 0 {
-            let (exchanged, original) = gate.compareExchange(expected: v, desired: v + 2, ordering: .acquiringAndReleasing)
+            let (exchanged, original) = gate.compareExchange(
+                expected: v, desired: v + 2, ordering: .acquiringAndReleasing)
             if exchanged { return true }
             v = original
         }
@@ -246,8 +263,10 @@ final class PosixDevice: StorageDevice {
         if gate.subtract(2, ordering: .acquiringAndReleasing).newValue == 1 { closeDescriptors() }
     }
 
-    static func open(_ path: String, mode: OpenMode, topology: DeviceTopology = DeviceTopology(),
-                     directIO wantDirect: Bool = true, why: String = "not chosen") throws(StorageError) -> PosixDevice {
+    static func open(
+        _ path: String, mode: OpenMode, topology: DeviceTopology = DeviceTopology(),
+        directIO wantDirect: Bool = true, why: String = "not chosen"
+    ) throws(StorageError) -> PosixDevice {
         guard path.hasPrefix("/") else { throw StorageError(.open, path: path, errno: EINVAL) }
         var flags = O_CLOEXEC
         switch mode {
@@ -302,7 +321,8 @@ final class PosixDevice: StorageDevice {
             info = DeviceInfo(
                 path: path,
                 identity: DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: UInt64(st.st_rdev)),
-                size: size, logicalBlockSize: Int(lbs), stableID: try topology.checkedStableID(ofBlock: UInt64(st.st_rdev), path: path))
+                size: size, logicalBlockSize: Int(lbs),
+                stableID: try topology.checkedStableID(ofBlock: UInt64(st.st_rdev), path: path))
         } else {
             if exclusive {
                 // Files have no O_EXCL semantics; an advisory lock keeps two jobs (or two daemons)
@@ -318,7 +338,8 @@ final class PosixDevice: StorageDevice {
             }
             info = DeviceInfo(
                 path: path,
-                identity: DeviceIdentity(kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
+                identity: DeviceIdentity(
+                    kind: .regularFile, device: UInt64(st.st_dev), inode: UInt64(st.st_ino), rdev: 0),
                 size: size, logicalBlockSize: 512, stableID: topology.stableID(ofFileDescriptor: fd))
         }
         var waitFD: Int32 = -1
@@ -344,8 +365,12 @@ final class PosixDevice: StorageDevice {
         switch mode {
         case .source, .destination:
             if wantDirect {
-                (directFD, direct) = openDirect(path, writable: { if case .destination = mode { return true }; return false }(),
-                                                logicalBlockSize: info.logicalBlockSize, sameAs: st, why: why)
+                (directFD, direct) = openDirect(
+                    path,
+                    writable: {
+                        if case .destination = mode { return true }; return false
+                    }(),
+                    logicalBlockSize: info.logicalBlockSize, sameAs: st, why: why)
             } else {
                 direct = .off(why)
             }
@@ -358,20 +383,24 @@ final class PosixDevice: StorageDevice {
         case .source, .destination: sizeIsFixed = true
         default: sizeIsFixed = false
         }
-        return PosixDevice(info: info, fd: fd, waitFD: waitFD, directFD: directFD, directIO: direct, sizeIsFixed: sizeIsFixed)
+        return PosixDevice(
+            info: info, fd: fd, waitFD: waitFD, directFD: directFD, directIO: direct, sizeIsFixed: sizeIsFixed)
     }
 
     /// A second, O_DIRECT open file description of `path` (not exclusive: `fd` holds the
     /// device's O_EXCL claim or the file's flock), and the alignment its calls need; or -1 and
     /// why direct I/O is not used.
-    private static func openDirect(_ path: String, writable: Bool, logicalBlockSize: Int, sameAs first: stat, why: String) -> (Int32, DirectIO) {
+    private static func openDirect(
+        _ path: String, writable: Bool, logicalBlockSize: Int, sameAs first: stat, why: String
+    ) -> (Int32, DirectIO) {
         let dfd = hyd_open_direct(path, writable ? O_RDWR : O_RDONLY)
         if dfd < 0 {
             return (-1, .off("\(why), but O_DIRECT refused at open: \(errnoSymbol(errno))"))
         }
         // The path is opened again: it must still name the object `fd` has open (and locked).
         var st = stat()
-        guard fstat(dfd, &st) == 0, st.st_dev == first.st_dev, st.st_ino == first.st_ino, st.st_rdev == first.st_rdev else {
+        guard fstat(dfd, &st) == 0, st.st_dev == first.st_dev, st.st_ino == first.st_ino, st.st_rdev == first.st_rdev
+        else {
             Glibc.close(dfd)
             return (-1, .off("\(why), but the path no longer names the opened file"))
         }
@@ -412,13 +441,16 @@ final class PosixDevice: StorageDevice {
             var done = 0
             while done < buffer.count {
                 let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
-                let n = direct > 0
+                let n =
+                    direct > 0
                     ? pread(directFD, base + done, direct, off_t(offset) + off_t(done))
                     : pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
                 if n < 0 {
                     if errno == EINTR { continue }
                     if direct > 0 && errno == EINVAL { refuseDirect(); continue }
-                    throw StorageError(.read, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
+                    throw StorageError(
+                        .read, path: info.path, errno: errno, offset: offset + UInt64(done),
+                        length: UInt64(buffer.count - done))
                 }
                 if n == 0 {
                     let at = offset + UInt64(done)
@@ -432,7 +464,11 @@ final class PosixDevice: StorageDevice {
                     (base + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
                     return
                 }
-                if direct > 0 { directCalls.add(1, ordering: .relaxed) } else { bufferedCalls.add(1, ordering: .relaxed) }
+                if direct > 0 {
+                    directCalls.add(1, ordering: .relaxed)
+                } else {
+                    bufferedCalls.add(1, ordering: .relaxed)
+                }
                 done += n
             }
         }
@@ -455,18 +491,27 @@ final class PosixDevice: StorageDevice {
                 // until the commit's fdatasync); its failure is returned here, and only its own range
                 // is affected (the caller retries it or fails; nothing records it as written).
                 let direct = directLength(base + done, offset + UInt64(done), buffer.count - done)
-                let n = direct > 0
+                let n =
+                    direct > 0
                     ? pwrite(directFD, base + done, direct, off_t(offset) + off_t(done))
                     : pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
                 if n < 0 {
                     if errno == EINTR { continue }
                     if direct > 0 && errno == EINVAL { refuseDirect(); continue }
-                    throw StorageError(.write, path: info.path, errno: errno, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
+                    throw StorageError(
+                        .write, path: info.path, errno: errno, offset: offset + UInt64(done),
+                        length: UInt64(buffer.count - done))
                 }
                 if n == 0 {
-                    throw StorageError(.write, path: info.path, errno: ENOSPC, offset: offset + UInt64(done), length: UInt64(buffer.count - done))
+                    throw StorageError(
+                        .write, path: info.path, errno: ENOSPC, offset: offset + UInt64(done),
+                        length: UInt64(buffer.count - done))
                 }
-                if direct > 0 { directCalls.add(1, ordering: .relaxed) } else { bufferedCalls.add(1, ordering: .relaxed) }
+                if direct > 0 {
+                    directCalls.add(1, ordering: .relaxed)
+                } else {
+                    bufferedCalls.add(1, ordering: .relaxed)
+                }
                 done += n
             }
         }
@@ -489,13 +534,18 @@ final class PosixDevice: StorageDevice {
             try lease.withLock { (state: inout LeaseState) throws(StorageError) in
                 if state == .held && hyd_get_lease(fd) != hyd_lease_write() { state = .broken }
                 if state == .broken {
-                    throw StorageError(.release, path: info.path, errno: EWOULDBLOCK, offset: offset, length: length,
-                                       detail: "another process opened the source (its write lease was broken): nothing more is released")
+                    throw StorageError(
+                        .release, path: info.path, errno: EWOULDBLOCK, offset: offset, length: length,
+                        detail:
+                            "another process opened the source (its write lease was broken): nothing more is released")
                 }
-                let rc = info.identity.kind == .blockDevice
+                let rc =
+                    info.identity.kind == .blockDevice
                     ? hyd_blk_discard(fd, offset, length)
                     : hyd_punch_hole(fd, offset, length)
-                if rc != 0 { throw StorageError(.release, path: info.path, errno: errno, offset: offset, length: length) }
+                if rc != 0 {
+                    throw StorageError(.release, path: info.path, errno: errno, offset: offset, length: length)
+                }
             }
         }
     }
@@ -508,14 +558,18 @@ final class PosixDevice: StorageDevice {
         // Its own O_DIRECT descriptor would break (refuse) the lease: a device opened for direct
         // I/O has none (the job then runs as before leases were used).
         guard directFD < 0 else {
-            throw StorageError(.lock, path: info.path, errno: EBUSY, detail: "opened twice for direct I/O: no write lease")
+            throw StorageError(
+                .lock, path: info.path, errno: EBUSY, detail: "opened twice for direct I/O: no write lease")
         }
         try using(.lock) { () throws(StorageError) in
             try lease.withLock { (state: inout LeaseState) throws(StorageError) in
                 if state == .held { return }
                 if hyd_take_write_lease(fd) != 0 {
-                    throw StorageError(.lock, path: info.path, errno: errno,
-                                       detail: errno == EAGAIN ? "a write lease is refused: another process has the file open" : "cannot take a write lease")
+                    throw StorageError(
+                        .lock, path: info.path, errno: errno,
+                        detail: errno == EAGAIN
+                            ? "a write lease is refused: another process has the file open"
+                            : "cannot take a write lease")
                 }
                 state = .held
             }
@@ -543,7 +597,8 @@ final class PosixDevice: StorageDevice {
     func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
         try using(.zeroOut, offset: offset, length: length) { () throws(StorageError) in
             guard length > 0 else { return }
-            let rc = info.identity.kind == .blockDevice
+            let rc =
+                info.identity.kind == .blockDevice
                 ? hyd_blk_zeroout(fd, offset, length)
                 : hyd_punch_hole(fd, offset, length)
             if rc != 0 { throw StorageError(.zeroOut, path: info.path, errno: errno, offset: offset, length: length) }
@@ -586,7 +641,10 @@ final class PosixDevice: StorageDevice {
         try using(.writeback, offset: offset, length: length) { () throws(StorageError) in
             // An aligned range was written directly: nothing of it is in the page cache.
             if directFD >= 0 && !directBroken.load(ordering: .relaxed)
-                && (offset | length) & UInt64(directIO.alignment - 1) == 0 { return }
+                && (offset | length) & UInt64(directIO.alignment - 1) == 0
+            {
+                return
+            }
             if hyd_start_writeback(fd, offset, length) != 0 {
                 throw StorageError(.writeback, path: info.path, errno: errno, offset: offset, length: length)
             }

@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// What kind of object a path names. Discard and zero-out work differently on each.
@@ -64,7 +64,10 @@ public struct StorageError: Error, Sendable, Equatable, CustomStringConvertible 
     /// What the library behind the call said (libnbd's error string for a remote source).
     public var detail: String?
 
-    public init(_ operation: Operation, path: String, errno: Int32, offset: UInt64? = nil, length: UInt64? = nil, detail: String? = nil) {
+    public init(
+        _ operation: Operation, path: String, errno: Int32, offset: UInt64? = nil, length: UInt64? = nil,
+        detail: String? = nil
+    ) {
         self.operation = operation; self.path = path; self.errno = errno; self.offset = offset; self.length = length
         self.detail = detail
     }
@@ -131,7 +134,9 @@ public struct DirectIO: Sendable, Equatable, CustomStringConvertible {
     public static func off(_ reason: String) -> DirectIO { DirectIO(enabled: false, alignment: 0, reason: reason) }
 
     public var description: String {
-        enabled ? "direct I/O (O_DIRECT, \(alignment)-byte aligned; unaligned calls buffered; \(reason))" : "buffered I/O (\(reason))"
+        enabled
+            ? "direct I/O (O_DIRECT, \(alignment)-byte aligned; unaligned calls buffered; \(reason))"
+            : "buffered I/O (\(reason))"
     }
 }
 
@@ -266,7 +271,9 @@ public protocol StorageProvider: Sendable {
 }
 
 extension StorageProvider {
-    public func open(_ path: String, mode: OpenMode, directIO: Bool, why: String) throws(StorageError) -> any StorageDevice {
+    public func open(_ path: String, mode: OpenMode, directIO: Bool, why: String) throws(StorageError)
+        -> any StorageDevice
+    {
         try open(path, mode: mode)
     }
     public func allocatedBytes(of path: String) -> UInt64? { nil }

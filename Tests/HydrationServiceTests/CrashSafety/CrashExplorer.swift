@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Synchronization
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -40,12 +41,15 @@ struct CrashScenario: Sendable {
 
     /// Adds the source (and, for a garbage variant, the pre-existing destination) to a new disk.
     func populate(_ storage: CrashableStorage) {
-        storage.addFile(Self.sourcePath, data: image, kind: variant == .garbageFileRemoteSource ? .remote : .regularFile, holes: holes)
+        storage.addFile(
+            Self.sourcePath, data: image, kind: variant == .garbageFileRemoteSource ? .remote : .regularFile,
+            holes: holes)
         guard variant != .fresh else { return }
         var rng = SeededRandom(seed: seed &* 31 &+ 5)
         var garbage = [UInt8](repeating: 0, count: image.count)
         rng.fill(&garbage, 0..<garbage.count)
-        storage.addFile(Self.destPath, data: garbage, kind: variant == .garbageBlockDevice ? .blockDevice : .regularFile, holes: [])
+        storage.addFile(
+            Self.destPath, data: garbage, kind: variant == .garbageBlockDevice ? .blockDevice : .regularFile, holes: [])
         configure(storage)
     }
 
@@ -91,22 +95,25 @@ struct CrashScenario: Sendable {
         let threshold = batch * [1, 2, 4][Int(rng.next() % 3)]
         let budget = UInt64([4, 8, 16][Int(rng.next() % 3)]) * regionSize
         let interval = rng.next() % 4 == 0 ? 10 : 3_600_000
-        let t = Tunables(batchSize: batch, threshold: threshold, rateLimitBytesPerSecond: nil,
-                         spaceBudgetBytes: budget, commitIntervalMs: interval)
+        let t = Tunables(
+            batchSize: batch, threshold: threshold, rateLimitBytesPerSecond: nil,
+            spaceBudgetBytes: budget, commitIntervalMs: interval)
         return CrashScenario(seed: seed, image: image, holes: holes, tunables: t)
     }
 
     func config(_ t: Tunables? = nil) -> JobConfiguration {
-        JobConfiguration(name: "crash-\(seed)", sourcePath: Self.sourcePath, destPath: Self.destPath,
-                         metadataPath: Self.metadataPath, regionSize: Self.regionSize, discardSource: true,
-                         destZeroed: false, tunables: t ?? tunables)
+        JobConfiguration(
+            name: "crash-\(seed)", sourcePath: Self.sourcePath, destPath: Self.destPath,
+            metadataPath: Self.metadataPath, regionSize: Self.regionSize, discardSource: true,
+            destZeroed: false, tunables: t ?? tunables)
     }
 
     /// Recovery runs with larger batches (fast) but still a small budget, so that commits and
     /// discards happen during recovery too (a second crash can land among them).
     var recoveryTunables: Tunables {
-        Tunables(batchSize: 16, threshold: 32, rateLimitBytesPerSecond: nil, spaceBudgetBytes: 64 * Self.regionSize,
-                 commitIntervalMs: 3_600_000)
+        Tunables(
+            batchSize: 16, threshold: 32, rateLimitBytesPerSecond: nil, spaceBudgetBytes: 64 * Self.regionSize,
+            commitIntervalMs: 3_600_000)
     }
 }
 
@@ -141,8 +148,10 @@ enum CrashHarness {
     /// With `writebackFailure`, the destination's writeback fails once during the run: the run
     /// must then end `failed` (CommitFailed, EIO, metadata ro) rather than complete, and its
     /// crash states are explored like any other.
-    static func record(_ sc: CrashScenario, io: IOExecutor, fault: InjectedCommitFault? = nil,
-                       writebackFailure: WritebackFailurePlan? = nil) async throws -> (RecordedRun, [String]) {
+    static func record(
+        _ sc: CrashScenario, io: IOExecutor, fault: InjectedCommitFault? = nil,
+        writebackFailure: WritebackFailurePlan? = nil
+    ) async throws -> (RecordedRun, [String]) {
         let storage = CrashableStorage()
         sc.populate(storage)
         let job = try await HydrationJob.create(sc.config(), storage: storage, io: io, logger: crashLogger)
@@ -153,9 +162,10 @@ enum CrashHarness {
         }
         if let fault {
             #if DEBUG
-            await job.committer.injectFault(fault == .publishBeforeDurable ? .publishBeforeDurable : .metadataBeforeDestinationSync)
+                await job.committer.injectFault(
+                    fault == .publishBeforeDurable ? .publishBeforeDurable : .metadataBeforeDestinationSync)
             #else
-            preconditionFailure("committer faults exist only in debug builds")
+                preconditionFailure("committer faults exist only in debug builds")
             #endif
         }
         storage.beginTrace()
@@ -172,12 +182,16 @@ enum CrashHarness {
             // anything it should not have (the crash states below check the rest).
             failures = storage.violations.prefix(3).map { "(b) \($0)" }
             if final != .failed || st.error?.errno != EIO || st.metadata.mode != .ro {
-                failures.append("after a destination writeback error the recording run ended \(final.rawValue) (error \(st.error?.message ?? "none"), metadata \(st.metadata.mode.rawValue)), not failed with EIO and metadata ro")
+                failures.append(
+                    "after a destination writeback error the recording run ended \(final.rawValue) (error \(st.error?.message ?? "none"), metadata \(st.metadata.mode.rawValue)), not failed with EIO and metadata ro"
+                )
                 failures += check(storage, sc)
             }
         } else {
             failures = check(storage, sc)
-            if final != .complete { failures.append("recording run ended \(final.rawValue): \(st.error?.message ?? "")") }
+            if final != .complete {
+                failures.append("recording run ended \(final.rawValue): \(st.error?.message ?? "")")
+            }
         }
         return (RecordedRun(seed: sc.seed, base: storage.baseline!, trace: storage.trace), failures)
     }
@@ -189,7 +203,9 @@ enum CrashHarness {
         let dest = storage.file(CrashScenario.destPath)?.data ?? []
         if dest.count < sc.image.count || !bytesEqual(dest, sc.image, count: sc.image.count) {
             let firstBad = (0..<min(dest.count, sc.image.count)).first { dest[$0] != sc.image[$0] }
-            failures.append("(a) destination differs from the original (first bad byte \(firstBad.map(String.init) ?? "size"), region \(firstBad.map { $0 / 4096 } ?? -1))")
+            failures.append(
+                "(a) destination differs from the original (first bad byte \(firstBad.map(String.init) ?? "size"), region \(firstBad.map { $0 / 4096 } ?? -1))"
+            )
         }
         for v in storage.violations.prefix(3) { failures.append("(b) \(v)") }
         if let src = storage.file(CrashScenario.sourcePath), src.allocatedBlocks != 0 {
@@ -198,7 +214,9 @@ enum CrashHarness {
         let after = CrashableStorage(files: storage.state.withLock { $0.files })
         do {
             let (store, _) = try MetadataStore.open(path: CrashScenario.metadataPath, storage: after, readOnly: true)
-            if !store.header.complete || !store.committedMap.isComplete { failures.append("(c) metadata does not record completion") }
+            if !store.header.complete || !store.committedMap.isComplete {
+                failures.append("(c) metadata does not record completion")
+            }
         } catch {
             failures.append("(c) metadata does not open after recovery: \(error)")
         }
@@ -218,9 +236,12 @@ enum CrashHarness {
         storage.beginTrace()
         let job: HydrationJob
         do {
-            job = try await HydrationJob.open(sc.config(sc.recoveryTunables), storage: storage, io: io, logger: crashLogger)
+            job = try await HydrationJob.open(
+                sc.config(sc.recoveryTunables), storage: storage, io: io, logger: crashLogger)
         } catch {
-            return Recovery(failures: ["(c) the job does not open after the crash: \(error)"] + storage.violations.map { "(b) \($0)" }, trace: storage.trace)
+            return Recovery(
+                failures: ["(c) the job does not open after the crash: \(error)"]
+                    + storage.violations.map { "(b) \($0)" }, trace: storage.trace)
         }
         var failures: [String] = []
         do {
@@ -240,8 +261,10 @@ enum CrashHarness {
     static func policies(seed: UInt64, point: Int, pending: Int) -> [CrashPolicy] {
         if pending == 0 { return [.dropAll] }
         let s = seed &* 1_000_003 &+ UInt64(point) &* 7919
-        var p: [CrashPolicy] = [.dropAll, .keepAll, .adversarial(dest: CrashScenario.destPath),
-                                .random(seed: s &+ 1), .prefix(seed: s &+ 2)]
+        var p: [CrashPolicy] = [
+            .dropAll, .keepAll, .adversarial(dest: CrashScenario.destPath),
+            .random(seed: s &+ 1), .prefix(seed: s &+ 2),
+        ]
         if pending > 8 { p.append(.random(seed: s &+ 3)) }
         return p
     }
@@ -258,7 +281,8 @@ enum CrashHarness {
             if let second { s += ", then crash index \(second.point) of the recovery with policy \(second.policy)" }
             s += ": " + failures.joined(separator: "; ")
             if let traceFile {
-                s += "\n  replay: HYDRATION_CRASH_REPLAY=\(traceFile):\(point):\(policy.description) swift test --filter crashReplay"
+                s +=
+                    "\n  replay: HYDRATION_CRASH_REPLAY=\(traceFile):\(point):\(policy.description) swift test --filter crashReplay"
             }
             return s
         }
@@ -287,9 +311,11 @@ enum CrashHarness {
     /// Crashes the recorded run at every mutation boundary under several policies, recovers each
     /// distinct crash state, and (for every `secondCrashEvery`-th state) crashes the recovery
     /// once more at a seeded point and recovers again. Stops early after `stopAfterFindings`.
-    static func explore(_ sc: CrashScenario, run: RecordedRun, io: IOExecutor, width: Int = 2,
-                        secondCrashEvery: Int = 8, stopAfterFindings: Int = 3,
-                        pointFilter: ((Int) -> Bool)? = nil) async -> Stats {
+    static func explore(
+        _ sc: CrashScenario, run: RecordedRun, io: IOExecutor, width: Int = 2,
+        secondCrashEvery: Int = 8, stopAfterFindings: Int = 3,
+        pointFilter: ((Int) -> Bool)? = nil
+    ) async -> Stats {
         var stats = Stats()
         var seen = Set<Int>()
         var replayer = TraceReplayer(base: run.base, trace: run.trace)
@@ -307,7 +333,9 @@ enum CrashHarness {
                 if pointFilter?(point) ?? true {
                     stats.boundaries += 1
                     let snap = replayer.snapshot
-                    for (pIndex, policy) in policies(seed: sc.seed, point: point, pending: snap.pending.count).enumerated() {
+                    for (pIndex, policy) in policies(seed: sc.seed, point: point, pending: snap.pending.count)
+                        .enumerated()
+                    {
                         let files = snap.materialize(policy)
                         guard seen.insert(fingerprint(files)).inserted else { stats.duplicates += 1; continue }
                         stats.states += 1
@@ -332,7 +360,8 @@ enum CrashHarness {
                             let p2 = CrashPolicy.random(seed: rng.next())
                             let r2 = await recover(rep.snapshot.materialize(p2), sc, io: io)
                             if !r2.failures.isEmpty {
-                                return Finding(seed: seed, point: point, policy: policy, second: (j, p2), failures: r2.failures)
+                                return Finding(
+                                    seed: seed, point: point, policy: policy, second: (j, p2), failures: r2.failures)
                             }
                             return nil
                         }
@@ -351,7 +380,9 @@ enum CrashHarness {
 
     /// Writes the recorded run where a replay can read it.
     static func dumpTrace(_ run: RecordedRun) -> String? {
-        let n = dumpCounter.withLock { c -> Int in c += 1; return c }
+        let n = dumpCounter.withLock { c -> Int in
+            c += 1; return c
+        }
         let path = "/tmp/hydration-crash-seed\(run.seed)-\(getpid())-\(n).json"
         guard let data = try? JSONEncoder().encode(run) else { return nil }
         return FileManager.default.createFile(atPath: path, contents: data) ? path : nil
@@ -367,12 +398,16 @@ let dumpCounter = Mutex<Int>(0)
 /// Counters printed at the end of the suite's tests (shared across tests of this file).
 let crashCounters = Mutex<[String: Int]>([:])
 func countCrash(_ key: String, _ n: Int) {
-    let total = crashCounters.withLock { c -> Int in c[key, default: 0] += n; return c[key]! }
+    let total = crashCounters.withLock { c -> Int in
+        c[key, default: 0] += n; return c[key]!
+    }
     print("[crash-safety] \(key): +\(n), \(total) so far in this run")
 }
 
 /// memcmp: element-wise comparison of large arrays is slow in debug builds.
 func bytesEqual(_ a: [UInt8], _ b: [UInt8], count: Int) -> Bool {
     guard a.count >= count, b.count >= count else { return false }
-    return a.withUnsafeBytes { pa in b.withUnsafeBytes { pb in count == 0 || memcmp(pa.baseAddress!, pb.baseAddress!, count) == 0 } }
+    return a.withUnsafeBytes { pa in
+        b.withUnsafeBytes { pb in count == 0 || memcmp(pa.baseAddress!, pb.baseAddress!, count) == 0 }
+    }
 }

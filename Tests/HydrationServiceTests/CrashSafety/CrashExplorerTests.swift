@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -37,7 +38,9 @@ import Testing
         }
         let elapsed = Date().timeIntervalSince(started)
         let points = total.states + total.secondCrashes
-        print("crash explorer: \(scenarios) scenarios (seeds 1...\(seed - 1)), \(mutations) recorded mutations, \(total.boundaries) op boundaries, \(total.states) distinct crash states recovered (+\(total.duplicates) duplicates skipped), \(total.secondCrashes) second crashes during recovery: \(points) crash points explored in \(String(format: "%.1f", elapsed)) s")
+        print(
+            "crash explorer: \(scenarios) scenarios (seeds 1...\(seed - 1)), \(mutations) recorded mutations, \(total.boundaries) op boundaries, \(total.states) distinct crash states recovered (+\(total.duplicates) duplicates skipped), \(total.secondCrashes) second crashes during recovery: \(points) crash points explored in \(String(format: "%.1f", elapsed)) s"
+        )
         countCrash("crash points", points)
         for f in total.findings { Issue.record("crash-safety violation: \(f)") }
         #expect(total.states >= Self.targetStates)
@@ -55,12 +58,17 @@ import Testing
             sc.variant = variant
             let (run, failures) = try await CrashHarness.record(sc, io: io)
             #expect(failures.isEmpty, "\(variant) recording run: \(failures)")
-            let zeroing = run.trace.filter { $0.path == CrashScenario.destPath && ($0.kind == .zeroOut || $0.kind == .write) }.count
+            let zeroing = run.trace.filter {
+                $0.path == CrashScenario.destPath && ($0.kind == .zeroOut || $0.kind == .write)
+            }.count
             #expect(zeroing > 0)
             if variant == .garbageFileNoZeroOut {
-                #expect(!run.trace.contains { $0.path == CrashScenario.destPath && $0.kind == .zeroOut && $0.errno == 0 })
+                #expect(
+                    !run.trace.contains { $0.path == CrashScenario.destPath && $0.kind == .zeroOut && $0.errno == 0 })
             } else {
-                #expect(run.trace.contains { $0.path == CrashScenario.destPath && $0.kind == .zeroOut }, "\(variant): nothing zeroed")
+                #expect(
+                    run.trace.contains { $0.path == CrashScenario.destPath && $0.kind == .zeroOut },
+                    "\(variant): nothing zeroed")
             }
             if variant == .garbageFileSourceWithoutSeekData {
                 #expect(run.trace.filter { $0.path == CrashScenario.sourcePath && $0.kind == .read }.count > 0)
@@ -69,10 +77,14 @@ import Testing
             let stats = await CrashHarness.explore(sc, run: run, io: io, pointFilter: { $0 % 3 == 0 })
             total.states += stats.states
             total.secondCrashes += stats.secondCrashes
-            total.findings += stats.findings.map { var f = $0; f.failures.insert("\(variant)", at: 0); return f }
+            total.findings += stats.findings.map {
+                var f = $0; f.failures.insert("\(variant)", at: 0); return f
+            }
             if !total.findings.isEmpty { break }
         }
-        print("garbage destinations / source without SEEK_DATA: \(total.states) crash states recovered (+\(total.secondCrashes) second crashes) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        print(
+            "garbage destinations / source without SEEK_DATA: \(total.states) crash states recovered (+\(total.secondCrashes) second crashes) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s"
+        )
         countCrash("crash points", total.states + total.secondCrashes)
         for f in total.findings { Issue.record("crash-safety violation: \(f)") }
     }
@@ -113,7 +125,8 @@ import Testing
             for policy in CrashHarness.policies(seed: seed, point: n, pending: snap.pending.count) {
                 let r = await CrashHarness.recover(snap.materialize(policy), sc, io: io)
                 states += 1
-                #expect(r.failures.isEmpty, "live crash seed \(seed) after \(n) mutations, policy \(policy): \(r.failures)")
+                #expect(
+                    r.failures.isEmpty, "live crash seed \(seed) after \(n) mutations, policy \(policy): \(r.failures)")
             }
             // The dead job is abandoned, as a killed process would be.
         }
@@ -134,7 +147,8 @@ import Testing
             var rng = SeededRandom(seed: seed &* 7)
             let plan = WritebackFailurePlan(afterMutations: Int(rng.next() % 150) + 1)
             let (run, failures) = try await CrashHarness.record(sc, io: io, writebackFailure: plan)
-            #expect(failures.isEmpty, "seed \(seed), writeback failure after \(plan.afterMutations) mutations: \(failures)")
+            #expect(
+                failures.isEmpty, "seed \(seed), writeback failure after \(plan.afterMutations) mutations: \(failures)")
             if run.trace.contains(where: { $0.kind == .writebackError }) { fired += 1 }
             let stats = await CrashHarness.explore(sc, run: run, io: io)
             total.states += stats.states
@@ -142,7 +156,9 @@ import Testing
             total.findings += stats.findings
             if !total.findings.isEmpty { break }
         }
-        print("writeback failures: \(fired) runs lost destination writeback, \(total.states) crash states recovered (+\(total.secondCrashes) second crashes) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        print(
+            "writeback failures: \(fired) runs lost destination writeback, \(total.states) crash states recovered (+\(total.secondCrashes) second crashes) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s"
+        )
         countCrash("crash points", total.states + total.secondCrashes)
         countCrash("faults injected", fired)
         for f in total.findings { Issue.record("crash-safety violation after a writeback failure: \(f)") }
@@ -173,37 +189,37 @@ import Testing
     }
 
     #if DEBUG
-    /// The harness must notice a committer that lets the discarder release regions before their
-    /// metadata is durable (the seed thread's scenario).
-    @Test func detectsPublishBeforeDurable() async throws {
-        let found = try await findViolation(.publishBeforeDurable)
-        #expect(found != nil, "the explorer did not notice discards of uncommitted regions")
-        if let found { print("injected fault publishBeforeDurable detected: \(found)") }
-    }
-
-    /// ... and one that writes the metadata before the destination's fdatasync (dm-clone's 2019 bug).
-    @Test func detectsMetadataBeforeDestinationSync() async throws {
-        let found = try await findViolation(.metadataBeforeDestinationSync)
-        #expect(found != nil, "the explorer did not notice metadata committed before the destination sync")
-        if let found { print("injected fault metadataBeforeDestinationSync detected: \(found)") }
-    }
-
-    /// Explores scenarios with the faulty committer until the first violation; nil when the
-    /// budget (3 scenarios) runs out without one.
-    func findViolation(_ fault: InjectedCommitFault) async throws -> String? {
-        var explored = 0
-        for seed in UInt64(1)...UInt64(3) {
-            let sc = CrashScenario.make(seed: seed)
-            let (run, _) = try await CrashHarness.record(sc, io: io, fault: fault)
-            let stats = await CrashHarness.explore(sc, run: run, io: io, stopAfterFindings: 1)
-            explored += stats.states
-            if let f = stats.findings.first {
-                countCrash("crash points", explored)
-                return "after \(explored) crash states: \(f)"
-            }
+        /// The harness must notice a committer that lets the discarder release regions before their
+        /// metadata is durable (the seed thread's scenario).
+        @Test func detectsPublishBeforeDurable() async throws {
+            let found = try await findViolation(.publishBeforeDurable)
+            #expect(found != nil, "the explorer did not notice discards of uncommitted regions")
+            if let found { print("injected fault publishBeforeDurable detected: \(found)") }
         }
-        return nil
-    }
+
+        /// ... and one that writes the metadata before the destination's fdatasync (dm-clone's 2019 bug).
+        @Test func detectsMetadataBeforeDestinationSync() async throws {
+            let found = try await findViolation(.metadataBeforeDestinationSync)
+            #expect(found != nil, "the explorer did not notice metadata committed before the destination sync")
+            if let found { print("injected fault metadataBeforeDestinationSync detected: \(found)") }
+        }
+
+        /// Explores scenarios with the faulty committer until the first violation; nil when the
+        /// budget (3 scenarios) runs out without one.
+        func findViolation(_ fault: InjectedCommitFault) async throws -> String? {
+            var explored = 0
+            for seed in UInt64(1)...UInt64(3) {
+                let sc = CrashScenario.make(seed: seed)
+                let (run, _) = try await CrashHarness.record(sc, io: io, fault: fault)
+                let stats = await CrashHarness.explore(sc, run: run, io: io, stopAfterFindings: 1)
+                explored += stats.states
+                if let f = stats.findings.first {
+                    countCrash("crash points", explored)
+                    return "after \(explored) crash states: \(f)"
+                }
+            }
+            return nil
+        }
     #endif
 
     /// Replays one crash state from a dumped trace:
@@ -218,8 +234,9 @@ import Testing
         var rep = TraceReplayer(base: run.base, trace: run.trace)
         for _ in 0..<point { rep.advance() }
         let snap = rep.snapshot
-        let policy = try #require(CrashHarness.policies(seed: run.seed, point: point, pending: snap.pending.count)
-            .first { $0.description == spec[2] })
+        let policy = try #require(
+            CrashHarness.policies(seed: run.seed, point: point, pending: snap.pending.count)
+                .first { $0.description == spec[2] })
         print("replaying seed \(run.seed) crash index \(point) policy \(policy): \(snap.summary)")
         let r = await CrashHarness.recover(snap.materialize(policy), sc, io: io)
         #expect(r.failures.isEmpty, "\(r.failures)")

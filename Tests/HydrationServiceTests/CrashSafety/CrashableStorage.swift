@@ -1,9 +1,10 @@
 import Synchronization
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 // A simulated disk with a volatile write cache, for the crash-safety harness.
@@ -69,9 +70,13 @@ struct CrashFile: Sendable, Equatable, Codable {
         guard size > data.count else { return }
         data.append(contentsOf: [UInt8](repeating: 0, count: size - data.count))
         let blocks = (size + Self.block - 1) / Self.block
-        if allocated.count < blocks { allocated.append(contentsOf: [Bool](repeating: false, count: blocks - allocated.count)) }
+        if allocated.count < blocks {
+            allocated.append(contentsOf: [Bool](repeating: false, count: blocks - allocated.count))
+        }
         let sectors = (size + Self.sector - 1) / Self.sector
-        if released.count < sectors { released.append(contentsOf: [Bool](repeating: false, count: sectors - released.count)) }
+        if released.count < sectors {
+            released.append(contentsOf: [Bool](repeating: false, count: sectors - released.count))
+        }
     }
 
     /// `keep[i]` says whether chunk i (aligned to `granularity`) of the operation reaches the image.
@@ -99,7 +104,9 @@ struct CrashFile: Sendable, Equatable, Codable {
                 guard lo < hi else { continue }
                 let fill = op.kind == .release ? Int32(discardFill ?? 0) : 0
                 data.withUnsafeMutableBytes { raw in _ = memset(raw.baseAddress! + lo, fill, hi - lo) }
-                if lo % Self.block == 0 && (c.upperBound - c.lowerBound == UInt64(Self.block) || Int(c.upperBound) >= data.count) {
+                if lo % Self.block == 0
+                    && (c.upperBound - c.lowerBound == UInt64(Self.block) || Int(c.upperBound) >= data.count)
+                {
                     allocated[lo / Self.block] = false
                 }
                 if op.kind == .release {
@@ -209,7 +216,7 @@ extension CrashSnapshot {
             case 1:  // a suffix
                 let k = Int(rng.next() % UInt64(n + 1))
                 return (0..<n).map { $0 >= k }
-            default: // any sectors
+            default:  // any sectors
                 return (0..<n).map { _ in rng.next() & 1 == 0 }
             }
         }
@@ -260,7 +267,9 @@ struct TraceReplayer {
         durable = base.durable
         pending = [:]
         for op in base.pending { pending[op.path, default: []].append(op) }
-        mutations = trace.filter { $0.kind.isMutation && $0.errno == 0 || $0.kind == .sync || $0.kind == .writebackError }
+        mutations = trace.filter {
+            $0.kind.isMutation && $0.errno == 0 || $0.kind == .sync || $0.kind == .writebackError
+        }
     }
 
     var count: Int { mutations.count }
@@ -349,7 +358,9 @@ final class CrashableStorage: StorageProvider {
             if let holes {
                 for h in holes where !h.isEmpty {
                     for b in h.lowerBound / CrashFile.block...(h.upperBound - 1) / CrashFile.block
-                    where b * CrashFile.block >= h.lowerBound && min((b + 1) * CrashFile.block, data.count) <= h.upperBound {
+                    where b * CrashFile.block >= h.lowerBound
+                        && min((b + 1) * CrashFile.block, data.count) <= h.upperBound
+                    {
                         f.allocated[b] = false
                     }
                 }
@@ -379,14 +390,17 @@ final class CrashableStorage: StorageProvider {
 
     /// The current durable images and pending operations.
     var snapshotNow: CrashSnapshot {
-        state.withLock { s in CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq }) }
+        state.withLock { s in
+            CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
+        }
     }
 
     /// Starts the trace here: `baseline` is the snapshot replays begin from.
     func beginTrace() {
         state.withLock { s in
             s.traceStart = s.trace.count
-            s.baseline = CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
+            s.baseline = CrashSnapshot(
+                durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
         }
     }
 
@@ -401,7 +415,8 @@ final class CrashableStorage: StorageProvider {
     func crashNow() {
         state.withLock { s in
             if s.crashSnapshot == nil {
-                s.crashSnapshot = CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
+                s.crashSnapshot = CrashSnapshot(
+                    durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
             }
         }
     }
@@ -409,15 +424,16 @@ final class CrashableStorage: StorageProvider {
     // MARK: StorageProvider
 
     func info(_ path: String, _ f: CrashFile) -> DeviceInfo {
-        DeviceInfo(path: path,
-                   identity: f.kind == .regularFile
-                       ? DeviceIdentity(kind: .regularFile, device: 1, inode: f.inode, rdev: 0)
-                       : f.kind == .remote
-                       // A remote export (issue 15): no local identity; BLOCK_STATUS finds holes.
-                       ? DeviceIdentity(kind: .remote, device: 0, inode: 0, rdev: 0)
-                       : DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: f.inode),
-                   // Simulated devices keep their inode through a crash and a reopen: a stable identity.
-                   size: UInt64(f.data.count), logicalBlockSize: 512, stableID: "sim:\(f.inode)")
+        DeviceInfo(
+            path: path,
+            identity: f.kind == .regularFile
+                ? DeviceIdentity(kind: .regularFile, device: 1, inode: f.inode, rdev: 0)
+                : f.kind == .remote
+                    // A remote export (issue 15): no local identity; BLOCK_STATUS finds holes.
+                    ? DeviceIdentity(kind: .remote, device: 0, inode: 0, rdev: 0)
+                    : DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: f.inode),
+            // Simulated devices keep their inode through a crash and a reopen: a stable identity.
+            size: UInt64(f.data.count), logicalBlockSize: 512, stableID: "sim:\(f.inode)")
     }
 
     func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
@@ -463,8 +479,9 @@ final class CrashableStorage: StorageProvider {
             s.errseqSample[s.nextOpenID] = e.seen ? e.count : e.count - 1
             // The second description PosixDevice opens for evict's wait (key: -openID).
             s.errseqSample[-s.nextOpenID] = s.errseqSample[s.nextOpenID]
-            return CrashableDevice(storage: self, path: path, info: info(path, s.files[path]!), exclusive: exclusive,
-                                   openID: s.nextOpenID)
+            return CrashableDevice(
+                storage: self, path: path, info: info(path, s.files[path]!), exclusive: exclusive,
+                openID: s.nextOpenID)
         }
     }
 
@@ -482,8 +499,10 @@ final class CrashableStorage: StorageProvider {
 
     /// Records a call and decides its fate: the process may be dead, or a fault injected. Returns
     /// the recorded op's index in the trace.
-    func record(_ path: String, _ kind: CrashOpKind, _ offset: UInt64, _ length: UInt64, _ payload: [UInt8],
-                _ s: inout State) throws(StorageError) -> Int {
+    func record(
+        _ path: String, _ kind: CrashOpKind, _ offset: UInt64, _ length: UInt64, _ payload: [UInt8],
+        _ s: inout State
+    ) throws(StorageError) -> Int {
         let operation: StorageError.Operation
         switch kind {
         case .read: operation = .read
@@ -496,17 +515,20 @@ final class CrashableStorage: StorageProvider {
         case .extend: operation = .truncate
         case .writebackError, .waitWriteback, .startWriteback, .evict: operation = .writeback
         }
-        var op = CrashOp(seq: s.trace.count, path: path, kind: kind, offset: offset, length: length,
-                         payload: kind == .write ? payload : [])
+        var op = CrashOp(
+            seq: s.trace.count, path: path, kind: kind, offset: offset, length: length,
+            payload: kind == .write ? payload : [])
         if s.crashSnapshot == nil, kind.isMutation, let at = s.crashAtMutation, s.mutations >= at {
-            s.crashSnapshot = CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
+            s.crashSnapshot = CrashSnapshot(
+                durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
         }
         if s.crashSnapshot != nil {
             // The process is dead: nothing reaches the disk any more.
             throw StorageError(operation, path: path, errno: EIO, offset: offset, length: length)
         }
         if kind.isMutation, let wf = s.writebackFailure, s.mutations >= wf.atMutation,
-           s.pending[wf.path]?.contains(where: { $0.kind == .write }) ?? false {
+            s.pending[wf.path]?.contains(where: { $0.kind == .write }) ?? false
+        {
             s.writebackFailure = nil
             failWritebackNow(wf.path, &s)
             op.seq = s.trace.count
@@ -515,8 +537,9 @@ final class CrashableStorage: StorageProvider {
             if kind == .write, s.directWrites.contains(path), payload.count >= 2 * CrashFile.sector {
                 // The part of a failed direct write that landed before the error.
                 let half = payload.count / 2 / CrashFile.sector * CrashFile.sector
-                let landed = CrashOp(seq: s.trace.count, path: path, kind: .write, offset: offset, length: UInt64(half),
-                                     payload: Array(payload[0..<half]))
+                let landed = CrashOp(
+                    seq: s.trace.count, path: path, kind: .write, offset: offset, length: UInt64(half),
+                    payload: Array(payload[0..<half]))
                 s.trace.append(landed)
                 s.files[path]!.apply(landed)
                 s.pending[path, default: []].append(landed)
@@ -600,7 +623,9 @@ final class CrashableDevice: StorageDevice {
             let seq = try storage.record(path, .read, offset, UInt64(buffer.count), [], &s)
             let f = s.files[path]!
             if let sector = f.releasedSector(in: Int(offset)..<Int(offset) + buffer.count) {
-                s.violations.append("op #\(seq): read of \(path) [\(offset), +\(buffer.count)) touches released sector \(sector) (byte \(sector * CrashFile.sector), region of 4 KiB #\(sector * CrashFile.sector / 4096))")
+                s.violations.append(
+                    "op #\(seq): read of \(path) [\(offset), +\(buffer.count)) touches released sector \(sector) (byte \(sector * CrashFile.sector), region of 4 KiB #\(sector * CrashFile.sector / 4096))"
+                )
             }
             let n = max(0, min(buffer.count, f.data.count - Int(offset)))
             if n > 0 {
@@ -614,9 +639,12 @@ final class CrashableDevice: StorageDevice {
         }
     }
 
-    private func mutate(_ kind: CrashOpKind, _ offset: UInt64, _ length: UInt64, _ payload: [UInt8]) throws(StorageError) {
+    private func mutate(_ kind: CrashOpKind, _ offset: UInt64, _ length: UInt64, _ payload: [UInt8])
+        throws(StorageError)
+    {
         try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
-            if kind == .write && info.identity.kind == .blockDevice && Int(offset + length) > s.files[path]!.data.count {
+            if kind == .write && info.identity.kind == .blockDevice && Int(offset + length) > s.files[path]!.data.count
+            {
                 throw StorageError(.write, path: path, errno: ENOSPC, offset: offset)
             }
             let seq = try storage.record(path, kind, offset, length, payload, &s)
@@ -670,7 +698,9 @@ final class CrashableDevice: StorageDevice {
             // The copier asks where data is from the start of a region it is about to hydrate:
             // if that region was released, it would take the punched range for a hole.
             if let sector = f.releasedSector(in: Int(offset)..<Int(offset) + 1) {
-                s.violations.append("op #\(seq): SEEK_DATA of \(path) from \(offset), inside released sector \(sector) (4 KiB region #\(sector * CrashFile.sector / 4096)): a released range would be taken for a hole")
+                s.violations.append(
+                    "op #\(seq): SEEK_DATA of \(path) from \(offset), inside released sector \(sector) (4 KiB region #\(sector * CrashFile.sector / 4096)): a released range would be taken for a hole"
+                )
             }
             guard offset < UInt64(f.data.count) else { return nil }
             guard f.kind != .blockDevice, !s.noSeekData.contains(path) else { return offset..<UInt64(f.data.count) }
@@ -686,7 +716,8 @@ final class CrashableDevice: StorageDevice {
     func dropCache(offset: UInt64, length: UInt64) {}
 
     var directIO: DirectIO {
-        storage.state.withLock { $0.directWrites.contains(path) } ? DirectIO(enabled: true, alignment: 4096, reason: "") : .off("no page cache")
+        storage.state.withLock { $0.directWrites.contains(path) }
+            ? DirectIO(enabled: true, alignment: 4096, reason: "") : .off("no page cache")
     }
 
     /// Never waits (sync_file_range WRITE), so it never consumes the errseq.
@@ -707,7 +738,10 @@ final class CrashableDevice: StorageDevice {
             let seq = try storage.record(path, .evict, offset, length, [], &s)
             if s.legacyWaitingEvict {
                 if storage.consumeWritebackError(path, openID: openID, &s) {
-                    s.trace.append(CrashOp(seq: s.trace.count, path: path, kind: .waitWriteback, offset: offset, length: length, errno: EIO))
+                    s.trace.append(
+                        CrashOp(
+                            seq: s.trace.count, path: path, kind: .waitWriteback, offset: offset, length: length,
+                            errno: EIO))
                 }
             } else if storage.consumeWritebackError(path, openID: -openID, &s) {
                 s.trace[seq].errno = EIO

@@ -1,12 +1,13 @@
+import ControlProtocol
 import Foundation
 import Synchronization
 import Testing
-import ControlProtocol
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Faults injected through the simulated disk: each case asserts its documented outcome, and
@@ -28,8 +29,11 @@ import Glibc
         let sc = CrashScenario.make(seed: seed)
         let storage = CrashableStorage()
         storage.addFile(Self.src, data: sc.image, holes: sc.holes)
-        let t = tunables ?? Tunables(batchSize: 1, threshold: 1, rateLimitBytesPerSecond: nil,
-                                     spaceBudgetBytes: 16 * 4096, commitIntervalMs: 3_600_000)
+        let t =
+            tunables
+            ?? Tunables(
+                batchSize: 1, threshold: 1, rateLimitBytesPerSecond: nil,
+                spaceBudgetBytes: 16 * 4096, commitIntervalMs: 3_600_000)
         let job = try await HydrationJob.create(sc.config(t), storage: storage, io: io, logger: crashLogger)
         storage.beginTrace()
         return Setup(sc: sc, storage: storage, job: job)
@@ -67,7 +71,9 @@ import Glibc
         let s = try await setup()
         let bad = dataRegion(s.sc)
         let at = UInt64(bad * Self.rs)
-        s.storage.setFault { op in op.path == Self.src && op.kind == .read && op.offset <= at && at < op.offset + op.length ? EIO : nil }
+        s.storage.setFault { op in
+            op.path == Self.src && op.kind == .read && op.offset <= at && at < op.offset + op.length ? EIO : nil
+        }
         try await s.job.start()
         #expect(await s.job.waitUntilSettled() == .failed)
         let e = try #require(await s.job.lastError)
@@ -87,7 +93,9 @@ import Glibc
         s.storage.setFault(nil)
         try await finishAndCheck(s, "after source EIO")
         countCrash("faults injected", s.storage.faultsInjected)
-        print("source read EIO: \(attempts) failed reads, job failed with \(e.code.rawValue) errno \(e.errno ?? 0) region \(e.region ?? -1), then resumed to completion")
+        print(
+            "source read EIO: \(attempts) failed reads, job failed with \(e.code.rawValue) errno \(e.errno ?? 0) region \(e.region ?? -1), then resumed to completion"
+        )
     }
 
     /// The status a client sees must name the failed region (issue 2: "with the errno and the
@@ -97,12 +105,15 @@ import Glibc
         let s = try await setup()
         let bad = dataRegion(s.sc)
         let at = UInt64(bad * Self.rs)
-        s.storage.setFault { op in op.path == Self.src && op.kind == .read && op.offset <= at && at < op.offset + op.length ? EIO : nil }
+        s.storage.setFault { op in
+            op.path == Self.src && op.kind == .read && op.offset <= at && at < op.offset + op.length ? EIO : nil
+        }
         try await s.job.start()
         _ = await s.job.waitUntilSettled()
         let st = await s.job.status()
-        #expect(st.error?.message.contains("region \(bad)") == true,
-                "status error should name region \(bad): \(st.error?.message ?? "nil")")
+        #expect(
+            st.error?.message.contains("region \(bad)") == true,
+            "status error should name region \(bad): \(st.error?.message ?? "nil")")
         s.storage.setFault(nil)
         await s.job.close()
         countCrash("faults injected", s.storage.faultsInjected)
@@ -128,7 +139,9 @@ import Glibc
         let s = try await setup()
         let bad = dataRegion(s.sc, from: 20)
         let at = UInt64(bad * Self.rs)
-        s.storage.setFault { op in op.path == Self.dst && op.kind == .write && op.offset <= at && at < op.offset + op.length ? EIO : nil }
+        s.storage.setFault { op in
+            op.path == Self.dst && op.kind == .write && op.offset <= at && at < op.offset + op.length ? EIO : nil
+        }
         try await s.job.start()
         #expect(await s.job.waitUntilSettled() == .failed)
         let e = try #require(await s.job.lastError)
@@ -149,14 +162,18 @@ import Glibc
     /// writable and never records the region (which holds half-written data), its source is
     /// kept, and once the disk heals the job finishes. Transient: a retry rewrites the whole
     /// range and the job completes with the destination equal to the image.
-    @Test(arguments: [false, true]) func directDestWriteEIOLeavesAPartialWriteNeverRecorded(transient: Bool) async throws {
+    @Test(arguments: [false, true]) func directDestWriteEIOLeavesAPartialWriteNeverRecorded(transient: Bool)
+        async throws
+    {
         let s = try await setup()
         s.storage.state.withLock { $0.directWrites = [Self.dst] }
         let bad = dataRegion(s.sc, from: 20)
         let at = UInt64(bad * Self.rs)
         let failures = Counter()
         s.storage.setFault { op in
-            guard op.path == Self.dst, op.kind == .write, op.offset <= at, at < op.offset + op.length else { return nil }
+            guard op.path == Self.dst, op.kind == .write, op.offset <= at, at < op.offset + op.length else {
+                return nil
+            }
             return !transient || failures.increment() <= 2 ? EIO : nil
         }
         try await s.job.start()
@@ -191,7 +208,9 @@ import Glibc
     @Test func destNoSpacePausesAndResumesAfterSpaceIsFreed() async throws {
         let s = try await setup()
         let limit = UInt64(100 * Self.rs)
-        s.storage.setFault { op in op.path == Self.dst && op.kind == .write && op.offset + op.length > limit ? ENOSPC : nil }
+        s.storage.setFault { op in
+            op.path == Self.dst && op.kind == .write && op.offset + op.length > limit ? ENOSPC : nil
+        }
         try await s.job.start()
         #expect(await s.job.waitUntilSettled() == .paused, "ENOSPC pauses the job")
         let st = await s.job.status()
@@ -206,7 +225,9 @@ import Glibc
         try await finishAndCheck(s, "after ENOSPC")
         #expect(await s.job.lastError == nil)
         countCrash("faults injected", s.storage.faultsInjected)
-        print("dest ENOSPC: paused with NoSpace after \(st.regions.hydrated)/\(st.regions.total) regions, resumed to completion")
+        print(
+            "dest ENOSPC: paused with NoSpace after \(st.regions.hydrated)/\(st.regions.total) regions, resumed to completion"
+        )
     }
 
     // MARK: failed fdatasync
@@ -242,7 +263,9 @@ import Glibc
         // The discarder may still be releasing sets committed (and published) before the failure:
         // legitimate. What must hold is that every release is of regions committed before it,
         // which `releasedOnlyCommitted` below checks against the durable metadata.
-        #expect(!after.contains { $0.path == Self.meta && $0.kind == .write && $0.offset < 8192 }, "\(label): a superblock was written after the failed sync")
+        #expect(
+            !after.contains { $0.path == Self.meta && $0.kind == .write && $0.offset < 8192 },
+            "\(label): a superblock was written after the failed sync")
         #expect(!after.contains { $0.kind == .sync && $0.path == path }, "\(label): the failed sync was retried")
         releasedOnlyCommitted(s.storage, label)
         await #expect(throws: HydrationError.self) { try await s.job.start() }
@@ -252,7 +275,9 @@ import Glibc
             #expect(r.failures.isEmpty, "\(label), restart with \(policy): \(r.failures)")
         }
         countCrash("faults injected", s.storage.faultsInjected)
-        print("\(label) EIO: job failed, metadata \(st.metadata.mode.rawValue), no discard after it; restart recovered under 3 crash policies")
+        print(
+            "\(label) EIO: job failed, metadata \(st.metadata.mode.rawValue), no discard after it; restart recovered under 3 crash policies"
+        )
     }
 
     // MARK: writeback errors (issue 11)
@@ -278,8 +303,9 @@ import Glibc
         #expect(st.error?.region != nil)
         // Reported by the eviction, or by a commit's fdatasync that started just before the copier
         // heard of it (the error reaches every descriptor): the same failure either way.
-        #expect(st.error?.message.contains("writeback") == true || st.error?.message.contains("fdatasync failed") == true,
-                "\(st.error?.message ?? "")")
+        #expect(
+            st.error?.message.contains("writeback") == true || st.error?.message.contains("fdatasync failed") == true,
+            "\(st.error?.message ?? "")")
         let trace = s.storage.trace
         let failedAt = try #require(trace.firstIndex { $0.kind == kind && $0.errno != 0 })
         let after = trace[(failedAt + 1)...]
@@ -287,10 +313,12 @@ import Glibc
         // copier heard of the error may still start, but its fdatasync reports the error (the
         // commit's descriptor has not seen it) and it fails. (A commit whose fdatasync had already
         // returned may finish writing its metadata — its data is durable — but publishes nothing.)
-        #expect(!after.contains { $0.path == Self.dst && $0.kind == .sync && $0.errno == 0 },
-                "\(kind): a destination sync succeeded after the writeback error")
-        #expect(after.filter { $0.path == Self.meta && $0.kind == .write && $0.offset < 8192 }.count <= 1,
-                "\(kind): superblocks written after the writeback error")
+        #expect(
+            !after.contains { $0.path == Self.dst && $0.kind == .sync && $0.errno == 0 },
+            "\(kind): a destination sync succeeded after the writeback error")
+        #expect(
+            after.filter { $0.path == Self.meta && $0.kind == .write && $0.offset < 8192 }.count <= 1,
+            "\(kind): superblocks written after the writeback error")
         releasedOnlyCommitted(s.storage, "\(kind) EIO")
         await #expect(throws: HydrationError.self) { try await s.job.start() }
         for policy in [CrashPolicy.dropAll, .keepAll, .adversarial(dest: Self.dst)] {
@@ -298,7 +326,9 @@ import Glibc
             #expect(r.failures.isEmpty, "\(kind), restart with \(policy): \(r.failures)")
         }
         countCrash("faults injected", s.storage.faultsInjected)
-        print("\(kind) EIO: job failed (\(st.error?.message ?? "")), metadata \(st.metadata.mode.rawValue); restart recovered under 3 crash policies")
+        print(
+            "\(kind) EIO: job failed (\(st.error?.message ?? "")), metadata \(st.metadata.mode.rawValue); restart recovered under 3 crash policies"
+        )
     }
 
     // MARK: discard unsupported
@@ -313,7 +343,8 @@ import Glibc
         await s.job.close()
         let releases = s.storage.trace.filter { $0.kind == .release }.count
         #expect(releases > 0)
-        #expect(st.discard.failed == UInt64(releases), "every failed discard counted: \(st.discard.failed) of \(releases)")
+        #expect(
+            st.discard.failed == UInt64(releases), "every failed discard counted: \(st.discard.failed) of \(releases)")
         #expect(st.discard.pendingBytes == 0)
         #expect(st.bytes.discarded == 0)
         let dest = s.storage.file(Self.dst)!.data

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import Synchronization
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -122,7 +123,11 @@ struct LiveCrashModel: Sendable {
             image.withUnsafeBytes { img -> String? in
                 for seg in segments {
                     let cands = candidates(seg, crash: crash)
-                    if cands.contains(where: { if case .anything = $0 { return true }; return false }) { continue }
+                    if cands.contains(where: {
+                        if case .anything = $0 { return true }; return false
+                    }) {
+                        continue
+                    }
                     let lo = seg.range.lowerBound, n = seg.range.count
                     // Fast path: the whole piece is one candidate.
                     func whole(_ c: Candidate) -> Bool {
@@ -130,7 +135,9 @@ struct LiveCrashModel: Sendable {
                         case .original: return memcmp(v.baseAddress! + lo, img.baseAddress! + lo, n) == 0
                         case .zero: return isAllZero(UnsafeRawBufferPointer(rebasing: v[lo..<lo + n]))
                         case .data(let j):
-                            return ops[j].data.withUnsafeBytes { memcmp(v.baseAddress! + lo, $0.baseAddress! + (lo - ops[j].offset), n) == 0 }
+                            return ops[j].data.withUnsafeBytes {
+                                memcmp(v.baseAddress! + lo, $0.baseAddress! + (lo - ops[j].offset), n) == 0
+                            }
                         case .anything: return true
                         }
                     }
@@ -156,7 +163,8 @@ struct LiveCrashModel: Sendable {
                                 }
                             }
                             let flushed = flushes.last { ops[$0].acked! <= crash }
-                            return "byte \(i) (region \(i / geometry.regionSize), \(geometry.hydrated(region) ? "hydrated" : "not hydrated") in the metadata) reads \(view[i]); allowed: \(names.joined(separator: ", ")) (last flush answered before the crash: \(flushed.map { "op \($0)" } ?? "none"))"
+                            return
+                                "byte \(i) (region \(i / geometry.regionSize), \(geometry.hydrated(region) ? "hydrated" : "not hydrated") in the metadata) reads \(view[i]); allowed: \(names.joined(separator: ", ")) (last flush answered before the crash: \(flushed.map { "op \($0)" } ?? "none"))"
                         }
                     }
                 }
@@ -299,8 +307,10 @@ enum LiveCrashHarness {
     /// the client's view, requests that failed, and the final state (destination == the view
     /// outside trimmed bytes, source fully released, no read of a released range, metadata
     /// complete).
-    static func record(_ sc: CrashScenario, io: IOExecutor, clientSeed: UInt64, opCount: Int = 60,
-                       beforeStart: Int = 6, fault: InjectedLiveFault? = nil) async throws -> (LiveRecordedRun, [String]) {
+    static func record(
+        _ sc: CrashScenario, io: IOExecutor, clientSeed: UInt64, opCount: Int = 60,
+        beforeStart: Int = 6, fault: InjectedLiveFault? = nil
+    ) async throws -> (LiveRecordedRun, [String]) {
         let storage = CrashableStorage()
         sc.populate(storage)
         let job = try await HydrationJob.create(sc.config(), storage: storage, io: io, logger: crashLogger)
@@ -308,9 +318,13 @@ enum LiveCrashHarness {
         switch fault {
         case .skipRecordDestinationWritten?, .partialWriteWithoutHydration?:
             #if DEBUG
-            export.fault.withLock { $0 = fault == .skipRecordDestinationWritten ? .skipRecordDestinationWritten : .partialWriteWithoutHydration }
+                export.fault.withLock {
+                    $0 =
+                        fault == .skipRecordDestinationWritten
+                        ? .skipRecordDestinationWritten : .partialWriteWithoutHydration
+                }
             #else
-            preconditionFailure("live-clone faults exist only in debug builds")
+                preconditionFailure("live-clone faults exist only in debug builds")
             #endif
         default: break
         }
@@ -328,8 +342,9 @@ enum LiveCrashHarness {
                 case .write:
                     try await export.write(offset: UInt64(op.offset), data: ByteBuffer(bytes: op.data), fua: op.fua)
                 case .zero:
-                    try await export.writeZeroes(offset: UInt64(op.offset), length: UInt32(op.length), noHole: op.noHole,
-                                                 fastZero: op.fastZero, fua: op.fua)
+                    try await export.writeZeroes(
+                        offset: UInt64(op.offset), length: UInt32(op.length), noHole: op.noHole,
+                        fastZero: op.fastZero, fua: op.fua)
                 case .trim:
                     try await export.trim(offset: UInt64(op.offset), length: UInt32(op.length), fua: op.fua)
                 case .flush:
@@ -339,7 +354,9 @@ enum LiveCrashHarness {
                 case .read:
                     let b = try await export.read(offset: UInt64(op.offset), length: UInt32(op.length))
                     if let bad = view.mismatch(Array(b.readableBytesView), at: op.offset) {
-                        failures.append("request \(ops.count) (\(op)): read \(b.getInteger(at: b.readerIndex + bad - op.offset, as: UInt8.self)!) at byte \(bad), the client wrote \(view.bytes[bad]) there")
+                        failures.append(
+                            "request \(ops.count) (\(op)): read \(b.getInteger(at: b.readerIndex + bad - op.offset, as: UInt8.self)!) at byte \(bad), the client wrote \(view.bytes[bad]) there"
+                        )
                     }
                 }
                 op.acked = tracePosition(storage)
@@ -393,14 +410,18 @@ enum LiveCrashHarness {
     /// source's released ranges count.)
     static func finalChecks(_ storage: CrashableStorage) -> [String] {
         var failures: [String] = []
-        for v in storage.violations.filter({ $0.contains(" \(CrashScenario.sourcePath) ") }).prefix(3) { failures.append("(b) \(v)") }
+        for v in storage.violations.filter({ $0.contains(" \(CrashScenario.sourcePath) ") }).prefix(3) {
+            failures.append("(b) \(v)")
+        }
         if let src = storage.file(CrashScenario.sourcePath), src.allocatedBlocks != 0 {
             failures.append("source not fully released: \(src.allocatedBlocks) blocks still allocated")
         }
         let after = CrashableStorage(files: storage.state.withLock { $0.files })
         do {
             let (store, _) = try MetadataStore.open(path: CrashScenario.metadataPath, storage: after, readOnly: true)
-            if !store.header.complete || !store.committedMap.isComplete { failures.append("(c) metadata does not record completion") }
+            if !store.header.complete || !store.committedMap.isComplete {
+                failures.append("(c) metadata does not record completion")
+            }
         } catch {
             failures.append("(c) metadata does not open: \(error)")
         }
@@ -411,13 +432,16 @@ enum LiveCrashHarness {
     /// recovery: hydrated regions from the destination, the others from the source), and the
     /// failures of the crashed images themselves: the metadata must open; an unhydrated region's
     /// source must be the original data, never released.
-    static func view(_ files: [String: CrashFile], _ sc: CrashScenario) -> (view: [UInt8], hydrated: RegionMap?, failures: [String]) {
+    static func view(_ files: [String: CrashFile], _ sc: CrashScenario) -> (
+        view: [UInt8], hydrated: RegionMap?, failures: [String]
+    ) {
         let rs = Int(CrashScenario.regionSize)
         let size = sc.image.count
         let storage = CrashableStorage(files: files)
         let map: RegionMap
         do {
-            map = try MetadataStore.open(path: CrashScenario.metadataPath, storage: storage, readOnly: true).0.committedMap
+            map = try MetadataStore.open(path: CrashScenario.metadataPath, storage: storage, readOnly: true).0
+                .committedMap
         } catch {
             return ([], nil, ["(c) the metadata does not open after the crash: \(error)"])
         }
@@ -429,16 +453,24 @@ enum LiveCrashHarness {
             let lo = r * rs, hi = min(size, lo + rs)
             if map[r] {
                 guard let dest, dest.data.count >= hi else {
-                    failures.append("region \(r) is hydrated in the metadata but the destination has \(dest?.data.count ?? 0) bytes")
+                    failures.append(
+                        "region \(r) is hydrated in the metadata but the destination has \(dest?.data.count ?? 0) bytes"
+                    )
                     continue
                 }
                 view.replaceSubrange(lo..<hi, with: dest.data[lo..<hi])
             } else {
                 if let s = src.releasedSector(in: lo..<hi) {
-                    failures.append("region \(r) is not hydrated in the metadata, but its source sector \(s) was released")
+                    failures.append(
+                        "region \(r) is not hydrated in the metadata, but its source sector \(s) was released")
                 }
-                if src.data.count < hi || !src.data.withUnsafeBytes({ a in sc.image.withUnsafeBytes { b in memcmp(a.baseAddress! + lo, b.baseAddress! + lo, hi - lo) == 0 } }) {
-                    failures.append("region \(r) is not hydrated in the metadata, but its source is not the original data")
+                if src.data.count < hi
+                    || !src.data.withUnsafeBytes({ a in
+                        sc.image.withUnsafeBytes { b in memcmp(a.baseAddress! + lo, b.baseAddress! + lo, hi - lo) == 0 }
+                    })
+                {
+                    failures.append(
+                        "region \(r) is not hydrated in the metadata, but its source is not the original data")
                 }
                 view.replaceSubrange(lo..<hi, with: sc.image[lo..<hi])
             }
@@ -460,11 +492,13 @@ enum LiveCrashHarness {
         storage.beginTrace()
         let job: HydrationJob
         do {
-            job = try await HydrationJob.open(sc.config(sc.recoveryTunables), storage: storage, io: io, logger: crashLogger)
+            job = try await HydrationJob.open(
+                sc.config(sc.recoveryTunables), storage: storage, io: io, logger: crashLogger)
         } catch {
-            return Recovery(failures: ["(c) the job does not open after the crash: \(error)"]
-                                + storage.violations.filter { $0.contains(" \(CrashScenario.sourcePath) ") }.map { "(b) \($0)" },
-                            dest: [], trace: storage.trace)
+            return Recovery(
+                failures: ["(c) the job does not open after the crash: \(error)"]
+                    + storage.violations.filter { $0.contains(" \(CrashScenario.sourcePath) ") }.map { "(b) \($0)" },
+                dest: [], trace: storage.trace)
         }
         var failures: [String] = []
         do { try await job.start() } catch { failures.append("start after recovery failed: \(error)") }
@@ -473,7 +507,8 @@ enum LiveCrashHarness {
         await job.close()
         if final != .complete { failures.append("recovery ended \(final.rawValue): \(st.error?.message ?? "")") }
         failures += finalChecks(storage)
-        return Recovery(failures: failures, dest: storage.file(CrashScenario.destPath)?.data ?? [], trace: storage.trace)
+        return Recovery(
+            failures: failures, dest: storage.file(CrashScenario.destPath)?.data ?? [], trace: storage.trace)
     }
 
     /// Recovery must not change what the clone reads: the destination afterwards is exactly the
@@ -482,7 +517,8 @@ enum LiveCrashHarness {
     static func compare(_ dest: [UInt8], _ view: [UInt8], what: String) -> String? {
         if dest.count >= view.count && bytesEqual(dest, view, count: view.count) { return nil }
         let bad = (0..<min(dest.count, view.count)).first { dest[$0] != view[$0] }
-        return "\(what) differs from the clone as the crash left it (first bad byte \(bad.map(String.init) ?? "size"), region \(bad.map { $0 / 4096 } ?? -1)): recovery changed the clone's content"
+        return
+            "\(what) differs from the clone as the crash left it (first bad byte \(bad.map(String.init) ?? "size"), region \(bad.map { $0 / 4096 } ?? -1)): recovery changed the clone's content"
     }
 
     struct Stats: Sendable {
@@ -497,9 +533,11 @@ enum LiveCrashHarness {
     /// against the model (before recovery), then (once per distinct image) recover and check that
     /// recovery kept the clone's content; every `secondCrashEvery`-th recovery is crashed again at a
     /// seeded point and must still present, and end with, the same content.
-    static func explore(_ sc: CrashScenario, live: LiveRecordedRun, io: IOExecutor, width: Int = 2,
-                        secondCrashEvery: Int = 8, stopAfterFindings: Int = 3, recoverStates: Bool = true,
-                        pointFilter: ((Int) -> Bool)? = nil) async -> Stats {
+    static func explore(
+        _ sc: CrashScenario, live: LiveRecordedRun, io: IOExecutor, width: Int = 2,
+        secondCrashEvery: Int = 8, stopAfterFindings: Int = 3, recoverStates: Bool = true,
+        pointFilter: ((Int) -> Bool)? = nil
+    ) async -> Stats {
         let model = LiveCrashModel(image: sc.image, ops: live.ops)
         let run = live.run
         var stats = Stats()
@@ -521,7 +559,9 @@ enum LiveCrashHarness {
                     stats.points += 1
                     let crash = point < replayer.count ? replayer.mutations[point].seq : Int.max
                     let snap = replayer.snapshot
-                    for (pIndex, policy) in CrashHarness.policies(seed: sc.seed, point: point, pending: snap.pending.count).enumerated() {
+                    for (pIndex, policy) in CrashHarness.policies(
+                        seed: sc.seed, point: point, pending: snap.pending.count
+                    ).enumerated() {
                         let files = snap.materialize(policy)
                         stats.checked += 1
                         // Before recovery: the crashed images against the model at this point.
@@ -531,7 +571,8 @@ enum LiveCrashHarness {
                             failures.append("before recovery: \(bad)")
                         }
                         if !failures.isEmpty {
-                            stats.findings.append(CrashHarness.Finding(seed: sc.seed, point: point, policy: policy, failures: failures))
+                            stats.findings.append(
+                                CrashHarness.Finding(seed: sc.seed, point: point, policy: policy, failures: failures))
                             break
                         }
                         guard recoverStates, seen.insert(CrashHarness.fingerprint(files)).inserted else { continue }
@@ -545,8 +586,14 @@ enum LiveCrashHarness {
                         group.addTask {
                             let r = await recover(files, sc, io: io)
                             var failures = r.failures
-                            if r.failures.isEmpty, let bad = compare(r.dest, v, what: "the destination after recovery") { failures.append(bad) }
-                            if !failures.isEmpty { return CrashHarness.Finding(seed: seed, point: point, policy: policy, failures: failures) }
+                            if r.failures.isEmpty, let bad = compare(r.dest, v, what: "the destination after recovery")
+                            {
+                                failures.append(bad)
+                            }
+                            if !failures.isEmpty {
+                                return CrashHarness.Finding(
+                                    seed: seed, point: point, policy: policy, failures: failures)
+                            }
                             guard second else { return nil }
                             var rep = TraceReplayer(base: CrashSnapshot(durable: files, pending: []), trace: r.trace)
                             guard rep.count > 0 else { return nil }
@@ -557,14 +604,21 @@ enum LiveCrashHarness {
                             let files2 = rep.snapshot.materialize(p2)
                             let (v2, _, pre2) = view(files2, sc)
                             var f2 = pre2
-                            if pre2.isEmpty, let bad = compare(v2, v, what: "the clone after a crash during recovery") { f2.append(bad) }
+                            if pre2.isEmpty, let bad = compare(v2, v, what: "the clone after a crash during recovery") {
+                                f2.append(bad)
+                            }
                             if f2.isEmpty {
                                 let r2 = await recover(files2, sc, io: io)
                                 f2 = r2.failures
-                                if f2.isEmpty, let bad = compare(r2.dest, v, what: "the destination after the second recovery") { f2.append(bad) }
+                                if f2.isEmpty,
+                                    let bad = compare(r2.dest, v, what: "the destination after the second recovery")
+                                {
+                                    f2.append(bad)
+                                }
                             }
                             if !f2.isEmpty {
-                                return CrashHarness.Finding(seed: seed, point: point, policy: policy, second: (j, p2), failures: f2)
+                                return CrashHarness.Finding(
+                                    seed: seed, point: point, policy: policy, second: (j, p2), failures: f2)
                             }
                             return nil
                         }

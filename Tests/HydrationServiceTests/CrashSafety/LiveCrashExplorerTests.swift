@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -33,7 +34,8 @@ import Testing
             flushes += live.ops.filter { $0.kind == .flush || $0.fua }.count
             mutations += live.run.trace.filter { $0.kind.isMutation }.count
             // Every other boundary: more seeds (clients, images, tunables) in the time.
-            let stats = await LiveCrashHarness.explore(sc, live: live, io: io, pointFilter: { Self.soak != nil || $0 % 2 == 0 })
+            let stats = await LiveCrashHarness.explore(
+                sc, live: live, io: io, pointFilter: { Self.soak != nil || $0 % 2 == 0 })
             total.points += stats.points
             total.checked += stats.checked
             total.recovered += stats.recovered
@@ -44,7 +46,9 @@ import Testing
             if !total.findings.isEmpty { break }
         }
         let elapsed = Date().timeIntervalSince(started)
-        print("live crash explorer: \(scenarios) scenarios (seeds 401...\(seed - 1)), \(requests) client requests (\(flushes) flushes or FUA), \(mutations) recorded mutations; \(Self.summary(total)) in \(String(format: "%.1f", elapsed)) s")
+        print(
+            "live crash explorer: \(scenarios) scenarios (seeds 401...\(seed - 1)), \(requests) client requests (\(flushes) flushes or FUA), \(mutations) recorded mutations; \(Self.summary(total)) in \(String(format: "%.1f", elapsed)) s"
+        )
         countCrash("live crash states", total.checked + total.secondCrashes)
         for f in total.findings { Issue.record("live crash-safety violation: \(f)") }
         #expect(total.checked >= min(Self.targetChecked, Self.soak.map { $0 * 500 } ?? Self.targetChecked))
@@ -59,17 +63,22 @@ import Testing
         for (i, variant) in [CrashScenario.Variant.garbageFile, .garbageBlockDevice].enumerated() {
             var sc = CrashScenario.make(seed: 411 + UInt64(i))
             sc.variant = variant
-            let (live, failures) = try await LiveCrashHarness.record(sc, io: io, clientSeed: 411 + UInt64(i), opCount: 40)
+            let (live, failures) = try await LiveCrashHarness.record(
+                sc, io: io, clientSeed: 411 + UInt64(i), opCount: 40)
             #expect(failures.isEmpty, "\(variant) live recording run: \(failures)")
             let stats = await LiveCrashHarness.explore(sc, live: live, io: io, pointFilter: { $0 % 6 == 0 })
             total.points += stats.points
             total.checked += stats.checked
             total.recovered += stats.recovered
             total.secondCrashes += stats.secondCrashes
-            total.findings += stats.findings.map { var f = $0; f.failures.insert("\(variant)", at: 0); return f }
+            total.findings += stats.findings.map {
+                var f = $0; f.failures.insert("\(variant)", at: 0); return f
+            }
             if !total.findings.isEmpty { break }
         }
-        print("live crash explorer, garbage destinations: \(Self.summary(total)) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+        print(
+            "live crash explorer, garbage destinations: \(Self.summary(total)) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s"
+        )
         countCrash("live crash states", total.checked + total.secondCrashes)
         for f in total.findings { Issue.record("live crash-safety violation: \(f)") }
     }
@@ -78,13 +87,15 @@ import Testing
     @Test func modelAllowsExactlyTheFlushedValueOrLaterIssuedOnes() {
         let image = [UInt8](repeating: 1, count: 2048)
         func w(_ v: UInt8, _ at: Int, _ n: Int, issued: Int, acked: Int, fua: Bool = false) -> LiveClientOp {
-            LiveClientOp(kind: .write, offset: at, length: n, data: [UInt8](repeating: v, count: n), fua: fua, issued: issued, acked: acked)
+            LiveClientOp(
+                kind: .write, offset: at, length: n, data: [UInt8](repeating: v, count: n), fua: fua, issued: issued,
+                acked: acked)
         }
         let ops = [
-            w(2, 0, 1024, issued: 0, acked: 10),                                       // A
-            LiveClientOp(kind: .flush, offset: 0, length: 0, issued: 10, acked: 20),   // F
-            w(3, 512, 1024, issued: 21, acked: 30),                                    // B, unflushed
-            w(4, 1536, 512, issued: 30, acked: 40, fua: true),                         // C, FUA
+            w(2, 0, 1024, issued: 0, acked: 10),  // A
+            LiveClientOp(kind: .flush, offset: 0, length: 0, issued: 10, acked: 20),  // F
+            w(3, 512, 1024, issued: 21, acked: 30),  // B, unflushed
+            w(4, 1536, 512, issued: 30, acked: 40, fua: true),  // C, FUA
             LiveClientOp(kind: .trim, offset: 0, length: 256, issued: 40, acked: 50),  // T
         ]
         let model = LiveCrashModel(image: image, ops: ops)
@@ -103,14 +114,20 @@ import Testing
         #expect(model.check(view: with([(0..<1024, 2)]), crash: 20, geometry: geometry) == nil)
         // B (issued after 20) is not allowed at 20; once issued, old or new, byte by byte.
         #expect(model.check(view: with([(0..<1024, 2), (1024..<1025, 3)]), crash: 20, geometry: geometry) != nil)
-        #expect(model.check(view: with([(0..<1024, 2), (600..<601, 3), (1024..<1025, 3)]), crash: 25, geometry: geometry) == nil)
+        #expect(
+            model.check(view: with([(0..<1024, 2), (600..<601, 3), (1024..<1025, 3)]), crash: 25, geometry: geometry)
+                == nil)
         // C (FUA) answered at 40: durable from there on, B's bytes outside it still optional.
         #expect(model.check(view: with([(0..<1024, 2)]), crash: 39, geometry: geometry) == nil)
         #expect(model.check(view: with([(0..<1024, 2)]), crash: 40, geometry: geometry) != nil)
         #expect(model.check(view: with([(0..<1024, 2), (1536..<2048, 4)]), crash: 40, geometry: geometry) == nil)
         // The trimmed bytes may read as anything; the others not.
-        #expect(model.check(view: with([(0..<256, 9), (256..<1024, 2), (1536..<2048, 4)]), crash: 45, geometry: geometry) == nil)
-        #expect(model.check(view: with([(0..<256, 9), (256..<1024, 2), (1536..<2048, 4)]), crash: 39, geometry: geometry) != nil)
+        #expect(
+            model.check(view: with([(0..<256, 9), (256..<1024, 2), (1536..<2048, 4)]), crash: 45, geometry: geometry)
+                == nil)
+        #expect(
+            model.check(view: with([(0..<256, 9), (256..<1024, 2), (1536..<2048, 4)]), crash: 39, geometry: geometry)
+                != nil)
     }
 
     /// The checker is not vacuous: a FLUSH whose destination fdatasync is skipped when no region
@@ -124,35 +141,38 @@ import Testing
     }
 
     #if DEBUG
-    /// ... nor a first client write that does not durably record that the destination holds
-    /// client data: a write lost with its region unhydrated is then not zeroed when a hole region
-    /// is hydrated again, and recovery changes the clone's content (the source read as zeros; the
-    /// destination shows the lost write's bytes afterwards).
-    @Test func detectsSkippedDestinationWrittenRecord() async throws {
-        let found = try await findViolation(.skipRecordDestinationWritten)
-        #expect(found != nil, "the live explorer did not notice the missing destZeroed record")
-        if let found { print("injected fault skipRecordDestinationWritten detected: \(found)") }
-    }
+        /// ... nor a first client write that does not durably record that the destination holds
+        /// client data: a write lost with its region unhydrated is then not zeroed when a hole region
+        /// is hydrated again, and recovery changes the clone's content (the source read as zeros; the
+        /// destination shows the lost write's bytes afterwards).
+        @Test func detectsSkippedDestinationWrittenRecord() async throws {
+            let found = try await findViolation(.skipRecordDestinationWritten)
+            #expect(found != nil, "the live explorer did not notice the missing destZeroed record")
+            if let found { print("injected fault skipRecordDestinationWritten detected: \(found)") }
+        }
 
-    /// ... nor a partial write to an unhydrated region that does not copy the region first.
-    @Test func detectsPartialWriteWithoutHydration() async throws {
-        let found = try await findViolation(.partialWriteWithoutHydration, ignoreRecording: true)
-        #expect(found != nil, "the live explorer did not notice partial writes without hydration")
-        if let found { print("injected fault partialWriteWithoutHydration detected: \(found)") }
-    }
+        /// ... nor a partial write to an unhydrated region that does not copy the region first.
+        @Test func detectsPartialWriteWithoutHydration() async throws {
+            let found = try await findViolation(.partialWriteWithoutHydration, ignoreRecording: true)
+            #expect(found != nil, "the live explorer did not notice partial writes without hydration")
+            if let found { print("injected fault partialWriteWithoutHydration detected: \(found)") }
+        }
     #endif
 
     /// Records and explores with the fault until the explorer reports a violation (crash states
     /// only: the recording run's own checks are not counted); nil after 3 scenarios without one.
-    func findViolation(_ fault: InjectedLiveFault, ignoreRecording: Bool = false, recover: Bool = true,
-                       pointFilter: ((Int) -> Bool)? = nil) async throws -> String? {
+    func findViolation(
+        _ fault: InjectedLiveFault, ignoreRecording: Bool = false, recover: Bool = true,
+        pointFilter: ((Int) -> Bool)? = nil
+    ) async throws -> String? {
         var checked = 0
         for seed in UInt64(401)...UInt64(403) {
             let sc = CrashScenario.make(seed: seed)
             let (live, failures) = try await LiveCrashHarness.record(sc, io: io, clientSeed: seed, fault: fault)
             if !ignoreRecording { #expect(failures.isEmpty, "\(fault) recording run of seed \(seed): \(failures)") }
-            let stats = await LiveCrashHarness.explore(sc, live: live, io: io, stopAfterFindings: 1, recoverStates: recover,
-                                                       pointFilter: pointFilter)
+            let stats = await LiveCrashHarness.explore(
+                sc, live: live, io: io, stopAfterFindings: 1, recoverStates: recover,
+                pointFilter: pointFilter)
             checked += stats.checked
             if let f = stats.findings.first {
                 countCrash("live crash states", checked)
@@ -178,7 +198,8 @@ import Testing
         let export = try await job.liveExport()
         let rs = Int(CrashScenario.regionSize)
         // A region of data, so that the source's copy differs from the client's write.
-        let r = try #require((0..<sc.image.count / rs).first { i in sc.image[i * rs..<(i + 1) * rs].contains { $0 != 0 } })
+        let r = try #require(
+            (0..<sc.image.count / rs).first { i in sc.image[i * rs..<(i + 1) * rs].contains { $0 != 0 } })
         let data = [UInt8](repeating: 0xC5, count: rs)
         // Copier.finished: the batch was written under its claim; the committer hears of it...
         #expect(job.ownership.tryClaim(r..<r + 1) == r..<r + 1)
@@ -202,8 +223,9 @@ import Testing
         #expect(map?[r] == true, "region \(r) holds a flushed write but the metadata does not record it hydrated")
         let rec = await LiveCrashHarness.recover(crashed, sc, io: io)
         #expect(rec.failures.isEmpty, "\(rec.failures)")
-        #expect(rec.dest.count >= (r + 1) * rs && bytesEqual(Array(rec.dest[r * rs..<(r + 1) * rs]), data, count: rs),
-                "the flushed write to region \(r) was lost by a crash after the flush")
+        #expect(
+            rec.dest.count >= (r + 1) * rs && bytesEqual(Array(rec.dest[r * rs..<(r + 1) * rs]), data, count: rs),
+            "the flushed write to region \(r) was lost by a crash after the flush")
     }
 
     /// A TRIM on a block-device destination is a BLKDISCARD, which need not leave zeros (no
@@ -218,7 +240,8 @@ import Testing
         let rs = Int(CrashScenario.regionSize)
         let storage = CrashableStorage()
         storage.addFile(CrashScenario.sourcePath, data: sc.image, holes: sc.holes)
-        storage.addFile(CrashScenario.destPath, data: [UInt8](repeating: 0, count: sc.image.count), kind: .blockDevice, holes: [])
+        storage.addFile(
+            CrashScenario.destPath, data: [UInt8](repeating: 0, count: sc.image.count), kind: .blockDevice, holes: [])
         storage.state.withLock { s in
             s.files[CrashScenario.destPath]!.discardFill = 0xD1
             s.durable[CrashScenario.destPath]!.discardFill = 0xD1
@@ -228,7 +251,10 @@ import Testing
         let job = try await HydrationJob.create(cfg, storage: storage, io: io, logger: crashLogger)
         let export = try await job.liveExport()
         // A whole region inside a hole of the source.
-        let r = try #require((0..<sc.image.count / rs).first { i in sc.holes.contains { $0.lowerBound <= i * rs && $0.upperBound >= (i + 1) * rs } })
+        let r = try #require(
+            (0..<sc.image.count / rs).first { i in
+                sc.holes.contains { $0.lowerBound <= i * rs && $0.upperBound >= (i + 1) * rs }
+            })
         try await export.trim(offset: UInt64(r * rs), length: UInt32(rs), fua: false)
         // The machine loses power with the discard on the device, before any commit.
         let crashed = storage.snapshotNow.materialize(.keepAll)

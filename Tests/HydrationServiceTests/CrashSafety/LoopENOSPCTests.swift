@@ -1,18 +1,22 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A real full filesystem: a 64 MiB ext4 on a loop device, the destination on it, PosixStorage.
 enum LoopFS {
     static var unavailableReason: String? {
         if getuid() != 0 { return "not root: cannot mount a loop filesystem" }
-        if !FileManager.default.fileExists(atPath: "/dev/loop-control") { return "no /dev/loop-control: no loop devices" }
-        for tool in ["/usr/sbin/mkfs.ext4", "/usr/bin/mount", "/usr/bin/umount"] where !FileManager.default.isExecutableFile(atPath: tool) {
+        if !FileManager.default.fileExists(atPath: "/dev/loop-control") {
+            return "no /dev/loop-control: no loop devices"
+        }
+        for tool in ["/usr/sbin/mkfs.ext4", "/usr/bin/mount", "/usr/bin/umount"]
+        where !FileManager.default.isExecutableFile(atPath: tool) {
             return "\(tool) is missing"
         }
         return nil
@@ -69,19 +73,23 @@ enum LoopFS {
         let filler = mnt + "/filler"
         _ = try randomFile(filler, size: 32 << 20, seed: 2)
         let image = try randomFile(dir.file("src.img"), size: 40 << 20, seed: 1)
-        let cfg = JobConfiguration(name: "enospc", sourcePath: dir.file("src.img"), destPath: mnt + "/dst.img",
-                                   metadataPath: metadataOnFullFS ? mnt + "/job.meta" : dir.file("job.meta"),
-                                   regionSize: 64 << 10, discardSource: true)
+        let cfg = JobConfiguration(
+            name: "enospc", sourcePath: dir.file("src.img"), destPath: mnt + "/dst.img",
+            metadataPath: metadataOnFullFS ? mnt + "/job.meta" : dir.file("job.meta"),
+            regionSize: 64 << 10, discardSource: true)
         let job = try await HydrationJob.create(cfg, io: io, logger: crashLogger)
         try await job.start()
         let first = await job.waitUntilSettled()
         let st = await job.status()
-        #expect(first == .paused, "a full destination pauses the job (got \(first.rawValue): \(st.error?.message ?? ""))")
+        #expect(
+            first == .paused, "a full destination pauses the job (got \(first.rawValue): \(st.error?.message ?? ""))")
         #expect(st.error?.code == "NoSpace")
         #expect(await job.lastError?.errno == ENOSPC)
         #expect(st.metadata.mode == .rw)
         #expect(st.regions.hydrated > 0 && st.regions.hydrated < st.regions.total)
-        print("real ext4 ENOSPC (metadata \(metadataOnFullFS ? "on the full filesystem" : "elsewhere")): \(first.rawValue) with \(st.error?.code ?? "no error") after \(st.bytes.hydrated >> 20) MiB of 40 MiB; error: \(st.error?.message ?? "")")
+        print(
+            "real ext4 ENOSPC (metadata \(metadataOnFullFS ? "on the full filesystem" : "elsewhere")): \(first.rawValue) with \(st.error?.code ?? "no error") after \(st.bytes.hydrated >> 20) MiB of 40 MiB; error: \(st.error?.message ?? "")"
+        )
         countCrash("faults injected", 1)
         // Free space and resume.
         try FileManager.default.removeItem(atPath: filler)
@@ -91,16 +99,22 @@ enum LoopFS {
         #expect(second == .complete, "\(msg)")
         await job.close()
         let dest = readFile(mnt + "/dst.img")
-        #expect(dest.count == image.count && bytesEqual(dest, image, count: image.count), "destination byte-identical after resume")
+        #expect(
+            dest.count == image.count && bytesEqual(dest, image, count: image.count),
+            "destination byte-identical after resume")
         #expect(allocatedBytes(dir.file("src.img")) == 0, "source fully released")
     }
 
-    @Test(.enabled(if: LoopFS.unavailableReason == nil, "needs root, loop devices and mkfs.ext4"), .timeLimit(.minutes(5)))
+    @Test(
+        .enabled(if: LoopFS.unavailableReason == nil, "needs root, loop devices and mkfs.ext4"), .timeLimit(.minutes(5))
+    )
     func realENOSPCPausesAndResumes() async throws {
         try await run(metadataOnFullFS: false)
     }
 
-    @Test(.enabled(if: LoopFS.unavailableReason == nil, "needs root, loop devices and mkfs.ext4"), .timeLimit(.minutes(5)))
+    @Test(
+        .enabled(if: LoopFS.unavailableReason == nil, "needs root, loop devices and mkfs.ext4"), .timeLimit(.minutes(5))
+    )
     func realENOSPCWithMetadataOnTheFullFilesystem() async throws {
         try await run(metadataOnFullFS: true)
     }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -17,8 +18,12 @@ struct MetaFixture {
         let size = UInt64(regions) * 4096 - 1000
         let options = MetadataCreateOptions(
             regionSize: 4096,
-            source: DeviceRecord(path: "/src/disk.img", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 2, rdev: 0), size: size),
-            dest: DeviceRecord(path: "/dst/disk.img", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 3, rdev: 0), size: size),
+            source: DeviceRecord(
+                path: "/src/disk.img", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 2, rdev: 0),
+                size: size),
+            dest: DeviceRecord(
+                path: "/dst/disk.img", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 3, rdev: 0),
+                size: size),
             discardSource: true, destZeroed: false)
         let store = try MetadataStore.create(path: path, options: options, storage: storage, nowMs: 1)
         var maps: [UInt64: RegionMap] = [1: store.committedMap]
@@ -50,7 +55,8 @@ struct MetaFixture {
             }
             if h.jobID != header.jobID || h.regionSize != header.regionSize || h.targetSize != header.targetSize
                 || h.source != header.source || h.dest != header.dest || h.discardSource != header.discardSource
-                || h.hydratedCount != UInt64(store.committedMap.setCount) {
+                || h.hydratedCount != UInt64(store.committedMap.setCount)
+            {
                 Issue.record("\(label()): header fields differ from every committed header")
             }
             return .opened(h.generation)
@@ -84,7 +90,9 @@ struct MetaFixture {
                         opened[gen, default: 0] += 1
                         // The damaged copy is never the one used.
                         let expected = slot == currentSlot ? g - 1 : g
-                        if gen != expected { Issue.record("slot \(slot) byte \(byte): opened generation \(gen), expected \(expected)") }
+                        if gen != expected {
+                            Issue.record("slot \(slot) byte \(byte): opened generation \(gen), expected \(expected)")
+                        }
                     case .refused(let e):
                         refused += 1
                         Issue.record("slot \(slot) byte \(byte): refused although the other copy is valid: \(e)")
@@ -93,7 +101,9 @@ struct MetaFixture {
             }
         }
         countCrash("faults injected", cases)
-        print("superblock bit flips: \(cases) cases; opened the other valid copy \(opened.values.reduce(0, +)) times (generations \(opened)), refused \(refused)")
+        print(
+            "superblock bit flips: \(cases) cases; opened the other valid copy \(opened.values.reduce(0, +)) times (generations \(opened)), refused \(refused)"
+        )
         #expect(cases == 2 * 4096 * 2)
     }
 
@@ -129,7 +139,9 @@ struct MetaFixture {
             }
         }
         countCrash("faults injected", cases)
-        print("metadata truncation: \(cases) lengths; opened a committed generation \(opened), refused \(refused) (\(reasons))")
+        print(
+            "metadata truncation: \(cases) lengths; opened a committed generation \(opened), refused \(refused) (\(reasons))"
+        )
         #expect(opened > 0 && refused > 0)
     }
 }

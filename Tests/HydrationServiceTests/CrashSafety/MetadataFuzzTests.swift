@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -22,8 +23,10 @@ enum MetadataFuzz {
         (MetadataFormat.sbSource + 32, 8), (MetadataFormat.sbDest, 4), (MetadataFormat.sbSourcePathLen, 2),
         (MetadataFormat.sbDestPathLen, 2),
     ]
-    static let interesting: [UInt64] = [0, 1, 2, 4095, 4096, 4097, 1 << 20, 1 << 30, 1 << 31, (1 << 31) + 1,
-                                        1 << 32, 1 << 63, UInt64.max, UInt64.max - 1, UInt64.max - 4095, UInt64(UInt32.max)]
+    static let interesting: [UInt64] = [
+        0, 1, 2, 4095, 4096, 4097, 1 << 20, 1 << 30, 1 << 31, (1 << 31) + 1,
+        1 << 32, 1 << 63, UInt64.max, UInt64.max - 1, UInt64.max - 4095, UInt64(UInt32.max),
+    ]
 
     static func put(_ v: UInt64, width: Int, at o: Int, in b: inout [UInt8]) {
         for i in 0..<width { b[o + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) }
@@ -50,11 +53,16 @@ enum MetadataFuzz {
         var opened = 0, refused = 0, n = 0
         var reasons: [String: Int] = [:]
         var forgedEffects: [String: Int] = [:]
-        let skip = Set((ProcessInfo.processInfo.environment["HYDRATION_FUZZ_SKIP"] ?? "").split(separator: ",").compactMap { Int($0) })
+        let skip = Set(
+            (ProcessInfo.processInfo.environment["HYDRATION_FUZZ_SKIP"] ?? "").split(separator: ",").compactMap {
+                Int($0)
+            })
         var skipped = 0
         /// `check` judges what an opened store holds (nil: fine; else what is wrong).
-        func attempt(_ name: String, _ data: [UInt8], _ rng: inout SeededRandom,
-                     check: ((MetadataStore) -> String?)? = nil) {
+        func attempt(
+            _ name: String, _ data: [UInt8], _ rng: inout SeededRandom,
+            check: ((MetadataStore) -> String?)? = nil
+        ) {
             // Cases that crashed an earlier child: reported by the parent, skipped here.
             if skip.contains(n) { skipped += 1; return }
             _ = FileManager.default.createFile(atPath: progressFile, contents: Data("case \(n): \(name)".utf8))
@@ -62,10 +70,12 @@ enum MetadataFuzz {
             f.data = data
             let storage = CrashableStorage(files: [MetaFixture.path: f])
             do {
-                let (store, _) = try MetadataStore.open(path: MetaFixture.path, storage: storage, readOnly: rng.next() & 1 == 0)
+                let (store, _) = try MetadataStore.open(
+                    path: MetaFixture.path, storage: storage, readOnly: rng.next() & 1 == 0)
                 // Whatever opened must be self-consistent.
                 guard store.committedMap.count == Int(store.header.regionCount),
-                      store.committedMap.setCount == Int(store.header.hydratedCount) else {
+                    store.committedMap.setCount == Int(store.header.hydratedCount)
+                else {
                     print("case \(n) (\(name)): opened an inconsistent state"); exit(4)
                 }
                 if let problem = check?(store) {
@@ -108,10 +118,13 @@ enum MetadataFuzz {
             var d = fx.file.data
             let block = 2 + Int(rng.next() % UInt64((size - 8192) / 4096))
             var kind = Int(rng.next() % 4)
-            let field = [MetadataFormat.pgGeneration, MetadataFormat.pgIndex, MetadataFormat.pgJobID,
-                         MetadataFormat.pgBitmap + Int(rng.next() % 4000)][kind]
+            let field = [
+                MetadataFormat.pgGeneration, MetadataFormat.pgIndex, MetadataFormat.pgJobID,
+                MetadataFormat.pgBitmap + Int(rng.next() % 4000),
+            ][kind]
             let before = d[block * 4096 + field..<block * 4096 + field + 8]
-            put(interesting[Int(rng.next() % UInt64(interesting.count))] ^ (rng.next() % 3 == 0 ? rng.next() : 0),
+            put(
+                interesting[Int(rng.next() % UInt64(interesting.count))] ^ (rng.next() % 3 == 0 ? rng.next() : 0),
                 width: 8, at: block * 4096 + field, in: &d)
             // The same index or job id written back is no forgery: the slot stays genuine.
             if (kind == 1 || kind == 2) && d[block * 4096 + field..<block * 4096 + field + 8] == before { kind = 3 }
@@ -120,8 +133,8 @@ enum MetadataFuzz {
                 // cannot give it away): if it were ever used, the map would change.
                 let lo = block * 4096 + MetadataFormat.pgBitmap, hi = block * 4096 + 4096
                 if let a = (lo..<hi).first(where: { d[$0] != 0 }), let b = (lo..<hi).first(where: { d[$0] != 0xFF }) {
-                    d[a] &= d[a] - 1                      // clear the lowest set bit
-                    d[b] |= ~d[b] & (d[b] &+ 1)           // set the lowest clear bit
+                    d[a] &= d[a] - 1  // clear the lowest set bit
+                    d[b] |= ~d[b] & (d[b] &+ 1)  // set the lowest clear bit
                 }
             }
             reseal(&d, block: block, crcAt: MetadataFormat.pgCRC)
@@ -134,10 +147,13 @@ enum MetadataFuzz {
                 var changed = false
                 for r in 0..<original.count where map[r] != original[r] {
                     if !pageRegions.contains(r) { return "region \(r), outside the forged page \(page), changed" }
-                    if kind == 1 || kind == 2 { return "a page slot with a forged \(kindName) was used (region \(r) changed)" }
+                    if kind == 1 || kind == 2 {
+                        return "a page slot with a forged \(kindName) was used (region \(r) changed)"
+                    }
                     changed = true
                 }
-                forgedEffects["\(kindName): opened \(changed ? "with the forged page's bits" : "unchanged")", default: 0] += 1
+                forgedEffects[
+                    "\(kindName): opened \(changed ? "with the forged page's bits" : "unchanged")", default: 0] += 1
                 return nil
             }
         }
@@ -157,7 +173,8 @@ enum MetadataFuzz {
             reseal(&d, block: slot, crcAt: MetadataFormat.sbCRC)
             attempt("superblock slot \(slot) \(names.joined(separator: " "))", d, &rng)
         }
-        let summary = "metadata fuzz: \(n) cases (\(skipped) skipped after crashing an earlier run), opened \(opened), refused with a MetadataError \(refused) \(reasons.sorted { $0.key < $1.key }); forged CRC-valid pages that opened: \(forgedEffects.sorted { $0.key < $1.key })"
+        let summary =
+            "metadata fuzz: \(n) cases (\(skipped) skipped after crashing an earlier run), opened \(opened), refused with a MetadataError \(refused) \(reasons.sorted { $0.key < $1.key }); forged CRC-valid pages that opened: \(forgedEffects.sorted { $0.key < $1.key })"
         _ = FileManager.default.createFile(atPath: summaryFile, contents: Data(summary.utf8))
         exit(0)
     }
@@ -173,7 +190,8 @@ enum MetadataFuzz {
         var f = fx.file
         f.data = d
         do {
-            _ = try MetadataStore.open(path: MetaFixture.path, storage: CrashableStorage(files: [MetaFixture.path: f]), readOnly: true)
+            _ = try MetadataStore.open(
+                path: MetaFixture.path, storage: CrashableStorage(files: [MetaFixture.path: f]), readOnly: true)
             exit(6)  // must not open
         } catch {
             exit(0)
@@ -197,12 +215,19 @@ enum MetadataFuzz {
             }
             if let s = FileManager.default.contents(atPath: MetadataFuzz.summaryFile) {
                 print(String(decoding: s, as: UTF8.self))
-                let total = MetadataFuzz.cases.random + MetadataFuzz.cases.flips + MetadataFuzz.cases.pages + MetadataFuzz.cases.fields
+                let total =
+                    MetadataFuzz.cases.random + MetadataFuzz.cases.flips + MetadataFuzz.cases.pages
+                    + MetadataFuzz.cases.fields
                 countCrash("faults injected", total)
                 break
             }
-            let last = FileManager.default.contents(atPath: MetadataFuzz.progressFile).map { String(decoding: $0, as: UTF8.self) } ?? "?"
-            Issue.record("the metadata parser crashed the process, or opened a wrong state (exit 4: inconsistent, 7: a forged page took effect), in \(last)")
+            let last =
+                FileManager.default.contents(atPath: MetadataFuzz.progressFile).map {
+                    String(decoding: $0, as: UTF8.self)
+                } ?? "?"
+            Issue.record(
+                "the metadata parser crashed the process, or opened a wrong state (exit 4: inconsistent, 7: a forged page took effect), in \(last)"
+            )
             // Go on past it, a few times, so one bug does not hide the next.
             guard crashed.count < 2, let n = Int(last.dropFirst(5).prefix { $0 != ":" }) else { break }
             crashed.append(n)

@@ -1,9 +1,10 @@
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Recovery must make durable what it relies on before it writes a superblock that counts it.
@@ -20,8 +21,10 @@ import Glibc
         let size: UInt64 = 1000 * 4096
         let options = MetadataCreateOptions(
             regionSize: 4096,
-            source: DeviceRecord(path: "/src", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 2, rdev: 0), size: size),
-            dest: DeviceRecord(path: "/dst", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 3, rdev: 0), size: size),
+            source: DeviceRecord(
+                path: "/src", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 2, rdev: 0), size: size),
+            dest: DeviceRecord(
+                path: "/dst", identity: DeviceIdentity(kind: .regularFile, device: 1, inode: 3, rdev: 0), size: size),
             discardSource: true, destZeroed: false)
         let store = try MetadataStore.create(path: Self.path, options: options, storage: storage, nowMs: 1)
         try store.commit([0..<10], nowMs: 2)
@@ -55,8 +58,9 @@ import Glibc
         let job = try await HydrationJob.create(sc.config(), storage: storage, io: io, logger: crashLogger)
         _ = job  // the process dies here: nothing more is issued
         let snap = storage.snapshotNow
-        #expect(!snap.pending.contains { $0.path == CrashScenario.destPath && $0.kind == .extend },
-                "the destination's new size is still only in the page cache")
+        #expect(
+            !snap.pending.contains { $0.path == CrashScenario.destPath && $0.kind == .extend },
+            "the destination's new size is still only in the page cache")
         for policy in [CrashPolicy.dropAll, .random(seed: 1), .keepAll] {
             let r = await CrashHarness.recover(snap.materialize(policy), sc, io: io)
             #expect(r.failures.isEmpty, "\(policy): \(r.failures)")

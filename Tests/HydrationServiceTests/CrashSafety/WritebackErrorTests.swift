@@ -1,10 +1,11 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A real transient writeback failure (issue 11): the destination is a loop device over a file
@@ -16,7 +17,9 @@ import Glibc
 enum NBDLoop {
     static var unavailableReason: String? {
         if getuid() != 0 { return "not root: cannot attach a loop device" }
-        if !FileManager.default.fileExists(atPath: "/dev/loop-control") { return "no /dev/loop-control: no loop devices" }
+        if !FileManager.default.fileExists(atPath: "/dev/loop-control") {
+            return "no /dev/loop-control: no loop devices"
+        }
         if !FileManager.default.fileExists(atPath: "/dev/fuse") { return "no /dev/fuse: nbdfuse cannot mount" }
         for tool in ["/usr/bin/nbdkit", "/usr/bin/nbdfuse", "/usr/bin/nbdcopy", "/usr/sbin/losetup", "/usr/bin/umount"]
         where !FileManager.default.isExecutableFile(atPath: tool) {
@@ -67,8 +70,9 @@ enum NBDLoop {
     /// 100 ms, 1 s) and either a retry lands after the export healed (the job completes, every
     /// region on the disk) or the job fails with DestWriteFailed; the metadata stays writable, as
     /// every region it records was written and fdatasynced. Either way the guarantees below hold.
-    @Test(.enabled(if: NBDLoop.unavailableReason == nil, "needs root, nbdkit, nbdfuse and loop devices"),
-          .timeLimit(.minutes(5)), arguments: [false, true])
+    @Test(
+        .enabled(if: NBDLoop.unavailableReason == nil, "needs root, nbdkit, nbdfuse and loop devices"),
+        .timeLimit(.minutes(5)), arguments: [false, true])
     func transientWritebackErrorFailsTheJobAndKeepsTheSource(direct: Bool) async throws {
         let started = Date()
         let dir = TempDir("wberr")
@@ -90,8 +94,10 @@ enum NBDLoop {
             if let nbdfuse { NBDLoop.stop(nbdfuse) }
             if let nbdkit { NBDLoop.stop(nbdkit) }
         }
-        nbdkit = try NBDLoop.spawn(["/usr/bin/nbdkit", "-f", "-U", sock, "--filter=error", "memory", "\(size)",
-                                    "error-pwrite-rate=100%", "error-pwrite-file=\(trigger)", "error=EIO"])
+        nbdkit = try NBDLoop.spawn([
+            "/usr/bin/nbdkit", "-f", "-U", sock, "--filter=error", "memory", "\(size)",
+            "error-pwrite-rate=100%", "error-pwrite-file=\(trigger)", "error=EIO",
+        ])
         try #require(NBDLoop.waitFor(sock, seconds: 10), "nbdkit did not create its socket")
         nbdfuse = try NBDLoop.spawn(["/usr/bin/nbdfuse", disk, "nbd+unix:///?socket=\(sock)"])
         try #require(NBDLoop.waitFor(disk, seconds: 10), "nbdfuse did not serve \(disk)")
@@ -109,11 +115,14 @@ enum NBDLoop {
         // A rate-limited copy (about 4 s) with no periodic commit: one commit requested just
         // before the failure window (its regions are released), then none until the end — so
         // that only evictions run while the export fails, as in the issue's reproduction.
-        let t = Tunables(batchSize: 4, threshold: 8, rateLimitBytesPerSecond: 12 << 20,
-                         spaceBudgetBytes: 128 << 20, commitIntervalMs: 3_600_000)
-        let cfg = JobConfiguration(name: "wberr", sourcePath: src, destPath: dest, metadataPath: dir.file("job.meta"),
-                                   regionSize: regionSize, discardSource: true, destZeroed: false, tunables: t)
-        let job = try await HydrationJob.create(cfg, storage: PosixStorage(directIO: direct), io: io, logger: crashLogger)
+        let t = Tunables(
+            batchSize: 4, threshold: 8, rateLimitBytesPerSecond: 12 << 20,
+            spaceBudgetBytes: 128 << 20, commitIntervalMs: 3_600_000)
+        let cfg = JobConfiguration(
+            name: "wberr", sourcePath: src, destPath: dest, metadataPath: dir.file("job.meta"),
+            regionSize: regionSize, discardSource: true, destZeroed: false, tunables: t)
+        let job = try await HydrationJob.create(
+            cfg, storage: PosixStorage(directIO: direct), io: io, logger: crashLogger)
         // A small eviction window: several evictions fall inside and after the failure window.
         await job.copier.setCacheWindowForTesting(2 << 20)
         try await job.start()
@@ -137,15 +146,21 @@ enum NBDLoop {
         var lostRegions: [Int] = []
         for r in 0..<regions {
             let lo = r * Int(regionSize)
-            if !onDisk.withUnsafeBytes({ a in image.withUnsafeBytes { b in memcmp(a.baseAddress! + lo, b.baseAddress! + lo, Int(regionSize)) == 0 } }) {
+            if !onDisk.withUnsafeBytes({ a in
+                image.withUnsafeBytes { b in memcmp(a.baseAddress! + lo, b.baseAddress! + lo, Int(regionSize)) == 0 }
+            }) {
                 lostRegions.append(r)
             }
         }
-        print("real writeback error: job \(final.rawValue) after \(String(format: "%.1f", Date().timeIntervalSince(started))) s, commit before the window: generation \(committedBefore.map(String.init) ?? "none"), \(lostRegions.count) of \(regions) regions not on the disk, source allocated \(allocatedBytes(src) >> 20) MiB; error: \(st.error.map { "\($0.code) errno \($0.errno.map(String.init) ?? "nil") region \($0.region.map(String.init) ?? "nil"): \($0.message)" } ?? "none")")
+        print(
+            "real writeback error: job \(final.rawValue) after \(String(format: "%.1f", Date().timeIntervalSince(started))) s, commit before the window: generation \(committedBefore.map(String.init) ?? "none"), \(lostRegions.count) of \(regions) regions not on the disk, source allocated \(allocatedBytes(src) >> 20) MiB; error: \(st.error.map { "\($0.code) errno \($0.errno.map(String.init) ?? "nil") region \($0.region.map(String.init) ?? "nil"): \($0.message)" } ?? "none")"
+        )
 
         // The guarantee: never a complete job whose destination differs from the source.
-        #expect(!(final == .complete && !lostRegions.isEmpty),
-                "job complete but \(lostRegions.count) regions (first \(lostRegions.first ?? -1)) never reached the destination: the writeback error was swallowed")
+        #expect(
+            !(final == .complete && !lostRegions.isEmpty),
+            "job complete but \(lostRegions.count) regions (first \(lostRegions.first ?? -1)) never reached the destination: the writeback error was swallowed"
+        )
         // The export failed every write for 1.5 s in the middle of the copy: the job must fail
         // with the writeback error, metadata read-only.
         if direct {
@@ -153,15 +168,18 @@ enum NBDLoop {
             if final == .failed {
                 #expect(st.error?.code == "DestWriteFailed")
                 #expect(st.error?.errno == EIO)
-                #expect(st.error?.message.contains("offset") ?? false, "the error names the range: \(st.error?.message ?? "")")
+                #expect(
+                    st.error?.message.contains("offset") ?? false,
+                    "the error names the range: \(st.error?.message ?? "")")
             }
         } else {
-        #expect(final == .failed, "job ended \(final.rawValue), not failed")
-        #expect(st.error?.code == "CommitFailed")
-        #expect(st.error?.errno == EIO)
-        #expect(st.error?.message.contains("offset") ?? false || st.error?.message.contains("fdatasync") ?? false,
+            #expect(final == .failed, "job ended \(final.rawValue), not failed")
+            #expect(st.error?.code == "CommitFailed")
+            #expect(st.error?.errno == EIO)
+            #expect(
+                st.error?.message.contains("offset") ?? false || st.error?.message.contains("fdatasync") ?? false,
                 "the error names the operation and range: \(st.error?.message ?? "")")
-        #expect(st.metadata.mode == .ro)
+            #expect(st.metadata.mode == .ro)
         }
 
         // Every region the metadata records is on the disk; every region not on the disk still
@@ -178,9 +196,12 @@ enum NBDLoop {
         for r in lostRegions {
             let range = UInt64(r) * regionSize..<UInt64(r + 1) * regionSize
             let lo = Int(range.lowerBound)
-            let same = srcNow.withUnsafeBytes { a in image.withUnsafeBytes { b in memcmp(a.baseAddress! + lo, b.baseAddress! + lo, Int(regionSize)) == 0 } }
+            let same = srcNow.withUnsafeBytes { a in
+                image.withUnsafeBytes { b in memcmp(a.baseAddress! + lo, b.baseAddress! + lo, Int(regionSize)) == 0 }
+            }
             if !allocated(fd, range) || !same {
-                Issue.record("source region \(r) was released (or changed) although its data never reached the destination")
+                Issue.record(
+                    "source region \(r) was released (or changed) although its data never reached the destination")
                 break
             }
         }

@@ -1,6 +1,7 @@
 import ControlProtocol
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -19,11 +20,14 @@ import Testing
 
             let m1 = JobManager(stateDirectory: state, io: f.io, logger: testLogger, exports: host)
             try await m1.restore()
-            let created = try await m1.create(CreateJobRequest(name: "e", source: dir.file("e.img"), dest: dir.file("e.out"),
-                                                               noHydration: true, export: true))
+            let created = try await m1.create(
+                CreateJobRequest(
+                    name: "e", source: dir.file("e.img"), dest: dir.file("e.out"),
+                    noHydration: true, export: true))
             #expect(created.export?.uri == "nbd+unix:///e?socket=\(f.socket)" && created.export?.clients == 0)
             #expect(created.export?.io == .init(readBytes: 0, writtenBytes: 0, trimmedBytes: 0, hydratedRegions: 0))
-            _ = try await m1.create(CreateJobRequest(name: "n", source: dir.file("n.img"), dest: dir.file("n.out"), noHydration: true))
+            _ = try await m1.create(
+                CreateJobRequest(name: "n", source: dir.file("n.img"), dest: dir.file("n.out"), noHydration: true))
             #expect(try await m1.status("n").export == nil)
             #expect(await f.registry.exports().map(\.name) == ["e"])
             // The flag is part of the job's record.
@@ -74,8 +78,10 @@ import Testing
             #expect(try await offPool { again.isClosed() })
             #expect(f.server.connections(export: "e") == 0)
             // Without clients, a plain remove of an exported job works.
-            _ = try await m2.create(CreateJobRequest(name: "e2", source: dir.file("e.img"), dest: dir.file("e2.out"),
-                                                     noHydration: true, export: true))
+            _ = try await m2.create(
+                CreateJobRequest(
+                    name: "e2", source: dir.file("e.img"), dest: dir.file("e2.out"),
+                    noHydration: true, export: true))
             #expect(await f.registry.exports().map(\.name) == ["e2"])
             try await m2.remove("e2", force: false)
             #expect(await f.registry.exports().isEmpty)
@@ -90,7 +96,8 @@ import Testing
         let m = JobManager(stateDirectory: dir.file("state"), io: io, logger: testLogger)
         try await m.restore()
         do throws(HydrationError) {
-            _ = try await m.create(CreateJobRequest(name: "a", source: dir.file("a.img"), dest: dir.file("a.out"), export: true))
+            _ = try await m.create(
+                CreateJobRequest(name: "a", source: dir.file("a.img"), dest: dir.file("a.out"), export: true))
             Issue.record("export accepted without an NBD server")
         } catch {
             #expect(error.code == .invalidParameter)
@@ -118,12 +125,18 @@ import Testing
     }
 
     @Test func uriAndSocketAssignment() {
-        #expect(JobExportHost.uri(export: "vm-1.a:b@c", socketPath: "/run/hydrationd/nbd.sock")
-            == "nbd+unix:///vm-1.a:b@c?socket=/run/hydrationd/nbd.sock")
-        #expect(JobExportHost.uri(export: "a", socketPath: "/tmp/my dir/nbd&.sock") == "nbd+unix:///a?socket=/tmp/my%20dir/nbd%26.sock")
-        #expect(DaemonOptions.defaultNBDSocketPath(controlSocket: "/run/hydrationd/control.sock") == "/run/hydrationd/nbd.sock")
+        #expect(
+            JobExportHost.uri(export: "vm-1.a:b@c", socketPath: "/run/hydrationd/nbd.sock")
+                == "nbd+unix:///vm-1.a:b@c?socket=/run/hydrationd/nbd.sock")
+        #expect(
+            JobExportHost.uri(export: "a", socketPath: "/tmp/my dir/nbd&.sock")
+                == "nbd+unix:///a?socket=/tmp/my%20dir/nbd%26.sock")
+        #expect(
+            DaemonOptions.defaultNBDSocketPath(controlSocket: "/run/hydrationd/control.sock")
+                == "/run/hydrationd/nbd.sock")
         #expect(DaemonOptions(socketPath: "/x/c.sock").effectiveNBDSocketPath == "/x/nbd.sock")
-        #expect(DaemonOptions(socketPath: "/x/c.sock", nbdSocketPath: "/y/n.sock").effectiveNBDSocketPath == "/y/n.sock")
+        #expect(
+            DaemonOptions(socketPath: "/x/c.sock", nbdSocketPath: "/y/n.sock").effectiveNBDSocketPath == "/y/n.sock")
 
         let unnamed = SystemdNotifier.assignListeners([(3, "hydrationd.socket")])
         #expect(unnamed.control == 3 && unnamed.nbd == nil && unnamed.unused.isEmpty)
@@ -151,7 +164,9 @@ import Testing
             for (i, b) in path.utf8.enumerated() { raw[i] = b }
         }
         let ok = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0
+            }
         }
         #expect(ok)
         #expect(HydrationDaemon.boundUnixPath(fd) == path)

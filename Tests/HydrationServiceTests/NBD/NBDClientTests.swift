@@ -1,10 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
+import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
-import Testing
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// The server against real NBD clients (libnbd's nbdinfo, nbdcopy and nbdsh; qemu-img, qemu-io),
 /// each test on its own socket. A test is skipped only when its client is not installed
@@ -22,9 +24,11 @@ import Testing
     @Test(.enabled(if: NBDTools.hasNbdinfo, "nbdinfo (libnbd-bin) is not installed"))
     func nbdinfoShowsSizeFlagsBlockSizesNameAndDescription() async throws {
         try await withNBDServer { f in
-            let disk = try f.fileExport(name: "disk", path: f.dir.path + "/disk.img", size: 8 * Self.mib, description: "a test disk")
+            let disk = try f.fileExport(
+                name: "disk", path: f.dir.path + "/disk.img", size: 8 * Self.mib, description: "a test disk")
             try f.registry.add(TestExport(name: "disk", inner: disk))
-            try f.registry.add(try f.fileExport(name: "ro", path: f.dir.path + "/ro.img", size: 3 * Self.mib + 512, readOnly: true))
+            try f.registry.add(
+                try f.fileExport(name: "ro", path: f.dir.path + "/ro.img", size: 3 * Self.mib + 512, readOnly: true))
 
             let r = try await runTool("nbdinfo", ["--json", f.uri("disk")])
             let root = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
@@ -38,7 +42,10 @@ import Testing
             #expect(e["block_size_preferred"] as? Int == 4096)
             #expect(e["block_size_maximum"] as? Int == 32 * Self.mib)
             #expect(e["is_read_only"] as? Bool == false)
-            for flag in ["can_cache", "can_df", "can_fast_zero", "can_flush", "can_fua", "can_multi_conn", "can_trim", "can_zero"] {
+            for flag in [
+                "can_cache", "can_df", "can_fast_zero", "can_flush", "can_fua", "can_multi_conn", "can_trim",
+                "can_zero",
+            ] {
                 #expect(e[flag] as? Bool == true, "\(flag)")
             }
             #expect(e["contexts"] as? [String] == ["base:allocation", "x-test:stripes"])
@@ -72,7 +79,9 @@ import Testing
             }
         }) { f in
             for name in ["disk", "shared", "secret"] {
-                try f.registry.add(try f.fileExport(name: name, path: f.dir.path + "/\(name).img", size: Self.mib, description: "\(name) export"))
+                try f.registry.add(
+                    try f.fileExport(
+                        name: name, path: f.dir.path + "/\(name).img", size: Self.mib, description: "\(name) export"))
             }
             f.registry.defaultExport = "disk"
             let list = try await runTool("nbdinfo", ["--list", "--json", f.uri("")])
@@ -84,7 +93,9 @@ import Testing
 
             let denied = try await runTool("nbdinfo", [f.uri("secret")], environment: ["LIBNBD_DEBUG": "1"])
             #expect(denied.status != 0)
-            #expect(denied.stderr.contains("server error message: not for uid"), "NBD_REP_ERR_POLICY carries the hook's message")
+            #expect(
+                denied.stderr.contains("server error message: not for uid"),
+                "NBD_REP_ERR_POLICY carries the hook's message")
 
             let shared = try await runTool("nbdinfo", ["--is", "read-only", f.uri("shared")])
             #expect(shared.status == 0, "a read-only grant makes the export read-only")
@@ -99,9 +110,13 @@ import Testing
         try await withNBDServer { f in
             let disk = try f.fileExport(name: "disk", path: f.dir.path + "/disk.img", size: Self.mib)
             try f.registry.add(disk)
-            try f.registry.add(TestExport(
-                name: "limited", inner: disk, removing: [.fua, .trim, .cache, .multiConn, .writeZeroes, .fastZero, .flush]))
-            for what in ["flush", "trim", "zero", "fast-zero", "fua", "multi-conn", "cache", "df", "structured-reply", "write"] {
+            try f.registry.add(
+                TestExport(
+                    name: "limited", inner: disk,
+                    removing: [.fua, .trim, .cache, .multiConn, .writeZeroes, .fastZero, .flush]))
+            for what in [
+                "flush", "trim", "zero", "fast-zero", "fua", "multi-conn", "cache", "df", "structured-reply", "write",
+            ] {
                 let yes = try await runTool("nbdinfo", ["--can", what, f.uri("disk")])
                 #expect(yes.status == 0, "--can \(what): \(yes.stderr)")
             }
@@ -129,21 +144,29 @@ import Testing
 
             let map = try await runTool("nbdinfo", ["--map", f.uri("disk")])
             #expect(map.status == 0, "\(map.stderr)")
-            let rows = map.stdout.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).prefix(3).map(String.init) }
+            let rows = map.stdout.split(separator: "\n").map {
+                $0.split(separator: " ", omittingEmptySubsequences: true).prefix(3).map(String.init)
+            }
             let m = Self.mib
-            #expect(rows == [
-                ["0", "\(m)", "3"], ["\(m)", "\(m)", "0"], ["\(2 * m)", "\(2 * m)", "3"],
-                ["\(4 * m)", "\(2 * m)", "0"], ["\(6 * m)", "\(2 * m)", "3"],
-            ], "\(map.stdout)")
+            #expect(
+                rows == [
+                    ["0", "\(m)", "3"], ["\(m)", "\(m)", "0"], ["\(2 * m)", "\(2 * m)", "3"],
+                    ["\(4 * m)", "\(2 * m)", "0"], ["\(6 * m)", "\(2 * m)", "3"],
+                ], "\(map.stdout)")
 
             let stripes = try await runTool("nbdinfo", ["--map=x-test:stripes", f.uri("disk")])
             #expect(stripes.status == 0, "\(stripes.stderr)")
-            let srows = stripes.stdout.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).prefix(3).map(String.init) }
+            let srows = stripes.stdout.split(separator: "\n").map {
+                $0.split(separator: " ", omittingEmptySubsequences: true).prefix(3).map(String.init)
+            }
             #expect(srows == (0..<8).map { ["\($0 * m)", "\(m)", "\($0 % 4)"] }, "\(stripes.stdout)")
         }
     }
 
-    @Test(.enabled(if: NBDTools.hasNbdcopy && NBDTools.hasQemu, "nbdcopy (libnbd-bin) or qemu-img (qemu-utils) is not installed"))
+    @Test(
+        .enabled(
+            if: NBDTools.hasNbdcopy && NBDTools.hasQemu,
+            "nbdcopy (libnbd-bin) or qemu-img (qemu-utils) is not installed"))
     func nbdcopyIntoTheExportAndBackIsByteEqual() async throws {
         try await withNBDServer { f in
             let size = 64 * Self.mib
@@ -159,10 +182,13 @@ import Testing
             let out = try await runTool("nbdcopy", [f.uri("disk"), back], timeout: 60)
             #expect(out.status == 0, "nbdcopy out of the export: \(out.stderr)")
             let elapsed = ContinuousClock.now - start
-            #expect(byteDifference(readFile(back), image.bytes) == nil, "64 MiB round trip through the export is byte-equal")
+            #expect(
+                byteDifference(readFile(back), image.bytes) == nil, "64 MiB round trip through the export is byte-equal"
+            )
             #expect(byteDifference(readFile(f.dir.path + "/export.img"), image.bytes) == nil)
 
-            let cmp = try await runTool("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, f.uri("disk")], timeout: 60)
+            let cmp = try await runTool(
+                "qemu-img", ["compare", "-f", "raw", "-F", "raw", source, f.uri("disk")], timeout: 60)
             #expect(cmp.status == 0, "qemu-img compare: \(cmp.stdout) \(cmp.stderr)")
             print("nbdcopy 64 MiB in and out: \(elapsed)")
         }
@@ -173,20 +199,22 @@ import Testing
         try await withNBDServer { f in
             let path = f.dir.path + "/disk.img"
             try f.registry.add(try f.fileExport(name: "disk", path: path, size: 8 * Self.mib))
-            let r = try await runTool("qemu-io", [
-                "-f", "raw",
-                "-c", "write -P 0xab 0 1M",
-                "-c", "read -P 0xab 0 1M",
-                "-c", "write -P 0xcd 2M 2M",
-                "-c", "discard 2M 1M",
-                "-c", "write -z 3M 512k",
-                "-c", "read -P 0 3M 512k",
-                "-c", "read -P 0xcd 3584k 512k",
-                "-c", "write -z -u 4M 1M",
-                "-c", "read -P 0 4M 1M",
-                "-c", "flush",
-                f.uri("disk"),
-            ])
+            let r = try await runTool(
+                "qemu-io",
+                [
+                    "-f", "raw",
+                    "-c", "write -P 0xab 0 1M",
+                    "-c", "read -P 0xab 0 1M",
+                    "-c", "write -P 0xcd 2M 2M",
+                    "-c", "discard 2M 1M",
+                    "-c", "write -z 3M 512k",
+                    "-c", "read -P 0 3M 512k",
+                    "-c", "read -P 0xcd 3584k 512k",
+                    "-c", "write -z -u 4M 1M",
+                    "-c", "read -P 0 4M 1M",
+                    "-c", "flush",
+                    f.uri("disk"),
+                ])
             #expect(r.status == 0, "\(r.stdout) \(r.stderr)")
             #expect(!r.stdout.contains("Pattern verification failed"), "\(r.stdout)")
             #expect(!r.stdout.lowercased().contains("error"), "\(r.stdout)")
@@ -253,8 +281,11 @@ import Testing
         }
     }
 
-    @Test(.enabled(if: NBDTools.path("nbdfuse") != nil && geteuid() == 0 && FileManager.default.fileExists(atPath: "/dev/fuse"),
-                   "nbdfuse (libnbd-bin), root and /dev/fuse are needed"))
+    @Test(
+        .enabled(
+            if: NBDTools.path("nbdfuse") != nil && geteuid() == 0
+                && FileManager.default.fileExists(atPath: "/dev/fuse"),
+            "nbdfuse (libnbd-bin), root and /dev/fuse are needed"))
     func nbdfuseServesTheExportAsAFile() async throws {
         try await withNBDServer { f in
             let path = f.dir.path + "/disk.img"
@@ -271,15 +302,20 @@ import Testing
                 _ = umount2(mnt, Int32(MNT_DETACH))
                 if fuse.isRunning { kill(fuse.processIdentifier, SIGKILL) }
             }
-            #expect(await eventually(10) { FileManager.default.fileExists(atPath: mnt + "/nbd") }, "nbdfuse mounted the export")
+            #expect(
+                await eventually(10) { FileManager.default.fileExists(atPath: mnt + "/nbd") },
+                "nbdfuse mounted the export")
             let ok = try await offPool { () -> Bool in
                 let fd = open(mnt + "/nbd", O_RDWR)
                 guard fd >= 0 else { return false }
                 defer { close(fd) }
                 let data = [UInt8](repeating: 0x3c, count: 65536)
-                guard data.withUnsafeBytes({ pwrite(fd, $0.baseAddress, $0.count, 1 << 20) }) == 65536, fsync(fd) == 0 else { return false }
+                guard data.withUnsafeBytes({ pwrite(fd, $0.baseAddress, $0.count, 1 << 20) }) == 65536, fsync(fd) == 0
+                else { return false }
                 var back = [UInt8](repeating: 0, count: 65536)
-                guard back.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, $0.count, 1 << 20) }) == 65536 else { return false }
+                guard back.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, $0.count, 1 << 20) }) == 65536 else {
+                    return false
+                }
                 return back == data
             }
             #expect(ok, "a write and a read through the FUSE file")

@@ -1,7 +1,8 @@
-@testable import HydrationService
-@testable import HydrationStorage
 import NIOCore
 import Testing
+
+@testable import HydrationService
+@testable import HydrationStorage
 
 /// The pure decoders, encoders and request validation, and a fuzz run over them.
 @Suite struct NBDCodecTests {
@@ -47,8 +48,9 @@ import Testing
         #expect(parse(.list, []) == .list)
         #expect(parse(.structuredReply, []) == .structuredReply)
         #expect(parse(.info, RawNBDClient.nameData("")) == .info(name: "", requests: []))
-        #expect(parse(.setMetaContext, RawNBDClient.metaData("d", ["base:allocation", "x-a:b"]))
-            == .setMetaContext(name: "d", queries: ["base:allocation", "x-a:b"]))
+        #expect(
+            parse(.setMetaContext, RawNBDClient.metaData("d", ["base:allocation", "x-a:b"]))
+                == .setMetaContext(name: "d", queries: ["base:allocation", "x-a:b"]))
         #expect(parse(.listMetaContext, RawNBDClient.metaData("d", [])) == .listMetaContext(name: "d", queries: []))
         #expect(parse(.startTLS, []) == .unsupported(5))
         #expect(parse(.extendedHeaders, []) == .unsupported(11))
@@ -65,13 +67,17 @@ import Testing
         #expect(isInvalid(parse(.exportName, [0x61, 0, 0x62])), "NUL in a name")
         #expect(isInvalid(parse(.exportName, [0xff, 0xfe])), "invalid UTF-8")
         #expect(isInvalid(parse(.exportName, [UInt8](repeating: 0x61, count: 4097))), "longer than 4096 bytes")
-        #expect(isInvalid(parse(.setMetaContext, [0, 0, 0, 1, 0x61, 0xff, 0xff, 0xff, 0xff])), "query count beyond the data")
+        #expect(
+            isInvalid(parse(.setMetaContext, [0, 0, 0, 1, 0x61, 0xff, 0xff, 0xff, 0xff])), "query count beyond the data"
+        )
         #expect(isInvalid(parse(.setMetaContext, RawNBDClient.metaData("d", ["q"]) + [7])))
 
         var bad = ByteBuffer(bytes: [UInt8](repeating: 0x41, count: 16))
         #expect(throws: NBDWireError.self) { try NBDDecoder.decodeOption(&bad, maxLength: 4096) }
         var long = ByteBuffer(bytes: Self.option(3, [UInt8](repeating: 0, count: 10)))
-        #expect(throws: NBDWireError.optionTooLong(length: 10, limit: 8)) { try NBDDecoder.decodeOption(&long, maxLength: 8) }
+        #expect(throws: NBDWireError.optionTooLong(length: 10, limit: 8)) {
+            try NBDDecoder.decodeOption(&long, maxLength: 8)
+        }
     }
 
     @Test func framerSplitsRequestsAtAnyByteBoundaryAndSkipsOversizedWrites() throws {
@@ -79,7 +85,8 @@ import Testing
         let write = NBDRequest(.write, flags: .fua, cookie: 2, offset: 0, length: 5)
         let big = NBDRequest(.write, cookie: 3, offset: 0, length: 100)
         let disc = NBDRequest(.disconnect, cookie: 4)
-        let stream = Self.request(read) + Self.request(write, payload: [1, 2, 3, 4, 5])
+        let stream =
+            Self.request(read) + Self.request(write, payload: [1, 2, 3, 4, 5])
             + Self.request(big, payload: [UInt8](repeating: 7, count: 100)) + Self.request(disc)
         for step in [1, 3, 7, 28, 29, 1000] {
             var framer = NBDRequestFramer(maxPayload: 64, maxSkip: 128)
@@ -92,10 +99,11 @@ import Testing
                 while let f = try framer.next(&buffer) { frames.append(f) }
                 #expect(buffer.readableBytes <= 64 + 28 + step, "never buffers more than one payload")
             }
-            #expect(frames == [
-                .request(read, payload: nil), .request(write, payload: ByteBuffer(bytes: [1, 2, 3, 4, 5])),
-                .skippedWrite(big), .request(disc, payload: nil),
-            ], "step \(step)")
+            #expect(
+                frames == [
+                    .request(read, payload: nil), .request(write, payload: ByteBuffer(bytes: [1, 2, 3, 4, 5])),
+                    .skippedWrite(big), .request(disc, payload: nil),
+                ], "step \(step)")
         }
         var framer = NBDRequestFramer(maxPayload: 64, maxSkip: 128)
         var tooBig = ByteBuffer(bytes: Self.request(NBDRequest(.write, cookie: 1, offset: 0, length: 129)))
@@ -108,20 +116,26 @@ import Testing
     }
 
     @Test func validationGivesTheErrnoTheSpecAndNbdkitName() {
-        let all: NBDTransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendFastZero, .sendDF, .sendCache]
-        let ctx = NBDTransmissionContext(size: 1 << 20, flags: all, structuredReplies: true, metaContextCount: 1, maxPayload: 1 << 16)
+        let all: NBDTransmissionFlags = [
+            .hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendFastZero, .sendDF, .sendCache,
+        ]
+        let ctx = NBDTransmissionContext(
+            size: 1 << 20, flags: all, structuredReplies: true, metaContextCount: 1, maxPayload: 1 << 16)
         func check(_ r: NBDRequest, _ c: NBDTransmissionContext = ctx) -> NBDErrorCode? { r.validate(in: c)?.code }
         let mib: UInt64 = 1 << 20
         #expect(check(NBDRequest(.read, cookie: 1, offset: 0, length: 4096)) == nil)
         #expect(check(NBDRequest(.read, cookie: 1, offset: mib - 512, length: 4096)) == .EINVAL)
         #expect(check(NBDRequest(.write, cookie: 1, offset: mib - 512, length: 4096)) == .ENOSPC)
         #expect(check(NBDRequest(.writeZeroes, cookie: 1, offset: mib, length: 1)) == .ENOSPC)
-        #expect(check(NBDRequest(.trim, cookie: 1, offset: UInt64.max, length: 2)) == .EINVAL, "offset + length overflows")
+        #expect(
+            check(NBDRequest(.trim, cookie: 1, offset: UInt64.max, length: 2)) == .EINVAL, "offset + length overflows")
         #expect(check(NBDRequest(.read, cookie: 1, offset: 0, length: 0)) == .EINVAL)
         #expect(check(NBDRequest(.write, cookie: 1, offset: 0, length: 0)) == .ENOSPC, "as nbdkit")
         #expect(check(NBDRequest(type: 42, cookie: 1, offset: 0, length: 1)) == .EINVAL)
         #expect(check(NBDRequest(.flush, cookie: 1, offset: 1, length: 0)) == .EINVAL)
-        #expect(check(NBDRequest(.read, flags: NBDCommandFlags(rawValue: 0x100), cookie: 1, offset: 0, length: 1)) == .EINVAL)
+        #expect(
+            check(NBDRequest(.read, flags: NBDCommandFlags(rawValue: 0x100), cookie: 1, offset: 0, length: 1))
+                == .EINVAL)
         #expect(check(NBDRequest(.read, flags: .noHole, cookie: 1, offset: 0, length: 1)) == .EINVAL)
         #expect(check(NBDRequest(.read, flags: .reqOne, cookie: 1, offset: 0, length: 1)) == .EINVAL)
         #expect(check(NBDRequest(.write, flags: .dontFragment, cookie: 1, offset: 0, length: 1)) == .EINVAL)
@@ -152,13 +166,21 @@ import Testing
         #expect(check(NBDRequest(.read, cookie: 1, offset: 512, length: 512), aligned) == nil)
         #expect(check(NBDRequest(.read, cookie: 1, offset: 100, length: 512), aligned) == .EINVAL)
         #expect(check(NBDRequest(.read, cookie: 1, offset: 0, length: 100), aligned) == .EINVAL)
-        #expect(check(NBDRequest(.read, cookie: 1, offset: 4096, length: 100), aligned) == nil, "the unaligned tail stays reachable")
+        #expect(
+            check(NBDRequest(.read, cookie: 1, offset: 4096, length: 100), aligned) == nil,
+            "the unaligned tail stays reachable")
     }
 
     @Test func extentsAreMadeAValidReply() {
-        let e = [NBDExtent(length: 0, flags: 1), NBDExtent(length: 100, flags: 3), NBDExtent(length: 50, flags: 3), NBDExtent(length: 200, flags: 0), NBDExtent(length: 9, flags: 1)]
+        let e = [
+            NBDExtent(length: 0, flags: 1), NBDExtent(length: 100, flags: 3), NBDExtent(length: 50, flags: 3),
+            NBDExtent(length: 200, flags: 0), NBDExtent(length: 9, flags: 1),
+        ]
         #expect(normalizeExtents(e, length: 120, reqOne: false) == [NBDExtent(length: 150, flags: 3)])
-        #expect(normalizeExtents(e, length: 300, reqOne: false) == [NBDExtent(length: 150, flags: 3), NBDExtent(length: 200, flags: 0)])
+        #expect(
+            normalizeExtents(e, length: 300, reqOne: false) == [
+                NBDExtent(length: 150, flags: 3), NBDExtent(length: 200, flags: 0),
+            ])
         #expect(normalizeExtents(e, length: 60, reqOne: true) == [NBDExtent(length: 60, flags: 3)])
         #expect(normalizeExtents([], length: 60, reqOne: false) == nil)
         #expect(normalizeExtents([NBDExtent(length: 0, flags: 0)], length: 60, reqOne: true) == nil)
@@ -170,15 +192,19 @@ import Testing
         var rng = SeededRandom(seed: 0x6e62_64)
         let valid: [[UInt8]] = [
             Self.option(NBDOption.go.rawValue, RawNBDClient.nameData("disk", infos: [0, 1, 2, 3])),
-            Self.option(NBDOption.setMetaContext.rawValue, RawNBDClient.metaData("disk", ["base:allocation", "x-test:a"])),
+            Self.option(
+                NBDOption.setMetaContext.rawValue, RawNBDClient.metaData("disk", ["base:allocation", "x-test:a"])),
             Self.option(NBDOption.listMetaContext.rawValue, RawNBDClient.metaData("", [])),
             Self.option(NBDOption.list.rawValue, []),
             Self.option(NBDOption.exportName.rawValue, Array("disk".utf8)),
             Self.request(NBDRequest(.read, cookie: 9, offset: 4096, length: 512)),
-            Self.request(NBDRequest(.write, flags: .fua, cookie: 9, offset: 0, length: 8), payload: [1, 2, 3, 4, 5, 6, 7, 8]),
+            Self.request(
+                NBDRequest(.write, flags: .fua, cookie: 9, offset: 0, length: 8), payload: [1, 2, 3, 4, 5, 6, 7, 8]),
             Self.request(NBDRequest(.blockStatus, flags: .reqOne, cookie: 9, offset: 0, length: 1 << 20)),
         ]
-        let ctx = NBDTransmissionContext(size: 1 << 30, flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim], structuredReplies: true, metaContextCount: 1, minimumBlock: 512)
+        let ctx = NBDTransmissionContext(
+            size: 1 << 30, flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim], structuredReplies: true,
+            metaContextCount: 1, minimumBlock: 512)
         var parsed = 0, framed = 0, closed = 0
         for round in 0..<20_000 {
             var input: [UInt8]
@@ -229,6 +255,8 @@ import Testing
                 }
             } catch { closed += 1 }
         }
-        #expect(parsed > 1000 && framed > 1000 && closed > 1000, "the fuzz reaches every outcome: \(parsed) \(framed) \(closed)")
+        #expect(
+            parsed > 1000 && framed > 1000 && closed > 1000,
+            "the fuzz reaches every outcome: \(parsed) \(framed) \(closed)")
     }
 }

@@ -1,12 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import NIOCore
 import Synchronization
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// The server's limits seen from outside: one export's clients, or one process's unfinished
 /// handshakes, cannot take the connections every other export needs; BLOCK_STATUS replies count
@@ -56,10 +58,14 @@ import Testing
             }
             #expect(held.count == cfg.maxConnectionsPerExport, "export a holds its share and no more")
             #expect(f.server.connections(export: "a") == cfg.maxConnectionsPerExport)
-            #expect(Set(refusals) == ["export 'a' has too many connections (limit \(cfg.maxConnectionsPerExport) per export)"])
+            #expect(
+                Set(refusals) == [
+                    "export 'a' has too many connections (limit \(cfg.maxConnectionsPerExport) per export)"
+                ])
             let r = try await runTool("nbdinfo", ["--size", f.uri("b")], environment: ["LIBNBD_DEBUG": "1"])
-            #expect(r.status == 0 && r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(2 << 20)",
-                    "a client of export b gets in while a's clients hold their share: \(r.stdout) \(r.stderr.suffix(600))")
+            #expect(
+                r.status == 0 && r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(2 << 20)",
+                "a client of export b gets in while a's clients hold their share: \(r.stdout) \(r.stderr.suffix(600))")
             withExtendedLifetime(held) {}
         }
     }
@@ -94,7 +100,9 @@ import Testing
                         while true {
                             let r = try c.readOptionReply()
                             if r.type == NBDOptionReply.ack.rawValue { admitted += 1; break }
-                            if r.type & 0x8000_0000 != 0 { refused.append(String(decoding: r.data, as: UTF8.self)); break }
+                            if r.type & 0x8000_0000 != 0 {
+                                refused.append(String(decoding: r.data, as: UTF8.self)); break
+                            }
                         }
                     } catch {
                         refused.append("closed")  // refused, and closed 2 s later before we read (EOF or reset)
@@ -104,11 +112,17 @@ import Testing
             }
             #expect(admitted == cfg.maxHandshakesPerPeer, "one process negotiates on maxHandshakesPerPeer connections")
             #expect(refused.count == held.count - admitted)
-            #expect(refused.allSatisfy { $0 == "closed" || $0 == "process \(getpid()) has too many connections negotiating (limit \(cfg.maxHandshakesPerPeer))" },
-                    "\(Set(refused))")
+            #expect(
+                refused.allSatisfy {
+                    $0 == "closed"
+                        || $0
+                            == "process \(getpid()) has too many connections negotiating (limit \(cfg.maxHandshakesPerPeer))"
+                },
+                "\(Set(refused))")
             let r = try await runTool("nbdinfo", ["--size", f.uri("b")], environment: ["LIBNBD_DEBUG": "1"])
-            #expect(r.status == 0 && r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(2 << 20)",
-                    "another process's client gets in: \(r.stdout) \(r.stderr.suffix(600))")
+            #expect(
+                r.status == 0 && r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(2 << 20)",
+                "another process's client gets in: \(r.stdout) \(r.stderr.suffix(600))")
             withExtendedLifetime(held) {}
         }
     }
@@ -127,7 +141,9 @@ import Testing
             let c = try await offPool { () -> RawNBDClient in
                 let c = try RawNBDClient(path: f.socket, timeoutSeconds: 60)
                 try c.handshake(export: "gated", structured: true)
-                for i in 0..<16 { try c.sendRequest(NBDRequest(.blockStatus, cookie: UInt64(i), offset: 0, length: 1 << 30)) }
+                for i in 0..<16 {
+                    try c.sendRequest(NBDRequest(.blockStatus, cookie: UInt64(i), offset: 0, length: 1 << 30))
+                }
                 return c
             }
             // Liveness guard only: either more than `fit` calls started (the bound failed) or
@@ -138,7 +154,9 @@ import Testing
                 seen = export.state.withLock { $0.now }
                 if seen > fit || (seen == fit && f.server.budgetWaits.load(ordering: .relaxed) > 0) { break }
                 if ContinuousClock.now > deadline {
-                    Issue.record("awaited \(fit) block status calls held by the byte budget; saw \(seen) started, \(f.server.budgetWaits.load(ordering: .relaxed)) budget waits")
+                    Issue.record(
+                        "awaited \(fit) block status calls held by the byte budget; saw \(seen) started, \(f.server.budgetWaits.load(ordering: .relaxed)) budget waits"
+                    )
                     break
                 }
                 try await Task.sleep(for: .milliseconds(5))

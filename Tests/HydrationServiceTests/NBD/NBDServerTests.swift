@@ -1,12 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
-@testable import HydrationService
-@testable import HydrationStorage
 import NIOCore
 import Synchronization
 import Testing
+
+@testable import HydrationService
+@testable import HydrationStorage
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// The server's protocol handling at the byte level (a raw client sends what real clients never
 /// would), its limits, and its socket lifecycle.
@@ -14,7 +16,9 @@ import Testing
     static let mib = 1 << 20
 
     /// A 4 MiB export "disk" whose bytes are i % 251, plus its expected content.
-    private func addDisk(_ f: NBDFixture, slowReadOffsets: Set<UInt64> = [], description: String? = "raw test disk") throws -> [UInt8] {
+    private func addDisk(_ f: NBDFixture, slowReadOffsets: Set<UInt64> = [], description: String? = "raw test disk")
+        throws -> [UInt8]
+    {
         let path = f.dir.path + "/disk.img"
         let bytes = (0..<(4 * Self.mib)).map { UInt8($0 % 251) }
         _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
@@ -32,17 +36,21 @@ import Testing
                 func expect(_ code: UInt32, _ data: [UInt8] = [], _ type: NBDOptionReply, _ line: Int = #line) throws {
                     try c.sendOption(code, data)
                     let r = try c.readOptionReply()
-                    #expect(r.option == code && r.type == type.rawValue, "option \(code): reply 0x\(String(r.type, radix: 16)) (line \(line))")
+                    #expect(
+                        r.option == code && r.type == type.rawValue,
+                        "option \(code): reply 0x\(String(r.type, radix: 16)) (line \(line))")
                 }
                 try expect(99, [1, 2, 3], .errUnsupported)
                 try expect(NBDOption.startTLS.rawValue, [], .errUnsupported)
                 try expect(NBDOption.list.rawValue, [0], .errInvalid)
                 try expect(NBDOption.go.rawValue, [0, 0, 0, 50, 0, 0], .errInvalid)
-                try expect(NBDOption.setMetaContext.rawValue, RawNBDClient.metaData("disk", ["base:allocation"]), .errInvalid)
+                try expect(
+                    NBDOption.setMetaContext.rawValue, RawNBDClient.metaData("disk", ["base:allocation"]), .errInvalid)
                 try expect(NBDOption.info.rawValue, RawNBDClient.nameData("nosuch"), .errUnknown)
                 try expect(NBDOption.structuredReply.rawValue, [], .ack)
                 try expect(NBDOption.structuredReply.rawValue, [], .errInvalid)
-                try expect(NBDOption.setMetaContext.rawValue, RawNBDClient.metaData("disk", ["nonamespace"]), .errInvalid)
+                try expect(
+                    NBDOption.setMetaContext.rawValue, RawNBDClient.metaData("disk", ["nonamespace"]), .errInvalid)
 
                 // LIST_META_CONTEXT: everything, a namespace wildcard, exact names; unknown ones ignored.
                 func contexts(_ code: NBDOption, _ queries: [String]) throws -> [(UInt32, String)] {
@@ -52,7 +60,8 @@ import Testing
                         let r = try c.readOptionReply()
                         if r.type == NBDOptionReply.ack.rawValue { return out }
                         #expect(r.type == NBDOptionReply.metaContext.rawValue)
-                        out.append((RawNBDClient.be(r.data, 0, UInt32.self), String(decoding: r.data[4...], as: UTF8.self)))
+                        out.append(
+                            (RawNBDClient.be(r.data, 0, UInt32.self), String(decoding: r.data[4...], as: UTF8.self)))
                     }
                 }
                 #expect(try contexts(.listMetaContext, []).map(\.1) == ["base:allocation", "x-test:stripes"])
@@ -151,7 +160,9 @@ import Testing
                     }
                     // 40 MiB: over the 32 MiB maximum, read and dropped.
                     let big = 40 * Self.mib
-                    try c.sendRequest(NBDRequest(.write, cookie: 2, offset: 0, length: UInt32(big)), payload: [UInt8](repeating: 0xee, count: big))
+                    try c.sendRequest(
+                        NBDRequest(.write, cookie: 2, offset: 0, length: UInt32(big)),
+                        payload: [UInt8](repeating: 0xee, count: big))
                     r = try c.readReply()
                     #expect(r.cookie == 2 && r.error == NBDErrorCode.EINVAL.rawValue)
                     // A simple-reply read of an error carries no data; the stream stays in step.
@@ -184,11 +195,15 @@ import Testing
                 for i in 1...40 {
                     let offset = i * chunk
                     if i % 2 == 0 {
-                        try c.sendRequest(NBDRequest(.read, cookie: UInt64(100 + i), offset: UInt64(offset), length: UInt32(chunk)))
+                        try c.sendRequest(
+                            NBDRequest(.read, cookie: UInt64(100 + i), offset: UInt64(offset), length: UInt32(chunk)))
                         expected[UInt64(100 + i)] = Array(bytes[offset..<(offset + chunk)])
                     } else {
-                        try c.sendRequest(NBDRequest(.write, cookie: UInt64(100 + i), offset: UInt64(2 * Self.mib + (i / 2) * chunk), length: UInt32(chunk)),
-                                          payload: [UInt8](repeating: UInt8(i), count: chunk))
+                        try c.sendRequest(
+                            NBDRequest(
+                                .write, cookie: UInt64(100 + i), offset: UInt64(2 * Self.mib + (i / 2) * chunk),
+                                length: UInt32(chunk)),
+                            payload: [UInt8](repeating: UInt8(i), count: chunk))
                         expected[UInt64(100 + i)] = []
                     }
                 }
@@ -245,7 +260,8 @@ import Testing
                 try c.greet()
                 try c.sendOption(NBDOption.go.rawValue, RawNBDClient.nameData("other"))
                 let r = try c.readOptionReply()
-                #expect(r.type == NBDOptionReply.errPolicy.rawValue && String(decoding: r.data, as: UTF8.self) == "nope")
+                #expect(
+                    r.type == NBDOptionReply.errPolicy.rawValue && String(decoding: r.data, as: UTF8.self) == "nope")
                 try c.sendOption(NBDOption.go.rawValue, RawNBDClient.nameData("disk"))
                 var flags: UInt16 = 0
                 while true {
@@ -272,11 +288,14 @@ import Testing
         let io = IOExecutor(threads: 2)
         let path = dir.path + "/disk.img"
         _ = FileManager.default.createFile(atPath: path, contents: Data(repeating: 7, count: Self.mib))
-        let inner = FileNBDExport(name: "disk", device: try PosixStorage().open(path, mode: .destination(createSize: nil)), io: io)
+        let inner = FileNBDExport(
+            name: "disk", device: try PosixStorage().open(path, mode: .destination(createSize: nil)), io: io)
         let (slowReadStarted, slowCont) = AsyncStream<Void>.makeStream()
         try registry.add(TestExport(name: "disk", inner: inner, slowReadOffsets: [0], onSlowRead: { slowCont.yield() }))
         let (listening, cont) = AsyncStream<Void>.makeStream()
-        let server = NBDServer(configuration: NBDServerConfiguration(listener: .path(socket)), exports: registry) { _ in cont.yield() }
+        let server = NBDServer(configuration: NBDServerConfiguration(listener: .path(socket)), exports: registry) { _ in
+            cont.yield()
+        }
         let task = Task { try await server.run() }
         var it = listening.makeAsyncIterator()
         _ = await it.next()
@@ -338,16 +357,21 @@ extension NBDServerTests {
         let io = IOExecutor(threads: 2)
         let path = dir.path + "/disk.img"
         _ = FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: Self.mib))
-        try registry.add(FileNBDExport(name: "disk", device: try PosixStorage().open(path, mode: .destination(createSize: nil)), io: io))
+        try registry.add(
+            FileNBDExport(
+                name: "disk", device: try PosixStorage().open(path, mode: .destination(createSize: nil)), io: io))
         let (listening, cont) = AsyncStream<String?>.makeStream()
-        let server = NBDServer(configuration: NBDServerConfiguration(listener: .descriptor(fd, path: socket)), exports: registry) { info in
+        let server = NBDServer(
+            configuration: NBDServerConfiguration(listener: .descriptor(fd, path: socket)), exports: registry
+        ) { info in
             cont.yield(info.path)
         }
         let task = Task { try await server.run() }
         var it = listening.makeAsyncIterator()
         #expect(await it.next() == socket)
         let r = try await runTool("nbdinfo", ["--size", nbdURI("disk", socket: socket)])
-        #expect(r.status == 0 && r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(Self.mib)", "\(r.stderr)")
+        #expect(
+            r.status == 0 && r.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(Self.mib)", "\(r.stderr)")
         server.shutdown()
         try await task.value
         await io.shutdown()
@@ -383,18 +407,28 @@ extension NBDServerTests {
                 let c = try RawNBDClient(path: f.socket)
                 try c.handshake(export: "faulty", structured: true)
                 func error(_ r: NBDRequest) throws -> (UInt32, String) {
-                    try c.sendRequest(r, payload: r.type == NBDCommand.write.rawValue ? [UInt8](repeating: 0, count: Int(r.length)) : [])
+                    try c.sendRequest(
+                        r,
+                        payload: r.type == NBDCommand.write.rawValue ? [UInt8](repeating: 0, count: Int(r.length)) : [])
                     let reply = try c.readReply()
                     guard reply.error != 0 else { return (0, "") }
                     let n = Int(RawNBDClient.be(reply.payload, 4, UInt16.self))
                     return (reply.error, String(decoding: reply.payload[6..<(6 + n)], as: UTF8.self))
                 }
                 #expect(try error(NBDRequest(.read, cookie: 1, offset: 0, length: 512)) == (5, "disk on fire"))
-                #expect(try error(NBDRequest(.read, cookie: 2, offset: 512, length: 512)).0 == NBDErrorCode.EIO.rawValue, "a short read is EIO")
-                #expect(try error(NBDRequest(.write, cookie: 3, offset: 0, length: 512)).0 == NBDErrorCode.ENOSPC.rawValue, "EDQUOT is ENOSPC")
-                #expect(try error(NBDRequest(.writeZeroes, cookie: 4, offset: 0, length: 512)).0 == NBDErrorCode.EINVAL.rawValue,
-                        "ENOTSUP only answers FAST_ZERO")
-                #expect(try error(NBDRequest(.writeZeroes, flags: .fastZero, cookie: 5, offset: 0, length: 512)).0 == NBDErrorCode.ENOTSUP.rawValue)
+                #expect(
+                    try error(NBDRequest(.read, cookie: 2, offset: 512, length: 512)).0 == NBDErrorCode.EIO.rawValue,
+                    "a short read is EIO")
+                #expect(
+                    try error(NBDRequest(.write, cookie: 3, offset: 0, length: 512)).0 == NBDErrorCode.ENOSPC.rawValue,
+                    "EDQUOT is ENOSPC")
+                #expect(
+                    try error(NBDRequest(.writeZeroes, cookie: 4, offset: 0, length: 512)).0
+                        == NBDErrorCode.EINVAL.rawValue,
+                    "ENOTSUP only answers FAST_ZERO")
+                #expect(
+                    try error(NBDRequest(.writeZeroes, flags: .fastZero, cookie: 5, offset: 0, length: 512)).0
+                        == NBDErrorCode.ENOTSUP.rawValue)
                 // REQ_ONE: one extent, not longer than the request; without: cut after the request's end.
                 try c.sendRequest(NBDRequest(.blockStatus, flags: .reqOne, cookie: 6, offset: 0, length: 1000))
                 var r = try c.readReply()
@@ -404,7 +438,8 @@ extension NBDServerTests {
                 #expect(r.payload.count == 4 + 16 && r.flags == 1)
                 try c.sendRequest(NBDRequest(.read, cookie: 8, offset: 4096, length: 100))
                 r = try c.readReply()
-                #expect(r.type == NBDReplyType.offsetData.rawValue && r.payload.count == 108, "and the connection goes on")
+                #expect(
+                    r.type == NBDReplyType.offsetData.rawValue && r.payload.count == 108, "and the connection goes on")
             }
         }
     }
@@ -417,7 +452,9 @@ private final class CountingExport: NBDExport {
     var size: UInt64 { 64 << 20 }
     var capabilities: NBDExportCapabilities { .readOnly }
     func read(offset: UInt64, length: UInt32) async throws(NBDError) -> ByteBuffer {
-        state.withLock { $0.now += 1; $0.peak = max($0.peak, $0.now); $0.total += 1 }
+        state.withLock {
+            $0.now += 1; $0.peak = max($0.peak, $0.now); $0.total += 1
+        }
         try? await Task.sleep(for: .milliseconds(20))
         state.withLock { $0.now -= 1 }
         return ByteBuffer(repeating: 0, count: Int(length))
@@ -427,7 +464,9 @@ private final class CountingExport: NBDExport {
 extension NBDServerTests {
     @Test func requestsInFlightAreBoundedPerConnectionByCountAndBytes() async throws {
         let export = CountingExport()
-        try await withNBDServer(configure: { $0.maxRequestsInFlight = 4; $0.maxBytesInFlight = 8 << 20 }) { f in
+        try await withNBDServer(configure: {
+            $0.maxRequestsInFlight = 4; $0.maxBytesInFlight = 8 << 20
+        }) { f in
             try f.registry.add(export)
             try await offPool {
                 let c = try RawNBDClient(path: f.socket)
@@ -471,7 +510,8 @@ private func listeningSocket(path: String) -> Int32? {
 
 /// Binds and abandons a Unix socket at `path` (a stale socket file, as a crashed daemon leaves).
 private func socket_(path: String) -> Bool {
-    try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+    try? FileManager.default.createDirectory(
+        atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
     return withUnixAddress(path) { bind(fd, $0, $1) } == 0

@@ -1,17 +1,20 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
-@testable import HydrationService
-@testable import HydrationStorage
 import NIOCore
 import Synchronization
 import Testing
 
+@testable import HydrationService
+@testable import HydrationStorage
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 /// The NBD client programs the tests drive (Debian: libnbd-bin, qemu-utils, python3-libnbd).
 enum NBDTools {
     static func path(_ name: String) -> String? {
-        for dir in ["/usr/bin", "/usr/local/bin", "/bin"] where FileManager.default.isExecutableFile(atPath: dir + "/" + name) {
+        for dir in ["/usr/bin", "/usr/local/bin", "/bin"]
+        where FileManager.default.isExecutableFile(atPath: dir + "/" + name) {
             return dir + "/" + name
         }
         return nil
@@ -32,7 +35,10 @@ struct ToolResult: Sendable {
 }
 
 /// Runs a program to completion on its own thread (never the cooperative pool), with a deadline.
-func runTool(_ tool: String, _ arguments: [String], stdin: String? = nil, environment: [String: String] = [:], timeout: Double = 120) async throws -> ToolResult {
+func runTool(
+    _ tool: String, _ arguments: [String], stdin: String? = nil, environment: [String: String] = [:],
+    timeout: Double = 120
+) async throws -> ToolResult {
     guard let exe = NBDTools.path(tool) else { throw POSIXError(.ENOENT) }
     return try await offPool {
         let p = Process()
@@ -87,8 +93,10 @@ final class TestExport: NBDExport {
     var blockSize: NBDBlockSize { inner.blockSize }
     var metaContexts: [String] { [NBDProtocol.baseAllocation, "x-test:stripes"] }
 
-    init(name: String, inner: FileNBDExport, removing: NBDExportCapabilities = [], slowReadOffsets: Set<UInt64> = [],
-         onSlowRead: (@Sendable () -> Void)? = nil) {
+    init(
+        name: String, inner: FileNBDExport, removing: NBDExportCapabilities = [], slowReadOffsets: Set<UInt64> = [],
+        onSlowRead: (@Sendable () -> Void)? = nil
+    ) {
         self.onSlowRead = onSlowRead
         self.name = name
         self.inner = inner
@@ -113,7 +121,9 @@ final class TestExport: NBDExport {
     func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool) async throws(NBDError) {
         try await inner.writeZeroes(offset: offset, length: length, noHole: noHole, fastZero: fastZero, fua: fua)
     }
-    func cache(offset: UInt64, length: UInt32) async throws(NBDError) { try await inner.cache(offset: offset, length: length) }
+    func cache(offset: UInt64, length: UInt32) async throws(NBDError) {
+        try await inner.cache(offset: offset, length: length)
+    }
     func blockStatus(context: String, offset: UInt64, length: UInt32) async throws(NBDError) -> [NBDExtent] {
         if context == "x-test:stripes" {
             let stripe: UInt64 = 1 << 20
@@ -142,7 +152,9 @@ struct NBDFixture {
     func uri(_ export: String) -> String { nbdURI(export, socket: socket) }
 
     /// Creates `path` with `bytes` (sparse where `holes`), opened as a FileNBDExport.
-    func fileExport(name: String, path: String, size: Int, description: String? = nil, readOnly: Bool = false) throws -> FileNBDExport {
+    func fileExport(name: String, path: String, size: Int, description: String? = nil, readOnly: Bool = false) throws
+        -> FileNBDExport
+    {
         if !FileManager.default.fileExists(atPath: path) {
             let fd = open(path, O_CREAT | O_RDWR | O_CLOEXEC, 0o600)
             ftruncate(fd, off_t(size))

@@ -1,10 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
+import NIOCore
+
 @testable import HydrationService
 @testable import HydrationStorage
-import NIOCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// A blocking NBD client that sends exactly the bytes a test wants (run it off the cooperative
 /// pool with `offPool`).
@@ -78,7 +80,8 @@ final class RawNBDClient: Sendable {
         let h = try read(20)
         precondition(Self.be(h, 0, UInt64.self) == NBDProtocol.optionReplyMagic)
         let length = Int(Self.be(h, 16, UInt32.self))
-        return OptionReply(option: Self.be(h, 8, UInt32.self), type: Self.be(h, 12, UInt32.self), data: try read(length))
+        return OptionReply(
+            option: Self.be(h, 8, UInt32.self), type: Self.be(h, 12, UInt32.self), data: try read(length))
     }
 
     static func nameData(_ name: String, infos: [UInt16] = []) -> [UInt8] {
@@ -156,7 +159,9 @@ final class RawNBDClient: Sendable {
             let h = try read(12)
             let error = Self.be(h, 0, UInt32.self)
             let cookie = Self.be(h, 4, UInt64.self)
-            return Reply(structured: false, cookie: cookie, error: error, payload: error == 0 ? try read(readLength(cookie)) : [])
+            return Reply(
+                structured: false, cookie: cookie, error: error, payload: error == 0 ? try read(readLength(cookie)) : []
+            )
         }
         precondition(magic == NBDProtocol.structuredReplyMagic, "bad reply magic \(magic)")
         let h = try read(16)

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -33,8 +34,12 @@ final class DeviceScratch {
         let edata = err.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         guard p.terminationStatus == 0 else {
-            throw NSError(domain: "sh", code: Int(p.terminationStatus), userInfo: [
-                NSLocalizedDescriptionKey: args.joined(separator: " ") + ": " + String(decoding: edata, as: UTF8.self)])
+            throw NSError(
+                domain: "sh", code: Int(p.terminationStatus),
+                userInfo: [
+                    NSLocalizedDescriptionKey: args.joined(separator: " ") + ": "
+                        + String(decoding: edata, as: UTF8.self)
+                ])
         }
         return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
@@ -51,7 +56,9 @@ final class DeviceScratch {
         return path
     }
 
-    func attachLoop(_ path: String, offset: UInt64? = nil, sizeLimit: UInt64? = nil, device: String? = nil) throws -> String {
+    func attachLoop(_ path: String, offset: UInt64? = nil, sizeLimit: UInt64? = nil, device: String? = nil) throws
+        -> String
+    {
         var args = ["losetup"]
         if let offset { args += ["--offset", "\(offset)"] }
         if let sizeLimit { args += ["--sizelimit", "\(sizeLimit)"] }
@@ -76,7 +83,9 @@ final class DeviceScratch {
     /// belong to another test or another user.
     static func detachIfOurs(_ loop: String, _ backing: String) {
         let name = loop.split(separator: "/").last.map(String.init) ?? loop
-        guard var bound = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else { return }
+        guard var bound = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else {
+            return
+        }
         bound = bound.trimmingCharacters(in: .whitespacesAndNewlines)
         if bound.hasSuffix(" (deleted)") { bound.removeLast(" (deleted)".count) }
         let mine = URL(fileURLWithPath: backing).resolvingSymlinksInPath().path
@@ -86,10 +95,14 @@ final class DeviceScratch {
 
     /// mkfs.ext4 on `device` and mounts it on a new directory; returns the mount point.
     /// `mkfs` (a command taking the devices last) over `device` and `more`, mounted from `device`.
-    func mkfsAndMount(_ device: String, _ name: String, mkfs: [String] = ["mkfs.ext4", "-q", "-F"], more: [String] = []) throws -> String {
+    func mkfsAndMount(
+        _ device: String, _ name: String, mkfs: [String] = ["mkfs.ext4", "-q", "-F"], more: [String] = []
+    ) throws -> String {
         try Self.sh(mkfs + [device] + more)
         if mkfs.first == "mkfs.btrfs" {
-            undo.append { for d in [device] + more { _ = try? DeviceScratch.sh(["btrfs", "device", "scan", "--forget", d]) } }
+            undo.append {
+                for d in [device] + more { _ = try? DeviceScratch.sh(["btrfs", "device", "scan", "--forget", d]) }
+            }
         }
         let mnt = file(name)
         try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
@@ -124,7 +137,10 @@ final class DeviceScratch {
     func hold(_ path: String, _ setup: String) throws -> Int32 {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        p.arguments = ["-I", "-c", "import os, sys, mmap, time\np = sys.argv[1]\n\(setup)\nprint('ready', flush=True)\ntime.sleep(120)", path]
+        p.arguments = [
+            "-I", "-c",
+            "import os, sys, mmap, time\np = sys.argv[1]\n\(setup)\nprint('ready', flush=True)\ntime.sleep(120)", path,
+        ]
         let out = Pipe()
         p.standardOutput = out
         try p.run()
@@ -135,7 +151,9 @@ final class DeviceScratch {
         }
         let line = String(decoding: out.fileHandleForReading.availableData, as: UTF8.self)
         guard line.hasPrefix("ready") else {
-            throw NSError(domain: "hold", code: 1, userInfo: [NSLocalizedDescriptionKey: "holder '\(setup)' did not start: \(line)"])
+            throw NSError(
+                domain: "hold", code: 1,
+                userInfo: [NSLocalizedDescriptionKey: "holder '\(setup)' did not start: \(line)"])
         }
         return pid
     }
@@ -151,7 +169,9 @@ final class DeviceScratch {
             print("overlay mount failed: \(error)")
             return nil
         }
-        undo.append { if (try? DeviceScratch.sh(["umount", m])) == nil { _ = try? DeviceScratch.sh(["umount", "-l", m]) } }
+        undo.append {
+            if (try? DeviceScratch.sh(["umount", m])) == nil { _ = try? DeviceScratch.sh(["umount", "-l", m]) }
+        }
         return (l, u, m)
     }
 
@@ -174,7 +194,9 @@ final class DeviceScratch {
 
     static let dmSkip: String? = {
         if let r = loopSkip { return r }
-        if (try? sh(["dmsetup", "version"])) == nil { return "device-mapper is not available (dmsetup version fails: no dm in this kernel)" }
+        if (try? sh(["dmsetup", "version"])) == nil {
+            return "device-mapper is not available (dmsetup version fails: no dm in this kernel)"
+        }
         return nil
     }()
 
@@ -187,7 +209,8 @@ final class DeviceScratch {
         let s = DeviceScratch("partprobe")
         defer { s.teardown() }
         guard let img = try? s.makePartitionedImage("probe.img"),
-              let loop = try? s.attachPartitioned(img) else { return "cannot attach a partitioned loop device" }
+            let loop = try? s.attachPartitioned(img)
+        else { return "cannot attach a partitioned loop device" }
         if !FileManager.default.fileExists(atPath: loop + "p1") {
             return "no partitions appear on a partitioned loop device (losetup -P, partx --add)"
         }
@@ -239,14 +262,19 @@ final class DeviceScratch {
 /// Creates a job that must be refused with `code`; a job that is accepted (the old code) is
 /// recorded as an issue and closed again. Returns the error.
 @discardableResult
-func expectRefused(_ cfg: JobConfiguration, _ code: HydrationError.Code, reopen: Bool = false,
-                   sourceLocation: SourceLocation = #_sourceLocation) async -> HydrationError? {
+func expectRefused(
+    _ cfg: JobConfiguration, _ code: HydrationError.Code, reopen: Bool = false,
+    sourceLocation: SourceLocation = #_sourceLocation
+) async -> HydrationError? {
     let io = IOExecutor(threads: 2)
     do {
-        let job = reopen ? try await HydrationJob.open(cfg, io: io, logger: testLogger)
-                         : try await HydrationJob.create(cfg, io: io, logger: testLogger)
-        Issue.record("accepted, expected \(code.rawValue): \(cfg.sourcePath) -> \(cfg.destPath) (metadata \(cfg.metadataPath))",
-                     sourceLocation: sourceLocation)
+        let job =
+            reopen
+            ? try await HydrationJob.open(cfg, io: io, logger: testLogger)
+            : try await HydrationJob.create(cfg, io: io, logger: testLogger)
+        Issue.record(
+            "accepted, expected \(code.rawValue): \(cfg.sourcePath) -> \(cfg.destPath) (metadata \(cfg.metadataPath))",
+            sourceLocation: sourceLocation)
         await job.close()
         await io.shutdown()
         return nil

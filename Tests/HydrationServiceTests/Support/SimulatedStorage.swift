@@ -1,9 +1,10 @@
 import Synchronization
+
 @testable import HydrationService
 @testable import HydrationStorage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An in-memory disk for tests: files and "block devices" held as byte arrays, every operation
@@ -81,19 +82,22 @@ final class SimulatedStorage: StorageProvider {
     func setLegacyWaitingEvict(_ on: Bool) { state.withLock { $0.legacyWaitingEvict = on } }
 
     func contents(_ path: String) -> [UInt8]? { state.withLock { $0.files[path]?.data } }
-    func allocatedBlocks(_ path: String) -> Int { state.withLock { $0.files[path]?.allocated.filter { $0 }.count ?? 0 } }
+    func allocatedBlocks(_ path: String) -> Int {
+        state.withLock { $0.files[path]?.allocated.filter { $0 }.count ?? 0 }
+    }
     var log: [Op] { state.withLock { $0.log } }
     func setFault(_ f: (@Sendable (Op) -> Int32?)?) { state.withLock { $0.fault = f } }
     func setSyncDelay(_ f: (@Sendable (String) -> Void)?) { state.withLock { $0.syncDelay = f } }
     func setObserver(_ f: (@Sendable (Op, [String: FileState]) -> Void)?) { state.withLock { $0.observer = f } }
 
     func info(_ path: String, _ f: FileState) -> DeviceInfo {
-        DeviceInfo(path: path,
-                   identity: f.kind == .regularFile
-                       ? DeviceIdentity(kind: .regularFile, device: 1, inode: f.inode, rdev: 0)
-                       : DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: f.inode),
-                   // Simulated devices keep their inode through a crash and a reopen: a stable identity.
-                   size: UInt64(f.data.count), logicalBlockSize: 512, stableID: "sim:\(f.inode)")
+        DeviceInfo(
+            path: path,
+            identity: f.kind == .regularFile
+                ? DeviceIdentity(kind: .regularFile, device: 1, inode: f.inode, rdev: 0)
+                : DeviceIdentity(kind: .blockDevice, device: 0, inode: 0, rdev: f.inode),
+            // Simulated devices keep their inode through a crash and a reopen: a stable identity.
+            size: UInt64(f.data.count), logicalBlockSize: 512, stableID: "sim:\(f.inode)")
     }
 
     func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
@@ -102,9 +106,11 @@ final class SimulatedStorage: StorageProvider {
                 switch mode {
                 case .destination(let size?):
                     s.nextInode += 1
-                    s.files[path] = FileState(data: [UInt8](repeating: 0, count: Int(size)), kind: .regularFile,
-                                              inode: s.nextInode, allocated: [Bool](repeating: false, count: (Int(size) + Self.block - 1) / Self.block),
-                                              synced: [UInt8](repeating: 0, count: Int(size)))
+                    s.files[path] = FileState(
+                        data: [UInt8](repeating: 0, count: Int(size)), kind: .regularFile,
+                        inode: s.nextInode,
+                        allocated: [Bool](repeating: false, count: (Int(size) + Self.block - 1) / Self.block),
+                        synced: [UInt8](repeating: 0, count: Int(size)))
                 case .metadata(create: true):
                     s.nextInode += 1
                     s.files[path] = FileState(data: [], kind: .regularFile, inode: s.nextInode, allocated: [])
@@ -128,9 +134,12 @@ final class SimulatedStorage: StorageProvider {
             let f = s.files[path]!
             s.errseqSample[s.nextOpenID] = f.wbSeen ? f.wbErrors : f.wbErrors - 1
             s.errseqSample[-s.nextOpenID] = s.errseqSample[s.nextOpenID]  // evict's own description
-            return SimulatedDevice(storage: self, path: path, info: info(path, s.files[path]!),
-                                   locked: { if case .source = mode { return true }; if case .destination = mode { return true }; return false }(),
-                                   openID: s.nextOpenID)
+            return SimulatedDevice(
+                storage: self, path: path, info: info(path, s.files[path]!),
+                locked: {
+                    if case .source = mode { return true }; if case .destination = mode { return true }; return false
+                }(),
+                openID: s.nextOpenID)
         }
     }
 
@@ -141,7 +150,9 @@ final class SimulatedStorage: StorageProvider {
     func syncDirectory(containing path: String) throws(StorageError) {}
 
     /// Records an operation and applies an injected fault, if any.
-    func record(_ path: String, _ kind: OpKind, _ offset: UInt64, _ length: UInt64, _ s: inout State) throws(StorageError) {
+    func record(_ path: String, _ kind: OpKind, _ offset: UInt64, _ length: UInt64, _ s: inout State)
+        throws(StorageError)
+    {
         if kind == .write, var wf = s.writebackFailure, wf.path == path {
             wf.writes += 1
             s.writebackFailure = wf.writes >= wf.atWrite ? nil : wf
@@ -213,7 +224,9 @@ final class SimulatedDevice: StorageDevice {
             try storage.record(path, .write, offset, UInt64(buffer.count), &s)
             let end = Int(offset) + buffer.count
             if s.files[path]!.data.count < end {
-                if info.identity.kind == .blockDevice { throw StorageError(.write, path: path, errno: ENOSPC, offset: offset) }
+                if info.identity.kind == .blockDevice {
+                    throw StorageError(.write, path: path, errno: ENOSPC, offset: offset)
+                }
                 s.files[path]!.data += [UInt8](repeating: 0, count: end - s.files[path]!.data.count)
                 let blocks = (end + SimulatedStorage.block - 1) / SimulatedStorage.block
                 if s.files[path]!.allocated.count < blocks {
@@ -222,7 +235,9 @@ final class SimulatedDevice: StorageDevice {
             }
             s.files[path]!.data.replaceSubrange(Int(offset)..<end, with: buffer)
             if buffer.count > 0 {
-                for b in Int(offset) / SimulatedStorage.block...(end - 1) / SimulatedStorage.block { s.files[path]!.allocated[b] = true }
+                for b in Int(offset) / SimulatedStorage.block...(end - 1) / SimulatedStorage.block {
+                    s.files[path]!.allocated[b] = true
+                }
             }
         }
     }
@@ -272,7 +287,9 @@ final class SimulatedDevice: StorageDevice {
         try storage.state.withLock { (s: inout SimulatedStorage.State) throws(StorageError) -> Range<UInt64>? in
             try storage.record(path, .nextData, offset, 0, &s)
             let f = s.files[path]!
-            guard f.kind == .regularFile else { return offset < UInt64(f.data.count) ? offset..<UInt64(f.data.count) : nil }
+            guard f.kind == .regularFile else {
+                return offset < UInt64(f.data.count) ? offset..<UInt64(f.data.count) : nil
+            }
             let b0 = Int(offset) / SimulatedStorage.block
             guard let first = (b0..<f.allocated.count).first(where: { f.allocated[$0] }) else { return nil }
             let end = (first..<f.allocated.count).first(where: { !f.allocated[$0] }) ?? f.allocated.count

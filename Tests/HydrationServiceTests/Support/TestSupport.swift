@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Synchronization
 import Testing
+
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -59,7 +60,7 @@ struct TestImage {
             switch i % 4 {
             case 0, 2: rng.fill(&b, off..<end)
             case 1: holes.append(off..<end)
-            default: break // allocated zeros
+            default: break  // allocated zeros
             }
             off = end
             i += 1
@@ -148,7 +149,8 @@ final class HoldGate: CopierGate {
         let held = await eventually {
             job.ownership.allHydrated(0..<min(l, job.ownership.regionCount)) && !job.ownership.anyClaimed
         }
-        #expect(held, "the copier did not reach its hold at region \(l): \(job.ownership.hydratedCount) hydrated",
-                sourceLocation: sourceLocation)
+        #expect(
+            held, "the copier did not reach its hold at region \(l): \(job.ownership.hydratedCount) hydrated",
+            sourceLocation: sourceLocation)
     }
 }
