@@ -41,14 +41,20 @@ let package = Package(
             name: "HydrationStorage",
             dependencies: ["ControlProtocol", "CLinux"]
         ),
+        // The libnbd client behind a remote source (`--source nbd://...`): a `RemoteDevices` for
+        // `PosixStorage`. A target of its own so that only what opens remote sources links libnbd.
+        .target(
+            name: "HydrationRemote",
+            dependencies: ["HydrationStorage", "CNBD"]
+        ),
         // The engine (copier, committer, discarder, live clone) and the daemon's service code.
         .target(
             name: "HydrationService",
             dependencies: [
                 "HydrationStorage",
+                "HydrationRemote",
                 "ControlProtocol",
                 "CSystemd",
-                "CNBD",
                 "CLinux",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -86,7 +92,7 @@ let package = Package(
         ),
         .testTarget(
             name: "HydrationServiceTests",
-            dependencies: ["HydrationService", "ControlProtocol"]
+            dependencies: ["HydrationService", "HydrationRemote", "ControlProtocol"]
         ),
         .testTarget(
             name: "ControlProtocolTests",

@@ -242,6 +242,9 @@ public enum ControlInterface {
         # The metadata file is damaged or belongs to a different job.
         error MetadataCorrupt (path: string, reason: string)
 
+        # A new job's metadata file already exists: nothing was created or changed.
+        error MetadataExists (path: string, message: string)
+
         # The caller may not call this method: mutating methods need root, the daemon's user,
         # or membership in the control socket's group.
         error PermissionDenied (method: string, reason: string)

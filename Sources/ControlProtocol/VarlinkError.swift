@@ -23,6 +23,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         public static let deviceInUse = "org.hydrationd.Control.DeviceInUse"
         public static let sizeMismatch = "org.hydrationd.Control.SizeMismatch"
         public static let metadataCorrupt = "org.hydrationd.Control.MetadataCorrupt"
+        public static let metadataExists = "org.hydrationd.Control.MetadataExists"
         public static let permissionDenied = "org.hydrationd.Control.PermissionDenied"
         public static let jobFailed = "org.hydrationd.Control.JobFailed"
         public static let ioError = "org.hydrationd.Control.IOError"
@@ -47,7 +48,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     public enum Kind: Sendable, Equatable {
         case noSuchJob, jobExists, jobRunning, invalidParameter, deviceInUse, sizeMismatch, metadataCorrupt
         case permissionDenied, jobFailed, ioError, invalidMessage, messageTooLarge, tooManyConnections
-        case internalError, dataAtRisk, deviceUnconfirmed, exportInUse, jobRecordUnreadable
+        case internalError, dataAtRisk, deviceUnconfirmed, exportInUse, jobRecordUnreadable, metadataExists
         case interfaceNotFound, methodNotFound, methodNotImplemented, serviceInvalidParameter
         case servicePermissionDenied, expectedMore
         case other
@@ -62,6 +63,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case Name.deviceInUse: return .deviceInUse
         case Name.sizeMismatch: return .sizeMismatch
         case Name.metadataCorrupt: return .metadataCorrupt
+        case Name.metadataExists: return .metadataExists
         case Name.permissionDenied: return .permissionDenied
         case Name.jobFailed: return .jobFailed
         case Name.ioError: return .ioError
@@ -89,7 +91,7 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         switch kind {
         case .noSuchJob, .jobExists, .jobRunning, .invalidParameter, .deviceInUse, .sizeMismatch,
             .metadataCorrupt, .permissionDenied, .serviceInvalidParameter, .servicePermissionDenied, .dataAtRisk,
-            .deviceUnconfirmed, .exportInUse, .jobRecordUnreadable:
+            .deviceUnconfirmed, .exportInUse, .jobRecordUnreadable, .metadataExists:
             return true
         default:
             return false
@@ -137,6 +139,12 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
 
     public static func metadataCorrupt(path: String, reason: String) -> VarlinkError {
         VarlinkError(name: Name.metadataCorrupt, parameters: ["path": .string(path), "reason": .string(reason)])
+    }
+
+    /// A create whose metadata file already exists (another job's, or one left behind): nothing
+    /// was created or changed.
+    public static func metadataExists(path: String, message: String) -> VarlinkError {
+        VarlinkError(name: Name.metadataExists, parameters: ["path": .string(path), "message": .string(message)])
     }
 
     public static func permissionDenied(method: String, reason: String) -> VarlinkError {
@@ -249,7 +257,10 @@ public struct VarlinkError: Error, Sendable, Equatable, CustomStringConvertible 
             return
                 "destination (\(p["dest_bytes"]?.int64Value ?? 0) bytes) is smaller than source (\(p["source_bytes"]?.int64Value ?? 0) bytes)"
         case .metadataCorrupt:
-            return "metadata \(p["path"]?.stringValue ?? "") is corrupt: \(p["reason"]?.stringValue ?? "")"
+            let path = p["path"]?.stringValue ?? ""
+            return "metadata \(path.isEmpty ? "" : path + " ")is corrupt: \(p["reason"]?.stringValue ?? "")"
+        case .metadataExists:
+            return p["message"]?.stringValue ?? "metadata \(p["path"]?.stringValue ?? "?") already exists"
         case .permissionDenied:
             return "permission denied for \(p["method"]?.stringValue ?? "method"): \(p["reason"]?.stringValue ?? "")"
         case .jobFailed:

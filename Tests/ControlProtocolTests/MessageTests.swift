@@ -262,7 +262,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
                 "NoSuchJob", "JobExists", "JobRunning", "InvalidParameter", "DeviceInUse", "SizeMismatch",
                 "MetadataCorrupt", "PermissionDenied", "JobFailed", "IOError", "InvalidMessage", "MessageTooLarge",
                 "TooManyConnections", "InternalError", "DataAtRisk", "DeviceUnconfirmed", "ExportInUse",
-                "JobRecordUnreadable",
+                "JobRecordUnreadable", "MetadataExists",
             ])
     }
 

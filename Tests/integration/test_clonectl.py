@@ -744,3 +744,54 @@ def test_remove_of_a_partly_released_job_keeps_its_record(daemon, tmp_path):
     assert r.returncode == 0, r
     assert Path(dst).read_bytes() == want
     assert os.stat(src).st_blocks == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Error fields: set where the error is thrown, sent as they are, printed with them.
+
+def test_metadata_exists_is_its_own_error_naming_the_file(daemon, tmp_path):
+    """A create whose metadata file is already there: MetadataExists with the file's path (it was
+    MetadataCorrupt with an empty path, printed "metadata  is corrupt: …")."""
+    src = write_image(tmp_path / "src.img", 4 * MiB)
+    dst = blank(tmp_path / "dst.img", 4 * MiB)
+    meta = tmp_path / "taken.meta"
+    meta.write_bytes(b"not ours" * 512)
+    with pytest.raises(VarlinkError) as e:
+        varlink_call(daemon.socket, "Start", {"name": "ex", "source": src, "dest": dst, "metadata": str(meta)})
+    assert e.value.name == "org.hydrationd.Control.MetadataExists", e.value
+    assert e.value.parameters["path"] == str(meta), e.value
+    r = daemon.run("start", "ex", "--source", src, "--dest", dst, "--metadata", str(meta))
+    line = one_line_error(r)
+    assert r.returncode == 65, r.stderr
+    assert f"metadata {meta} already exists" in line and "corrupt" not in line, line
+    assert meta.read_bytes() == b"not ours" * 512
+
+
+def test_metadata_mismatch_names_the_metadata_file(daemon, tmp_path):
+    """A paused job whose destination shrank: MetadataCorrupt naming the job's metadata file (the
+    path was empty on the wire, and clonectl printed "metadata  is corrupt")."""
+    src = write_image(tmp_path / "src.img", 4 * MiB)
+    dst = blank(tmp_path / "dst.img", 4 * MiB)
+    meta = str(tmp_path / "mm.meta")
+    daemon.ok("start", "mm", "--source", src, "--dest", dst, "--metadata", meta, "--no-hydration")
+    os.truncate(dst, 1 * MiB)
+    with pytest.raises(VarlinkError) as e:
+        varlink_call(daemon.socket, "Resume", {"name": "mm"})
+    assert e.value.name == "org.hydrationd.Control.MetadataCorrupt", e.value
+    assert e.value.parameters["path"] == meta, e.value
+    r = daemon.run("resume", "mm")
+    line = one_line_error(r)
+    assert f"metadata {meta} is corrupt" in line and "metadata  is" not in line, line
+
+
+def test_io_error_names_the_unreachable_source(daemon, tmp_path):
+    """A remote source that does not answer at create: IOError with the source's URI as its path
+    (it was null)."""
+    src = f"nbd+unix:///?socket={tmp_path / 'nobody.sock'}"
+    dst = blank(tmp_path / "dst.img", 4 * MiB)
+    with pytest.raises(VarlinkError) as e:
+        varlink_call(daemon.socket, "Start", {"name": "io", "source": src, "dest": dst})
+    assert e.value.name == "org.hydrationd.Control.IOError", e.value
+    assert e.value.parameters["path"] == src, e.value
+    r = daemon.run("start", "io", "--source", src, "--dest", dst)
+    assert f"I/O error on {src}" in one_line_error(r), r.stderr

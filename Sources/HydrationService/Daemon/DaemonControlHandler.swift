@@ -27,8 +27,10 @@ public struct DaemonControlHandler: ControlHandler {
             return .deviceInUse(path: e.path ?? path ?? "", job: e.holder ?? "", message: e.message)
         case .sizeMismatch:
             return .sizeMismatch(sourceBytes: e.sourceBytes ?? 0, destBytes: e.destBytes ?? 0, message: e.message)
-        case .metadataCorrupt, .metadataMismatch, .metadataExists:
+        case .metadataCorrupt, .metadataMismatch:
             return .metadataCorrupt(path: e.path ?? path ?? "", reason: e.message)
+        case .metadataExists:
+            return .metadataExists(path: e.path ?? path ?? "", message: e.message)
         case .deviceUnconfirmed:
             return .deviceUnconfirmed(path: e.path ?? path ?? "", message: e.message)
         case .permissionDenied: return .permissionDenied(method: "", reason: e.message)
@@ -48,18 +50,10 @@ public struct DaemonControlHandler: ControlHandler {
         }
     }
 
-    /// Which request parameter an engine validation error concerns, from the message's first word.
+    /// Which request parameter an engine validation error concerns: the one it was thrown with,
+    /// else the job's name for a request about a job in the wrong state.
     static func parameterName(for e: HydrationError) -> String {
-        let m = e.message
-        for (prefix, name) in [
-            ("source", "source"), ("destination", "dest"), ("dest", "dest"), ("metadata", "metadata"),
-            ("region size", "region_size"), ("region_size", "region_size"), ("job name", "name"),
-            ("batch_size", "batch_size"), ("threshold", "threshold"),
-            ("rate_limit", "rate_limit_bytes_per_second"), ("commit_interval", "commit_interval_ms"),
-            ("space_budget", "space_budget_bytes"), ("export", "export"),
-            ("hydrate_on_read", "hydrate_on_read"),
-        ]
-        where m.hasPrefix(prefix) { return name }
+        if let p = e.parameter { return p }
         if e.code == .invalidState || e.code == .notFound { return "name" }
         return "parameters"
     }

@@ -398,7 +398,7 @@ public actor JobManager {
     /// Whether a job failed to open only because its remote source did not answer (the server is
     /// down or restarting): a migration's old host rebooting must not need an operator.
     static func sourceUnreachable(_ def: JobDefinition, _ e: HydrationError) -> Bool {
-        guard RemoteSource.isURI(def.source), e.message.hasPrefix("source") || e.code == .sourceUnavailable else {
+        guard RemoteSource.isURI(def.source), e.parameter == "source" || e.code == .sourceUnavailable else {
             return false
         }
         switch e.errno {
@@ -496,14 +496,16 @@ public actor JobManager {
     public static func validateName(_ name: String) throws(HydrationError) {
         guard !name.isEmpty, name.utf8.count <= maxNameLength else {
             throw HydrationError(
-                .invalidParameter, "job name must be 1 to \(maxNameLength) characters (got \(name.utf8.count))")
+                .invalidParameter, "job name must be 1 to \(maxNameLength) characters (got \(name.utf8.count))",
+                parameter: "name")
         }
         guard !name.hasPrefix("."),
             name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:@".contains($0)) })
         else {
             throw HydrationError(
                 .invalidParameter,
-                "job name '\(name)' may contain only letters, digits and - _ . : @, and may not start with '.'")
+                "job name '\(name)' may contain only letters, digits and - _ . : @, and may not start with '.'",
+                parameter: "name")
         }
     }
 
@@ -522,7 +524,7 @@ public actor JobManager {
             throw HydrationError(.jobExists, "job \(req.name) already exists")
         }
         if req.export && exportHost == nil {
-            throw HydrationError(.invalidParameter, "export: this daemon serves no NBD socket")
+            throw HydrationError(.invalidParameter, "export: this daemon serves no NBD socket", parameter: "export")
         }
         let regionSize = req.regionSize ?? RegionGeometry.defaultRegionSize
         guard JobConfiguration.isValidRegionSize(regionSize) else {
@@ -1271,7 +1273,8 @@ public actor JobManager {
         MetadataHeader, MetadataRecoveryReport
     ) {
         guard path.hasPrefix("/") else {
-            throw HydrationError(.invalidParameter, "metadata path must be absolute: '\(path)'")
+            throw HydrationError(
+                .invalidParameter, "metadata path must be absolute: '\(path)'", path: path, parameter: "metadata")
         }
         let storage = self.storage
         do {
@@ -1282,7 +1285,7 @@ public actor JobManager {
             return r
         } catch let e as MetadataError {
             if case .io(let s) = e.reason, s.errno == ENOENT {
-                throw HydrationError(.notFound, "metadata \(path) does not exist")
+                throw HydrationError(.notFound, "metadata \(path) does not exist", path: path, parameter: "metadata")
             }
             throw HydrationError.from(e)
         } catch {

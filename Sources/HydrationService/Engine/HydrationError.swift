@@ -1,3 +1,5 @@
+import HydrationStorage
+
 #if canImport(Glibc)
     import Glibc
 #endif
@@ -49,8 +51,14 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     public var errno: Int32?
     /// The first region the failure concerns, when there is one.
     public var region: Int?
-    /// The file or device concerned, when there is one.
+    /// The file or device concerned, when there is one. Set where the error is thrown: the wire's
+    /// `path` of MetadataCorrupt, MetadataExists, IOError, DeviceInUse and DeviceUnconfirmed.
     public var path: String?
+    /// The request parameter the failure concerns (`source`, `dest`, `metadata`, `region_size`,
+    /// `name`, a tunable's name...), when there is one: the wire's InvalidParameter `parameter`.
+    /// `source` on a failure to open, identify or confirm the source also tells the daemon that a
+    /// remote source that did not answer is worth reopening in the background.
+    public var parameter: String?
     /// For DeviceInUse: what holds the device. The engine names a loop device ("/dev/loop3"), a
     /// process ("pid 1234 (qemu-system-x86)"), a stacked device or a mount; the daemon's
     /// JobManager replaces it with the job's name when one of its own jobs holds it.
@@ -61,8 +69,12 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     /// For ExportInUse: the connections using the export.
     public var clients: Int?
 
-    public init(_ code: Code, _ message: String, errno: Int32? = nil, region: Int? = nil) {
+    public init(
+        _ code: Code, _ message: String, errno: Int32? = nil, region: Int? = nil, path: String? = nil,
+        parameter: String? = nil
+    ) {
         self.code = code; self.message = message; self.errno = errno; self.region = region
+        self.path = path; self.parameter = parameter
         // Named for what it is, wherever an I/O path met it: out of descriptors says nothing about
         // the files or devices concerned.
         if code == .ioError, let e = errno, Self.isResourceExhaustion(e) {
@@ -82,22 +94,34 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
 
     public var description: String { "\(code.rawValue): \(message)" }
 
+    /// A metadata failure, with the file it concerns.
     static func from(_ e: MetadataError) -> HydrationError {
+        let code: Code
+        var errno: Int32?
         switch e.reason {
         case .io(let s):
-            var h = HydrationError(.ioError, e.description, errno: s.errno)
-            h.path = e.path
-            return h
-        case .identityMismatch: return withPath(HydrationError(.metadataMismatch, e.description), e.path)
-        case .alreadyExists: return withPath(HydrationError(.metadataExists, e.description), e.path)
-        case .failedEarlier: return withPath(HydrationError(.commitFailed, e.description), e.path)
-        default: return withPath(HydrationError(.metadataCorrupt, e.description), e.path)
+            code = .ioError
+            errno = s.errno
+        case .identityMismatch: code = .metadataMismatch
+        case .alreadyExists: code = .metadataExists
+        case .failedEarlier: code = .commitFailed
+        default: code = .metadataCorrupt
         }
+        return HydrationError(code, e.description, errno: errno, path: e.path, parameter: "metadata")
     }
 
-    private static func withPath(_ e: HydrationError, _ path: String) -> HydrationError {
-        var e = e
-        e.path = path
-        return e
+    /// A refusal of the identity module (placement, confirmation), with its fields.
+    static func from(_ e: IdentityError) -> HydrationError {
+        let code: Code
+        switch e.kind {
+        case .mismatch: code = .metadataMismatch
+        case .unconfirmed: code = .deviceUnconfirmed
+        case .sameDevice: code = .sameDevice
+        case .inUse: code = .deviceInUse
+        case .io: code = .ioError
+        }
+        var h = HydrationError(code, e.message, errno: e.errno, path: e.path, parameter: e.parameter)
+        h.holder = e.holder
+        return h
     }
 }

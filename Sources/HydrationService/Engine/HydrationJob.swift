@@ -199,31 +199,18 @@ public actor HydrationJob {
             if label == "source" && RemoteSource.isURI(p) { continue }
             if label != "source" && RemoteSource.isURI(p) {
                 throw HydrationError(
-                    .invalidParameter, "\(label) must be a local path: only the source may be an NBD URI (got '\(p)')")
+                    .invalidParameter, "\(label) must be a local path: only the source may be an NBD URI (got '\(p)')",
+                    parameter: label)
             }
             guard p.hasPrefix("/") else {
-                throw HydrationError(.invalidParameter, "\(label) path must be absolute: '\(p)'")
+                throw HydrationError(.invalidParameter, "\(label) path must be absolute: '\(p)'", parameter: label)
             }
         }
         guard Set([config.sourcePath, config.destPath, config.metadataPath]).count == 3 else {
-            throw HydrationError(.sameDevice, "source, destination and metadata must be three different paths")
+            throw HydrationError(
+                .sameDevice, "source, destination and metadata must be three different paths", parameter: "source")
         }
         try config.tunables.validate(regionSize: config.regionSize)
-    }
-
-    static func checkDistinct(source: DeviceInfo, dest: DeviceInfo?, metadata: DeviceInfo?) throws(HydrationError) {
-        if let dest, dest.identity == source.identity {
-            throw HydrationError(
-                .sameDevice, "source \(source.path) and destination \(dest.path) are the same \(source.identity)")
-        }
-        if let metadata {
-            if metadata.identity == source.identity {
-                throw HydrationError(.sameDevice, "metadata \(metadata.path) is the source \(source.path)")
-            }
-            if let dest, metadata.identity == dest.identity {
-                throw HydrationError(.sameDevice, "metadata \(metadata.path) is the destination \(dest.path)")
-            }
-        }
     }
 
     static func ioName(_ d: DirectIO) -> String { d.enabled ? "direct" : "buffered" }
@@ -237,13 +224,13 @@ public actor HydrationJob {
         } catch {
             switch error.errno {
             case EBUSY, EWOULDBLOCK:
-                var e = HydrationError(
+                throw HydrationError(
                     .deviceInUse, "\(what) \(path) is in use (mounted, opened exclusively, or locked by another job)",
-                    errno: error.errno)
-                e.path = path
-                throw e
+                    errno: error.errno, path: path, parameter: DeviceRole(label: what)?.parameter)
             case ENOENT:
-                throw HydrationError(.notFound, "\(what) \(path) does not exist", errno: error.errno)
+                throw HydrationError(
+                    .notFound, "\(what) \(path) does not exist", errno: error.errno, path: path,
+                    parameter: DeviceRole(label: what)?.parameter)
             case EOPNOTSUPP where mode == .source(discard: true) && RemoteSource.isURI(path):
                 // A remote export without TRIM: its space could never be released.
                 var e = HydrationError(
@@ -254,9 +241,12 @@ public actor HydrationJob {
                 throw e
             case EACCES, EPERM, EROFS:
                 throw HydrationError(
-                    .invalidParameter, "\(what) \(path): permission denied (\(error.errnoName))", errno: error.errno)
+                    .invalidParameter, "\(what) \(path): permission denied (\(error.errnoName))", errno: error.errno,
+                    path: path, parameter: DeviceRole(label: what)?.parameter)
             default:
-                throw HydrationError(.ioError, "\(what): \(error)", errno: error.errno)
+                throw HydrationError(
+                    .ioError, "\(what): \(error)", errno: error.errno, path: path,
+                    parameter: DeviceRole(label: what)?.parameter)
             }
         }
     }
@@ -268,9 +258,13 @@ public actor HydrationJob {
             return try storage.identify(path)
         } catch {
             if error.errno == EINVAL {
-                throw HydrationError(.invalidParameter, "\(what) \(path) is neither a regular file nor a block device")
+                throw HydrationError(
+                    .invalidParameter, "\(what) \(path) is neither a regular file nor a block device", path: path,
+                    parameter: DeviceRole(label: what)?.parameter)
             }
-            throw HydrationError(.ioError, "\(what): \(error)", errno: error.errno)
+            throw HydrationError(
+                .ioError, "\(what): \(error)", errno: error.errno, path: path,
+                parameter: DeviceRole(label: what)?.parameter)
         }
     }
 
@@ -282,21 +276,26 @@ public actor HydrationJob {
         }
         try validateCommon(config)
         guard let srcInfo = try identify(storage, config.sourcePath, what: "source") else {
-            throw HydrationError(.notFound, "source \(config.sourcePath) does not exist")
+            throw HydrationError(
+                .notFound, "source \(config.sourcePath) does not exist", path: config.sourcePath, parameter: "source")
         }
-        guard srcInfo.size > 0 else { throw HydrationError(.invalidParameter, "source \(config.sourcePath) is empty") }
+        guard srcInfo.size > 0 else {
+            throw HydrationError(
+                .invalidParameter, "source \(config.sourcePath) is empty", path: config.sourcePath, parameter: "source")
+        }
         guard RegionGeometry.regionCount(size: srcInfo.size, regionSize: config.regionSize) <= RegionGeometry.maxRegions
         else {
             throw HydrationError(
                 .invalidParameter,
-                "region size \(config.regionSize) gives more than 2^31 regions for \(srcInfo.size) bytes; choose a larger one"
-            )
+                "region size \(config.regionSize) gives more than 2^31 regions for \(srcInfo.size) bytes; choose a larger one",
+                parameter: "region_size")
         }
         let destBefore = try identify(storage, config.destPath, what: "destination")
         if let m = try identify(storage, config.metadataPath, what: "metadata") {
             try checkDistinct(source: srcInfo, dest: destBefore, metadata: m)
             throw HydrationError(
-                .metadataExists, "metadata \(config.metadataPath) already exists; open the existing job or remove it")
+                .metadataExists, "metadata \(config.metadataPath) already exists; open the existing job or remove it",
+                path: config.metadataPath, parameter: "metadata")
         }
         try checkDistinct(source: srcInfo, dest: destBefore, metadata: nil)
         try checkPlacement(
@@ -327,14 +326,15 @@ public actor HydrationJob {
             // The new file's directory entry must be durable before any commit can record data in
             // it (and, with discard_source, release the source behind it).
             do { try storage.syncDirectory(containing: config.destPath) } catch {
-                throw HydrationError(.ioError, "destination: \(error)", errno: error.errno)
+                throw HydrationError(
+                    .ioError, "destination: \(error)", errno: error.errno, path: config.destPath, parameter: "dest")
             }
         }
         for d in [source, dest] where config.regionSize % UInt64(max(1, d.info.logicalBlockSize)) != 0 {
             throw HydrationError(
                 .invalidParameter,
-                "region size \(config.regionSize) is not a multiple of \(d.info.path)'s logical block size \(d.info.logicalBlockSize)"
-            )
+                "region size \(config.regionSize) is not a multiple of \(d.info.path)'s logical block size \(d.info.logicalBlockSize)",
+                parameter: "region_size")
         }
         guard dest.info.size >= source.info.size else {
             var e = HydrationError(
@@ -353,7 +353,10 @@ public actor HydrationJob {
             // The size ftruncate gave a created or extended file must be durable before metadata
             // recording that size exists (fdatasync flushes a size change, fdatasync(2)):
             // otherwise a crash before the first commit leaves a job that never reopens.
-            do { try dest.sync() } catch { throw HydrationError(.ioError, "destination: \(error)", errno: error.errno) }
+            do { try dest.sync() } catch {
+                throw HydrationError(
+                    .ioError, "destination: \(error)", errno: error.errno, path: config.destPath, parameter: "dest")
+            }
         }
         if config.discardSource { try holdLease(source) }
         let record = try sourceRecord(source, mayRead: { _ in true })
@@ -381,7 +384,9 @@ public actor HydrationJob {
             opened = try MetadataStore.open(path: config.metadataPath, storage: storage)
         } catch {
             if case .io(let s) = error.reason, s.errno == ENOENT {
-                throw HydrationError(.notFound, "metadata \(config.metadataPath) does not exist")
+                throw HydrationError(
+                    .notFound, "metadata \(config.metadataPath) does not exist", path: config.metadataPath,
+                    parameter: "metadata")
             }
             throw HydrationError.from(error)
         }
@@ -434,8 +439,8 @@ public actor HydrationJob {
         if dest.info.size < h.targetSize {
             throw HydrationError(
                 .metadataMismatch,
-                "destination \(config.destPath) has \(dest.info.size) bytes, fewer than the \(h.targetSize) that metadata \(config.metadataPath) was created for"
-            )
+                "destination \(config.destPath) has \(dest.info.size) bytes, fewer than the \(h.targetSize) that metadata \(config.metadataPath) was created for",
+                path: config.metadataPath, parameter: "dest")
         }
         try checkDistinct(source: source.info, dest: dest.info, metadata: nil)
         var recordedSource = h.source
@@ -485,55 +490,6 @@ public actor HydrationJob {
             throw e
         } catch {
             return
-        }
-    }
-
-    /// Is `found` (what the path names now) the device the metadata was created for? Device
-    /// numbers and /dev names are reused and renumbered (another disk of the same size can appear
-    /// as /dev/sdb after a reboot, a loop number is reused at once): the stable identity decides.
-    /// Without one (version 1 metadata, or a device that has none), a regular file is recognised
-    /// by filesystem and inode as before, and a block device cannot be confirmed: the job stays
-    /// stopped rather than write to or release a device that may be another one.
-    static func confirm(
-        _ found: DeviceInfo, is recorded: DeviceRecord, what: String, metadataPath: String,
-        exactSize: Bool, accept: Bool = false
-    ) throws(HydrationError) {
-        let kindChanged = found.identity.kind != recorded.identity.kind
-        let sizeChanged = exactSize ? found.size != recorded.size : found.size < recorded.size
-        if kindChanged || sizeChanged {
-            throw HydrationError(
-                .metadataMismatch,
-                "\(what) \(found.path) (\(found.identity), \(found.size) bytes) is not the device metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity), \(recorded.size) bytes)"
-            )
-        }
-        // The operator has vouched for the device: kind and size were the checks left.
-        if accept { return }
-        if !recorded.stableID.isEmpty {
-            guard recorded.hasStableID(of: found) else {
-                var e = HydrationError(
-                    .deviceUnconfirmed,
-                    "\(what) \(found.path) is not the device the job was created for: it was \(recorded.stableID), it is now \(found.stableID.isEmpty ? "a device without a stable identity" : found.stableID). Nothing is written or released; put the right device at \(found.path) and resume, or remove the job"
-                )
-                e.path = found.path
-                throw e
-            }
-            return
-        }
-        switch recorded.identity.kind {
-        case .regularFile where found.identity == recorded.identity:
-            return
-        case .regularFile:
-            throw HydrationError(
-                .metadataMismatch,
-                "\(what) \(found.path) (\(found.identity)) is not the file metadata \(metadataPath) was created for (\(recorded.path): \(recorded.identity))"
-            )
-        case .blockDevice, .remote:
-            var e = HydrationError(
-                .deviceUnconfirmed,
-                "\(what) \(found.path) cannot be confirmed to be the device the job was created for (its metadata records no stable identity, and device numbers are reused). Nothing is written or released; check the device and re-create the job"
-            )
-            e.path = found.path
-            throw e
         }
     }
 

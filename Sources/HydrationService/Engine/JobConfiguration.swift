@@ -37,22 +37,28 @@ public struct Tunables: Sendable, Equatable, Codable {
     public func validate(regionSize: UInt64) throws(HydrationError) {
         guard batchSize >= 1, UInt64(batchSize) * regionSize <= 64 << 20 else {
             throw HydrationError(
-                .invalidParameter, "batch_size must be at least 1 and at most 64 MiB of regions (got \(batchSize))")
+                .invalidParameter, "batch_size must be at least 1 and at most 64 MiB of regions (got \(batchSize))",
+                parameter: "batch_size")
         }
         guard threshold >= 1, threshold <= 1 << 20 else {
             throw HydrationError(
-                .invalidParameter, "threshold must be between 1 and 1048576 regions (got \(threshold))")
+                .invalidParameter, "threshold must be between 1 and 1048576 regions (got \(threshold))",
+                parameter: "threshold")
         }
         if let r = rateLimitBytesPerSecond, r < 4096 {
-            throw HydrationError(.invalidParameter, "rate_limit_bytes_per_second must be at least 4096 (got \(r))")
+            throw HydrationError(
+                .invalidParameter, "rate_limit_bytes_per_second must be at least 4096 (got \(r))",
+                parameter: "rate_limit_bytes_per_second")
         }
         guard commitIntervalMs >= 10, commitIntervalMs <= 3_600_000 else {
             throw HydrationError(
-                .invalidParameter, "commit_interval_ms must be between 10 and 3600000 (got \(commitIntervalMs))")
+                .invalidParameter, "commit_interval_ms must be between 10 and 3600000 (got \(commitIntervalMs))",
+                parameter: "commit_interval_ms")
         }
         guard spaceBudgetBytes >= regionSize else {
             throw HydrationError(
-                .invalidParameter, "space_budget_bytes must be at least one region (\(regionSize) bytes)")
+                .invalidParameter, "space_budget_bytes must be at least one region (\(regionSize) bytes)",
+                parameter: "space_budget_bytes")
         }
     }
 }
@@ -102,7 +108,8 @@ public struct JobConfiguration: Sendable, Equatable, Codable {
     static func regionSizeError(_ s: UInt64) -> HydrationError {
         HydrationError(
             .invalidParameter,
-            "region_size must be a power of two from 4 KiB to 64 MiB (a batch reads at least one whole region into memory; got \(s))"
+            "region_size must be a power of two from 4 KiB to 64 MiB (a batch reads at least one whole region into memory; got \(s))",
+            parameter: "region_size"
         )
     }
 

@@ -29,7 +29,7 @@ extension HydrationJob {
         } catch {
             throw HydrationError(
                 .ioError, "source: reading samples of \(source.info.path) for its identity: \(error)",
-                errno: error.errno)
+                errno: error.errno, path: source.info.path, parameter: "source")
         }
         return record
     }
@@ -45,7 +45,7 @@ extension HydrationJob {
 
     /// `DeviceUnconfirmed` when a reconnection of the remote `source` found another disk.
     static func unconfirmedSourceError(_ source: any StorageDevice) -> HydrationError? {
-        guard let why = (source as? RemoteNBDDevice)?.unconfirmedReason else { return nil }
+        guard let why = (source as? any RemoteSourceDevice)?.unconfirmedReason else { return nil }
         var e = HydrationError(
             .deviceUnconfirmed,
             "source \(source.info.path): \(why). Nothing more is read from or released on it; put the job's own export back and resume, or remove the job",
@@ -70,12 +70,13 @@ extension HydrationJob {
         _ source: any StorageDevice, recorded: DeviceRecord,
         mayRead: (Range<UInt64>) -> Bool
     ) throws(HydrationError) {
-        guard let remote = source as? RemoteNBDDevice else { return }
+        guard let remote = source as? any RemoteSourceDevice else { return }
         do {
             try remote.armIdentity(recorded: RemoteIdentity.parse(recorded.stableID).samples, mayRead: mayRead)
         } catch {
             throw HydrationError(
-                .ioError, "source: reading \(source.info.path) for its identity: \(error)", errno: error.errno)
+                .ioError, "source: reading \(source.info.path) for its identity: \(error)", errno: error.errno,
+                path: source.info.path, parameter: "source")
         }
     }
 
@@ -91,40 +92,6 @@ extension HydrationJob {
             let last = Int((range.upperBound - 1) / regionSize)
             return committed.count(in: first..<min(last + 1, committed.count)) == 0
         }
-    }
-
-    /// A remote source found at a reopen, compared with the recorded one. Non-remote devices are
-    /// returned unchanged (`confirm` decides). For a remote export: the base identity (export
-    /// name, size, description) must match; with `device`, every recorded sample that may still
-    /// be read (`mayRead`) is read again and must have the same checksum. When all of that holds
-    /// the result carries the recorded stable ID (so `confirm` accepts it); otherwise it carries
-    /// what was found, and `confirm` refuses with `DeviceUnconfirmed`, naming both.
-    static func confirmedRemote(
-        _ found: DeviceInfo, recorded: DeviceRecord, device: (any StorageDevice)?,
-        mayRead: (Range<UInt64>) -> Bool
-    ) throws(HydrationError) -> DeviceInfo {
-        guard found.identity.kind == .remote, recorded.identity.kind == .remote else { return found }
-        let (recordedBase, samples) = RemoteIdentity.parse(recorded.stableID)
-        guard found.stableID == recordedBase else { return found }
-        var confirmed = found
-        if let device {
-            var mismatched: [RemoteIdentity.Sample] = []
-            for s in samples where s.offset + UInt64(RemoteIdentity.sampleSize) <= found.size {
-                guard mayRead(s.offset..<s.offset + UInt64(RemoteIdentity.sampleSize)) else { continue }
-                let crc: UInt32
-                do { crc = try RemoteIdentity.crc(device, s.offset) } catch {
-                    throw HydrationError(
-                        .ioError, "source: reading \(found.path) to confirm its identity: \(error)", errno: error.errno)
-                }
-                if crc != s.crc { mismatched.append(RemoteIdentity.Sample(offset: s.offset, crc: crc)) }
-            }
-            if !mismatched.isEmpty {
-                confirmed.stableID = RemoteIdentity.format(base: found.stableID, samples: mismatched)
-                return confirmed
-            }
-        }
-        confirmed.stableID = recorded.stableID
-        return confirmed
     }
 
     /// What status shows while a remote source's connection is down and the job waits for it:

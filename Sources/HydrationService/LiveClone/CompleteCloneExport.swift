@@ -32,7 +32,8 @@ final class CompleteCloneExport: NBDExport {
             guard dest.info.size >= header.targetSize else {
                 throw HydrationError(
                     .metadataMismatch,
-                    "destination \(def.dest) has \(dest.info.size) bytes, fewer than the job's \(header.targetSize)")
+                    "destination \(def.dest) has \(dest.info.size) bytes, fewer than the job's \(header.targetSize)",
+                    path: def.metadata, parameter: "dest")
             }
         } catch {
             dest.close()

@@ -54,36 +54,6 @@ public enum MetadataFormat {
     static let flagComplete: UInt32 = 1 << 2
 }
 
-/// A file or device as the metadata remembers it: enough to refuse resuming against another one.
-public struct DeviceRecord: Sendable, Equatable, Codable {
-    public var path: String
-    public var identity: DeviceIdentity
-    public var size: UInt64
-    /// `DeviceInfo.stableID` at creation: what confirms the device after a restart. Empty in
-    /// version 1 files and for devices that have none.
-    public var stableID: String
-    public init(path: String, identity: DeviceIdentity, size: UInt64, stableID: String = "") {
-        self.path = path; self.identity = identity; self.size = size; self.stableID = stableID
-    }
-    public init(_ info: DeviceInfo) {
-        self.init(
-            path: info.path, identity: info.identity, size: info.size, stableID: Self.recordedForm(of: info.stableID))
-    }
-
-    /// A stable ID as the metadata keeps it: its first `maxStableIDBytes` bytes of UTF-8 (a cut
-    /// inside a character decodes as U+FFFD, exactly as the superblock reads it back).
-    public static func recordedForm(of stableID: String) -> String {
-        String(decoding: Array(stableID.utf8.prefix(MetadataFormat.maxStableIDBytes)), as: UTF8.self)
-    }
-
-    /// Whether a device found now has this record's stable ID. The found ID is compared in the
-    /// form the record keeps: an ID longer than the record's limit must still confirm its own
-    /// device after a restart.
-    public func hasStableID(of found: DeviceInfo) -> Bool {
-        !stableID.isEmpty && Self.recordedForm(of: found.stableID) == stableID
-    }
-}
-
 /// The decoded superblock.
 public struct MetadataHeader: Sendable, Equatable, Codable {
     public var version: UInt32

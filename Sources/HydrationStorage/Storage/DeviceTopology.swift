@@ -687,7 +687,7 @@ public struct DeviceTopology: Sendable {
         guard hyd_statx_btime(fd, nil, &ino, &sec, &nsec, &hasBtime) == 0, hasBtime != 0 else { return "" }
         let fs = filesystemID(fd)
         guard !fs.isEmpty else { return "" }
-        return "file:\(fs):ino=\(ino):btime=\(sec).\(nsecString(nsec))"
+        return StableID.file(filesystem: fs, inode: ino, birthSeconds: sec, birthNanoseconds: nsecString(nsec)).text
     }
 
     /// The same for a file named by path. The file itself is not opened (an open would break,
@@ -736,7 +736,7 @@ public struct DeviceTopology: Sendable {
         defer { close(fd) }
         let fs = filesystemID(fd)
         guard !fs.isEmpty, ino == UInt64(st.st_ino) else { return "" }
-        return "file:\(fs):ino=\(ino):btime=\(sec).\(nsecString(nsec))"
+        return StableID.file(filesystem: fs, inode: ino, birthSeconds: sec, birthNanoseconds: nsecString(nsec)).text
     }
 
     /// `uuid=<hex>` (FS_IOC_GETFSUUID) or `fsid=<hex>` (statfs f_fsid) of the filesystem `fd` is
@@ -767,15 +767,15 @@ public struct DeviceTopology: Sendable {
             guard let whole = devNumber(ofDir: parentDirectory(of: dir)) else { return "" }
             let parent = stableID(ofBlock: whole, depth: depth + 1, failure: failure)
             guard !parent.isEmpty, let n = read(dir + "/partition"), let start = read(dir + "/start") else { return "" }
-            return "part:\(parent):\(n):\(start)"
+            return StableID.partition(of: StableID(parent), number: n, start: start).text
         }
         if exists(dir + "/dm") {
-            if let u = read(dir + "/dm/uuid"), !u.isEmpty { return "dm:uuid=\(u)" }
-            if let n = read(dir + "/dm/name"), !n.isEmpty { return "dm:name=\(n)" }
+            if let u = read(dir + "/dm/uuid"), !u.isEmpty { return StableID.deviceMapper(uuid: u).text }
+            if let n = read(dir + "/dm/name"), !n.isEmpty { return StableID.deviceMapper(name: n).text }
             return bootScopedID(dir: dir, failure: failure)
         }
         if exists(dir + "/md") {
-            if let u = read(dir + "/md/uuid"), !u.isEmpty { return "md:\(u)" }
+            if let u = read(dir + "/md/uuid"), !u.isEmpty { return StableID.mdArray(uuid: u).text }
             return bootScopedID(dir: dir, failure: failure)
         }
         if exists(dir + "/loop") {
@@ -790,13 +790,13 @@ public struct DeviceTopology: Sendable {
                 StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) == lb.file
             else { return "" }
             let f = stableID(ofFileDescriptor: fd)
-            return f.isEmpty ? "" : "loop:\(f):offset=\(lb.offset):sizelimit=\(lb.sizeLimit)"
+            return f.isEmpty ? "" : StableID.loop(backing: StableID(f), offset: lb.offset, sizeLimit: lb.sizeLimit).text
         }
         for w in [dir + "/wwid", dir + "/device/wwid"] {
-            if let v = read(w), !v.isEmpty { return "wwid:\(v)" }
+            if let v = read(w), !v.isEmpty { return StableID.wwid(v).text }
         }
         for s in [dir + "/serial", dir + "/device/serial"] {
-            if let v = read(s), !v.isEmpty { return "serial:\(v)" }
+            if let v = read(s), !v.isEmpty { return StableID.serial(v).text }
         }
         return bootScopedID(dir: dir, failure: failure)
     }
@@ -809,7 +809,7 @@ public struct DeviceTopology: Sendable {
         guard let boot = read(proc + "/sys/kernel/random/boot_id", failure: failure), !boot.isEmpty,
             let seq = read(dir + "/diskseq", failure: failure), !seq.isEmpty
         else { return "" }
-        return "boot:\(boot):diskseq:\(seq)"
+        return StableID.bootScoped(bootID: boot, diskSequence: seq).text
     }
 
     // MARK: sysfs helpers
