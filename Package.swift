@@ -94,6 +94,11 @@ let package = Package(
             name: "HydrationServiceTests",
             dependencies: ["HydrationService", "HydrationRemote", "ControlProtocol"]
         ),
+        // Tests that need only the storage target: the identity module, the region map.
+        .testTarget(
+            name: "HydrationStorageTests",
+            dependencies: ["HydrationStorage"]
+        ),
         .testTarget(
             name: "ControlProtocolTests",
             dependencies: ["ControlProtocol"]
