@@ -237,11 +237,9 @@ extension JobManager {
                     try Self.writeDurably(data, to: path)
                 }
             } catch let e as StorageError {
-                var h = HydrationError(.ioError, "saving kept job record \(path): \(e)", errno: e.errno)
-                h.path = path
-                throw h
+                throw HydrationError(.ioError, "saving kept job record \(path): \(e)", errno: e.errno, path: path)
             } catch {
-                throw HydrationError(.ioError, "saving kept job record \(path): \(error)")
+                throw HydrationError(.ioError, "saving kept job record \(path): \(error)", path: path)
             }
             kept = def.metadata.isEmpty ? nil : def.metadata
         }
@@ -264,10 +262,9 @@ extension JobManager {
                 }
             }
         } catch {
-            var h = HydrationError(
-                .ioError, "removing job record \(definitionFile): \(error)", errno: (error as? StorageError)?.errno)
-            h.path = definitionFile
-            throw h
+            throw HydrationError(
+                .ioError, "removing job record \(definitionFile): \(error)", errno: (error as? StorageError)?.errno,
+                path: definitionFile)
         }
         // The record is gone: the job is removed. An unsynced directory may bring it back after
         // a crash, as it was before the remove.

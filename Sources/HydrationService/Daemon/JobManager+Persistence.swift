@@ -21,18 +21,16 @@ extension JobManager {
             data = try JobRecords.encode(def)
             old = try previous.map { try JobRecords.encode($0) }
         } catch {
-            throw HydrationError(.ioError, "encoding job definition \(path): \(error)")
+            throw HydrationError(.ioError, "encoding job definition \(path): \(error)", path: path)
         }
         do {
             try await io.run { try Self.writeDurably(data, to: path, previous: old) }
         } catch let e as StorageError {
             // IOError with its errno (ENOSPC...), not NoSpace: that code says the job failed, and
             // it has not (its record is as it was).
-            var h = HydrationError(.ioError, "saving job record \(path): \(e)", errno: e.errno)
-            h.path = path
-            throw h
+            throw HydrationError(.ioError, "saving job record \(path): \(e)", errno: e.errno, path: path)
         } catch {
-            throw HydrationError(.ioError, "saving job record \(path): \(error)")
+            throw HydrationError(.ioError, "saving job record \(path): \(error)", path: path)
         }
     }
 
