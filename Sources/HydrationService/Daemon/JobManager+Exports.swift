@@ -32,7 +32,8 @@ extension JobManager {
                     "complete job's destination exported over NBD",
                     metadata: ["job": "\(name)", "uri": "\(host.uri(for: name))"])
             } catch {
-                exportErrors[name] = error as? HydrationError ?? HydrationError(.ioError, "\(error)")
+                exportErrors[name] =
+                    error as? HydrationError ?? HydrationError(.ioError, "\(error)", path: entry.definition.dest)
                 logger.error("complete job not exported", metadata: ["job": "\(name)", "error": "\(error)"])
             }
             return

@@ -85,7 +85,7 @@ extension JobManager {
             }
             throw HydrationError.from(e)
         } catch {
-            throw HydrationError(.ioError, "\(error)")
+            throw HydrationError(.ioError, "\(error)", path: path)
         }
     }
 
