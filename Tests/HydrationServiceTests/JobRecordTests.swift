@@ -53,10 +53,11 @@ import Testing
 
         let m1 = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m1.restore()
+        // At the minimum rate: resumed once repaired, it cannot complete before its state is read.
         _ = try await m1.create(
             CreateJobRequest(
                 name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),
-                discardSource: true, noHydration: true))
+                discardSource: true, noHydration: true, tunables: TunablesUpdate(rateLimitBytesPerSecond: 4096)))
         await m1.shutdown()
         let record = state + "/jobs/a.json"
         let original = try Data(contentsOf: URL(fileURLWithPath: record))
