@@ -448,7 +448,7 @@ def test_live_clone_of_a_remote_source_is_a_migration(tmp_path, cleanup):
     d = Daemon(tmp_path).start()
     cleanup.append(d)
     r = clonectl(d, "start", "vm", "--source", srv.uri, "--dest", str(tmp_path / "new-host.img"), "--discard-source",
-                 "--export", "--rate-limit", "4M", "--commit-interval", "200ms")
+                 "--export", "--rate-limit", "512K", "--commit-interval", "200ms")
     assert r.returncode == 0, r.stderr
     export = d.status("vm")["export"]["uri"]
     # The workload reads the whole disk on the new host while most of it is still on the old one.
@@ -702,7 +702,7 @@ def test_a_frozen_server_fails_reads_and_holds_no_command(tmp_path, cleanup):
                                     "HYDRATION_NBD_CONNECT_TIMEOUT_MS": "3000"}).start()
     cleanup.append(d)
     r = clonectl(d, "start", "fz", "--source", srv.uri, "--dest", str(tmp_path / "dst.img"), "--export",
-                 "--region-size", "64K", "--rate-limit", "2M")
+                 "--region-size", "64K", "--rate-limit", "512K")
     assert r.returncode == 0, r.stderr
     while d.status("fz")["bytes"]["committed"] < 1 << 20:
         time.sleep(0.05)
