@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need first, so it works on a fresh machine.
 #
-# Three phases, so that the CPU-bound crash explorers never share the two cooperative threads of
-# a small machine with tests that talk to servers: (1) every Swift test but the explorers, (2) the
-# explorers alone, (3) the integration tests (pytest) against the built binaries. Each phase runs
+# First the formatting check (`swift format lint --strict`, counted as one test), then three phases,
+# so that the CPU-bound crash explorers never share the two cooperative threads of a small machine
+# with tests that talk to servers: (1) every Swift test but the explorers, (2) the explorers alone,
+# (3) the integration tests (pytest) against the built binaries. Each phase runs
 # even when an earlier one failed; the exit status is non-zero if any did. Logs and reports go to
 # a private directory (HYDRATION_TEST_OUT to choose it), so two runs on one machine don't collide.
 # The last line sums all phases: "total: N passed, N failed, N skipped".
@@ -15,6 +16,15 @@ Scripts/install-deps.sh --test || exit 1
 out=${HYDRATION_TEST_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/hydration-test.XXXXXX")}
 mkdir -p "$out"
 echo "logs and reports: $out"
+
+# The formatting check: the toolchain's swift-format with the repository's .swift-format.
+lint_failure=""
+if ! swift format lint --strict -r Sources Tests Package.swift >"$out/lint.log" 2>&1; then
+    cat "$out/lint.log"
+    lint_failure='<failure message="swift format lint --strict: see lint.log"/>'
+fi
+printf '<testsuite name="lint"><testcase classname="lint" name="swift-format">%s</testcase></testsuite>\n' \
+    "$lint_failure" >"$out/lint.xml"
 
 swift build --build-tests 2>&1 | tee "$out/build.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "total: 0 passed, 1 failed, 0 skipped"; exit 1; }
@@ -29,5 +39,5 @@ swift test --skip-build --filter "$explorers" --xunit-output "$out/explorers.xml
 python3 -m pytest Tests/integration -rs -s --basetemp "$out/pytest" --junitxml "$out/integration.xml" 2>&1 | tee "$out/integration.log"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 
-python3 Scripts/test-summary.py "$out"/swift-swift-testing.xml "$out"/explorers-swift-testing.xml "$out"/integration.xml || rc=1
+python3 Scripts/test-summary.py "$out"/lint.xml "$out"/swift-swift-testing.xml "$out"/explorers-swift-testing.xml "$out"/integration.xml || rc=1
 exit $rc

@@ -91,7 +91,7 @@ import Testing
         let m = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m.restore()
         var slow = TunablesUpdate()
-        slow.rateLimitBytesPerSecond = .some(8 << 20)
+        slow.rateLimitBytesPerSecond = .some(2 << 20)
         slow.commitIntervalMs = 50
         _ = try await m.create(
             CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true, tunables: slow)
@@ -294,7 +294,7 @@ import Testing
         let m1 = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m1.restore()
         var slow = TunablesUpdate()
-        slow.rateLimitBytesPerSecond = .some(8 << 20)
+        slow.rateLimitBytesPerSecond = .some(2 << 20)
         slow.commitIntervalMs = 50
         _ = try await m1.create(
             CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D"), discardSource: true, tunables: slow)
@@ -336,8 +336,11 @@ import Testing
             }
         }
         #expect(await m2.names == ["a"])
-        // The job itself resumes and finishes, its clone whole.
+        // The job itself resumes and finishes, its clone whole (its rate limit lifted).
         _ = try await m2.resume("a")
+        var fast = TunablesUpdate()
+        fast.rateLimitBytesPerSecond = .some(nil)
+        _ = try await m2.set("a", fast)
         #expect(await eventually(30) { (try? await m2.status("a").state) == .complete })
         #expect(byteDifference(readFile(dir.file("D")), img.bytes) == nil)
         // Complete and settled: its devices are free again.
@@ -397,7 +400,7 @@ import Testing
         let m1 = JobManager(stateDirectory: state, io: io, logger: testLogger)
         try await m1.restore()
         var slow = TunablesUpdate()
-        slow.rateLimitBytesPerSecond = .some(1 << 20)
+        slow.rateLimitBytesPerSecond = .some(256 << 10)
         _ = try await m1.create(
             CreateJobRequest(name: "a", source: dir.file("S"), dest: dir.file("D1"), tunables: slow))
         _ = try await m1.create(

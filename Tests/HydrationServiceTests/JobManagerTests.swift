@@ -18,7 +18,7 @@ import Testing
         try await m1.restore()
         var slow = TunablesUpdate()
         // Slow enough that a loaded machine cannot finish the job before the shutdown below.
-        slow.rateLimitBytesPerSecond = .some(2 << 20)
+        slow.rateLimitBytesPerSecond = .some(512 << 10)
         _ = try await m1.create(
             CreateJobRequest(
                 name: "a", source: dir.file("a.img"), dest: dir.file("a.out"),

@@ -318,7 +318,7 @@ import Testing
         let m = JobManager(stateDirectory: fs.mnt, io: io, logger: testLogger)
         try await m.restore()
         var slow = TunablesUpdate()
-        slow.rateLimitBytesPerSecond = .some(1 << 20)
+        slow.rateLimitBytesPerSecond = .some(256 << 10)
         slow.commitIntervalMs = 50
         _ = try await m.create(
             CreateJobRequest(

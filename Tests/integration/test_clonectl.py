@@ -26,6 +26,7 @@ BIN = Path(os.environ.get("HYDRATION_BIN_DIR", REPO / ".build" / "debug"))
 CLONECTL = BIN / "clonectl"
 HYDRATIOND = BIN / "hydrationd"
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 if not (CLONECTL.exists() and HYDRATIOND.exists()):
@@ -189,8 +190,10 @@ def test_start_pause_resume_set_commit_remove(daemon, tmp_path):
     src = write_image(tmp_path / "src.img", 32 * MiB)
     dst = blank(tmp_path / "dst.img", 32 * MiB)
 
+    # 256 KiB/s, then 512 KiB/s: the job hydrates for over a minute, far longer than the steps below
+    # take on a loaded machine, and is removed before it ends.
     r = daemon.ok("start", "vm1", "--source", src, "--dest", dst, "--region-size", "64K",
-                  "--rate-limit", "2M", "--commit-interval", "200ms", "--threshold", "8", "--batch-size", "4")
+                  "--rate-limit", "256K", "--commit-interval", "200ms", "--threshold", "8", "--batch-size", "4")
     assert r.stdout.startswith("created job vm1: hydrating"), r.stdout
     s = daemon.status("vm1")
     assert s["state"] == "hydrating"
@@ -200,7 +203,7 @@ def test_start_pause_resume_set_commit_remove(daemon, tmp_path):
     # A file source is read direct (io=auto), where the filesystem can do direct I/O.
     assert s["source"]["io"] == ("direct" if direct_io_capable(tmp_path) else "buffered"), s["source"]
     assert s["source"]["io_reason"].startswith("io=auto: file source, 100.0 % allocated"), s["source"]
-    assert s["settings"] == {"threshold": 8, "batch_size": 4, "rate_limit_bytes_per_second": 2 * MiB,
+    assert s["settings"] == {"threshold": 8, "batch_size": 4, "rate_limit_bytes_per_second": 256 * KiB,
                              "commit_interval_ms": 200}
 
     # A hydrating job is not removed without --force.
@@ -218,10 +221,10 @@ def test_start_pause_resume_set_commit_remove(daemon, tmp_path):
     r = daemon.ok("resume", "vm1")
     assert r.stdout.startswith("resumed job vm1: hydrating")
 
-    r = daemon.ok("set", "vm1", "--rate-limit", "4MiB/s", "--threshold", "16", "--commit-interval", "1s")
-    assert "rate limit 4 MiB/s" in r.stdout and "threshold 16" in r.stdout, r.stdout
+    r = daemon.ok("set", "vm1", "--rate-limit", "512KiB/s", "--threshold", "16", "--commit-interval", "1s")
+    assert "rate limit 512 KiB/s" in r.stdout and "threshold 16" in r.stdout, r.stdout
     s = daemon.status("vm1")
-    assert s["settings"]["rate_limit_bytes_per_second"] == 4 * MiB
+    assert s["settings"]["rate_limit_bytes_per_second"] == 512 * KiB
     assert s["settings"]["threshold"] == 16
     assert s["settings"]["commit_interval_ms"] == 1000
     assert s["settings"]["batch_size"] == 4  # untouched
@@ -295,17 +298,20 @@ def test_start_wait(daemon, tmp_path):
     assert daemon.run("status", "swp").returncode == 65
 
     # A job that fails while it is waited for: exit 1 with the reason. The source shrinks under a
-    # rate-limited job (a read error, SourceReadFailed).
+    # rate-limited job (a read error, SourceReadFailed): at 64 KiB/s it is still in the first half when
+    # the source is cut to half, however busy the machine; then the limit is lifted.
     src4 = write_image(tmp_path / "src4.img", 8 * MiB, seed=4)
     p = subprocess.Popen([str(CLONECTL), "start", "swf", "--source", src4, "--dest", blank(tmp_path / "dst4.img", 8 * MiB),
-                          "--rate-limit", "1M", *STEADY, "--wait"],
+                          "--rate-limit", "64K", *STEADY, "--wait"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env())
     try:
         deadline = time.monotonic() + 30
         while daemon.run("status", "swf").returncode != 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         daemon.wait_state("swf", ["hydrating"])
+        assert daemon.status("swf")["bytes"]["hydrated"] < 4 * MiB
         os.truncate(src4, 4 * MiB)
+        daemon.ok("set", "swf", "--rate-limit", "0")
         out, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
@@ -346,7 +352,7 @@ def test_status_human_and_json(daemon, tmp_path):
 
     # The rate and ETA while hydrating.
     daemon.ok("start", "c", "--source", write_image(tmp_path / "c.src", 16 * MiB),
-              "--dest", blank(tmp_path / "c.dst", 16 * MiB), "--rate-limit", "2M", *STEADY)
+              "--dest", blank(tmp_path / "c.dst", 16 * MiB), "--rate-limit", "512K", *STEADY)
     time.sleep(2)
     human = daemon.ok("status", "c").stdout
     assert re.search(r"throughput  \d+(\.\d)? (KiB|MiB)/s, ETA (\d+s|<1s|\dm\d\ds)", human), human
@@ -416,12 +422,47 @@ def test_io_mode(daemon, tmp_path):
 # --watch
 
 
+# A watch line's measured rate and ETA (the first lines say "0 B/s  ETA unknown").
+RATE_AND_ETA = re.compile(r"\d+(\.\d)? (KiB|MiB)/s  ETA \d")
+
+
+def read_lines_until(proc, enough, timeout=60):
+    """Lines of proc's stdout until enough(lines) holds; a liveness guard, not a timing claim."""
+    lines, buf = [], b""
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    while not enough(lines):
+        assert time.monotonic() < deadline, f"waited {timeout} s for more watch lines; saw {lines!r}"
+        r, _, _ = select.select([fd], [], [], 0.5)
+        if not r:
+            continue
+        chunk = os.read(fd, 65536)
+        assert chunk, f"the watch ended early: {lines!r}"
+        buf += chunk
+        *done, buf = buf.split(b"\n")
+        lines += [l.decode() for l in done]
+    return lines, buf
+
+
 def test_watch_plain_lines(daemon, tmp_path):
     src = write_image(tmp_path / "src.img", 16 * MiB)
     dst = blank(tmp_path / "dst.img", 16 * MiB)
-    daemon.ok("start", "w", "--source", src, "--dest", dst, "--rate-limit", "8M", *STEADY)
-    r = daemon.ok("status", "w", "--watch", timeout=60)
-    lines = r.stdout.splitlines()
+    # Held at 128 KiB/s until the watch has shown two lines with a rate and an ETA, then let go:
+    # the lines below are there however busy the machine is.
+    daemon.ok("start", "w", "--source", src, "--dest", dst, "--rate-limit", "128K", *STEADY)
+    p = subprocess.Popen([str(CLONECTL), "status", "w", "--watch"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=daemon.env())
+    try:
+        lines, rest = read_lines_until(p, lambda ls: sum(bool(RATE_AND_ETA.search(l)) for l in ls) >= 2)
+        daemon.ok("set", "w", "--rate-limit", "0")
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    lines += (rest + out).decode().splitlines()
+    r = subprocess.CompletedProcess(p.args, 0, "\n".join(lines) + "\n", err)
     assert len(lines) >= 3, r.stdout
     assert "\r" not in r.stdout and "\x1b" not in r.stdout
     for line in lines:
@@ -436,8 +477,9 @@ def test_watch_plain_lines(daemon, tmp_path):
     assert_job_status(docs[0])
 
 
-def run_on_pty(args, env, timeout=60, interrupt_after=None):
-    """Runs clonectl with stdout/stderr on a pseudo-terminal; returns (exit status, output bytes)."""
+def run_on_pty(args, env, timeout=60, interrupt_after=None, on_output=None):
+    """Runs clonectl with stdout/stderr on a pseudo-terminal; returns (exit status, output bytes).
+    on_output(output so far) is called after each read."""
     master, slave = pty.openpty()
     proc = subprocess.Popen([str(CLONECTL), *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
                             env=env, close_fds=True)
@@ -459,6 +501,8 @@ def run_on_pty(args, env, timeout=60, interrupt_after=None):
             if not chunk:
                 break
             out += chunk
+            if on_output:
+                on_output(out)
         elif proc.poll() is not None:
             break
     os.close(master)
@@ -468,8 +512,17 @@ def run_on_pty(args, env, timeout=60, interrupt_after=None):
 def test_watch_progress_bar_on_pty(daemon, tmp_path):
     src = write_image(tmp_path / "src.img", 16 * MiB)
     dst = blank(tmp_path / "dst.img", 16 * MiB)
-    daemon.ok("start", "tty", "--source", src, "--dest", dst, "--rate-limit", "8M", *STEADY)
-    rc, out = run_on_pty(["status", "tty", "--watch"], daemon.env())
+    # Held at 128 KiB/s until two frames with a rate and an ETA are drawn, then let go.
+    daemon.ok("start", "tty", "--source", src, "--dest", dst, "--rate-limit", "128K", *STEADY)
+    lifted = []
+
+    def lift_when_drawn(out):
+        if not lifted and len(re.findall(RATE_AND_ETA.pattern.encode(), out)) >= 2:
+            daemon.ok("set", "tty", "--rate-limit", "0")
+            lifted.append(True)
+
+    rc, out = run_on_pty(["status", "tty", "--watch"], daemon.env(), on_output=lift_when_drawn)
+    assert lifted, out
     assert rc == 0, out
     text = out.decode()
     frames = [f for f in text.split("\r\x1b[2K") if f.strip()]
@@ -477,7 +530,7 @@ def test_watch_progress_bar_on_pty(daemon, tmp_path):
     bar = re.compile(r"^tty \[[#.]{10,50}\]  \d+\.\d%")
     for f in frames:
         assert bar.match(f), repr(f)
-    assert any(re.search(r"MiB/s  ETA ", f) for f in frames), repr(text)
+    assert any(re.search(r"(KiB|MiB)/s  ETA ", f) for f in frames), repr(text)
     assert re.search(r"tty \[#+\]  100\.0%  complete", frames[-1]), repr(frames[-1])
     # The bar is redrawn in place: one line, ended by a newline only at the end.
     assert text.rstrip("\r\n").count("\n") == 0, repr(text)
@@ -487,7 +540,7 @@ def test_watch_progress_bar_on_pty(daemon, tmp_path):
 def test_watch_ctrl_c_on_pty(daemon, tmp_path):
     src = write_image(tmp_path / "src.img", 16 * MiB)
     dst = blank(tmp_path / "dst.img", 16 * MiB)
-    daemon.ok("start", "slow", "--source", src, "--dest", dst, "--rate-limit", "1M", *STEADY)
+    daemon.ok("start", "slow", "--source", src, "--dest", dst, "--rate-limit", "256K", *STEADY)
     rc, out = run_on_pty(["status", "slow", "--watch"], daemon.env(), interrupt_after=1.5)
     assert rc == 130, (rc, out)
     assert b"slow [" in out and out.endswith(b"\n") or out.endswith(b"\r\n"), out
@@ -713,7 +766,7 @@ def test_remove_of_a_partly_released_job_keeps_its_record(daemon, tmp_path):
     want = Path(src).read_bytes()
     dst = str(tmp_path / "dst.img")
     daemon.ok("start", "vm", "--source", src, "--dest", dst, "--discard-source",
-              "--rate-limit", "4M", "--commit-interval", "100ms")
+              "--rate-limit", "1M", "--commit-interval", "100ms")
     deadline = time.time() + 20
     while daemon.status("vm")["bytes"]["discarded"] < 2 * MiB:
         assert time.time() < deadline, daemon.status("vm")

@@ -125,7 +125,7 @@ def test_ext4_on_the_live_clone_survives_sigkill(tmp_path):
     attached = []
     try:
         r = clonectl(d, "start", "fs", "--source", src, "--dest", dst, "--discard-source", "--export",
-                     "--rate-limit", "4M", "--commit-interval", "1h")
+                     "--rate-limit", "1M", "--commit-interval", "1h")
         assert r.returncode == 0, r.stderr
         st = d.status("fs")
         uri = st["export"]["uri"]

@@ -484,9 +484,11 @@ def test_start_ready_status_complete_stop(units, impl):
     if impl.is_standin:
         assert elapsed >= ready_delay, f"start returned after {elapsed:.2f}s, before READY=1"
 
-    src = units.make_image("db.src", 24)  # 12 s at 2 MiB/s: longer than WatchdogSec
+    # 24 s at 1 MiB/s: longer than WatchdogSec, and long enough for StatusText to be seen mid-way
+    # on a loaded machine.
+    src = units.make_image("db.src", 24)
     dst = units.dir / "db.dst"
-    units.clonectl("start", "db", "--source", str(src), "--dest", str(dst), "--rate-limit", "2M")
+    units.clonectl("start", "db", "--source", str(src), "--dest", str(dst), "--rate-limit", "1M")
 
     # StatusText shows the running job's progress.
     def progressing():
@@ -497,7 +499,7 @@ def test_start_ready_status_complete_stop(units, impl):
     print(f"StatusText while running: {text!r}")
 
     # The job completes, with identical bytes.
-    wait_until(lambda: units.status("db")["state"] == "complete", 60, what="job db to complete")
+    wait_until(lambda: units.status("db")["state"] == "complete", 120, what="job db to complete")
     s = units.status("db")
     assert s["regions"]["hydrated"] == s["regions"]["total"] > 0
     assert _same_bytes(src, dst)
@@ -508,7 +510,8 @@ def test_start_ready_status_complete_stop(units, impl):
     # A second, slow job is still running when the service stops: stop must commit its progress.
     slow_src = units.make_image("slow.src", 32)
     slow_dst = units.dir / "slow.dst"
-    units.clonectl("start", "slow", "--source", str(slow_src), "--dest", str(slow_dst), "--rate-limit", "2M")
+    # 64 s at 512 KiB/s: still running when the service stops, however loaded the machine.
+    units.clonectl("start", "slow", "--source", str(slow_src), "--dest", str(slow_dst), "--rate-limit", "512K")
     wait_until(lambda: units.status("slow")["regions"]["hydrated"] > 0, 20, what="slow job to make progress")
     time.sleep(1.2)
 
@@ -632,11 +635,13 @@ def test_watchdog_miss_restarts_and_resumes(units, impl):
     dst = units.dir / "wd.dst"
     units.clonectl("start", "wd", "--source", str(src), "--dest", str(dst), "--rate-limit", "1M")
 
-    def hydrated_bytes():
+    def hydrated_bytes(kind="hydrated"):
         r = units.clonectl("status", "wd", "--json", check=False)
         if r.returncode != 0:
             return None   # between the kill and the restart nobody answers
         s = json.loads(r.stdout)
+        if kind == "committed":
+            return s["bytes"]["committed"]
         return min(s["regions"]["hydrated"] * s["region_size"], s["source"]["size_bytes"])
 
     # Stalled pings -> systemd kills it (SIGABRT) with result "watchdog" and restarts it.
@@ -646,7 +651,7 @@ def test_watchdog_miss_restarts_and_resumes(units, impl):
     while not any(r[0] == "watchdog" for r in units.run_results()):
         assert time.monotonic() < deadline, f"no watchdog kill recorded: {units.run_results()}\n{units.log()}"
         if units.show("MainPID")["MainPID"] == first_pid:
-            b = hydrated_bytes()
+            b = hydrated_bytes("committed")
             before = max(before, b or 0)
         time.sleep(0.1)
     res = next(r for r in units.run_results() if r[0] == "watchdog")
@@ -660,12 +665,13 @@ def test_watchdog_miss_restarts_and_resumes(units, impl):
             and int(st["NRestarts"] or 0) >= 1 else None
     st = wait_until(restarted, 30, what="the restarted service")
 
-    # The restarted daemon resumed the job from its last commit (at most ~1 s of copying, 1 MiB at
-    # the 1 MiB/s limit, behind what the killed process reported; +1 MiB slack), not from zero.
+    # The restarted daemon resumed the job from its last commit, not from zero: it starts with at
+    # least every byte the killed process reported as committed (durable), whatever the machine's
+    # speed; a region or more was committed in the seconds before the stall.
     after = hydrated_bytes()
-    print(f"after watchdog restart: {st}; hydrated before kill {before}, right after restart {after}")
-    assert before >= 3 << 20, f"too little progress before the kill to judge resuming: {before}"
-    assert after is not None and after >= before - (2 << 20), (before, after, units.log())
+    print(f"after watchdog restart: {st}; committed before kill {before}, hydrated right after restart {after}")
+    assert before > 0, f"nothing was committed before the kill, so resuming cannot be judged: {units.log()}"
+    assert after is not None and after >= before, (before, after, units.log())
     wait_until(lambda: units.status("wd")["state"] == "complete", 90, what="job wd to complete after restart")
     assert _same_bytes(src, dst)
     units.m.systemctl("stop", SERVICE)
