@@ -8,6 +8,7 @@ let package = Package(
         .executable(name: "hydrationd", targets: ["hydrationd"]),
         .executable(name: "clonectl", targets: ["clonectl"]),
         .library(name: "HydrationService", targets: ["HydrationService"]),
+        .library(name: "HydrationEngine", targets: ["HydrationEngine"]),
         .library(name: "ControlProtocol", targets: ["ControlProtocol"]),
     ],
     dependencies: [
@@ -41,10 +42,22 @@ let package = Package(
             name: "HydrationStorage",
             dependencies: ["ControlProtocol", "CLinux"]
         ),
-        // The engine (copier, committer, discarder, live clone) and the daemon's service code.
+        // The engine: copier, committer, discarder, region ownership and the job's state machine,
+        // on the storage layer. It knows nothing of the daemon, NBD, libnbd or the wire types: the
+        // compiler keeps it so (the service converts at the edge).
+        .target(
+            name: "HydrationEngine",
+            dependencies: [
+                "HydrationStorage",
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The daemon's service code (jobs, control, systemd), the live clone and the remote source.
         .target(
             name: "HydrationService",
             dependencies: [
+                "HydrationEngine",
                 "HydrationStorage",
                 "ControlProtocol",
                 "CSystemd",
@@ -82,11 +95,16 @@ let package = Package(
         // Micro-benchmarks of engine pieces (metadata commit cost); the end-to-end benchmark is Benchmarks/.
         .executableTarget(
             name: "hydration-bench",
-            dependencies: ["HydrationService"]
+            dependencies: ["HydrationService", "HydrationEngine"]
         ),
         .testTarget(
             name: "HydrationServiceTests",
-            dependencies: ["HydrationService", "ControlProtocol"]
+            dependencies: ["HydrationService", "HydrationEngine", "ControlProtocol"]
+        ),
+        // Tests of the engine alone (no daemon, NBD or remote source).
+        .testTarget(
+            name: "HydrationEngineTests",
+            dependencies: ["HydrationEngine", "HydrationStorage"]
         ),
         .testTarget(
             name: "ControlProtocolTests",
