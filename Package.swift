@@ -95,7 +95,7 @@ let package = Package(
         // Micro-benchmarks of engine pieces (metadata commit cost); the end-to-end benchmark is Benchmarks/.
         .executableTarget(
             name: "hydration-bench",
-            dependencies: ["HydrationService", "HydrationEngine"]
+            dependencies: ["HydrationService"]
         ),
         .testTarget(
             name: "HydrationServiceTests",

@@ -1,3 +1,5 @@
+import HydrationStorage
+
 #if canImport(Glibc)
     import Glibc
 #endif
@@ -74,7 +76,7 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     /// The process or the system has no descriptor left.
     public static func isResourceExhaustion(_ e: Int32) -> Bool { e == EMFILE || e == ENFILE }
 
-    static func resourceHint(_ e: Int32) -> String {
+    package static func resourceHint(_ e: Int32) -> String {
         e == EMFILE
             ? " (the daemon has as many files open as its limit allows, RLIMIT_NOFILE: raise LimitNOFILE, or remove jobs)"
             : " (the system's open-file table is full, fs.file-max)"
@@ -82,7 +84,7 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
 
     public var description: String { "\(code.rawValue): \(message)" }
 
-    static func from(_ e: MetadataError) -> HydrationError {
+    package static func from(_ e: MetadataError) -> HydrationError {
         switch e.reason {
         case .io(let s):
             var h = HydrationError(.ioError, e.description, errno: s.errno)

@@ -1,50 +1,53 @@
-import ControlProtocol
+import HydrationStorage
 import Synchronization
 
 #if canImport(Glibc)
     import Glibc
 #endif
 
+/// What the metadata still takes: `rw`; `ro` after a destination sync failed (the metadata
+/// untouched); `fail` after the metadata write failed.
+public enum MetadataMode: String, Sendable, Equatable {
+    case rw, ro, fail
+}
+
 /// Counters shared by the three actors and read by status calls without waiting for any of them:
 /// a status request must answer at once while the copier is busy.
-final class JobProgress: Sendable {
-    struct Counters {
-        var hydratedRegions = 0
-        var hydratingRegions = 0
-        var hydratedBytes: UInt64 = 0
-        var writtenBytes: UInt64 = 0
-        var skippedZeroBytes: UInt64 = 0
-        var committedRegions = 0
-        var committedBytes: UInt64 = 0
-        var commits: UInt64 = 0
-        var lastCommitUnixMs: Int64?
-        var lastCommitDurationMs: Double?
-        var discardedBytes: UInt64 = 0
-        var discardPendingBytes: UInt64 = 0
-        var discardFailures: UInt64 = 0
-        var lastDiscardError: String?
+package final class JobProgress: Sendable {
+    package struct Counters {
+        package var hydratedRegions = 0
+        package var hydratingRegions = 0
+        package var hydratedBytes: UInt64 = 0
+        package var writtenBytes: UInt64 = 0
+        package var skippedZeroBytes: UInt64 = 0
+        package var committedRegions = 0
+        package var committedBytes: UInt64 = 0
+        package var commits: UInt64 = 0
+        package var lastCommitUnixMs: Int64?
+        package var lastCommitDurationMs: Double?
+        package var discardedBytes: UInt64 = 0
+        package var discardPendingBytes: UInt64 = 0
+        package var discardFailures: UInt64 = 0
+        package var lastDiscardError: String?
         /// Space budget: bytes written to the destination whose source range is not yet released.
-        var budgetCharged: UInt64 = 0
+        package var budgetCharged: UInt64 = 0
         /// Reserved for batches in flight (their whole length, until they report what they wrote).
-        var budgetInFlight: UInt64 = 0
-        var budgetReleased: UInt64 = 0
-        var metadataMode: JobStatus.Metadata.Mode = .rw
-        /// Region sets the discarder has finished (released, or failed to release) so far: the
-        /// committer drops them from the pending-release list of its next commit.
-        var releasedSets = 0
+        package var budgetInFlight: UInt64 = 0
+        package var budgetReleased: UInt64 = 0
+        package var metadataMode: MetadataMode = .rw
         /// Live clone: regions hydrated by clients' writes, trims, zeroes and cache requests, and
         /// bytes clients read, wrote and trimmed.
-        var liveHydratedRegions = 0
-        var liveReadBytes: UInt64 = 0
-        var liveWrittenBytes: UInt64 = 0
-        var liveTrimmedBytes: UInt64 = 0
+        package var liveHydratedRegions = 0
+        package var liveReadBytes: UInt64 = 0
+        package var liveWrittenBytes: UInt64 = 0
+        package var liveTrimmedBytes: UInt64 = 0
         /// (monotonic ns, hydrated bytes) samples for the throughput window.
-        var samples: [(UInt64, UInt64)] = []
+        package var samples: [(UInt64, UInt64)] = []
     }
 
-    let counters: Mutex<Counters>
+    package let counters: Mutex<Counters>
 
-    init(hydratedRegions: Int, hydratedBytes: UInt64, committedRegions: Int) {
+    package init(hydratedRegions: Int, hydratedBytes: UInt64, committedRegions: Int) {
         var c = Counters()
         c.hydratedRegions = hydratedRegions
         c.hydratedBytes = hydratedBytes
@@ -53,15 +56,15 @@ final class JobProgress: Sendable {
         counters = Mutex(c)
     }
 
-    func update<T>(_ body: (inout Counters) -> T) -> T { counters.withLock { body(&$0) } }
-    var snapshot: Counters { counters.withLock { $0 } }
+    package func update<T>(_ body: (inout Counters) -> T) -> T { counters.withLock { body(&$0) } }
+    package var snapshot: Counters { counters.withLock { $0 } }
 
-    var budgetOutstanding: UInt64 {
+    package var budgetOutstanding: UInt64 {
         counters.withLock { $0.budgetCharged + $0.budgetInFlight &- $0.budgetReleased }
     }
 
     /// Bytes per second over the last few seconds of hydration.
-    func throughput(now: UInt64 = monotonicNanos()) -> Double {
+    package func throughput(now: UInt64 = monotonicNanos()) -> Double {
         counters.withLock { c in
             guard let first = c.samples.first, let last = c.samples.last, last.0 > first.0 else { return 0 }
             // A stalled copy shows 0, not the rate it had before it stalled.
@@ -70,7 +73,7 @@ final class JobProgress: Sendable {
         }
     }
 
-    func recordSample(now: UInt64 = monotonicNanos()) {
+    package func recordSample(now: UInt64 = monotonicNanos()) {
         counters.withLock { c in
             if let last = c.samples.last, now - last.0 < 100_000_000 { return }
             c.samples.append((now, c.hydratedBytes))
@@ -78,16 +81,16 @@ final class JobProgress: Sendable {
         }
     }
 
-    func resetSamples() { counters.withLock { $0.samples = [] } }
+    package func resetSamples() { counters.withLock { $0.samples = [] } }
 }
 
-func monotonicNanos() -> UInt64 {
+package func monotonicNanos() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
-func wallClockMillis() -> Int64 {
+package func wallClockMillis() -> Int64 {
     var ts = timespec()
     clock_gettime(CLOCK_REALTIME, &ts)
     return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000

@@ -1,5 +1,6 @@
 import ControlProtocol
 import Foundation
+import HydrationEngine
 import Logging
 
 /// A request to create a job (the engine-level form of the control protocol's Start).

@@ -1,3 +1,5 @@
+import HydrationEngine
+
 /// Aliases and devices in use (issue 11): refused before a job opens anything.
 extension HydrationJob {
     /// Refuses, with `.sameDevice`, a source and destination that share bytes through any stack

@@ -1,5 +1,6 @@
 import CNBD
 import Dispatch
+import HydrationEngine
 import Synchronization
 
 #if canImport(Glibc)
