@@ -8,6 +8,7 @@ let package = Package(
         .executable(name: "hydrationd", targets: ["hydrationd"]),
         .executable(name: "clonectl", targets: ["clonectl"]),
         .library(name: "HydrationService", targets: ["HydrationService"]),
+        .library(name: "HydrationEngine", targets: ["HydrationEngine"]),
         .library(name: "ControlProtocol", targets: ["ControlProtocol"]),
     ],
     dependencies: [
@@ -47,10 +48,22 @@ let package = Package(
             name: "HydrationRemote",
             dependencies: ["HydrationStorage", "CNBD"]
         ),
-        // The engine (copier, committer, discarder, live clone) and the daemon's service code.
+        // The engine: copier, committer, discarder, region ownership and the job's state machine,
+        // on the storage layer. It knows nothing of the daemon, NBD, libnbd or the wire types: the
+        // compiler keeps it so (the service converts at the edge).
+        .target(
+            name: "HydrationEngine",
+            dependencies: [
+                "HydrationStorage",
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The daemon's service code (jobs, control, systemd), the live clone and the remote source.
         .target(
             name: "HydrationService",
             dependencies: [
+                "HydrationEngine",
                 "HydrationStorage",
                 "HydrationRemote",
                 "ControlProtocol",
@@ -92,12 +105,17 @@ let package = Package(
         ),
         .testTarget(
             name: "HydrationServiceTests",
-            dependencies: ["HydrationService", "HydrationRemote", "ControlProtocol"]
+            dependencies: ["HydrationService", "HydrationEngine", "HydrationRemote", "ControlProtocol"]
         ),
-        // Tests that need only the storage target: the identity module, the region map.
+        // Tests that need only the storage target: the identity module.
         .testTarget(
             name: "HydrationStorageTests",
             dependencies: ["HydrationStorage"]
+        ),
+        // Tests of the engine alone (no daemon, NBD or remote source).
+        .testTarget(
+            name: "HydrationEngineTests",
+            dependencies: ["HydrationEngine", "HydrationStorage"]
         ),
         .testTarget(
             name: "ControlProtocolTests",

@@ -3,6 +3,7 @@ import Logging
 import Synchronization
 import Testing
 
+@testable import HydrationEngine
 @testable import HydrationService
 @testable import HydrationStorage
 
@@ -191,7 +192,7 @@ final class RecordingPosixStorage: StorageProvider {
         stale.initializeMemory(as: UInt8.self, repeating: 0xA5)
         pool.give(stale)
         let job = BatchJob(
-            source: src, dest: dst, geometry: geometry, zeroDestination: false, retryDelaysMs: [],
+            source: SourceReader(src), dest: dst, geometry: geometry, zeroDestination: false, retryDelaysMs: [],
             logger: testLogger, buffers: pool)
         let result = try job.perform(.copy(0..<17))
         #expect(byteDifference(sim.contents("/dst"), image) == nil)

@@ -1,4 +1,5 @@
 import ControlProtocol
+import HydrationEngine
 import Testing
 
 @testable import HydrationService

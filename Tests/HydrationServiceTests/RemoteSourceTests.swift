@@ -3,6 +3,7 @@ import Logging
 import Synchronization
 import Testing
 
+@testable import HydrationEngine
 @testable import HydrationRemote
 @testable import HydrationService
 @testable import HydrationStorage

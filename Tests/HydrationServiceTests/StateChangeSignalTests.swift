@@ -2,6 +2,7 @@ import ControlProtocol
 import Foundation
 import Testing
 
+@testable import HydrationEngine
 @testable import HydrationService
 @testable import HydrationStorage
 

@@ -1,4 +1,5 @@
 import ControlProtocol
+import HydrationEngine
 
 /// A request to create a job (the engine-level form of the control protocol's Start).
 public struct CreateJobRequest: Sendable, Equatable {

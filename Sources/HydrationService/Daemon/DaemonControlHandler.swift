@@ -1,5 +1,6 @@
 import ControlProtocol
 import Foundation
+import HydrationEngine
 
 /// Implements the control protocol on the daemon's `JobManager`, translating engine errors into
 /// the interface's named Varlink errors at this one edge.

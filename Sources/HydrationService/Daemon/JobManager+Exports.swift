@@ -1,5 +1,6 @@
 import ControlProtocol
 import Foundation
+import HydrationEngine
 import Logging
 
 extension JobManager {

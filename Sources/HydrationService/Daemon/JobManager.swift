@@ -1,5 +1,6 @@
 import ControlProtocol
 import Foundation
+import HydrationEngine
 import Logging
 
 /// The daemon's jobs: creation with validation, persistence of their definitions, restoration at

@@ -1,5 +1,6 @@
 import ControlProtocol
 import Foundation
+import HydrationEngine
 
 #if canImport(Glibc)
     import Glibc

@@ -1,3 +1,5 @@
+import HydrationEngine
+
 #if canImport(Glibc)
     import Glibc
 #endif

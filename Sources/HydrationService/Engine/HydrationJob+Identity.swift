@@ -1,3 +1,4 @@
+import HydrationEngine
 import HydrationStorage
 
 /// The job's use of the identity module (HydrationStorage's Identity/): the same checks, with

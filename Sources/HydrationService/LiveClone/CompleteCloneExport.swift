@@ -1,3 +1,4 @@
+import HydrationEngine
 import NIOCore
 
 /// The export of a complete job restored after a restart from its metadata alone: such a job has

@@ -1,3 +1,4 @@
+import HydrationEngine
 import Logging
 import NIOCore
 import Synchronization
@@ -43,26 +44,27 @@ public final class LiveCloneExport: NBDExport {
     public let size: UInt64
     public let blockSize: NBDBlockSize
     let geometry: Geometry
-    private let source: any StorageDevice
-    private let dest: any StorageDevice
-    private let io: IOExecutor
+    /// Read only: the source's space is the discarder's to release.
+    let source: SourceReader
+    let dest: any StorageDevice
+    let io: IOExecutor
     /// Threads for the requests that read the source (reads of unhydrated regions, the
     /// copy-before-write of a partial write, CACHE, `base:allocation` of unhydrated regions): a
     /// source that stops answering holds these, while reads and writes of hydrated regions go on
     /// on `io` (a frozen remote server otherwise held every thread of the export, and a read of a
     /// hydrated region waited for a source read's deadline).
-    private let sourceIO: IOExecutor
-    private let ownership: RegionOwnership
-    private let committer: Committer
-    private let progress: JobProgress
-    private let logger: Logger
-    private let buffers = IOBufferPool(keep: 4)
-    private let gate = Mutex(Gate())
+    let sourceIO: IOExecutor
+    let ownership: RegionOwnership
+    let committer: Committer
+    let progress: JobProgress
+    let logger: Logger
+    let buffers = IOBufferPool(keep: 4)
+    let gate = Mutex(Gate())
     /// Reads served by the source also hydrate what they read (Start `hydrate_on_read`).
     let hydrateOnRead: Bool
     /// Regions reads got from the source, waiting to be copied, and the tasks copying them.
-    private let readHydrations = Mutex(ReadHydrations())
-    private struct ReadHydrations {
+    let readHydrations = Mutex(ReadHydrations())
+    struct ReadHydrations {
         var queue: [Range<Int>] = []
         var workers = 0
     }
@@ -74,7 +76,7 @@ public final class LiveCloneExport: NBDExport {
         let fault = Mutex<LiveCloneFault?>(nil)
     #endif
 
-    private struct Gate {
+    struct Gate {
         var closed = false
         var inFlight = 0
         var drained: [CheckedContinuation<Void, Never>] = []
@@ -87,7 +89,7 @@ public final class LiveCloneExport: NBDExport {
     static let clientIO = IOExecutor(threads: 4)
     static let threadsPerExport = 3
     /// The executor is this export's own: shut down with it.
-    private let ownsIO: Bool
+    let ownsIO: Bool
     /// Extents per `base:allocation` reply at most.
     static let maxExtents = 1024
     /// Regions per `x-hydrationd:state` reply at most (8 bytes per extent: 64 KiB of reply when
@@ -97,7 +99,7 @@ public final class LiveCloneExport: NBDExport {
     static let cacheStepRegions = 32
 
     init(
-        name: String, geometry: Geometry, source: any StorageDevice, dest: any StorageDevice, io: IOExecutor,
+        name: String, geometry: Geometry, source: SourceReader, dest: any StorageDevice, io: IOExecutor,
         ownership: RegionOwnership, committer: Committer, progress: JobProgress, logger: Logger,
         hydrateOnRead: Bool = false, ownsIO: Bool = false, sourceIO: IOExecutor? = nil
     ) {
@@ -115,8 +117,8 @@ public final class LiveCloneExport: NBDExport {
         self.progress = progress
         self.logger = logger
         var minimum: UInt32 = 1
-        for d in [source, dest] where d.info.identity.kind == .blockDevice {
-            minimum = max(minimum, UInt32(max(1, d.info.logicalBlockSize)))
+        for d in [source.info, dest.info] where d.identity.kind == .blockDevice {
+            minimum = max(minimum, UInt32(max(1, d.logicalBlockSize)))
         }
         // The export has the source's size, which need not be a multiple of a block device's
         // sector: a client that honours the minimum could then not reach the last partial block
@@ -137,7 +139,7 @@ public final class LiveCloneExport: NBDExport {
 
     // MARK: lifecycle
 
-    private func enter() throws(NBDError) {
+    func enter() throws(NBDError) {
         let ok = gate.withLock { g -> Bool in
             if g.closed { return false }
             g.inFlight += 1
@@ -146,7 +148,7 @@ public final class LiveCloneExport: NBDExport {
         if !ok { throw NBDError(.ESHUTDOWN, "job \(name) is closing") }
     }
 
-    private func leave() {
+    func leave() {
         let wake = gate.withLock { g -> [CheckedContinuation<Void, Never>] in
             g.inFlight -= 1
             guard g.closed && g.inFlight == 0 else { return [] }
@@ -157,7 +159,7 @@ public final class LiveCloneExport: NBDExport {
     }
 
     /// Refuses new requests and waits for those in flight: after it the job may close.
-    func shutdown() async {
+    package func shutdown() async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = gate.withLock { g -> Bool in
                 g.closed = true
@@ -173,40 +175,40 @@ public final class LiveCloneExport: NBDExport {
         }
     }
 
-    private func run<T: Sendable>(readsSource: Bool = false, _ body: @escaping @Sendable () throws -> T)
+    func run<T: Sendable>(readsSource: Bool = false, _ body: @escaping @Sendable () throws -> T)
         async throws(NBDError) -> T
     {
         try await (readsSource ? sourceIO : io).runForNBD(body)
     }
 
-    private func regions(covering bytes: Range<UInt64>) -> Range<Int> {
+    func regions(covering bytes: Range<UInt64>) -> Range<Int> {
         let lo = Int(bytes.lowerBound / geometry.regionSize)
         let hi = Int((bytes.upperBound + geometry.regionSize - 1) / geometry.regionSize)
         return lo..<min(max(hi, lo + 1), geometry.regionCount)
     }
 
     /// Regions wholly inside `bytes` (the last, short region counts when `bytes` reaches the end).
-    private func wholeRegions(in bytes: Range<UInt64>) -> Range<Int> {
+    func wholeRegions(in bytes: Range<UInt64>) -> Range<Int> {
         let lo = Int((bytes.lowerBound + geometry.regionSize - 1) / geometry.regionSize)
         let hi =
             bytes.upperBound >= geometry.targetSize ? geometry.regionCount : Int(bytes.upperBound / geometry.regionSize)
         return lo..<max(lo, hi)
     }
 
-    private func covers(_ bytes: Range<UInt64>, region: Int) -> Bool {
+    func covers(_ bytes: Range<UInt64>, region: Int) -> Bool {
         let r = geometry.byteRange(of: region..<region + 1)
         return bytes.lowerBound <= r.lowerBound && bytes.upperBound >= r.upperBound
     }
 
     /// Writes need a committer that still works: after a failed commit nothing written could be
     /// made durable, and the client must hear so at once.
-    private func checkWritable() async throws(NBDError) {
+    func checkWritable() async throws(NBDError) {
         if let f = await committer.failure {
             throw NBDError(f.code == .noSpace ? .ENOSPC : .EIO, "job \(name) cannot commit: \(f.message)")
         }
     }
 
-    private func recordDestinationWritten() async throws(NBDError) {
+    func recordDestinationWritten() async throws(NBDError) {
         guard ownership.destZeroed else { return }
         #if DEBUG
             if fault.withLock({ $0 }) == .skipRecordDestinationWritten { return }
@@ -215,52 +217,6 @@ public final class LiveCloneExport: NBDExport {
             throw NBDError(error.code == .noSpace ? .ENOSPC : .EIO, "job \(name): \(error.message)")
         }
         ownership.destinationWritten()
-    }
-
-    /// Ends a claim: the committer and progress hear of the regions it hydrated, then the claim
-    /// ends with them marked hydrated. In that order: once the last region is marked, the copier
-    /// may see the job complete and commit completion, and the metadata refuses completion with
-    /// a region the committer was never told of.
-    private func finishClaim(_ regions: Range<Int>, hydrated: [Range<Int>]) async {
-        // Nobody else changes these regions' hydration while the claim holds them.
-        let newly = ownership.unhydratedRuns(in: hydrated)
-        await recordHydrated(newly)
-        ownership.finish(regions, hydrated: hydrated)
-    }
-
-    /// Progress and the committer hear of regions a client operation hydrated.
-    private func recordHydrated(_ newly: [Range<Int>]) async {
-        guard !newly.isEmpty else { return }
-        let count = newly.reduce(0) { $0 + $1.count }
-        let bytes = newly.reduce(UInt64(0)) { $0 + geometry.byteLength(of: $1) }
-        progress.update { c in
-            c.hydratedRegions += count
-            c.hydratedBytes += bytes
-            c.liveHydratedRegions += count
-        }
-        for r in newly { await committer.noteHydrated(r, budgetBytes: 0) }
-    }
-
-    /// Copies the unhydrated regions among `regions` (claimed by the caller) from the source.
-    /// Returns the runs copied, to be marked hydrated with the claim's end.
-    private func hydrate(_ regions: [Int]) async throws(NBDError) -> [Range<Int>] {
-        var done: [Range<Int>] = []
-        for r in regions where !ownership.isHydrated(r) {
-            let job = BatchJob(
-                source: source, dest: dest, geometry: geometry, zeroDestination: !ownership.destZeroed,
-                retryDelaysMs: [10, 100], logger: logger, buffers: buffers)
-            switch await job.execute(.copy(r..<r + 1), io: sourceIO) {
-            case .success(let b):
-                progress.update {
-                    $0.writtenBytes += b.written; $0.skippedZeroBytes += b.zero
-                }
-                done.append(r..<r + 1)
-            case .failure(let e):
-                if e.code == .commitFailed { await committer.writebackFailed(e) }
-                throw NBDError(e.code == .noSpace ? .ENOSPC : .EIO, "hydrating region \(r) first: \(e.message)")
-            }
-        }
-        return done
     }
 
     // MARK: commands
@@ -292,7 +248,11 @@ public final class LiveCloneExport: NBDExport {
                     let lo = max(r.lowerBound, bytes.lowerBound), hi = min(r.upperBound, bytes.upperBound)
                     guard lo < hi else { continue }
                     let slice = UnsafeMutableRawBufferPointer(rebasing: raw[Int(lo - offset)..<Int(hi - offset)])
-                    try (run.fromSource ? source : dest).read(into: slice, at: lo)
+                    if run.fromSource {
+                        try source.read(into: slice, at: lo)
+                    } else {
+                        try dest.read(into: slice, at: lo)
+                    }
                 }
                 return n
             }
@@ -431,15 +391,6 @@ public final class LiveCloneExport: NBDExport {
         if fua { try await flush() }
     }
 
-    /// Appends an extent, merged into the last one when the flags agree.
-    static func append(_ extents: inout [NBDExtent], _ length: UInt64, _ flags: UInt32) {
-        if let last = extents.last, last.flags == flags, UInt64(last.length) + length <= UInt64(UInt32.max) {
-            extents[extents.count - 1].length += UInt32(length)
-        } else {
-            extents.append(NBDExtent(length: UInt32(length), flags: flags))
-        }
-    }
-
     static func zeroRange(_ dest: any StorageDevice, _ bytes: Range<UInt64>, noHole: Bool) throws {
         if !noHole {
             do {
@@ -460,135 +411,4 @@ public final class LiveCloneExport: NBDExport {
         }
     }
 
-    public func cache(offset: UInt64, length: UInt32) async throws(NBDError) {
-        try enter()
-        defer { leave() }
-        try await checkWritable()
-        try await hydrate(covering: regions(covering: offset..<offset + UInt64(length)))
-    }
-
-    /// `hydrate_on_read`: copies the regions a read just got from the source, after the reply,
-    /// in a task of its own (the client does not wait for it). Bounded; skipped while closing.
-    private func hydrateInBackground(_ runs: [Range<Int>]) {
-        let startWorker = readHydrations.withLock { st -> Bool in
-            st.queue += runs.prefix(max(0, Self.maxReadHydrationQueue - st.queue.count))
-            guard st.workers < Self.maxReadHydrationWorkers else { return false }
-            st.workers += 1
-            return true
-        }
-        guard startWorker else { return }
-        Task {
-            var usable = true
-            do throws(NBDError) { try self.enter() } catch { usable = false }
-            if usable {
-                let failed = await self.committer.failure != nil
-                if failed { self.leave(); usable = false }
-            }
-            while true {
-                // A closing export stops here (its shutdown waits for this task).
-                let closing = self.gate.withLock { $0.closed }
-                if closing && usable { self.leave(); usable = false }
-                let next = self.readHydrations.withLock { st -> Range<Int>? in
-                    if !usable || st.queue.isEmpty {
-                        if !usable { st.queue = [] }
-                        st.workers -= 1
-                        return nil
-                    }
-                    return st.queue.removeFirst()
-                }
-                guard let next else { break }
-                do { try await self.hydrate(covering: next) } catch {
-                    self.logger.debug(
-                        "hydrate on read failed; the copier retries the region", metadata: ["error": "\(error)"])
-                }
-            }
-            if usable { self.leave() }
-        }
-    }
-
-    /// Copies every unhydrated region of `covered` now, a claim of a few regions at a time.
-    private func hydrate(covering covered: Range<Int>) async throws(NBDError) {
-        var at = covered.lowerBound
-        while at < covered.upperBound {
-            guard let start = ownership.firstHydrated(false, from: at), start < covered.upperBound else { break }
-            let step = start..<min(covered.upperBound, start + Self.cacheStepRegions)
-            await ownership.claim(step)
-            var hydrated: [Range<Int>] = []
-            do throws(NBDError) {
-                hydrated = try await hydrate(Array(step))
-            } catch {
-                await finishClaim(step, hydrated: hydrated)
-                throw error
-            }
-            await finishClaim(step, hydrated: hydrated)
-            at = step.upperBound
-        }
-    }
-
-    public func blockStatus(context: String, offset: UInt64, length: UInt32) async throws(NBDError) -> [NBDExtent] {
-        try enter()
-        defer { leave() }
-        let end = min(size, offset + UInt64(length))
-        // At most 2 GiB per reply (extent lengths are 32-bit), at least one region.
-        let capped = offset..<min(end, offset + max(geometry.regionSize, 1 << 31))
-        let covered = regions(covering: capped)
-        let (ownership, source, dest, geometry) = (self.ownership, self.source, self.dest, self.geometry)
-        // On the export's I/O threads, not the cooperative pool: a flood of block status requests
-        // (each up to `maxStateRegions` regions of work) then delays this export's own clients,
-        // never another export's or the daemon's handshakes and control calls.
-        switch context {
-        case Self.stateContext:
-            return try await run {
-                // One bit array of at most `maxStateRegions` regions per call (the client asks
-                // again from where the reply ends).
-                let covered = covered.lowerBound..<min(covered.upperBound, covered.lowerBound + Self.maxStateRegions)
-                let bits = ownership.stateBits(covered)
-                var extents: [NBDExtent] = []
-                var i = 0
-                while i < bits.count {
-                    var j = i + 1
-                    while j < bits.count && bits[j] == bits[i] { j += 1 }
-                    let r = geometry.byteRange(of: covered.lowerBound + i..<covered.lowerBound + j)
-                    let lo = max(r.lowerBound, offset)
-                    extents.append(NBDExtent(length: UInt32(r.upperBound - lo), flags: bits[i]))
-                    i = j
-                }
-                return extents
-            }
-        case NBDProtocol.baseAllocation:
-            return try await run(readsSource: !ownership.allHydrated(covered)) {
-                var extents: [NBDExtent] = []
-                // Pinned a window at a time: regions whose hydration alternates give a run each,
-                // and only the first `maxExtents` extents are answered.
-                var window = covered.lowerBound
-                while window < covered.upperBound && extents.count < Self.maxExtents {
-                    let runs = ownership.pinForRead(window..<min(covered.upperBound, window + Self.maxStateRegions))
-                    defer { ownership.unpin(runs) }
-                    for run in runs where extents.count < Self.maxExtents {
-                        let r = geometry.byteRange(of: run.regions)
-                        var pos = max(r.lowerBound, capped.lowerBound)
-                        let runEnd = min(r.upperBound, capped.upperBound)
-                        let device = run.fromSource ? source : dest
-                        while pos < runEnd && extents.count < Self.maxExtents {
-                            let data = try device.nextData(from: pos)
-                            let dataStart = min(data?.lowerBound ?? runEnd, runEnd)
-                            if dataStart > pos {
-                                Self.append(&extents, dataStart - pos, NBDProtocol.stateHole | NBDProtocol.stateZero)
-                                pos = dataStart
-                            }
-                            if let data, pos < runEnd {
-                                let dataEnd = min(data.upperBound, runEnd)
-                                Self.append(&extents, dataEnd - pos, 0)
-                                pos = dataEnd
-                            }
-                        }
-                    }
-                    window += Self.maxStateRegions
-                }
-                return extents
-            }
-        default:
-            throw NBDError.invalid("unknown context \(context)")
-        }
-    }
 }

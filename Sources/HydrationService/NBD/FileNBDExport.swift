@@ -1,3 +1,4 @@
+import HydrationEngine
 import NIOCore
 
 /// An export over one open file or block device of the storage layer (`PosixStorage`, or a

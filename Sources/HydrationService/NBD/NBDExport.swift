@@ -1,3 +1,4 @@
+import HydrationEngine
 import NIOCore
 import Synchronization
 

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Synchronization
 
+@testable import HydrationEngine
 @testable import HydrationService
 @testable import HydrationStorage
 

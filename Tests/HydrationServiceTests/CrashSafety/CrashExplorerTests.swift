@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 
+@testable import HydrationEngine
 @testable import HydrationService
 @testable import HydrationStorage
 

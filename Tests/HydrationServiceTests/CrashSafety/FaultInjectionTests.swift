@@ -3,6 +3,7 @@ import Foundation
 import Synchronization
 import Testing
 
+@testable import HydrationEngine
 @testable import HydrationService
 @testable import HydrationStorage
 

@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import Testing
 
+@testable import HydrationEngine
 @testable import HydrationService
 @testable import HydrationStorage
 

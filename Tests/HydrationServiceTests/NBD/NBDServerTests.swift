@@ -3,6 +3,7 @@ import NIOCore
 import Synchronization
 import Testing
 
+@testable import HydrationEngine
 @testable import HydrationService
 @testable import HydrationStorage
 

@@ -1,4 +1,6 @@
 import ControlProtocol
+import HydrationEngine
+import HydrationStorage
 import Logging
 
 #if canImport(Glibc)
@@ -58,6 +60,15 @@ extension HydrationJob {
     /// the remote (a connection attempt, a request until its deadline, a release waiting for the
     /// connection) never hold a thread other jobs need.
     static let remoteIOThreads = 6
+
+    /// What the engine is told of the source: for a remote one, how to tell another disk at a
+    /// reconnection and how to watch an outage.
+    static func sourceHooks(_ config: JobConfiguration) -> SourceHooks {
+        guard RemoteSource.isURI(config.sourcePath) else { return .local }
+        return SourceHooks(
+            unconfirmedError: { unconfirmedSourceError($0) },
+            watch: { watchSource($0, io: $1, logger: $2, back: $3, unconfirmed: $4) })
+    }
 
     static func remoteIO(_ config: JobConfiguration, shared: IOExecutor) -> (IOExecutor, owned: Bool) {
         RemoteSource.isURI(config.sourcePath) ? (IOExecutor(threads: remoteIOThreads), true) : (shared, false)

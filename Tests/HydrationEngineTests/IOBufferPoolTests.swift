@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 
-@testable import HydrationService
+@testable import HydrationEngine
 @testable import HydrationStorage
 
 #if canImport(Glibc)

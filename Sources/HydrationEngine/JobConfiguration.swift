@@ -1,3 +1,5 @@
+import HydrationStorage
+
 /// Tunables that may change while a job runs (dm-clone's hydration_threshold and
 /// hydration_batch_size, plus ours).
 public struct Tunables: Sendable, Equatable, Codable {
@@ -105,7 +107,7 @@ public struct JobConfiguration: Sendable, Equatable, Codable {
     public static func isValidRegionSize(_ s: UInt64) -> Bool {
         RegionGeometry.isValidRegionSize(s) && s <= maxRegionSize
     }
-    static func regionSizeError(_ s: UInt64) -> HydrationError {
+    package static func regionSizeError(_ s: UInt64) -> HydrationError {
         HydrationError(
             .invalidParameter,
             "region_size must be a power of two from 4 KiB to 64 MiB (a batch reads at least one whole region into memory; got \(s))",

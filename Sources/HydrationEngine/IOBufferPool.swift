@@ -1,3 +1,4 @@
+import HydrationStorage
 import Synchronization
 
 #if canImport(Glibc)
@@ -20,7 +21,7 @@ import Synchronization
 /// carved out of 2 MiB-aligned anonymous mappings, and a buffer of 1 MiB or less never crosses
 /// a 2 MiB boundary. Where the kernel gives no huge page (THP off, memory fragmented) the
 /// mapping is plain pages and nothing is lost but the speed-up.
-final class IOBufferPool: Sendable {
+package final class IOBufferPool: Sendable {
     /// Free buffers as (address, capacity); addresses are plain integers so the pool is Sendable.
     private let free = Mutex<[(UInt, Int)]>([])
     /// Addresses this pool mapped (munmap on release); anything else given to it was allocated
@@ -32,12 +33,12 @@ final class IOBufferPool: Sendable {
     private let keepBytes: Int
 
     /// The huge page size this pool aligns to.
-    static let hugePage = 2 << 20
+    package static let hugePage = 2 << 20
     /// Buffers are at least this large (smaller requests get one too), so that batches of
     /// different lengths reuse the same buffers.
-    static let minimumCapacity = 1 << 20
+    package static let minimumCapacity = 1 << 20
 
-    init(keep: Int = 16, keepBytes: Int = 32 << 20) { self.keep = keep; self.keepBytes = keepBytes }
+    package init(keep: Int = 16, keepBytes: Int = 32 << 20) { self.keep = keep; self.keepBytes = keepBytes }
 
     deinit {
         let list = free.withLock { $0 }
@@ -45,14 +46,14 @@ final class IOBufferPool: Sendable {
     }
 
     /// The capacity of the buffer `take(count)` hands out: a power of two of at least 1 MiB.
-    static func capacity(for count: Int) -> Int {
+    package static func capacity(for count: Int) -> Int {
         var c = minimumCapacity
         while c < count { c <<= 1 }
         return c
     }
 
     /// A buffer of at least `count` bytes, aligned to its capacity (at least 1 MiB).
-    func take(_ count: Int) -> UnsafeMutableRawBufferPointer {
+    package func take(_ count: Int) -> UnsafeMutableRawBufferPointer {
         let reused: (UInt, Int)? = free.withLock { list in
             if let i = list.firstIndex(where: { $0.1 >= count }) { return list.remove(at: i) }
             return nil
@@ -72,7 +73,7 @@ final class IOBufferPool: Sendable {
         return UnsafeMutableRawBufferPointer(start: pieces[0], count: capacity)
     }
 
-    func give(_ buffer: UnsafeMutableRawBufferPointer) {
+    package func give(_ buffer: UnsafeMutableRawBufferPointer) {
         guard let base = buffer.baseAddress else { return }
         let kept = free.withLock { list -> Bool in
             guard list.count < keep, list.reduce(buffer.count, { $0 + $1.1 }) <= keepBytes else { return false }
@@ -85,7 +86,7 @@ final class IOBufferPool: Sendable {
     /// Releases every free buffer: a copier calls it when its run ends, so that a finished or
     /// paused job holds no buffers (the round-5 attack counted about 10 MiB of RSS per finished
     /// job kept by the daemon).
-    func drain() {
+    package func drain() {
         let list = free.withLock { list in
             defer { list = [] }
             return list
@@ -94,10 +95,10 @@ final class IOBufferPool: Sendable {
     }
 
     /// Bytes of free buffers kept (for tests).
-    var keptBytes: Int { free.withLock { $0.reduce(0) { $0 + $1.1 } } }
+    package var keptBytes: Int { free.withLock { $0.reduce(0) { $0 + $1.1 } } }
 
     /// Whether `buffer` came from a huge-page-aligned mapping of this pool (for tests).
-    func isMapped(_ buffer: UnsafeMutableRawBufferPointer) -> Bool {
+    package func isMapped(_ buffer: UnsafeMutableRawBufferPointer) -> Bool {
         guard let base = buffer.baseAddress else { return false }
         return mapped.withLock { $0.contains(UInt(bitPattern: base)) }
     }

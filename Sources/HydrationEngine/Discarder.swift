@@ -1,3 +1,4 @@
+import HydrationStorage
 import Logging
 
 /// Releases the source's space for regions the committer has made durable: PUNCH_HOLE on a file,
@@ -7,14 +8,16 @@ import Logging
 /// Best effort: a failed or unsupported discard is counted and reported, never fatal, and never
 /// blocks hydration (the space budget's bytes are handed back either way, so a source that cannot
 /// discard does not stall the copy; the status says how many discards failed).
-actor Discarder {
-    private let source: any StorageDevice
+package actor Discarder {
+    private let source: SourceReleaser
     private let io: IOExecutor
     private let progress: JobProgress
     private let geometry: Geometry
     private let logger: Logger
     /// Live-clone reads of the source pin their regions; a region is released only once unpinned.
     private let ownership: RegionOwnership?
+    /// Sets released and made durable, for the committer (ReleasesDone).
+    private let releasesDone: ReleasesDone
     private var processedGeneration: UInt64 = 0
     private var received = 0
     private var processed = 0
@@ -23,18 +26,19 @@ actor Discarder {
     private var finished = false
 
     /// Largest single discard request: keeps each call short so progress stays visible.
-    static let maxChunk: UInt64 = 1 << 30
+    package static let maxChunk: UInt64 = 1 << 30
 
-    init(
-        source: any StorageDevice, io: IOExecutor, progress: JobProgress, geometry: Geometry, logger: Logger,
-        ownership: RegionOwnership? = nil
+    package init(
+        source: SourceReleaser, io: IOExecutor, progress: JobProgress, geometry: Geometry, logger: Logger,
+        ownership: RegionOwnership? = nil, releasesDone: ReleasesDone = ReleasesDone()
     ) {
+        self.releasesDone = releasesDone
         self.source = source; self.io = io; self.progress = progress; self.geometry = geometry; self.logger = logger
         self.ownership = ownership
     }
 
     /// Runs until the stream finishes.
-    func run(_ stream: AsyncStream<CommittedRegions>) async {
+    package func run(_ stream: AsyncStream<CommittedRegions>) async {
         for await set in stream {
             received += 1
             await release(set)
@@ -57,12 +61,12 @@ actor Discarder {
 
     /// Returns once every set published before this call has been processed (or at once when
     /// the stream has ended: nothing more will be processed).
-    func drain(published: Int) async {
+    package func drain(published: Int) async {
         if processed >= published || finished { return }
         await withCheckedContinuation { waiters.append((published, $0)) }
     }
 
-    var processedCount: Int { processed }
+    package var processedCount: Int { processed }
 
     /// A punch or discard is a change to the source like any other: until the source is synced,
     /// power loss may undo it. Only synced releases are reported as done (so the committer drops
@@ -70,13 +74,13 @@ actor Discarder {
     /// errors were consumed), and a restart releases those regions again.
     private var sourceSyncFailed = false
     private var lastSourceSync: UInt64 = 0
-    static let sourceSyncIntervalNanos: UInt64 = 1_000_000_000
+    package static let sourceSyncIntervalNanos: UInt64 = 1_000_000_000
 
     /// `drain`, then a source sync covering everything released so far: afterwards every
     /// published set that was released is reported as done (for the committer's final record).
-    func drainDurably(published: Int) async {
+    package func drainDurably(published: Int) async {
         await drain(published: published)
-        if progress.snapshot.releasedSets < processed { await confirmDurable(upTo: processed) }
+        if releasesDone.count < processed { await confirmDurable(upTo: processed) }
     }
 
     private func confirmDurable(upTo count: Int) async {
@@ -85,7 +89,7 @@ actor Discarder {
         let source = self.source
         do {
             try await io.run { try source.sync() }
-            progress.update { $0.releasedSets = max($0.releasedSets, count) }
+            releasesDone.record(upTo: count)
         } catch {
             sourceSyncFailed = true
             logger.warning(

@@ -1,3 +1,4 @@
+import HydrationStorage
 import Synchronization
 
 /// Who may write a region, and what each region is: hydrated, committed, released, being written.
@@ -24,35 +25,35 @@ import Synchronization
 /// A `Mutex`, not an actor: the copier scans the hydrated bits once per batch and a client read
 /// checks them once per request; neither should hop executors for that. Waiting is done with
 /// continuations resumed outside the lock.
-final class RegionOwnership: Sendable {
-    let regionCount: Int
+package final class RegionOwnership: Sendable {
+    package let regionCount: Int
 
     private struct Waiter {
-        var regions: Range<Int>
-        var continuation: CheckedContinuation<Void, Never>
+        package var regions: Range<Int>
+        package var continuation: CheckedContinuation<Void, Never>
     }
 
     private struct State {
-        var hydrated: RegionMap
-        var committed: RegionMap
-        var released: RegionMap
+        package var hydrated: RegionMap
+        package var committed: RegionMap
+        package var released: RegionMap
         /// Regions under a claim.
-        var claimed: RegionMap
+        package var claimed: RegionMap
         /// Source-read pins per region.
-        var pins: [Int: Int] = [:]
-        var claimWaiters: [Waiter] = []
-        var unpinWaiters: [Waiter] = []
-        var changeWaiters: [CheckedContinuation<Void, Never>] = []
+        package var pins: [Int: Int] = [:]
+        package var claimWaiters: [Waiter] = []
+        package var unpinWaiters: [Waiter] = []
+        package var changeWaiters: [CheckedContinuation<Void, Never>] = []
         /// The destination reads as zeros wherever nothing was written (see `destinationWritten`).
-        var destZeroed: Bool
+        package var destZeroed: Bool
         /// A destination sync or writeback failed: what was written since the last commit may be
         /// gone from the destination (the kernel drops pages whose writeback failed).
-        var destinationDataLost = false
+        package var destinationDataLost = false
     }
 
     private let state: Mutex<State>
 
-    init(hydrated: RegionMap, committed: RegionMap, released: RegionMap, destZeroed: Bool) {
+    package init(hydrated: RegionMap, committed: RegionMap, released: RegionMap, destZeroed: Bool) {
         precondition(hydrated.count == committed.count && committed.count == released.count)
         regionCount = hydrated.count
         state = Mutex(
@@ -63,24 +64,24 @@ final class RegionOwnership: Sendable {
 
     // MARK: reading the bits
 
-    var isComplete: Bool { state.withLock { $0.hydrated.isComplete } }
-    var hydratedCount: Int { state.withLock { $0.hydrated.setCount } }
-    func isHydrated(_ region: Int) -> Bool { state.withLock { $0.hydrated[region] } }
-    func allHydrated(_ regions: Range<Int>) -> Bool {
+    package var isComplete: Bool { state.withLock { $0.hydrated.isComplete } }
+    package var hydratedCount: Int { state.withLock { $0.hydrated.setCount } }
+    package func isHydrated(_ region: Int) -> Bool { state.withLock { $0.hydrated[region] } }
+    package func allHydrated(_ regions: Range<Int>) -> Bool {
         state.withLock { $0.hydrated.count(in: regions) == regions.count }
     }
     /// The first region at or after `start` whose hydrated bit is `value`.
-    func firstHydrated(_ value: Bool, from start: Int) -> Int? {
+    package func firstHydrated(_ value: Bool, from start: Int) -> Int? {
         state.withLock { $0.hydrated.first(value, from: start) }
     }
     /// A copy of the hydrated bits (tests, status).
-    var hydratedSnapshot: RegionMap { state.withLock { $0.hydrated } }
-    var anyClaimed: Bool { state.withLock { $0.claimed.setCount > 0 } }
-    func isClaimed(_ region: Int) -> Bool { state.withLock { $0.claimed[region] } }
-    var destZeroed: Bool { state.withLock { $0.destZeroed } }
+    package var hydratedSnapshot: RegionMap { state.withLock { $0.hydrated } }
+    package var anyClaimed: Bool { state.withLock { $0.claimed.setCount > 0 } }
+    package func isClaimed(_ region: Int) -> Bool { state.withLock { $0.claimed[region] } }
+    package var destZeroed: Bool { state.withLock { $0.destZeroed } }
 
     /// Per-region bits for `x-hydrationd:state`, over `regions`.
-    func stateBits(_ regions: Range<Int>) -> [UInt32] {
+    package func stateBits(_ regions: Range<Int>) -> [UInt32] {
         state.withLock { st in
             regions.map { r in
                 var b: UInt32 = 0
@@ -97,7 +98,7 @@ final class RegionOwnership: Sendable {
 
     /// The copier's claim: the longest run of `regions`, from its start, that is unhydrated and
     /// unclaimed, or nil when the first region is not. Never waits.
-    func tryClaim(_ regions: Range<Int>) -> Range<Int>? {
+    package func tryClaim(_ regions: Range<Int>) -> Range<Int>? {
         state.withLock { st in
             var end = regions.lowerBound
             while end < regions.upperBound && !st.hydrated[end] && !st.claimed[end] { end += 1 }
@@ -108,7 +109,7 @@ final class RegionOwnership: Sendable {
     }
 
     /// The runs of `ranges` not hydrated yet.
-    func unhydratedRuns(in ranges: [Range<Int>]) -> [Range<Int>] {
+    package func unhydratedRuns(in ranges: [Range<Int>]) -> [Range<Int>] {
         state.withLock { st in
             var out: [Range<Int>] = []
             for h in ranges where !h.isEmpty {
@@ -124,7 +125,7 @@ final class RegionOwnership: Sendable {
     }
 
     /// A client's claim: waits until no region of `regions` is claimed, then claims them all.
-    func claim(_ regions: Range<Int>) async {
+    package func claim(_ regions: Range<Int>) async {
         if state.withLock({ st in Self.takeIfFree(&st, regions) }) { return }
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { st -> Bool in
@@ -145,7 +146,7 @@ final class RegionOwnership: Sendable {
     /// Ends a claim on `regions`; `hydrated` (sub-ranges of it) became hydrated. Returns the
     /// sub-ranges that were not hydrated before (for progress and the committer).
     @discardableResult
-    func finish(_ regions: Range<Int>, hydrated: [Range<Int>]) -> [Range<Int>] {
+    package func finish(_ regions: Range<Int>, hydrated: [Range<Int>]) -> [Range<Int>] {
         let (newly, wake) = state.withLock { st -> ([Range<Int>], [CheckedContinuation<Void, Never>]) in
             var newly: [Range<Int>] = []
             for h in hydrated where !h.isEmpty {
@@ -177,8 +178,29 @@ final class RegionOwnership: Sendable {
         return newly
     }
 
+    /// Ends a claim on `regions`, of which `hydrated` (sub-ranges of it) became hydrated: every
+    /// writer's claim ends here. The committer hears of the regions newly hydrated first (and
+    /// `beforeMarking` is told of them), then they are marked. In that order: from the moment they
+    /// are marked, clients write into them directly, and a FLUSH replied to after such a write must
+    /// find them in its commit (were they marked first, a flush in between would commit without
+    /// them, and a crash would re-copy the source over the flushed write); and once the last region
+    /// is marked, the copier may see the job complete and commit completion, which the metadata
+    /// refuses with a region the committer was never told of. Returns the runs newly hydrated.
+    @discardableResult
+    package func finish(
+        _ regions: Range<Int>, hydrated: [Range<Int>], noting committer: Committer, budgetBytes: UInt64 = 0,
+        beforeMarking: @Sendable ([Range<Int>]) -> Void = { _ in }
+    ) async -> [Range<Int>] {
+        // Nobody else changes these regions' hydration while the claim holds them.
+        let newly = unhydratedRuns(in: hydrated)
+        beforeMarking(newly)
+        for (i, r) in newly.enumerated() { await committer.noteHydrated(r, budgetBytes: i == 0 ? budgetBytes : 0) }
+        finish(regions, hydrated: hydrated)
+        return newly
+    }
+
     /// Suspends until some claim ends (the copier, at the end of a pass over regions a client held).
-    func waitForChange() async {
+    package func waitForChange() async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { st -> Bool in
                 if st.claimed.setCount == 0 { return true }
@@ -193,7 +215,7 @@ final class RegionOwnership: Sendable {
 
     /// Splits `regions` into runs served by the destination (hydrated) or by the source, and pins
     /// the source runs: they cannot be released until `unpin`.
-    func pinForRead(_ regions: Range<Int>) -> [(regions: Range<Int>, fromSource: Bool)] {
+    package func pinForRead(_ regions: Range<Int>) -> [(regions: Range<Int>, fromSource: Bool)] {
         state.withLock { st in
             var out: [(Range<Int>, Bool)] = []
             var i = regions.lowerBound
@@ -209,7 +231,7 @@ final class RegionOwnership: Sendable {
         }
     }
 
-    func unpin(_ runs: [(regions: Range<Int>, fromSource: Bool)]) {
+    package func unpin(_ runs: [(regions: Range<Int>, fromSource: Bool)]) {
         let wake = state.withLock { st -> [CheckedContinuation<Void, Never>] in
             for run in runs where run.fromSource {
                 for r in run.regions {
@@ -235,7 +257,7 @@ final class RegionOwnership: Sendable {
     }
 
     /// Returns once no read of the source holds a pin on `regions` (the discarder, before release).
-    func waitUnpinned(_ regions: Range<Int>) async {
+    package func waitUnpinned(_ regions: Range<Int>) async {
         if !state.withLock({ Self.pinned($0, regions) }) { return }
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { st -> Bool in
@@ -248,36 +270,36 @@ final class RegionOwnership: Sendable {
     }
 
     /// Every source pin has dropped (before the source is closed).
-    func waitNoPins() async { await waitUnpinned(0..<regionCount) }
+    package func waitNoPins() async { await waitUnpinned(0..<regionCount) }
 
     // MARK: committer and discarder
 
     /// The committer failed for good. With `destinationDataLost` (a failed destination sync or
     /// writeback error), regions hydrated since the last commit are no longer served.
-    func commitsFailed(destinationDataLost: Bool) {
+    package func commitsFailed(destinationDataLost: Bool) {
         state.withLock { $0.destinationDataLost = $0.destinationDataLost || destinationDataLost }
     }
 
     /// The first region of `regions` that is hydrated but not committed while the destination's
     /// uncommitted data may be lost (nil: every region can be served).
-    func lostRegion(in regions: Range<Int>) -> Int? {
+    package func lostRegion(in regions: Range<Int>) -> Int? {
         state.withLock { st in
             guard st.destinationDataLost else { return nil }
             return regions.first { st.hydrated[$0] && !st.committed[$0] }
         }
     }
 
-    func markCommitted(_ ranges: [Range<Int>]) {
+    package func markCommitted(_ ranges: [Range<Int>]) {
         state.withLock { st in for r in ranges where !r.isEmpty { st.committed.set(r) } }
     }
 
-    func markReleased(_ regions: Range<Int>) {
+    package func markReleased(_ regions: Range<Int>) {
         state.withLock { st in st.released.set(regions) }
     }
 
     /// Client data is about to be written to the destination: from now on it may hold data where
     /// the job never hydrated (a write not yet committed when the daemon crashed).
-    func destinationWritten() {
+    package func destinationWritten() {
         state.withLock { $0.destZeroed = false }
     }
 }

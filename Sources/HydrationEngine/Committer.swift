@@ -1,4 +1,4 @@
-import ControlProtocol
+import HydrationStorage
 import Logging
 
 /// A set of regions whose hydration is durably recorded in the metadata.
@@ -13,7 +13,7 @@ public struct CommittedRegions: Sendable, Equatable {
     /// Region index ranges, sorted and coalesced.
     public let ranges: [Range<Int>]
     /// Space-budget bytes these regions were charged with (bytes written to the destination).
-    let budgetBytes: UInt64
+    package let budgetBytes: UInt64
 
     fileprivate init(generation: UInt64, ranges: [Range<Int>], budgetBytes: UInt64) {
         self.generation = generation
@@ -25,7 +25,7 @@ public struct CommittedRegions: Sendable, Equatable {
 #if DEBUG
     /// Deliberately wrong commit orders, for the crash-safety harness to prove it notices them.
     /// Compiled only into debug builds; the shipped (release) commit path has no such branch.
-    enum CommitterFault: Sendable, Equatable {
+    package enum CommitterFault: Sendable, Equatable {
         /// Publish the region set to the discarder before the metadata is written or synced.
         case publishBeforeDurable
         /// Write and sync the metadata before the destination's fdatasync.
@@ -40,7 +40,7 @@ public struct CommittedRegions: Sendable, Equatable {
 /// Any failure is final for this job: the metadata mode becomes `ro` (destination sync failed,
 /// metadata untouched) or `fail` (metadata write failed), nothing more is committed or published,
 /// so nothing more is discarded. A failed fsync is never retried as if nothing happened.
-actor Committer {
+package actor Committer {
     private let store: MetadataStore
     private let dest: any StorageDevice
     private let io: IOExecutor
@@ -51,16 +51,18 @@ actor Committer {
     /// Told what each commit made durable (BLOCK_STATUS `x-hydrationd:state`).
     private let ownership: RegionOwnership?
 
+    /// What the discarder has finished (it says so; the committer only reads it).
+    private let releasesDone: ReleasesDone
     private var pending: [Range<Int>] = []
     private var pendingBudgetBytes: UInt64 = 0
     private var requested: UInt64 = 0
     private var completedTicket: UInt64 = 0
     private var committing = false
     private var waiters: [CheckedContinuation<Void, Never>] = []
-    private(set) var failure: HydrationError?
+    package private(set) var failure: HydrationError?
     private var completeRequested = false
     /// Sets handed to the discarder so far (the copier waits for the discarder to catch up).
-    private(set) var publishedCount = 0
+    package private(set) var publishedCount = 0
     /// Published sets (by sequence number, 1-based) whose release the discarder has not finished:
     /// the pending-release list each commit records, so that a restart releases only these.
     private var unconfirmed: [(seq: Int, ranges: [Range<Int>])] = []
@@ -71,24 +73,25 @@ actor Committer {
     private var clearDestZeroedRequested = false
 
     #if DEBUG
-        var fault: CommitterFault?
-        func injectFault(_ f: CommitterFault?) { fault = f }
+        package var fault: CommitterFault?
+        package func injectFault(_ f: CommitterFault?) { fault = f }
     #endif
 
-    init(
+    package init(
         store: MetadataStore, dest: any StorageDevice, io: IOExecutor, progress: JobProgress,
         geometry: Geometry, logger: Logger, publish: AsyncStream<CommittedRegions>.Continuation?,
-        ownership: RegionOwnership? = nil
+        ownership: RegionOwnership? = nil, releasesDone: ReleasesDone = ReleasesDone()
     ) {
+        self.releasesDone = releasesDone
         self.store = store; self.dest = dest; self.io = io; self.progress = progress
         self.geometry = geometry; self.logger = logger; self.publish = publish; self.ownership = ownership
     }
 
-    var generation: UInt64 { store.header.generation }
-    var hasPending: Bool { !pending.isEmpty }
+    package var generation: UInt64 { store.header.generation }
+    package var hasPending: Bool { !pending.isEmpty }
 
     /// The copier reports a finished batch: its destination writes have completed (not yet synced).
-    func noteHydrated(_ regions: Range<Int>, budgetBytes: UInt64) {
+    package func noteHydrated(_ regions: Range<Int>, budgetBytes: UInt64) {
         pending.append(regions)
         pendingBudgetBytes += budgetBytes
     }
@@ -96,7 +99,7 @@ actor Committer {
     /// After open: every region the durable metadata records as hydrated, for the discarder to
     /// release again (idempotent), so a crash between a commit and its discard leaves nothing
     /// behind. The store synced the file before reporting this state.
-    func publishRecovered() {
+    package func publishRecovered() {
         // Only what may still be pending (the store intersected it with the committed map): a
         // complete job whose releases were confirmed never touches its source again, and a
         // source device reused since is not released twice.
@@ -112,7 +115,7 @@ actor Committer {
     /// Commits everything noted before this call; returns once it is durable (and published).
     /// With `markComplete`, also records completion (the caller guarantees every region is noted).
     @discardableResult
-    func commit(markComplete: Bool = false) async throws(HydrationError) -> UInt64 {
+    package func commit(markComplete: Bool = false) async throws(HydrationError) -> UInt64 {
         if markComplete { completeRequested = true }
         requested += 1
         let ticket = requested
@@ -142,7 +145,7 @@ actor Committer {
     /// NBD FLUSH (and FUA): every write completed before this call is durable when it returns, on
     /// the destination and, for regions it hydrated, in the metadata. Runs a full commit, with the
     /// destination's fdatasync even when no region changed.
-    func flush() async throws(HydrationError) {
+    package func flush() async throws(HydrationError) {
         syncRequested = true
         try await commit()
     }
@@ -150,7 +153,7 @@ actor Committer {
     /// Durably records that the destination may hold data where the job never hydrated (before
     /// the first client write lands): a restart then zeroes hole and zero regions when it hydrates
     /// them, instead of trusting the destination to read as zeros there.
-    func recordDestinationWritten() async throws(HydrationError) {
+    package func recordDestinationWritten() async throws(HydrationError) {
         guard store.header.destZeroed else { return }
         clearDestZeroedRequested = true
         try await commit()
@@ -160,7 +163,7 @@ actor Committer {
     }
 
     /// A periodic commit: only when something changed.
-    func commitIfDirty() async throws(HydrationError) {
+    package func commitIfDirty() async throws(HydrationError) {
         if !pending.isEmpty { try await commit() }
     }
 
@@ -171,7 +174,7 @@ actor Committer {
     /// With `markComplete`, the same commit records completion: a discard_source job is complete
     /// only once its releases were made (so a crash before that leaves it incomplete, and the
     /// restart finishes them; a complete job never touches its source again).
-    func confirmReleases(markComplete: Bool = false) async throws(HydrationError) {
+    package func confirmReleases(markComplete: Bool = false) async throws(HydrationError) {
         guard publish != nil else {
             if markComplete { try await commit(markComplete: true) }
             return
@@ -184,7 +187,7 @@ actor Committer {
     }
 
     private func pruneConfirmed() {
-        let done = progress.snapshot.releasedSets
+        let done = releasesDone.count
         unconfirmed.removeAll { $0.seq <= done }
     }
 
@@ -345,11 +348,11 @@ actor Committer {
     /// The copier saw a writeback error on the destination (starting writeback or evicting):
     /// treated exactly like a failed destination fdatasync. Data written since the last commit
     /// may be lost, so nothing more is committed or published; the metadata becomes `ro`.
-    func writebackFailed(_ e: HydrationError) {
+    package func writebackFailed(_ e: HydrationError) {
         fail(mode: .ro, e)
     }
 
-    private func fail(mode: JobStatus.Metadata.Mode, _ e: HydrationError) {
+    private func fail(mode: MetadataMode, _ e: HydrationError) {
         guard failure == nil else { return }
         failure = e
         progress.update { $0.metadataMode = mode }
@@ -359,28 +362,28 @@ actor Committer {
     }
 
     /// No more sets will be published (the job is closing).
-    func finishStream() { publish?.finish() }
+    package func finishStream() { publish?.finish() }
 }
 
 /// Region arithmetic for one job.
-struct Geometry: Sendable, Equatable {
-    let regionSize: UInt64
-    let regionCount: Int
-    let targetSize: UInt64
+package struct Geometry: Sendable, Equatable {
+    package let regionSize: UInt64
+    package let regionCount: Int
+    package let targetSize: UInt64
 
-    func byteRange(of regions: Range<Int>) -> Range<UInt64> {
+    package func byteRange(of regions: Range<Int>) -> Range<UInt64> {
         let lo = UInt64(regions.lowerBound) * regionSize
         let hi = min(UInt64(regions.upperBound) * regionSize, targetSize)
         return lo..<max(lo, hi)
     }
 
-    func byteLength(of regions: Range<Int>) -> UInt64 {
+    package func byteLength(of regions: Range<Int>) -> UInt64 {
         let r = byteRange(of: regions)
         return r.upperBound - r.lowerBound
     }
 
     /// Bytes covered by `n` regions, counting the last (possibly short) one exactly when it is among them.
-    func bytes(ofRegionCount n: Int, includesLast: Bool) -> UInt64 {
+    package func bytes(ofRegionCount n: Int, includesLast: Bool) -> UInt64 {
         guard n > 0 else { return 0 }
         if includesLast { return UInt64(n - 1) * regionSize + byteLength(of: regionCount - 1..<regionCount) }
         return UInt64(n) * regionSize

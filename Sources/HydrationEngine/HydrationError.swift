@@ -86,7 +86,7 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     /// The process or the system has no descriptor left.
     public static func isResourceExhaustion(_ e: Int32) -> Bool { e == EMFILE || e == ENFILE }
 
-    static func resourceHint(_ e: Int32) -> String {
+    package static func resourceHint(_ e: Int32) -> String {
         e == EMFILE
             ? " (the daemon has as many files open as its limit allows, RLIMIT_NOFILE: raise LimitNOFILE, or remove jobs)"
             : " (the system's open-file table is full, fs.file-max)"
@@ -95,7 +95,7 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     public var description: String { "\(code.rawValue): \(message)" }
 
     /// A metadata failure, with the file it concerns.
-    static func from(_ e: MetadataError) -> HydrationError {
+    package static func from(_ e: MetadataError) -> HydrationError {
         let code: Code
         var errno: Int32?
         switch e.reason {
@@ -111,7 +111,7 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     }
 
     /// A refusal of the identity module (placement, confirmation), with its fields.
-    static func from(_ e: IdentityError) -> HydrationError {
+    package static func from(_ e: IdentityError) -> HydrationError {
         let code: Code
         switch e.kind {
         case .mismatch: code = .metadataMismatch

@@ -1,3 +1,4 @@
+import HydrationStorage
 import NIOPosix
 
 /// Runs blocking storage calls on dedicated threads, off Swift's cooperative pool, so the control

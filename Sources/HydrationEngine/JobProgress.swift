@@ -1,0 +1,97 @@
+import HydrationStorage
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// What the metadata still takes: `rw`; `ro` after a destination sync failed (the metadata
+/// untouched); `fail` after the metadata write failed.
+public enum MetadataMode: String, Sendable, Equatable {
+    case rw, ro, fail
+}
+
+/// Counters shared by the three actors and read by status calls without waiting for any of them:
+/// a status request must answer at once while the copier is busy.
+package final class JobProgress: Sendable {
+    package struct Counters {
+        package var hydratedRegions = 0
+        package var hydratingRegions = 0
+        package var hydratedBytes: UInt64 = 0
+        package var writtenBytes: UInt64 = 0
+        package var skippedZeroBytes: UInt64 = 0
+        package var committedRegions = 0
+        package var committedBytes: UInt64 = 0
+        package var commits: UInt64 = 0
+        package var lastCommitUnixMs: Int64?
+        package var lastCommitDurationMs: Double?
+        package var discardedBytes: UInt64 = 0
+        package var discardPendingBytes: UInt64 = 0
+        package var discardFailures: UInt64 = 0
+        package var lastDiscardError: String?
+        /// Space budget: bytes written to the destination whose source range is not yet released.
+        package var budgetCharged: UInt64 = 0
+        /// Reserved for batches in flight (their whole length, until they report what they wrote).
+        package var budgetInFlight: UInt64 = 0
+        package var budgetReleased: UInt64 = 0
+        package var metadataMode: MetadataMode = .rw
+        /// Live clone: regions hydrated by clients' writes, trims, zeroes and cache requests, and
+        /// bytes clients read, wrote and trimmed.
+        package var liveHydratedRegions = 0
+        package var liveReadBytes: UInt64 = 0
+        package var liveWrittenBytes: UInt64 = 0
+        package var liveTrimmedBytes: UInt64 = 0
+        /// (monotonic ns, hydrated bytes) samples for the throughput window.
+        package var samples: [(UInt64, UInt64)] = []
+    }
+
+    package let counters: Mutex<Counters>
+
+    package init(hydratedRegions: Int, hydratedBytes: UInt64, committedRegions: Int) {
+        var c = Counters()
+        c.hydratedRegions = hydratedRegions
+        c.hydratedBytes = hydratedBytes
+        c.committedRegions = committedRegions
+        c.committedBytes = hydratedBytes
+        counters = Mutex(c)
+    }
+
+    package func update<T>(_ body: (inout Counters) -> T) -> T { counters.withLock { body(&$0) } }
+    package var snapshot: Counters { counters.withLock { $0 } }
+
+    package var budgetOutstanding: UInt64 {
+        counters.withLock { $0.budgetCharged + $0.budgetInFlight &- $0.budgetReleased }
+    }
+
+    /// Bytes per second over the last few seconds of hydration.
+    package func throughput(now: UInt64 = monotonicNanos()) -> Double {
+        counters.withLock { c in
+            guard let first = c.samples.first, let last = c.samples.last, last.0 > first.0 else { return 0 }
+            // A stalled copy shows 0, not the rate it had before it stalled.
+            if now > last.0 + 3_000_000_000 { return 0 }
+            return Double(last.1 - first.1) / (Double(last.0 - first.0) / 1e9)
+        }
+    }
+
+    package func recordSample(now: UInt64 = monotonicNanos()) {
+        counters.withLock { c in
+            if let last = c.samples.last, now - last.0 < 100_000_000 { return }
+            c.samples.append((now, c.hydratedBytes))
+            while let f = c.samples.first, now - f.0 > 5_000_000_000, c.samples.count > 2 { c.samples.removeFirst() }
+        }
+    }
+
+    package func resetSamples() { counters.withLock { $0.samples = [] } }
+}
+
+package func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+package func wallClockMillis() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+}
