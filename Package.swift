@@ -9,6 +9,7 @@ let package = Package(
         .executable(name: "clonectl", targets: ["clonectl"]),
         .library(name: "HydrationService", targets: ["HydrationService"]),
         .library(name: "ControlProtocol", targets: ["ControlProtocol"]),
+        .library(name: "NBDServer", targets: ["NBDServer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -41,11 +42,34 @@ let package = Package(
             name: "HydrationStorage",
             dependencies: ["ControlProtocol", "CLinux"]
         ),
+        // A server on a Unix stream socket: bind a path (stale socket replaced, mode and group) or
+        // adopt a socket-activated descriptor, peer credentials, connection admission, idle
+        // timeouts, the accept loop. Under both the Varlink control server and the NBD server.
+        .target(
+            name: "UnixSocketServer",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        // A Network Block Device server (protocol, codec, server, the export protocol) on
+        // UnixSocketServer: swift-nio and swift-log only, for anyone who needs an NBD server.
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "UnixSocketServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The engine (copier, committer, discarder, live clone) and the daemon's service code.
         .target(
             name: "HydrationService",
             dependencies: [
                 "HydrationStorage",
+                "NBDServer",
+                "UnixSocketServer",
                 "ControlProtocol",
                 "CSystemd",
                 "CNBD",
@@ -87,6 +111,14 @@ let package = Package(
         .testTarget(
             name: "HydrationServiceTests",
             dependencies: ["HydrationService", "ControlProtocol"]
+        ),
+        .testTarget(
+            name: "NBDServerTests",
+            dependencies: ["NBDServer"]
+        ),
+        .testTarget(
+            name: "UnixSocketServerTests",
+            dependencies: ["UnixSocketServer"]
         ),
         .testTarget(
             name: "ControlProtocolTests",

@@ -298,50 +298,6 @@ import Testing
         }
     }
 
-    /// The admission rules on their own: a read-only peer, then a group member, fill what they may;
-    /// root still gets in.
-    @Test func admissionKeepsRoomForPrivilegedPeers() {
-        let policy = ControlAccessPolicy(socketGroup: 4242, ownerUID: 0)
-        var a = ConnectionAdmission(
-            limits: .init(total: 64, perPeer: 16, privilegedReserve: 32, ownerReserve: 8), policy: policy)
-        let reader = PeerCredentials(pid: 10, uid: 3000, gid: 3000)
-        let member = PeerCredentials(pid: 11, uid: 2000, gid: 2000, groups: [4242])
-        let root = PeerCredentials(pid: 1, uid: 0, gid: 0)
-        var admitted = 0
-        for _ in 0..<64 where a.admit(reader) == nil { admitted += 1 }
-        #expect(admitted == 16, "one uid holds at most perPeer")
-        // Other read-only uids share 32 slots.
-        var others = 0
-        for uid in UInt32(3001)..<3010 {
-            for _ in 0..<16 where a.admit(PeerCredentials(pid: 12, uid: uid, gid: uid)) == nil { others += 1 }
-        }
-        #expect(others == 16, "read-only peers together hold at most total - privilegedReserve")
-        #expect(a.admit(PeerCredentials.unknown) != nil, "unknown credentials count as read-only")
-        var members = 0
-        for uid in UInt32(2000)..<2010 {
-            for _ in 0..<16 where a.admit(PeerCredentials(pid: 13, uid: uid, gid: uid, groups: [4242])) == nil {
-                members += 1
-            }
-        }
-        #expect(members == 56 - 32, "group members fill up to total - ownerReserve")
-        #expect(a.admit(member)?.limit == 56)
-        for _ in 0..<8 { #expect(a.admit(root) == nil, "root's reserve") }
-        #expect(a.admit(root)?.limit == 64, "root too is bounded by the total")
-        a.release(reader)
-        let otherMember = PeerCredentials(pid: 14, uid: 2005, gid: 2005, groups: [4242])
-        #expect(a.admit(otherMember) == nil, "a freed slot is anyone's within the rules")
-        #expect(a.admit(otherMember) != nil, "all 64 in use")
-        a.release(root)
-        #expect(a.admit(root) == nil)
-        // A small total (tests, tiny configurations) still admits root and others alike.
-        var small = ConnectionAdmission(
-            limits: .init(total: 2, perPeer: 16, privilegedReserve: 32, ownerReserve: 8), policy: policy)
-        #expect(small.admit(reader) == nil)
-        #expect(small.admit(reader) != nil)
-        #expect(small.admit(root) == nil)
-        #expect(small.activeConnections == 2)
-    }
-
     /// Real peers of other uids (setpriv): a read-only user holding 64 streaming `GetStatus more`
     /// calls, and a socket-group member doing the same, leave room for root and for each other.
     @Test(
@@ -582,7 +538,7 @@ import Testing
 
             // A second server on the same live socket refuses to start, and leaves it alone.
             let second = ControlServer(configuration: .init(listener: .path(path)), handler: FakeHandler())
-            await #expect(throws: ControlServerError.socketInUse(path: path)) { try await second.run() }
+            await #expect(throws: UnixSocketServerError.socketInUse(path: path)) { try await second.run() }
             try await offPool { _ = try VarlinkClient(socketPath: path).getInfo() }
         }
 
@@ -593,12 +549,12 @@ import Testing
         let fd = try Self.listeningSocket(stale)
         Glibc.close(fd)
         #expect(FileManager.default.fileExists(atPath: stale))
-        try ControlServer.prepareSocketPath(stale)
+        try UnixSocketFile.prepare(stale)
         #expect(!FileManager.default.fileExists(atPath: stale))
         // A regular file is never removed.
         let file = dir.path + "/file"
         _ = FileManager.default.createFile(atPath: file, contents: Data("x".utf8))
-        #expect(throws: ControlServerError.notASocket(path: file)) { try ControlServer.prepareSocketPath(file) }
+        #expect(throws: UnixSocketServerError.notASocket(path: file)) { try UnixSocketFile.prepare(file) }
         #expect(FileManager.default.fileExists(atPath: file))
     }
 
@@ -623,13 +579,13 @@ import Testing
         // On a thread of its own, so that a probe that waits fails this test instead of hanging it.
         let verdict = Mutex<Bool?>(nil)
         Thread {
-            let refused = (try? ControlServer.prepareSocketPath(path)) == nil; verdict.withLock { $0 = refused }
+            let refused = (try? UnixSocketFile.prepare(path)) == nil; verdict.withLock { $0 = refused }
         }.start()
         #expect(
             await eventually { verdict.withLock { $0 != nil } }, "the probe of a live socket with a full backlog waited"
         )
         #expect(verdict.withLock { $0 } == true, "a live socket with a full backlog is refused as in use")
-        #expect(ControlServer.isListening(path))
+        #expect(UnixSocketFile.isListening(path))
         #expect(FileManager.default.fileExists(atPath: path), "and left alone")
     }
 

@@ -1,5 +1,6 @@
 import NIOCore
 import Synchronization
+import UnixSocketServer
 
 /// What an export can do; the server turns it into transmission flags and refuses (EINVAL) the
 /// commands and flags an export does not offer, so an export is only called for what it declares.
@@ -56,7 +57,8 @@ public struct NBDBlockSize: Sendable, Equatable {
 /// and writes, the command and its flags offered by `capabilities`), so an implementation only
 /// does the I/O. Requests run concurrently, several per connection and across connections.
 ///
-/// Methods must never block a cooperative thread: do blocking system calls on an `IOExecutor`.
+/// Methods must never block a cooperative thread: do blocking system calls on threads of their own
+/// (an I/O executor, `NIOThreadPool`).
 /// A thrown `NBDError` becomes the request's error reply; the connection goes on.
 public protocol NBDExport: Sendable {
     /// The name clients give (`nbd+unix:///NAME?socket=...`); unique in a registry.
@@ -209,27 +211,8 @@ public struct NBDAccessPolicy: Sendable, Equatable {
     }
 
     public func check(peer: PeerCredentials, export: any NBDExport) -> NBDAccess {
-        if ControlAccessPolicy(socketGroup: socketGroup, ownerUID: ownerUID).isPrivileged(peer) { return .readWrite }
+        if PrivilegedPeers(socketGroup: socketGroup, ownerUID: ownerUID).contains(peer) { return .readWrite }
         if othersReadOnly && peer.uid != UInt32.max { return .readOnly }
         return .denied("uid \(peer.uid) may not use export '\(export.name)'")
-    }
-}
-
-extension IOExecutor {
-    /// Runs an export's blocking storage call on the executor and turns its failure into the
-    /// request's NBD error: a `StorageError` its errno's (with its description as the message),
-    /// a shut-down executor ESHUTDOWN, anything else EIO.
-    func runForNBD<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws(NBDError) -> T {
-        do {
-            return try await run(body)
-        } catch let e as StorageError {
-            throw NBDError(e)
-        } catch let e as NBDError {
-            throw e
-        } catch is IOExecutor.ShutDown {
-            throw NBDError(.ESHUTDOWN, "the I/O executor is shut down")
-        } catch {
-            throw NBDError.io("\(error)")
-        }
     }
 }

@@ -1,8 +1,8 @@
 import Logging
 import NIOCore
 import NIOPosix
-import ServiceLifecycle
 import Synchronization
+import UnixSocketServer
 
 #if canImport(Glibc)
     import Glibc
@@ -12,7 +12,7 @@ import Synchronization
 public struct NBDServerConfiguration: Sendable {
     /// A socket path to bind (parent created, stale socket replaced, `socketMode`/`socketGroup`
     /// applied) or an adopted listening descriptor (socket activation), as for the control socket.
-    public var listener: ControlServerConfiguration.Listener
+    public var listener: UnixSocketListener
     public var socketGroup: UInt32?
     public var socketMode: UInt32 = 0o660
     /// Connections in transmission at once, over every export; an OPT_GO beyond it gets
@@ -55,7 +55,7 @@ public struct NBDServerConfiguration: Sendable {
     public var access: NBDAccessCheck?
 
     public init(
-        listener: ControlServerConfiguration.Listener, socketGroup: UInt32? = nil, access: NBDAccessCheck? = nil
+        listener: UnixSocketListener, socketGroup: UInt32? = nil, access: NBDAccessCheck? = nil
     ) {
         self.listener = listener
         self.socketGroup = socketGroup
@@ -72,16 +72,16 @@ public struct NBDServerConfiguration: Sendable {
 /// A Network Block Device server (fixed newstyle, structured replies, meta contexts) on a Unix
 /// stream socket, serving the exports an `NBDExportLookup` provides. See `docs/nbd.md`.
 ///
-/// Run it as a swift-service-lifecycle `Service`: `run()` binds or adopts the socket, calls
-/// `onListening`, serves until graceful shutdown, cancellation or `shutdown()`, then lets requests
-/// in flight finish (within `shutdownGrace`), closes every connection and removes its socket file.
-/// Nothing a client sends can stop the server or disturb another connection.
-public final class NBDServer: Service, Sendable {
+/// `run()` binds or adopts the socket (`UnixSocketServer`), calls `onListening`, serves until
+/// cancellation or `shutdown()`, then lets requests in flight finish (within `shutdownGrace`),
+/// closes every connection and removes its socket file. Nothing a client sends can stop the server
+/// or disturb another connection.
+public final class NBDServer: Sendable {
     public let configuration: NBDServerConfiguration
     private let lookup: any NBDExportLookup
-    private let group: any EventLoopGroup
+    private let socket: UnixSocketServer
     private let logger: Logger
-    private let onListening: @Sendable (ControlServer.ListeningInfo) async -> Void
+    private let onListening: @Sendable (UnixSocketServer.ListeningInfo) async -> Void
     private let access: NBDAccessCheck
     private let state = Mutex(State())
     /// Times a connection stopped reading because its requests in flight held the byte budget
@@ -89,9 +89,6 @@ public final class NBDServer: Service, Sendable {
     let budgetWaits = Atomic<Int>(0)
 
     private struct State: ~Copyable {
-        var started = false
-        var shuttingDown = false
-        var listener: (any Channel)?
         var connections: [ObjectIdentifier: ConnectionRecord] = [:]
         /// What each admitted connection counts against; refused ones are not here.
         var slots: [ObjectIdentifier: Slot] = [:]
@@ -107,11 +104,13 @@ public final class NBDServer: Service, Sendable {
         exports: any NBDExportLookup,
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         logger: Logger = Logger(label: "hydrationd.nbd"),
-        onListening: @escaping @Sendable (ControlServer.ListeningInfo) async -> Void = { _ in }
+        onListening: @escaping @Sendable (UnixSocketServer.ListeningInfo) async -> Void = { _ in }
     ) {
         self.configuration = configuration
         self.lookup = exports
-        self.group = eventLoopGroup
+        self.socket = UnixSocketServer(
+            listener: configuration.listener, socketMode: configuration.socketMode,
+            socketGroup: configuration.socketGroup, eventLoopGroup: eventLoopGroup)
         self.logger = logger
         self.onListening = onListening
         self.access = configuration.accessCheck
@@ -173,12 +172,7 @@ public final class NBDServer: Service, Sendable {
     /// Stops accepting; connections still negotiating are closed; connections in transmission stop
     /// reading, finish their requests in flight and close (forced after `shutdownGrace`).
     public func shutdown() {
-        let (listener, records): ((any Channel)?, [ConnectionRecord]) = state.withLock { st in
-            st.shuttingDown = true
-            return (st.listener, Array(st.connections.values))
-        }
-        listener?.close(promise: nil)
-        for r in records { r.stop(grace: configuration.shutdownGrace) }
+        socket.shutdown()
     }
 
     /// Connections in transmission with the export called `name` (past OPT_GO / EXPORT_NAME and
@@ -209,53 +203,28 @@ public final class NBDServer: Service, Sendable {
     }
 
     public func run() async throws {
-        let alreadyStarted = state.withLock { st in
-            defer { st.started = true }
-            return st.started
-        }
-        if alreadyStarted { throw ControlServerError.alreadyStarted }
-        signal(SIGPIPE, SIG_IGN)
-
-        let (serverChannel, boundPath, boundInode) = try await bind()
-        let stop = state.withLock { st in
-            st.listener = serverChannel.channel
-            return st.shuttingDown
-        }
-        if stop { serverChannel.channel.close(promise: nil) }
-        defer { if let boundPath { ControlServer.removeSocketFile(boundPath, inode: boundInode) } }
-
-        let shownPath: String? = {
-            if case .descriptor(_, let p) = configuration.listener { return p }
-            return boundPath
-        }()
-        logger.info("NBD socket listening", metadata: ["path": "\(shownPath ?? "fd")"])
-        await onListening(ControlServer.ListeningInfo(path: shownPath))
-
-        try await ControlServer.acceptLoop(
-            serverChannel, serve: { await self.serve($0) }, shutdown: { self.shutdown() })
-        logger.info("NBD socket closed")
-    }
-
-    // MARK: socket setup
-
-    private struct Accepted: Sendable {
-        var channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
-        var record: ConnectionRecord
-    }
-
-    private func bind() async throws -> (NIOAsyncChannel<Accepted, Never>, String?, ino_t) {
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 128)
+        let bootstrap = socket.makeBootstrap()
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(
                 .recvAllocator,
                 value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20))
-        return try await ControlServer.bindUnixListener(
-            bootstrap, listener: configuration.listener, mode: configuration.socketMode,
-            group: configuration.socketGroup
-        ) { channel in
-            channel.eventLoop.makeCompletedFuture { try self.initializeConnection(channel) }
-        }
+        try await socket.run(
+            bootstrap: bootstrap,
+            initializer: { channel in channel.eventLoop.makeCompletedFuture { try self.initializeConnection(channel) }
+            },
+            onListening: { info in
+                self.logger.info("NBD socket listening", metadata: ["path": "\(info.path ?? "fd")"])
+                await self.onListening(info)
+            },
+            serve: { await self.serve($0) })
+        logger.info("NBD socket closed")
+    }
+
+    // MARK: connections
+
+    private struct Accepted: Sendable {
+        var channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
+        var record: ConnectionRecord
     }
 
     /// Runs on the child channel's event loop for each accepted connection. Admission waits for
@@ -263,26 +232,22 @@ public final class NBDServer: Service, Sendable {
     private func initializeConnection(_ channel: any Channel) throws -> Accepted {
         let record = ConnectionRecord(channel: channel)
         let id = ObjectIdentifier(channel)
-        let closeNow = state.withLock { st in
-            st.connections[id] = record
-            return st.shuttingDown
-        }
+        state.withLock { st in st.connections[id] = record }
         channel.closeFuture.whenComplete { _ in
             self.state.withLock { st in
                 st.connections.removeValue(forKey: id)
                 st.slots.removeValue(forKey: id)
             }
         }
-        if closeNow { channel.close(promise: nil) }
+        let grace = configuration.shutdownGrace
+        socket.track(channel) { record.stop(grace: grace) }
         let async = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
         return Accepted(channel: async, record: record)
     }
 
-    // MARK: connections
-
     private func serve(_ accepted: Accepted) async {
         let channel = accepted.channel.channel
-        let peer = await ControlServer.peerCredentials(of: channel)
+        let peer = await PeerCredentials.of(channel)
         var log = logger
         log[metadataKey: "peer"] = "\(peer)"
         let refusal = admitHandshake(channel, peer: peer)
@@ -307,7 +272,7 @@ public final class NBDServer: Service, Sendable {
 
     fileprivate var exportLookup: any NBDExportLookup { lookup }
     fileprivate var accessCheck: NBDAccessCheck { access }
-    fileprivate var isShuttingDown: Bool { state.withLock { $0.shuttingDown } }
+    fileprivate var isShuttingDown: Bool { socket.isShuttingDown }
 }
 
 /// What the server knows of one connection, for shutdown and `disconnect(export:)`.
