@@ -11,59 +11,7 @@ import UnixSocketServer
     import Glibc
 #endif
 
-/// Settings of the control socket server.
-public struct ControlServerConfiguration: Sendable {
-    /// Where connections come from: a path to bind (parent created, stale socket replaced,
-    /// `socketMode` and `socketGroup` applied) or an adopted descriptor (socket activation).
-    public typealias Listener = UnixSocketListener
-
-    public var listener: Listener
-    /// gid that owns the socket and whose members may call mutating methods (`--socket-group`).
-    public var socketGroup: UInt32?
-    public var socketMode: UInt32 = 0o660
-    /// Connections served at once. Beyond it a new connection gets `TooManyConnections` in reply to
-    /// its first call (or is closed after `overLimitGrace` without one). Within it
-    /// (`ConnectionAdmission`): read-only peers together may hold all but `privilegedReserve`,
-    /// socket-group members with them all but `ownerReserve`, and each uid other than root and the
-    /// daemon's own at most `maxConnectionsPerPeer`; root and the daemon's user always find room
-    /// unless they themselves hold it.
-    public var maxConnections = 64
-    public var maxConnectionsPerPeer = 16
-    public var privilegedReserve = 32
-    public var ownerReserve = 8
-    /// A connection with no request in flight and nothing received for this long is closed.
-    public var idleTimeout: Duration = .seconds(60)
-    public var overLimitGrace: Duration = .seconds(2)
-    public var maxMessageSize = VarlinkFraming.maxMessageSize
-    /// Returned by `org.varlink.service.GetInfo` (the `interfaces` field is filled in by the server).
-    public var vendor = "hydrationd"
-    public var product = "hydrationd"
-    public var version = "0.1.0"
-    public var url = "https://github.com/hydrationd/hydrationd"
-    /// The daemon's effective uid, privileged like root (defaults to geteuid()).
-    public var ownerUID: UInt32 = geteuid()
-
-    public init(listener: Listener, socketGroup: UInt32? = nil) {
-        self.listener = listener
-        self.socketGroup = socketGroup
-    }
-
-    public var accessPolicy: ControlAccessPolicy {
-        ControlAccessPolicy(socketGroup: socketGroup, ownerUID: ownerUID)
-    }
-
-    var privilegedPeers: PrivilegedPeers {
-        PrivilegedPeers(socketGroup: socketGroup, ownerUID: ownerUID)
-    }
-
-    var admissionLimits: ConnectionAdmission.Limits {
-        .init(
-            total: maxConnections, perPeer: maxConnectionsPerPeer, privilegedReserve: privilegedReserve,
-            ownerReserve: ownerReserve)
-    }
-}
-
-/// The daemon's Varlink server on a Unix stream socket (swift-nio).
+/// The daemon's Varlink server on a Unix stream socket (`UnixSocketServer`, swift-nio).
 ///
 /// Run it as a swift-service-lifecycle `Service`: `run()` binds (or adopts) the socket, calls
 /// `onListening` once connections are accepted (send READY=1 there), serves until graceful
@@ -346,77 +294,6 @@ public final class ControlServer: Service, Sendable {
             defer { closedContinuation.finish() }
             try await group.next()
             group.cancelAll()
-        }
-    }
-
-    /// Decodes `call.parameters` as `P`, rejecting unknown, missing or ill-typed parameters with
-    /// `org.varlink.service.InvalidParameter` naming the parameter.
-    static func decodeParameters<P: VarlinkParameters>(_ call: VarlinkCall, as type: P.Type) throws(VarlinkError) -> P {
-        let object: [String: JSONValue]
-        switch call.parameters {
-        case nil, .null?: object = [:]
-        case .object(let o)?: object = o
-        default: throw .serviceInvalidParameter("parameters")
-        }
-        if let unknown = object.keys.sorted().first(where: { !P.parameterNames.contains($0) }) {
-            throw .serviceInvalidParameter(unknown)
-        }
-        do {
-            return try JSONValue.object(object).decode(P.self)
-        } catch let DecodingError.keyNotFound(key, ctx) {
-            throw .serviceInvalidParameter(path(ctx.codingPath + [key]))
-        } catch let DecodingError.typeMismatch(_, ctx) {
-            throw .serviceInvalidParameter(path(ctx.codingPath))
-        } catch let DecodingError.valueNotFound(_, ctx) {
-            throw .serviceInvalidParameter(path(ctx.codingPath))
-        } catch let DecodingError.dataCorrupted(ctx) where !ctx.codingPath.isEmpty {
-            throw .serviceInvalidParameter(path(ctx.codingPath))
-        } catch {
-            throw .serviceInvalidParameter(culprit(in: object, as: P.self) ?? "parameters")
-        }
-    }
-
-    /// For failures the decoder reports without a coding path (a number out of range for its field,
-    /// e.g. negative for an unsigned one): the numeric parameter whose replacement by 0 removes the
-    /// pathless failure.
-    private static func culprit<P: VarlinkParameters>(in object: [String: JSONValue], as type: P.Type) -> String? {
-        for (key, value) in object.sorted(by: { $0.key < $1.key }) {
-            switch value {
-            case .int, .uint, .double: break
-            default: continue
-            }
-            var probe = object
-            probe[key] = .int(0)
-            do {
-                _ = try JSONValue.object(probe).decode(P.self)
-                return key
-            } catch let DecodingError.dataCorrupted(ctx) where ctx.codingPath.isEmpty {
-                continue
-            } catch {
-                return key  // a different (located) failure remains: this key was the pathless one
-            }
-        }
-        return nil
-    }
-
-    private static func path(_ keys: [any CodingKey]) -> String {
-        keys.isEmpty
-            ? "parameters" : keys.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
-    }
-
-    private static func describe(_ error: any Error) -> String {
-        switch error {
-        case DecodingError.dataCorrupted(let ctx):
-            let underlying = (ctx.underlyingError as? NSError)?.debugDescription ?? ""
-            return "malformed JSON: \(ctx.debugDescription) \(underlying)".trimmingCharacters(in: .whitespaces)
-        case DecodingError.keyNotFound(let key, _):
-            return "missing field '\(key.stringValue)'"
-        case DecodingError.typeMismatch(_, let ctx):
-            return "wrong type for '\(path(ctx.codingPath))'"
-        case DecodingError.valueNotFound(_, let ctx):
-            return "null for '\(path(ctx.codingPath))'"
-        default:
-            return "\(error)"
         }
     }
 }
