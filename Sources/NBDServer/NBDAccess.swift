@@ -13,8 +13,9 @@ public enum NBDAccess: Sendable, Equatable {
 /// The access check: who (SO_PEERCRED of the connection) wants which export.
 public typealias NBDAccessCheck = @Sendable (_ peer: PeerCredentials, _ export: any NBDExport) -> NBDAccess
 
-/// The default access rule, the control socket's rule for mutating calls: root, the daemon's user
-/// and members of the socket group get read-write access; every other peer is refused.
+/// The default access rule (`PrivilegedPeers`, the daemon's rule for mutating control calls too):
+/// root, the server's user and members of the socket group get read-write access; every other
+/// peer is refused.
 public struct NBDAccessPolicy: Sendable, Equatable {
     public var socketGroup: UInt32?
     public var ownerUID: UInt32

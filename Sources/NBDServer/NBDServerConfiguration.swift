@@ -7,7 +7,7 @@ import UnixSocketServer
 /// Settings of the NBD server.
 public struct NBDServerConfiguration: Sendable {
     /// A socket path to bind (parent created, stale socket replaced, `socketMode`/`socketGroup`
-    /// applied) or an adopted listening descriptor (socket activation), as for the control socket.
+    /// applied) or an adopted listening descriptor (socket activation): a `UnixSocketListener`.
     public var listener: UnixSocketListener
     public var socketGroup: UInt32?
     public var socketMode: UInt32 = 0o660
@@ -45,7 +45,7 @@ public struct NBDServerConfiguration: Sendable {
     public var handshakeTimeout: Duration = .seconds(10)
     /// On shutdown, requests in flight get this long to finish before connections are closed.
     public var shutdownGrace: Duration = .seconds(5)
-    /// The daemon's effective uid, privileged in the default access policy.
+    /// The server's effective uid, privileged in the default access policy.
     public var ownerUID: UInt32 = geteuid()
     /// Decides who may use which export; nil: `NBDAccessPolicy(socketGroup:ownerUID:)`.
     public var access: NBDAccessCheck?
