@@ -55,21 +55,53 @@ public enum UnixSocketFile {
             AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return false }
         defer { close(fd) }
+        guard let rc = withAddress(path, { connect(fd, $0, $1) }) else { return false }
+        if rc == 0 { return true }
+        return errno == EAGAIN || errno == EINPROGRESS
+    }
+
+    /// A Unix stream socket bound at `path` and listening, for the server to adopt. Bound here
+    /// rather than by swift-nio: a listener swift-nio binds by path unlinks whatever file has
+    /// that path when it closes, even a socket another server bound there after this one's file
+    /// was removed; the file of an adopted descriptor is left to `remove`, which checks the inode.
+    public static func bindListening(_ path: String, backlog: Int32 = 128) throws(UnixSocketServerError) -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw .setupFailed(path: path, operation: "socket", errno: errno) }
+        guard let rc = withAddress(path, { bind(fd, $0, $1) }) else {
+            close(fd)
+            throw .setupFailed(path: path, operation: "bind", errno: ENAMETOOLONG)
+        }
+        guard rc == 0 else {
+            let e = errno
+            close(fd)
+            throw .setupFailed(path: path, operation: "bind", errno: e)
+        }
+        guard listen(fd, backlog) == 0 else {
+            let e = errno
+            close(fd)
+            remove(path, inode: nil)
+            throw .setupFailed(path: path, operation: "listen", errno: e)
+        }
+        return fd
+    }
+
+    /// Calls `body` with the `sockaddr_un` of `path`; nil when the path is too long for one.
+    private static func withAddress(
+        _ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32
+    ) -> Int32? {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return nil }
         withUnsafeMutableBytes(of: &addr.sun_path) { raw in
             raw.copyBytes(from: bytes)
             raw[bytes.count] = 0
         }
-        let rc = withUnsafePointer(to: &addr) {
+        return withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                body($0, socklen_t(MemoryLayout<sockaddr_un>.size))
             }
         }
-        if rc == 0 { return true }
-        return errno == EAGAIN || errno == EINPROGRESS
     }
 
     /// Removes the socket file if it is still the one this server bound (same inode).

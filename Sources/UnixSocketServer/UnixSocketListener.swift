@@ -38,7 +38,14 @@ struct BoundListener<Accepted: Sendable>: Sendable {
                 channel: try await bootstrap.bind(fd, childChannelInitializer: initializer), path: nil, inode: 0)
         case .path(let path):
             try UnixSocketFile.prepare(path)
-            let ch = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
+            let fd = try UnixSocketFile.bindListening(path)
+            let ch: NIOAsyncChannel<Accepted, Never>
+            do {
+                ch = try await bootstrap.bind(fd, childChannelInitializer: initializer)
+            } catch {
+                UnixSocketFile.remove(path, inode: nil)
+                throw error
+            }
             do {
                 try UnixSocketFile.applyAccess(path, mode: mode, group: group)
             } catch {

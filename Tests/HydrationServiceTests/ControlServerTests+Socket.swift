@@ -45,37 +45,6 @@ extension ControlServerTests {
         #expect(FileManager.default.fileExists(atPath: file))
     }
 
-    /// A live server whose backlog is full (hung, never accepting) is still a live socket, and
-    /// finding that out does not wait: the probe's connect is non-blocking.
-    @Test func aListenerWithAFullBacklogIsInUseAndNotWaitedFor() async throws {
-        let dir = try SocketTempDir()
-        defer { dir.remove() }
-        let path = dir.path + "/hung.sock"
-        let fd = try Self.listeningSocket(path)
-        defer { Glibc.close(fd) }
-        // Fill the backlog: non-blocking connects until the kernel says EAGAIN.
-        var clients: [Int32] = []
-        defer { for c in clients { Glibc.close(c) } }
-        while clients.count < 4096 {
-            let c = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-            let rc = withUnixAddress(path) { Glibc.connect(c, $0, $1) }
-            let e = errno
-            clients.append(c)
-            if rc != 0 { #expect(e == EAGAIN, "errno \(e)"); break }
-        }
-        // On a thread of its own, so that a probe that waits fails this test instead of hanging it.
-        let verdict = Mutex<Bool?>(nil)
-        Thread {
-            let refused = (try? UnixSocketFile.prepare(path)) == nil; verdict.withLock { $0 = refused }
-        }.start()
-        #expect(
-            await eventually { verdict.withLock { $0 != nil } }, "the probe of a live socket with a full backlog waited"
-        )
-        #expect(verdict.withLock { $0 } == true, "a live socket with a full backlog is refused as in use")
-        #expect(UnixSocketFile.isListening(path))
-        #expect(FileManager.default.fileExists(atPath: path), "and left alone")
-    }
-
     @Test func adoptsAnAlreadyListeningDescriptor() async throws {
         let dir = try SocketTempDir()
         defer { dir.remove() }
