@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "HydrationService", targets: ["HydrationService"]),
         .library(name: "HydrationEngine", targets: ["HydrationEngine"]),
         .library(name: "ControlProtocol", targets: ["ControlProtocol"]),
+        .library(name: "NBDServer", targets: ["NBDServer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -42,6 +43,27 @@ let package = Package(
             name: "HydrationStorage",
             dependencies: ["ControlProtocol", "CLinux"]
         ),
+        // A server on a Unix stream socket: bind a path (stale socket replaced, mode and group) or
+        // adopt a socket-activated descriptor, peer credentials, connection admission, idle
+        // timeouts, the accept loop. Under both the Varlink control server and the NBD server.
+        .target(
+            name: "UnixSocketServer",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        // A Network Block Device server (protocol, codec, server, the export protocol) on
+        // UnixSocketServer: swift-nio and swift-log only, for anyone who needs an NBD server.
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "UnixSocketServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The libnbd client behind a remote source (`--source nbd://...`): a `RemoteDevices` for
         // `PosixStorage`. A target of its own so that only what opens remote sources links libnbd.
         .target(
@@ -66,6 +88,8 @@ let package = Package(
                 "HydrationEngine",
                 "HydrationStorage",
                 "HydrationRemote",
+                "NBDServer",
+                "UnixSocketServer",
                 "ControlProtocol",
                 "CSystemd",
                 "CLinux",
@@ -116,6 +140,14 @@ let package = Package(
         .testTarget(
             name: "HydrationEngineTests",
             dependencies: ["HydrationEngine", "HydrationStorage"]
+        ),
+        .testTarget(
+            name: "NBDServerTests",
+            dependencies: ["NBDServer"]
+        ),
+        .testTarget(
+            name: "UnixSocketServerTests",
+            dependencies: ["UnixSocketServer"]
         ),
         .testTarget(
             name: "ControlProtocolTests",

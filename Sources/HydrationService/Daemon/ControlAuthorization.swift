@@ -1,4 +1,5 @@
 import ControlProtocol
+import UnixSocketServer
 
 /// Who may call what on the control socket.
 ///
@@ -34,10 +35,7 @@ public struct ControlAccessPolicy: Sendable, Equatable {
 
     /// True when `peer` is privileged: root, the daemon's user, or in the socket group.
     public func isPrivileged(_ peer: PeerCredentials) -> Bool {
-        if peer.uid == UInt32.max { return false }  // credentials unknown
-        if peer.uid == 0 || peer.uid == ownerUID { return true }
-        if let g = socketGroup, peer.gid == g || peer.groups.contains(g) { return true }
-        return false
+        PrivilegedPeers(socketGroup: socketGroup, ownerUID: ownerUID).contains(peer)
     }
 
     /// nil when `peer` may call `method`, otherwise the `PermissionDenied` error to reply.

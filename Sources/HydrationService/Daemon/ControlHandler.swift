@@ -1,22 +1,5 @@
 import ControlProtocol
-
-/// Who is on the other end of a control connection, from SO_PEERCRED (and SO_PEERGROUPS).
-public struct PeerCredentials: Sendable, Equatable, CustomStringConvertible {
-    public var pid: Int32
-    public var uid: UInt32
-    public var gid: UInt32
-    /// Supplementary groups of the peer process (SO_PEERGROUPS; at most 64, group 0 not reported).
-    public var groups: [UInt32]
-
-    public init(pid: Int32, uid: UInt32, gid: UInt32, groups: [UInt32] = []) {
-        self.pid = pid; self.uid = uid; self.gid = gid; self.groups = groups
-    }
-
-    /// Credentials that could not be read: an invalid uid/gid (-1) that no policy authorizes.
-    public static let unknown = PeerCredentials(pid: 0, uid: UInt32.max, gid: UInt32.max)
-
-    public var description: String { "pid=\(pid) uid=\(uid) gid=\(gid)" }
-}
+import UnixSocketServer
 
 /// What the control server calls for each `org.hydrationd.Control` method, after framing, decoding,
 /// parameter validation and authorization. Throw a `VarlinkError` (e.g. `.noSuchJob(name)`) to reply

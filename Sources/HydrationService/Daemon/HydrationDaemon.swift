@@ -141,7 +141,7 @@ public enum HydrationDaemon {
             configuration: .init(
                 services: [
                     .init(service: HangupIgnorer(logger: logger)), .init(service: supervisor),
-                    .init(service: nbdServer),
+                    .init(service: NBDServerService(nbdServer)),
                     .init(service: server),
                 ],
                 gracefulShutdownSignals: [.sigterm, .sigint],

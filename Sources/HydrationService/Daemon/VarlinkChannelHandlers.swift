@@ -1,6 +1,5 @@
 import ControlProtocol
 import NIOCore
-import Synchronization
 
 /// Splits inbound bytes into NUL-terminated Varlink messages (the NUL is dropped). A message longer
 /// than `maxMessageSize`, or that many bytes without a NUL, fails the pipeline with
@@ -32,32 +31,5 @@ struct VarlinkFrameNIODecoder: NIOSingleStepByteToMessageDecoder {
     mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> ByteBuffer? {
         // A trailing partial message at EOF is dropped: the peer left before finishing it.
         try decode(buffer: &buffer)
-    }
-}
-
-/// Requests in flight on one connection. While it is non-zero (a slow call, or a streaming
-/// `GetStatus`), the idle timeout does not close the connection.
-final class ConnectionActivity: Sendable {
-    private let inFlight = Atomic<Int>(0)
-    func begin() { inFlight.add(1, ordering: .relaxed) }
-    func end() { inFlight.subtract(1, ordering: .relaxed) }
-    var isBusy: Bool { inFlight.load(ordering: .relaxed) > 0 }
-}
-
-/// Closes the connection when `IdleStateHandler` reports no inbound data for its read timeout and
-/// no request is being served.
-final class IdleCloseHandler: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-    typealias InboundOut = ByteBuffer
-    let activity: ConnectionActivity
-
-    init(activity: ConnectionActivity) { self.activity = activity }
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
-            if !activity.isBusy { context.close(promise: nil) }
-            return
-        }
-        context.fireUserInboundEventTriggered(event)
     }
 }

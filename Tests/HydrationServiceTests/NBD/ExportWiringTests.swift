@@ -5,6 +5,7 @@ import Testing
 @testable import HydrationEngine
 @testable import HydrationService
 @testable import HydrationStorage
+@testable import NBDServer
 
 /// The daemon-side wiring of issue 12: jobs started with `export` are published in the NBD
 /// server's registry (also after a restart), their status shows the URI and the connected

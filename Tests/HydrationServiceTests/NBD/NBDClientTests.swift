@@ -3,6 +3,7 @@ import Testing
 
 @testable import HydrationService
 @testable import HydrationStorage
+@testable import NBDServer
 
 #if canImport(Glibc)
     import Glibc

@@ -5,6 +5,7 @@ import Testing
 
 @testable import HydrationService
 @testable import HydrationStorage
+@testable import NBDServer
 
 #if canImport(Glibc)
     import Glibc

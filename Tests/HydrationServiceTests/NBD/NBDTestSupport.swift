@@ -6,6 +6,7 @@ import Testing
 @testable import HydrationEngine
 @testable import HydrationService
 @testable import HydrationStorage
+@testable import NBDServer
 
 #if canImport(Glibc)
     import Glibc

@@ -3,6 +3,7 @@ import NIOCore
 
 @testable import HydrationService
 @testable import HydrationStorage
+@testable import NBDServer
 
 #if canImport(Glibc)
     import Glibc

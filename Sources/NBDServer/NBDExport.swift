@@ -1,6 +1,4 @@
-import HydrationEngine
 import NIOCore
-import Synchronization
 
 /// What an export can do; the server turns it into transmission flags and refuses (EINVAL) the
 /// commands and flags an export does not offer, so an export is only called for what it declares.
@@ -57,7 +55,8 @@ public struct NBDBlockSize: Sendable, Equatable {
 /// and writes, the command and its flags offered by `capabilities`), so an implementation only
 /// does the I/O. Requests run concurrently, several per connection and across connections.
 ///
-/// Methods must never block a cooperative thread: do blocking system calls on an `IOExecutor`.
+/// Methods must never block a cooperative thread: do blocking system calls on threads of their own
+/// (an I/O executor, `NIOThreadPool`).
 /// A thrown `NBDError` becomes the request's error reply; the connection goes on.
 public protocol NBDExport: Sendable {
     /// The name clients give (`nbd+unix:///NAME?socket=...`); unique in a registry.
@@ -108,129 +107,5 @@ extension NBDExport {
     /// Everything allocated data: always correct (spec: status 0 is always safe).
     public func blockStatus(context: String, offset: UInt64, length: UInt32) async throws(NBDError) -> [NBDExtent] {
         [NBDExtent(length: length, flags: 0)]
-    }
-}
-
-/// Where the server finds exports: `NBD_OPT_LIST` lists `exports()`, `NBD_OPT_GO`/`INFO`/
-/// `EXPORT_NAME` and the meta-context options look a name up (the empty name is the default export).
-public protocol NBDExportLookup: Sendable {
-    func export(named name: String) async -> (any NBDExport)?
-    func exports() async -> [any NBDExport]
-}
-
-/// A thread-safe set of exports by name, with an optional default export for the empty name.
-/// Removing an export does not affect connections already using it (see `NBDServer.disconnect`).
-public final class NBDExportRegistry: NBDExportLookup, Sendable {
-    private struct State {
-        var exports: [String: any NBDExport] = [:]
-        var order: [String] = []
-        var defaultName: String?
-    }
-    private let state = Mutex(State())
-
-    public init(_ exports: [any NBDExport] = [], defaultExport: String? = nil) {
-        state.withLock { st in
-            for e in exports where st.exports[e.name] == nil {
-                st.exports[e.name] = e
-                st.order.append(e.name)
-            }
-            st.defaultName = defaultExport
-        }
-    }
-
-    public struct DuplicateName: Error, CustomStringConvertible {
-        public var name: String
-        public var description: String { "an export named '\(name)' already exists" }
-    }
-
-    /// Adds `export`; throws if the name is taken.
-    public func add(_ export: any NBDExport) throws(DuplicateName) {
-        let added = state.withLock { st in
-            if st.exports[export.name] != nil { return false }
-            st.exports[export.name] = export
-            st.order.append(export.name)
-            return true
-        }
-        if !added { throw DuplicateName(name: export.name) }
-    }
-
-    /// Removes and returns the export called `name`.
-    @discardableResult
-    public func remove(_ name: String) -> (any NBDExport)? {
-        state.withLock { st in
-            st.order.removeAll { $0 == name }
-            return st.exports.removeValue(forKey: name)
-        }
-    }
-
-    /// The export served for the empty name (nil: the empty name is unknown unless an export has it).
-    public var defaultExport: String? {
-        get { state.withLock { $0.defaultName } }
-        set { state.withLock { $0.defaultName = newValue } }
-    }
-
-    public func export(named name: String) async -> (any NBDExport)? {
-        state.withLock { st in
-            if let e = st.exports[name] { return e }
-            if name.isEmpty, let d = st.defaultName { return st.exports[d] }
-            return nil
-        }
-    }
-
-    public func exports() async -> [any NBDExport] {
-        state.withLock { st in st.order.compactMap { st.exports[$0] } }
-    }
-}
-
-/// What a peer may do with an export.
-public enum NBDAccess: Sendable, Equatable {
-    case readWrite
-    /// Served with NBD_FLAG_READ_ONLY; writes, trims and zeroes get EPERM.
-    case readOnly
-    /// Refused: NBD_REP_ERR_POLICY with this message (OPT_GO/INFO), the export is left out of
-    /// OPT_LIST, and OPT_EXPORT_NAME closes the connection.
-    case denied(String)
-}
-
-/// The access check: who (SO_PEERCRED of the connection) wants which export.
-public typealias NBDAccessCheck = @Sendable (_ peer: PeerCredentials, _ export: any NBDExport) -> NBDAccess
-
-/// The default access rule, the control socket's rule for mutating calls: root, the daemon's user
-/// and members of the socket group get read-write access; every other peer is refused.
-public struct NBDAccessPolicy: Sendable, Equatable {
-    public var socketGroup: UInt32?
-    public var ownerUID: UInt32
-    /// Peers that are not privileged get read-only access instead of none.
-    public var othersReadOnly: Bool
-
-    public init(socketGroup: UInt32?, ownerUID: UInt32, othersReadOnly: Bool = false) {
-        self.socketGroup = socketGroup
-        self.ownerUID = ownerUID
-        self.othersReadOnly = othersReadOnly
-    }
-
-    public func check(peer: PeerCredentials, export: any NBDExport) -> NBDAccess {
-        if ControlAccessPolicy(socketGroup: socketGroup, ownerUID: ownerUID).isPrivileged(peer) { return .readWrite }
-        if othersReadOnly && peer.uid != UInt32.max { return .readOnly }
-        return .denied("uid \(peer.uid) may not use export '\(export.name)'")
-    }
-}
-
-extension IOExecutor {
-    /// Runs an export's blocking storage call on the executor and turns its failure into the
-    /// request's NBD error: a `StorageError` its errno's (with its description as the message),
-    /// a shut-down executor ESHUTDOWN, anything else EIO.
-    func runForNBD<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws(NBDError) -> T {
-        do {
-            return try await run(body)
-        } catch let e as StorageError {
-            throw NBDError(e)
-        } catch let e as NBDError {
-            throw e
-        } catch is IOExecutor.ShutDown {
-            throw NBDError(.ESHUTDOWN, "the I/O executor is shut down")
-        } catch {
-            throw NBDError.io("\(error)")
-        }
     }
 }

@@ -1,8 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import HydrationService
-@testable import HydrationStorage
+@testable import NBDServer
 
 /// The pure decoders, encoders and request validation, and a fuzz run over them.
 @Suite struct NBDCodecTests {
@@ -28,7 +27,7 @@ import Testing
     }
 
     @Test func optionsDecodeOnlyWhenWholeAndParseEveryKnownOption() throws {
-        let go = Self.option(NBDOption.go.rawValue, RawNBDClient.nameData("disk", infos: [1, 2, 3]))
+        let go = Self.option(NBDOption.go.rawValue, OptionData.name("disk", infos: [1, 2, 3]))
         // Every prefix is "need more" and consumes nothing.
         for cut in 0..<go.count {
             var b = ByteBuffer(bytes: go[..<cut])
@@ -47,11 +46,11 @@ import Testing
         #expect(parse(.abort, [1, 2, 3]) == .abort, "ABORT ignores its data")
         #expect(parse(.list, []) == .list)
         #expect(parse(.structuredReply, []) == .structuredReply)
-        #expect(parse(.info, RawNBDClient.nameData("")) == .info(name: "", requests: []))
+        #expect(parse(.info, OptionData.name("")) == .info(name: "", requests: []))
         #expect(
-            parse(.setMetaContext, RawNBDClient.metaData("d", ["base:allocation", "x-a:b"]))
+            parse(.setMetaContext, OptionData.meta("d", ["base:allocation", "x-a:b"]))
                 == .setMetaContext(name: "d", queries: ["base:allocation", "x-a:b"]))
-        #expect(parse(.listMetaContext, RawNBDClient.metaData("d", [])) == .listMetaContext(name: "d", queries: []))
+        #expect(parse(.listMetaContext, OptionData.meta("d", [])) == .listMetaContext(name: "d", queries: []))
         #expect(parse(.startTLS, []) == .unsupported(5))
         #expect(parse(.extendedHeaders, []) == .unsupported(11))
         #expect(NBDDecoder.parseOption(NBDRawOption(code: 999, data: ByteBuffer())) == .unsupported(999))
@@ -62,15 +61,15 @@ import Testing
         #expect(isInvalid(parse(.structuredReply, [0])))
         #expect(isInvalid(parse(.go, [0, 0, 0])))
         #expect(isInvalid(parse(.go, [0, 0, 0, 9, 0x61, 0, 0])), "name length beyond the option")
-        #expect(isInvalid(parse(.go, RawNBDClient.nameData("d", infos: [1]).dropLast())), "info count does not match")
-        #expect(isInvalid(parse(.go, RawNBDClient.nameData("d") + [0])))
+        #expect(isInvalid(parse(.go, OptionData.name("d", infos: [1]).dropLast())), "info count does not match")
+        #expect(isInvalid(parse(.go, OptionData.name("d") + [0])))
         #expect(isInvalid(parse(.exportName, [0x61, 0, 0x62])), "NUL in a name")
         #expect(isInvalid(parse(.exportName, [0xff, 0xfe])), "invalid UTF-8")
         #expect(isInvalid(parse(.exportName, [UInt8](repeating: 0x61, count: 4097))), "longer than 4096 bytes")
         #expect(
             isInvalid(parse(.setMetaContext, [0, 0, 0, 1, 0x61, 0xff, 0xff, 0xff, 0xff])), "query count beyond the data"
         )
-        #expect(isInvalid(parse(.setMetaContext, RawNBDClient.metaData("d", ["q"]) + [7])))
+        #expect(isInvalid(parse(.setMetaContext, OptionData.meta("d", ["q"]) + [7])))
 
         var bad = ByteBuffer(bytes: [UInt8](repeating: 0x41, count: 16))
         #expect(throws: NBDWireError.self) { try NBDDecoder.decodeOption(&bad, maxLength: 4096) }
@@ -191,10 +190,10 @@ import Testing
     @Test func fuzzedInputNeverCrashesHangsOrGrowsUnbounded() throws {
         var rng = SeededRandom(seed: 0x6e62_64)
         let valid: [[UInt8]] = [
-            Self.option(NBDOption.go.rawValue, RawNBDClient.nameData("disk", infos: [0, 1, 2, 3])),
+            Self.option(NBDOption.go.rawValue, OptionData.name("disk", infos: [0, 1, 2, 3])),
             Self.option(
-                NBDOption.setMetaContext.rawValue, RawNBDClient.metaData("disk", ["base:allocation", "x-test:a"])),
-            Self.option(NBDOption.listMetaContext.rawValue, RawNBDClient.metaData("", [])),
+                NBDOption.setMetaContext.rawValue, OptionData.meta("disk", ["base:allocation", "x-test:a"])),
+            Self.option(NBDOption.listMetaContext.rawValue, OptionData.meta("", [])),
             Self.option(NBDOption.list.rawValue, []),
             Self.option(NBDOption.exportName.rawValue, Array("disk".utf8)),
             Self.request(NBDRequest(.read, cookie: 9, offset: 4096, length: 512)),

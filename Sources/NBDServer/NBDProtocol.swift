@@ -181,11 +181,6 @@ public struct NBDError: Error, Sendable, Equatable, CustomStringConvertible {
         self.message = message
     }
 
-    /// A storage failure: its errno mapped to the NBD error, its description as the message.
-    public init(_ error: StorageError) {
-        self.init(NBDErrorCode(errno: error.errno), error.description)
-    }
-
     public var description: String { message.isEmpty ? code.description : "\(code): \(message)" }
 
     public static func invalid(_ message: String) -> NBDError { NBDError(.EINVAL, message) }
