@@ -1,9 +1,10 @@
-// swift-tools-version: 6.0
+// swift-tools-version: 6.2
+// A Linux daemon and its client: it builds on Glibc, block-device ioctls, fallocate, leases and
+// libsystemd, so there is no Apple platform to declare. Built and tested with Swift 6.3.
 import PackageDescription
 
 let package = Package(
     name: "hydration",
-    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "hydrationd", targets: ["hydrationd"]),
         .executable(name: "clonectl", targets: ["clonectl"]),

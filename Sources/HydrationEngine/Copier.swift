@@ -183,7 +183,7 @@ package actor Copier {
                     // A hole of a destination that reads as zeros: no I/O at all, so it is
                     // recorded here rather than queued against the threshold behind the batches
                     // in flight: a 1 GiB hole drained the whole pipeline before it, once per data
-                    // extent of a sparse image (issue 13). It does wait for the evictions in
+                    // extent of a sparse image. It does wait for the evictions in
                     // flight, as it did queued behind them: one that reports a writeback error
                     // fails the job before anything after it is recorded.
                     while evictionsInFlight > 0 { await waitForBatchEvent() }
@@ -416,7 +416,7 @@ package actor Copier {
             // On a 4 MiB boundary: large folios are aligned to their size, and one straddling
             // the end of a range would be dropped by neither this call nor the next.
             // Never past a batch still in flight: a hole recorded without I/O, or a batch that
-            // finished early, may have moved the front well beyond it (issue 13).
+            // finished early, may have moved the front well beyond it.
             let lowest = inFlightStarts.min().map { UInt64($0) * geometry.regionSize } ?? copyFront
             let upTo = (min(copyFront - cacheWindow, lowest)) & ~(min(UInt64(4 << 20), cacheWindow) - 1)
             if upTo > evictedUpTo {

@@ -11,7 +11,7 @@ import Synchronization
 /// time; reusing a few buffers costs none. Buffers are handed out exclusively (take, use on one
 /// I/O thread, give back); the pool only keeps their addresses.
 ///
-/// Contiguity (issue 13, round 5): a direct read or write goes to the device straight from this
+/// Contiguity: a direct read or write goes to the device straight from this
 /// memory, and the block layer makes one segment per physically contiguous piece of it. With
 /// 4 KiB pages a 1 MiB request is 256 segments, and a virtio-blk device without indirect
 /// descriptors (Firecracker's, this machine's) spends one ring descriptor per segment: one such
@@ -29,7 +29,7 @@ package final class IOBufferPool: Sendable {
     private let mapped = Mutex<Set<UInt>>([])
     private let keep: Int
     /// At most this many bytes are kept free: with 64 MiB regions a batch is 64 MiB, and 16 kept
-    /// buffers of that size held 816 MiB after the copy (round-5 attack).
+    /// buffers of that size would hold 816 MiB after the copy.
     private let keepBytes: Int
 
     /// The huge page size this pool aligns to.
@@ -84,8 +84,8 @@ package final class IOBufferPool: Sendable {
     }
 
     /// Releases every free buffer: a copier calls it when its run ends, so that a finished or
-    /// paused job holds no buffers (the round-5 attack counted about 10 MiB of RSS per finished
-    /// job kept by the daemon).
+    /// paused job holds no buffers (otherwise about 10 MiB of RSS per finished job stays with
+    /// the daemon).
     package func drain() {
         let list = free.withLock { list in
             defer { list = [] }

@@ -65,15 +65,15 @@ public struct Tunables: Sendable, Equatable, Codable {
     }
 }
 
-/// How a job reads its source and writes its destination (issue 13, docs/benchmarks.md "Round 3"
-/// and "Round 5").
+/// How a job reads its source and writes its destination (measurements: docs/benchmarks-history.md,
+/// "Round 3" and "Round 5").
 public enum IOMode: String, Sendable, Equatable, Codable, CaseIterable {
     /// Direct I/O for a regular-file source, buffered otherwise (a block device or NBD source,
     /// whose allocation is unknown). On the benchmark machine, with I/O buffers of huge pages
     /// (IOBufferPool), direct I/O copied the dense and the zeros images as fast as buffered I/O
     /// and the holes image in 0.80x the time, for 0.17-0.42x the CPU and no page cache.
-    /// (Round 3's rule, direct only up to a third allocated, was measured with buffers of 4 KiB
-    /// pages, which a virtio-blk ring without indirect descriptors turned into requeues.)
+    /// (A rule of direct I/O only up to a third allocated came from measurements with buffers of
+    /// 4 KiB pages, which a virtio-blk ring without indirect descriptors turned into requeues.)
     case auto
     /// Through the page cache (evicted behind the copy).
     case buffered

@@ -41,7 +41,7 @@ import Synchronization
 final class RemoteNBDDevice: RemoteSourceDevice {
     /// A read with no reply for this long counts as a lost connection (the job pauses with
     /// `SourceUnavailable` and reconnects): a server that stops answering without closing its
-    /// socket must not hold the job, its pause and its removal for ever (Tests/attacks/l13).
+    /// socket must not hold the job, its pause and its removal for ever.
     /// `HYDRATION_NBD_TIMEOUT_MS` overrides the default of 30 s (tests).
     static let requestTimeoutMs: Int32 = {
         if let p = getenv("HYDRATION_NBD_TIMEOUT_MS"), let n = Int32(String(cString: p)), n > 0 { return n }

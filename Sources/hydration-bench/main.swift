@@ -1,4 +1,4 @@
-// hydration-bench: micro-benchmark of the metadata commit cost (issue 7).
+// hydration-bench: micro-benchmark of the metadata commit cost.
 //
 // Creates a job's metadata for a large target (default 1 TiB, 4 KiB regions = 268,435,456
 // regions), then commits batches of newly hydrated regions (default 1,000 per commit), once with

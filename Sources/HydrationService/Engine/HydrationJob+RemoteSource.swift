@@ -7,7 +7,7 @@ import Logging
     import Glibc
 #endif
 
-/// A job whose source is an NBD export (issue 15): identity with a fingerprint, confirmation at
+/// A job whose source is an NBD export: identity with a fingerprint, confirmation at
 /// reopen, and the status of a source whose connection is down. The storage layer does the I/O
 /// (`RemoteNBDDevice`); these are the job's hooks into it.
 extension HydrationJob {

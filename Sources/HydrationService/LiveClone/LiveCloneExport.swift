@@ -84,7 +84,7 @@ public final class LiveCloneExport: NBDExport {
 
     /// Client I/O has threads of its own: a request never queues behind the copier's batches.
     /// Each job's export has its own (`threadsPerExport`): a source that stops answering holds
-    /// only its own job's clients, never another export's (Tests/attacks/l14). Complete jobs
+    /// only its own job's clients, never another export's. Complete jobs
     /// served from their destination alone share `clientIO`.
     static let clientIO = IOExecutor(threads: 4)
     static let threadsPerExport = 3
@@ -230,7 +230,7 @@ public final class LiveCloneExport: NBDExport {
         // After a failed destination sync or writeback error the destination bytes of a region
         // hydrated since the last commit may be gone (the kernel drops pages whose writeback
         // failed; a read then returns what the disk holds, zeros over a sparse file): refuse them
-        // rather than serve wrong data without an error (found by Tests/attacks/l8).
+        // rather than serve wrong data without an error.
         for run in runs where !run.fromSource {
             if let r = ownership.lostRegion(in: run.regions) {
                 throw NBDError(

@@ -39,9 +39,9 @@ extension DeviceTopology {
         guard (st.st_mode & S_IFMT) == S_IFREG else { return nil }
         // The scans run even when the kernel would grant a write lease: the lease does not count
         // a descriptor opened with O_PATH or with no access mode (flags 3), and either one lets
-        // its holder open the file again through /proc/PID/fd at any time. (Asking the lease
-        // first and skipping the scans saved about 20 ms per job; an attack accepted, and
-        // released, a source held that way: DeviceTopologyTests.everyKindOfHolderIsRefusedTheLease.)
+        // its holder open the file again through /proc/PID/fd at any time. Asking the lease
+        // first and skipping the scans would save about 20 ms per job and accept, and release,
+        // a source held that way (DeviceTopologyTests.everyKindOfHolderIsRefusedTheLease).
         let me = StorageObject.file(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
         var holders = loopsBacked(by: me)
         holders += processesHolding(me)

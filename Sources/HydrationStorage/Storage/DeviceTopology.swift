@@ -69,8 +69,8 @@ public struct DeviceTopology: Sendable {
             let me = layers.count - 1
             guard case .file(let dev, _) = o else { return }
             addFilesystem(of: dev, path: name, parent: me)
-            // An overlay file lives on its upper and lower files (an attack had a job copy
-            // /upper/f onto /merged/f, the same file under another device number, and zero it).
+            // An overlay file lives on its upper and lower files: /upper/f and /merged/f are the
+            // same file under two device numbers, and a job copying one onto the other zeroes it.
             for real in topo.overlayLayers(of: name, device: dev) {
                 var st = stat()
                 guard stat(real, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }

@@ -27,7 +27,7 @@ extension PosixDevice {
                     let at = offset + UInt64(done)
                     // An end of file before the size the job opened: the source or destination shrank
                     // under the job. Zeros here would be copied (or served) as its data and the job
-                    // completed without it (Tests/attacks, attack 6a of round 3).
+                    // completed without it.
                     if sizeIsFixed && at < info.size {
                         throw shrank(at: at, length: UInt64(buffer.count - done), operation: .read)
                     }

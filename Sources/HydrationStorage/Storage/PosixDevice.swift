@@ -213,8 +213,8 @@ final class PosixDevice: StorageDevice {
             // (errseq_sample samples 0 while the error is unseen). After a job failed on a
             // writeback error (e.g. ENOSPC under a loop device), the rest of its dirty pages fail
             // writeback after its last fdatasync, unseen; the restarted daemon's first wait then
-            // reported that stale error and failed the job again although the space was back
-            // (Tests/attacks/l8-enospc-loop-dest.sh). Such an error concerns only data written
+            // reported that stale error and failed the job again although the space was back.
+            // Such an error concerns only data written
             // after the last successful commit, which the job does not count on (it resumes from
             // the durable metadata), so consume it here on both descriptors before any I/O.
             _ = fdatasync(fd)
