@@ -389,9 +389,12 @@ class Sampler(threading.Thread):
     cache footprint, the RSS of `pid`, and (optionally) progress from `progress_fn`."""
 
     def __init__(self, src: str, dst: str, interval: float = 0.05, pid: int | None = None,
-                 cache_every: int = 1, progress_fn=None):
+                 cache_every: int = 1, progress_fn=None, src_cache: bool = True):
         super().__init__(daemon=True)
         self.src, self.dst, self.interval, self.pid = src, dst, interval, pid
+        # A source released as it is copied (--discard-source) holds the daemon's write lease: the
+        # open that cachestat(2) needs is a late opener, and the job rightly pauses. Not sampled.
+        self.src_cache = src_cache
         self.cache_every = cache_every
         self.progress_fn = progress_fn
         self.series: list[dict] = []
@@ -402,7 +405,8 @@ class Sampler(threading.Thread):
         s = {"t": round(time.monotonic() - self.t0, 4),
              "src_alloc": allocated(self.src), "dst_alloc": allocated(self.dst)}
         if i % self.cache_every == 0:
-            s["src_cache"] = cached_bytes(self.src)
+            if self.src_cache:
+                s["src_cache"] = cached_bytes(self.src)
             s["dst_cache"] = cached_bytes(self.dst)
         if self.pid:
             rss = proc_status_kib(self.pid, "VmRSS")
@@ -707,7 +711,7 @@ def run_hydrationd(args, tool: str, img: Image) -> Result:
         d.start_waits()
         r.cache_drop = drop_caches([src, img.path, dst])
         name = f"bench-{img.kind}"
-        sampler = Sampler(src, dst, args.interval, pid=d.proc.pid)
+        sampler = Sampler(src, dst, args.interval, pid=d.proc.pid, src_cache=not discard)
         cpu0 = proc_cpu_seconds(d.proc.pid)
         sampler.start()
         t0 = time.monotonic()
