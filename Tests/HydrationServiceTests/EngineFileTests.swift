@@ -110,6 +110,30 @@ import Testing
         #expect(!sim.log.contains { $0.path == "/dst" && $0.kind == .zeroOut })
     }
 
+    /// A local source that loses its connection (ENOTCONN: a FUSE filesystem whose server went
+    /// away) pauses the job with SourceUnavailable, and the job is probed and resumed as a remote
+    /// source's is, not left paused for good.
+    @Test func aLocalSourceThatLosesItsConnectionIsResumedWhenItIsBack() async throws {
+        let sim = SimulatedStorage()
+        let image = TestImage.make(size: 4 << 20, seed: 34)
+        sim.addFile("/src", data: image.bytes)
+        sim.setFault { op in op.path == "/src" && op.kind == .read ? ENOTCONN : nil }
+        let cfg = JobConfiguration(
+            name: "fuse", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta",
+            regionSize: 64 << 10, discardSource: false)
+        let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
+        try await job.start()
+        let paused = await eventually { await job.status().error?.code == "SourceUnavailable" }
+        let first = await job.status()
+        #expect(paused, "not paused with SourceUnavailable: \(first.state) \(String(describing: first.error))")
+        sim.setFault(nil)
+        let complete = await eventually { await job.currentState == .complete }
+        let last = await job.status()
+        #expect(complete, "not resumed once the source answered: \(last.state) \(String(describing: last.error))")
+        await job.close()
+        #expect(byteDifference(sim.contents("/dst"), image.bytes) == nil)
+    }
+
     /// A pause that reaches the copier before its run has even started is not lost: the job
     /// pauses at once instead of copying to the end.
     @Test func pauseRightAfterStartIsNotLost() async throws {

@@ -62,9 +62,15 @@ extension HydrationJob {
     static let remoteIOThreads = 6
 
     /// What the engine is told of the source: for a remote one, how to tell another disk at a
-    /// reconnection and how to watch an outage.
+    /// reconnection; for every source, how to watch an outage (a local file can lose its
+    /// connection too, ENOTCONN from a FUSE filesystem whose server died: it is probed and
+    /// resumed the same way, its probe a no-op).
     static func sourceHooks(_ config: JobConfiguration) -> SourceHooks {
-        guard RemoteSource.isURI(config.sourcePath) else { return .local }
+        guard RemoteSource.isURI(config.sourcePath) else {
+            return SourceHooks(
+                unconfirmedError: { _ in nil },
+                watch: { watchSource($0, io: $1, logger: $2, back: $3, unconfirmed: $4) })
+        }
         return SourceHooks(
             unconfirmedError: { unconfirmedSourceError($0) },
             watch: { watchSource($0, io: $1, logger: $2, back: $3, unconfirmed: $4) })
