@@ -195,7 +195,7 @@ package actor Copier {
                     if zeroDestination {
                         // A client wrote meanwhile (a failed write may have left data in these
                         // very regions): they are zeroed like any hole, by a batch.
-                        ownership.finish(claimed, hydrated: [])
+                        ownership.endClaim(claimed)
                         cursor = claimed.lowerBound
                         continue
                     }
@@ -355,7 +355,7 @@ package actor Copier {
             await finished(b, reserved: c.reserved)
         case .failure(let e):
             // The regions of a failed batch stay unhydrated.
-            ownership.finish(c.regions, hydrated: [])
+            ownership.endClaim(c.regions)
             if e.code == .commitFailed {
                 // A writeback error (BatchJob.startWriteback): final for the metadata.
                 await committer.writebackFailed(e)

@@ -144,9 +144,11 @@ package final class RegionOwnership: Sendable {
     }
 
     /// Ends a claim on `regions`; `hydrated` (sub-ranges of it) became hydrated. Returns the
-    /// sub-ranges that were not hydrated before (for progress and the committer).
+    /// sub-ranges that were not hydrated before (for progress and the committer). Internal: it
+    /// marks without telling the committer, so outside the engine a claim that hydrated anything
+    /// ends through `finish(_:hydrated:noting:)`, and one that hydrated nothing through `endClaim`.
     @discardableResult
-    package func finish(_ regions: Range<Int>, hydrated: [Range<Int>]) -> [Range<Int>] {
+    func finish(_ regions: Range<Int>, hydrated: [Range<Int>]) -> [Range<Int>] {
         let (newly, wake) = state.withLock { st -> ([Range<Int>], [CheckedContinuation<Void, Never>]) in
             var newly: [Range<Int>] = []
             for h in hydrated where !h.isEmpty {
@@ -177,6 +179,9 @@ package final class RegionOwnership: Sendable {
         for c in wake { c.resume() }
         return newly
     }
+
+    /// Ends a claim on `regions` that hydrated nothing (a copy that failed or was given up).
+    package func endClaim(_ regions: Range<Int>) { finish(regions, hydrated: []) }
 
     /// Ends a claim on `regions`, of which `hydrated` (sub-ranges of it) became hydrated: every
     /// writer's claim ends here. The committer hears of the regions newly hydrated first (and
