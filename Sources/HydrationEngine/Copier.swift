@@ -97,8 +97,9 @@ package actor Copier {
         }
     }
 
-    package struct Completion: Sendable {
-        package var regions: Range<Int>
+    /// A batch's end, with the claim its task held: the batch ends it here (`batchFinished`).
+    package struct Completion: ~Copyable, Sendable {
+        package var claim: RegionClaim
         /// Space-budget bytes reserved while in flight.
         package var reserved: UInt64
         package var result: Result<BatchResult, HydrationError>
@@ -188,20 +189,22 @@ package actor Copier {
                     // fails the job before anything after it is recorded.
                     while evictionsInFlight > 0 { await waitForBatchEvent() }
                     if let f = batchFailure { outcome = f; break }
-                    guard let claimed = ownership.tryClaim(regions) else {
+                    guard let claim = ownership.tryClaim(regions) else {
                         cursor = regions.lowerBound + 1
                         continue
                     }
+                    let claimed = claim.regions
                     if zeroDestination {
                         // A client wrote meanwhile (a failed write may have left data in these
                         // very regions): they are zeroed like any hole, by a batch.
-                        ownership.endClaim(claimed)
+                        claim.end()
                         cursor = claimed.lowerBound
                         continue
                     }
                     cursor = claimed.upperBound
                     await finished(
-                        BatchResult(regions: claimed, written: 0, zero: geometry.byteLength(of: claimed)), reserved: 0)
+                        BatchResult(regions: claimed, written: 0, zero: geometry.byteLength(of: claimed)), claim: claim,
+                        reserved: 0)
                     continue
                 }
 
@@ -259,10 +262,11 @@ package actor Copier {
                 }
 
                 // Now the claim: the longest prefix no client took (or hydrated) meanwhile.
-                guard let claimed = ownership.tryClaim(regions) else {
+                guard let claim = ownership.tryClaim(regions) else {
                     cursor = regions.lowerBound + 1
                     continue
                 }
+                let claimed = claim.regions
                 cursor = claimed.upperBound
                 regions = claimed
                 let work: Work
@@ -309,10 +313,10 @@ package actor Copier {
                     source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
                     retryDelaysMs: retryDelaysMs, logger: logger, buffers: buffers)
                 let io = self.io
-                let batch = regions
+                let handoff = ClaimHandoff(claim)
                 group.addTask {
                     let result = await job.execute(work, io: io)
-                    await self.batchFinished(Completion(regions: batch, reserved: reserve, result: result))
+                    await self.batchFinished(Completion(claim: handoff.take(), reserved: reserve, result: result))
                 }
             }
             // Finish what is in flight whatever happened: its writes may be committed.
@@ -348,14 +352,18 @@ package actor Copier {
         await withCheckedContinuation { batchWaiters.append($0) }
     }
 
-    private func batchFinished(_ c: Completion) async {
-        switch c.result {
+    private func batchFinished(_ c: consuming Completion) async {
+        let regions = c.claim.regions
+        let reserved = c.reserved
+        let result = c.result
+        let claim = c.claim
+        switch result {
         case .success(let b):
             // Recorded (and handed to the committer) before the batch stops counting as in flight.
-            await finished(b, reserved: c.reserved)
+            await finished(b, claim: claim, reserved: reserved)
         case .failure(let e):
             // The regions of a failed batch stay unhydrated.
-            ownership.endClaim(c.regions)
+            claim.end()
             if e.code == .commitFailed {
                 // A writeback error (BatchJob.startWriteback): final for the metadata.
                 await committer.writebackFailed(e)
@@ -363,10 +371,10 @@ package actor Copier {
             } else if batchFailure == nil {
                 batchFailure = e.code == .noSpace ? .noSpace(e) : .failed(e)
             }
-            progress.update { $0.budgetInFlight -= c.reserved }
+            progress.update { $0.budgetInFlight -= reserved }
         }
-        inFlight -= c.regions.count
-        if let k = inFlightStarts.firstIndex(of: c.regions.lowerBound) { inFlightStarts.remove(at: k) }
+        inFlight -= regions.count
+        if let k = inFlightStarts.firstIndex(of: regions.lowerBound) { inFlightStarts.remove(at: k) }
         progress.update { [inFlight] in $0.hydratingRegions = inFlight }
         let w = batchWaiters
         batchWaiters = []
@@ -410,7 +418,7 @@ package actor Copier {
         if batchFailure == nil { batchFailure = .halted }
     }
 
-    private func finished(_ b: BatchResult, reserved: UInt64) async {
+    private func finished(_ b: BatchResult, claim: consuming RegionClaim, reserved: UInt64) async {
         copyFront = max(copyFront, geometry.byteRange(of: b.regions).upperBound)
         if copyFront >= evictedUpTo + 2 * cacheWindow {
             // On a 4 MiB boundary: large folios are aligned to their size, and one straddling
@@ -424,9 +432,9 @@ package actor Copier {
                 evictedUpTo = upTo
             }
         }
-        // The committer hears of the regions before they are marked hydrated (RegionOwnership.finish).
-        let newly = await ownership.finish(
-            b.regions, hydrated: [b.regions], noting: committer, budgetBytes: discarder != nil ? b.written : 0
+        // The committer hears of the regions before they are marked hydrated (RegionClaim.finish).
+        let newly = await claim.finish(
+            hydrated: [b.regions], noting: committer, budgetBytes: discarder != nil ? b.written : 0
         ).reduce(0) { $0 + $1.count }
         let bytes = geometry.byteLength(of: b.regions)
         progress.update { c in

@@ -15,8 +15,11 @@ public actor HydrationJob {
     public nonisolated let sourceIdentity: DeviceIdentity
     public nonisolated let destIdentity: DeviceIdentity
 
-    /// The job's source; only the discarder releases its space (the others read it).
-    package let source: any StorageDevice
+    /// The job's source, the engine's alone: only the discarder releases its space (through a
+    /// `SourceReleaser`); everything else, in the engine and above it, reads it (`sourceReader`).
+    let source: any StorageDevice
+    /// The source as the live clone and the service see it: read, never released.
+    package nonisolated var sourceReader: SourceReader { SourceReader(source) }
     package let dest: any StorageDevice
     package let store: MetadataStore
     package let io: IOExecutor

@@ -11,12 +11,14 @@ import Synchronization
 ///   its regions for the whole operation. Claims are exclusive and all-or-nothing (no writer ever
 ///   holds some regions while waiting for others, so claims cannot deadlock). The copier only
 ///   *tries* to claim and steps over regions a client holds; clients wait (dm-clone defers a write
-///   to a region under copy until the copy ends). A claim ends with `finish`, which marks the
-///   regions that became hydrated in the same step, so "hydrated" never changes under a claim.
+///   to a region under copy until the copy ends). A claim is a non-copyable `RegionClaim`; it
+///   ends once, with `finish`, which tells the committer of the regions that became hydrated and
+///   then marks them in the same step as the claim ends, so "hydrated" never changes under a
+///   claim, or with `end` when nothing was hydrated.
 /// - **Hydrated is forever.** A hydrated region's source is never read again: reads and writes of it
 ///   go to the destination, with no claim (nothing else can make it unhydrated).
 /// - **Source readers pin.** A read served from the source pins its (unhydrated) regions, decided
-///   atomically with the check. The discarder waits for a region's pins to drop before it releases
+///   atomically with the check, for the scope of `withSourcePins`. The discarder waits for a region's pins to drop before it releases
 ///   it. A region can only be released once committed, hence hydrated, and hydrated regions are
 ///   never pinned again, so the wait is short and bounded.
 /// - **Bits for status.** Committed (set by the committer after the metadata is durable) and
@@ -98,14 +100,16 @@ package final class RegionOwnership: Sendable {
 
     /// The copier's claim: the longest run of `regions`, from its start, that is unhydrated and
     /// unclaimed, or nil when the first region is not. Never waits.
-    package func tryClaim(_ regions: Range<Int>) -> Range<Int>? {
-        state.withLock { st in
+    package func tryClaim(_ regions: Range<Int>) -> RegionClaim? {
+        let taken = state.withLock { st -> Range<Int>? in
             var end = regions.lowerBound
             while end < regions.upperBound && !st.hydrated[end] && !st.claimed[end] { end += 1 }
             guard end > regions.lowerBound else { return nil }
             st.claimed.set(regions.lowerBound..<end)
             return regions.lowerBound..<end
         }
+        guard let taken else { return nil }
+        return RegionClaim(taken, of: self)
     }
 
     /// The runs of `ranges` not hydrated yet.
@@ -125,8 +129,8 @@ package final class RegionOwnership: Sendable {
     }
 
     /// A client's claim: waits until no region of `regions` is claimed, then claims them all.
-    package func claim(_ regions: Range<Int>) async {
-        if state.withLock({ st in Self.takeIfFree(&st, regions) }) { return }
+    package func claim(_ regions: Range<Int>) async -> RegionClaim {
+        if state.withLock({ st in Self.takeIfFree(&st, regions) }) { return RegionClaim(regions, of: self) }
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { st -> Bool in
                 if Self.takeIfFree(&st, regions) { return true }
@@ -135,6 +139,7 @@ package final class RegionOwnership: Sendable {
             }
             if now { c.resume() }
         }
+        return RegionClaim(regions, of: self)
     }
 
     private static func takeIfFree(_ st: inout State, _ regions: Range<Int>) -> Bool {
@@ -144,11 +149,10 @@ package final class RegionOwnership: Sendable {
     }
 
     /// Ends a claim on `regions`; `hydrated` (sub-ranges of it) became hydrated. Returns the
-    /// sub-ranges that were not hydrated before (for progress and the committer). Internal: it
-    /// marks without telling the committer, so outside the engine a claim that hydrated anything
-    /// ends through `finish(_:hydrated:noting:)`, and one that hydrated nothing through `endClaim`.
+    /// sub-ranges that were not hydrated before. Marks without telling the committer: only the
+    /// claim itself calls it (`RegionClaim`).
     @discardableResult
-    func finish(_ regions: Range<Int>, hydrated: [Range<Int>]) -> [Range<Int>] {
+    fileprivate func finish(_ regions: Range<Int>, hydrated: [Range<Int>]) -> [Range<Int>] {
         let (newly, wake) = state.withLock { st -> ([Range<Int>], [CheckedContinuation<Void, Never>]) in
             var newly: [Range<Int>] = []
             for h in hydrated where !h.isEmpty {
@@ -180,21 +184,11 @@ package final class RegionOwnership: Sendable {
         return newly
     }
 
-    /// Ends a claim on `regions` that hydrated nothing (a copy that failed or was given up).
-    package func endClaim(_ regions: Range<Int>) { finish(regions, hydrated: []) }
-
-    /// Ends a claim on `regions`, of which `hydrated` (sub-ranges of it) became hydrated: every
-    /// writer's claim ends here. The committer hears of the regions newly hydrated first (and
-    /// `beforeMarking` is told of them), then they are marked. In that order: from the moment they
-    /// are marked, clients write into them directly, and a FLUSH replied to after such a write must
-    /// find them in its commit (were they marked first, a flush in between would commit without
-    /// them, and a crash would re-copy the source over the flushed write); and once the last region
-    /// is marked, the copier may see the job complete and commit completion, which the metadata
-    /// refuses with a region the committer was never told of. Returns the runs newly hydrated.
-    @discardableResult
-    package func finish(
-        _ regions: Range<Int>, hydrated: [Range<Int>], noting committer: Committer, budgetBytes: UInt64 = 0,
-        beforeMarking: @Sendable ([Range<Int>]) -> Void = { _ in }
+    /// Ends a claim on `regions`, of which `hydrated` (sub-ranges of it) became hydrated
+    /// (`RegionClaim.finish`, which says why in this order).
+    fileprivate func finish(
+        _ regions: Range<Int>, hydrated: [Range<Int>], noting committer: Committer, budgetBytes: UInt64,
+        beforeMarking: @Sendable ([Range<Int>]) -> Void
     ) async -> [Range<Int>] {
         // Nobody else changes these regions' hydration while the claim holds them.
         let newly = unhydratedRuns(in: hydrated)
@@ -218,9 +212,28 @@ package final class RegionOwnership: Sendable {
 
     // MARK: source pins
 
-    /// Splits `regions` into runs served by the destination (hydrated) or by the source, and pins
-    /// the source runs: they cannot be released until `unpin`.
-    package func pinForRead(_ regions: Range<Int>) -> [(regions: Range<Int>, fromSource: Bool)] {
+    /// Runs `body` with `regions` split into runs served by the destination (hydrated) or by the
+    /// source, the source runs pinned: the discarder cannot release them until `body` returns.
+    /// Scoped rather than a token the caller ends: a pin must last exactly as long as the read
+    /// it protects, and a scope says so where a deinit's timing would not.
+    package func withSourcePins<R, E: Error>(_ regions: Range<Int>, _ body: (borrowing SourcePins) throws(E) -> R)
+        throws(E) -> R
+    {
+        let pins = SourcePins(runs: pinForRead(regions))
+        defer { unpin(pins.runs) }
+        return try body(pins)
+    }
+
+    /// `withSourcePins` for a body that awaits (a read of the source on an I/O thread).
+    package func withSourcePins<R, E: Error>(
+        _ regions: Range<Int>, _ body: (borrowing SourcePins) async throws(E) -> R
+    ) async throws(E) -> R {
+        let pins = SourcePins(runs: pinForRead(regions))
+        defer { unpin(pins.runs) }
+        return try await body(pins)
+    }
+
+    private func pinForRead(_ regions: Range<Int>) -> [(regions: Range<Int>, fromSource: Bool)] {
         state.withLock { st in
             var out: [(Range<Int>, Bool)] = []
             var i = regions.lowerBound
@@ -236,7 +249,7 @@ package final class RegionOwnership: Sendable {
         }
     }
 
-    package func unpin(_ runs: [(regions: Range<Int>, fromSource: Bool)]) {
+    private func unpin(_ runs: [(regions: Range<Int>, fromSource: Bool)]) {
         let wake = state.withLock { st -> [CheckedContinuation<Void, Never>] in
             for run in runs where run.fromSource {
                 for r in run.regions {
@@ -260,6 +273,9 @@ package final class RegionOwnership: Sendable {
         if regions.count > st.pins.count { return st.pins.keys.contains { regions.contains($0) } }
         return regions.contains { st.pins[$0] != nil }
     }
+
+    /// Some read of the source holds a pin on a region of `regions` now.
+    package func isPinned(_ regions: Range<Int>) -> Bool { state.withLock { Self.pinned($0, regions) } }
 
     /// Returns once no read of the source holds a pin on `regions` (the discarder, before release).
     package func waitUnpinned(_ regions: Range<Int>) async {
@@ -307,6 +323,85 @@ package final class RegionOwnership: Sendable {
     package func destinationWritten() {
         state.withLock { $0.destZeroed = false }
     }
+}
+
+/// A writer's exclusive hold on `regions` (RegionOwnership's "writers claim"): the copier's
+/// batch, a client's write, trim, zero or cache.
+///
+/// Non-copyable: it has one holder and ends once. It ends with `finish(hydrated:noting:)` when
+/// some of its regions became hydrated: the only place where a writer's regions become
+/// hydrated, and it does "the committer hears of them, then they are marked" in that order. It
+/// ends with `end()` when nothing was hydrated (a copy that failed or was given up). A claim
+/// dropped on a path that does neither ends in `deinit` as if nothing was hydrated, so that no
+/// error path leaves clients waiting for its regions forever.
+package struct RegionClaim: ~Copyable, Sendable {
+    package let regions: Range<Int>
+    private let ownership: RegionOwnership
+    private var ended = false
+
+    fileprivate init(_ regions: Range<Int>, of ownership: RegionOwnership) {
+        self.regions = regions
+        self.ownership = ownership
+    }
+
+    /// Ends the claim; `hydrated` (sub-ranges of `regions`) became hydrated. The committer hears
+    /// of the regions newly hydrated first (and `beforeMarking` is told of them), then they are
+    /// marked. In that order: from the moment they are marked, clients write into them directly,
+    /// and a FLUSH replied to after such a write must find them in its commit (were they marked
+    /// first, a flush in between would commit without them, and a crash would re-copy the source
+    /// over the flushed write); and once the last region is marked, the copier may see the job
+    /// complete and commit completion, which the metadata refuses with a region the committer was
+    /// never told of. Returns the runs newly hydrated.
+    @discardableResult
+    package consuming func finish(
+        hydrated: [Range<Int>], noting committer: Committer, budgetBytes: UInt64 = 0,
+        beforeMarking: @Sendable ([Range<Int>]) -> Void = { _ in }
+    ) async -> [Range<Int>] {
+        let newly = await ownership.finish(
+            regions, hydrated: hydrated, noting: committer, budgetBytes: budgetBytes, beforeMarking: beforeMarking)
+        ended = true
+        return newly
+    }
+
+    /// Ends the claim with nothing hydrated.
+    package consuming func end() {
+        ownership.finish(regions, hydrated: [])
+        ended = true
+    }
+
+    /// Ends the claim marking `hydrated` without telling the committer: for engine tests that play
+    /// the copier's two steps apart (note the committer, later mark) to check what happens between.
+    consuming func markHydratedWithoutNoting(_ hydrated: [Range<Int>]) {
+        ownership.finish(regions, hydrated: hydrated)
+        ended = true
+    }
+
+    deinit {
+        if !ended { ownership.finish(regions, hydrated: []) }
+    }
+}
+
+/// Moves a `RegionClaim` into a task: a non-copyable value cannot be captured by the escaping
+/// closure a task group runs, so the claim waits here until the task takes it, once.
+package final class ClaimHandoff: Sendable {
+    private let slot: Mutex<RegionClaim?>
+
+    package init(_ claim: consuming RegionClaim) { slot = Mutex(Optional(claim)) }
+
+    /// The claim; a second call is a bug.
+    package func take() -> RegionClaim {
+        let claim = slot.withLock { $0.take() }
+        guard let claim else { preconditionFailure("a claim handed off is taken once") }
+        return claim
+    }
+}
+
+/// The runs of a read under `RegionOwnership.withSourcePins`: served by the destination, or by
+/// the source and pinned there. Non-copyable and only borrowed by the body, so the runs cannot
+/// outlive the pins that make reading the source safe.
+package struct SourcePins: ~Copyable {
+    package let runs: [(regions: Range<Int>, fromSource: Bool)]
+    package var readsSource: Bool { runs.contains { $0.fromSource } }
 }
 
 /// Bits of the `x-hydrationd:state` metadata context, per region.

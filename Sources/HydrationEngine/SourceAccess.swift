@@ -12,6 +12,8 @@ package struct SourceReader: Sendable {
     package var directIO: DirectIO { device.directIO }
     /// SEEK_DATA/SEEK_HOLE say where data is.
     package var reportsHoles: Bool { device.reportsHoles }
+    /// A remote source's connection state (nil for a local one).
+    package var availability: SourceAvailability? { device.availability }
 
     package func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         try device.read(into: buffer, at: offset)

@@ -390,25 +390,30 @@ import Testing
         let own = RegionOwnership(
             hydrated: RegionMap(count: 8), committed: RegionMap(count: 8),
             released: RegionMap(count: 8), destZeroed: true)
-        let runs = own.pinForRead(2..<5)
-        #expect(runs.count == 1 && runs[0].fromSource)
-        // The copier hydrates region 3 meanwhile.
-        #expect(own.tryClaim(3..<4) == 3..<4)
-        own.finish(3..<4, hydrated: [3..<4])
-        let released = Mutex(false)
-        let waiter = Task {
-            await own.waitUnpinned(3..<4)
-            released.withLock { $0 = true }
+        // A class around the flag: the waiter task is started inside the pins' scope.
+        final class Flag: Sendable { let value = Mutex(false) }
+        let flag = Flag()
+        let waiter = try await own.withSourcePins(2..<5) { pins async throws in
+            #expect(pins.runs.count == 1 && pins.runs[0].fromSource)
+            // The copier hydrates region 3 meanwhile.
+            guard let claim = own.tryClaim(3..<4) else {
+                Issue.record("region 3 could not be claimed")
+                return Task {}
+            }
+            #expect(claim.regions == 3..<4)
+            claim.markHydratedWithoutNoting([3..<4])
+            let waiter = Task {
+                await own.waitUnpinned(3..<4)
+                flag.value.withLock { $0 = true }
+            }
+            try await Task.sleep(nanoseconds: 50_000_000)
+            #expect(!flag.value.withLock { $0 }, "released while a read of the source was in flight")
+            return waiter
         }
-        try await Task.sleep(nanoseconds: 50_000_000)
-        #expect(!released.withLock { $0 }, "released while a read of the source was in flight")
-        own.unpin(runs)
         await waiter.value
-        #expect(released.withLock { $0 })
+        #expect(flag.value.withLock { $0 })
         // Hydrated regions are never pinned again: reads of them go to the destination.
-        let again = own.pinForRead(2..<5)
-        #expect(again.map(\.fromSource) == [true, false, true])
-        own.unpin(again)
+        own.withSourcePins(2..<5) { pins in #expect(pins.runs.map(\.fromSource) == [true, false, true]) }
         await own.waitUnpinned(0..<8)
     }
 
@@ -417,24 +422,29 @@ import Testing
         let own = RegionOwnership(
             hydrated: RegionMap(count: 16), committed: RegionMap(count: 16),
             released: RegionMap(count: 16), destZeroed: true)
-        await own.claim(4..<6)
-        #expect(own.tryClaim(2..<8) == 2..<4, "the copier's claim stops at the client's regions")
-        #expect(own.tryClaim(4..<8) == nil)
+        let client = await own.claim(4..<6)
+        guard let copier = own.tryClaim(2..<8) else {
+            Issue.record("the copier could not claim regions 2..<4")
+            return
+        }
+        #expect(copier.regions == 2..<4, "the copier's claim stops at the client's regions")
+        #expect(own.tryClaim(4..<8)?.regions == nil)
         let second = Mutex(false)
         let t = Task {
-            await own.claim(5..<7)
+            let claim = await own.claim(5..<7)
             second.withLock { $0 = true }
+            return ClaimHandoff(claim)
         }
         try await Task.sleep(nanoseconds: 50_000_000)
         #expect(!second.withLock { $0 }, "a second writer of region 5 must wait")
-        own.finish(4..<6, hydrated: [4..<6])
-        await t.value
+        client.markHydratedWithoutNoting([4..<6])
+        let secondClaim = await t.value.take()
         #expect(second.withLock { $0 })
         // Hydrated regions are never claimed by the copier again.
-        own.finish(5..<7, hydrated: [])
-        own.finish(2..<4, hydrated: [2..<4])
-        #expect(own.tryClaim(2..<7) == nil)
-        #expect(own.tryClaim(6..<9) == 6..<9)
+        secondClaim.end()
+        copier.markHydratedWithoutNoting([2..<4])
+        #expect(own.tryClaim(2..<7)?.regions == nil)
+        #expect(own.tryClaim(6..<9)?.regions == 6..<9)
     }
 
     /// A block status reply's work is bounded: with regions whose hydration alternates, one
@@ -651,10 +661,14 @@ final class StallingSource: StorageDevice {
         // Region 10 hydrated by a whole-region write; no source read involved.
         let mine = [UInt8](repeating: 0x5A, count: Int(rs))
         try await f.write(10 * rs, mine)
-        let stalling = StallingSource(await f.job.sourceDevice)
+        // Over a copy of the job's source (the job hands out only a reader of its own, and the
+        // source is open exclusively).
+        f.sim.addFile("/src-copy", data: f.image)
+        let stalling = StallingSource(try f.sim.open("/src-copy", mode: .source(discard: false)))
         let clientIO = IOExecutor(threads: LiveCloneExport.threadsPerExport)
         let sourceIO = IOExecutor(threads: LiveCloneExport.threadsPerExport)
-        let export = await f.job.detachedExport(readingSourceThrough: stalling, io: clientIO, sourceIO: sourceIO)
+        let export = await f.job.detachedExport(
+            readingSourceThrough: SourceReader(stalling), io: clientIO, sourceIO: sourceIO)
         // More stuck reads of unhydrated regions than the export has threads of either kind.
         let stuck = (0..<(2 * LiveCloneExport.threadsPerExport)).map { i in
             Task { try? await export.read(offset: UInt64(20 + i) * rs, length: 512) }

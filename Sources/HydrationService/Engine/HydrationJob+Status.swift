@@ -31,7 +31,7 @@ extension HydrationJob {
         let error = state.error
         // A remote source whose connection is down: the job is held until it is back.
         let sourceWait =
-            state.phase == .hydrating || error?.code == .sourceUnavailable ? source.availability : nil
+            state.phase == .hydrating || error?.code == .sourceUnavailable ? sourceReader.availability : nil
         let state = sourceWait == nil ? currentState : .paused
         let c = progress.snapshot
         let throughput = state == .hydrating ? progress.throughput() : 0
@@ -43,8 +43,8 @@ extension HydrationJob {
             name: name, state: state,
             source: .init(
                 path: configuration.sourcePath, sizeBytes: geometry.targetSize,
-                io: RemoteSource.isURI(configuration.sourcePath) ? nil : Self.ioName(source.directIO),
-                ioReason: RemoteSource.isURI(configuration.sourcePath) ? nil : source.directIO.reason),
+                io: RemoteSource.isURI(configuration.sourcePath) ? nil : Self.ioName(sourceReader.directIO),
+                ioReason: RemoteSource.isURI(configuration.sourcePath) ? nil : sourceReader.directIO.reason),
             dest: .init(path: configuration.destPath, io: Self.ioName(dest.directIO), ioReason: dest.directIO.reason),
             regionSize: geometry.regionSize,
             regions: .init(

@@ -12,7 +12,7 @@ extension HydrationJob {
         if let export = clients as? LiveCloneExport { return export }
         try checkClientsMayAttach()
         let e = LiveCloneExport(
-            name: name, geometry: geometry, source: SourceReader(source), dest: dest,
+            name: name, geometry: geometry, source: sourceReader, dest: dest,
             io: IOExecutor(threads: LiveCloneExport.threadsPerExport),
             ownership: ownership, committer: committer, progress: progress, logger: logger,
             hydrateOnRead: hydrateOnRead, ownsIO: true,
@@ -23,16 +23,13 @@ extension HydrationJob {
 
     /// Another export of this job that reads its source through `source` (tests: a source that
     /// stops answering). Not registered as the job's export.
-    func detachedExport(readingSourceThrough source: any StorageDevice, io: IOExecutor, sourceIO: IOExecutor)
+    func detachedExport(readingSourceThrough source: SourceReader, io: IOExecutor, sourceIO: IOExecutor)
         -> LiveCloneExport
     {
         LiveCloneExport(
-            name: name, geometry: geometry, source: SourceReader(source), dest: dest, io: io, ownership: ownership,
+            name: name, geometry: geometry, source: source, dest: dest, io: io, ownership: ownership,
             committer: committer, progress: progress, logger: logger, sourceIO: sourceIO)
     }
-
-    /// The job's own source device (tests wrap it).
-    var sourceDevice: any StorageDevice { source }
 }
 
 extension LiveCloneExport: JobClients {}

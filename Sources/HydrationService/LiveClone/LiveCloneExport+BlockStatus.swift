@@ -52,23 +52,27 @@ extension LiveCloneExport {
                 // and only the first `maxExtents` extents are answered.
                 var window = covered.lowerBound
                 while window < covered.upperBound && extents.count < Self.maxExtents {
-                    let runs = ownership.pinForRead(window..<min(covered.upperBound, window + Self.maxStateRegions))
-                    defer { ownership.unpin(runs) }
-                    for run in runs where extents.count < Self.maxExtents {
-                        let r = geometry.byteRange(of: run.regions)
-                        var pos = max(r.lowerBound, capped.lowerBound)
-                        let runEnd = min(r.upperBound, capped.upperBound)
-                        while pos < runEnd && extents.count < Self.maxExtents {
-                            let data = try run.fromSource ? source.nextData(from: pos) : dest.nextData(from: pos)
-                            let dataStart = min(data?.lowerBound ?? runEnd, runEnd)
-                            if dataStart > pos {
-                                Self.append(&extents, dataStart - pos, NBDProtocol.stateHole | NBDProtocol.stateZero)
-                                pos = dataStart
-                            }
-                            if let data, pos < runEnd {
-                                let dataEnd = min(data.upperBound, runEnd)
-                                Self.append(&extents, dataEnd - pos, 0)
-                                pos = dataEnd
+                    // The source runs stay pinned while SEEK_DATA looks at them.
+                    try ownership.withSourcePins(window..<min(covered.upperBound, window + Self.maxStateRegions)) {
+                        pins throws(StorageError) in
+                        let runs = pins.runs
+                        for run in runs where extents.count < Self.maxExtents {
+                            let r = geometry.byteRange(of: run.regions)
+                            var pos = max(r.lowerBound, capped.lowerBound)
+                            let runEnd = min(r.upperBound, capped.upperBound)
+                            while pos < runEnd && extents.count < Self.maxExtents {
+                                let data = try run.fromSource ? source.nextData(from: pos) : dest.nextData(from: pos)
+                                let dataStart = min(data?.lowerBound ?? runEnd, runEnd)
+                                if dataStart > pos {
+                                    Self.append(
+                                        &extents, dataStart - pos, NBDProtocol.stateHole | NBDProtocol.stateZero)
+                                    pos = dataStart
+                                }
+                                if let data, pos < runEnd {
+                                    let dataEnd = min(data.upperBound, runEnd)
+                                    Self.append(&extents, dataEnd - pos, 0)
+                                    pos = dataEnd
+                                }
                             }
                         }
                     }

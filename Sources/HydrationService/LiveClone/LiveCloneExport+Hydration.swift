@@ -8,9 +8,9 @@ import NIOCore
 extension LiveCloneExport {
     /// Ends a claim: progress and the committer hear of the regions it hydrated, then the claim
     /// ends with them marked hydrated (RegionOwnership.finish says why in that order).
-    func finishClaim(_ regions: Range<Int>, hydrated: [Range<Int>]) async {
+    func finishClaim(_ claim: consuming RegionClaim, hydrated: [Range<Int>]) async {
         let (progress, geometry) = (self.progress, self.geometry)
-        await ownership.finish(regions, hydrated: hydrated, noting: committer) { newly in
+        await claim.finish(hydrated: hydrated, noting: committer) { newly in
             guard !newly.isEmpty else { return }
             let count = newly.reduce(0) { $0 + $1.count }
             let bytes = newly.reduce(UInt64(0)) { $0 + geometry.byteLength(of: $1) }
@@ -96,15 +96,15 @@ extension LiveCloneExport {
         while at < covered.upperBound {
             guard let start = ownership.firstHydrated(false, from: at), start < covered.upperBound else { break }
             let step = start..<min(covered.upperBound, start + Self.cacheStepRegions)
-            await ownership.claim(step)
+            let claim = await ownership.claim(step)
             var hydrated: [Range<Int>] = []
             do throws(NBDError) {
                 hydrated = try await hydrate(Array(step))
             } catch {
-                await finishClaim(step, hydrated: hydrated)
+                await finishClaim(claim, hydrated: hydrated)
                 throw error
             }
-            await finishClaim(step, hydrated: hydrated)
+            await finishClaim(claim, hydrated: hydrated)
             at = step.upperBound
         }
     }

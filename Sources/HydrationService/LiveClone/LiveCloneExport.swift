@@ -225,44 +225,46 @@ public final class LiveCloneExport: NBDExport {
         try enter()
         defer { leave() }
         let bytes = offset..<offset + UInt64(length)
-        let runs = ownership.pinForRead(regions(covering: bytes))
-        defer { ownership.unpin(runs) }
-        // After a failed destination sync or writeback error the destination bytes of a region
-        // hydrated since the last commit may be gone (the kernel drops pages whose writeback
-        // failed; a read then returns what the disk holds, zeros over a sparse file): refuse them
-        // rather than serve wrong data without an error.
-        for run in runs where !run.fromSource {
-            if let r = ownership.lostRegion(in: run.regions) {
-                throw NBDError(
-                    .EIO,
-                    "job \(name) failed to commit: region \(r) was not committed and its destination data may be lost")
-            }
-        }
         let (source, dest, geometry) = (self.source, self.dest, self.geometry)
-        let buffer = try await run(readsSource: runs.contains { $0.fromSource }) {
-            let n = Int(length)
-            var buffer = ByteBufferAllocator().buffer(capacity: n)
-            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
-                for run in runs {
-                    let r = geometry.byteRange(of: run.regions)
-                    let lo = max(r.lowerBound, bytes.lowerBound), hi = min(r.upperBound, bytes.upperBound)
-                    guard lo < hi else { continue }
-                    let slice = UnsafeMutableRawBufferPointer(rebasing: raw[Int(lo - offset)..<Int(hi - offset)])
-                    if run.fromSource {
-                        try source.read(into: slice, at: lo)
-                    } else {
-                        try dest.read(into: slice, at: lo)
-                    }
+        // The source runs stay pinned until their bytes are in the buffer.
+        let (buffer, fromSource) = try await ownership.withSourcePins(regions(covering: bytes)) {
+            pins async throws(NBDError) -> (ByteBuffer, [Range<Int>]) in
+            let runs = pins.runs
+            // After a failed destination sync or writeback error the destination bytes of a region
+            // hydrated since the last commit may be gone (the kernel drops pages whose writeback
+            // failed; a read then returns what the disk holds, zeros over a sparse file): refuse them
+            // rather than serve wrong data without an error.
+            for run in runs where !run.fromSource {
+                if let r = ownership.lostRegion(in: run.regions) {
+                    throw NBDError(
+                        .EIO,
+                        "job \(name) failed to commit: region \(r) was not committed and its destination data may be lost"
+                    )
                 }
-                return n
             }
-            return buffer
+            let buffer = try await run(readsSource: pins.readsSource) {
+                let n = Int(length)
+                var buffer = ByteBufferAllocator().buffer(capacity: n)
+                try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
+                    for run in runs {
+                        let r = geometry.byteRange(of: run.regions)
+                        let lo = max(r.lowerBound, bytes.lowerBound), hi = min(r.upperBound, bytes.upperBound)
+                        guard lo < hi else { continue }
+                        let slice = UnsafeMutableRawBufferPointer(rebasing: raw[Int(lo - offset)..<Int(hi - offset)])
+                        if run.fromSource {
+                            try source.read(into: slice, at: lo)
+                        } else {
+                            try dest.read(into: slice, at: lo)
+                        }
+                    }
+                    return n
+                }
+                return buffer
+            }
+            return (buffer, runs.filter { $0.fromSource }.map { $0.regions })
         }
         progress.update { $0.liveReadBytes += UInt64(length) }
-        if hydrateOnRead {
-            let fromSource = runs.filter(\.fromSource).map(\.regions)
-            if !fromSource.isEmpty { hydrateInBackground(fromSource) }
-        }
+        if hydrateOnRead && !fromSource.isEmpty { hydrateInBackground(fromSource) }
         return buffer
     }
 
@@ -281,7 +283,7 @@ public final class LiveCloneExport: NBDExport {
             // Hydrated stays hydrated: nothing else writes these regions but clients.
             try await run(writeData)
         } else {
-            await ownership.claim(covered)
+            let claim = await ownership.claim(covered)
             var hydrated: [Range<Int>] = []
             do throws(NBDError) {
                 // A region the write covers only in part is copied first: the rest of it must be
@@ -294,10 +296,10 @@ public final class LiveCloneExport: NBDExport {
                 try await run(writeData)
                 hydrated = [covered]
             } catch {
-                await finishClaim(covered, hydrated: hydrated)
+                await finishClaim(claim, hydrated: hydrated)
                 throw error
             }
-            await finishClaim(covered, hydrated: hydrated)
+            await finishClaim(claim, hydrated: hydrated)
         }
         progress.update { $0.liveWrittenBytes += UInt64(data.readableBytes) }
         if fua { try await flush() }
@@ -326,7 +328,7 @@ public final class LiveCloneExport: NBDExport {
             // where the job never hydrated (a trim lost by a crash leaves its region unhydrated).
             try await recordDestinationWritten()
         }
-        await ownership.claim(whole)
+        let claim = await ownership.claim(whole)
         var range = geometry.byteRange(of: whole)
         // A punch that stops at a size not on a block boundary leaves the last partial block
         // allocated: through the last region's end then, but only on a destination that ends with
@@ -348,7 +350,7 @@ public final class LiveCloneExport: NBDExport {
             // one still reads from the source).
             released = false
         }
-        await finishClaim(whole, hydrated: released ? [whole] : [])
+        await finishClaim(claim, hydrated: released ? [whole] : [])
         progress.update {
             $0.liveTrimmedBytes += released ? min(range.upperBound, geometry.targetSize) - range.lowerBound : 0
         }
@@ -370,7 +372,7 @@ public final class LiveCloneExport: NBDExport {
         if ownership.allHydrated(covered) {
             try await run(zero)
         } else {
-            await ownership.claim(covered)
+            let claim = await ownership.claim(covered)
             var hydrated: [Range<Int>] = []
             do throws(NBDError) {
                 let partial = [covered.lowerBound, covered.upperBound - 1].filter {
@@ -383,10 +385,10 @@ public final class LiveCloneExport: NBDExport {
                 try await run(zero)
                 hydrated = [covered]
             } catch {
-                await finishClaim(covered, hydrated: hydrated)
+                await finishClaim(claim, hydrated: hydrated)
                 throw error
             }
-            await finishClaim(covered, hydrated: hydrated)
+            await finishClaim(claim, hydrated: hydrated)
         }
         if fua { try await flush() }
     }

@@ -203,14 +203,18 @@ import Testing
             (0..<sc.image.count / rs).first { i in sc.image[i * rs..<(i + 1) * rs].contains { $0 != 0 } })
         let data = [UInt8](repeating: 0xC5, count: rs)
         // Copier.finished: the batch was written under its claim; the committer hears of it...
-        #expect(job.ownership.tryClaim(r..<r + 1) == r..<r + 1)
+        guard let claim = job.ownership.tryClaim(r..<r + 1) else {
+            Issue.record("region \(r) could not be claimed")
+            return
+        }
+        #expect(claim.regions == r..<r + 1)
         let committer = await job.committer
         await committer.noteHydrated(r..<r + 1, budgetBytes: 0)
         // ... and the claim ends hydrated a little later.
-        let ownership = job.ownership
+        let handoff = ClaimHandoff(claim)
         let note = Task {
             try? await Task.sleep(nanoseconds: 100_000_000)
-            ownership.finish(r..<r + 1, hydrated: [r..<r + 1])
+            handoff.take().markHydratedWithoutNoting([r..<r + 1])
         }
         // Meanwhile the client writes the whole region (it waits for the copier's claim, then the
         // region is hydrated) and flushes: from here on the write must survive any crash.
