@@ -128,19 +128,38 @@ let package = Package(
             name: "hydration-bench",
             dependencies: ["HydrationService"]
         ),
+        // Helpers shared by the test targets: temporary directories, seeded images, real devices
+        // (loop, dm, mounts) undone at teardown, and the simulated disks (SimulatedStorage, and
+        // CrashableStorage with its volatile cache for the crash explorers). On the storage layer
+        // only, so the storage tests link nothing above it. A library (test targets cannot depend
+        // on each other) that no product links; it needs no `@testable` import, so it builds in
+        // release too.
+        .target(
+            name: "HydrationTestSupport",
+            dependencies: [
+                "HydrationStorage",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Tests/HydrationTestSupport"
+        ),
+        // Tests that need the service: jobs opened and observed through it (`HydrationJob.create`,
+        // `status()`), the daemon (JobManager, ControlServer), systemd, the NBD export wiring.
         .testTarget(
             name: "HydrationServiceTests",
-            dependencies: ["HydrationService", "HydrationEngine", "HydrationRemote", "ControlProtocol"]
+            dependencies: [
+                "HydrationService", "HydrationEngine", "HydrationRemote", "ControlProtocol", "HydrationTestSupport",
+            ]
         ),
-        // Tests that need only the storage target: the identity module.
+        // Tests of the storage layer alone: identity, topology, leases, the metadata format and
+        // its corruption and fuzzing.
         .testTarget(
             name: "HydrationStorageTests",
-            dependencies: ["HydrationStorage"]
+            dependencies: ["HydrationStorage", "ControlProtocol", "HydrationTestSupport"]
         ),
         // Tests of the engine alone (no daemon, NBD or remote source).
         .testTarget(
             name: "HydrationEngineTests",
-            dependencies: ["HydrationEngine", "HydrationStorage"]
+            dependencies: ["HydrationEngine", "HydrationStorage", "HydrationTestSupport"]
         ),
         .testTarget(
             name: "NBDServerTests",

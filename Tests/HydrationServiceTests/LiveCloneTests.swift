@@ -1,5 +1,6 @@
 import ControlProtocol
 import Foundation
+import HydrationTestSupport
 import NIOCore
 import Synchronization
 import Testing
