@@ -82,11 +82,28 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // The daemon's service code (jobs, control, systemd), the live clone and the remote source.
+        // The live clone: a job's clone served over NBD with dm-clone's I/O semantics while it
+        // hydrates (LiveCloneExport), a complete job's destination (CompleteCloneExport), and the
+        // adapters from the storage layer to NBDServer's export protocol (FileNBDExport, NBDError
+        // from a StorageError). On the engine and NBDServer; it knows nothing of the daemon or the
+        // wire types.
+        .target(
+            name: "HydrationLiveClone",
+            dependencies: [
+                "HydrationEngine",
+                "HydrationStorage",
+                "NBDServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The daemon's service code (jobs, control, systemd, the exports' wiring) and opening jobs
+        // on local and remote sources.
         .target(
             name: "HydrationService",
             dependencies: [
                 "HydrationEngine",
+                "HydrationLiveClone",
                 "HydrationStorage",
                 "HydrationRemote",
                 "NBDServer",
@@ -147,7 +164,8 @@ let package = Package(
         .testTarget(
             name: "HydrationServiceTests",
             dependencies: [
-                "HydrationService", "HydrationEngine", "HydrationRemote", "ControlProtocol", "HydrationTestSupport",
+                "HydrationService", "HydrationEngine", "HydrationLiveClone", "HydrationRemote", "ControlProtocol",
+                "HydrationTestSupport",
             ]
         ),
         // Tests of the storage layer alone: identity, topology, leases, the metadata format and

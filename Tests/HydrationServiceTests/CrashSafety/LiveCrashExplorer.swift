@@ -4,6 +4,7 @@ import NIOCore
 import Synchronization
 
 @testable import HydrationEngine
+@testable import HydrationLiveClone
 @testable import HydrationService
 @testable import HydrationStorage
 

@@ -3,6 +3,7 @@ import HydrationTestSupport
 import Testing
 
 @testable import HydrationEngine
+@testable import HydrationLiveClone
 @testable import HydrationService
 @testable import HydrationStorage
 @testable import NBDServer
