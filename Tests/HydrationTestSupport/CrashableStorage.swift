@@ -446,7 +446,7 @@ package final class CrashableStorage: StorageProvider {
             if s.crashSnapshot != nil { throw StorageError(.open, path: path, errno: EIO) }
             if s.files[path] == nil {
                 switch mode {
-                case .destination(let size?):
+                case .destination(_?):
                     // Created empty (durably: directory entries are not modelled); the size
                     // comes from the extension below.
                     s.nextInode += 1
