@@ -168,8 +168,8 @@ let package = Package(
                 "HydrationTestSupport",
             ]
         ),
-        // Tests of the storage layer alone: identity, topology, leases, the metadata format and
-        // its corruption and fuzzing.
+        // Tests of the storage layer alone: identity, topology, the metadata format and its
+        // corruption and fuzzing.
         .testTarget(
             name: "HydrationStorageTests",
             dependencies: ["HydrationStorage", "ControlProtocol", "HydrationTestSupport"]
