@@ -82,11 +82,28 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // The daemon's service code (jobs, control, systemd), the live clone and the remote source.
+        // The live clone: a job's clone served over NBD with dm-clone's I/O semantics while it
+        // hydrates (LiveCloneExport), a complete job's destination (CompleteCloneExport), and the
+        // adapters from the storage layer to NBDServer's export protocol (FileNBDExport, NBDError
+        // from a StorageError). On the engine and NBDServer; it knows nothing of the daemon or the
+        // wire types.
+        .target(
+            name: "HydrationLiveClone",
+            dependencies: [
+                "HydrationEngine",
+                "HydrationStorage",
+                "NBDServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The daemon's service code (jobs, control, systemd, the exports' wiring) and opening jobs
+        // on local and remote sources.
         .target(
             name: "HydrationService",
             dependencies: [
                 "HydrationEngine",
+                "HydrationLiveClone",
                 "HydrationStorage",
                 "HydrationRemote",
                 "NBDServer",
@@ -128,19 +145,39 @@ let package = Package(
             name: "hydration-bench",
             dependencies: ["HydrationService"]
         ),
+        // Helpers shared by the test targets: temporary directories, seeded images, real devices
+        // (loop, dm, mounts) undone at teardown, and the simulated disks (SimulatedStorage, and
+        // CrashableStorage with its volatile cache for the crash explorers). On the storage layer
+        // only, so the storage tests link nothing above it. A library (test targets cannot depend
+        // on each other) that no product links; it needs no `@testable` import, so it builds in
+        // release too.
+        .target(
+            name: "HydrationTestSupport",
+            dependencies: [
+                "HydrationStorage",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Tests/HydrationTestSupport"
+        ),
+        // Tests that need the service: jobs opened and observed through it (`HydrationJob.create`,
+        // `status()`), the daemon (JobManager, ControlServer), systemd, the NBD export wiring.
         .testTarget(
             name: "HydrationServiceTests",
-            dependencies: ["HydrationService", "HydrationEngine", "HydrationRemote", "ControlProtocol"]
+            dependencies: [
+                "HydrationService", "HydrationEngine", "HydrationLiveClone", "HydrationRemote", "ControlProtocol",
+                "HydrationTestSupport",
+            ]
         ),
-        // Tests that need only the storage target: the identity module.
+        // Tests of the storage layer alone: identity, topology, the metadata format and its
+        // corruption and fuzzing.
         .testTarget(
             name: "HydrationStorageTests",
-            dependencies: ["HydrationStorage"]
+            dependencies: ["HydrationStorage", "ControlProtocol", "HydrationTestSupport"]
         ),
         // Tests of the engine alone (no daemon, NBD or remote source).
         .testTarget(
             name: "HydrationEngineTests",
-            dependencies: ["HydrationEngine", "HydrationStorage"]
+            dependencies: ["HydrationEngine", "HydrationStorage", "HydrationTestSupport"]
         ),
         .testTarget(
             name: "NBDServerTests",

@@ -1,3 +1,6 @@
+// The live clone is a target of its own; the service's API speaks its types (`LiveCloneExport`
+// in `JobExports`), and callers of `HydrationJob.liveExport()` see them as before.
+@_exported import HydrationLiveClone
 // So is the libnbd remote source: `PosixStorage()` opens NBD URIs wherever the engine is imported.
 @_exported import HydrationRemote
 // The storage layer and metadata format are a target of their own (so clonectl can read metadata

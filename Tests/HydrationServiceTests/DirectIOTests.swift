@@ -1,4 +1,5 @@
 import Foundation
+import HydrationTestSupport
 import Logging
 import Synchronization
 import Testing

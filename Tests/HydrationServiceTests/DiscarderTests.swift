@@ -1,3 +1,4 @@
+import HydrationTestSupport
 import Testing
 
 @testable import HydrationEngine

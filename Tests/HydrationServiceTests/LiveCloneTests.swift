@@ -1,10 +1,12 @@
 import ControlProtocol
 import Foundation
+import HydrationTestSupport
 import NIOCore
 import Synchronization
 import Testing
 
 @testable import HydrationEngine
+@testable import HydrationLiveClone
 @testable import HydrationService
 @testable import HydrationStorage
 

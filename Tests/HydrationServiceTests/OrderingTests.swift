@@ -1,5 +1,6 @@
 import ControlProtocol
 import Foundation
+import HydrationTestSupport
 import Synchronization
 import Testing
 

@@ -1,4 +1,5 @@
 import Foundation
+import HydrationTestSupport
 import Testing
 
 @testable import HydrationEngine

@@ -1,4 +1,5 @@
 import Foundation
+import HydrationTestSupport
 import Logging
 import Synchronization
 
@@ -395,15 +396,6 @@ enum CrashHarness {
 }
 
 let dumpCounter = Mutex<Int>(0)
-
-/// Counters printed at the end of the suite's tests (shared across tests of this file).
-let crashCounters = Mutex<[String: Int]>([:])
-func countCrash(_ key: String, _ n: Int) {
-    let total = crashCounters.withLock { c -> Int in
-        c[key, default: 0] += n; return c[key]!
-    }
-    print("[crash-safety] \(key): +\(n), \(total) so far in this run")
-}
 
 /// memcmp: element-wise comparison of large arrays is slow in debug builds.
 func bytesEqual(_ a: [UInt8], _ b: [UInt8], count: Int) -> Bool {

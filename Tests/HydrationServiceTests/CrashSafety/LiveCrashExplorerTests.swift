@@ -1,8 +1,10 @@
 import Foundation
+import HydrationTestSupport
 import NIOCore
 import Testing
 
 @testable import HydrationEngine
+@testable import HydrationLiveClone
 @testable import HydrationService
 @testable import HydrationStorage
 

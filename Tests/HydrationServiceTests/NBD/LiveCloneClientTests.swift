@@ -1,7 +1,9 @@
 import Foundation
+import HydrationTestSupport
 import Testing
 
 @testable import HydrationEngine
+@testable import HydrationLiveClone
 @testable import HydrationService
 @testable import HydrationStorage
 @testable import NBDServer

@@ -4,6 +4,7 @@ import Synchronization
 import Testing
 
 @testable import HydrationEngine
+@testable import HydrationLiveClone
 @testable import HydrationService
 @testable import HydrationStorage
 @testable import NBDServer

@@ -1,6 +1,7 @@
 import HydrationEngine
 import HydrationStorage
 import Logging
+import NBDServer
 import NIOCore
 
 /// Copying regions from the source for clients: before a partial write, for CACHE, and after

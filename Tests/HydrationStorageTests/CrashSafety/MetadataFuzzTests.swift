@@ -1,7 +1,7 @@
 import Foundation
+import HydrationTestSupport
 import Testing
 
-@testable import HydrationService
 @testable import HydrationStorage
 
 /// Fuzzing of `MetadataStore.open`. A trap in the parser would kill the test process, so the

@@ -1,36 +1,33 @@
 import Foundation
+import HydrationStorage
 import Logging
 import Synchronization
 import Testing
 
-@testable import HydrationEngine
-@testable import HydrationService
-@testable import HydrationStorage
-
 /// A temporary directory removed when the value is dropped.
-final class TempDir {
-    let path: String
-    init(_ tag: String = "hyd") {
+package final class TempDir {
+    package let path: String
+    package init(_ tag: String = "hyd") {
         let base = ProcessInfo.processInfo.environment["HYDRATION_TEST_TMP"] ?? "/var/tmp"
         path = base + "/\(tag)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
     }
     deinit { try? FileManager.default.removeItem(atPath: path) }
-    func file(_ name: String) -> String { path + "/" + name }
+    package func file(_ name: String) -> String { path + "/" + name }
 }
 
 /// Deterministic pseudo-random bytes (SplitMix64), so a failing test reproduces.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
+package struct SeededRandom: RandomNumberGenerator {
+    package var state: UInt64
+    package init(seed: UInt64) { state = seed }
+    package mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
     }
-    mutating func fill(_ buf: inout [UInt8], _ range: Range<Int>) {
+    package mutating func fill(_ buf: inout [UInt8], _ range: Range<Int>) {
         var i = range.lowerBound
         while i < range.upperBound {
             var v = next()
@@ -45,12 +42,17 @@ struct SeededRandom: RandomNumberGenerator {
 
 /// An image with random data, zero-filled runs and (when written as a sparse file) holes.
 /// Layout per 1 MiB chunk, by chunk index mod 4: data, hole, data, zeros — plus a short tail.
-struct TestImage {
-    var bytes: [UInt8]
+package struct TestImage {
+    package var bytes: [UInt8]
     /// Ranges that should be holes in the file.
-    var holes: [Range<Int>]
+    package var holes: [Range<Int>]
 
-    static func make(size: Int, seed: UInt64, chunk: Int = 1 << 20) -> TestImage {
+    package init(bytes: [UInt8], holes: [Range<Int>]) {
+        self.bytes = bytes
+        self.holes = holes
+    }
+
+    package static func make(size: Int, seed: UInt64, chunk: Int = 1 << 20) -> TestImage {
         var rng = SeededRandom(seed: seed)
         var b = [UInt8](repeating: 0, count: size)
         var holes: [Range<Int>] = []
@@ -70,7 +72,7 @@ struct TestImage {
     }
 
     /// Writes it as a sparse file: holes are skipped, zero runs are written as real zeros.
-    func write(to path: String) throws {
+    package func write(to path: String) throws {
         _ = FileManager.default.createFile(atPath: path, contents: nil)
         let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
         defer { try? fh.close() }
@@ -87,17 +89,17 @@ struct TestImage {
     }
 }
 
-func allocatedBytes(_ path: String) -> UInt64 {
+package func allocatedBytes(_ path: String) -> UInt64 {
     var st = stat()
     guard stat(path, &st) == 0 else { return 0 }
     return UInt64(st.st_blocks) * 512
 }
 
-func readFile(_ path: String) -> [UInt8] {
+package func readFile(_ path: String) -> [UInt8] {
     [UInt8](FileManager.default.contents(atPath: path) ?? Data())
 }
 
-let testLogger: Logger = {
+package let testLogger: Logger = {
     var l = Logger(label: "test")
     l.logLevel = .warning
     return l
@@ -106,7 +108,7 @@ let testLogger: Logger = {
 /// Polls `condition` until it holds or `seconds` pass. The deadline is a liveness guard for a
 /// state the test holds deterministically, never a timing claim: generous, so that a slow or
 /// busy machine changes how long a test takes, not its verdict.
-func eventually(_ seconds: Double = 120, _ condition: () async -> Bool) async -> Bool {
+package func eventually(_ seconds: Double = 120, _ condition: () async -> Bool) async -> Bool {
     let deadline = Date().addingTimeInterval(seconds)
     while Date() < deadline {
         if await condition() { return true }
@@ -119,39 +121,10 @@ func eventually(_ seconds: Double = 120, _ condition: () async -> Bool) async ->
 /// computes a collection difference of both operands, which for two multi-megabyte images runs
 /// for hours (a failing test then hangs CI instead of failing). nil when equal, else where the
 /// arrays first differ.
-func byteDifference(_ a: [UInt8]?, _ b: [UInt8]?) -> String? {
+package func byteDifference(_ a: [UInt8]?, _ b: [UInt8]?) -> String? {
     guard let a, let b else { return a == nil && b == nil ? nil : "one side is missing" }
     if a == b { return nil }
     if a.count != b.count { return "sizes differ: \(a.count) and \(b.count) bytes" }
     let i = a.indices.first { a[$0] != b[$0] } ?? 0
     return "first difference at byte \(i) (4 KiB block \(i / 4096))"
-}
-
-/// Holds a job's copier before region `at` (a `CopierGate`): the job stays `hydrating`, with
-/// exactly the regions before the hold hydrated, for as long as a test needs, however fast or
-/// busy the machine is. `move(to:)` lets it go on to another region, `open()` to the end.
-final class HoldGate: CopierGate {
-    private let limit: Mutex<Int?>
-    init(at region: Int?) { limit = Mutex(region) }
-
-    func admit(_ regions: Range<Int>) -> Range<Int> {
-        guard let l = limit.withLock({ $0 }) else { return regions }
-        return regions.lowerBound..<max(regions.lowerBound, min(regions.upperBound, l))
-    }
-
-    func move(to region: Int?) { limit.withLock { $0 = region } }
-    func open() { move(to: nil) }
-    var region: Int? { limit.withLock { $0 } }
-
-    /// Waits (a liveness guard, not a timing claim) until every region before the hold is
-    /// hydrated and no copy is in flight: the copier is waiting at the gate.
-    func waitHeld(_ job: HydrationJob, sourceLocation: SourceLocation = #_sourceLocation) async {
-        guard let l = region else { return }
-        let held = await eventually {
-            job.ownership.allHydrated(0..<min(l, job.ownership.regionCount)) && !job.ownership.anyClaimed
-        }
-        #expect(
-            held, "the copier did not reach its hold at region \(l): \(job.ownership.hydratedCount) hydrated",
-            sourceLocation: sourceLocation)
-    }
 }

@@ -1,4 +1,6 @@
 import HydrationEngine
+import HydrationStorage
+import NBDServer
 import NIOCore
 
 /// An export over one open file or block device of the storage layer (`PosixStorage`, or a

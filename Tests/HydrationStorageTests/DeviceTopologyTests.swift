@@ -1,7 +1,7 @@
 import Foundation
+import HydrationTestSupport
 import Testing
 
-@testable import HydrationService
 @testable import HydrationStorage
 
 /// DeviceTopology's parsing against a fake sysfs tree (dm, md, partitions, disks with a WWN or a

@@ -1,7 +1,5 @@
+import HydrationStorage
 import Synchronization
-
-@testable import HydrationService
-@testable import HydrationStorage
 
 #if canImport(Glibc)
     import Glibc
@@ -37,22 +35,22 @@ import Synchronization
 //   swallowed. `startWriteback` never waits.
 
 /// One file as the simulated disk holds it.
-struct CrashFile: Sendable, Equatable, Codable {
-    var data: [UInt8]
-    var kind: DeviceKind
-    var inode: UInt64
+package struct CrashFile: Sendable, Equatable, Codable {
+    package var data: [UInt8]
+    package var kind: DeviceKind
+    package var inode: UInt64
     /// Per 4 KiB block: allocated (for SEEK_DATA/SEEK_HOLE and space accounting).
-    var allocated: [Bool]
+    package var allocated: [Bool]
     /// Per 512-byte sector: a release (discard/punch) of this sector has reached this image.
-    var released: [Bool]
+    package var released: [Bool]
     /// A discard that does not zero (a block device without deterministic read-after-TRIM):
     /// released sectors read as this byte instead of zeros.
-    var discardFill: UInt8? = nil
+    package var discardFill: UInt8? = nil
 
-    static let block = 4096
-    static let sector = 512
+    package static let block = 4096
+    package static let sector = 512
 
-    init(data: [UInt8], kind: DeviceKind = .regularFile, inode: UInt64, holesWhereZero: Bool = true) {
+    package init(data: [UInt8], kind: DeviceKind = .regularFile, inode: UInt64, holesWhereZero: Bool = true) {
         self.data = data
         self.kind = kind
         self.inode = inode
@@ -64,9 +62,9 @@ struct CrashFile: Sendable, Equatable, Codable {
         released = [Bool](repeating: false, count: (data.count + Self.sector - 1) / Self.sector)
     }
 
-    var allocatedBlocks: Int { allocated.reduce(0) { $0 + ($1 ? 1 : 0) } }
+    package var allocatedBlocks: Int { allocated.reduce(0) { $0 + ($1 ? 1 : 0) } }
 
-    mutating func grow(to size: Int) {
+    package mutating func grow(to size: Int) {
         guard size > data.count else { return }
         data.append(contentsOf: [UInt8](repeating: 0, count: size - data.count))
         let blocks = (size + Self.block - 1) / Self.block
@@ -80,7 +78,7 @@ struct CrashFile: Sendable, Equatable, Codable {
     }
 
     /// `keep[i]` says whether chunk i (aligned to `granularity`) of the operation reaches the image.
-    mutating func apply(_ op: CrashOp, keep: [Bool]? = nil) {
+    package mutating func apply(_ op: CrashOp, keep: [Bool]? = nil) {
         switch op.kind {
         case .write:
             for (i, c) in chunks(offset: op.offset, length: op.length, granularity: UInt64(Self.sector)).enumerated()
@@ -119,7 +117,7 @@ struct CrashFile: Sendable, Equatable, Codable {
     }
 
     /// Sectors in `range` that were released, if any.
-    func releasedSector(in range: Range<Int>) -> Int? {
+    package func releasedSector(in range: Range<Int>) -> Int? {
         let hi = min(range.upperBound, data.count)
         guard range.lowerBound < hi else { return nil }
         for s in range.lowerBound / Self.sector...(hi - 1) / Self.sector where released[s] { return s }
@@ -128,7 +126,7 @@ struct CrashFile: Sendable, Equatable, Codable {
 }
 
 /// `offset..<offset+length` split at multiples of `granularity`.
-func chunks(offset: UInt64, length: UInt64, granularity: UInt64) -> [Range<UInt64>] {
+package func chunks(offset: UInt64, length: UInt64, granularity: UInt64) -> [Range<UInt64>] {
     var out: [Range<UInt64>] = []
     var at = offset
     let end = offset + length
@@ -140,7 +138,7 @@ func chunks(offset: UInt64, length: UInt64, granularity: UInt64) -> [Range<UInt6
     return out
 }
 
-enum CrashOpKind: String, Sendable, Codable {
+package enum CrashOpKind: String, Sendable, Codable {
     case read, write, sync, release, zeroOut, nextData, syncDirectory
     /// The file grows to `length` bytes (ftruncate of a new or empty destination at open).
     case extend
@@ -150,35 +148,42 @@ enum CrashOpKind: String, Sendable, Codable {
     case waitWriteback
     /// The engine's non-waiting calls (recorded so that faults can be injected into them).
     case startWriteback, evict
-    var isMutation: Bool { self == .write || self == .release || self == .zeroOut || self == .sync || self == .extend }
+    package var isMutation: Bool {
+        self == .write || self == .release || self == .zeroOut || self == .sync || self == .extend
+    }
 }
 
 /// One storage call as the simulated disk saw it. Mutations carry their payload so that a trace
 /// can be replayed to any point.
-struct CrashOp: Sendable, Codable, CustomStringConvertible {
-    var seq: Int
-    var path: String
-    var kind: CrashOpKind
-    var offset: UInt64
-    var length: UInt64
-    var payload: [UInt8] = []
+package struct CrashOp: Sendable, Codable, CustomStringConvertible {
+    package var seq: Int
+    package var path: String
+    package var kind: CrashOpKind
+    package var offset: UInt64
+    package var length: UInt64
+    package var payload: [UInt8] = []
     /// Non-zero when the call failed (injected fault or dead process); it had no effect.
-    var errno: Int32 = 0
+    package var errno: Int32 = 0
 
-    var description: String {
+    package var description: String {
         "#\(seq) \(kind.rawValue) \(path) [\(offset), +\(length))" + (errno != 0 ? " -> \(errnoSymbol(errno))" : "")
     }
 }
 
 /// What a power loss has to work with: each file's durable image and every pending mutation.
-struct CrashSnapshot: Sendable, Codable {
-    var durable: [String: CrashFile]
+package struct CrashSnapshot: Sendable, Codable {
+    package var durable: [String: CrashFile]
     /// Pending writes/punches of every file, in issue order.
-    var pending: [CrashOp]
+    package var pending: [CrashOp]
+
+    package init(durable: [String: CrashFile], pending: [CrashOp]) {
+        self.durable = durable
+        self.pending = pending
+    }
 }
 
 /// Which pending operations survive a power loss.
-enum CrashPolicy: Sendable, Codable, Hashable, CustomStringConvertible {
+package enum CrashPolicy: Sendable, Codable, Hashable, CustomStringConvertible {
     /// Only what was synced survives (RocksDB's fault-injection env).
     case dropAll
     /// Everything issued survives (a process kill without power loss: the page cache is written back).
@@ -191,7 +196,7 @@ enum CrashPolicy: Sendable, Codable, Hashable, CustomStringConvertible {
     /// In-order write-back: a seeded prefix of the pending operations survives, the next one torn.
     case prefix(seed: UInt64)
 
-    var description: String {
+    package var description: String {
         switch self {
         case .dropAll: return "dropAll"
         case .keepAll: return "keepAll"
@@ -204,7 +209,7 @@ enum CrashPolicy: Sendable, Codable, Hashable, CustomStringConvertible {
 
 extension CrashSnapshot {
     /// The files after a power loss under `policy`.
-    func materialize(_ policy: CrashPolicy) -> [String: CrashFile] {
+    package func materialize(_ policy: CrashPolicy) -> [String: CrashFile] {
         var files = durable
         func tearMask(_ op: CrashOp, _ rng: inout SeededRandom) -> [Bool] {
             let g = UInt64(op.kind == .write ? CrashFile.sector : CrashFile.block)
@@ -248,7 +253,7 @@ extension CrashSnapshot {
     }
 
     /// A short fingerprint of the pending set, for messages.
-    var summary: String {
+    package var summary: String {
         var byPath: [String: Int] = [:]
         for op in pending { byPath[op.path, default: 0] += 1 }
         return byPath.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value) pending" }.joined(separator: ", ")
@@ -257,13 +262,13 @@ extension CrashSnapshot {
 
 /// Rebuilds the crash snapshot at every point of a recorded trace (dm-log-writes style replay):
 /// start from the snapshot taken when recording began, then apply mutations one at a time.
-struct TraceReplayer {
-    private(set) var durable: [String: CrashFile]
-    private(set) var pending: [String: [CrashOp]]
-    let mutations: [CrashOp]
-    private(set) var position = 0
+package struct TraceReplayer {
+    package private(set) var durable: [String: CrashFile]
+    package private(set) var pending: [String: [CrashOp]]
+    package let mutations: [CrashOp]
+    package private(set) var position = 0
 
-    init(base: CrashSnapshot, trace: [CrashOp]) {
+    package init(base: CrashSnapshot, trace: [CrashOp]) {
         durable = base.durable
         pending = [:]
         for op in base.pending { pending[op.path, default: []].append(op) }
@@ -272,10 +277,10 @@ struct TraceReplayer {
         }
     }
 
-    var count: Int { mutations.count }
+    package var count: Int { mutations.count }
 
     /// Applies mutation `position` (the crash point moves past it).
-    mutating func advance() {
+    package mutating func advance() {
         let op = mutations[position]
         position += 1
         if op.kind == .writebackError {
@@ -292,58 +297,58 @@ struct TraceReplayer {
     }
 
     /// The snapshot if the power failed just before mutation `position`.
-    var snapshot: CrashSnapshot {
+    package var snapshot: CrashSnapshot {
         CrashSnapshot(durable: durable, pending: pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
     }
 }
 
 /// The simulated disk. Thread-safe; every call is linearised by one lock, which gives the total
 /// order of the trace.
-final class CrashableStorage: StorageProvider {
-    struct State {
-        var files: [String: CrashFile] = [:]
-        var durable: [String: CrashFile] = [:]
-        var pending: [String: [CrashOp]] = [:]
-        var trace: [CrashOp] = []
-        var traceStart = 0
-        var baseline: CrashSnapshot? = nil
-        var mutations = 0
-        var violations: [String] = []
-        var locked: Set<String> = []
-        var nextInode: UInt64 = 100
-        var closed: Set<ObjectIdentifier> = []
+package final class CrashableStorage: StorageProvider {
+    package struct State {
+        package var files: [String: CrashFile] = [:]
+        package var durable: [String: CrashFile] = [:]
+        package var pending: [String: [CrashOp]] = [:]
+        package var trace: [CrashOp] = []
+        package var traceStart = 0
+        package var baseline: CrashSnapshot? = nil
+        package var mutations = 0
+        package var violations: [String] = []
+        package var locked: Set<String> = []
+        package var nextInode: UInt64 = 100
+        package var closed: Set<ObjectIdentifier> = []
         /// Live crash: the process dies when this many mutations have been issued.
-        var crashAtMutation: Int? = nil
-        var crashSnapshot: CrashSnapshot? = nil
-        var fault: (@Sendable (CrashOp) -> Int32?)? = nil
-        var faultsInjected = 0
+        package var crashAtMutation: Int? = nil
+        package var crashSnapshot: CrashSnapshot? = nil
+        package var fault: (@Sendable (CrashOp) -> Int32?)? = nil
+        package var faultsInjected = 0
         /// Writeback failure armed at this mutation count, on this path (fires at the first
         /// mutation from then on at which the file has pending writes).
-        var writebackFailure: (atMutation: Int, path: String)? = nil
-        var writebackFailures = 0
+        package var writebackFailure: (atMutation: Int, path: String)? = nil
+        package var writebackFailures = 0
         /// Per path: the errseq counter (writeback errors so far) and whether the latest was seen.
-        var errseq: [String: (count: Int, seen: Bool)] = [:]
+        package var errseq: [String: (count: Int, seen: Bool)] = [:]
         /// Per open device: the errseq count it has already been told about.
-        var errseqSample: [Int: Int] = [:]
-        var nextOpenID = 0
+        package var errseqSample: [Int: Int] = [:]
+        package var nextOpenID = 0
         /// The old engine's eviction: waits for writeback (consuming the error) and ignores it.
-        var legacyWaitingEvict = false
+        package var legacyWaitingEvict = false
         /// Paths whose zeroOut fails with EOPNOTSUPP (no punch / zero-out support).
-        var zeroOutUnsupported: Set<String> = []
+        package var zeroOutUnsupported: Set<String> = []
         /// Paths on a filesystem without SEEK_DATA: every range may be data.
-        var noSeekData: Set<String> = []
+        package var noSeekData: Set<String> = []
         /// Paths written with O_DIRECT (issue 13): `directIO` says so, and a write that fails
         /// (an injected fault) has reached the device in part, like a failed direct write: its
         /// first half (whole sectors) is applied, pending like any write until the next sync.
-        var directWrites: Set<String> = []
+        package var directWrites: Set<String> = []
     }
 
-    let state = Mutex(State())
+    package let state = Mutex(State())
 
-    init() {}
+    package init() {}
 
     /// A fresh disk holding crashed images: everything durable, nothing pending (the machine rebooted).
-    init(files: [String: CrashFile]) {
+    package init(files: [String: CrashFile]) {
         state.withLock { s in
             s.files = files
             s.durable = files
@@ -351,7 +356,7 @@ final class CrashableStorage: StorageProvider {
         }
     }
 
-    func addFile(_ path: String, data: [UInt8], kind: DeviceKind = .regularFile, holes: [Range<Int>]? = nil) {
+    package func addFile(_ path: String, data: [UInt8], kind: DeviceKind = .regularFile, holes: [Range<Int>]? = nil) {
         state.withLock { s in
             s.nextInode += 1
             var f = CrashFile(data: data, kind: kind, inode: s.nextInode, holesWhereZero: holes == nil)
@@ -372,31 +377,31 @@ final class CrashableStorage: StorageProvider {
 
     // MARK: inspection
 
-    func file(_ path: String) -> CrashFile? { state.withLock { $0.files[path] } }
-    var trace: [CrashOp] { state.withLock { Array($0.trace[$0.traceStart...]) } }
-    var fullTrace: [CrashOp] { state.withLock { $0.trace } }
-    var violations: [String] { state.withLock { $0.violations } }
-    var faultsInjected: Int { state.withLock { $0.faultsInjected } }
-    var mutationCount: Int { state.withLock { $0.mutations } }
-    func setFault(_ f: (@Sendable (CrashOp) -> Int32?)?) { state.withLock { $0.fault = f } }
+    package func file(_ path: String) -> CrashFile? { state.withLock { $0.files[path] } }
+    package var trace: [CrashOp] { state.withLock { Array($0.trace[$0.traceStart...]) } }
+    package var fullTrace: [CrashOp] { state.withLock { $0.trace } }
+    package var violations: [String] { state.withLock { $0.violations } }
+    package var faultsInjected: Int { state.withLock { $0.faultsInjected } }
+    package var mutationCount: Int { state.withLock { $0.mutations } }
+    package func setFault(_ f: (@Sendable (CrashOp) -> Int32?)?) { state.withLock { $0.fault = f } }
     /// An asynchronous writeback failure of `path` at its first pending write once `n` more
     /// mutations have been issued.
-    func failWriteback(afterMutations n: Int, path: String) {
+    package func failWriteback(afterMutations n: Int, path: String) {
         state.withLock { $0.writebackFailure = ($0.mutations + n, path) }
     }
-    var writebackFailures: Int { state.withLock { $0.writebackFailures } }
+    package var writebackFailures: Int { state.withLock { $0.writebackFailures } }
     /// Makes `evict` behave as the old engine's did: wait for writeback and swallow its error.
-    func setLegacyWaitingEvict(_ on: Bool) { state.withLock { $0.legacyWaitingEvict = on } }
+    package func setLegacyWaitingEvict(_ on: Bool) { state.withLock { $0.legacyWaitingEvict = on } }
 
     /// The current durable images and pending operations.
-    var snapshotNow: CrashSnapshot {
+    package var snapshotNow: CrashSnapshot {
         state.withLock { s in
             CrashSnapshot(durable: s.durable, pending: s.pending.values.flatMap { $0 }.sorted { $0.seq < $1.seq })
         }
     }
 
     /// Starts the trace here: `baseline` is the snapshot replays begin from.
-    func beginTrace() {
+    package func beginTrace() {
         state.withLock { s in
             s.traceStart = s.trace.count
             s.baseline = CrashSnapshot(
@@ -404,15 +409,15 @@ final class CrashableStorage: StorageProvider {
         }
     }
 
-    var baseline: CrashSnapshot? { state.withLock { $0.baseline } }
+    package var baseline: CrashSnapshot? { state.withLock { $0.baseline } }
 
     /// Live crash: the process dies just before its `n`-th mutation (counted from now). Every later
     /// call fails; `crashedSnapshot` holds the state at that moment.
-    func armCrash(afterMutations n: Int) { state.withLock { $0.crashAtMutation = $0.mutations + n } }
-    var crashedSnapshot: CrashSnapshot? { state.withLock { $0.crashSnapshot } }
+    package func armCrash(afterMutations n: Int) { state.withLock { $0.crashAtMutation = $0.mutations + n } }
+    package var crashedSnapshot: CrashSnapshot? { state.withLock { $0.crashSnapshot } }
 
     /// Kills the process now.
-    func crashNow() {
+    package func crashNow() {
         state.withLock { s in
             if s.crashSnapshot == nil {
                 s.crashSnapshot = CrashSnapshot(
@@ -423,7 +428,7 @@ final class CrashableStorage: StorageProvider {
 
     // MARK: StorageProvider
 
-    func info(_ path: String, _ f: CrashFile) -> DeviceInfo {
+    package func info(_ path: String, _ f: CrashFile) -> DeviceInfo {
         DeviceInfo(
             path: path,
             identity: f.kind == .regularFile
@@ -436,12 +441,12 @@ final class CrashableStorage: StorageProvider {
             size: UInt64(f.data.count), logicalBlockSize: 512, stableID: "sim:\(f.inode)")
     }
 
-    func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
+    package func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
         try state.withLock { (s: inout State) throws(StorageError) -> any StorageDevice in
             if s.crashSnapshot != nil { throw StorageError(.open, path: path, errno: EIO) }
             if s.files[path] == nil {
                 switch mode {
-                case .destination(let size?):
+                case .destination(_?):
                     // Created empty (durably: directory entries are not modelled); the size
                     // comes from the extension below.
                     s.nextInode += 1
@@ -485,21 +490,21 @@ final class CrashableStorage: StorageProvider {
         }
     }
 
-    func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
+    package func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
         state.withLock { s in s.files[path].map { info(path, $0) } }
     }
 
-    func syncDirectory(containing path: String) throws(StorageError) {
+    package func syncDirectory(containing path: String) throws(StorageError) {
         try state.withLock { (s: inout State) throws(StorageError) in
             _ = try record(path, .syncDirectory, 0, 0, [], &s)
         }
     }
 
-    func unlock(_ path: String) { state.withLock { _ = $0.locked.remove(path) } }
+    package func unlock(_ path: String) { state.withLock { _ = $0.locked.remove(path) } }
 
     /// Records a call and decides its fate: the process may be dead, or a fault injected. Returns
     /// the recorded op's index in the trace.
-    func record(
+    package func record(
         _ path: String, _ kind: CrashOpKind, _ offset: UInt64, _ length: UInt64, _ payload: [UInt8],
         _ s: inout State
     ) throws(StorageError) -> Int {
@@ -573,7 +578,7 @@ final class CrashableStorage: StorageProvider {
 
     /// The asynchronous writeback of `path` failed: its pending operations are lost (the view
     /// shows the durable image again) and the error goes into the file's errseq.
-    func failWritebackNow(_ path: String, _ s: inout State) {
+    package func failWritebackNow(_ path: String, _ s: inout State) {
         s.trace.append(CrashOp(seq: s.trace.count, path: path, kind: .writebackError, offset: 0, length: 0, errno: EIO))
         s.pending[path] = []
         if let d = s.durable[path] {
@@ -589,7 +594,7 @@ final class CrashableStorage: StorageProvider {
 
     /// A call that waits for writeback on device `openID`: the writeback error it has not been
     /// told about yet, if any, consumed (reported once per open device).
-    func consumeWritebackError(_ path: String, openID: Int, _ s: inout State) -> Bool {
+    package func consumeWritebackError(_ path: String, openID: Int, _ s: inout State) -> Bool {
         guard let e = s.errseq[path], e.count > (s.errseqSample[openID] ?? 0) else { return false }
         s.errseqSample[openID] = e.count
         s.errseq[path] = (e.count, true)
@@ -598,16 +603,16 @@ final class CrashableStorage: StorageProvider {
 }
 
 /// An open simulated file.
-final class CrashableDevice: StorageDevice {
-    let storage: CrashableStorage
-    let path: String
-    let info: DeviceInfo
-    let exclusive: Bool
+package final class CrashableDevice: StorageDevice {
+    package let storage: CrashableStorage
+    package let path: String
+    package let info: DeviceInfo
+    package let exclusive: Bool
     /// This open file description (errseq is reported once per open device).
-    let openID: Int
+    package let openID: Int
     private let isClosed = Atomic<Bool>(false)
 
-    init(storage: CrashableStorage, path: String, info: DeviceInfo, exclusive: Bool, openID: Int) {
+    package init(storage: CrashableStorage, path: String, info: DeviceInfo, exclusive: Bool, openID: Int) {
         self.storage = storage; self.path = path; self.info = info; self.exclusive = exclusive; self.openID = openID
     }
 
@@ -617,7 +622,7 @@ final class CrashableDevice: StorageDevice {
         if isClosed.load(ordering: .relaxed) { throw StorageError(op, path: path, errno: EBADF) }
     }
 
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
+    package func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         try checkOpen(.read)
         try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
             let seq = try storage.record(path, .read, offset, UInt64(buffer.count), [], &s)
@@ -654,12 +659,12 @@ final class CrashableDevice: StorageDevice {
         }
     }
 
-    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
+    package func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
         try checkOpen(.write)
         try mutate(.write, offset, UInt64(buffer.count), [UInt8](buffer))
     }
 
-    func sync() throws(StorageError) {
+    package func sync() throws(StorageError) {
         try checkOpen(.sync)
         try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
             // (record may itself fire an armed writeback failure: the sync then waits for it.)
@@ -677,12 +682,12 @@ final class CrashableDevice: StorageDevice {
         }
     }
 
-    func release(offset: UInt64, length: UInt64) throws(StorageError) {
+    package func release(offset: UInt64, length: UInt64) throws(StorageError) {
         try checkOpen(.release)
         try mutate(.release, offset, length, [])
     }
 
-    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
+    package func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) {
         try checkOpen(.zeroOut)
         if storage.state.withLock({ $0.zeroOutUnsupported.contains(path) }) {
             throw StorageError(.zeroOut, path: path, errno: EOPNOTSUPP, offset: offset, length: length)
@@ -690,7 +695,7 @@ final class CrashableDevice: StorageDevice {
         try mutate(.zeroOut, offset, length, [])
     }
 
-    func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? {
+    package func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? {
         try checkOpen(.seek)
         return try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) -> Range<UInt64>? in
             let seq = try storage.record(path, .nextData, offset, 0, [], &s)
@@ -713,15 +718,15 @@ final class CrashableDevice: StorageDevice {
         }
     }
 
-    func dropCache(offset: UInt64, length: UInt64) {}
+    package func dropCache(offset: UInt64, length: UInt64) {}
 
-    var directIO: DirectIO {
+    package var directIO: DirectIO {
         storage.state.withLock { $0.directWrites.contains(path) }
             ? DirectIO(enabled: true, alignment: 4096, reason: "") : .off("no page cache")
     }
 
     /// Never waits (sync_file_range WRITE), so it never consumes the errseq.
-    func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
+    package func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {
         try checkOpen(.writeback)
         try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
             _ = try storage.record(path, .startWriteback, offset, length, [], &s)
@@ -732,7 +737,7 @@ final class CrashableDevice: StorageDevice {
     /// writeback error is reported (thrown) and consumed for that description only, so the next
     /// `sync` reports it too. With `legacyWaitingEvict` (the old engine) the wait consumes it on
     /// this description and the result is ignored.
-    func evict(offset: UInt64, length: UInt64) throws(StorageError) {
+    package func evict(offset: UInt64, length: UInt64) throws(StorageError) {
         try checkOpen(.writeback)
         try storage.state.withLock { (s: inout CrashableStorage.State) throws(StorageError) in
             let seq = try storage.record(path, .evict, offset, length, [], &s)
@@ -750,11 +755,11 @@ final class CrashableDevice: StorageDevice {
         }
     }
 
-    func allocatedBytes() -> UInt64? {
+    package func allocatedBytes() -> UInt64? {
         storage.file(path).map { UInt64($0.allocatedBlocks * CrashFile.block) }
     }
 
-    func close() {
+    package func close() {
         if !isClosed.exchange(true, ordering: .relaxed), exclusive { storage.unlock(path) }
     }
 }

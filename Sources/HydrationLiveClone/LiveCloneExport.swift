@@ -1,5 +1,7 @@
 import HydrationEngine
+import HydrationStorage
 import Logging
+import NBDServer
 import NIOCore
 import Synchronization
 
@@ -86,7 +88,7 @@ public final class LiveCloneExport: NBDExport {
     /// Each job's export has its own (`threadsPerExport`): a source that stops answering holds
     /// only its own job's clients, never another export's. Complete jobs
     /// served from their destination alone share `clientIO`.
-    static let clientIO = IOExecutor(threads: 4)
+    package static let clientIO = IOExecutor(threads: 4)
     static let threadsPerExport = 3
     /// The executor is this export's own: shut down with it.
     let ownsIO: Bool

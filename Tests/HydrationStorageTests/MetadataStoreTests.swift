@@ -1,7 +1,7 @@
 import ControlProtocol
+import HydrationTestSupport
 import Testing
 
-@testable import HydrationService
 @testable import HydrationStorage
 
 @Suite struct MetadataStoreTests {

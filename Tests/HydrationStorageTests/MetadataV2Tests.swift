@@ -1,6 +1,6 @@
+import HydrationTestSupport
 import Testing
 
-@testable import HydrationService
 @testable import HydrationStorage
 
 /// Format version 2: stable device identities and the pending-release list (docs/metadata-format.md).

@@ -1,6 +1,7 @@
 import HydrationEngine
 import HydrationStorage
 import Logging
+import NBDServer
 import NIOCore
 
 /// BLOCK_STATUS: `base:allocation` from whichever side serves each region, and

@@ -1,7 +1,7 @@
+import HydrationTestSupport
 import Testing
 
 @testable import HydrationEngine
-@testable import HydrationService
 @testable import HydrationStorage
 
 @Suite struct RegionMapTests {

@@ -1,7 +1,5 @@
+import HydrationStorage
 import Synchronization
-
-@testable import HydrationService
-@testable import HydrationStorage
 
 #if canImport(Glibc)
     import Glibc
@@ -17,53 +15,57 @@ import Synchronization
 /// waits: `sync` (logged as `syncFailed`), or `evict`, which waits on a second description of its
 /// own as PosixDevice does (it throws; `sync` still reports it). `legacyWaitingEvict` models the
 /// old engine: the wait ran on the synced description and its result was ignored.
-final class SimulatedStorage: StorageProvider {
-    enum OpKind: String, Sendable { case read, write, sync, release, zeroOut, nextData, writebackLost, syncFailed }
-
-    struct Op: Sendable, CustomStringConvertible {
-        var seq: Int
-        var path: String
-        var kind: OpKind
-        var offset: UInt64
-        var length: UInt64
-        var description: String { "#\(seq) \(kind.rawValue) \(path) [\(offset), +\(length))" }
+package final class SimulatedStorage: StorageProvider {
+    package enum OpKind: String, Sendable {
+        case read, write, sync, release, zeroOut, nextData, writebackLost, syncFailed
     }
 
-    struct FileState {
-        var data: [UInt8]
-        var kind: DeviceKind
-        var inode: UInt64
+    package struct Op: Sendable, CustomStringConvertible {
+        package var seq: Int
+        package var path: String
+        package var kind: OpKind
+        package var offset: UInt64
+        package var length: UInt64
+        package var description: String { "#\(seq) \(kind.rawValue) \(path) [\(offset), +\(length))" }
+    }
+
+    package struct FileState {
+        package var data: [UInt8]
+        package var kind: DeviceKind
+        package var inode: UInt64
         /// Byte ranges that are holes (never written or punched), for SEEK_DATA.
-        var allocated: [Bool]  // per 4 KiB block
-        var locked = false
+        package var allocated: [Bool]  // per 4 KiB block
+        package var locked = false
         /// The data as of the last successful sync (what a writeback failure reverts to).
-        var synced: [UInt8] = []
+        package var synced: [UInt8] = []
         /// errseq: writeback errors so far, and whether the latest was reported to anyone.
-        var wbErrors = 0
-        var wbSeen = true
+        package var wbErrors = 0
+        package var wbSeen = true
     }
 
-    struct State {
-        var files: [String: FileState] = [:]
-        var log: [Op] = []
-        var nextInode: UInt64 = 100
-        var fault: (@Sendable (Op) -> Int32?)? = nil
+    package struct State {
+        package var files: [String: FileState] = [:]
+        package var log: [Op] = []
+        package var nextInode: UInt64 = 100
+        package var fault: (@Sendable (Op) -> Int32?)? = nil
         /// Sees every operation, with the files as they are just before it applies.
-        var observer: (@Sendable (Op, [String: FileState]) -> Void)? = nil
+        package var observer: (@Sendable (Op, [String: FileState]) -> Void)? = nil
         /// Called before a sync takes the lock (to slow syncs down without blocking other I/O).
-        var syncDelay: (@Sendable (String) -> Void)? = nil
+        package var syncDelay: (@Sendable (String) -> Void)? = nil
         /// Writeback failure of `path` before its `atWrite`-th write (1-based).
-        var writebackFailure: (path: String, atWrite: Int, writes: Int)? = nil
-        var legacyWaitingEvict = false
+        package var writebackFailure: (path: String, atWrite: Int, writes: Int)? = nil
+        package var legacyWaitingEvict = false
         /// Per open description: the errseq count it has been told about.
-        var errseqSample: [Int: Int] = [:]
-        var nextOpenID = 0
+        package var errseqSample: [Int: Int] = [:]
+        package var nextOpenID = 0
     }
 
-    let state = Mutex(State())
-    static let block = 4096
+    package let state = Mutex(State())
 
-    func addFile(_ path: String, data: [UInt8], kind: DeviceKind = .regularFile, holesWhereZero: Bool = true) {
+    package init() {}
+    package static let block = 4096
+
+    package func addFile(_ path: String, data: [UInt8], kind: DeviceKind = .regularFile, holesWhereZero: Bool = true) {
         state.withLock { s in
             let blocks = (data.count + Self.block - 1) / Self.block
             var alloc = [Bool](repeating: true, count: blocks)
@@ -78,19 +80,21 @@ final class SimulatedStorage: StorageProvider {
         }
     }
 
-    func setWritebackFailure(path: String, atWrite n: Int) { state.withLock { $0.writebackFailure = (path, n, 0) } }
-    func setLegacyWaitingEvict(_ on: Bool) { state.withLock { $0.legacyWaitingEvict = on } }
+    package func setWritebackFailure(path: String, atWrite n: Int) {
+        state.withLock { $0.writebackFailure = (path, n, 0) }
+    }
+    package func setLegacyWaitingEvict(_ on: Bool) { state.withLock { $0.legacyWaitingEvict = on } }
 
-    func contents(_ path: String) -> [UInt8]? { state.withLock { $0.files[path]?.data } }
-    func allocatedBlocks(_ path: String) -> Int {
+    package func contents(_ path: String) -> [UInt8]? { state.withLock { $0.files[path]?.data } }
+    package func allocatedBlocks(_ path: String) -> Int {
         state.withLock { $0.files[path]?.allocated.filter { $0 }.count ?? 0 }
     }
-    var log: [Op] { state.withLock { $0.log } }
-    func setFault(_ f: (@Sendable (Op) -> Int32?)?) { state.withLock { $0.fault = f } }
-    func setSyncDelay(_ f: (@Sendable (String) -> Void)?) { state.withLock { $0.syncDelay = f } }
-    func setObserver(_ f: (@Sendable (Op, [String: FileState]) -> Void)?) { state.withLock { $0.observer = f } }
+    package var log: [Op] { state.withLock { $0.log } }
+    package func setFault(_ f: (@Sendable (Op) -> Int32?)?) { state.withLock { $0.fault = f } }
+    package func setSyncDelay(_ f: (@Sendable (String) -> Void)?) { state.withLock { $0.syncDelay = f } }
+    package func setObserver(_ f: (@Sendable (Op, [String: FileState]) -> Void)?) { state.withLock { $0.observer = f } }
 
-    func info(_ path: String, _ f: FileState) -> DeviceInfo {
+    package func info(_ path: String, _ f: FileState) -> DeviceInfo {
         DeviceInfo(
             path: path,
             identity: f.kind == .regularFile
@@ -100,7 +104,7 @@ final class SimulatedStorage: StorageProvider {
             size: UInt64(f.data.count), logicalBlockSize: 512, stableID: "sim:\(f.inode)")
     }
 
-    func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
+    package func open(_ path: String, mode: OpenMode) throws(StorageError) -> any StorageDevice {
         try state.withLock { (s: inout State) throws(StorageError) -> any StorageDevice in
             if s.files[path] == nil {
                 switch mode {
@@ -143,14 +147,14 @@ final class SimulatedStorage: StorageProvider {
         }
     }
 
-    func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
+    package func identify(_ path: String) throws(StorageError) -> DeviceInfo? {
         state.withLock { s in s.files[path].map { info(path, $0) } }
     }
 
-    func syncDirectory(containing path: String) throws(StorageError) {}
+    package func syncDirectory(containing path: String) throws(StorageError) {}
 
     /// Records an operation and applies an injected fault, if any.
-    func record(_ path: String, _ kind: OpKind, _ offset: UInt64, _ length: UInt64, _ s: inout State)
+    package func record(_ path: String, _ kind: OpKind, _ offset: UInt64, _ length: UInt64, _ s: inout State)
         throws(StorageError)
     {
         if kind == .write, var wf = s.writebackFailure, wf.path == path {
@@ -183,10 +187,10 @@ final class SimulatedStorage: StorageProvider {
         }
     }
 
-    func unlock(_ path: String) { state.withLock { $0.files[path]?.locked = false } }
+    package func unlock(_ path: String) { state.withLock { $0.files[path]?.locked = false } }
 
     /// A waiting call on description `id`: the writeback error it was not told about, consumed.
-    func consumeWritebackError(_ path: String, id: Int, _ s: inout State) -> Bool {
+    package func consumeWritebackError(_ path: String, id: Int, _ s: inout State) -> Bool {
         guard let f = s.files[path], f.wbErrors > (s.errseqSample[id] ?? 0) else { return false }
         s.errseqSample[id] = f.wbErrors
         s.files[path]!.wbSeen = true
@@ -195,20 +199,20 @@ final class SimulatedStorage: StorageProvider {
 }
 
 /// An open simulated file; every call goes through the storage's lock, so it is safe to share.
-final class SimulatedDevice: StorageDevice {
-    let storage: SimulatedStorage
-    let path: String
-    let info: DeviceInfo
-    let locked: Bool
-    let openID: Int
+package final class SimulatedDevice: StorageDevice {
+    package let storage: SimulatedStorage
+    package let path: String
+    package let info: DeviceInfo
+    package let locked: Bool
+    package let openID: Int
 
-    init(storage: SimulatedStorage, path: String, info: DeviceInfo, locked: Bool, openID: Int) {
+    package init(storage: SimulatedStorage, path: String, info: DeviceInfo, locked: Bool, openID: Int) {
         self.storage = storage; self.path = path; self.info = info; self.locked = locked; self.openID = openID
     }
 
     deinit { if locked { storage.unlock(path) } }
 
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
+    package func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError) {
         try storage.state.withLock { (s: inout SimulatedStorage.State) throws(StorageError) in
             try storage.record(path, .read, offset, UInt64(buffer.count), &s)
             let data = s.files[path]!.data
@@ -219,7 +223,7 @@ final class SimulatedDevice: StorageDevice {
         }
     }
 
-    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
+    package func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
         try storage.state.withLock { (s: inout SimulatedStorage.State) throws(StorageError) in
             try storage.record(path, .write, offset, UInt64(buffer.count), &s)
             let end = Int(offset) + buffer.count
@@ -242,7 +246,7 @@ final class SimulatedDevice: StorageDevice {
         }
     }
 
-    func sync() throws(StorageError) {
+    package func sync() throws(StorageError) {
         if let delay = storage.state.withLock({ $0.syncDelay }) { delay(path) }
         try storage.state.withLock { (s: inout SimulatedStorage.State) throws(StorageError) in
             if storage.consumeWritebackError(path, id: openID, &s) {
@@ -255,7 +259,7 @@ final class SimulatedDevice: StorageDevice {
         }
     }
 
-    func evict(offset: UInt64, length: UInt64) throws(StorageError) {
+    package func evict(offset: UInt64, length: UInt64) throws(StorageError) {
         try storage.state.withLock { (s: inout SimulatedStorage.State) throws(StorageError) in
             if s.legacyWaitingEvict {
                 _ = storage.consumeWritebackError(path, id: openID, &s)  // waited, told, ignored
@@ -280,10 +284,10 @@ final class SimulatedDevice: StorageDevice {
         }
     }
 
-    func release(offset: UInt64, length: UInt64) throws(StorageError) { try punch(.release, offset, length) }
-    func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) { try punch(.zeroOut, offset, length) }
+    package func release(offset: UInt64, length: UInt64) throws(StorageError) { try punch(.release, offset, length) }
+    package func zeroOut(offset: UInt64, length: UInt64) throws(StorageError) { try punch(.zeroOut, offset, length) }
 
-    func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? {
+    package func nextData(from offset: UInt64) throws(StorageError) -> Range<UInt64>? {
         try storage.state.withLock { (s: inout SimulatedStorage.State) throws(StorageError) -> Range<UInt64>? in
             try storage.record(path, .nextData, offset, 0, &s)
             let f = s.files[path]!
@@ -299,11 +303,11 @@ final class SimulatedDevice: StorageDevice {
         }
     }
 
-    func dropCache(offset: UInt64, length: UInt64) {}
+    package func dropCache(offset: UInt64, length: UInt64) {}
 
-    func close() { if locked { storage.unlock(path) } }
+    package func close() { if locked { storage.unlock(path) } }
 
-    func allocatedBytes() -> UInt64? {
+    package func allocatedBytes() -> UInt64? {
         UInt64(storage.allocatedBlocks(path) * SimulatedStorage.block)
     }
 }

@@ -1,29 +1,26 @@
 import Foundation
+import HydrationStorage
 import Testing
-
-@testable import HydrationEngine
-@testable import HydrationService
-@testable import HydrationStorage
 
 /// Real devices for a test: files in a temp dir, loop devices, mounts, dm devices and helper
 /// processes, all undone by `teardown()` (also run on deinit) in reverse order, whatever the
 /// test's outcome.
-final class DeviceScratch {
-    let dir: TempDir
+package final class DeviceScratch {
+    package let dir: TempDir
     private var undo: [() -> Void] = []
 
-    init(_ tag: String) { dir = TempDir(tag) }
+    package init(_ tag: String) { dir = TempDir(tag) }
     deinit { teardown() }
 
-    func teardown() {
+    package func teardown() {
         while let u = undo.popLast() { u() }
     }
 
-    func file(_ name: String) -> String { dir.file(name) }
+    package func file(_ name: String) -> String { dir.file(name) }
 
     /// Runs a command; throws with its stderr when it fails.
     @discardableResult
-    static func sh(_ args: [String]) throws -> String {
+    package static func sh(_ args: [String]) throws -> String {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = args
@@ -47,7 +44,7 @@ final class DeviceScratch {
 
     /// A sparse file of `size` bytes with a little data at its start (so it is not all holes).
     @discardableResult
-    func makeFile(_ name: String, size: Int, seed: UInt64 = 1) throws -> String {
+    package func makeFile(_ name: String, size: Int, seed: UInt64 = 1) throws -> String {
         let path = file(name)
         var head = [UInt8](repeating: 0, count: 1 << 20)
         var rng = SeededRandom(seed: seed)
@@ -57,7 +54,8 @@ final class DeviceScratch {
         return path
     }
 
-    func attachLoop(_ path: String, offset: UInt64? = nil, sizeLimit: UInt64? = nil, device: String? = nil) throws
+    package func attachLoop(_ path: String, offset: UInt64? = nil, sizeLimit: UInt64? = nil, device: String? = nil)
+        throws
         -> String
     {
         var args = ["losetup"]
@@ -76,13 +74,13 @@ final class DeviceScratch {
     }
 
     /// Detaches now (the undo entry then finds nothing to do).
-    func detach(_ loop: String) throws {
+    package func detach(_ loop: String) throws {
         try Self.sh(["losetup", "-d", loop])
     }
 
     /// Detaches `loop` only while it is still bound to `backing`: once detached, its number may
     /// belong to another test or another user.
-    static func detachIfOurs(_ loop: String, _ backing: String) {
+    package static func detachIfOurs(_ loop: String, _ backing: String) {
         let name = loop.split(separator: "/").last.map(String.init) ?? loop
         guard var bound = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else {
             return
@@ -96,7 +94,7 @@ final class DeviceScratch {
 
     /// mkfs.ext4 on `device` and mounts it on a new directory; returns the mount point.
     /// `mkfs` (a command taking the devices last) over `device` and `more`, mounted from `device`.
-    func mkfsAndMount(
+    package func mkfsAndMount(
         _ device: String, _ name: String, mkfs: [String] = ["mkfs.ext4", "-q", "-F"], more: [String] = []
     ) throws -> String {
         try Self.sh(mkfs + [device] + more)
@@ -115,7 +113,7 @@ final class DeviceScratch {
     }
 
     /// A process (sleep) holding `path` open read-only on fd 3; killed by PID at teardown.
-    func holdOpen(_ path: String) throws -> Int32 {
+    package func holdOpen(_ path: String) throws -> Int32 {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/sh")
         p.arguments = ["-c", "exec 3<\"$0\"; exec sleep 60", path]
@@ -135,7 +133,7 @@ final class DeviceScratch {
 
     /// A python3 process that runs `setup` (with `p` the path) and keeps what it opened or mapped
     /// until killed by PID at teardown; returns once `setup` has run.
-    func hold(_ path: String, _ setup: String) throws -> Int32 {
+    package func hold(_ path: String, _ setup: String) throws -> Int32 {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
         p.arguments = [
@@ -161,7 +159,7 @@ final class DeviceScratch {
 
     /// An overlay filesystem over new `lower`, `upper` and `work` directories, mounted on
     /// `merged`; unmounted at teardown. Nil when this kernel cannot mount one.
-    func mountOverlay() -> (lower: String, upper: String, merged: String)? {
+    package func mountOverlay() -> (lower: String, upper: String, merged: String)? {
         let (l, u, w, m) = (file("ovl-lower"), file("ovl-upper"), file("ovl-work"), file("ovl-merged"))
         for d in [l, u, w, m] { try? FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
         do {
@@ -177,7 +175,7 @@ final class DeviceScratch {
     }
 
     /// A dm device; removed at teardown.
-    func dmCreate(_ suffix: String, table: String) throws -> String {
+    package func dmCreate(_ suffix: String, table: String) throws -> String {
         let name = "hydtest-\(getpid())-\(UInt16.random(in: 0...UInt16.max))-\(suffix)"
         try Self.sh(["dmsetup", "create", name, "--table", table])
         undo.append { _ = try? DeviceScratch.sh(["dmsetup", "remove", "--retry", name]) }
@@ -186,14 +184,14 @@ final class DeviceScratch {
 
     // MARK: what this machine offers
 
-    static let loopSkip: String? = {
+    package static let loopSkip: String? = {
         if !FileManager.default.fileExists(atPath: "/dev/loop-control") { return "/dev/loop-control is absent" }
         if getuid() != 0 { return "not root: cannot attach loop devices" }
         if (try? sh(["which", "mkfs.ext4"])) == nil { return "mkfs.ext4 is missing" }
         return nil
     }()
 
-    static let dmSkip: String? = {
+    package static let dmSkip: String? = {
         if let r = loopSkip { return r }
         if (try? sh(["dmsetup", "version"])) == nil {
             return "device-mapper is not available (dmsetup version fails: no dm in this kernel)"
@@ -203,7 +201,7 @@ final class DeviceScratch {
 
     /// Whether partitions of a loop device can be made (losetup -P, or partx --add on kernels
     /// without partition table parsers, like this one).
-    static let partitionSkip: String? = {
+    package static let partitionSkip: String? = {
         if let r = loopSkip { return r }
         if (try? sh(["which", "sfdisk"])) == nil { return "sfdisk is missing (apt-get install fdisk)" }
         if (try? sh(["which", "partx"])) == nil { return "partx is missing" }
@@ -219,7 +217,7 @@ final class DeviceScratch {
     }()
 
     /// A 64 MiB image with two 16 MiB GPT partitions.
-    func makePartitionedImage(_ name: String) throws -> String {
+    package func makePartitionedImage(_ name: String) throws -> String {
         let path = try makeFile(name, size: 64 << 20)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
@@ -236,7 +234,7 @@ final class DeviceScratch {
         return path
     }
 
-    func attachPartitioned(_ path: String) throws -> String {
+    package func attachPartitioned(_ path: String) throws -> String {
         let loop = try Self.sh(["losetup", "--partscan", "--find", "--show", path])
         undo.append { DeviceScratch.detachIfOurs(loop, path) }
         for _ in 0..<50 where !FileManager.default.fileExists(atPath: loop + "p1") { usleep(10_000) }
@@ -258,43 +256,4 @@ final class DeviceScratch {
         }
         return loop
     }
-}
-
-/// Creates a job that must be refused with `code`; a job that is accepted (the old code) is
-/// recorded as an issue and closed again. Returns the error.
-@discardableResult
-func expectRefused(
-    _ cfg: JobConfiguration, _ code: HydrationError.Code, reopen: Bool = false,
-    sourceLocation: SourceLocation = #_sourceLocation
-) async -> HydrationError? {
-    let io = IOExecutor(threads: 2)
-    do {
-        let job =
-            reopen
-            ? try await HydrationJob.open(cfg, io: io, logger: testLogger)
-            : try await HydrationJob.create(cfg, io: io, logger: testLogger)
-        Issue.record(
-            "accepted, expected \(code.rawValue): \(cfg.sourcePath) -> \(cfg.destPath) (metadata \(cfg.metadataPath))",
-            sourceLocation: sourceLocation)
-        await job.close()
-        await io.shutdown()
-        return nil
-    } catch {
-        print("refused as expected: \(error)")
-        #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
-        await io.shutdown()
-        return error
-    }
-}
-
-/// Creates a job that must be accepted, and closes it.
-func expectAccepted(_ cfg: JobConfiguration, sourceLocation: SourceLocation = #_sourceLocation) async {
-    let io = IOExecutor(threads: 2)
-    do {
-        let job = try await HydrationJob.create(cfg, io: io, logger: testLogger)
-        await job.close()
-    } catch {
-        Issue.record("refused: \(error)", sourceLocation: sourceLocation)
-    }
-    await io.shutdown()
 }

@@ -1,7 +1,7 @@
 import Foundation
+import HydrationTestSupport
 import Testing
 
-@testable import HydrationService
 @testable import HydrationStorage
 
 /// A metadata file with four committed generations over two bitmap pages, and the exact map of
