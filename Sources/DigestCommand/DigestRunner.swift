@@ -136,7 +136,7 @@ public enum DigestRunner {
         return "\\" + path.replacing("\\", with: "\\\\").replacing("\n", with: "\\n")
     }
 
-    static func writeErr(_ s: String) {
+    public static func writeErr(_ s: String) {
         let bytes = Array(s.utf8)
         var done = 0
         while done < bytes.count {
