@@ -86,8 +86,16 @@ public enum DigestRunner {
             return entry
         }
         defer { device.close() }
+        let before = FileState(absolute(path))
         do {
             let r = try ImageDigest.digest(of: device, threads: threads)
+            if let before, let after = FileState(absolute(path)), before != after {
+                // A digest of bytes read while the image changed is of no state it was ever in.
+                entry.error =
+                    "\(path) changed while it was being digested (size \(before.size) -> \(after.size), modified); digest it when nothing writes to it"
+                entry.exitCode = CloneExit.ioError.rawValue
+                return entry
+            }
             entry.digest = ImageDigest.format(r.digest)
             entry.sizeBytes = r.size
             entry.bytesRead = r.bytesRead
@@ -98,6 +106,40 @@ public enum DigestRunner {
             entry.exitCode = (error.isConnectionLost ? CloneExit.unavailable : CloneExit.ioError).rawValue
         }
         return entry
+    }
+
+    /// What shows a local image changed: size, and for a regular file its modification and change
+    /// times (a block device's writes do not touch its node's times). Nil for a URI.
+    struct FileState: Equatable {
+        var size: Int64
+        var inode: UInt64
+        var mtime: timespec
+        var ctime: timespec
+
+        init?(_ path: String) {
+            guard !RemoteSource.isURI(path) else { return nil }
+            var st = stat()
+            guard stat(path, &st) == 0 else { return nil }
+            inode = UInt64(st.st_ino)
+            if (st.st_mode & S_IFMT) == S_IFBLK {
+                let fd = open(path, O_RDONLY | O_CLOEXEC)
+                guard fd >= 0 else { return nil }
+                defer { close(fd) }
+                size = Int64(lseek(fd, 0, SEEK_END))
+                mtime = timespec()
+                ctime = timespec()
+            } else {
+                size = Int64(st.st_size)
+                mtime = st.st_mtim
+                ctime = st.st_ctim
+            }
+        }
+
+        static func == (a: FileState, b: FileState) -> Bool {
+            a.size == b.size && a.inode == b.inode && a.mtime.tv_sec == b.mtime.tv_sec
+                && a.mtime.tv_nsec == b.mtime.tv_nsec && a.ctime.tv_sec == b.ctime.tv_sec
+                && a.ctime.tv_nsec == b.ctime.tv_nsec
+        }
     }
 
     /// The storage layer opens absolute paths only; URIs pass as they are.
