@@ -123,7 +123,8 @@ let package = Package(
             dependencies: ["CloneCtlCore", "HydrationStorage"]
         ),
         // `clonectl digest` of NBD URIs: clonectl runs this (exec, next to its own binary) so that
-        // clonectl itself does not link libnbd, which costs every cold start about 9 ms.
+        // clonectl itself does not load libnbd and its 16 more shared libraries at every start
+        // (measured: +0.7 ms median on a Swift binary, +3.6 ms on a bare C one; docs/clonectl.md).
         .executableTarget(
             name: "clonectl-nbd",
             dependencies: ["DigestCommand", "HydrationRemote", "HydrationStorage", "CloneCtlCore"]
