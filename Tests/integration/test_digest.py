@@ -250,4 +250,25 @@ def test_file_block_device_and_nbd_exports_agree(tmp_path, loop_device):
     with NBDKit(tmp_path, "pattern", ["pattern", f"size={psize}"]) as p, \
             NBDKit(tmp_path, "memory", ["memory", f"size={3 * MiB + 77}"]) as m:
         got = digests_of(p.uri, m.uri)
+        # BLOCK_STATUS told the memory export is all zeros: nothing read, every byte skipped.
+        r = subprocess.run([CLONECTL, "digest", "--json", m.uri], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        [entry] = json.loads(r.stdout)
+        assert (entry["bytes_read"], entry["bytes_skipped"]) == (0, 3 * MiB + 77), entry
     assert got == [reference_digest(pattern), reference_digest(bytes(3 * MiB + 77))]
+
+
+def test_nbd_uri_without_the_helper_is_a_named_error(tmp_path):
+    """clonectl alone (no clonectl-nbd beside it) refuses NBD URIs with a named error, exit 69,
+    and still digests files."""
+    lone = tmp_path / "bin"
+    lone.mkdir()
+    shutil.copy(CLONECTL, lone / "clonectl")
+    f = tmp_path / "f"
+    f.write_bytes(b"abc")
+    r = subprocess.run([str(lone / "clonectl"), "digest", str(f)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(reference_digest(b"abc")), r
+    r = subprocess.run([str(lone / "clonectl"), "digest", f"nbd+unix:///?socket={tmp_path}/s.sock"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 69, r
+    assert "clonectl-nbd, which could not be run at" in r.stderr and str(lone) in r.stderr, r.stderr
