@@ -156,6 +156,10 @@ public enum DigestRunner {
             if e.errno == EPROTONOSUPPORT {
                 return ("\(path): \(e)", CloneExit.software.rawValue)
             }
+            // libnbd could not parse it (a missing ?socket=, a bad port...): the user's to fix.
+            if e.errno == EINVAL {
+                return ("not a valid NBD URI: \(path): \(e.detail ?? e.description)", CloneExit.usage.rawValue)
+            }
             return (
                 "cannot reach the NBD export \(path): \(e) (connections give up after HYDRATION_NBD_CONNECT_TIMEOUT_MS, 10 s by default)",
                 CloneExit.unavailable.rawValue

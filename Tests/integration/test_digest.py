@@ -156,6 +156,9 @@ def test_digest_unreachable_nbd_servers(tmp_path):
     s.close()
     r = digest(f"nbd://127.0.0.1:{port}/")
     assert r.returncode == 69, r
+    # A URI libnbd cannot parse is the user's to fix: a usage error, not "unreachable".
+    r = digest("nbd+unix:///disk")
+    assert r.returncode == 64 and "not a valid NBD URI" in r.stderr, r
     # A listener that accepts and never greets: the connection deadline ends it.
     lst = socket.socket(socket.AF_UNIX)
     lst.bind(str(tmp_path / "mute.sock"))
