@@ -70,7 +70,9 @@ extension ImageDigest {
 /// hands out chunks and hole runs, and the accumulator the workers insert into.
 private final class DigestJob: Sendable {
     enum Work {
-        case data(Range<UInt64>)
+        /// A chunk to hash, and the parts of it the data map says may hold data (the rest are
+        /// holes: not read).
+        case data(Range<UInt64>, extents: [Range<UInt64>])
         case zeros(Range<UInt64>)
     }
 
@@ -111,7 +113,7 @@ private final class DigestJob: Sendable {
             if size == 0 {
                 if c.emptyDone { return nil }
                 c.emptyDone = true
-                return .data(0..<0)
+                return .data(0..<0, extents: [])
             }
             guard c.next < size else { return nil }
             if !c.restIsHole && (!c.mapRead || (c.data.map { $0.upperBound <= c.next } ?? false)) {
@@ -132,7 +134,24 @@ private final class DigestJob: Sendable {
                 return .zeros(start..<end)
             }
             c.next = chunkEnd
-            return .data(start..<chunkEnd)
+            // Every extent that meets the chunk; the last one looked at stays cached when it
+            // reaches past the chunk.
+            var extents = [Range<UInt64>]()
+            var e = d
+            while true {
+                let lo = max(e.lowerBound, start)
+                let hi = min(e.upperBound, chunkEnd)
+                if lo < hi { extents.append(lo..<hi) }
+                if e.upperBound >= chunkEnd { break }
+                guard let following = try device.nextData(from: e.upperBound) else {
+                    c.restIsHole = true
+                    break
+                }
+                e = following
+                if e.lowerBound >= chunkEnd { break }
+            }
+            c.data = c.restIsHole ? nil : e
+            return .data(start..<chunkEnd, extents: extents)
         }
     }
 
@@ -150,12 +169,25 @@ private final class DigestJob: Sendable {
                             preconditionFailure("digest of \(device.info.path): \(error)")
                         }
                     }
-                case .data(let r):
+                case .data(let r, let extents):
                     let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<r.count])
-                    if r.count > 0 { try device.read(into: bytes, at: r.lowerBound) }
+                    let covered = extents.reduce(0) { $0 + $1.count }
+                    if covered == r.count {
+                        if r.count > 0 { try device.read(into: bytes, at: r.lowerBound) }
+                    } else {
+                        // Holes inside the chunk read as zeros without asking the device.
+                        bytes.initializeMemory(as: UInt8.self, repeating: 0)
+                        for e in extents {
+                            let at = Int(e.lowerBound - r.lowerBound)
+                            try device.read(
+                                into: UnsafeMutableRawBufferPointer(rebasing: bytes[at..<(at + e.count)]),
+                                at: e.lowerBound)
+                        }
+                    }
                     let hash = ImageDigest.subtree(of: UnsafeRawBufferPointer(bytes))
                     totals.withLock { t in
-                        t.bytesRead += UInt64(r.count)
+                        t.bytesRead += UInt64(covered)
+                        t.bytesSkipped += UInt64(r.count - covered)
                         // The cursor hands out nodes only: a refusal here is a bug of this file.
                         do {
                             try t.accumulator.insert(offset: r.lowerBound, length: UInt64(r.count), digest: hash)
