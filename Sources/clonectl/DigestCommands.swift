@@ -16,7 +16,7 @@ struct Digest: ParsableCommand {
             receipt gives. Holes (SEEK_DATA, NBD BLOCK_STATUS) and all-zero blocks cost no hashing; the rest is \
             hashed on several threads. NBD URIs (nbd://, nbd+unix://, nbds://...) are read by clonectl-nbd, \
             installed next to clonectl. Exit 0 when every argument was digested; else the first failure's: \
-            64 not a URI clonectl knows, 66 cannot open, 69 NBD server unreachable, 74 I/O error while reading.
+            64 not a URI clonectl knows, 66 cannot open, 69 NBD server unreachable, 74 I/O error while reading, or a file that changed while it was read.
             """)
 
     @ParentCommand var root: Clonectl
@@ -31,8 +31,10 @@ struct Digest: ParsableCommand {
     var threads: Int?
 
     func validate() throws {
-        if let problem = OptionRules.offlineProblem(command: "digest", socket: root.socket) {
-            throw ValidationError(problem)
+        if root.socket != nil {
+            throw ValidationError(
+                "--socket does not apply to 'digest': it reads the images directly, without the daemon (leave out --socket)"
+            )
         }
         if paths.isEmpty { throw ValidationError("give at least one file, block device or NBD URI") }
         if let t = threads, t < 1 || t > 256 { throw ValidationError("--threads must be 1...256") }
