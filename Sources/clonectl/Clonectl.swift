@@ -15,20 +15,20 @@ struct Clonectl: AsyncParsableCommand {
         abstract: "Control hydrationd: start, watch and manage disk hydration jobs.",
         discussion: """
             clonectl talks to hydrationd over its Varlink control socket (org.hydrationd.Control). \
-            `check` and `dump` read a metadata file directly and need no daemon.
+            `check` and `dump` read a metadata file directly, and `digest` reads images; they need no daemon.
 
             SIZES are bytes with an optional binary suffix: 4096, 64K, 64KiB, 1M, 1.5G (K = 1024). \
             RATES are sizes per second: 20M, 20MiB/s (0 = no limit). DURATIONS take a unit: 500ms, 1s, 2m, 1m30s.
 
             EXIT STATUS: 0 success; 1 the job failed (wait, status --watch) or check found the metadata \
             invalid; 64 usage error; 65 the daemon rejected the request (unknown job, bad parameter, device in use, \
-            permission denied); 66 metadata file missing or unreadable; 69 daemon unreachable; 70 internal or \
-            protocol error; 74 I/O error reported by the daemon; 124 wait timed out; 130 interrupted.
+            permission denied); 66 metadata file or image missing or unreadable; 69 daemon (or NBD server) unreachable; 70 internal or \
+            protocol error; 74 I/O error reported by the daemon or while digesting; 124 wait timed out; 130 interrupted.
             """,
         version: "1.0.0",
         subcommands: [
             Start.self, Pause.self, Resume.self, SetTunables.self, Commit.self, Remove.self, List.self,
-            Status.self, Wait.self, Check.self, Dump.self,
+            Status.self, Wait.self, Check.self, Dump.self, Digest.self,
         ]
     )
 
