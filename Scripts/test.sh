@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need first, so it works on a fresh machine.
 #
-# First the formatting check (`swift format lint --strict`, counted as one test), then three phases,
+# First the formatting check (`swift format lint --strict`) and the file-length check (no source
+# file over 450 lines), counted as one test each, then three phases,
 # so that the CPU-bound crash explorers never share the two cooperative threads of a small machine
 # with tests that talk to servers: (1) every Swift test but the explorers, (2) the explorers alone,
 # (3) the integration tests (pytest) against the built binaries. Each phase runs
@@ -23,8 +24,15 @@ if ! swift format lint --strict -r Sources Tests Package.swift >"$out/lint.log" 
     cat "$out/lint.log"
     lint_failure='<failure message="swift format lint --strict: see lint.log"/>'
 fi
-printf '<testsuite name="lint"><testcase classname="lint" name="swift-format">%s</testcase></testsuite>\n' \
-    "$lint_failure" >"$out/lint.xml"
+# Files of one concern: no source file over 450 lines (split by concern, `Type+Concern.swift`).
+long_failure=""
+long=$(find Sources -name '*.swift' -exec wc -l {} + | awk '$2 != "total" && $1 > 450 { print $2 " (" $1 " lines)" }')
+if [ -n "$long" ]; then
+    echo "source files over 450 lines:"; echo "$long"
+    long_failure='<failure message="source files over 450 lines: see the log"/>'
+fi
+printf '<testsuite name="lint"><testcase classname="lint" name="swift-format">%s</testcase>' "$lint_failure" >"$out/lint.xml"
+printf '<testcase classname="lint" name="file-length">%s</testcase></testsuite>\n' "$long_failure" >>"$out/lint.xml"
 
 swift build --build-tests 2>&1 | tee "$out/build.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "total: 0 passed, 1 failed, 0 skipped"; exit 1; }

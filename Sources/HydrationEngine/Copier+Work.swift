@@ -1,6 +1,34 @@
 import HydrationStorage
 import Logging
 
+/// A batch: what it is, and how it ends.
+extension Copier {
+    package enum Work: Sendable {
+        /// Regions wholly inside a hole of the source: nothing to read.
+        case hole(Range<Int>)
+        case copy(Range<Int>)
+        package var regions: Range<Int> {
+            switch self {
+            case .hole(let r), .copy(let r): return r
+            }
+        }
+    }
+
+    /// A batch's end, with the claim its task held: the batch ends it here (`batchFinished`).
+    package struct Completion: ~Copyable, Sendable {
+        package var claim: RegionClaim
+        /// Space-budget bytes reserved while in flight.
+        package var reserved: UInt64
+        package var result: Result<BatchResult, HydrationError>
+    }
+
+    package struct BatchResult: Sendable {
+        package var regions: Range<Int>
+        package var written: UInt64
+        package var zero: UInt64
+    }
+}
+
 /// Where the next batch is (the region map, the source's data extents) and the rate limit.
 extension Copier {
     /// The next batch to issue, at or after `cursor`.

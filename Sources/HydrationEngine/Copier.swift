@@ -86,31 +86,6 @@ package actor Copier {
     package func requestStop(run: Int) { stoppedUpTo = max(stoppedUpTo, run) }
     package var hydratedMap: RegionMap { ownership.hydratedSnapshot }
 
-    package enum Work: Sendable {
-        /// Regions wholly inside a hole of the source: nothing to read.
-        case hole(Range<Int>)
-        case copy(Range<Int>)
-        package var regions: Range<Int> {
-            switch self {
-            case .hole(let r), .copy(let r): return r
-            }
-        }
-    }
-
-    /// A batch's end, with the claim its task held: the batch ends it here (`batchFinished`).
-    package struct Completion: ~Copyable, Sendable {
-        package var claim: RegionClaim
-        /// Space-budget bytes reserved while in flight.
-        package var reserved: UInt64
-        package var result: Result<BatchResult, HydrationError>
-    }
-
-    package struct BatchResult: Sendable {
-        package var regions: Range<Int>
-        package var written: UInt64
-        package var zero: UInt64
-    }
-
     /// Runs until every region is hydrated, a stop is requested, or a failure.
     package func run(id: Int) async -> Outcome {
         precondition(!running, "copier already running")
