@@ -28,7 +28,7 @@ struct Clonectl: AsyncParsableCommand {
         version: "1.0.0",
         subcommands: [
             Start.self, Pause.self, Resume.self, SetTunables.self, Commit.self, Remove.self, List.self,
-            Status.self, Wait.self, Check.self, Dump.self, Digest.self,
+            Status.self, Wait.self, Apply.self, Check.self, Dump.self, Digest.self,
         ]
     )
 
