@@ -8,6 +8,7 @@ let package = Package(
     products: [
         .executable(name: "hydrationd", targets: ["hydrationd"]),
         .executable(name: "clonectl", targets: ["clonectl"]),
+        .executable(name: "hydrationd-generator", targets: ["hydrationd-generator"]),
         .executable(name: "clonectl-nbd", targets: ["clonectl-nbd"]),
         .library(name: "HydrationService", targets: ["HydrationService"]),
         .library(name: "HydrationEngine", targets: ["HydrationEngine"]),
@@ -156,6 +157,12 @@ let package = Package(
                 "HydrationStorage",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
+        ),
+        // The systemd generator: /etc/hydrationtab into units at boot and daemon-reload. It reads
+        // the table with clonectl's own parser and links nothing else (generators must be fast).
+        .executableTarget(
+            name: "hydrationd-generator",
+            dependencies: ["CloneCtlCore"]
         ),
         // Micro-benchmarks of engine pieces (metadata commit cost); the end-to-end benchmark is Benchmarks/.
         .executableTarget(

@@ -254,6 +254,40 @@ public enum Hydrationtab {
     }
 }
 
+extension Hydrationtab {
+    /// `PREFIX-NAME.service`, NAME escaped as `systemd-escape` does: every byte but ASCII letters,
+    /// digits, `:`, `_` and a `.` that does not lead becomes `\xNN` (so `-` and `@` too).
+    public static func unitName(prefix: String, job: String) -> String {
+        var out = ""
+        for (i, b) in job.utf8.enumerated() {
+            let c = Character(Unicode.Scalar(b))
+            if (c.isASCII && (c.isLetter || c.isNumber)) || c == ":" || c == "_" || (c == "." && i > 0) {
+                out.append(c)
+            } else {
+                let hex = String(b, radix: 16)
+                out += "\\x" + (hex.count == 1 ? "0" + hex : hex)
+            }
+        }
+        return "\(prefix)-\(out).service"
+    }
+
+    /// One argument of an `ExecStart=` line: quoted, with `\`, `"` and `%` (specifiers) and `$`
+    /// (variables) escaped.
+    public static func quoteForExec(_ s: String) -> String {
+        var out = "\""
+        for c in s {
+            switch c {
+            case "\\": out += "\\\\"
+            case "\"": out += "\\\""
+            case "%": out += "%%"
+            case "$": out += "$$"
+            default: out.append(c)
+            }
+        }
+        return out + "\""
+    }
+}
+
 /// A message as an error, for results built inside the parser.
 public struct StringError: Error, Sendable, Equatable, CustomStringConvertible {
     public var description: String

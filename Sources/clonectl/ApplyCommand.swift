@@ -26,15 +26,25 @@ struct Apply: AsyncParsableCommand, DaemonCommand {
     @Flag(help: "Report what would be done, and change nothing.")
     var dryRun = false
 
+    @Option(
+        help: ArgumentHelp(
+            "Apply only the line of this job (the generator's units, one per job); an error if the file does not declare it.",
+            valueName: "name"))
+    var only: String?
+
     func run() async throws {
         guard let data = FileManager.default.contents(atPath: file) else {
             throw CloneFailure("cannot read \(file) (missing, or not readable)", exit: .noInput)
         }
-        let entries: [Hydrationtab.Entry]
+        var entries: [Hydrationtab.Entry]
         do {
             entries = try Hydrationtab.parse(String(decoding: data, as: UTF8.self), file: file)
         } catch {
             throw CloneFailure(error.description, exit: .rejected)
+        }
+        if let only {
+            entries = entries.filter { $0.name == only }
+            if entries.isEmpty { throw CloneFailure("\(file) declares no job named '\(only)'", exit: .rejected) }
         }
         let jobs = try call { try $0.getStatus() }
         let byName = Dictionary(jobs.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
