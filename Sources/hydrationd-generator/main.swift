@@ -2,6 +2,8 @@
 // `$HYDRATIONTAB` names another file, as systemd's own generators honour `$SYSTEMD_CRYPTTAB`) into
 // units, at boot and on every `systemctl daemon-reload`. Per declared job NAME:
 //
+// The units reach the daemon at `%t/hydrationd/control.sock`, where the shipped hydrationd.socket
+// listens under either manager.
 // - `hydrationd-job-NAME.service`: oneshot, `clonectl apply TAB --only NAME` after the daemon's
 //   socket: the job exists (created or resumed) once it is active, and with `export` its clone is
 //   served from then on. Wanted by the manager's default target, so declared jobs come up with it.
@@ -103,7 +105,7 @@ for e in entries {
         [Service]
         Type=oneshot
         RemainAfterExit=yes
-        ExecStart=\(clonectl) apply \(quotedTab) --only \(Hydrationtab.quoteForExec(e.name))
+        ExecStart=\(clonectl) --socket %t/hydrationd/control.sock apply \(quotedTab) --only \(Hydrationtab.quoteForExec(e.name))
 
         """)
     writeFile(
@@ -121,7 +123,7 @@ for e in entries {
         Type=oneshot
         RemainAfterExit=yes
         TimeoutStartSec=infinity
-        ExecStart=\(clonectl) wait \(Hydrationtab.quoteForExec(e.name))
+        ExecStart=\(clonectl) --socket %t/hydrationd/control.sock wait \(Hydrationtab.quoteForExec(e.name))
 
         """)
     let link = "\(normal)/\(target).wants/\(unit)"

@@ -44,9 +44,13 @@ def escape(name):
     return subprocess.run(["systemd-escape", name], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def exec_start(unit_file):
+def exec_start(unit_file, socket=None):
+    """The unit's command; `socket` replaces the control socket the unit names (%t/...)."""
     line = next(l for l in unit_file.read_text().splitlines() if l.startswith("ExecStart="))
-    return shlex.split(line[len("ExecStart="):])
+    cmd = shlex.split(line[len("ExecStart="):])
+    if socket:
+        cmd[cmd.index("--socket") + 1] = socket
+    return cmd
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
@@ -63,8 +67,9 @@ def test_units_per_declared_job_verify(tmp_path):
         link = normal / "multi-user.target.wants" / job.name
         assert link.is_symlink() and (link.parent / os.readlink(link)).resolve() == job.resolve()
         clonectl = str((BIN / "clonectl").resolve())
-        assert exec_start(job) == [clonectl, "apply", str(tab), "--only", name]
-        assert exec_start(complete) == [clonectl, "wait", name]
+        sock = ["--socket", "%t/hydrationd/control.sock"]
+        assert exec_start(job) == [clonectl, *sock, "apply", str(tab), "--only", name]
+        assert exec_start(complete) == [clonectl, *sock, "wait", name]
         assert f"After={job.name}" in complete.read_text() and f"Requires={job.name}" in complete.read_text()
         units += [job, complete]
     assert list(early.iterdir()) == [] and list(late.iterdir()) == []
@@ -95,11 +100,11 @@ def test_the_job_units_command_brings_the_job_up(tmp_path):
     (tmp_path / "daemon").mkdir()
     d = Daemon(tmp_path / "daemon").start()
     try:
-        cmd = exec_start(normal / "hydrationd-job-a.service")
+        cmd = exec_start(normal / "hydrationd-job-a.service", socket=d.socket)
         first = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=d.env())
         assert first.returncode == 0 and first.stdout.strip() == "a: created", first.stdout + first.stderr
         done = subprocess.run(
-            exec_start(normal / "hydrationd-complete-a.service"), capture_output=True, text=True, timeout=120, env=d.env()
+            exec_start(normal / "hydrationd-complete-a.service", socket=d.socket), capture_output=True, text=True, timeout=120, env=d.env()
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert (tmp_path / "a.src").read_bytes() == (tmp_path / "a.dst").read_bytes()

@@ -101,9 +101,16 @@ class UserManager:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "DBUS_SESSION_BUS",
                                          "HYDRATIOND_", "FAKE_HYDRATIOND_"))}
+        # The manager's generators come from a directory of the test's own (empty until a test
+        # links hydrationd-generator into it), reading the table the test writes.
+        self.generators = root / "generators"
+        self.generators.mkdir()
+        self.hydrationtab = root / "hydrationtab"
+        self.hydrationtab.write_text("")
         self.env.update(XDG_RUNTIME_DIR=str(self.runtime), XDG_CONFIG_HOME=str(self.config),
                         XDG_STATE_HOME=str(self.state), SYSTEMD_LOG_TARGET="console",
-                        SYSTEMD_LOG_LEVEL="info")
+                        SYSTEMD_LOG_LEVEL="info", SYSTEMD_GENERATOR_PATH=str(self.generators),
+                        HYDRATIONTAB=str(self.hydrationtab))
         self.proc = None
         self.seen_pids = set()   # (pid, cmdline) of every MainPID observed, to kill leftovers
 
@@ -703,3 +710,39 @@ def test_negative_control_watchdog_detector(units, impl):
     st = units.show("ActiveState", "NRestarts")
     assert st == {"ActiveState": "active", "NRestarts": "0"}, st
     assert units.run_results() == []
+
+
+def test_generator_units_bring_a_declared_job_up(units, impl):
+    """hydrationd-generator run by the real user manager on daemon-reload: the declared job's unit
+    creates the job through the socket-activated daemon, and its complete unit becomes active once
+    the copy is done (docs/systemd.md, "Jobs declared in /etc/hydrationtab")."""
+    if impl.is_standin:
+        pytest.skip("the generated units run the real clonectl")
+    generator = _bin_dir() / "hydrationd-generator"
+    if not os.access(generator, os.X_OK):
+        pytest.skip(f"{generator} is not built")
+    units.install()
+    m = units.m
+    src = units.make_image("g.src", 4)
+    dst = units.dir / "g.dst"
+    m.hydrationtab.write_text(f"# declared by the test\ng-1 {src} {dst} - -\n")
+    link = m.generators / "hydrationd-generator"
+    link.symlink_to(generator)
+    job_unit, complete_unit = "hydrationd-job-g\\x2d1.service", "hydrationd-complete-g\\x2d1.service"
+    try:
+        m.systemctl("daemon-reload")
+        listed = m.systemctl("list-unit-files", "hydrationd-*", "--no-legend").stdout
+        assert job_unit in listed and complete_unit in listed, listed + m.log()
+        assert "default.target" in m.systemctl("show", job_unit, "--property=WantedBy").stdout
+        m.systemctl("start", job_unit)
+        assert m.show(job_unit, "ActiveState")["ActiveState"] == "active"
+        assert units.status("g-1")["source"]["path"] == str(src)
+        m.systemctl("start", complete_unit, timeout=120)
+        assert units.status("g-1")["state"] == "complete"
+        assert _same_bytes(src, dst)
+    finally:
+        m.systemctl("stop", complete_unit, job_unit, check=False)
+        link.unlink()
+        m.hydrationtab.write_text("")
+        m.systemctl("daemon-reload", check=False)
+        m.systemctl("reset-failed", check=False)
