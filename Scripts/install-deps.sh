@@ -7,13 +7,15 @@
 # export as a FUSE file under a loop device; the NBD server's tests drive the clients),
 # python3-libnbd (for nbdsh) and qemu-utils (qemu-img, qemu-io), and python's varlink and pytest
 # for the integration tests; gnutls-bin (psktool: the remote-source TLS test's PSK file).
+# prometheus: promtool (checks the metrics exposition and the example alert rules) and a real
+# Prometheus server scraping the daemon in the metrics test.
 # Safe to run again.
 set -euo pipefail
 need_apt=()
 packages=(libsystemd-dev libnbd-dev pkg-config)
 if [ "${1:-}" = "--test" ]; then
   # Tests only: real devices and real peers (loop devices, partitions, filesystems, NBD).
-  packages+=(util-linux e2fsprogs fdisk btrfs-progs dmsetup nbdkit libnbd-bin python3-libnbd qemu-utils gnutls-bin)
+  packages+=(util-linux e2fsprogs fdisk btrfs-progs dmsetup nbdkit libnbd-bin python3-libnbd qemu-utils gnutls-bin prometheus)
 fi
 for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
