@@ -131,11 +131,20 @@ def daemon(tmp_path):
 
 
 def held_jobs(d, tmp_path):
-    """`done`: complete (hydrated = its size); `held`: created with --no-hydration (hydrated 0)."""
+    """`done`: complete (hydrated = its size); `held`: created with --no-hydration (hydrated 0);
+    `part`: hydrating at 256 KiB/s (over 4 minutes for its 64 MiB), with at least one commit: the
+    engine's own counters (commit durations, bytes copied) are those of open, running jobs."""
     d.ok("start", "done", "--source", image(tmp_path / "a.src", 4 * MiB), "--dest", blank(tmp_path / "a.dst", 4 * MiB))
     d.ok("wait", "done", "--timeout", "120s")
     d.ok("start", "held", "--source", image(tmp_path / "b.src", 8 * MiB, seed=7),
          "--dest", blank(tmp_path / "b.dst", 8 * MiB), "--no-hydration")
+    d.ok("start", "part", "--source", image(tmp_path / "c.src", 64 * MiB, seed=3),
+         "--dest", blank(tmp_path / "c.dst", 64 * MiB), "--region-size", "64K", "--rate-limit", "256K",
+         "--commit-interval", "100ms")
+    deadline = time.monotonic() + DEADLINE
+    while d.status("part")["commits"]["count"] < 1:
+        assert time.monotonic() < deadline, f"no commit of job part after {DEADLINE}s: {d.status('part')}"
+        time.sleep(0.05)
 
 
 def test_metrics_match_status_and_pass_promtool(daemon, tmp_path):
@@ -154,6 +163,16 @@ def test_metrics_match_status_and_pass_promtool(daemon, tmp_path):
     assert m['hydrationd_job_hydrated_bytes{job="done"}'] == 4 * MiB
     assert m['hydrationd_job_hydrated_bytes{job="held"}'] == 0
     assert m['hydrationd_jobs{state="complete"}'] == 1.0
+    # The engine's counters of a running job reach the exposition: its commits are in the
+    # histogram (read just after the status, so a commit in between may add one), and the copier
+    # has written bytes.
+    assert m['hydrationd_job_state{job="part",state="hydrating"}'] == 1.0
+    commits = m['hydrationd_job_commits_total{job="part"}']
+    assert commits >= 1
+    assert m['hydrationd_job_commit_duration_seconds_count{job="part"}'] >= commits
+    assert m['hydrationd_job_commit_duration_seconds_bucket{job="part",le="+Inf"}'] == \
+        m['hydrationd_job_commit_duration_seconds_count{job="part"}']
+    assert m['hydrationd_job_copied_bytes_total{job="part"}'] > 0
 
     # Any other path is 404, and a removed job's series disappear.
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -214,13 +233,15 @@ def test_real_prometheus_scrapes_the_daemon(daemon, tmp_path):
             except (urllib.error.URLError, ConnectionError):
                 seen = None
             results = (seen or {}).get("data", {}).get("result", [])
-            if len(results) == 2:
+            if len(results) == 3:
                 break
             time.sleep(0.5)
         else:
-            raise AssertionError(f"Prometheus had not scraped both jobs after 120 s: {seen}")
+            raise AssertionError(f"Prometheus had not scraped the three jobs after 120 s: {seen}")
         assert seen["status"] == "success"
         by_job = {r["metric"]["exported_job"]: float(r["value"][1]) for r in seen["data"]["result"]}
+        # `part` is still hydrating: its value moves between the scrape and the query.
+        del by_job["part"]
         assert by_job == {"done": float(want), "held": float(daemon.status("held")["bytes"]["hydrated"])}, by_job
         assert all(r["metric"]["job"] == "hydrationd" for r in seen["data"]["result"])
     finally:
