@@ -262,3 +262,23 @@ def test_example_alert_rules_pass_promtool():
     tests = REPO / "packaging" / "prometheus" / "hydrationd-alerts.test.yml"
     r = subprocess.run([promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
+def test_systemd_drop_in_verifies(tmp_path):
+    """The metrics drop-in applied to the shipped unit passes `systemd-analyze verify`, and its
+    ExecStart keeps the endpoint on loopback."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing (Debian's systemd package)")
+    packaging = REPO / "packaging" / "systemd"
+    # verify checks that ExecStart's binary exists: point both at the daemon under test.
+    (tmp_path / "hydrationd.service").write_text(
+        (packaging / "hydrationd.service").read_text().replace("/usr/local/bin/hydrationd", str(HYDRATIOND)))
+    dropin = (packaging / "hydrationd-metrics.conf").read_text()
+    assert "--metrics-listen 127.0.0.1:" in dropin
+    (tmp_path / "hydrationd.service.d").mkdir()
+    (tmp_path / "hydrationd.service.d" / "metrics.conf").write_text(
+        dropin.replace("/usr/local/bin/hydrationd", str(HYDRATIOND)))
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{tmp_path}:")
+    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "hydrationd.service")],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stdout + r.stderr
