@@ -22,6 +22,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         // SHA-256 of the image digest (BoringSSL's, with SHA-NI where the CPU has it).
         .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
+        // The Prometheus text exposition of `hydrationd --metrics-listen` (and swift-metrics under it).
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         // libsystemd (sd_notify, sd_listen_fds, sd_watchdog_enabled), Debian package libsystemd-dev.
@@ -102,6 +104,20 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Prometheus metrics (`hydrationd --metrics-listen`): the exposition of the jobs' status
+        // snapshots and a small HTTP server on NIOHTTP1 for `GET /metrics`. On the wire types only:
+        // neither the engine nor the storage layer knows of it.
+        .target(
+            name: "HydrationMetrics",
+            dependencies: [
+                "ControlProtocol",
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The daemon's service code (jobs, control, systemd, the exports' wiring) and opening jobs
         // on local and remote sources.
         .target(
@@ -114,6 +130,7 @@ let package = Package(
                 "NBDServer",
                 "UnixSocketServer",
                 "ControlProtocol",
+                "HydrationMetrics",
                 "CSystemd",
                 "CLinux",
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -126,6 +143,7 @@ let package = Package(
             name: "hydrationd",
             dependencies: [
                 "HydrationService",
+                "HydrationMetrics",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -213,6 +231,10 @@ let package = Package(
         .testTarget(
             name: "UnixSocketServerTests",
             dependencies: ["UnixSocketServer"]
+        ),
+        .testTarget(
+            name: "HydrationMetricsTests",
+            dependencies: ["HydrationMetrics", "ControlProtocol"]
         ),
         .testTarget(
             name: "ControlProtocolTests",

@@ -8,6 +8,8 @@
 # python3-libnbd (for nbdsh) and qemu-utils (qemu-img, qemu-io), and python's varlink and pytest
 # for the integration tests; gnutls-bin (psktool: the remote-source TLS test's PSK file); lintian,
 # help2man and man-db (the Debian package's test: Scripts/build-deb.sh).
+# prometheus: promtool (checks the metrics exposition and the example alert rules) and a real
+# Prometheus server scraping the daemon in the metrics test.
 # Safe to run again.
 set -euo pipefail
 need_apt=()
@@ -15,7 +17,7 @@ packages=(libsystemd-dev libnbd-dev pkg-config)
 if [ "${1:-}" = "--test" ]; then
   # Tests only: real devices and real peers (loop devices, partitions, filesystems, NBD).
   packages+=(util-linux e2fsprogs fdisk btrfs-progs dmsetup nbdkit libnbd-bin python3-libnbd qemu-utils gnutls-bin
-             lintian help2man man-db)
+             prometheus lintian help2man man-db)
 fi
 for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")

@@ -326,6 +326,7 @@ package actor Committer {
             c.commits += 1
             c.lastCommitUnixMs = wallClockMillis()
             c.lastCommitDurationMs = elapsedMs
+            c.commitDurations.record(seconds: elapsedMs / 1000)
             c.committedRegions = committedCount
             c.committedBytes = committedBytes
         }

@@ -11,6 +11,31 @@ public enum MetadataMode: String, Sendable, Equatable {
     case rw, ro, fail
 }
 
+/// Durations counted by upper bound (a histogram without the reporting): whoever reports them
+/// (the daemon's Prometheus metrics) reads a snapshot. Fixed bounds, so recording allocates nothing.
+package struct DurationCounts: Sendable, Equatable {
+    /// From 1 ms (a commit to a fast disk) to 10 s (a stalled device or a remote metadata path).
+    package static let commitBoundsSeconds: [Double] = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+    ]
+    /// Upper bounds (inclusive), ascending.
+    package let boundsSeconds: [Double]
+    /// One count per bound, then those above the last bound (not cumulative).
+    package private(set) var counts: [UInt64]
+    package private(set) var sumSeconds: Double = 0
+
+    package init(boundsSeconds: [Double]) {
+        self.boundsSeconds = boundsSeconds
+        counts = Array(repeating: 0, count: boundsSeconds.count + 1)
+    }
+
+    package mutating func record(seconds: Double) {
+        let i = boundsSeconds.firstIndex { seconds <= $0 } ?? boundsSeconds.count
+        counts[i] += 1
+        sumSeconds += seconds
+    }
+}
+
 /// Counters shared by the three actors and read by status calls without waiting for any of them:
 /// a status request must answer at once while the copier is busy.
 package final class JobProgress: Sendable {
@@ -25,6 +50,8 @@ package final class JobProgress: Sendable {
         package var commits: UInt64 = 0
         package var lastCommitUnixMs: Int64?
         package var lastCommitDurationMs: Double?
+        /// Every commit's duration, by bucket: for the daemon's metrics (a histogram).
+        package var commitDurations = DurationCounts(boundsSeconds: DurationCounts.commitBoundsSeconds)
         package var discardedBytes: UInt64 = 0
         package var discardPendingBytes: UInt64 = 0
         package var discardFailures: UInt64 = 0

@@ -1,5 +1,6 @@
 import ArgumentParser
 import ControlProtocol
+import HydrationMetrics
 import HydrationService
 import Logging
 
@@ -48,6 +49,14 @@ struct Hydrationd: AsyncParsableCommand {
     @Option(help: "Threads doing blocking I/O, shared by all jobs.")
     var ioThreads: Int = 8
 
+    @Option(
+        help: ArgumentHelp(
+            "Serve Prometheus metrics (HTTP GET /metrics) on this address: PORT (on 127.0.0.1), IPV4:PORT or [IPV6]:PORT. Off by default.",
+            discussion:
+                "The endpoint has no authentication: keep it on a loopback address, or behind a firewall, unless the network is trusted.",
+            valueName: "addr:port"))
+    var metricsListen: String?
+
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
@@ -61,6 +70,9 @@ struct Hydrationd: AsyncParsableCommand {
             throw ValidationError("--socket is named nbd.sock, the default NBD socket next to it: give --nbd-socket")
         }
         guard (1...256).contains(ioThreads) else { throw ValidationError("--io-threads must be between 1 and 256") }
+        if let metricsListen {
+            do { _ = try MetricsListenAddress.parse(metricsListen) } catch { throw ValidationError("\(error)") }
+        }
     }
 
     func run() async throws {
@@ -76,7 +88,8 @@ struct Hydrationd: AsyncParsableCommand {
                 DaemonOptions(
                     stateDirectory: stateDir, socketPath: socket,
                     socketGroup: socketGroup, ioThreads: ioThreads,
-                    nbdSocketPath: nbdSocket), logger: logger)
+                    nbdSocketPath: nbdSocket,
+                    metricsListen: try metricsListen.map { try MetricsListenAddress.parse($0) }), logger: logger)
         } catch {
             logger.critical("hydrationd: \(error)")
             throw ExitCode(1)

@@ -1,6 +1,7 @@
 import ControlProtocol
 import Foundation
 import HydrationEngine
+import HydrationMetrics
 import Logging
 import ServiceLifecycle
 import Synchronization
@@ -16,12 +17,15 @@ public struct DaemonOptions: Sendable {
     public var ioThreads: Int
     /// How often STATUS= is refreshed and the watchdog considered.
     public var supervisorInterval: Duration
+    /// Where Prometheus metrics are served (`--metrics-listen`); nil: not served.
+    public var metricsListen: MetricsListenAddress?
 
     public init(
         stateDirectory: String = DefaultPaths.stateDirectory(), socketPath: String = DefaultPaths.socketPath(),
         socketGroup: String? = nil, ioThreads: Int = 8, supervisorInterval: Duration = .milliseconds(250),
-        nbdSocketPath: String? = nil
+        nbdSocketPath: String? = nil, metricsListen: MetricsListenAddress? = nil
     ) {
+        self.metricsListen = metricsListen
         self.stateDirectory = stateDirectory; self.socketPath = socketPath; self.socketGroup = socketGroup
         self.nbdSocketPath = nbdSocketPath
         self.ioThreads = ioThreads; self.supervisorInterval = supervisorInterval
@@ -96,6 +100,20 @@ public enum HydrationDaemon {
             logger: logger, onListening: { _ in readiness.done() })
         let exports = JobExportHost(registry: registry, server: nbdServer, socketPath: nbdPath)
         let manager = JobManager(stateDirectory: options.stateDirectory, io: io, logger: logger, exports: exports)
+        // Bound before any job is restored: a metrics address that cannot be used stops the start
+        // before anything is opened, with the address and the reason.
+        var metrics: MetricsServer? = nil
+        if let address = options.metricsListen {
+            do {
+                metrics = try await MetricsServer.start(address: address, logger: logger) {
+                    MetricsExposition.render(await manager.metricsSnapshot())
+                }
+            } catch {
+                await io.shutdown()
+                throw DaemonError(description: "\(error)")
+            }
+            logger.info("serving metrics", metadata: ["address": "http://\(address)/metrics"])
+        }
         // Descriptors kept aside while the jobs are restored, given back just before the sockets
         // are bound: jobs that exhaust the limit are reported as not opened, and the daemon still
         // serves its sockets (to report them, and to take the operator's orders).
@@ -132,6 +150,9 @@ public enum HydrationDaemon {
                         "state_dir": "\(options.stateDirectory)",
                     ])
             })
+        // Last, so stopped first: scrapes end before the jobs' final commits.
+        let metricsServices: [ServiceGroupConfiguration.ServiceConfiguration] =
+            metrics.map { [.init(service: MetricsService(server: $0))] } ?? []
         let supervisor = JobSupervisor(
             manager: manager, notifier: notifier, watchdog: SystemdWatchdog.fromEnvironment(notifier: notifier),
             interval: options.supervisorInterval, logger: logger)
@@ -143,7 +164,7 @@ public enum HydrationDaemon {
                     .init(service: HangupIgnorer(logger: logger)), .init(service: supervisor),
                     .init(service: NBDServerService(nbdServer)),
                     .init(service: server),
-                ],
+                ] + metricsServices,
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         do {
@@ -246,6 +267,23 @@ final class JobSupervisor: Service, Sendable {
         _ = notifier.stopping(status: "committing and pausing jobs")
         logger.info("shutting down: final commits")
         await manager.shutdown()
+    }
+}
+
+/// The metrics endpoint as a service: stops listening on graceful shutdown (first of all, being
+/// the last service), so that scrapes end before the jobs' final commits.
+struct MetricsService: Service {
+    let server: MetricsServer
+    func run() async throws {
+        await withTaskCancellationHandler {
+            await withGracefulShutdownHandler {
+                await server.waitClosed()
+            } onGracefulShutdown: {
+                server.close()
+            }
+        } onCancel: {
+            server.close()
+        }
     }
 }
 
