@@ -161,12 +161,22 @@ public enum StatusFormatter {
         } else {
             row("discard", "off")
         }
+        if let v = s.verify, v.enabled {
+            var t = "on: \(Human.bytes(v.verifiedBytes)) read back and equal"
+            if let how = v.readBack { t += " (\(how == "evicted" ? "page cache evicted, no O_DIRECT" : how))" }
+            if v.mismatches > 0 { t += ", \(v.mismatches) region(s) mismatched" }
+            row("verify", t)
+        }
         row("settings", settingsText(s.settings))
         row("metadata", "\(s.metadata.path) (\(s.metadata.mode.rawValue))")
         if let e = s.error {
             var where_: [String] = []
             if let n = e.errno { where_.append("errno \(n)") }
             if let r = e.region { where_.append("region \(r)") }
+            if let o = e.offset { where_.append("offset \(o)") }
+            if let x = e.expectedDigest, let f = e.foundDigest {
+                where_.append("source sha256 \(x), destination sha256 \(f)")
+            }
             row("error", "\(e.code): \(e.message)" + (where_.isEmpty ? "" : " (\(where_.joined(separator: ", ")))"))
         }
         return lines.joined(separator: "\n")

@@ -73,12 +73,30 @@ public enum ControlInterface {
           mode: (rw, ro, fail)
         )
 
-        # Why a job failed.
+        # Why a job failed. DestinationMismatch (verify): region and offset (first byte that
+        # differs) name where the destination did not read back what the source gave;
+        # expected_digest and found_digest are the SHA-256 (hex) of that region as read from the
+        # source and as read back from the destination. Nothing of it was committed or released.
         type JobError (
           code: string,
           message: string,
           errno: ?int,
-          region: ?int
+          region: ?int,
+          offset: ?int,
+          expected_digest: ?string,
+          found_digest: ?string
+        )
+
+        # Verified release: verified_bytes were read back from the destination (bypassing the
+        # page cache) and found equal to the source's bytes before they were committed;
+        # mismatches counts regions found different; read_back says how the page cache was
+        # bypassed: direct (O_DIRECT), evicted (written back, waited for, dropped, then read),
+        # device (no page cache).
+        type JobVerify (
+          enabled: bool,
+          verified_bytes: int,
+          mismatches: int,
+          read_back: ?(direct, evicted, device)
         )
 
         # The job's clone served over NBD: uri for any NBD client (nbd+unix:///NAME?socket=PATH);
@@ -118,7 +136,8 @@ public enum ControlInterface {
           settings: JobSettings,
           metadata: JobMetadata,
           error: ?JobError,
-          export: ?JobExport
+          export: ?JobExport,
+          verify: ?JobVerify
         )
 
         # One line of List.
@@ -161,7 +180,9 @@ public enum ControlInterface {
         # after a restart, until the job is removed. hydrate_on_read (with export): a read the
         # source serves also hydrates the regions it read, in the background. io: auto (the
         # default: direct I/O for a regular-file source, else buffered),
-        # buffered or direct.
+        # buffered or direct. verify: every copied region is read back from the destination,
+        # bypassing the page cache, and compared with the source's bytes before it is committed
+        # (so before it is released); a difference fails the job with DestinationMismatch.
         method Start(
           name: string,
           source: ?string,
@@ -178,7 +199,8 @@ public enum ControlInterface {
           rate_limit_bytes_per_second: ?int,
           export: ?bool,
           hydrate_on_read: ?bool,
-          io: ?(auto, buffered, direct)
+          io: ?(auto, buffered, direct),
+          verify: ?bool
         ) -> (job: JobStatus, created: bool)
 
         # Stop copying after the regions in flight, with a final commit.

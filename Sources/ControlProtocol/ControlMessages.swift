@@ -87,15 +87,20 @@ public struct StartParameters: VarlinkParameters, Equatable {
     /// `auto` (the default), `buffered` or `direct`: how the source is read and the destination
     /// written (docs/design.md, "Direct I/O").
     public var io: String?
+    /// Read each copied region back from the destination, bypassing the page cache, and compare
+    /// it with what was read from the source before the region may be committed (and released):
+    /// a difference fails the job with `DestinationMismatch` (docs/design.md, "Verified release").
+    public var verify: Bool?
 
     public init(
         name: String, source: String? = nil, dest: String? = nil, metadata: String? = nil,
         regionSize: UInt64? = nil, discardSource: Bool? = nil, destZeroed: Bool? = nil, noHydration: Bool? = nil,
         threshold: Int? = nil, batchSize: Int? = nil, commitIntervalMs: Int? = nil,
         spaceBudgetBytes: UInt64? = nil, rateLimitBytesPerSecond: UInt64? = nil, export: Bool? = nil,
-        hydrateOnRead: Bool? = nil, io: String? = nil
+        hydrateOnRead: Bool? = nil, io: String? = nil, verify: Bool? = nil
     ) {
         self.io = io
+        self.verify = verify
         self.name = name; self.source = source; self.dest = dest; self.metadata = metadata
         self.regionSize = regionSize; self.discardSource = discardSource; self.destZeroed = destZeroed
         self.noHydration = noHydration; self.threshold = threshold; self.batchSize = batchSize
@@ -110,11 +115,11 @@ public struct StartParameters: VarlinkParameters, Equatable {
         source == nil && dest == nil && metadata == nil && regionSize == nil && discardSource == nil
             && destZeroed == nil && noHydration == nil && threshold == nil && batchSize == nil
             && commitIntervalMs == nil && spaceBudgetBytes == nil && rateLimitBytesPerSecond == nil && export == nil
-            && hydrateOnRead == nil && io == nil
+            && hydrateOnRead == nil && io == nil && verify == nil
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case name, source, dest, metadata, threshold, export, io
+        case name, source, dest, metadata, threshold, export, io, verify
         case regionSize = "region_size"
         case discardSource = "discard_source"
         case destZeroed = "dest_zeroed"

@@ -117,16 +117,62 @@ public struct JobStatus: Codable, Sendable, Equatable {
         public var errno: Int32?
         /// The first region concerned, when there is one.
         public var region: Int?
-        public init(code: String, message: String, errno: Int32? = nil, region: Int? = nil) {
+        /// `DestinationMismatch` only: the byte offset of the first byte that differs, and the
+        /// SHA-256 (hex) of the region as read from the source and as read back from the destination.
+        public var offset: UInt64?
+        public var expectedDigest: String?
+        public var foundDigest: String?
+        public init(
+            code: String, message: String, errno: Int32? = nil, region: Int? = nil, offset: UInt64? = nil,
+            expectedDigest: String? = nil, foundDigest: String? = nil
+        ) {
             self.code = code; self.message = message; self.errno = errno; self.region = region
+            self.offset = offset; self.expectedDigest = expectedDigest; self.foundDigest = foundDigest
         }
-        enum CodingKeys: String, CodingKey { case code, message, errno, region }
+        enum CodingKeys: String, CodingKey {
+            case code, message, errno, region, offset
+            case expectedDigest = "expected_digest"
+            case foundDigest = "found_digest"
+        }
         public func encode(to encoder: any Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encode(code, forKey: .code)
             try c.encode(message, forKey: .message)
             try c.encode(errno, forKey: .errno)
             try c.encode(region, forKey: .region)
+            try c.encode(offset, forKey: .offset)
+            try c.encode(expectedDigest, forKey: .expectedDigest)
+            try c.encode(foundDigest, forKey: .foundDigest)
+        }
+    }
+
+    /// Verified release (`Start` `verify`): what was read back from the destination and compared.
+    public struct Verify: Codable, Sendable, Equatable {
+        /// The job verifies.
+        public var enabled: Bool
+        /// Bytes read back and found equal to what the source gave (since the job was opened).
+        public var verifiedBytes: UInt64
+        /// Regions found different (the job failed with DestinationMismatch).
+        public var mismatches: UInt64
+        /// How the read-back bypassed the page cache: `direct` (O_DIRECT), `evicted` (written
+        /// back, waited for and dropped from the cache, then read: weaker, see docs/reliability.md),
+        /// `device` (a device without a page cache); nil until something was read back.
+        public var readBack: String?
+        public init(enabled: Bool, verifiedBytes: UInt64, mismatches: UInt64, readBack: String?) {
+            self.enabled = enabled; self.verifiedBytes = verifiedBytes; self.mismatches = mismatches
+            self.readBack = readBack
+        }
+        enum CodingKeys: String, CodingKey {
+            case enabled, mismatches
+            case verifiedBytes = "verified_bytes"
+            case readBack = "read_back"
+        }
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(enabled, forKey: .enabled)
+            try c.encode(verifiedBytes, forKey: .verifiedBytes)
+            try c.encode(mismatches, forKey: .mismatches)
+            try c.encode(readBack, forKey: .readBack)
         }
     }
 
@@ -188,13 +234,16 @@ public struct JobStatus: Codable, Sendable, Equatable {
     public var error: ErrorInfo?
     /// The job's NBD export, nil when the job is not exported (or cannot be served now).
     public var export: Export?
+    /// Verified release; nil only from a daemon that predates it.
+    public var verify: Verify?
 
     public init(
         name: String, state: State, source: Source, dest: Dest, regionSize: UInt64, regions: Regions,
         bytes: Bytes, throughputBytesPerSecond: Double, etaSeconds: Double?, commits: Commits,
         discard: Discard, spaceBudgetBytes: UInt64?, settings: Settings, metadata: Metadata, error: ErrorInfo?,
-        export: Export? = nil
+        export: Export? = nil, verify: Verify? = nil
     ) {
+        self.verify = verify
         self.version = Self.schemaVersion
         self.name = name; self.state = state; self.source = source; self.dest = dest
         self.regionSize = regionSize; self.regions = regions; self.bytes = bytes
@@ -204,7 +253,8 @@ public struct JobStatus: Codable, Sendable, Equatable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case version, name, state, source, dest, regions, bytes, commits, discard, settings, metadata, error, export
+        case version, name, state, source, dest, regions, bytes, commits, discard, settings, metadata, error, export,
+            verify
         case regionSize = "region_size"
         case throughputBytesPerSecond = "throughput_bytes_per_second"
         case etaSeconds = "eta_seconds"
@@ -231,6 +281,7 @@ public struct JobStatus: Codable, Sendable, Equatable {
         try c.encode(metadata, forKey: .metadata)
         try c.encode(error, forKey: .error)
         try c.encode(export, forKey: .export)
+        try c.encode(verify, forKey: .verify)
     }
 }
 

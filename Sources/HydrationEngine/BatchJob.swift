@@ -14,13 +14,19 @@ package struct BatchJob: Sendable {
     package let retryDelaysMs: [UInt64]
     package let logger: Logger
     package let buffers: IOBufferPool
+    /// Verified release: once written, the batch's range is read back from the device (bypassing
+    /// the page cache) and compared with what was read from the source, zeros for hole and zero
+    /// regions, before the batch reports success, hence before its claim ends and the committer
+    /// hears of its regions.
+    package let verify: Bool
 
     package init(
         source: SourceReader, dest: any StorageDevice, geometry: Geometry, zeroDestination: Bool,
-        retryDelaysMs: [UInt64], logger: Logger, buffers: IOBufferPool
+        retryDelaysMs: [UInt64], logger: Logger, buffers: IOBufferPool, verify: Bool = false
     ) {
         self.source = source; self.dest = dest; self.geometry = geometry; self.zeroDestination = zeroDestination
         self.retryDelaysMs = retryDelaysMs; self.logger = logger; self.buffers = buffers
+        self.verify = verify
     }
 
     package func execute(_ work: Copier.Work, io: IOExecutor) async -> Result<Copier.BatchResult, HydrationError> {
@@ -33,7 +39,7 @@ package struct BatchJob: Sendable {
                 // Out of space is not retried: the job pauses until space is freed. Nor is a
                 // writeback error: it is final, like a failed fdatasync.
                 if e.error.code == .noSpace || e.error.code == .commitFailed || e.error.code == .sourceUnavailable
-                    || e.error.code == .deviceUnconfirmed
+                    || e.error.code == .deviceUnconfirmed || e.error.code == .destinationMismatch
                     || attempt >= retryDelaysMs.count
                 {
                     if attempt > 0 {
@@ -60,7 +66,9 @@ package struct BatchJob: Sendable {
             if zeroDestination {
                 try zero(bytes.lowerBound, UInt64(length), region: regions.lowerBound)
             }
-            return Copier.BatchResult(regions: regions, written: 0, zero: UInt64(length))
+            var result = Copier.BatchResult(regions: regions, written: 0, zero: UInt64(length))
+            if verify { try verifyZeros(regions, into: &result) }
+            return result
         case .copy(let regions):
             let whole = buffers.take(length)
             defer { buffers.give(whole) }
@@ -121,8 +129,118 @@ package struct BatchJob: Sendable {
                 }
                 i = j
             }
-            return Copier.BatchResult(regions: regions, written: written, zero: zeroBytes)
+            var result = Copier.BatchResult(regions: regions, written: written, zero: zeroBytes)
+            if verify {
+                try verifyCopy(
+                    regions, expected: UnsafeRawBufferPointer(buffer), isZero: isZero, into: &result)
+            }
+            return result
         }
+    }
+
+    // MARK: verified release
+
+    /// Reads the batch's range back and compares each region with the source's bytes (zeros for
+    /// a zero or hole region: the batch zeroed it, or the job was told the destination reads as
+    /// zeros). Byte for byte: the source's bytes are still in memory, so no digest is needed to
+    /// compare; digests are computed only to report a mismatch.
+    private func verifyCopy(
+        _ regions: Range<Int>, expected: UnsafeRawBufferPointer, isZero: (Int) -> Bool,
+        into result: inout Copier.BatchResult
+    ) throws(BatchFailure) {
+        let bytes = geometry.byteRange(of: regions)
+        let length = Int(bytes.upperBound - bytes.lowerBound)
+        let whole = buffers.take(length)
+        defer { buffers.give(whole) }
+        let found = UnsafeMutableRawBufferPointer(rebasing: whole[0..<length])
+        let path = try readBack(into: found, at: bytes.lowerBound, region: regions.lowerBound)
+        for r in regions {
+            let rb = geometry.byteRange(of: r..<r + 1)
+            let lo = Int(rb.lowerBound - bytes.lowerBound)
+            let hi = Int(rb.upperBound - bytes.lowerBound)
+            let got = UnsafeRawBufferPointer(rebasing: found[lo..<hi])
+            if isZero(r) {
+                if !isAllZero(got) { throw mismatch(region: r, start: rb.lowerBound, expected: nil, found: got) }
+            } else {
+                let want = UnsafeRawBufferPointer(rebasing: expected[lo..<hi])
+                if memcmp(want.baseAddress!, got.baseAddress!, hi - lo) != 0 {
+                    throw mismatch(region: r, start: rb.lowerBound, expected: want, found: got)
+                }
+            }
+        }
+        result.verified = UInt64(length)
+        result.readBack = path
+    }
+
+    /// A hole batch (up to 1 GiB): read back in pieces of whole regions, each must be zeros.
+    private func verifyZeros(_ regions: Range<Int>, into result: inout Copier.BatchResult) throws(BatchFailure) {
+        let perPiece = max(1, Int((8 << 20) / geometry.regionSize))
+        var weakest: ReadBackPath = .direct
+        var verified: UInt64 = 0
+        var r = regions.lowerBound
+        while r < regions.upperBound {
+            let piece = r..<min(regions.upperBound, r + perPiece)
+            let bytes = geometry.byteRange(of: piece)
+            let length = Int(bytes.upperBound - bytes.lowerBound)
+            let whole = buffers.take(length)
+            defer { buffers.give(whole) }
+            let found = UnsafeMutableRawBufferPointer(rebasing: whole[0..<length])
+            weakest = max(weakest, try readBack(into: found, at: bytes.lowerBound, region: piece.lowerBound))
+            if !isAllZero(UnsafeRawBufferPointer(found)) {
+                for k in piece {
+                    let rb = geometry.byteRange(of: k..<k + 1)
+                    let got = UnsafeRawBufferPointer(
+                        rebasing: found[Int(rb.lowerBound - bytes.lowerBound)..<Int(rb.upperBound - bytes.lowerBound)])
+                    if !isAllZero(got) { throw mismatch(region: k, start: rb.lowerBound, expected: nil, found: got) }
+                }
+            }
+            verified += UInt64(length)
+            r = piece.upperBound
+        }
+        result.verified = verified
+        result.readBack = weakest
+    }
+
+    private func readBack(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, region: Int)
+        throws(BatchFailure) -> ReadBackPath
+    {
+        do {
+            return try dest.readBack(into: buffer, at: offset)
+        } catch {
+            let r = regionOf(error.offset, default: region)
+            if error.operation == .writeback {
+                // The evicting read-back's writeback wait reported a writeback error: data written
+                // since the last commit may be lost, final like a failed fdatasync (not retried).
+                throw BatchFailure(
+                    error: HydrationError(
+                        .commitFailed,
+                        "destination writeback failed at region \(r) (seen reading it back), metadata left at its last commit: \(error)",
+                        errno: error.errno, region: r))
+            }
+            // A failed read: retried like a failed write (the batch is written again, read again).
+            throw BatchFailure(
+                error: HydrationError(
+                    .destWriteFailed, "region \(r): reading the destination back: \(error)", errno: error.errno,
+                    region: r))
+        }
+    }
+
+    /// The failure for region `region` (starting at byte `start`) read back as `found` where
+    /// `expected` (nil: zeros) was written.
+    private func mismatch(region: Int, start: UInt64, expected: UnsafeRawBufferPointer?, found: UnsafeRawBufferPointer)
+        -> BatchFailure
+    {
+        var first = 0
+        while first < found.count && found[first] == (expected?[first] ?? 0) { first += 1 }
+        let want = expected.map { RegionDigest.sha256Hex($0) } ?? RegionDigest.zerosSHA256Hex(count: found.count)
+        let got = RegionDigest.sha256Hex(found)
+        let offset = start + UInt64(first)
+        var e = HydrationError(
+            .destinationMismatch,
+            "region \(region): the destination \(dest.info.path) read back other bytes than were written, first at byte \(offset) (source sha256 \(want), destination sha256 \(got)); the region is neither committed nor released, the job resumes by copying it again",
+            region: region)
+        e.mismatch = HydrationError.Mismatch(region: region, offset: offset, expectedDigest: want, foundDigest: got)
+        return BatchFailure(error: e)
     }
 
     /// Reads the batch's bytes from the source. On a file only its data extents are read

@@ -26,6 +26,12 @@ extension Copier {
         package var regions: Range<Int>
         package var written: UInt64
         package var zero: UInt64
+        /// Verified release: bytes read back and found equal, and how the page cache was bypassed.
+        package var verified: UInt64 = 0
+        package var readBack: ReadBackPath? = nil
+        package init(regions: Range<Int>, written: UInt64, zero: UInt64) {
+            self.regions = regions; self.written = written; self.zero = zero
+        }
     }
 }
 

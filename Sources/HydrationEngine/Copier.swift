@@ -49,6 +49,8 @@ package actor Copier {
     package var zeroDestination: Bool { !ownership.destZeroed }
     package let sparseAware: Bool
     package let retryDelaysMs: [UInt64]
+    /// Verified release (JobConfiguration.verify): every batch reads its range back before it ends.
+    package let verify: Bool
 
     private let buffers = IOBufferPool()
     /// Hydrated bits and claims, shared with the live clone's writers.
@@ -71,8 +73,9 @@ package actor Copier {
     package init(
         source: SourceReader, dest: any StorageDevice, io: IOExecutor, committer: Committer,
         discarder: Discarder?, progress: JobProgress, geometry: Geometry, ownership: RegionOwnership,
-        tunables: Tunables, logger: Logger, retryDelaysMs: [UInt64] = [10, 100, 1000]
+        tunables: Tunables, logger: Logger, retryDelaysMs: [UInt64] = [10, 100, 1000], verify: Bool = false
     ) {
+        self.verify = verify
         self.source = source; self.dest = dest; self.io = io; self.committer = committer
         self.discarder = discarder; self.progress = progress; self.geometry = geometry; self.ownership = ownership
         self.tunables = tunables; self.logger = logger
@@ -155,7 +158,8 @@ package actor Copier {
                 }
                 var regions = candidate.regions
 
-                if case .hole = candidate, !zeroDestination {
+                // With verify, a hole goes as a batch: its range is read back like any other.
+                if case .hole = candidate, !zeroDestination, !verify {
                     // A hole of a destination that reads as zeros: no I/O at all, so it is
                     // recorded here rather than queued against the threshold behind the batches
                     // in flight: a 1 GiB hole drained the whole pipeline before it, once per data
@@ -286,7 +290,7 @@ package actor Copier {
                 }
                 let job = BatchJob(
                     source: source, dest: dest, geometry: geometry, zeroDestination: zeroDestination,
-                    retryDelaysMs: retryDelaysMs, logger: logger, buffers: buffers)
+                    retryDelaysMs: retryDelaysMs, logger: logger, buffers: buffers, verify: verify)
                 let io = self.io
                 let handoff = ClaimHandoff(claim)
                 group.addTask {
@@ -337,8 +341,10 @@ package actor Copier {
             // Recorded (and handed to the committer) before the batch stops counting as in flight.
             await finished(b, claim: claim, reserved: reserved)
         case .failure(let e):
-            // The regions of a failed batch stay unhydrated.
+            // The regions of a failed batch stay unhydrated (a mismatch's too: never noted to
+            // the committer, so never committed nor released; a resume copies them again).
             claim.end()
+            if e.code == .destinationMismatch { progress.update { $0.verifyMismatches += 1 } }
             if e.code == .commitFailed {
                 // A writeback error (BatchJob.startWriteback): final for the metadata.
                 await committer.writebackFailed(e)
@@ -417,6 +423,8 @@ package actor Copier {
             c.hydratedBytes += bytes
             c.writtenBytes += b.written
             c.skippedZeroBytes += b.zero
+            c.verifiedBytes += b.verified
+            if let p = b.readBack { c.readBackPath = max(c.readBackPath ?? p, p) }
             // One update: the reservation becomes the real charge without being counted twice.
             if discarder != nil { c.budgetCharged += b.written }
             c.budgetInFlight -= reserved

@@ -26,6 +26,9 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
         /// discard_source on a remote export whose server does not offer TRIM.
         case discardUnsupported = "DiscardUnsupported"
         case destWriteFailed = "DestWriteFailed"
+        /// Verified release: the destination did not read back what was written to it. The
+        /// region was neither committed nor released; `mismatch` says where and what.
+        case destinationMismatch = "DestinationMismatch"
         case noSpace = "NoSpace"
         case commitFailed = "CommitFailed"
         case ioError = "IOError"
@@ -68,6 +71,22 @@ public struct HydrationError: Error, Sendable, Equatable, CustomStringConvertibl
     public var destBytes: UInt64?
     /// For ExportInUse: the connections using the export.
     public var clients: Int?
+    /// For DestinationMismatch.
+    public var mismatch: Mismatch?
+
+    /// Where the destination read back something else than the source gave.
+    public struct Mismatch: Sendable, Equatable {
+        public var region: Int
+        /// The first byte that differs.
+        public var offset: UInt64
+        /// SHA-256 (hex) of the region as read from the source, and as read back.
+        public var expectedDigest: String
+        public var foundDigest: String
+        public init(region: Int, offset: UInt64, expectedDigest: String, foundDigest: String) {
+            self.region = region; self.offset = offset
+            self.expectedDigest = expectedDigest; self.foundDigest = foundDigest
+        }
+    }
 
     public init(
         _ code: Code, _ message: String, errno: Int32? = nil, region: Int? = nil, path: String? = nil,

@@ -115,7 +115,7 @@ public actor HydrationJob {
         self.copier = Copier(
             source: SourceReader(source), dest: dest, io: io, committer: committer, discarder: discarder,
             progress: progress, geometry: geometry, ownership: ownership, tunables: configuration.tunables,
-            logger: logger)
+            logger: logger, verify: configuration.verify)
         self.state = header.complete ? .complete(.devices) : .idle
         if let discarder, let stream {
             self.discardTask = Task { await discarder.run(stream) }

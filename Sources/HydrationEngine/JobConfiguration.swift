@@ -125,13 +125,18 @@ public struct JobConfiguration: Sendable, Equatable, Codable {
     public var tunables: Tunables
     /// Direct or buffered I/O; chosen again each time the job's devices are opened.
     public var ioMode: IOMode = .auto
+    /// Verified release: every region a batch copies (or zeroes) is read back from the destination,
+    /// bypassing the page cache, and compared with the bytes read from the source before the
+    /// region is handed to the committer (docs/design.md, "Verified release").
+    public var verify: Bool = false
 
     public init(
         name: String, sourcePath: String, destPath: String, metadataPath: String,
         regionSize: UInt64 = RegionGeometry.defaultRegionSize, discardSource: Bool = false,
-        destZeroed: Bool = false, tunables: Tunables? = nil, ioMode: IOMode = .auto
+        destZeroed: Bool = false, tunables: Tunables? = nil, ioMode: IOMode = .auto, verify: Bool = false
     ) {
         self.ioMode = ioMode
+        self.verify = verify
         self.name = name; self.sourcePath = sourcePath; self.destPath = destPath; self.metadataPath = metadataPath
         self.regionSize = regionSize; self.discardSource = discardSource; self.destZeroed = destZeroed
         self.tunables = tunables ?? .defaults(regionSize: regionSize)

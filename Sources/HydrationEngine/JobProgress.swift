@@ -68,6 +68,11 @@ package final class JobProgress: Sendable {
         package var liveReadBytes: UInt64 = 0
         package var liveWrittenBytes: UInt64 = 0
         package var liveTrimmedBytes: UInt64 = 0
+        /// Verified release: bytes read back and found equal, regions found different, and the
+        /// weakest way a read-back bypassed the page cache (nil until one ran).
+        package var verifiedBytes: UInt64 = 0
+        package var verifyMismatches: UInt64 = 0
+        package var readBackPath: ReadBackPath?
         /// (monotonic ns, hydrated bytes) samples for the throughput window.
         package var samples: [(UInt64, UInt64)] = []
     }

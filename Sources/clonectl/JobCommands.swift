@@ -65,6 +65,12 @@ struct Start: AsyncParsableCommand, DaemonCommand {
             valueName: "mode"))
     var io: String?
 
+    @Flag(
+        help:
+            "Verified release: read each copied region back from the destination, bypassing the page cache, and compare it with the source's bytes before it is committed (and released); a difference fails the job with DestinationMismatch."
+    )
+    var verify = false
+
     @OptionGroup(title: "Tunables") var tunables: TunableOptions
 
     @Flag(help: "Print the new job's status as JSON (the JobStatus object); with --wait, the status it ended with.")
@@ -87,6 +93,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
         if export { o.append("--export") }
         if hydrateOnRead { o.append("--hydrate-on-read") }
         if io != nil { o.append("--io") }
+        if verify { o.append("--verify") }
         return o + tunables.givenOptions
     }
 
@@ -122,7 +129,7 @@ struct Start: AsyncParsableCommand, DaemonCommand {
                 noHydration: noHydration ? true : nil, threshold: tunables.threshold, batchSize: tunables.batchSize,
                 commitIntervalMs: tunables.commitInterval, spaceBudgetBytes: tunables.spaceBudget,
                 rateLimitBytesPerSecond: tunables.rateLimit, export: export ? true : nil,
-                hydrateOnRead: hydrateOnRead ? true : nil, io: io)
+                hydrateOnRead: hydrateOnRead ? true : nil, io: io, verify: verify ? true : nil)
         } else {
             params = StartParameters(name: name)
         }

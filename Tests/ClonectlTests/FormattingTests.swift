@@ -110,6 +110,26 @@ let etaCases: [(Double?, String)] = [
             StatusFormatter.detailed(withWhere).contains("SourceReadFailed: region 8: read failed (errno 5, region 8)"))
     }
 
+    @Test func detailedShowsVerifyAndAMismatch() {
+        var s = sampleStatus(
+            state: .failed,
+            error: .init(
+                code: "DestinationMismatch", message: "region 3: …", region: 3, offset: 196_612,
+                expectedDigest: "aa", foundDigest: "bb"))
+        #expect(!StatusFormatter.detailed(s).contains("verify "))
+        s.verify = .init(enabled: true, verifiedBytes: 3 << 20, mismatches: 1, readBack: "evicted")
+        let text = StatusFormatter.detailed(s)
+        #expect(
+            text.contains(
+                "\n  verify      on: 3 MiB read back and equal (page cache evicted, no O_DIRECT), 1 region(s) mismatched\n"
+            ),
+            "\(text)")
+        #expect(
+            text.contains(
+                "DestinationMismatch: region 3: … (region 3, offset 196612, source sha256 aa, destination sha256 bb)"),
+            "\(text)")
+    }
+
     @Test func line() {
         #expect(
             StatusFormatter.line(sampleStatus())
@@ -177,7 +197,7 @@ let etaCases: [(Double?, String)] = [
             Set(obj.keys) == [
                 "version", "name", "state", "source", "dest", "region_size", "regions", "bytes",
                 "throughput_bytes_per_second", "eta_seconds", "commits", "discard", "space_budget_bytes", "settings",
-                "metadata", "error", "export",
+                "metadata", "error", "export", "verify",
             ])
         #expect(obj["version"] as? Int == 1)
         #expect(obj["error"] is NSNull)

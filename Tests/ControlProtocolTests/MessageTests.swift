@@ -79,13 +79,13 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
             name: "vm1", source: "/src.img", dest: "/dev/sdb", metadata: "/m", regionSize: 65536,
             discardSource: true, destZeroed: false, noHydration: true, threshold: 2, batchSize: 4,
             commitIntervalMs: 500, spaceBudgetBytes: 1 << 30, rateLimitBytesPerSecond: 1 << 20, export: true,
-            hydrateOnRead: true, io: "direct")
+            hydrateOnRead: true, io: "direct", verify: true)
         let keys = Set(try json(p).keys)
         #expect(
             keys == [
                 "name", "source", "dest", "metadata", "region_size", "discard_source", "dest_zeroed", "no_hydration",
                 "threshold", "batch_size", "commit_interval_ms", "space_budget_bytes", "rate_limit_bytes_per_second",
-                "export", "hydrate_on_read", "io",
+                "export", "hydrate_on_read", "io", "verify",
             ])
         #expect(keys == StartParameters.parameterNames)
         #expect(try roundTrip(p) == p)
@@ -94,6 +94,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(Set(try json(resume).keys) == ["name"])
         #expect(resume.isResumeOnly)
         #expect(!StartParameters(name: "vm1", export: true).isResumeOnly)
+        #expect(!StartParameters(name: "vm1", verify: true).isResumeOnly)
     }
 
     @Test func spaceBudgetWithoutDiscardSourceIsInapplicable() {
@@ -158,7 +159,7 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
             Set(j.keys) == [
                 "version", "name", "state", "source", "dest", "region_size", "regions", "bytes",
                 "throughput_bytes_per_second", "eta_seconds", "commits", "discard", "space_budget_bytes",
-                "settings", "metadata", "error", "export",
+                "settings", "metadata", "error", "export", "verify",
             ])
         #expect(j["eta_seconds"] is NSNull)
         #expect(j["export"] is NSNull)
@@ -310,6 +311,11 @@ private func roundTrip<T: Codable & Equatable>(_ v: T) throws -> T {
         #expect(
             Set(((try json(exported)["export"] as? [String: Any])?["io"] as? [String: Any])?.keys ?? [:].keys)
                 == Set(decl.types["JobExportIO"] ?? []))
+        var verified = sampleStatus()
+        verified.verify = .init(enabled: true, verifiedBytes: 1, mismatches: 0, readBack: "direct")
+        #expect(
+            Set((try json(verified)["verify"] as? [String: Any])?.keys ?? [:].keys)
+                == Set(decl.types["JobVerify"] ?? []))
         #expect(Set(decl.types["JobSummary"] ?? []) == Set(try json(JobSummary(sampleStatus())).keys))
         let report = MetadataReport(
             path: "/m", valid: true, version: 1, generation: 1, jobId: "j", regionSize: 1, targetSizeBytes: 1,

@@ -302,6 +302,16 @@ package struct TraceReplayer {
     }
 }
 
+/// What a lying device does with a write it acknowledges.
+package enum CrashLie: Sendable, Equatable {
+    /// Keeps nothing (a device or filesystem that acknowledges and drops).
+    case drop
+    /// Keeps the write with its first byte flipped (a bit flip on the way).
+    case corrupt
+    /// Writes it at this offset instead (a misdirected write).
+    case misdirect(UInt64)
+}
+
 /// The simulated disk. Thread-safe; every call is linearised by one lock, which gives the total
 /// order of the trace.
 package final class CrashableStorage: StorageProvider {
@@ -341,6 +351,11 @@ package final class CrashableStorage: StorageProvider {
         /// (an injected fault) has reached the device in part, like a failed direct write: its
         /// first half (whole sectors) is applied, pending like any write until the next sync.
         package var directWrites: Set<String> = []
+        /// A device that lies about writes (verified release): asked for each write (path, offset,
+        /// length), it may acknowledge the write and keep nothing, keep it with its first byte
+        /// flipped, or put it at another offset (a misdirected write).
+        package var lie: (@Sendable (String, UInt64, Int) -> CrashLie?)? = nil
+        package var liesTold = 0
     }
 
     package let state = Mutex(State())
@@ -661,7 +676,20 @@ package final class CrashableDevice: StorageDevice {
 
     package func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError) {
         try checkOpen(.write)
-        try mutate(.write, offset, UInt64(buffer.count), [UInt8](buffer))
+        var payload = [UInt8](buffer)
+        var at = offset
+        let lie = storage.state.withLock { s -> CrashLie? in
+            guard let l = s.lie?(path, offset, buffer.count) else { return nil }
+            s.liesTold += 1
+            return l
+        }
+        switch lie {
+        case .drop?: return
+        case .corrupt?: if !payload.isEmpty { payload[0] ^= 0xFF }
+        case .misdirect(let to)?: at = to
+        case nil: break
+        }
+        try mutate(.write, at, UInt64(payload.count), payload)
     }
 
     package func sync() throws(StorageError) {

@@ -51,6 +51,7 @@ JOB_STATUS_KEYS = {
     "metadata": {"path", "mode"},
     "error": None,
     "export": None,   # null, or {"uri", "clients"} for an exported job (test_export_wiring.py)
+    "verify": {"enabled", "verified_bytes", "mismatches", "read_back"},  # Start verify (test_verify.py)
 }
 STATES = {"idle", "hydrating", "paused", "complete", "failed"}
 # Keys a JobStatus object may also have: how the job reads and writes (Start io).

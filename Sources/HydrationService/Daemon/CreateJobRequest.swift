@@ -18,14 +18,17 @@ public struct CreateJobRequest: Sendable, Equatable {
     public var hydrateOnRead: Bool
     /// Direct or buffered I/O.
     public var io: IOMode
+    /// Read copied regions back and compare them before they are committed.
+    public var verify: Bool
 
     public init(
         name: String, source: String, dest: String, metadata: String? = nil, regionSize: UInt64? = nil,
         discardSource: Bool = false, destZeroed: Bool = false, noHydration: Bool = false,
         tunables: TunablesUpdate = TunablesUpdate(), export: Bool = false, hydrateOnRead: Bool = false,
-        io: IOMode = .auto
+        io: IOMode = .auto, verify: Bool = false
     ) {
         self.io = io
+        self.verify = verify
         self.name = name; self.source = source; self.dest = dest; self.metadata = metadata; self.regionSize = regionSize
         self.discardSource = discardSource; self.destZeroed = destZeroed; self.noHydration = noHydration;
         self.tunables = tunables

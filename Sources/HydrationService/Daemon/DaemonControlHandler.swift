@@ -37,7 +37,7 @@ public struct DaemonControlHandler: ControlHandler {
         case .permissionDenied: return .permissionDenied(method: "", reason: e.message)
         case .discardUnsupported:
             return .invalidParameter("discard_source", reason: "DiscardUnsupported: " + e.message)
-        case .sourceReadFailed, .sourceUnavailable, .destWriteFailed, .noSpace, .commitFailed:
+        case .sourceReadFailed, .sourceUnavailable, .destWriteFailed, .noSpace, .commitFailed, .destinationMismatch:
             return .jobFailed(job ?? "", code: e.code.rawValue, message: e.message)
         case .ioError: return .ioError(path: e.path ?? path, errno: e.errno, message: e.message)
         case .resourceExhausted:
@@ -96,7 +96,8 @@ public struct DaemonControlHandler: ControlHandler {
                 threshold: p.threshold, batchSize: p.batchSize,
                 rateLimitBytesPerSecond: p.rateLimitBytesPerSecond.map { .some($0) },
                 spaceBudgetBytes: p.spaceBudgetBytes, commitIntervalMs: p.commitIntervalMs),
-            export: p.export ?? false, hydrateOnRead: p.hydrateOnRead ?? false, io: io)
+            export: p.export ?? false, hydrateOnRead: p.hydrateOnRead ?? false, io: io,
+            verify: p.verify ?? false)
         return try await mapped(job: p.name) { () async throws(HydrationError) in
             StartReply(job: try await manager.create(req), created: true)
         }

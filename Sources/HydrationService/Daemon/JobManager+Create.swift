@@ -57,7 +57,7 @@ extension JobManager {
             metadata: req.metadata ?? defaultMetadata,
             regionSize: regionSize, discardSource: req.discardSource, destZeroed: req.destZeroed,
             tunables: tunables, desired: req.noHydration ? .paused : .hydrating, export: req.export,
-            hydrateOnRead: req.hydrateOnRead, io: req.io)
+            hydrateOnRead: req.hydrateOnRead, io: req.io, verify: req.verify)
         // Another job's metadata must not be touched by this one.
         for entry in jobs.values {
             let other = entry.definition

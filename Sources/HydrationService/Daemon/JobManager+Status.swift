@@ -116,6 +116,8 @@ extension JobManager {
                 commitIntervalMs: d.tunables.commitIntervalMs),
             metadata: .init(path: d.metadata, mode: complete ? .ro : .fail),
             error: complete || e == nil
-                ? nil : .init(code: e!.code.rawValue, message: e!.message, errno: e!.errno, region: e!.region))
+                ? nil : .init(code: e!.code.rawValue, message: e!.message, errno: e!.errno, region: e!.region),
+            // Not open: nothing was read back in this process.
+            verify: .init(enabled: d.verify, verifiedBytes: 0, mismatches: 0, readBack: nil))
     }
 }

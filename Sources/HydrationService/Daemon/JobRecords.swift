@@ -35,11 +35,15 @@ public struct JobDefinition: Codable, Sendable, Equatable {
     public var hydrateOnRead: Bool = false
     /// Direct or buffered I/O (Start `io`); records from before it read as `auto`.
     public var io: IOMode = .auto
+    /// Read copied regions back before committing them (Start `verify`); records from before it
+    /// read as false.
+    public var verify: Bool = false
 
     var configuration: JobConfiguration {
         JobConfiguration(
             name: name, sourcePath: source, destPath: dest, metadataPath: metadata, regionSize: regionSize,
-            discardSource: discardSource, destZeroed: destZeroed, tunables: tunables, ioMode: io)
+            discardSource: discardSource, destZeroed: destZeroed, tunables: tunables, ioMode: io,
+            verify: verify)
     }
 }
 
@@ -56,7 +60,7 @@ extension JobDefinition {
     // its name and value.
     enum CodingKeys: String, CodingKey {
         case version, name, source, dest, metadata, regionSize, discardSource, destZeroed, tunables, desired, export,
-            hydrateOnRead, io
+            hydrateOnRead, io, verify
     }
 
     public init(from decoder: any Decoder) throws {
@@ -93,7 +97,8 @@ extension JobDefinition {
             desired: desired,
             export: try c.decodeIfPresent(Bool.self, forKey: .export) ?? false,
             hydrateOnRead: try c.decodeIfPresent(Bool.self, forKey: .hydrateOnRead) ?? false,
-            io: try known(IOMode.self, .io) ?? .auto)
+            io: try known(IOMode.self, .io) ?? .auto,
+            verify: try c.decodeIfPresent(Bool.self, forKey: .verify) ?? false)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -111,6 +116,7 @@ extension JobDefinition {
         try c.encode(export, forKey: .export)
         try c.encode(hydrateOnRead, forKey: .hydrateOnRead)
         try c.encode(io, forKey: .io)
+        try c.encode(verify, forKey: .verify)
     }
 }
 

@@ -64,7 +64,10 @@ extension HydrationJob {
                 path: store.path, mode: JobStatus.Metadata.Mode(rawValue: c.metadataMode.rawValue) ?? .fail),
             error: sourceWait.map { Self.sourceUnavailableInfo($0, path: configuration.sourcePath) }
                 ?? error.map {
-                    JobStatus.ErrorInfo(code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region)
+                    JobStatus.ErrorInfo(
+                        code: $0.code.rawValue, message: $0.message, errno: $0.errno, region: $0.region,
+                        offset: $0.mismatch?.offset, expectedDigest: $0.mismatch?.expectedDigest,
+                        foundDigest: $0.mismatch?.foundDigest)
                 },
             // The URI and clients are the daemon's to fill in (JobManager.status).
             export: clients.map { _ in
@@ -73,7 +76,10 @@ extension HydrationJob {
                     io: .init(
                         readBytes: c.liveReadBytes, writtenBytes: c.liveWrittenBytes,
                         trimmedBytes: c.liveTrimmedBytes, hydratedRegions: UInt64(c.liveHydratedRegions)))
-            })
+            },
+            verify: .init(
+                enabled: configuration.verify, verifiedBytes: c.verifiedBytes, mismatches: c.verifyMismatches,
+                readBack: c.readBackPath?.rawValue))
     }
 
 }

@@ -265,3 +265,63 @@ extension PosixDevice {
 // <unistd.h> defines these only under _GNU_SOURCE, which Swift's Glibc module does not set.
 private let seekData: Int32 = 3
 private let seekHole: Int32 = 4
+
+extension PosixDevice {
+    // Verified release (docs/design.md): what the device holds, not what the page cache does.
+    // O_DIRECT reads write the range's dirty pages back and wait for them before reading the
+    // device (filemap_write_and_wait_range, which checks the mapping's AS_EIO/AS_ENOSPC flags,
+    // not the errseq that the commit's fdatasync on `fd` reports): a page written buffered is
+    // read from the device too. Without O_DIRECT (no alignment reported, a buffered job, the
+    // unaligned tail), the range is written back on `fd` without waiting, waited for on `waitFD`
+    // (as `evict` does, so the fdatasync still sees a writeback error), dropped from the cache
+    // and read.
+    func readBack(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError)
+        -> ReadBackPath
+    {
+        try using(.read, offset: offset, length: UInt64(buffer.count)) { () throws(StorageError) -> ReadBackPath in
+            guard let base = buffer.baseAddress, buffer.count > 0 else { return .direct }
+            var done = 0
+            let direct = directLength(base, offset, buffer.count)
+            while done < direct {
+                let n = pread(directFD, base + done, direct - done, off_t(offset) + off_t(done))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    // Refused after all: the rest goes the evicting way (the data path keeps its own
+                    // fallback, `refuseDirect`).
+                    if errno == EINVAL { break }
+                    throw StorageError(
+                        .read, path: info.path, errno: errno, offset: offset + UInt64(done),
+                        length: UInt64(direct - done))
+                }
+                if n == 0 { throw shrank(at: offset + UInt64(done), length: UInt64(direct - done), operation: .read) }
+                done += n
+            }
+            guard done < buffer.count else { return .direct }
+            let lo = offset + UInt64(done)
+            let len = UInt64(buffer.count - done)
+            if hyd_start_writeback(fd, lo, len) != 0 {
+                throw StorageError(.writeback, path: info.path, errno: errno, offset: lo, length: len)
+            }
+            if waitFD >= 0 && hyd_wait_writeback(waitFD, lo, len) != 0 {
+                throw StorageError(.writeback, path: info.path, errno: errno, offset: lo, length: len)
+            }
+            if hyd_drop_cache(fd, lo, len) != 0 {
+                throw StorageError(.writeback, path: info.path, errno: errno, offset: lo, length: len)
+            }
+            while done < buffer.count {
+                let n = pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw StorageError(
+                        .read, path: info.path, errno: errno, offset: offset + UInt64(done),
+                        length: UInt64(buffer.count - done))
+                }
+                if n == 0 {
+                    throw shrank(at: offset + UInt64(done), length: UInt64(buffer.count - done), operation: .read)
+                }
+                done += n
+            }
+            return .evicted
+        }
+    }
+}

@@ -91,6 +91,28 @@ public struct DirectIO: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
+/// How `StorageDevice.readBack` got past the page cache, weakest last.
+public enum ReadBackPath: String, Sendable, Equatable, Comparable {
+    /// O_DIRECT: the kernel writes the range's dirty pages back first, then reads the device.
+    case direct
+    /// A device without a page cache (simulated disks): what it returns is what it holds.
+    case device
+    /// No O_DIRECT: the range was written back, waited for (on a descriptor of its own, so the
+    /// commit's fdatasync still sees a writeback error) and dropped from the page cache
+    /// (POSIX_FADV_DONTNEED), then read. A page the kernel kept (mapped, locked) would be read
+    /// from the cache.
+    case evicted
+
+    private var rank: Int {
+        switch self {
+        case .direct: return 0
+        case .device: return 1
+        case .evicted: return 2
+        }
+    }
+    public static func < (a: ReadBackPath, b: ReadBackPath) -> Bool { a.rank < b.rank }
+}
+
 /// One open file or block device. This is the only place the engine's data path touches the
 /// operating system, so that tests can put a simulated disk (with a volatile write cache and
 /// injectable faults) in its place.
@@ -109,6 +131,11 @@ public protocol StorageDevice: AnyObject, Sendable {
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError)
     /// Writes all of `buffer` at `offset` (pwrite).
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(StorageError)
+    /// Reads `buffer.count` bytes at `offset` from the device itself, not from the page cache
+    /// (verified release): O_DIRECT for the aligned part when the device can, else the range is
+    /// written back, waited for and evicted before a buffered read. Says which way it went.
+    func readBack(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError)
+        -> ReadBackPath
     /// Makes every completed write durable (fdatasync).
     func sync() throws(StorageError)
     /// Gives the range's space back: PUNCH_HOLE|KEEP_SIZE on a file, BLKDISCARD on a block device.
@@ -246,6 +273,14 @@ extension StorageDevice {
     public func giveUpLease() {}
     /// Simulated disks have no page cache to bypass.
     public var directIO: DirectIO { .off("no page cache") }
+
+    /// A simulated disk has no page cache: its read is what it holds.
+    public func readBack(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(StorageError)
+        -> ReadBackPath
+    {
+        try read(into: buffer, at: offset)
+        return .device
+    }
 
     /// Page-cache hints mean nothing to a simulated disk.
     public func startWriteback(offset: UInt64, length: UInt64) throws(StorageError) {}

@@ -40,6 +40,9 @@ struct CrashScenario: Sendable {
     let holes: [Range<Int>]
     let tunables: Tunables
     var variant: Variant = .fresh
+    /// Verified release: every batch reads its range back before it reaches the committer (the
+    /// recovery verifies too: the option is the job's).
+    var verify = false
 
     /// Adds the source (and, for a garbage variant, the pre-existing destination) to a new disk.
     func populate(_ storage: CrashableStorage) {
@@ -107,7 +110,7 @@ struct CrashScenario: Sendable {
         JobConfiguration(
             name: "crash-\(seed)", sourcePath: Self.sourcePath, destPath: Self.destPath,
             metadataPath: Self.metadataPath, regionSize: Self.regionSize, discardSource: true,
-            destZeroed: false, tunables: t ?? tunables)
+            destZeroed: false, tunables: t ?? tunables, verify: verify)
     }
 
     /// Recovery runs with larger batches (fast) but still a small budget, so that commits and

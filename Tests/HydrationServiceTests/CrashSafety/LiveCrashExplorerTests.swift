@@ -57,6 +57,28 @@ import Testing
         #expect(total.checked >= min(Self.targetChecked, Self.soak.map { $0 * 500 } ?? Self.targetChecked))
     }
 
+    /// Verified release under a live clone: the copier's read-back runs under its claim, so a
+    /// client writing (trimming, zeroing) the same regions meanwhile never makes a healthy
+    /// destination look corrupt (a check at commit time would see the client's newer bytes), and
+    /// the crash states of such runs recover. Fresh and garbage destinations.
+    @Test func liveWritesWithVerifyNeverMismatchAndRecover() async throws {
+        var total = LiveCrashHarness.Stats()
+        for (i, variant) in [CrashScenario.Variant.fresh, .garbageFile, .garbageBlockDevice].enumerated() {
+            var sc = CrashScenario.make(seed: 601 + UInt64(i))
+            sc.variant = variant
+            sc.verify = true
+            let (live, failures) = try await LiveCrashHarness.record(sc, io: io, clientSeed: 601 + UInt64(i))
+            #expect(failures.isEmpty, "\(variant) with verify: \(failures)")
+            let stats = await LiveCrashHarness.explore(sc, live: live, io: io, pointFilter: { $0 % 4 == 0 })
+            total.checked += stats.checked
+            total.recovered += stats.recovered
+            total.findings += stats.findings
+        }
+        print("live crash explorer with verify: \(Self.summary(total))")
+        for f in total.findings { Issue.record("live crash-safety violation with verify: \(f)") }
+        #expect(total.checked > 0)
+    }
+
     /// A pre-existing destination of garbage (file: holes zeroed by punching; block device:
     /// BLKZEROOUT): the job never trusts it to read as zeros, and a client write lost with its
     /// region unhydrated must be replaced by the source's data.
