@@ -24,6 +24,7 @@ public enum Hydrationtab {
         public var noHydration = false
         public var export = false
         public var hydrateOnRead = false
+        public var verify = false
         public var io: String?
         public var threshold: Int?
         public var batchSize: Int?
@@ -44,7 +45,7 @@ public enum Hydrationtab {
 
     /// Every option the table accepts, as written in it.
     public static let optionNames: [String] = [
-        "discard-source", "dest-zeroed", "no-hydration", "export", "hydrate-on-read", "region-size=SIZE",
+        "discard-source", "dest-zeroed", "no-hydration", "export", "hydrate-on-read", "verify", "region-size=SIZE",
         "io=auto|buffered|direct", "threshold=N", "batch-size=N", "commit-interval=DURATION", "space-budget=SIZE",
         "rate-limit=RATE",
     ]
@@ -121,7 +122,7 @@ public enum Hydrationtab {
             if !given.insert(key).inserted { return .failure(StringError("option '\(key)' given twice")) }
             let flags: [String: WritableKeyPath<Options, Bool>] = [
                 "discard-source": \.discardSource, "dest-zeroed": \.destZeroed, "no-hydration": \.noHydration,
-                "export": \.export, "hydrate-on-read": \.hydrateOnRead,
+                "export": \.export, "hydrate-on-read": \.hydrateOnRead, "verify": \.verify,
             ]
             if let flag = flags[key] {
                 if value != nil { return .failure(StringError("option '\(key)' takes no value")) }
@@ -219,7 +220,7 @@ public enum Hydrationtab {
             noHydration: o.noHydration ? true : nil, threshold: o.threshold, batchSize: o.batchSize,
             commitIntervalMs: o.commitIntervalMs, spaceBudgetBytes: o.spaceBudgetBytes,
             rateLimitBytesPerSecond: o.rateLimitBytesPerSecond, export: o.export ? true : nil,
-            hydrateOnRead: o.hydrateOnRead ? true : nil, io: o.io)
+            hydrateOnRead: o.hydrateOnRead ? true : nil, io: o.io, verify: o.verify ? true : nil)
     }
 
     /// The options of the line an existing job does not have, named as in the table. What a job
@@ -239,6 +240,7 @@ public enum Hydrationtab {
         if o.export, let x = job.export, x.hydrateOnRead != o.hydrateOnRead {
             d.append("hydrate-on-read (job: \(x.hydrateOnRead))")
         }
+        if (job.verify?.enabled ?? false) != o.verify { d.append("verify (job: \(job.verify?.enabled ?? false))") }
         if let t = o.threshold, t != job.settings.threshold { d.append("threshold (job: \(job.settings.threshold))") }
         if let b = o.batchSize, b != job.settings.batchSize { d.append("batch-size (job: \(job.settings.batchSize))") }
         if let c = o.commitIntervalMs, c != job.settings.commitIntervalMs {

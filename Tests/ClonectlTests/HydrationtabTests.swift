@@ -7,7 +7,7 @@ import Testing
     @Test func parsesLinesCommentsDefaultsAndOptions() throws {
         let text = """
             # name   source            dest            metadata        options
-            vm1      /srv/old/vm1.img  /srv/new/vm1.img  -  discard-source,region-size=1M,rate-limit=20M,export
+            vm1      /srv/old/vm1.img  /srv/new/vm1.img  -  discard-source,region-size=1M,rate-limit=20M,export,verify
               \t
             vm2 nbd://old-host/vm2 /dev/vg/vm2 /var/lib/m/vm2.meta no-hydration   # trailing comment
             vm3 /srv/old/my\\040disk.img /srv/new/vm3.img
@@ -26,7 +26,8 @@ import Testing
         #expect(e[3].options == Hydrationtab.Options())
         let p = Hydrationtab.startParameters(e[0])
         #expect(p.name == "vm1" && p.source == "/srv/old/vm1.img" && p.discardSource == true && p.export == true)
-        #expect(p.regionSize == 1 << 20 && p.noHydration == nil)
+        #expect(p.regionSize == 1 << 20 && p.noHydration == nil && p.verify == true)
+        #expect(Hydrationtab.startParameters(e[1]).verify == nil)
     }
 
     @Test(arguments: [

@@ -34,7 +34,7 @@ def test_apply_creates_once_resumes_paused_and_reports_differences(daemon, tmp_p
     tab = tmp_path / "hydrationtab"
     tab.write_text(
         "# two jobs\n"
-        f"a {tmp_path}/a.src {tmp_path}/a.dst - no-hydration\n"
+        f"a {tmp_path}/a.src {tmp_path}/a.dst - no-hydration,verify\n"
         f"b {tmp_path}/b.src {tmp_path}/b.dst - rate-limit=64K,region-size=128K\n"
     )
     # --dry-run changes nothing.
@@ -47,6 +47,7 @@ def test_apply_creates_once_resumes_paused_and_reports_differences(daemon, tmp_p
     assert names(daemon) == ["a", "b"]
     assert daemon.status("a")["state"] == "paused"  # no-hydration: created paused
     assert daemon.status("b")["region_size"] == 128 << 10
+    assert daemon.status("a")["verify"]["enabled"] and not daemon.status("b")["verify"]["enabled"]
 
     # Applied again: nothing changes (a stays paused: its line says no-hydration).
     r = daemon.ok("apply", str(tab))
@@ -65,13 +66,13 @@ def test_apply_creates_once_resumes_paused_and_reports_differences(daemon, tmp_p
 
     # A line that differs from its job is reported with the option, and nothing is changed.
     tab.write_text(
-        f"a {tmp_path}/a.src {tmp_path}/a.dst - no-hydration,region-size=1M\n"
+        f"a {tmp_path}/a.src {tmp_path}/a.dst - region-size=1M\n"
         f"b {tmp_path}/b.src {tmp_path}/b.dst - rate-limit=64K,region-size=128K\n"
     )
     r = daemon.run("apply", str(tab))
     assert r.returncode == 65, (r.stdout, r.stderr)
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("a: differs: region-size (job: 65536)"), lines
+    assert lines[0] == "a: differs: region-size (job: 65536), verify (job: true)", lines
     assert lines[1] == "b: unchanged", lines
     assert daemon.status("a")["region_size"] == 64 << 10
     daemon.ok("remove", "b", "--force")
