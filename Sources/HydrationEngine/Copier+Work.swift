@@ -139,13 +139,17 @@ extension Copier {
                 now = monotonicNanos()
             }
             if tunables.rateLimitBytesPerSecond != limit {
+                // A new rate from now on; this batch goes now and is the first under it.
                 rateStart = now
-                rateBytes = 0
+                rateBytes = bytes
             }
         } else if now - due > 1_000_000_000 {
             // Idle for a while (paused, or slow disk): do not let a backlog of credit build up.
+            // This batch goes now and counts: forgetting it let the next batch go at once too (a
+            // first batch more than a second after the run's start, on a busy machine, gave the
+            // limit a burst of two batches).
             rateStart = now
-            rateBytes = 0
+            rateBytes = bytes
         }
     }
 }

@@ -379,6 +379,8 @@ package actor Copier {
     /// `cacheWindow`, smaller in tests so that the crash explorer's 1 MiB images see evictions.
     private var cacheWindow: UInt64 = Copier.cacheWindow
     package func setCacheWindowForTesting(_ bytes: UInt64) { cacheWindow = bytes }
+    /// Tests: where the rate window starts and what it has issued (a run that began long ago).
+    package func setRateWindowForTesting(start: UInt64, bytes: UInt64) { rateStart = start; rateBytes = bytes }
     private var copyFront: UInt64 = 0
     private var evictedUpTo: UInt64 = 0
     private var pendingEviction: Range<UInt64>?

@@ -53,4 +53,29 @@ import Testing
         #expect(later.isEmpty, "written to the destination after the failed commit: \(later.prefix(3))")
         await job.close()
     }
+
+    /// The rate limit after an idle gap (a first batch more than a second after the run began, as
+    /// on a busy machine): the batch that goes at once still counts, so the next one waits its
+    /// time. It was forgotten, and two batches went at once: at 4 KiB/s, 1 MiB that should have
+    /// waited 256 s was written at once, after the early commit above had already failed.
+    @Test func aBatchAfterAnIdleGapCountsAgainstTheRateLimit() async throws {
+        let sim = SimulatedStorage()
+        sim.addFile("/src", data: TestImage.make(size: 4 << 20, seed: 252).bytes)
+        let tunables = Tunables(
+            batchSize: 16, threshold: 16, rateLimitBytesPerSecond: 4096, spaceBudgetBytes: 1 << 30,
+            commitIntervalMs: 3_600_000)
+        let cfg = JobConfiguration(
+            name: "rate", sourcePath: "/src", destPath: "/dst", metadataPath: "/meta", regionSize: 64 << 10,
+            discardSource: false, tunables: tunables)
+        let job = try await HydrationJob.create(cfg, storage: sim, io: io, logger: testLogger)
+        let copier = await job.copier
+        // The run began 2 s ago and has issued nothing: the first batch finds the window idle.
+        await copier.setRateWindowForTesting(start: monotonicNanos() - 2_000_000_000, bytes: 0)
+        await copier.throttle(bytes: 1 << 20, limit: 4096)
+        let (start, issued) = (await copier.rateStart, await copier.rateBytes)
+        let nextDue = start + UInt64(Double(issued) / 4096 * 1e9)
+        #expect(issued == 1 << 20, "the batch that went at once was not counted")
+        #expect(nextDue > monotonicNanos() + 200_000_000_000, "the next 1 MiB may go before its 256 s")
+        await job.close()
+    }
 }
