@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds hydrationd_VERSION_ARCH.deb from this tree: the binaries, the systemd units and
 # generator, man pages for clonectl(1), hydrationd(8) and hydrationtab(5), shell completions, a
-# commented /etc/hydrationtab, and maintainer scripts that follow Debian's systemd conventions
+# commented /etc/hydrationtab (the configuration; site drop-ins for the units go in
+# /etc/systemd/system/hydrationd.service.d/, an example is in /usr/share/doc/hydrationd/examples),
+# and maintainer scripts that follow Debian's systemd conventions
 # (deb-systemd-helper: the sockets enabled and started, the service not started on install).
 #
 #   Scripts/build-deb.sh [--bin-dir DIR] [--out DIR] [--version V] [--no-lintian]
@@ -93,8 +95,11 @@ chmod 0644 "$root"/usr/share/bash-completion/completions/* "$root"/usr/share/zsh
 # Configuration: the table the generator and 'clonectl apply' read (a conffile).
 install -m 0644 packaging/debian/hydrationtab "$root/etc/hydrationtab"
 
-# Documentation.
+# Documentation, and examples of site configuration: the drop-in that opens the metrics endpoint
+# (to /etc/systemd/system/hydrationd.service.d/) and Prometheus alert rules.
 install -m 0644 packaging/debian/copyright "$doc/copyright"
+install -d "$doc/examples"
+install -m 0644 packaging/systemd/hydrationd-metrics.conf packaging/prometheus/hydrationd-alerts.yml "$doc/examples/"
 for d in README.md docs/systemd.md docs/clonectl.md docs/hydrationtab.5.md docs/reliability.md; do
   gzip -9n < "$d" > "$doc/$(basename "$d").gz"
 done

@@ -55,6 +55,8 @@ def test_contents_and_control(package):
         "./usr/share/man/man5/hydrationtab.5.gz", "./usr/share/bash-completion/completions/clonectl",
         "./usr/share/zsh/vendor-completions/_clonectl", "./usr/share/fish/vendor_completions.d/clonectl.fish",
         "./etc/hydrationtab", "./usr/share/doc/hydrationd/copyright", "./usr/share/doc/hydrationd/changelog.gz",
+        "./usr/share/doc/hydrationd/examples/hydrationd-metrics.conf",
+        "./usr/share/doc/hydrationd/examples/hydrationd-alerts.yml",
     ):
         assert path in listing, f"{path} missing from the package"
     assert all(" root/root " in l for l in listing.splitlines()), "files not owned by root in the package"
