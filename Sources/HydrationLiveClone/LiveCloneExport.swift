@@ -20,7 +20,7 @@ import Synchronization
 /// (docs/live-clone.md has the full table).
 ///
 /// - READ: hydrated regions from the destination, the others from the source, pinned
-///   (`RegionOwnership.pinForRead`) so the discarder cannot release them under the read.
+///   (`RegionOwnership.withSourcePins`) so the discarder cannot release them under the read.
 /// - WRITE: regions already hydrated take the write directly. Otherwise the write claims its
 ///   regions (waiting for a copy of them to end), hydrates a partially written head or tail
 ///   region first, writes, and marks every covered region hydrated; the committer records them
