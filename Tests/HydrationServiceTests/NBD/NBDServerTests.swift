@@ -19,14 +19,16 @@ import Testing
     static let mib = 1 << 20
 
     /// A 4 MiB export "disk" whose bytes are i % 251, plus its expected content.
-    func addDisk(_ f: NBDFixture, slowReadOffsets: Set<UInt64> = [], description: String? = "raw test disk")
-        throws -> [UInt8]
-    {
+    func addDisk(
+        _ f: NBDFixture, slowReadOffsets: Set<UInt64> = [], slowReadGate: ReadGate? = nil,
+        description: String? = "raw test disk"
+    ) throws -> [UInt8] {
         let path = f.dir.path + "/disk.img"
         let bytes = (0..<(4 * Self.mib)).map { UInt8($0 % 251) }
         _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
         let inner = try f.fileExport(name: "disk", path: path, size: bytes.count, description: description)
-        try f.registry.add(TestExport(name: "disk", inner: inner, slowReadOffsets: slowReadOffsets))
+        try f.registry.add(
+            TestExport(name: "disk", inner: inner, slowReadOffsets: slowReadOffsets, slowReadGate: slowReadGate))
         return bytes
     }
 
@@ -186,7 +188,16 @@ import Testing
 
     @Test func repliesComeOutOfOrderAndWhole() async throws {
         try await withNBDServer { f in
-            let bytes = try addDisk(f, slowReadOffsets: [0])
+            // The slow read is held until the 40 other replies are in: out of order by construction.
+            let gate = ReadGate()
+            // A liveness guard, not a verdict: a server that answered in order would wait for the
+            // held read forever; opened after 60 s, the order check then fails instead.
+            let guardTask = Task {
+                try? await Task.sleep(for: .seconds(60))
+                gate.open()
+            }
+            defer { guardTask.cancel() }
+            let bytes = try addDisk(f, slowReadOffsets: [0], slowReadGate: gate)
             try await offPool {
                 let c = try RawNBDClient(path: f.socket)
                 try c.handshake(export: "disk", structured: false)
@@ -211,7 +222,8 @@ import Testing
                     }
                 }
                 var order: [UInt64] = []
-                for _ in 0...40 {
+                for i in 0...40 {
+                    if i == 40 { gate.open() }
                     let r = try c.readReply { cookie in expected[cookie]?.count ?? 0 }
                     #expect(r.error == 0)
                     let own = r.payload == expected[r.cookie]

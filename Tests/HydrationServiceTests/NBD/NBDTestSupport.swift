@@ -91,6 +91,9 @@ final class TestExport: NBDExport {
     let slowReadOffsets: Set<UInt64>
     /// Called when a slow read starts (tests wait for it instead of sleeping).
     let onSlowRead: (@Sendable () -> Void)?
+    /// Holds a slow read until the test opens it (instead of a 300 ms delay, whose outcome
+    /// depends on how busy the machine is).
+    let slowReadGate: ReadGate?
     var size: UInt64 { inner.size }
     var description: String? { inner.description }
     var blockSize: NBDBlockSize { inner.blockSize }
@@ -98,9 +101,10 @@ final class TestExport: NBDExport {
 
     init(
         name: String, inner: FileNBDExport, removing: NBDExportCapabilities = [], slowReadOffsets: Set<UInt64> = [],
-        onSlowRead: (@Sendable () -> Void)? = nil
+        onSlowRead: (@Sendable () -> Void)? = nil, slowReadGate: ReadGate? = nil
     ) {
         self.onSlowRead = onSlowRead
+        self.slowReadGate = slowReadGate
         self.name = name
         self.inner = inner
         self.capabilities = inner.capabilities.subtracting(removing)
@@ -110,7 +114,7 @@ final class TestExport: NBDExport {
     func read(offset: UInt64, length: UInt32) async throws(NBDError) -> ByteBuffer {
         if slowReadOffsets.contains(offset) {
             onSlowRead?()
-            try? await Task.sleep(for: .milliseconds(300))
+            if let slowReadGate { await slowReadGate.wait() } else { try? await Task.sleep(for: .milliseconds(300)) }
         }
         return try await inner.read(offset: offset, length: length)
     }
@@ -207,4 +211,29 @@ func withNBDServer(
     try await task.value
     await io.shutdown()
     #expect(!FileManager.default.fileExists(atPath: socket), "socket file removed on shutdown")
+}
+
+/// A gate a test opens once: every `wait` before and after returns once it is open.
+final class ReadGate: Sendable {
+    private let state = Mutex<(open: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+
+    func wait() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { st -> Bool in
+                if st.open { return true }
+                st.waiters.append(c)
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    func open() {
+        let waiters = state.withLock { st -> [CheckedContinuation<Void, Never>] in
+            st.open = true
+            defer { st.waiters = [] }
+            return st.waiters
+        }
+        for w in waiters { w.resume() }
+    }
 }
